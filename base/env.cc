@@ -1,0 +1,51 @@
+#include "base/env.h"
+
+#include <cstdlib>
+#include <string_view>
+
+#include "base/error.h"
+
+namespace shardopt::env {
+
+const std::vector<Variable>& registry() {
+  static const std::vector<Variable> vars = {
+      {"SHARDOPT_COMM_TIMEOUT_MS", "300000",
+       "Default timeout of every communication wait; a timeout names the operation and the missing ranks."},
+      {"SHARDOPT_COMM_CHECKED", "0",
+       "1 = every collective exchanges a fingerprint (op, dtype, count, sequence) and desyncs raise an error."},
+      {"SHARDOPT_LOG_LEVEL", "info", "Log verbosity: debug, info, warn, error."},
+  };
+  return vars;
+}
+
+static const Variable& find(const char* name) {
+  for (const auto& v : registry())
+    if (std::string_view(v.name) == name) return v;
+  throw ConfigError(std::string("environment variable ") + name + " is not in the shardopt registry (base/env.cc)");
+}
+
+std::string get_string(const char* name) {
+  const Variable& v = find(name);
+  const char* value = std::getenv(name);
+  return value ? std::string(value) : std::string(v.default_value);
+}
+
+int64_t get_int(const char* name) {
+  std::string s = get_string(name);
+  try {
+    size_t pos = 0;
+    int64_t out = std::stoll(s, &pos);
+    if (pos == s.size()) return out;
+  } catch (const std::exception&) {
+  }
+  throw ConfigError(std::string(name) + "='" + s + "' is not an integer");
+}
+
+bool get_bool(const char* name) {
+  std::string s = get_string(name);
+  if (s == "1" || s == "true" || s == "on" || s == "yes") return true;
+  if (s == "0" || s == "false" || s == "off" || s == "no" || s.empty()) return false;
+  throw ConfigError(std::string(name) + "='" + s + "' is not a boolean (use 0 or 1)");
+}
+
+}  // namespace shardopt::env

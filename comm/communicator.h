@@ -1,0 +1,152 @@
+// The Communicator: moves bytes between ranks. It knows nothing of parameters or optimizers.
+//
+// Every collective takes raw buffers (pointer, element count, DType) and returns a Work handle at
+// once, so callers can overlap communication with compute. Operations issued on one
+// communicator complete in issue order on every rank (like an MPI communicator or an NCCL stream).
+//
+// Buffer conventions (counts are in elements; `counts` spans have size() entries, one per rank):
+//   all_reduce      send[count] -> recv[count] on every rank; send == recv is in place.
+//   reduce_scatter  send = concatenation of size() segments of counts[0..N) elements, identical
+//                   layout on every rank; rank r receives the reduction of segment r into recv[counts[r]].
+//   all_gather      send[counts[rank]] -> recv[sum(counts)] = every rank's piece in rank order;
+//                   send may alias recv + offset(rank) (in place).
+//   reduce          send[count] -> recv[count] on root only (recv ignored elsewhere).
+//   broadcast       buf[count] from root to all.
+//   all_to_all      send = size() segments of send_counts[p] elements (segment p goes to rank p);
+//                   recv = size() segments of recv_counts[p] elements (segment p came from rank p).
+//   send/recv/sendrecv  point to point with a tag.
+// Buffers must stay valid and untouched until the Work completes.
+//
+// Reductions: sum, avg, max, min. bf16 and f16 are reduced with fp32 accumulation. Integer
+// dtypes support sum/max/min (avg truncates toward zero).
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "base/dtype.h"
+
+namespace shardopt::comm {
+
+enum class ReduceOp : uint8_t { kSum, kAvg, kMax, kMin };
+std::string_view reduce_op_name(ReduceOp op);
+
+// Kinds of operation, used for traffic accounting, fingerprints and error messages.
+enum class OpKind : uint8_t {
+  kAllReduce,
+  kReduceScatter,
+  kAllGather,
+  kReduce,
+  kBroadcast,
+  kAllToAll,
+  kSend,
+  kRecv,
+  kSendRecv,
+  kBarrier,
+  kSplit,
+  kCount  // number of kinds; not an operation
+};
+std::string_view op_kind_name(OpKind kind);
+
+// A handle on one issued operation.
+class Work {
+ public:
+  virtual ~Work() = default;
+  // Blocks until the operation completes. Throws TimeoutError (naming the operation, its sequence
+  // number and the ranks that did not arrive, where the backend can know them), DesyncError or
+  // PeerError. A timeout leaves the communicator unusable (aborted): the caller should give up.
+  virtual void wait(std::chrono::milliseconds timeout) = 0;
+  // Waits with the communicator's default timeout.
+  virtual void wait() = 0;
+  // Non-blocking: true once the operation finished (successfully or not).
+  virtual bool done() = 0;
+  // The failure of a finished operation, or nullptr.
+  virtual std::exception_ptr error() const = 0;
+  // Sequence number of the operation on its communicator (0, 1, 2, ... in issue order).
+  virtual uint64_t seq() const = 0;
+};
+using WorkPtr = std::shared_ptr<Work>;
+
+// Bytes this rank moved, by kind of operation. "Logical" volume of the bandwidth-optimal
+// algorithm, independent of how a backend implements it:
+//   all_reduce: 2·B·(N−1)/N sent and received (B = buffer bytes; ring reduce-scatter + all-gather)
+//   reduce_scatter: sent = B_total − B_own (every other rank's segment leaves this rank once),
+//                   received = B_own·(N−1)
+//   all_gather: sent = B_own·(N−1), received = B_total − B_own
+//   reduce / broadcast: B·(N−1)/N per rank in each direction (pipelined tree/ring)
+//   all_to_all, send, recv, sendrecv: the bytes actually addressed to / from other ranks.
+// For equal shards these give the ZeRO arithmetic: reduce-scatter and all-gather each move
+// Ψ·(N−1)/N per rank.
+struct TrafficCounters {
+  std::array<uint64_t, static_cast<size_t>(OpKind::kCount)> bytes_sent{};
+  std::array<uint64_t, static_cast<size_t>(OpKind::kCount)> bytes_received{};
+  std::array<uint64_t, static_cast<size_t>(OpKind::kCount)> calls{};
+
+  uint64_t total_sent() const;
+  uint64_t total_received() const;
+  TrafficCounters operator-(const TrafficCounters& earlier) const;
+};
+
+struct CommOptions {
+  // Default for Work::wait(); env SHARDOPT_COMM_TIMEOUT_MS.
+  std::chrono::milliseconds timeout{300000};
+  // Exchange a fingerprint (op, dtype, count, seq) with every collective and raise DesyncError
+  // on mismatch, naming both sides; env SHARDOPT_COMM_CHECKED. Tests turn it on.
+  bool checked = false;
+  // Options from the environment registry (base/env.h).
+  static CommOptions from_env();
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // Backend name: "threads", "mpi", "nccl".
+  virtual std::string_view backend() const = 0;
+  // Where buffers must live: false = host memory, true = device memory (NCCL).
+  virtual bool device_buffers() const { return false; }
+
+  // Collective over all ranks: ranks with the same color form a new communicator, ordered by
+  // (key, old rank). Blocking. The child inherits the options; its traffic is counted separately.
+  virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+
+  virtual WorkPtr all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) = 0;
+  virtual WorkPtr reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
+                                 ReduceOp op) = 0;
+  virtual WorkPtr all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) = 0;
+  virtual WorkPtr reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) = 0;
+  virtual WorkPtr broadcast(void* buf, size_t count, DType dtype, int root) = 0;
+  virtual WorkPtr all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
+                             std::span<const size_t> recv_counts, DType dtype) = 0;
+  virtual WorkPtr send(const void* buf, size_t count, DType dtype, int peer, int tag) = 0;
+  virtual WorkPtr recv(void* buf, size_t count, DType dtype, int peer, int tag) = 0;
+  virtual WorkPtr sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src,
+                           DType dtype, int tag) = 0;
+  virtual WorkPtr barrier() = 0;
+
+  // Marks the communicator failed: pending and future operations on every rank that can be
+  // reached fail with PeerError instead of waiting for their timeout.
+  virtual void abort(const std::string& reason) = 0;
+
+  const TrafficCounters& counters() const { return counters_; }
+  const CommOptions& options() const { return options_; }
+
+ protected:
+  explicit Communicator(CommOptions options) : options_(options) {}
+  // Adds the logical traffic of one operation (see TrafficCounters) to the counters.
+  void count_traffic(OpKind kind, uint64_t bytes_sent, uint64_t bytes_received);
+
+  CommOptions options_;
+  TrafficCounters counters_;
+};
+
+}  // namespace shardopt::comm

@@ -1,0 +1,296 @@
+#include "runtime/shard_state.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "base/error.h"
+
+namespace shardopt::runtime {
+
+namespace {
+
+int64_t numel_of(const proto::TensorPlacement& t) { return t.numel(); }
+
+}  // namespace
+
+ShardState::ShardState(proto::ShardPlan plan, int rank, const optim::OptimizerParams* matrix_optimizer,
+                       const optim::OptimizerParams& elementwise_optimizer)
+    : plan_(std::move(plan)), rank_(rank) {
+  const int nb = num_buckets();
+  const size_t nt = static_cast<size_t>(plan_.tensors_size());
+  grads_.resize(nb);
+  grad_shards_.resize(nb);
+  master_.resize(nb);
+  params_.resize(nb);
+  for (int b = 0; b < nb; ++b) {
+    const auto& bucket = plan_.buckets(b);
+    grads_[b].assign(static_cast<size_t>(bucket.numel()), 0.0f);
+    const auto count = static_cast<size_t>(my_segment(b).count());
+    master_[b].assign(count, 0.0f);
+    if (stage() >= 2) grad_shards_[b].assign(count, 0.0f);
+    if (stage() <= 2) params_[b].assign(static_cast<size_t>(bucket.numel()), 0.0f);
+  }
+  param_view_.assign(nt, nullptr);
+  grad_view_.assign(nt, nullptr);
+  if (dim0()) {
+    user_params_.resize(nt);
+    user_grads_.resize(nt);
+    for (size_t t = 0; t < nt; ++t) {
+      user_params_[t].assign(static_cast<size_t>(numel_of(plan_.tensors(static_cast<int>(t)))), 0.0f);
+      user_grads_[t].assign(user_params_[t].size(), 0.0f);
+    }
+  }
+  build_views(matrix_optimizer, elementwise_optimizer);
+  if (dim0()) build_dim0_exchange();
+}
+
+std::vector<size_t> ShardState::segment_counts(int b) const {
+  std::vector<size_t> counts;
+  for (const auto& s : plan_.buckets(b).segments()) counts.push_back(static_cast<size_t>(s.count()));
+  return counts;
+}
+
+float* ShardState::grad_shard(int b) {
+  if (stage() == 1) return grads_[b].data() + my_segment(b).offset();
+  return grad_shards_[b].data();
+}
+
+void ShardState::acquire_params(int b) {
+  if (!params_[b].empty()) return;
+  const auto n = static_cast<size_t>(plan_.buckets(b).numel());
+  // Reuse a pooled buffer when one is large enough: steady-state gathers allocate nothing.
+  for (size_t i = 0; i < param_pool_.size(); ++i) {
+    if (param_pool_[i].capacity() >= n) {
+      params_[b] = std::move(param_pool_[i]);
+      param_pool_.erase(param_pool_.begin() + static_cast<std::ptrdiff_t>(i));
+      params_[b].resize(n);
+      return;
+    }
+  }
+  params_[b].assign(n, 0.0f);
+}
+
+void ShardState::drop_params(int b) {
+  if (params_[b].empty()) return;
+  param_pool_.push_back(std::move(params_[b]));
+  params_[b] = {};
+}
+
+float* ShardState::param(size_t t) {
+  if (dim0()) return user_params_[t].data();
+  const auto& placement = plan_.tensors(static_cast<int>(t));
+  float* base = bucket_params(placement.bucket());
+  if (base == nullptr)
+    throw ConfigError("parameter '" + placement.name() + "' is not gathered: stage 3 needs gather(bucket " +
+                      std::to_string(placement.bucket()) + ") before param()");
+  return base + placement.bucket_offset();
+}
+
+float* ShardState::grad(size_t t) {
+  if (dim0()) return user_grads_[t].data();
+  const auto& placement = plan_.tensors(static_cast<int>(t));
+  return grads_[placement.bucket()].data() + placement.bucket_offset();
+}
+
+void ShardState::copy_in_grads(int b) {
+  for (int t : plan_.buckets(b).tensors()) {
+    const auto& placement = plan_.tensors(t);
+    for (const auto& p : placement.pieces())
+      std::memcpy(grads_[b].data() + p.bucket_offset(), user_grads_[t].data() + p.tensor_offset(),
+                  sizeof(float) * static_cast<size_t>(p.length()));
+  }
+}
+
+void ShardState::copy_out_params(int b) {
+  for (int t : plan_.buckets(b).tensors()) {
+    const auto& placement = plan_.tensors(t);
+    for (const auto& p : placement.pieces())
+      std::memcpy(user_params_[t].data() + p.tensor_offset(), params_[b].data() + p.bucket_offset(),
+                  sizeof(float) * static_cast<size_t>(p.length()));
+  }
+}
+
+void ShardState::build_views(const optim::OptimizerParams* matrix_optimizer,
+                             const optim::OptimizerParams& elementwise) {
+  const int ew_slots = optim::state_values_per_element(elementwise);
+  const int mx_slots = matrix_optimizer ? optim::state_values_per_element(*matrix_optimizer) : 0;
+  const int mx_row_slots = matrix_optimizer ? optim::state_values_per_row(*matrix_optimizer) : 0;
+  SHARDOPT_ASSERT(mx_slots <= 1, "matrix optimizers keep one momentum buffer");
+
+  // My pieces of every tensor, and the element-wise element count for the state arrays.
+  int64_t ew_elems = 0;
+  for (const auto& placement : plan_.tensors()) {
+    for (const auto& p : placement.pieces()) {
+      if (p.rank() != rank_) continue;
+      const int64_t seg_off = p.bucket_offset() - my_segment(p.bucket()).offset();
+      SHARDOPT_ASSERT(seg_off >= 0 && seg_off + p.length() <= my_segment(p.bucket()).count(),
+                      "piece outside my segment of " + placement.name());
+      my_pieces_.push_back(LocalPiece{placement.index(), p.bucket(), seg_off, p.tensor_offset(), p.length()});
+      if (!placement.muon()) ew_elems += p.length();
+    }
+  }
+
+  // Owned Muon matrices: momentum (numel each) then NorMuon row states (rows each).
+  int64_t mx_elems = 0, mx_rows = 0, assembled = 0;
+  for (const auto& placement : plan_.tensors()) {
+    if (!placement.muon() || placement.owner() != rank_) continue;
+    mx_elems += placement.numel();
+    mx_rows += placement.rows();
+    if (dim0()) assembled += placement.numel();
+  }
+  elementwise_state_.assign(static_cast<size_t>(ew_elems * ew_slots), 0.0f);
+  muon_state_.assign(static_cast<size_t>(mx_elems * mx_slots + mx_rows * mx_row_slots), 0.0f);
+  dim0_assembled_.assign(static_cast<size_t>(2 * assembled), 0.0f);
+
+  int64_t ew_cursor = 0;
+  for (const LocalPiece& lp : my_pieces_) {
+    const auto& placement = plan_.tensors(lp.tensor);
+    if (placement.muon()) continue;
+    optim::ElementwiseSlice s;
+    s.master = master_[lp.bucket].data() + lp.segment_offset;
+    s.grad = grad_shard(lp.bucket) + lp.segment_offset;
+    s.grad_dtype = proto::F32;
+    for (int k = 0; k < ew_slots; ++k) s.state[k] = elementwise_state_.data() + k * ew_elems + ew_cursor;
+    s.count = static_cast<size_t>(lp.length);
+    ew_cursor += lp.length;
+    elementwise_slices_.push_back(s);
+  }
+
+  int64_t mom_cursor = 0, row_cursor = mx_elems * mx_slots, asm_cursor = 0;
+  for (const auto& placement : plan_.tensors()) {
+    if (!placement.muon() || placement.owner() != rank_) continue;
+    OwnedMatrix om;
+    om.tensor = placement.index();
+    om.block_rows.assign(placement.block_rows().begin(), placement.block_rows().end());
+    optim::MuonMatrix& m = om.matrix;
+    m.rows = placement.rows();
+    m.cols = placement.cols();
+    m.momentum = muon_state_.data() + mom_cursor;
+    mom_cursor += placement.numel();
+    if (mx_row_slots > 0) {
+      m.row_second_moment = muon_state_.data() + row_cursor;
+      row_cursor += placement.rows();
+    }
+    if (dim0()) {
+      // Gradient assembled from row shards; "master" receives the update -lr*s*O (see engine).
+      m.grad = dim0_assembled_.data() + asm_cursor;
+      m.master = dim0_assembled_.data() + assembled + asm_cursor;
+      asm_cursor += placement.numel();
+    } else {
+      SHARDOPT_ASSERT(placement.pieces_size() == 1 && placement.pieces(0).rank() == rank_,
+                      "owned layout: Muon matrix " + placement.name() + " must lie whole in its owner's segment");
+      const auto& p = placement.pieces(0);
+      const int64_t seg_off = p.bucket_offset() - my_segment(p.bucket()).offset();
+      m.master = master_[p.bucket()].data() + seg_off;
+      m.grad = grad_shard(p.bucket()) + seg_off;
+    }
+    m.grad_dtype = proto::F32;
+    workspace_.reserve(m.rows, m.cols);
+    owned_.push_back(std::move(om));
+  }
+  // block_rows spans point into the vectors now that owned_ no longer moves.
+  for (auto& om : owned_) om.matrix.block_rows = om.block_rows;
+}
+
+void ShardState::build_dim0_exchange() {
+  const int n = plan_.request().world_size();
+  dim0_send_counts_.assign(n, 0);
+  dim0_recv_counts_.assign(n, 0);
+  for (const auto& placement : plan_.tensors()) {
+    if (!placement.muon()) continue;
+    for (const auto& p : placement.pieces()) {
+      if (p.rank() == rank_) {
+        dim0_my_shards_.push_back(Dim0Shard{placement.index(), placement.owner(), p.bucket(),
+                                            p.bucket_offset() - my_segment(p.bucket()).offset(), p.length()});
+        dim0_send_counts_[placement.owner()] += static_cast<size_t>(p.length());
+      }
+      if (placement.owner() == rank_) dim0_recv_counts_[p.rank()] += static_cast<size_t>(p.length());
+    }
+  }
+  size_t send_total = 0, recv_total = 0;
+  for (int p = 0; p < n; ++p) {
+    send_total += dim0_send_counts_[p];
+    recv_total += dim0_recv_counts_[p];
+  }
+  dim0_send_.assign(send_total, 0.0f);
+  dim0_recv_.assign(recv_total, 0.0f);
+}
+
+// Send layout: peer-major (owner order), and within a peer the Muon tensors in tensor order.
+void ShardState::dim0_pack_grads() {
+  const int n = plan_.request().world_size();
+  std::vector<size_t> cursor(n, 0);
+  for (int p = 1; p < n; ++p) cursor[p] = cursor[p - 1] + dim0_send_counts_[p - 1];
+  for (const Dim0Shard& s : dim0_my_shards_) {
+    std::memcpy(dim0_send_.data() + cursor[s.owner], grad_shard(s.bucket) + s.segment_offset,
+                sizeof(float) * static_cast<size_t>(s.length));
+    cursor[s.owner] += static_cast<size_t>(s.length);
+  }
+}
+
+// Receive layout from peer q: the pieces q holds of my matrices, in tensor order.
+void ShardState::dim0_unpack_to_owned() {
+  const int n = plan_.request().world_size();
+  std::vector<size_t> cursor(n, 0);
+  for (int p = 1; p < n; ++p) cursor[p] = cursor[p - 1] + dim0_recv_counts_[p - 1];
+  for (OwnedMatrix& om : owned_) {
+    const auto& placement = plan_.tensors(om.tensor);
+    auto* grad = const_cast<float*>(static_cast<const float*>(om.matrix.grad));
+    for (const auto& p : placement.pieces()) {
+      std::memcpy(grad + p.tensor_offset(), dim0_recv_.data() + cursor[p.rank()],
+                  sizeof(float) * static_cast<size_t>(p.length()));
+      cursor[p.rank()] += static_cast<size_t>(p.length());
+    }
+    // The update lands in matrix.master: start from zero so muon_step leaves exactly -lr*s*O there.
+    std::fill(om.matrix.master, om.matrix.master + placement.numel(), 0.0f);
+  }
+}
+
+void ShardState::dim0_pack_updates() {
+  // The reverse exchange reuses the receive buffer as its send buffer (same counts, reversed roles).
+  const int n = plan_.request().world_size();
+  std::vector<size_t> cursor(n, 0);
+  for (int p = 1; p < n; ++p) cursor[p] = cursor[p - 1] + dim0_recv_counts_[p - 1];
+  for (OwnedMatrix& om : owned_) {
+    const auto& placement = plan_.tensors(om.tensor);
+    for (const auto& p : placement.pieces()) {
+      std::memcpy(dim0_recv_.data() + cursor[p.rank()], om.matrix.master + p.tensor_offset(),
+                  sizeof(float) * static_cast<size_t>(p.length()));
+      cursor[p.rank()] += static_cast<size_t>(p.length());
+    }
+  }
+}
+
+void ShardState::dim0_apply_updates(float lr, float weight_decay) {
+  const int n = plan_.request().world_size();
+  std::vector<size_t> cursor(n, 0);
+  for (int p = 1; p < n; ++p) cursor[p] = cursor[p - 1] + dim0_send_counts_[p - 1];
+  const float decay = 1.0f - lr * weight_decay;
+  for (const Dim0Shard& s : dim0_my_shards_) {
+    float* w = master_[s.bucket].data() + s.segment_offset;
+    const float* delta = dim0_send_.data() + cursor[s.owner];
+    for (int64_t i = 0; i < s.length; ++i) w[i] = w[i] * decay + delta[i];
+    cursor[s.owner] += static_cast<size_t>(s.length);
+  }
+}
+
+MemoryReport ShardState::memory() const {
+  MemoryReport r;
+  auto bytes = [](const std::vector<std::vector<float>>& v) {
+    int64_t b = 0;
+    for (const auto& x : v) b += static_cast<int64_t>(x.size() * sizeof(float));
+    return b;
+  };
+  r.param_bytes = bytes(params_) + bytes(user_params_);
+  r.grad_buffer_bytes = bytes(grads_) + bytes(user_grads_);
+  r.grad_shard_bytes = bytes(grad_shards_);
+  r.master_bytes = bytes(master_);
+  r.state_bytes = static_cast<int64_t>((elementwise_state_.size() + muon_state_.size()) * sizeof(float));
+  r.exchange_bytes = static_cast<int64_t>((dim0_assembled_.size() + dim0_send_.size() + dim0_recv_.size()) *
+                                          sizeof(float));
+  r.workspace_bytes = static_cast<int64_t>(workspace_.bytes());
+  r.formula_optimizer_bytes = plan_.stats().ranks(rank_).optimizer_state_bytes();
+  return r;
+}
+
+}  // namespace shardopt::runtime

@@ -1,0 +1,136 @@
+// ShardState: one rank's buffers under a ShardPlan, allocated once, and the optimizer views over
+// them (element-wise slices, owned Muon matrices) built once. No communication here.
+//
+// Per bucket b (plan.buckets(b)), with my segment [seg.offset, seg.offset + seg.count):
+//   bucket_grads(b)   full bucket buffer the trainer's gradients land in (reduction input)
+//   grad_shard(b)     my reduced segment (stage 1: points into bucket_grads)
+//   master_shard(b)   fp32 master values of my segment (the optimizer updates these)
+//   bucket_params(b)  full parameter bucket (stages 1-2: persistent; stage 3: pooled while gathered)
+// Owned layout: every tensor is contiguous inside its bucket, so param(t)/grad(t) point straight into
+// the bucket buffers. Dim0 layout: buckets are rank-major, so param(t)/grad(t) are separate contiguous
+// buffers copied into/out of the buckets (copy-in before the reduction, copy-out after the gather).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "optim/config.h"
+#include "optim/elementwise.h"
+#include "optim/muon.h"
+#include "proto/plan.pb.h"
+
+namespace shardopt::runtime {
+
+struct MemoryReport {
+  int64_t param_bytes = 0;        // resident parameter buffers
+  int64_t grad_buffer_bytes = 0;  // trainer-facing gradient buffers (full model)
+  int64_t grad_shard_bytes = 0;   // reduced gradient shard kept separately (stages 2-3)
+  int64_t master_bytes = 0;       // fp32 master shard
+  int64_t state_bytes = 0;        // optimizer moments: element-wise slots, Muon momentum, NorMuon rows
+  int64_t exchange_bytes = 0;     // dim0: owner-side assembly buffers for whole matrices
+  int64_t workspace_bytes = 0;    // Newton-Schulz workspace
+  // The plan's ZeRO arithmetic for this rank: K bytes per owned parameter (K = 12 AdamW, 8 Muon...).
+  double formula_optimizer_bytes = 0;
+  int64_t optimizer_bytes() const { return master_bytes + state_bytes; }
+};
+
+// A piece of a tensor that this rank holds in its segment.
+struct LocalPiece {
+  int tensor = 0;
+  int bucket = 0;
+  int64_t segment_offset = 0;  // elements from the start of my segment of the bucket
+  int64_t tensor_offset = 0;
+  int64_t length = 0;
+};
+
+// A Muon matrix this rank owns (owned layout: its master/grad live in my segment; dim0: assembled).
+struct OwnedMatrix {
+  int tensor = 0;
+  optim::MuonMatrix matrix;
+  std::vector<int64_t> block_rows;  // storage behind matrix.block_rows
+};
+
+class ShardState {
+ public:
+  ShardState(proto::ShardPlan plan, int rank, const optim::OptimizerParams* matrix_optimizer,
+             const optim::OptimizerParams& elementwise_optimizer);
+
+  const proto::ShardPlan& plan() const { return plan_; }
+  int rank() const { return rank_; }
+  int stage() const { return plan_.request().zero_stage(); }
+  bool dim0() const { return plan_.request().layout() == proto::SHARD_LAYOUT_DIM0; }
+  int num_buckets() const { return plan_.buckets_size(); }
+  const proto::Segment& my_segment(int b) const { return plan_.buckets(b).segments(rank_); }
+  std::vector<size_t> segment_counts(int b) const;
+
+  float* bucket_grads(int b) { return grads_[b].data(); }
+  float* grad_shard(int b);
+  float* master_shard(int b) { return master_[b].data(); }
+  float* bucket_params(int b) { return params_[b].empty() ? nullptr : params_[b].data(); }
+  bool params_resident(int b) const { return !params_[b].empty(); }
+  // Stage 3 pool: gives bucket b a parameter buffer / returns it.
+  void acquire_params(int b);
+  void drop_params(int b);
+
+  float* param(size_t t);
+  float* grad(size_t t);
+  // Dim0: copies tensors' gradients of bucket b into its rank-major buffer / parameters out of it.
+  void copy_in_grads(int b);
+  void copy_out_params(int b);
+
+  const std::vector<LocalPiece>& my_pieces() const { return my_pieces_; }
+  std::vector<optim::ElementwiseSlice>& elementwise_slices() { return elementwise_slices_; }
+  std::vector<OwnedMatrix>& owned_matrices() { return owned_; }
+  optim::MuonWorkspace& muon_workspace() { return workspace_; }
+
+  // Dim0 exchange layout (Muon shards to owners and back), elements per peer.
+  const std::vector<size_t>& dim0_send_counts() const { return dim0_send_counts_; }
+  const std::vector<size_t>& dim0_recv_counts() const { return dim0_recv_counts_; }
+  float* dim0_send_buffer() { return dim0_send_.data(); }
+  float* dim0_recv_buffer() { return dim0_recv_.data(); }
+  // Packs my row shards of every Muon gradient into the send buffer (peer order = owner order).
+  void dim0_pack_grads();
+  // Owner: unpacks received shards into the assembled gradients of the matrices I own.
+  void dim0_unpack_to_owned();
+  // Owner: packs row shards of each owned matrix's update (in matrix.master) for their holders.
+  void dim0_pack_updates();
+  // Applies received updates to my master shards: W = W (1 - lr wd) + delta.
+  void dim0_apply_updates(float lr, float weight_decay);
+
+  MemoryReport memory() const;
+
+ private:
+  void build_views(const optim::OptimizerParams* matrix_optimizer, const optim::OptimizerParams& elementwise);
+  void build_dim0_exchange();
+
+  proto::ShardPlan plan_;
+  int rank_;
+  std::vector<std::vector<float>> grads_, grad_shards_, master_, params_;
+  std::vector<std::vector<float>> param_pool_;  // stage 3: free bucket-sized buffers
+  std::vector<std::vector<float>> user_params_, user_grads_;  // dim0 only
+  std::vector<float*> param_view_, grad_view_;  // owned layout: offsets into bucket buffers
+  std::vector<int64_t> tensor_bucket_offset_;
+
+  std::vector<LocalPiece> my_pieces_;
+  std::vector<float> elementwise_state_;  // slots laid out slot-major
+  std::vector<float> muon_state_;         // momentum of owned matrices, then NorMuon row states
+  std::vector<float> dim0_assembled_;     // dim0 owner: gradients then updates of owned matrices
+  std::vector<optim::ElementwiseSlice> elementwise_slices_;
+  std::vector<OwnedMatrix> owned_;
+  optim::MuonWorkspace workspace_;
+
+  // dim0: per Muon tensor, my piece (if any) inside my segment.
+  struct Dim0Shard {
+    int tensor;
+    int owner;
+    int bucket;
+    int64_t segment_offset;
+    int64_t length;
+  };
+  std::vector<Dim0Shard> dim0_my_shards_;  // tensor order
+  std::vector<size_t> dim0_send_counts_, dim0_recv_counts_;
+  std::vector<float> dim0_send_, dim0_recv_;
+};
+
+}  // namespace shardopt::runtime

@@ -1,0 +1,61 @@
+// Chrome-trace (Perfetto-viewable) recorder: one instance per rank records complete events
+// ("ph":"X") with the rank as the thread id, and write_chrome_trace merges all ranks into one file.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace shardopt::runtime {
+
+struct TraceEvent {
+  std::string name;      // "reduce_scatter b3", "muon ns", ...
+  std::string category;  // "compute" or "comm"
+  int64_t start_us = 0;  // since the recorder's epoch
+  int64_t duration_us = 0;
+};
+
+class TraceRecorder {
+ public:
+  using Clock = std::chrono::steady_clock;
+  // All ranks of one process should share an epoch so their timelines line up.
+  explicit TraceRecorder(Clock::time_point epoch = Clock::now()) : epoch_(epoch) {}
+
+  // Recording is off until enabled; keep_last_steps bounds memory to the last few steps.
+  void enable(bool on) { enabled_ = on; }
+  bool enabled() const { return enabled_; }
+  void begin_step() { if (enabled_) step_marks_.push_back(events_.size()); }
+  void keep_last_steps(size_t steps);
+
+  void record(std::string name, const char* category, Clock::time_point start, Clock::time_point end);
+  const std::vector<TraceEvent>& events() const { return events_; }
+
+  // RAII span: records [construction, destruction).
+  class Span {
+   public:
+    Span(TraceRecorder& rec, std::string name, const char* category)
+        : rec_(rec), name_(std::move(name)), category_(category), start_(Clock::now()) {}
+    ~Span() { rec_.record(std::move(name_), category_, start_, Clock::now()); }
+    Span(const Span&) = delete;
+    Span& operator=(const Span&) = delete;
+
+   private:
+    TraceRecorder& rec_;
+    std::string name_;
+    const char* category_;
+    Clock::time_point start_;
+  };
+
+ private:
+  Clock::time_point epoch_;
+  bool enabled_ = false;
+  std::vector<TraceEvent> events_;
+  std::vector<size_t> step_marks_;
+};
+
+// Writes {"traceEvents": [...]} with pid 0 and tid = rank for every rank's events.
+void write_chrome_trace(const std::string& path, const std::vector<const TraceRecorder*>& ranks,
+                        const std::vector<int>& rank_ids);
+
+}  // namespace shardopt::runtime

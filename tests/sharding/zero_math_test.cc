@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include "base/error.h"
+#include "sharding/planner.h"
+#include "sharding/presets.h"
 
 namespace shardopt::sharding {
 namespace {
@@ -59,6 +61,48 @@ TEST(ZeroMath, TrafficPerStage) {
   EXPECT_EQ(dim0_muon_extra_traffic_per_rank(1600, 4).elements, 600);
   EXPECT_THROW(zero_traffic_per_rank(4, 1000, 4), ConfigError);
   EXPECT_THROW(zero_memory_per_rank(1, 1000, 0), ConfigError);
+}
+
+// The plan's per-rank statistics agree with the closed formulas (up to padding) on a real model.
+
+TEST(ZeroMath, PlanStatisticsAgreeWithFormulas) {
+  const auto specs = preset_specs("llama-125m");
+  const double psi = 134105856;
+  for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0})
+    for (int stage : {1, 2, 3})
+      for (int world : {1, 4, 8}) {
+        SCOPED_TRACE("layout " + std::to_string(layout) + " stage " + std::to_string(stage) + " world " +
+                     std::to_string(world));
+        auto req = make_plan_request(specs, world, stage, layout);
+        req.mutable_routing()->set_elementwise_only(true);  // pure AdamW: K = 12 everywhere
+        const auto plan = make_plan(req);
+        const auto formula = zero_memory_per_rank(stage, psi, world);
+        double state_sum = 0;
+        for (const auto& r : plan.stats().ranks()) {
+          state_sum += r.optimizer_state_bytes();
+          // Padding is a tiny fraction here, and both layouts spread element-wise tensors evenly.
+          EXPECT_NEAR(r.optimizer_state_bytes(), formula.optimizer_state_bytes, 0.002 * formula.optimizer_state_bytes);
+          EXPECT_NEAR(r.grad_bytes(), formula.grad_bytes, 0.002 * formula.grad_bytes);
+          if (stage < 3) {
+            EXPECT_NEAR(r.param_bytes(), formula.param_bytes, 0.002 * formula.param_bytes);
+          } else {
+            // Stage 3 keeps the largest gathered bucket live on top of its 2Ψ/N shard.
+            EXPECT_NEAR(r.param_bytes() - plan.stats().largest_bucket_bytes(), formula.param_bytes,
+                        0.002 * formula.param_bytes);
+          }
+        }
+        EXPECT_DOUBLE_EQ(state_sum, 12 * psi);  // every element's state lives on exactly one rank
+      }
+}
+
+TEST(ZeroMath, MuonStateIsKEightOnOwners) {
+  const auto specs = preset_specs("llama-125m");
+  const auto plan = make_plan(make_plan_request(specs, 8, 2));
+  double state_sum = 0;
+  for (const auto& r : plan.stats().ranks()) state_sum += r.optimizer_state_bytes();
+  // 12 layers x (q, k, v, o: 768 x 768; gate, up: 2048 x 768; down: 768 x 2048).
+  EXPECT_EQ(plan.stats().muon_params(), 12 * (4 * 768 * 768 + 3 * 768 * 2048));
+  EXPECT_DOUBLE_EQ(state_sum, 8.0 * plan.stats().muon_params() + 12.0 * plan.stats().elementwise_params());
 }
 
 }  // namespace

@@ -1,0 +1,96 @@
+// Forward/backward time and achieved GFLOP/s of the reference transformer on real text.
+// Prints the best of --reps timed steps (after warm-up); never passes or fails on time.
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <vector>
+
+#include "model/data.h"
+#include "model/transformer.h"
+
+using namespace shardopt::model;
+
+int main(int argc, char** argv) {
+  ModelConfig mc;
+  int batch = 16, seq_len = 64, reps = 20;
+  bool json = false, relu2 = false;
+  std::string data = std::string(SHARDOPT_DATA_DIR) + "/tinyshakespeare.txt";
+  CLI::App app{"shardopt model forward/backward benchmark"};
+  app.add_option("--d-model", mc.d_model);
+  app.add_option("--layers", mc.n_layer);
+  app.add_option("--heads", mc.n_head);
+  app.add_option("--mlp-ratio", mc.mlp_ratio);
+  app.add_option("--seq-len", seq_len);
+  app.add_option("--batch", batch);
+  app.add_option("--reps", reps);
+  app.add_option("--data", data);
+  app.add_flag("--relu2", relu2, "ReLU² instead of GELU");
+  app.add_flag("--json", json, "one JSON object per result line");
+  CLI11_PARSE(app, argc, argv);
+  mc.context = seq_len;
+  if (relu2) mc.activation = Activation::kReluSquared;
+
+  Transformer model(mc);
+  std::vector<std::vector<float>> value, grad;
+  std::vector<ParamBinding> bindings;
+  std::vector<float*> ptrs;
+  for (const auto& p : model.params()) {
+    value.emplace_back(static_cast<std::size_t>(p.numel()));
+    grad.emplace_back(static_cast<std::size_t>(p.numel()));
+  }
+  for (std::size_t i = 0; i < value.size(); ++i) {
+    bindings.push_back({value[i].data(), grad[i].data()});
+    ptrs.push_back(value[i].data());
+  }
+  model.init(1, ptrs);
+  ByteCorpus corpus = ByteCorpus::load(data);
+  SamplerConfig sc;
+  sc.global_batch = batch;
+  sc.seq_len = seq_len;
+  BatchSampler sampler(corpus, sc);
+  TokenBatch tb = sampler.make_batch();
+  model.reserve(batch, seq_len);
+
+  using clock = std::chrono::steady_clock;
+  double best_fwd = 1e30, best_bwd = 1e30, best_step = 1e30;
+  float loss = 0.0f;
+  for (int it = -3; it < reps; ++it) {
+    sampler.train_batch(it + 3, tb);
+    const auto t0 = clock::now();
+    loss = model.forward(bindings, tb.inputs.data(), tb.targets.data(), batch, seq_len);
+    const auto t1 = clock::now();
+    model.backward(bindings, GradMode::kOverwrite);
+    const auto t2 = clock::now();
+    if (it < 0) continue;  // warm-up
+    const double f = std::chrono::duration<double>(t1 - t0).count(), b = std::chrono::duration<double>(t2 - t1).count();
+    best_fwd = std::min(best_fwd, f);
+    best_bwd = std::min(best_bwd, b);
+    best_step = std::min(best_step, f + b);
+  }
+  const double tokens = double(batch) * seq_len;
+  const double flops = 3.0 * model.forward_flops(batch, seq_len);  // fwd + 2x fwd for bwd
+  const double approx = 6.0 * double(model.num_params()) * tokens;
+  const char* threads = std::getenv("OPENBLAS_NUM_THREADS");
+  if (json) {
+    nlohmann::json j = {{"bench", "model_fwd_bwd"}, {"d_model", mc.d_model}, {"n_layer", mc.n_layer},
+                        {"n_head", mc.n_head}, {"seq_len", seq_len}, {"batch", batch},
+                        {"params", model.num_params()}, {"openblas_threads", threads ? threads : "default"},
+                        {"forward_seconds", best_fwd}, {"backward_seconds", best_bwd},
+                        {"step_seconds", best_step}, {"tokens_per_s", tokens / best_step},
+                        {"exact_gflop", flops / 1e9}, {"exact_gflops_per_s", flops / best_step / 1e9},
+                        {"approx_6nd_gflops_per_s", approx / best_step / 1e9}, {"loss", loss}};
+    fmt::print("{}\n", j.dump());
+  } else {
+    fmt::print("d={} L={} H={} T={} B={} params={} threads={}\n", mc.d_model, mc.n_layer, mc.n_head, seq_len, batch,
+               model.num_params(), threads ? threads : "default");
+    fmt::print("forward {:.3f} ms, backward {:.3f} ms, step {:.3f} ms (best of {})\n", best_fwd * 1e3, best_bwd * 1e3,
+               best_step * 1e3, reps);
+    fmt::print("{:.0f} tokens/s, {:.2f} GFLOP/s exact ({:.3f} GFLOP/step), {:.2f} GFLOP/s by 6·params·tokens\n",
+               tokens / best_step, flops / best_step / 1e9, flops / 1e9, approx / best_step / 1e9);
+  }
+  return 0;
+}

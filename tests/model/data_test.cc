@@ -1,0 +1,261 @@
+// Data split, deterministic batch sampling, rank slicing, and text generation.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <set>
+
+#include "base/error.h"
+#include "model/data.h"
+#include "model/generate.h"
+#include "tests/model/reference_model.h"
+
+namespace shardopt::model {
+namespace {
+
+std::vector<uint8_t> ramp_text(std::size_t n, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::vector<uint8_t> v(n);
+  for (auto& c : v) c = static_cast<uint8_t>(gen() % 256);
+  return v;
+}
+
+TEST(ByteCorpus, LastTenPercentIsValidation) {
+  const auto bytes = ramp_text(1005, 1);
+  ByteCorpus c(bytes);
+  EXPECT_EQ(c.size(), 1005u);
+  EXPECT_EQ(c.validation().size(), 100u);  // floor(100.5)
+  EXPECT_EQ(c.train().size(), 905u);
+  EXPECT_TRUE(std::equal(c.train().begin(), c.train().end(), bytes.begin()));
+  EXPECT_TRUE(std::equal(c.validation().begin(), c.validation().end(), bytes.begin() + 905));
+  ByteCorpus quarter(bytes, 0.25);
+  EXPECT_EQ(quarter.validation().size(), 251u);
+  EXPECT_THROW(ByteCorpus(bytes, 0.0), ConfigError);
+  EXPECT_THROW(ByteCorpus(bytes, 1.0), ConfigError);
+}
+
+TEST(ByteCorpus, LoadsTinyShakespeareAsBytes) {
+  const std::string path = std::string(SHARDOPT_DATA_DIR) + "/tinyshakespeare.txt";
+  const auto file_size = std::filesystem::file_size(path);
+  ByteCorpus c = ByteCorpus::load(path);
+  EXPECT_EQ(c.size(), file_size);
+  EXPECT_EQ(c.validation().size(), file_size / 10);
+  std::ifstream in(path, std::ios::binary);
+  std::string head(32, '\0');
+  in.read(head.data(), 32);
+  EXPECT_TRUE(std::equal(head.begin(), head.end(), c.train().begin()));
+  EXPECT_THROW(ByteCorpus::load("/nonexistent/shardopt_data.txt"), ConfigError);
+}
+
+class Sampler : public ::testing::Test {
+ protected:
+  std::vector<uint8_t> bytes = ramp_text(20000, 2);
+  ByteCorpus corpus{bytes};
+  SamplerConfig cfg(int B, int world, int rank, uint64_t seed = 5) {
+    SamplerConfig c;
+    c.global_batch = B;
+    c.seq_len = 16;
+    c.seed = seed;
+    c.world = world;
+    c.rank = rank;
+    return c;
+  }
+};
+
+TEST_F(Sampler, BatchesAreContiguousTextWithShiftedTargets) {
+  BatchSampler s(corpus, cfg(4, 1, 0));
+  TokenBatch b = s.make_batch();
+  for (int64_t step : {0, 1, 77}) {
+    s.train_batch(step, b);
+    for (int i = 0; i < 4; ++i) {
+      const int64_t off = s.train_offset(step, i);
+      ASSERT_GE(off, 0);
+      ASSERT_LE(off + 17, int64_t(corpus.train().size()));
+      for (int t = 0; t < 16; ++t) {
+        ASSERT_EQ(b.inputs[i * 16 + t], bytes[off + t]);
+        ASSERT_EQ(b.targets[i * 16 + t], bytes[off + t + 1]);
+      }
+    }
+  }
+  s.validation_batch(3, b);
+  for (int i = 0; i < 4; ++i) {
+    const int64_t off = s.validation_offset(3, i);
+    const std::size_t base = corpus.train().size();
+    ASSERT_LE(off + 17, int64_t(corpus.validation().size()));
+    for (int t = 0; t < 16; ++t) ASSERT_EQ(b.inputs[i * 16 + t], bytes[base + off + t]);
+  }
+}
+
+TEST_F(Sampler, SameSeedAndStepGiveSameBatchOthersDiffer) {
+  BatchSampler a(corpus, cfg(8, 1, 0)), again(corpus, cfg(8, 1, 0)), other_seed(corpus, cfg(8, 1, 0, 6));
+  TokenBatch x = a.make_batch(), y = a.make_batch(), z = a.make_batch();
+  a.train_batch(10, x);
+  again.train_batch(10, y);
+  EXPECT_EQ(x.inputs, y.inputs);
+  EXPECT_EQ(x.targets, y.targets);
+  again.train_batch(11, y);
+  EXPECT_NE(x.inputs, y.inputs);
+  other_seed.train_batch(10, z);
+  EXPECT_NE(x.inputs, z.inputs);
+  // The validation set does not depend on the training seed.
+  a.validation_batch(0, x);
+  other_seed.validation_batch(0, z);
+  EXPECT_EQ(x.inputs, z.inputs);
+}
+
+TEST_F(Sampler, OffsetsCoverTheTrainSplit) {
+  BatchSampler s(corpus, cfg(16, 1, 0));
+  const int64_t starts = int64_t(corpus.train().size()) - 16;
+  int64_t lo = starts, hi = 0;
+  std::set<int64_t> distinct;
+  for (int step = 0; step < 200; ++step)
+    for (int i = 0; i < 16; ++i) {
+      const int64_t o = s.train_offset(step, i);
+      lo = std::min(lo, o);
+      hi = std::max(hi, o);
+      distinct.insert(o);
+    }
+  EXPECT_LT(lo, starts / 50);
+  EXPECT_GT(hi, starts - starts / 50);
+  EXPECT_GT(distinct.size(), 2800u);  // 3200 draws from ~18000 starts: few collisions
+}
+
+TEST_F(Sampler, RankSlicesConcatenateToTheOneRankBatch) {
+  const int B = 12;
+  BatchSampler one(corpus, cfg(B, 1, 0));
+  TokenBatch whole = one.make_batch();
+  for (int world : {1, 2, 3, 4, 6, 12}) {
+    for (int64_t step : {0, 5, 1234}) {
+      one.train_batch(step, whole);
+      std::vector<uint8_t> in, tg;
+      for (int r = 0; r < world; ++r) {
+        BatchSampler s(corpus, cfg(B, world, r));
+        TokenBatch part = s.make_batch();
+        ASSERT_EQ(part.batch, B / world);
+        s.train_batch(step, part);
+        in.insert(in.end(), part.inputs.begin(), part.inputs.end());
+        tg.insert(tg.end(), part.targets.begin(), part.targets.end());
+      }
+      EXPECT_EQ(in, whole.inputs) << "world " << world << " step " << step;
+      EXPECT_EQ(tg, whole.targets) << "world " << world << " step " << step;
+    }
+    one.validation_batch(2, whole);
+    std::vector<uint8_t> in;
+    for (int r = 0; r < world; ++r) {
+      BatchSampler s(corpus, cfg(B, world, r));
+      TokenBatch part = s.make_batch();
+      s.validation_batch(2, part);
+      in.insert(in.end(), part.inputs.begin(), part.inputs.end());
+    }
+    EXPECT_EQ(in, whole.inputs) << "validation, world " << world;
+  }
+}
+
+TEST_F(Sampler, RejectsBadConfigs) {
+  EXPECT_THROW(BatchSampler(corpus, cfg(10, 4, 0)), ConfigError);  // 10 % 4 != 0
+  EXPECT_THROW(BatchSampler(corpus, cfg(8, 4, 4)), ConfigError);   // rank out of range
+  EXPECT_THROW(BatchSampler(corpus, cfg(8, 0, 0)), ConfigError);
+  EXPECT_THROW(BatchSampler(corpus, cfg(0, 1, 0)), ConfigError);
+  ByteCorpus tiny(ramp_text(100, 3));  // validation split: 10 bytes < seq_len + 1
+  EXPECT_THROW(BatchSampler(tiny, cfg(2, 1, 0)), ConfigError);
+  BatchSampler s(corpus, cfg(8, 2, 1));
+  TokenBatch wrong;
+  EXPECT_THROW(s.train_batch(0, wrong), ConfigError);
+  try {
+    BatchSampler(corpus, cfg(10, 4, 0));
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("world size 4"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("got 10"), std::string::npos) << e.what();
+  }
+}
+
+ModelConfig tiny_model() {
+  ModelConfig c;
+  c.d_model = 16;
+  c.n_layer = 2;
+  c.n_head = 2;
+  c.context = 16;
+  return c;
+}
+
+struct Weights {
+  std::vector<std::vector<float>> value;
+  std::vector<ParamBinding> bindings;
+  Weights(const Transformer& m, uint32_t seed) {
+    std::mt19937 gen(seed);
+    for (const auto& p : m.params()) {
+      value.emplace_back(static_cast<std::size_t>(p.numel()));
+      std::normal_distribution<float> n(p.kind == ParamKind::kNormGain ? 1.0f : 0.0f, 0.5f);
+      for (float& v : value.back()) v = n(gen);
+    }
+    for (auto& v : value) bindings.push_back({v.data(), nullptr});
+  }
+};
+
+TEST_F(Sampler, ValidationLossAveragesOverRanksToTheOneRankValue) {
+  Transformer m(tiny_model());
+  Weights w(m, 4);
+  BatchSampler one(corpus, cfg(4, 1, 0));
+  TokenBatch scratch = one.make_batch();
+  const double whole = validation_loss(m, w.bindings, one, 3, scratch);
+  double sum = 0;
+  for (int r = 0; r < 2; ++r) {
+    BatchSampler s(corpus, cfg(4, 2, r));
+    TokenBatch part = s.make_batch();
+    sum += validation_loss(m, w.bindings, s, 3, part);
+  }
+  EXPECT_NEAR(sum / 2, whole, 1e-5 * whole);
+  EXPECT_GT(whole, 0.0);
+}
+
+TEST(Generate, PickTokenFollowsTheTemperedSoftmax) {
+  const float logits[3] = {0.0f, std::log(3.0f), -1e4f};  // probabilities 1/4, 3/4, 0 at T = 1
+  EXPECT_EQ(pick_token(logits, 3, 0.0f, 0.99), 1);
+  EXPECT_EQ(pick_token(logits, 3, 1.0f, 0.2), 0);
+  EXPECT_EQ(pick_token(logits, 3, 1.0f, 0.3), 1);
+  EXPECT_EQ(pick_token(logits, 3, 1.0f, 0.999999), 1);
+  // T = 0.5 squares the odds: 1/10 vs 9/10.
+  EXPECT_EQ(pick_token(logits, 3, 0.5f, 0.09), 0);
+  EXPECT_EQ(pick_token(logits, 3, 0.5f, 0.11), 1);
+}
+
+TEST(Generate, GreedyPicksTheReferenceArgmaxOverASlidingWindow) {
+  Transformer m(tiny_model());
+  Weights w(m, 9);
+  const std::string prompt = "To be, or not to be, that is the";  // longer than the context of 16
+  GenerateOptions opt;
+  opt.max_new_tokens = 6;
+  const std::string out = generate(m, w.bindings, prompt, opt);
+  ASSERT_EQ(out.size(), prompt.size() + 6);
+  EXPECT_EQ(out.substr(0, prompt.size()), prompt);
+  const auto& c = m.config();
+  testing::RefConfig rc{c.vocab, c.d_model, c.n_layer, c.n_head, c.context, c.mlp_hidden(), false, c.norm_eps};
+  std::vector<std::vector<double>> wd;
+  for (const auto& v : w.value) wd.emplace_back(v.begin(), v.end());
+  for (std::size_t pos = prompt.size(); pos < out.size(); ++pos) {
+    std::vector<uint8_t> window(out.begin() + static_cast<std::ptrdiff_t>(pos - 16), out.begin() + pos);
+    const auto ref = testing::reference_forward(rc, wd, window, {}, 1, 16);
+    const auto last = ref.logits.begin() + 15 * 256;
+    EXPECT_EQ(static_cast<uint8_t>(out[pos]), std::max_element(last, last + 256) - last) << "byte " << pos;
+  }
+}
+
+TEST(Generate, TemperatureSamplingIsDeterministicPerSeed) {
+  Transformer m(tiny_model());
+  Weights w(m, 10);
+  GenerateOptions opt;
+  opt.max_new_tokens = 24;
+  opt.temperature = 2.0f;
+  opt.seed = 1;
+  const std::string a = generate(m, w.bindings, "", opt);
+  EXPECT_EQ(a.size(), 25u);
+  EXPECT_EQ(a, generate(m, w.bindings, "", opt));
+  opt.seed = 2;
+  EXPECT_NE(a, generate(m, w.bindings, "", opt));
+}
+
+}  // namespace
+}  // namespace shardopt::model

@@ -1,0 +1,383 @@
+// The strongest test of the runtime: N-rank sharded training equals one process applying the same
+// optimizer to the averaged gradients, for every stage, layout, optimizer and world size.
+//
+// Gradients are dyadic rationals with few significant bits, and each rank's gradient is the common
+// value plus an offset that sums to exactly zero over ranks, so the averaged gradient equals the
+// reference gradient bit for bit whatever the reduction order. Differences can then only come from
+// the engine's sharding, routing and bookkeeping.
+#include "runtime/engine.h"
+
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <mutex>
+
+#include <gtest/gtest.h>
+
+#include "base/error.h"
+#include "comm/thread_backend.h"
+#include "optim/config.h"
+#include "optim/elementwise.h"
+#include "optim/muon.h"
+#include "sharding/zero_math.h"
+
+namespace shardopt::runtime {
+namespace {
+
+proto::TensorSpec spec(const std::string& name, std::vector<int64_t> shape) {
+  proto::TensorSpec s;
+  s.set_name(name);
+  for (int64_t d : shape) s.add_shape(d);
+  s.set_dtype(proto::F32);
+  return s;
+}
+
+// A small mixed model: embeddings/head/norms go to the element-wise optimizer, the rest to Muon.
+std::vector<proto::TensorSpec> mixed_model() {
+  return {spec("tok_embed", {13, 10}), spec("layer0.attn_norm", {10}), spec("layer0.w_q", {10, 10}),
+          spec("layer0.w_up", {24, 10}), spec("layer0.w_down", {10, 24}), spec("layer1.w_k", {7, 10}),
+          spec("layer1.w_o", {10, 7}),   spec("layer1.mlp_norm", {10}),   spec("lm_head", {13, 10})};
+}
+
+int64_t numel(const proto::TensorSpec& s) {
+  int64_t n = 1;
+  for (int64_t d : s.shape()) n *= d;
+  return n;
+}
+
+float initial_value(size_t t, int64_t i) { return static_cast<float>(((t * 131 + i * 17) % 97) - 48) / 64.0f; }
+
+// Common gradient of step s (dyadic, |g| < 1) and rank r's offset (sums to zero over ranks).
+float common_grad(int step, size_t t, int64_t i) {
+  return static_cast<float>(((step * 7 + t * 29 + i * 13) % 61) - 30) / 32.0f;
+}
+float rank_offset(int rank, int world, size_t t, int64_t i) {
+  return static_cast<float>((2 * rank - (world - 1)) * static_cast<int>((i + t) % 5 - 2)) / 128.0f;
+}
+
+struct Case {
+  int world;
+  int stage;
+  proto::ShardLayout layout;
+  std::string optimizer;  // "muon", "normuon", "adamw", "lion"
+};
+
+std::string case_name(const testing::TestParamInfo<Case>& info) {
+  const Case& c = info.param;
+  return "N" + std::to_string(c.world) + "_stage" + std::to_string(c.stage) + "_" +
+         (c.layout == proto::SHARD_LAYOUT_DIM0 ? "dim0" : "owned") + "_" + c.optimizer;
+}
+
+EngineOptions options_for(const Case& c) {
+  EngineOptions o;
+  o.zero_stage = c.stage;
+  o.layout = c.layout;
+  o.bucket_bytes = 600;  // several buckets, some tensors larger than a bucket
+  if (c.optimizer == "muon" || c.optimizer == "normuon") {
+    o.matrix_optimizer.set_kind(c.optimizer == "muon" ? proto::OPTIMIZER_MUON : proto::OPTIMIZER_NORMUON);
+    o.matrix_optimizer.set_lr(0.02f);
+    o.elementwise_optimizer.set_kind(proto::OPTIMIZER_ADAMW);
+  } else {
+    o.elementwise_optimizer.set_kind(c.optimizer == "lion" ? proto::OPTIMIZER_LION : proto::OPTIMIZER_ADAMW);
+  }
+  o.elementwise_optimizer.set_lr(0.01f);
+  return o;
+}
+
+// Single-process reference: the optimizers of optim/ applied to whole tensors with the averaged
+// gradient, routed by the same plan (muon flag per tensor).
+std::vector<std::vector<float>> reference_run(const std::vector<proto::TensorSpec>& specs, const EngineOptions& o,
+                                              const proto::ShardPlan& plan, int steps) {
+  const auto ew = optim::resolve_optimizer_config(o.elementwise_optimizer);
+  std::optional<optim::OptimizerParams> mx;
+  if (o.matrix_optimizer.kind() != proto::OPTIMIZER_KIND_UNSPECIFIED)
+    mx = optim::resolve_optimizer_config(o.matrix_optimizer);
+  std::vector<std::vector<float>> w(specs.size()), g(specs.size()), s0(specs.size()), s1(specs.size()),
+      rows(specs.size());
+  for (size_t t = 0; t < specs.size(); ++t) {
+    const int64_t n = numel(specs[t]);
+    w[t].resize(n);
+    for (int64_t i = 0; i < n; ++i) w[t][i] = initial_value(t, i);
+    g[t].resize(n);
+    s0[t].assign(n, 0.0f);
+    s1[t].assign(n, 0.0f);
+    rows[t].assign(specs[t].shape(0), 0.0f);
+  }
+  optim::MuonWorkspace ws;
+  for (const auto& s : specs)
+    if (s.shape_size() == 2) ws.reserve(s.shape(0), s.shape(1));
+  for (int step = 1; step <= steps; ++step) {
+    for (size_t t = 0; t < specs.size(); ++t)
+      for (int64_t i = 0; i < numel(specs[t]); ++i) g[t][i] = common_grad(step, t, i);
+    for (size_t t = 0; t < specs.size(); ++t) {
+      if (plan.tensors(static_cast<int>(t)).muon()) {
+        optim::MuonMatrix m;
+        m.master = w[t].data();
+        m.grad = g[t].data();
+        m.momentum = s0[t].data();
+        m.row_second_moment = rows[t].data();
+        m.rows = specs[t].shape(0);
+        m.cols = specs[t].shape(1);
+        optim::muon_step(*mx, m, mx->lr, ws);
+      } else {
+        optim::ElementwiseSlice sl;
+        sl.master = w[t].data();
+        sl.grad = g[t].data();
+        sl.state[0] = s0[t].data();
+        sl.state[1] = s1[t].data();
+        sl.count = w[t].size();
+        optim::elementwise_step(ew, std::span(&sl, 1), ew.lr, step);
+      }
+    }
+  }
+  return w;
+}
+
+// Runs the engine on `world` thread ranks; returns every rank's full parameters after `steps`.
+std::vector<std::vector<std::vector<float>>> engine_run(const std::vector<proto::TensorSpec>& specs, const Case& c,
+                                                        int steps, proto::ShardPlan* plan_out = nullptr,
+                                                        std::vector<StepReport>* reports = nullptr,
+                                                        std::vector<MemoryReport>* memory = nullptr) {
+  std::vector<std::vector<std::vector<float>>> result(c.world);
+  if (reports) reports->assign(c.world, {});
+  if (memory) memory->assign(c.world, {});
+  std::mutex mu;
+  comm::CommOptions copts;
+  copts.checked = true;
+  copts.timeout = std::chrono::milliseconds(60000);
+  comm::run_ranks(
+      c.world,
+      [&](comm::Communicator& comm) {
+        Engine engine(comm, specs, options_for(c));
+        engine.set_params([&](size_t t, float* dst) {
+          for (int64_t i = 0; i < numel(specs[t]); ++i) dst[i] = initial_value(t, i);
+        });
+        StepReport last;
+        for (int step = 1; step <= steps; ++step) {
+          // The trainer writes gradients in backward order and announces each one.
+          for (size_t k = specs.size(); k-- > 0;) {
+            float* g = engine.grad(k);
+            for (int64_t i = 0; i < numel(specs[k]); ++i)
+              g[i] = common_grad(step, k, i) + rank_offset(comm.rank(), c.world, k, i);
+            engine.grad_ready(k);
+          }
+          last = engine.step();
+          EXPECT_TRUE(last.applied);
+        }
+        engine.gather_all();
+        std::vector<std::vector<float>> mine(specs.size());
+        for (size_t t = 0; t < specs.size(); ++t) mine[t].assign(engine.param(t), engine.param(t) + numel(specs[t]));
+        engine.release_all();
+        std::lock_guard<std::mutex> lock(mu);
+        result[comm.rank()] = std::move(mine);
+        if (plan_out && comm.rank() == 0) *plan_out = engine.plan();
+        if (reports) (*reports)[comm.rank()] = last;
+        if (memory) (*memory)[comm.rank()] = engine.memory();
+      },
+      copts);
+  return result;
+}
+
+class EngineEquivalence : public testing::TestWithParam<Case> {};
+
+TEST_P(EngineEquivalence, NRankTrainingEqualsSingleProcessReference) {
+  const Case c = GetParam();
+  const auto specs = mixed_model();
+  const int steps = 3;
+  proto::ShardPlan plan;
+  const auto got = engine_run(specs, c, steps, &plan);
+  const auto want = reference_run(specs, options_for(c), plan, steps);
+  const bool exact_muon = c.layout != proto::SHARD_LAYOUT_DIM0;
+  for (int r = 0; r < c.world; ++r) {
+    for (size_t t = 0; t < specs.size(); ++t) {
+      ASSERT_EQ(got[r][t].size(), want[t].size());
+      double max_rel = 0;
+      bool identical = true;
+      for (size_t i = 0; i < want[t].size(); ++i) {
+        const double a = got[r][t][i], b = want[t][i];
+        max_rel = std::max(max_rel, std::abs(a - b) / std::max(1e-3, std::abs(b)));
+        identical = identical && std::memcmp(&got[r][t][i], &want[t][i], sizeof(float)) == 0;
+      }
+      EXPECT_LE(max_rel, 1e-6) << "rank " << r << " tensor " << specs[t].name();
+      if (plan.tensors(static_cast<int>(t)).muon() && exact_muon)
+        EXPECT_TRUE(identical) << "owned-layout Muon must be bit-identical: rank " << r << " " << specs[t].name();
+    }
+    // The reference moved: a test that passes with an engine that does nothing is no test.
+    EXPECT_NE(got[r][2][0], initial_value(2, 0));
+  }
+}
+
+std::vector<Case> all_cases() {
+  std::vector<Case> cases;
+  for (int world : {1, 2, 3, 4, 8})
+    for (int stage : {1, 2, 3})
+      for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0})
+        for (const char* opt : {"muon", "normuon", "adamw", "lion"}) cases.push_back({world, stage, layout, opt});
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(AllConfigurations, EngineEquivalence, testing::ValuesIn(all_cases()), case_name);
+
+TEST(Engine, TwoRunsWithTheSameInputsAreBitIdentical) {
+  const Case c{3, 2, proto::SHARD_LAYOUT_OWNED, "muon"};
+  const auto a = engine_run(mixed_model(), c, 2);
+  const auto b = engine_run(mixed_model(), c, 2);
+  for (size_t t = 0; t < a[0].size(); ++t)
+    EXPECT_EQ(0, std::memcmp(a[1][t].data(), b[1][t].data(), a[1][t].size() * sizeof(float)));
+}
+
+// Bytes per rank per step follow the logical-traffic contract: stages 1-2 move exactly what the
+// reduce-scatter and all-gather of each bucket's segments imply (stage 1's all-reduce the same
+// volume), and for equal segments that is the ZeRO formula 2Ψ(N-1)/N; owned-layout Muon adds nothing.
+TEST(Engine, BytesPerStepMatchThePlanAndTheZeroFormula) {
+  const auto specs = mixed_model();
+  for (int world : {2, 3, 4}) {
+    for (int stage : {1, 2}) {
+      const Case c{world, stage, proto::SHARD_LAYOUT_OWNED, "muon"};
+      proto::ShardPlan plan;
+      std::vector<StepReport> reports;
+      engine_run(specs, c, 2, &plan, &reports);
+      for (int r = 0; r < world; ++r) {
+        double expected = 0;
+        for (const auto& b : plan.buckets()) {
+          const double total = static_cast<double>(b.numel()) * 4, own = static_cast<double>(b.segments(r).count()) * 4;
+          expected += stage == 1 ? 2.0 * total * (world - 1) / world : (total - own) + own * (world - 1);
+        }
+        // One small all-reduce of the non-finite flags and the squared norm per step.
+        const double check = 2.0 * (specs.size() + 1) * 4 * (world - 1) / world;
+        EXPECT_NEAR(static_cast<double>(reports[r].traffic.total_sent()), expected + check, 1.0)
+            << "world " << world << " stage " << stage << " rank " << r;
+      }
+      // Summed over ranks, reduce-scatter + all-gather equal the formula for the padded buffers.
+      double total_sent = 0, buffer_elems = 0;
+      for (const auto& rep : reports) total_sent += static_cast<double>(rep.traffic.total_sent());
+      for (const auto& b : plan.buckets()) buffer_elems += static_cast<double>(b.numel());
+      const double formula = sharding::zero_traffic_per_rank(stage, buffer_elems, world, 4).bytes;
+      const double check = 2.0 * (specs.size() + 1) * 4 * (world - 1) / world;
+      EXPECT_NEAR(total_sent / world, formula + check, 1.0) << "world " << world << " stage " << stage;
+    }
+  }
+}
+
+// Optimizer memory per rank = the ZeRO arithmetic (K bytes per owned parameter) plus the fp32
+// master of this rank's padding elements, which the plan reports.
+TEST(Engine, OptimizerMemoryMatchesTheZeroFormula) {
+  for (const char* opt : {"muon", "adamw", "normuon"}) {
+    const Case c{3, 2, proto::SHARD_LAYOUT_OWNED, opt};
+    proto::ShardPlan plan;
+    std::vector<MemoryReport> memory;
+    engine_run(mixed_model(), c, 1, &plan, nullptr, &memory);
+    for (int r = 0; r < c.world; ++r) {
+      double expected = plan.stats().ranks(r).optimizer_state_bytes() + 4.0 * plan.stats().ranks(r).padding_elems();
+      if (std::string(opt) == "normuon")  // one fp32 row moment per row of each owned matrix
+        for (const auto& t : plan.tensors())
+          if (t.muon() && t.owner() == r) expected += 4.0 * t.rows();
+      EXPECT_EQ(static_cast<double>(memory[r].optimizer_bytes()), expected) << opt << " rank " << r;
+    }
+  }
+}
+
+TEST(Engine, NonFiniteGradientSkipsTheStepOnEveryRankAndNamesTheTensor) {
+  const auto specs = mixed_model();
+  const Case c{3, 2, proto::SHARD_LAYOUT_OWNED, "muon"};
+  comm::CommOptions copts;
+  copts.checked = true;
+  std::mutex mu;
+  int skipped = 0;
+  comm::run_ranks(
+      c.world,
+      [&](comm::Communicator& comm) {
+        Engine engine(comm, specs, options_for(c));
+        engine.set_params([&](size_t t, float* dst) {
+          for (int64_t i = 0; i < numel(specs[t]); ++i) dst[i] = initial_value(t, i);
+        });
+        for (size_t k = specs.size(); k-- > 0;) {
+          float* g = engine.grad(k);
+          for (int64_t i = 0; i < numel(specs[k]); ++i) g[i] = common_grad(1, k, i);
+          if (comm.rank() == 1 && k == 3) g[5] = std::nanf("");
+          if (comm.rank() == 2 && k == 0) g[0] = INFINITY;
+          engine.grad_ready(k);
+        }
+        const StepReport rep = engine.step();
+        EXPECT_FALSE(rep.applied);
+        EXPECT_EQ(rep.step, 0);
+        EXPECT_EQ(rep.nonfinite_tensors, (std::vector<std::string>{"tok_embed", "layer0.w_up"}));
+        for (size_t t = 0; t < specs.size(); ++t)
+          for (int64_t i = 0; i < numel(specs[t]); ++i) ASSERT_EQ(engine.param(t)[i], initial_value(t, i));
+        std::lock_guard<std::mutex> lock(mu);
+        ++skipped;
+      },
+      copts);
+  EXPECT_EQ(skipped, 3);
+}
+
+TEST(Engine, GradientClippingScalesToTheMaxNorm) {
+  // With SGD (lr 1, no momentum) the parameter change is exactly the clipped gradient.
+  const std::vector<proto::TensorSpec> specs = {spec("a.bias", {5}), spec("b.norm", {3})};
+  EngineOptions o;
+  o.elementwise_optimizer.set_kind(proto::OPTIMIZER_SGD);
+  o.elementwise_optimizer.set_lr(1.0f);
+  o.max_grad_norm = 0.5f;
+  comm::run_ranks(2, [&](comm::Communicator& comm) {
+    Engine engine(comm, specs, o);
+    engine.set_params([](size_t, float* dst) { std::fill(dst, dst + 5, 0.0f); });
+    // Global gradient: a = (3,0,0,0,0), b = (0,4,0): norm 5, clipped to 0.5.
+    std::fill(engine.grad(0), engine.grad(0) + 5, 0.0f);
+    std::fill(engine.grad(1), engine.grad(1) + 3, 0.0f);
+    engine.grad(0)[0] = 3.0f;
+    engine.grad(1)[1] = 4.0f;
+    const StepReport rep = engine.step();
+    EXPECT_NEAR(rep.grad_norm, 5.0, 1e-6);
+    EXPECT_NEAR(engine.param(0)[0], -0.3, 1e-6);
+    EXPECT_NEAR(engine.param(1)[1], -0.4, 1e-6);
+  });
+}
+
+TEST(Engine, RanksWithDifferentConfigsFailWithTheDifference) {
+  const auto specs = mixed_model();
+  std::mutex mu;
+  std::vector<std::string> messages;
+  comm::CommOptions copts;
+  copts.timeout = std::chrono::milliseconds(20000);
+  comm::run_ranks(
+      3,
+      [&](comm::Communicator& comm) {
+        EngineOptions o = options_for({3, 2, proto::SHARD_LAYOUT_OWNED, "muon"});
+        if (comm.rank() == 2) o.matrix_optimizer.set_lr(0.5f);
+        try {
+          Engine engine(comm, specs, o);
+          ADD_FAILURE() << "rank " << comm.rank() << " accepted a mismatched config";
+        } catch (const ConfigError& e) {
+          std::lock_guard<std::mutex> lock(mu);
+          messages.push_back(e.what());
+        }
+      },
+      copts);
+  ASSERT_EQ(messages.size(), 3u);
+  for (const auto& m : messages) {
+    EXPECT_NE(m.find("ranks differing from rank 0: 2"), std::string::npos) << m;
+  }
+  bool named_lr = false;
+  for (const auto& m : messages) named_lr = named_lr || m.find("matrix_optimizer.lr") != std::string::npos;
+  EXPECT_TRUE(named_lr);
+}
+
+TEST(Engine, StageThreeParamsAreOnlyReadableWhileGathered) {
+  const auto specs = mixed_model();
+  comm::run_ranks(2, [&](comm::Communicator& comm) {
+    Engine engine(comm, specs, options_for({2, 3, proto::SHARD_LAYOUT_OWNED, "muon"}));
+    engine.set_params([&](size_t t, float* dst) {
+      for (int64_t i = 0; i < numel(specs[t]); ++i) dst[i] = initial_value(t, i);
+    });
+    EXPECT_THROW(engine.param(0), ConfigError);
+    engine.gather(engine.bucket_of(0));
+    EXPECT_EQ(engine.param(0)[3], initial_value(0, 3));
+    engine.release(engine.bucket_of(0));
+    EXPECT_THROW(engine.param(0), ConfigError);
+    // Resident memory in stage 3 holds no full parameter buffer once released.
+    EXPECT_EQ(engine.memory().param_bytes, 0);
+  });
+}
+
+}  // namespace
+}  // namespace shardopt::runtime

@@ -1,0 +1,206 @@
+#include "optim/muon.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include <fmt/format.h>
+
+#include "base/error.h"
+#include "optim/finite.h"
+#include "optim/simd_util.h"
+
+namespace shardopt::optim {
+namespace {
+
+// M = mu M + kg g; U = nesterov ? kg g + mu M : M (kg = 1-mu averaged, 1 summed).
+template <typename G>
+void momentum_pass(const G* __restrict grad, float* __restrict m, float* __restrict u, size_t n, float mu, float kg,
+                   bool nesterov) {
+  if (nesterov) {
+    for (size_t i = 0; i < n; ++i) {
+      const float g = kg * load_as_float(grad[i]);
+      const float mi = mu * m[i] + g;
+      m[i] = mi;
+      u[i] = g + mu * mi;
+    }
+  } else {
+    for (size_t i = 0; i < n; ++i) {
+      const float mi = mu * m[i] + kg * load_as_float(grad[i]);
+      m[i] = mi;
+      u[i] = mi;
+    }
+  }
+}
+
+// W = W decay - step O for one row; writes the mirror when present.
+void update_row(float* __restrict w, bf16* __restrict mirror, const float* __restrict o, int64_t n, float decay,
+                float step) {
+  if (mirror) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float wj = w[j] * decay - step * o[j];
+      w[j] = wj;
+      mirror[j] = to_bf16_rne(wj);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) w[j] = w[j] * decay - step * o[j];
+  }
+}
+
+double row_sum_squares(const float* o, int64_t n) {
+  double s = 0.0;
+  for (int64_t j = 0; j < n; ++j) s += static_cast<double>(o[j]) * o[j];
+  return s;
+}
+
+}  // namespace
+
+void MuonWorkspace::reserve(int64_t rows, int64_t cols) {
+  ns_.reserve(rows, cols);
+  const size_t elements = static_cast<size_t>(rows) * static_cast<size_t>(cols);
+  if (elements > update_.size()) update_ = FloatBuffer(elements);
+}
+
+bool MuonWorkspace::fits(int64_t rows, int64_t cols) const {
+  return ns_.fits(rows, cols) && static_cast<size_t>(rows) * static_cast<size_t>(cols) <= update_.size();
+}
+
+float muon_shape_scale(MuonShapeScale scale, int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0) return 0.0f;
+  const double m = static_cast<double>(rows);
+  const double n = static_cast<double>(cols);
+  switch (scale) {
+    case proto::MUON_SHAPE_SCALE_ORIGINAL: return static_cast<float>(std::sqrt(std::max(1.0, m / n)));
+    case proto::MUON_SHAPE_SCALE_MATCH_RMS_ADAMW: return static_cast<float>(0.2 * std::sqrt(std::max(m, n)));
+    case proto::MUON_SHAPE_SCALE_SPECTRAL: return static_cast<float>(std::sqrt(m / n));
+    default:
+      throw ConfigError(fmt::format("muon_shape_scale: expected original|match_rms_adamw|spectral, found {}",
+                                    static_cast<int>(scale)));
+  }
+}
+
+StepResult muon_step(const OptimizerParams& params, const MuonMatrix& mat, float lr, MuonWorkspace& workspace,
+                     FiniteCheck check) {
+  if (!params.is_matrix_optimizer()) {
+    throw ConfigError(fmt::format("muon_step: expected kind muon|normuon, found {}", optimizer_kind_name(params.kind)));
+  }
+  const bool normuon = params.kind == proto::OPTIMIZER_NORMUON;
+  if (mat.rows < 0 || mat.cols < 0) {
+    throw ConfigError(fmt::format("muon_step: matrix shape must be non-negative, found {}x{}", mat.rows, mat.cols));
+  }
+  if (!std::isfinite(lr) || lr < 0.0f) throw ConfigError(fmt::format("muon_step: lr must be finite and >= 0, found {}", lr));
+  if (mat.grad_dtype != proto::F32 && mat.grad_dtype != proto::BF16) {
+    throw ConfigError(fmt::format("muon_step: grad dtype must be f32 or bf16, found {}", dtype_name(mat.grad_dtype)));
+  }
+  if (!mat.block_rows.empty()) {
+    int64_t total = 0;
+    for (size_t i = 0; i < mat.block_rows.size(); ++i) {
+      if (mat.block_rows[i] < 0) {
+        throw ConfigError(fmt::format("muon_step: block_rows[{}] must be >= 0, found {}", i, mat.block_rows[i]));
+      }
+      total += mat.block_rows[i];
+    }
+    if (total != mat.rows) {
+      throw ConfigError(fmt::format("muon_step: block_rows must sum to the matrix rows {}, found sum {}", mat.rows, total));
+    }
+  }
+  StepResult result;
+  const size_t count = static_cast<size_t>(mat.rows) * static_cast<size_t>(mat.cols);
+  if (count == 0) return result;
+  if (mat.master == nullptr || mat.grad == nullptr || mat.momentum == nullptr ||
+      (normuon && mat.row_second_moment == nullptr)) {
+    throw ConfigError(fmt::format("muon_step: {}x{} matrix: master, grad, momentum{} must be non-null", mat.rows,
+                                  mat.cols, normuon ? " and row_second_moment" : ""));
+  }
+  if (!workspace.fits(mat.rows, mat.cols)) {
+    throw ConfigError(fmt::format("muon_step: workspace too small for a {}x{} matrix; reserve() it at setup",
+                                  mat.rows, mat.cols));
+  }
+  if (check == FiniteCheck::kGradients) {
+    result.nonfinite_gradients = count_nonfinite(mat.grad, mat.grad_dtype, count);
+    if (result.nonfinite_gradients != 0) {
+      result.applied = false;
+      return result;
+    }
+  }
+
+  float* u = workspace.update();
+  const auto mu = static_cast<float>(params.momentum);
+  const auto kg = static_cast<float>(params.muon_momentum == proto::MUON_MOMENTUM_SUMMED ? 1.0 : 1.0 - params.momentum);
+  if (mat.grad_dtype == proto::BF16) {
+    momentum_pass(static_cast<const bf16*>(mat.grad), mat.momentum, u, count, mu, kg, params.nesterov);
+  } else {
+    momentum_pass(static_cast<const float*>(mat.grad), mat.momentum, u, count, mu, kg, params.nesterov);
+  }
+
+  const int64_t whole[1] = {mat.rows};
+  const std::span<const int64_t> blocks = mat.block_rows.empty() ? std::span<const int64_t>(whole) : mat.block_rows;
+  const auto decay = static_cast<float>(1.0 - lr * params.weight_decay);
+  const int64_t n = mat.cols;
+  int64_t row0 = 0;
+  for (const int64_t block : blocks) {
+    if (block == 0) continue;
+    float* o = u + row0 * n;
+    newton_schulz(o, block, n, o, params.ns, workspace.ns());
+    const float scale = muon_shape_scale(params.shape_scale, block, n);
+    float* w = mat.master + row0 * n;
+    bf16* mirror = mat.mirror ? mat.mirror + row0 * n : nullptr;
+    if (!normuon) {
+      for (int64_t i = 0; i < block; ++i) update_row(w + i * n, mirror ? mirror + i * n : nullptr, o + i * n, n, decay, lr * scale);
+    } else {
+      float* v = mat.row_second_moment + row0;
+      const auto b2 = static_cast<float>(params.normuon_beta2);
+      const auto one_minus_b2 = static_cast<float>(1.0 - params.normuon_beta2);
+      double norm_sq = 0.0, normalized_sq = 0.0;
+      for (int64_t i = 0; i < block; ++i) {
+        const double row_sq = row_sum_squares(o + i * n, n);
+        v[i] = b2 * v[i] + one_minus_b2 * static_cast<float>(row_sq / static_cast<double>(n));
+        const double r = 1.0 / (std::sqrt(static_cast<double>(v[i])) + params.normuon_eps);
+        norm_sq += row_sq;
+        normalized_sq += r * r * row_sq;
+      }
+      const double rescale = normalized_sq > 0.0 ? std::sqrt(norm_sq / normalized_sq) : 0.0;
+      for (int64_t i = 0; i < block; ++i) {
+        const double r = 1.0 / (std::sqrt(static_cast<double>(v[i])) + params.normuon_eps);
+        const auto step = static_cast<float>(static_cast<double>(lr) * scale * rescale * r);
+        update_row(w + i * n, mirror ? mirror + i * n : nullptr, o + i * n, n, decay, step);
+      }
+    }
+    row0 += block;
+  }
+  return result;
+}
+
+int64_t qk_clip(const QkClipWeights& wts, std::span<const float> max_logits, float tau, float alpha) {
+  if (!(tau > 0.0f) || !std::isfinite(tau)) throw ConfigError(fmt::format("qk_clip: tau must be finite and > 0, found {}", tau));
+  if (!(alpha >= 0.0f && alpha <= 1.0f)) throw ConfigError(fmt::format("qk_clip: alpha must be in [0, 1], found {}", alpha));
+  if (wts.cols < 0 || wts.q_head_rows < 0 || wts.k_head_rows < 0) {
+    throw ConfigError(fmt::format("qk_clip: sizes must be non-negative, found q_head_rows {} k_head_rows {} cols {}",
+                                  wts.q_head_rows, wts.k_head_rows, wts.cols));
+  }
+  for (size_t h = 0; h < max_logits.size(); ++h) {
+    if (!std::isfinite(max_logits[h])) {
+      throw ConfigError(fmt::format("qk_clip: max logit of head {} must be finite, found {}", h, max_logits[h]));
+    }
+  }
+  auto scale_rows = [&](float* w, bf16* mirror, int64_t head, int64_t head_rows, float factor) {
+    if (w == nullptr) return;
+    const size_t begin = static_cast<size_t>(head * head_rows * wts.cols);
+    const size_t end = begin + static_cast<size_t>(head_rows * wts.cols);
+    for (size_t i = begin; i < end; ++i) {
+      w[i] *= factor;
+      if (mirror) mirror[i] = to_bf16_rne(w[i]);
+    }
+  };
+  int64_t clipped = 0;
+  for (size_t h = 0; h < max_logits.size(); ++h) {
+    if (max_logits[h] <= tau) continue;  // eta = min(1, tau/S) = 1: untouched
+    const double eta = static_cast<double>(tau) / max_logits[h];
+    const auto head = static_cast<int64_t>(h);
+    scale_rows(wts.wq, wts.wq_mirror, head, wts.q_head_rows, static_cast<float>(std::pow(eta, alpha)));
+    scale_rows(wts.wk, wts.wk_mirror, head, wts.k_head_rows, static_cast<float>(std::pow(eta, 1.0 - alpha)));
+    ++clipped;
+  }
+  return clipped;
+}
+
+}  // namespace shardopt::optim

@@ -1,0 +1,84 @@
+// Muon / NorMuon on one whole m x n row-major matrix (the owner rank's job), and MuonClip's QK-clip.
+//
+// muon_step (ALGORITHMS.md), mu = params.momentum, s = shape scale:
+//   averaged: M = mu M + (1-mu) G;  U = nesterov ? (1-mu) G + mu M : M
+//   summed:   M = mu M + G;         U = nesterov ? G + mu M : M
+//   O = NS(U)                        (per block of rows when block_rows is given)
+//   NorMuon:  v_i = b2 v_i + (1-b2) mean_j O_ij^2;  O_ij /= sqrt(v_i) + eps;  O *= ||O_before||_F/||O||_F
+//   W = W (1 - lr wd) - lr s O       (s from the matrix shape, or the block's shape per block)
+// Blocks: a fused matrix (QKV) whose row blocks are orthogonalized, shape-scaled and (NorMuon)
+// Frobenius-rescaled as separate matrices; NorMuon's v is per row either way.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <utility>
+
+#include "base/dtype.h"
+#include "optim/config.h"
+#include "optim/elementwise.h"
+#include "optim/newton_schulz.h"
+
+namespace shardopt::optim {
+
+struct MuonMatrix {
+  float* master = nullptr;                // rows x cols fp32, updated in place
+  bf16* mirror = nullptr;                 // optional bf16 copy of the new master
+  const void* grad = nullptr;             // rows x cols of grad_dtype
+  DType grad_dtype = proto::F32;          // F32 or BF16
+  float* momentum = nullptr;              // rows x cols fp32 state
+  float* row_second_moment = nullptr;     // NorMuon: `rows` fp32 state (zero before step 1)
+  int64_t rows = 0;
+  int64_t cols = 0;
+  std::span<const int64_t> block_rows;    // empty: the whole matrix is one block; else sums to rows
+};
+
+// Scratch for muon_step: the update U and the NS workspace. Size it once (for the largest matrix the
+// rank owns); muon_step never allocates.
+class MuonWorkspace {
+ public:
+  MuonWorkspace() = default;
+  MuonWorkspace(int64_t rows, int64_t cols) { reserve(rows, cols); }
+  explicit MuonWorkspace(std::span<const std::pair<int64_t, int64_t>> shapes) {
+    for (const auto& [rows, cols] : shapes) reserve(rows, cols);
+  }
+  void reserve(int64_t rows, int64_t cols);
+  bool fits(int64_t rows, int64_t cols) const;
+  size_t bytes() const { return 4 * update_.size() + ns_.bytes(); }
+
+  NsWorkspace& ns() { return ns_; }
+  float* update() { return update_.data(); }
+
+ private:
+  FloatBuffer update_;
+  NsWorkspace ns_;
+};
+
+// s(m, n) of ALGORITHMS.md for a rows x cols matrix.
+float muon_shape_scale(MuonShapeScale scale, int64_t rows, int64_t cols);
+
+// One Muon or NorMuon step (params.kind) on `matrix` with learning rate `lr`. Throws ConfigError for
+// another kind, bad shapes/blocks/pointers, a workspace too small. With FiniteCheck::kGradients a
+// non-finite gradient leaves everything untouched and is reported.
+StepResult muon_step(const OptimizerParams& params, const MuonMatrix& matrix, float lr, MuonWorkspace& workspace,
+                     FiniteCheck check = FiniteCheck::kNone);
+
+// QK-clip targets: W_q has num_heads row blocks of q_head_rows rows, W_k num_heads blocks of
+// k_head_rows rows, both row-major with `cols` columns (fp32 masters). Either side may be null when
+// this rank does not hold it; mirrors are rewritten for the rows that change.
+struct QkClipWeights {
+  float* wq = nullptr;
+  bf16* wq_mirror = nullptr;
+  int64_t q_head_rows = 0;
+  float* wk = nullptr;
+  bf16* wk_mirror = nullptr;
+  int64_t k_head_rows = 0;
+  int64_t cols = 0;
+};
+
+// For each head h with max logit S_h > tau: eta = tau / S_h, W_q,h *= eta^alpha, W_k,h *= eta^(1-alpha).
+// Returns how many heads were clipped. Throws ConfigError for a non-finite S_h, tau <= 0 or alpha
+// outside [0, 1].
+int64_t qk_clip(const QkClipWeights& weights, std::span<const float> max_logits, float tau, float alpha);
+
+}  // namespace shardopt::optim

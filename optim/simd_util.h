@@ -1,0 +1,32 @@
+// Branch-free element conversions for the optimizer loops (internal to optim/): written so that
+// GCC/Clang vectorize the loops that call them.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "base/dtype.h"
+
+namespace shardopt::optim {
+
+inline float load_as_float(float v) { return v; }
+
+inline float load_as_float(bf16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even; NaN stays a (quiet) NaN. Same result as base/dtype.h float_to_bf16, but
+// with a select instead of an early return.
+inline bf16 to_bf16_rne(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  const bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return bf16{static_cast<uint16_t>(is_nan ? quiet_nan : rounded)};
+}
+
+}  // namespace shardopt::optim

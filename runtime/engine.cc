@@ -180,15 +180,10 @@ void Engine::grad_ready(size_t t) {
 void Engine::launch_reduction(int b) {
   TraceRecorder::Span span(trace_, "reduce launch b" + std::to_string(b), "comm");
   if (state_->dim0()) state_->copy_in_grads(b);
-  const auto& bucket = plan().buckets(b);
-  if (state_->stage() == 1) {
-    reductions_[b] = comm_.all_reduce(state_->bucket_grads(b), state_->bucket_grads(b),
-                                      static_cast<size_t>(bucket.numel()), proto::F32, comm::ReduceOp::kAvg);
-  } else {
-    const auto counts = state_->segment_counts(b);
-    reductions_[b] = comm_.reduce_scatter(state_->bucket_grads(b), state_->grad_shard(b), counts, proto::F32,
-                                          comm::ReduceOp::kAvg);
-  }
+  // Every stage reduce-scatters: only the owner of a segment needs its reduced gradient, and the
+  // parameters come back by all-gather (2Ψ(N-1)/N per rank, the ZeRO arithmetic for stages 1-3).
+  reductions_[b] = comm_.reduce_scatter(state_->bucket_grads(b), state_->grad_shard(b), state_->segment_counts(b),
+                                        proto::F32, comm::ReduceOp::kAvg);
 }
 
 void Engine::wait_reductions() {

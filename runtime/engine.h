@@ -8,8 +8,11 @@
 //               travel to the owner by all-to-all and the update comes back the same way)
 //            -> all-gather the updated parameters (stages 1-2; stage 3 gathers on demand)
 //
-// Stage 1: gradients all-reduced, full gradients kept. Stage 2: gradients reduce-scattered. Stage 3:
-// parameters also sharded: gather(bucket)/release(bucket) around their use.
+// Every stage reduce-scatters gradients and all-gathers parameters (2Ψ(N-1)/N per rank per step).
+// Stages 1 and 2 keep full parameters resident; stage 3 keeps only the rank's shard and gathers on
+// demand: gather(bucket)/release(bucket) around their use. The trainer-facing gradient buffer is
+// full-size in every stage (the trainer writes whole tensors during backward), so stage 2 differs
+// from stage 1 only by the persistent shard; freeing bucket gradients during backward is not done.
 // Buffers are allocated once at construction; step() allocates nothing.
 #pragma once
 

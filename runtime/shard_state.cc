@@ -27,7 +27,7 @@ ShardState::ShardState(proto::ShardPlan plan, int rank, const optim::OptimizerPa
     grads_[b].assign(static_cast<size_t>(bucket.numel()), 0.0f);
     const auto count = static_cast<size_t>(my_segment(b).count());
     master_[b].assign(count, 0.0f);
-    if (stage() >= 2) grad_shards_[b].assign(count, 0.0f);
+    grad_shards_[b].assign(count, 0.0f);
     if (stage() <= 2) params_[b].assign(static_cast<size_t>(bucket.numel()), 0.0f);
   }
   param_view_.assign(nt, nullptr);
@@ -48,11 +48,6 @@ std::vector<size_t> ShardState::segment_counts(int b) const {
   std::vector<size_t> counts;
   for (const auto& s : plan_.buckets(b).segments()) counts.push_back(static_cast<size_t>(s.count()));
   return counts;
-}
-
-float* ShardState::grad_shard(int b) {
-  if (stage() == 1) return grads_[b].data() + my_segment(b).offset();
-  return grad_shards_[b].data();
 }
 
 void ShardState::acquire_params(int b) {

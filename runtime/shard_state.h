@@ -3,7 +3,7 @@
 //
 // Per bucket b (plan.buckets(b)), with my segment [seg.offset, seg.offset + seg.count):
 //   bucket_grads(b)   full bucket buffer the trainer's gradients land in (reduction input)
-//   grad_shard(b)     my reduced segment (stage 1: points into bucket_grads)
+//   grad_shard(b)     my reduced segment (the reduce-scatter output)
 //   master_shard(b)   fp32 master values of my segment (the optimizer updates these)
 //   bucket_params(b)  full parameter bucket (stages 1-2: persistent; stage 3: pooled while gathered)
 // Owned layout: every tensor is contiguous inside its bucket, so param(t)/grad(t) point straight into
@@ -25,7 +25,7 @@ namespace shardopt::runtime {
 struct MemoryReport {
   int64_t param_bytes = 0;        // resident parameter buffers
   int64_t grad_buffer_bytes = 0;  // trainer-facing gradient buffers (full model)
-  int64_t grad_shard_bytes = 0;   // reduced gradient shard kept separately (stages 2-3)
+  int64_t grad_shard_bytes = 0;   // reduced gradient shard
   int64_t master_bytes = 0;       // fp32 master shard
   int64_t state_bytes = 0;        // optimizer moments: element-wise slots, Muon momentum, NorMuon rows
   int64_t exchange_bytes = 0;     // dim0: owner-side assembly buffers for whole matrices
@@ -65,7 +65,7 @@ class ShardState {
   std::vector<size_t> segment_counts(int b) const;
 
   float* bucket_grads(int b) { return grads_[b].data(); }
-  float* grad_shard(int b);
+  float* grad_shard(int b) { return grad_shards_[b].data(); }
   float* master_shard(int b) { return master_[b].data(); }
   float* bucket_params(int b) { return params_[b].empty() ? nullptr : params_[b].data(); }
   bool params_resident(int b) const { return !params_[b].empty(); }

@@ -35,6 +35,14 @@ struct EwCase {
   bool nesterov;  // SGD only
 };
 
+const char* algorithm_label(ElementwiseAlgorithm a) {
+  return a == ElementwiseAlgorithm::kAdamW ? "AdamW" : (a == ElementwiseAlgorithm::kLion ? "Lion" : "Sgd");
+}
+
+std::string scale_label(ShapeScale s) {
+  return s == ShapeScale::kOriginal ? "original" : (s == ShapeScale::kSpectral ? "spectral" : "match_rms_adamw");
+}
+
 class ElementwiseTest : public ::testing::TestWithParam<EwCase> {};
 
 TEST_P(ElementwiseTest, MatchesDoubleReferenceOverManySlicesAndSteps) {
@@ -156,8 +164,7 @@ INSTANTIATE_TEST_SUITE_P(Algorithms, ElementwiseTest,
                                            EwCase{ElementwiseAlgorithm::kSgd, proto::F32, true},
                                            EwCase{ElementwiseAlgorithm::kSgd, proto::BF16, true}),
                          [](const ::testing::TestParamInfo<EwCase>& info) {
-                           const char* names[] = {"AdamW", "Lion", "Sgd"};
-                           return std::string(names[int(info.param.algorithm)]) +
+                           return std::string(algorithm_label(info.param.algorithm)) +
                                   (info.param.grad_dtype == proto::BF16 ? "_bf16grad" : "_f32grad") +
                                   (info.param.nesterov ? "_nesterov" : "");
                          });
@@ -413,10 +420,9 @@ INSTANTIATE_TEST_SUITE_P(
                       MuonCase{MomentumConvention::kSummed, true, ShapeScale::kSpectral, proto::F32, 128, 128},
                       MuonCase{MomentumConvention::kSummed, false, ShapeScale::kOriginal, proto::BF16, 100, 40}),
     [](const ::testing::TestParamInfo<MuonCase>& info) {
-      const char* scales[] = {"original", "match_rms_adamw", "spectral"};
       const MuonCase& c = info.param;
       return std::string(c.convention == MomentumConvention::kAveraged ? "averaged" : "summed") +
-             (c.nesterov ? "_nesterov_" : "_plain_") + scales[int(c.scale)] +
+             (c.nesterov ? "_nesterov_" : "_plain_") + scale_label(c.scale) +
              (c.grad_dtype == proto::BF16 ? "_bf16grad_" : "_f32grad_") + std::to_string(c.rows) + "x" +
              std::to_string(c.cols);
     });

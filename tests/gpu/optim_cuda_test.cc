@@ -2,6 +2,7 @@
 #include <Eigen/Dense>
 
 #include <cmath>
+#include <cstdio>
 #include <memory>
 #include <vector>
 
@@ -289,7 +290,8 @@ TEST_P(NewtonSchulzTest, Bf16MatchesDoubleReferenceAndLandsInTheSingularValueBan
     ASSERT_TRUE(got.allFinite()) << "matrix " << b << " has unwritten or non-finite elements";
     const double rel = (got - ref).norm() / ref.norm();
     EXPECT_LT(rel, 2e-2) << "matrix " << b << " of " << sh.rows << "x" << sh.cols;
-    RecordProperty("rel_frobenius_error_" + std::to_string(b), std::to_string(rel));
+    std::printf("[ns] %lldx%lld matrix %lld: relative Frobenius error vs double %.3e\n", (long long)sh.rows,
+                (long long)sh.cols, (long long)b, rel);
     Eigen::JacobiSVD<MatD> svd(got);
     const auto sv = svd.singularValues();
     // NS5 with (3.4445, −4.7750, 2.0315) maps σ/‖G‖ ∈ [~0.02, 1] into about [0.68, 1.13].
@@ -410,7 +412,10 @@ TEST_P(MuonTest, TwoStepsMatchDoubleReference) {
     diff2 += (wg[j] - wr[j]) * (wg[j] - wr[j]);
     upd2 += upd_ref * upd_ref;
   }
-  EXPECT_LT(std::sqrt(diff2 / upd2), 4e-2) << "relative error of the weights, in units of the last update";
+  const double rel = std::sqrt(diff2 / upd2);
+  std::printf("[muon] %lldx%lld: weight error in units of the last update %.3e\n", (long long)tc.rows,
+              (long long)tc.cols, rel);
+  EXPECT_LT(rel, 4e-2) << "relative error of the weights, in units of the last update";
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -62,7 +62,7 @@ double time_median(const std::function<void()>& fn, int warmup, int reps) {
 
 // Random device data (never zeros: they can run faster than real data).
 template <typename T>
-T* random_device(size_t n, uint32_t seed, bool bf16_bits = false) {
+T* random_device(size_t n, uint32_t seed) {
   std::mt19937 gen(seed);
   std::normal_distribution<float> dist(0.0f, 1.0f);
   std::vector<T> host(n);
@@ -74,7 +74,6 @@ T* random_device(size_t n, uint32_t seed, bool bf16_bits = false) {
       x = f;
     }
   }
-  (void)bf16_bits;
   T* dev = nullptr;
   SHARDOPT_CUDA_CHECK(cudaMalloc(&dev, n * sizeof(T)));
   SHARDOPT_CUDA_CHECK(cudaMemcpy(dev, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));

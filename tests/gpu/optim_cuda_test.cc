@@ -261,8 +261,9 @@ struct NsShape {
 
 class NewtonSchulzTest : public ::testing::TestWithParam<NsShape> {};
 
-// bf16 operands with fp32 accumulation: ‖out − ref‖_F / ‖ref‖_F stays under 2e-2 against the
-// double reference (bf16 keeps 8 significant bits, ~4e-3 per rounding, over 5 iterations).
+// bf16 operands with fp32 accumulation: ‖out − ref‖_F / ‖ref‖_F against the double reference was
+// 1.1e-2 to 1.9e-2 on an H100 (bf16 keeps 8 significant bits, ~4e-3 per rounding, amplified over 5
+// iterations); the bound 3e-2 leaves room for other GEMM algorithms, a wrong kernel is far off (~1).
 TEST_P(NewtonSchulzTest, Bf16MatchesDoubleReferenceAndLandsInTheSingularValueBand) {
   SHARDOPT_REQUIRE_GPU();
   const NsShape sh = GetParam();
@@ -289,7 +290,7 @@ TEST_P(NewtonSchulzTest, Bf16MatchesDoubleReferenceAndLandsInTheSingularValueBan
     for (size_t i = 0; i < per; ++i) got.data()[i] = out[b * per + i];
     ASSERT_TRUE(got.allFinite()) << "matrix " << b << " has unwritten or non-finite elements";
     const double rel = (got - ref).norm() / ref.norm();
-    EXPECT_LT(rel, 2e-2) << "matrix " << b << " of " << sh.rows << "x" << sh.cols;
+    EXPECT_LT(rel, 3e-2) << "matrix " << b << " of " << sh.rows << "x" << sh.cols;
     std::printf("[ns] %lldx%lld matrix %lld: relative Frobenius error vs double %.3e\n", (long long)sh.rows,
                 (long long)sh.cols, (long long)b, rel);
     Eigen::JacobiSVD<MatD> svd(got);
@@ -328,7 +329,7 @@ TEST(NewtonSchulz, CustomCoefficientsAndBf16InputInPlace) {
     got.data()[i] = out[i];
   }
   const MatD ref = ns_reference(in_rounded, options.coefficients, options.eps);
-  EXPECT_LT((got - ref).norm() / ref.norm(), 2e-2);
+  EXPECT_LT((got - ref).norm() / ref.norm(), 3e-2);
   EXPECT_DOUBLE_EQ(ns.plain_gemm_flops(), 5.0 * (4.0 * 72 * 72 * 200 + 2.0 * 72 * 72 * 72));
 }
 

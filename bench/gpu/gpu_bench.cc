@@ -1,0 +1,210 @@
+// GPU figures: Newton–Schulz (NS5) on cuBLAS bf16 for single and batched matrices, the device's
+// own bf16 GEMM rate and copy bandwidth measured in the same run, the fused AdamW step's
+// bandwidth and one full Muon step. Prints figures, never passes or fails on time.
+// Usage: gpu_bench [--json] [--quick]
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "optim/cuda/cuda_check.h"
+#include "optim/cuda/elementwise.h"
+#include "optim/cuda/muon.h"
+#include "optim/cuda/newton_schulz.h"
+
+namespace {
+
+using namespace shardopt;
+using namespace shardopt::cuda;
+
+bool g_json = false;
+
+void emit(const nlohmann::json& j) {
+  if (g_json) {
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::string line;
+    for (auto it = j.begin(); it != j.end(); ++it) line += it.key() + "=" + it.value().dump() + "  ";
+    std::printf("%s\n", line.c_str());
+  }
+  std::fflush(stdout);
+}
+
+// Median seconds of `reps` timed runs after `warmup`, timed with CUDA events.
+double time_median(const std::function<void()>& fn, int warmup, int reps) {
+  cudaEvent_t start, stop;
+  SHARDOPT_CUDA_CHECK(cudaEventCreate(&start));
+  SHARDOPT_CUDA_CHECK(cudaEventCreate(&stop));
+  for (int i = 0; i < warmup; ++i) fn();
+  SHARDOPT_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    SHARDOPT_CUDA_CHECK(cudaEventRecord(start));
+    fn();
+    SHARDOPT_CUDA_CHECK(cudaEventRecord(stop));
+    SHARDOPT_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    SHARDOPT_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    t.push_back(ms * 1e-3);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+// Random device data (never zeros: they can run faster than real data).
+template <typename T>
+T* random_device(size_t n, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<T> host(n);
+  for (auto& x : host) {
+    const float f = dist(gen);
+    if constexpr (sizeof(T) == 2) {
+      x = T{float_to_bf16(f).bits};
+    } else {
+      x = f;
+    }
+  }
+  T* dev = nullptr;
+  SHARDOPT_CUDA_CHECK(cudaMalloc(&dev, n * sizeof(T)));
+  SHARDOPT_CUDA_CHECK(cudaMemcpy(dev, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  return dev;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--json") == 0) g_json = true;
+    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
+  }
+  if (device_count() == 0) {
+    std::fprintf(stderr, "gpu_bench: no CUDA device; nothing to measure\n");
+    return 0;
+  }
+  cudaDeviceProp prop{};
+  SHARDOPT_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  emit({{"bench", "device"}, {"name", prop.name}, {"sm_count", prop.multiProcessorCount},
+        {"memory_gib", double(prop.totalGlobalMem) / (1 << 30)}});
+  const int reps = quick ? 5 : 20;
+
+  // Device copy bandwidth, counting bytes read + written.
+  double copy_gbps = 0;
+  {
+    const size_t bytes = size_t(1) << 31;
+    void *a, *b;
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&a, bytes));
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&b, bytes));
+    SHARDOPT_CUDA_CHECK(cudaMemset(a, 1, bytes));
+    const double s = time_median([&] { SHARDOPT_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); },
+                                 3, reps);
+    copy_gbps = 2.0 * bytes / s / 1e9;
+    emit({{"bench", "memcpy_d2d"}, {"bytes", bytes}, {"seconds", s}, {"gbytes_per_s_read_plus_write", copy_gbps}});
+    cudaFree(a);
+    cudaFree(b);
+  }
+
+  // The device's bf16 GEMM rate through cuBLAS (fp32 accumulation), 8192³.
+  double gemm_tflops = 0;
+  {
+    const int n = 8192;
+    auto* a = random_device<uint16_t>(size_t(n) * n, 1);
+    auto* b = random_device<uint16_t>(size_t(n) * n, 2);
+    uint16_t* c = nullptr;
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&c, size_t(n) * n * 2));
+    cublasHandle_t h;
+    SHARDOPT_CUBLAS_CHECK(cublasCreate(&h));
+    const float one = 1, zero = 0;
+    const double s = time_median(
+        [&] {
+          SHARDOPT_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b,
+                                             CUDA_R_16BF, n, &zero, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
+                                             CUBLAS_GEMM_DEFAULT));
+        },
+        3, reps);
+    gemm_tflops = 2.0 * n * double(n) * n / s / 1e12;
+    emit({{"bench", "gemm_bf16"}, {"m", n}, {"n", n}, {"k", n}, {"seconds", s}, {"tflops", gemm_tflops}});
+    cublasDestroy(h);
+    cudaFree(a);
+    cudaFree(b);
+    cudaFree(c);
+  }
+
+  // NS5 (default coefficients, 5 steps) on bf16 input.
+  struct Shape {
+    int64_t rows, cols, batch;
+  };
+  std::vector<Shape> shapes = {{1024, 1024, 1}, {2048, 2048, 1}, {4096, 4096, 1}, {4096, 11008, 1},
+                               {11008, 4096, 1}, {1024, 1024, 16}, {2048, 2048, 8}};
+  for (const Shape& sh : shapes) {
+    const size_t n = size_t(sh.rows * sh.cols * sh.batch);
+    auto* in = random_device<uint16_t>(n, 3);
+    uint16_t* out = nullptr;
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&out, n * 2));
+    NewtonSchulzCuda ns(sh.rows, sh.cols, sh.batch);
+    const double s = time_median(
+        [&] { ns.orthogonalize(in, proto::BF16, reinterpret_cast<bf16*>(out), sh.batch, nullptr); }, 2, reps);
+    const double flops = ns.plain_gemm_flops() * double(sh.batch);
+    emit({{"bench", "ns5"}, {"impl", "shardopt_cublas"}, {"rows", sh.rows}, {"cols", sh.cols}, {"batch", sh.batch},
+          {"seconds", s}, {"tflops_plain_gemm_count", flops / s / 1e12},
+          {"ratio_vs_gemm_bf16", flops / s / 1e12 / gemm_tflops}});
+    cudaFree(in);
+    cudaFree(out);
+  }
+
+  // Fused AdamW over 64 Mi elements in 16 slices: fp32 grads, with and without the bf16 mirror.
+  for (bool mirror : {false, true}) {
+    const size_t total = size_t(64) << 20, slices = 16, per = total / slices;
+    float* p = random_device<float>(total, 4);
+    float* g = random_device<float>(total, 5);
+    float* m = random_device<float>(total, 6);
+    float* v = nullptr;
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&v, total * 4));
+    SHARDOPT_CUDA_CHECK(cudaMemset(v, 0, total * 4));
+    bf16* mir = nullptr;
+    if (mirror) SHARDOPT_CUDA_CHECK(cudaMalloc(&mir, total * 2));
+    std::vector<DeviceSlice> sl;
+    for (size_t i = 0; i < slices; ++i)
+      sl.push_back(DeviceSlice{p + i * per, g + i * per, m + i * per, v + i * per, mir ? mir + i * per : nullptr, per});
+    ElementwiseOptimizerCuda opt(ElementwiseAlgorithm::kAdamW, proto::F32);
+    opt.set_slices(sl);
+    int64_t t = 1;
+    const double s = time_median([&] { opt.step(AdamWHyper{}, t++, nullptr); }, 3, reps);
+    const double bytes = double(total) * (16 + 12 + (mirror ? 2 : 0));  // read p,g,m,v; write p,m,v(,bf16)
+    emit({{"bench", "adamw_fused"}, {"elements", total}, {"slices", slices}, {"bf16_mirror", mirror},
+          {"seconds", s}, {"gbytes_per_s", bytes / s / 1e9}, {"ratio_vs_memcpy", bytes / s / 1e9 / copy_gbps}});
+    cudaFree(p);
+    cudaFree(g);
+    cudaFree(m);
+    cudaFree(v);
+    if (mir) cudaFree(mir);
+  }
+
+  // One full Muon step (momentum + NS5 + apply) on 4096×4096 fp32 params and grads.
+  {
+    const int64_t rows = 4096, cols = 4096;
+    const size_t n = size_t(rows * cols);
+    float* p = random_device<float>(n, 7);
+    float* g = random_device<float>(n, 8);
+    float* m = random_device<float>(n, 9);
+    MuonCuda muon(rows, cols, 1);
+    const double s =
+        time_median([&] { muon.step(p, g, proto::F32, m, nullptr, 1, MuonHyper{}, nullptr); }, 2, reps);
+    emit({{"bench", "muon_step"}, {"rows", rows}, {"cols", cols}, {"seconds", s},
+          {"tflops_plain_gemm_count", muon.newton_schulz().plain_gemm_flops() / s / 1e12}});
+    cudaFree(p);
+    cudaFree(g);
+    cudaFree(m);
+  }
+  return 0;
+}

@@ -1,0 +1,43 @@
+// CUDA / cuBLAS error checks shared by the GPU code: a failed call becomes a typed exception
+// naming the call, the error string and the source location.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "base/error.h"
+
+namespace shardopt::cuda {
+
+// A CUDA runtime or cuBLAS call failed (no device, out of memory, launch failure).
+class CudaError : public Error {
+ public:
+  using Error::Error;
+};
+
+[[noreturn]] void throw_cuda_error(cudaError_t err, const char* what, const char* file, int line);
+[[noreturn]] void throw_cublas_error(cublasStatus_t status, const char* what, const char* file, int line);
+
+// Number of usable CUDA devices; 0 when the driver is missing or reports an error (no GPU).
+int device_count();
+
+}  // namespace shardopt::cuda
+
+#define SHARDOPT_CUDA_CHECK(call)                                                           \
+  do {                                                                                      \
+    cudaError_t shardopt_err_ = (call);                                                     \
+    if (shardopt_err_ != cudaSuccess)                                                       \
+      ::shardopt::cuda::throw_cuda_error(shardopt_err_, #call, __FILE__, __LINE__);         \
+  } while (0)
+
+#define SHARDOPT_CUBLAS_CHECK(call)                                                         \
+  do {                                                                                      \
+    cublasStatus_t shardopt_status_ = (call);                                               \
+    if (shardopt_status_ != CUBLAS_STATUS_SUCCESS)                                          \
+      ::shardopt::cuda::throw_cublas_error(shardopt_status_, #call, __FILE__, __LINE__);    \
+  } while (0)
+
+// After a kernel launch: reports launch-configuration errors at once.
+#define SHARDOPT_CUDA_CHECK_LAUNCH() SHARDOPT_CUDA_CHECK(cudaGetLastError())

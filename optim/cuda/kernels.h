@@ -1,0 +1,69 @@
+// Internal launchers for the CUDA kernels of optim/cuda (kernels.cu). Plain types only, so that
+// host code compiled by the C++ compiler can call them. Not a public API: use elementwise.h,
+// newton_schulz.h and muon.h.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace shardopt::cuda::detail {
+
+// One piece of one slice: pointers already offset to the chunk's first element.
+struct DeviceChunk {
+  float* param;          // fp32 master
+  const void* grad;      // fp32 or bf16 (see grad_bf16)
+  float* state0;         // AdamW m, Lion m, SGD momentum buffer (may be null for SGD without momentum)
+  float* state1;         // AdamW v (null otherwise)
+  uint16_t* mirror;      // bf16 copy of the param written in the same pass, or null
+  uint32_t count;        // elements in this chunk
+  uint32_t reserved;
+};
+
+enum class ElementwiseKind : int { kAdamW = 0, kLion = 1, kSgd = 2 };
+
+// Per-step scalars, computed on the host (bias corrections in double, then rounded).
+struct ElementwiseScalars {
+  float lr;
+  float beta1;           // AdamW β₁, Lion β₁, SGD momentum μ
+  float beta2;           // AdamW β₂, Lion β₂, SGD dampening
+  float eps;             // AdamW ε
+  float decay;           // 1 − η·λ (decoupled; AdamW, Lion); 1 for SGD
+  float coupled_wd;      // SGD's λ added to the gradient (torch.optim.SGD); 0 otherwise
+  float bias_correction1;  // 1 − β₁ᵗ
+  float bias_correction2;  // 1 − β₂ᵗ
+  int first_step;        // SGD: the momentum buffer starts as the gradient
+  int nesterov;          // SGD
+};
+
+void launch_elementwise(ElementwiseKind kind, bool grad_bf16, const DeviceChunk* chunks, int chunk_count,
+                        const ElementwiseScalars& s, cudaStream_t stream);
+// Adds the number of non-finite gradient elements over all chunks to *count.
+void launch_count_nonfinite_chunks(bool grad_bf16, const DeviceChunk* chunks, int chunk_count,
+                                   unsigned long long* count, cudaStream_t stream);
+void launch_count_nonfinite(const void* data, bool bf16, size_t n, unsigned long long* count, cudaStream_t stream);
+
+// Newton–Schulz helpers. `per_matrix` elements per matrix, `batch` matrices back to back.
+// to_bf16_sumsq: x[i] = bf16(in[i]); sumsq[b] += Σ x² (fp32 atomics; sumsq must be zeroed).
+void launch_to_bf16_sumsq(const void* in, bool in_bf16, uint16_t* x, float* sumsq, size_t per_matrix, int batch,
+                          cudaStream_t stream);
+// x[i] = bf16(x[i] / max(sqrt(sumsq[b]), eps)).
+void launch_normalize(uint16_t* x, const float* sumsq, float eps, size_t per_matrix, int batch, cudaStream_t stream);
+// b_buf = b_buf + b·a_buf + a·I over p×p matrices (b_buf holds c·A·A on entry).
+void launch_ns_combine(uint16_t* b_buf, const uint16_t* a_buf, float a, float b, int p, int batch,
+                       cudaStream_t stream);
+
+// Muon: momentum update, update U written as bf16 into x with Σx² per matrix into sumsq.
+struct MuonScalars {
+  float momentum;
+  int averaged;   // 1: M ← μM + (1−μ)G; 0: M ← μM + G
+  int nesterov;
+};
+void launch_muon_momentum(const void* grad, bool grad_bf16, float* momentum, uint16_t* x, float* sumsq,
+                          const MuonScalars& s, size_t per_matrix, int batch, cudaStream_t stream);
+// W ← W·decay − step·O (+ bf16 mirror).
+void launch_muon_apply(float* param, uint16_t* mirror, const uint16_t* ortho, float decay, float step, size_t n,
+                       cudaStream_t stream);
+
+}  // namespace shardopt::cuda::detail

@@ -1,0 +1,53 @@
+#include "optim/cuda/muon.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "base/error.h"
+#include "optim/cuda/cuda_check.h"
+#include "optim/cuda/kernels.h"
+
+namespace shardopt::cuda {
+
+double muon_shape_scale(ShapeScale scale, int64_t rows, int64_t cols) {
+  const double m = double(rows), n = double(cols);
+  switch (scale) {
+    case ShapeScale::kOriginal: return std::sqrt(std::max(1.0, m / n));
+    case ShapeScale::kMatchRmsAdamW: return 0.2 * std::sqrt(std::max(m, n));
+    case ShapeScale::kSpectral: return std::sqrt(m / n);
+  }
+  return 1.0;
+}
+
+MuonCuda::MuonCuda(int64_t rows, int64_t cols, int64_t max_batch, NsOptions ns_options)
+    : ns_(rows, cols, max_batch, std::move(ns_options)) {}
+
+void MuonCuda::step(float* param, const void* grad, DType grad_dtype, float* momentum, bf16* param_bf16,
+                    int64_t batch, const MuonHyper& h, cudaStream_t stream) {
+  if (grad_dtype != proto::F32 && grad_dtype != proto::BF16)
+    throw ConfigError("MuonCuda::step: gradient dtype must be f32 or bf16, got " +
+                      std::string(dtype_name(grad_dtype)));
+  if (param == nullptr || grad == nullptr || momentum == nullptr)
+    throw ConfigError("MuonCuda::step: param, grad and momentum pointers are required, found null");
+  if (h.nesterov && h.momentum <= 0.0f)
+    throw ConfigError("MuonHyper: Nesterov needs momentum > 0, got " + std::to_string(h.momentum));
+  const size_t per_matrix = size_t(ns_.rows()) * size_t(ns_.cols());
+  ns_.begin_prepared(batch, stream);
+  detail::MuonScalars s{};
+  s.momentum = h.momentum;
+  s.averaged = h.convention == MomentumConvention::kAveraged;
+  s.nesterov = h.nesterov;
+  detail::launch_muon_momentum(grad, grad_dtype == proto::BF16, momentum, ns_.prepared_input(), ns_.prepared_sumsq(),
+                               s, per_matrix, int(batch), stream);
+  SHARDOPT_CUDA_CHECK_LAUNCH();
+  const uint16_t* ortho = ns_.run_prepared(batch, stream);
+  const double scale = muon_shape_scale(h.shape_scale, ns_.rows(), ns_.cols());
+  const float decay = static_cast<float>(1.0 - double(h.lr) * h.weight_decay);
+  const float step = static_cast<float>(double(h.lr) * scale);
+  detail::launch_muon_apply(param, reinterpret_cast<uint16_t*>(param_bf16), ortho, decay, step,
+                            per_matrix * size_t(batch), stream);
+  SHARDOPT_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace shardopt::cuda

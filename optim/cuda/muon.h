@@ -1,0 +1,50 @@
+// The full Muon update on the GPU for a batch of same-shaped matrices (one owner rank's work):
+// momentum, Nesterov, NS orthogonalization (NewtonSchulzCuda), shape scale and decoupled weight
+// decay, optional bf16 param mirror. Formulas: ALGORITHMS "Muon":
+//   averaged: M ← μM + (1−μ)G; U = Nesterov ? (1−μ)G + μM : M
+//   summed:   M ← μM + G;      U = Nesterov ? G + μM : M
+//   W ← W·(1 − ηλ) − η·s(m,n)·NS(U)
+// Three passes over memory besides the GEMMs: momentum (writes bf16 U and Σu²), normalize, apply.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "base/dtype.h"
+#include "optim/cuda/newton_schulz.h"
+
+namespace shardopt::cuda {
+
+enum class MomentumConvention { kAveraged, kSummed };
+enum class ShapeScale { kOriginal, kMatchRmsAdamW, kSpectral };
+
+struct MuonHyper {
+  float lr = 1e-3f;
+  float weight_decay = 0.1f;
+  float momentum = 0.95f;
+  bool nesterov = true;
+  MomentumConvention convention = MomentumConvention::kAveraged;
+  ShapeScale shape_scale = ShapeScale::kOriginal;
+};
+
+// s(m, n) for an m×n (rows×cols) matrix: original √max(1, m/n); match_rms_adamw 0.2·√max(m,n);
+// spectral √(m/n).
+double muon_shape_scale(ShapeScale scale, int64_t rows, int64_t cols);
+
+class MuonCuda {
+ public:
+  MuonCuda(int64_t rows, int64_t cols, int64_t max_batch, NsOptions ns_options = {});
+
+  // `batch` row-major rows×cols matrices back to back in each buffer (device pointers):
+  // param fp32 (in place), grad F32 or BF16, momentum fp32 (in place), param_bf16 optional.
+  void step(float* param, const void* grad, DType grad_dtype, float* momentum, bf16* param_bf16, int64_t batch,
+            const MuonHyper& hyper, cudaStream_t stream);
+
+  NewtonSchulzCuda& newton_schulz() { return ns_; }
+
+ private:
+  NewtonSchulzCuda ns_;
+};
+
+}  // namespace shardopt::cuda

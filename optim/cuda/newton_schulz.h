@@ -1,0 +1,75 @@
+// Newton–Schulz orthogonalization (Muon's NS5) on the GPU with cuBLAS: bf16 operands, fp32
+// accumulation, batched over same-shaped matrices with strided-batched GEMMs.
+//
+// Semantics (docs ALGORITHMS "Newton–Schulz orthogonalization"): X = bf16(U); X ← X / max(‖X‖_F, eps);
+// iterate on the wide orientation (p = min(m,n) rows): A = X·Xᵀ, B = b·A + c·A·A, X = a·X + B·X.
+// No transpose is ever materialized: a row-major m×n buffer is, to column-major cuBLAS, the wide
+// matrix Xᵀ (m ≤ n) or the wide matrix X itself (m > n); only the GEMM operand flags differ.
+// Each iteration is three GEMMs (X·Xᵀ, c·A·A, B·X) plus one p×p element-wise pass that forms
+// B + a·I (so a·X + B·X = (aI + B)·X needs no copy of X).
+// Workspace (2 X-sized + 2 p×p bf16 buffers per matrix) is allocated once, in the constructor.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "base/dtype.h"
+
+namespace shardopt::cuda {
+
+struct NsCoefficients {
+  float a, b, c;
+};
+
+struct NsOptions {
+  // One (a, b, c) triple per iteration; the default is 5 × (3.4445, −4.7750, 2.0315).
+  std::vector<NsCoefficients> coefficients = std::vector<NsCoefficients>(5, NsCoefficients{3.4445f, -4.7750f, 2.0315f});
+  float eps = 1e-7f;  // the Frobenius norm is clamped at eps before dividing
+};
+
+class NewtonSchulzCuda {
+ public:
+  // Workspace for up to max_batch matrices of rows×cols (row-major). Needs a device; throws
+  // CudaError if there is none, ConfigError for empty shapes or a batch < 1.
+  NewtonSchulzCuda(int64_t rows, int64_t cols, int64_t max_batch, NsOptions options = {});
+  ~NewtonSchulzCuda();
+  NewtonSchulzCuda(const NewtonSchulzCuda&) = delete;
+  NewtonSchulzCuda& operator=(const NewtonSchulzCuda&) = delete;
+
+  // Orthogonalizes `batch` row-major matrices stored back to back at `input` (F32 or BF16) and
+  // writes the bf16 results in the same layout to `output` (may alias a bf16 input).
+  void orthogonalize(const void* input, DType input_dtype, bf16* output, int64_t batch, cudaStream_t stream);
+
+  // For fused callers (Muon): the bf16 X buffer they fill, the per-matrix Σx² (zeroed by
+  // begin_prepared), then run_prepared normalizes and iterates; returns where the result is.
+  uint16_t* prepared_input() { return x_[0]; }
+  float* prepared_sumsq() { return sumsq_; }
+  void begin_prepared(int64_t batch, cudaStream_t stream);
+  const uint16_t* run_prepared(int64_t batch, cudaStream_t stream, uint16_t* final_output = nullptr);
+
+  int64_t rows() const { return rows_; }
+  int64_t cols() const { return cols_; }
+  int64_t max_batch() const { return max_batch_; }
+  const NsOptions& options() const { return options_; }
+  // FLOPs of one matrix with plain GEMMs: steps·(4p²q + 2p³).
+  double plain_gemm_flops() const;
+
+ private:
+  void check_batch(int64_t batch, const char* where) const;
+  void release();
+
+  int64_t rows_, cols_, max_batch_, p_, q_;
+  NsOptions options_;
+  cublasHandle_t handle_ = nullptr;
+  uint16_t* x_[2] = {nullptr, nullptr};
+  uint16_t* a_ = nullptr;
+  uint16_t* b_ = nullptr;
+  float* sumsq_ = nullptr;
+  void* cublas_workspace_ = nullptr;
+};
+
+}  // namespace shardopt::cuda

@@ -286,5 +286,6 @@ int main(int argc, char** argv) {
   }
   std::error_code ec;
   fs::remove_all(root, ec);
+  fs::remove(dir_arg, ec);  // only if empty: another run may share it
   return 0;
 }

@@ -55,6 +55,27 @@ TEST(Crc32c, MatchesBitwiseReferenceOnRandomBuffers) {
   }
 }
 
+// Large buffers take the three-stream hardware path (blocks of 3 x 4 KiB) and its combination step.
+TEST(Crc32c, MatchesBitwiseReferenceOnLargeBuffers) {
+  std::mt19937_64 rng(43);
+  std::vector<unsigned char> buf(200000);
+  for (auto& b : buf) b = static_cast<unsigned char>(rng());
+  for (size_t len : {size_t{12287}, size_t{12288}, size_t{12289}, size_t{24576 + 5}, size_t{199990}}) {
+    const size_t offset = rng() % 8;
+    const uint32_t expected = crc32c_bitwise(buf.data() + offset, len);
+    for (Impl f : kImpls) ASSERT_EQ(f(0, buf.data() + offset, len), expected) << "len " << len;
+    // Continuing from a non-zero CRC through the combined path.
+    const uint32_t head = crc32c_bitwise(buf.data(), offset + 3);
+    const uint32_t whole = crc32c_bitwise(buf.data(), offset + 3 + len);
+    for (Impl f : kImpls) ASSERT_EQ(f(head, buf.data() + offset + 3, len), whole) << "len " << len;
+  }
+  for (int trial = 0; trial < 20; ++trial) {
+    const size_t offset = rng() % 16, len = rng() % (buf.size() - 16);
+    const uint32_t expected = crc32c_bitwise(buf.data() + offset, len);
+    for (Impl f : kImpls) ASSERT_EQ(f(0, buf.data() + offset, len), expected) << "len " << len;
+  }
+}
+
 TEST(Crc32c, ExtendEqualsWholeBuffer) {
   std::mt19937_64 rng(7);
   std::vector<unsigned char> buf(3001);

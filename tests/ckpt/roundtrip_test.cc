@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <thread>
 
 #include "base/error.h"
 #include "checkpoint/reader.h"
@@ -69,6 +70,35 @@ TEST(Reader, ReadsOnlyOverlappingPieces) {
     reader.read(g.tensor, g.state, off, len, out.data());
     EXPECT_EQ(reader.bytes_read(), expected_bytes);
     EXPECT_EQ(0, std::memcmp(out.data(), g.bytes.data() + off * 4, out.size()));
+  }
+}
+
+// Ranks write concurrently into the same temporary directory (threads standing in for processes).
+TEST(Writer, ConcurrentRanksProduceALoadableCheckpoint) {
+  TempDir tmp;
+  const auto model = make_model(55);
+  const int world = 4;
+  auto per_rank = testing::split_for_ranks(model, world, 8);
+  const auto dir_tmp = temp_checkpoint_dir(tmp.path(), 9);
+  prepare_save_dir(dir_tmp);
+  std::vector<std::string> gathered(world);
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < world; ++r)
+    ranks.emplace_back([&, r] { gathered[r] = serialize_shard_record(save_shard(dir_tmp, r, per_rank[r])); });
+  for (auto& t : ranks) t.join();
+  std::vector<proto::CheckpointShardRecord> records;
+  for (const auto& b : gathered) records.push_back(parse_shard_record(b));
+  CheckpointInfo info;
+  info.step = 9;
+  info.world_size = world;
+  info.tensors = model.tensors;
+  const auto dir = finalize_checkpoint(tmp.path(), info, records);
+  EXPECT_FALSE(std::filesystem::exists(dir_tmp));
+  CheckpointReader reader(dir);
+  for (const auto& g : model.states) {
+    std::vector<unsigned char> out(g.bytes.size());
+    reader.read(g.tensor, g.state, 0, g.numel, out.data());
+    EXPECT_EQ(out, g.bytes) << g.tensor << "/" << g.state;
   }
 }
 

@@ -188,9 +188,10 @@ class Core {
       op.issued = true;
     }
     int flag = 0;
-    std::vector<MPI_Status> statuses(op.data_reqs.size());
+    MPI_Status statuses[2];  // at most a send and a receive
+    SHARDOPT_ASSERT(op.data_reqs.size() <= 2, "mpi backend: more requests than statuses");
     if (!op.data_reqs.empty()) {
-      int rc = MPI_Testall(static_cast<int>(op.data_reqs.size()), op.data_reqs.data(), &flag, statuses.data());
+      int rc = MPI_Testall(static_cast<int>(op.data_reqs.size()), op.data_reqs.data(), &flag, statuses);
       if (rc != MPI_SUCCESS) {
         fail_locked(op, std::make_exception_ptr(PeerError(op.what + " failed in MPI")));
         return;
@@ -201,7 +202,7 @@ class Core {
     if (!flag) return;
     if (op.check_recv_count) {
       int got = 0;
-      MPI_Get_count(&statuses.back(), op.recv_type, &got);
+      MPI_Get_count(&statuses[op.data_reqs.size() - 1], op.recv_type, &got);
       if (static_cast<size_t>(got) != op.expected_recv) {
         fail_locked(op, std::make_exception_ptr(DesyncError(
                             "mpi communicator desync: " + op.what + " expected " + std::to_string(op.expected_recv) +

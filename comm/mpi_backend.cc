@@ -347,7 +347,8 @@ class MpiWork final : public Work {
   MpiWork(std::shared_ptr<Core> core, MpiOpPtr op) : core_(std::move(core)), op_(std::move(op)) {}
 
   void wait(std::chrono::milliseconds timeout) override {
-    const auto deadline = Clock::now() + timeout;
+    const auto start = Clock::now();
+    const auto deadline = start + timeout;
     for (;;) {
       {
         std::lock_guard lk(mpi_mutex());
@@ -363,7 +364,8 @@ class MpiWork final : public Work {
           std::rethrow_exception(local_error_);
         }
       }
-      std::this_thread::yield();
+      // Spin briefly like MPI_Wait (latency of small messages), then yield the core between polls.
+      if (Clock::now() - start > std::chrono::microseconds(200)) std::this_thread::yield();
     }
   }
   void wait() override { wait(core_->options.timeout); }

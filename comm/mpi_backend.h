@@ -7,7 +7,8 @@
 //
 // Operations map to nonblocking MPI calls (MPI_Iallreduce, MPI_Ireduce_scatter with per-rank
 // counts, MPI_Iallgatherv, MPI_Ireduce, MPI_Ibcast, MPI_Ialltoallv, MPI_Isend/MPI_Irecv,
-// MPI_Ibarrier). Work::wait() polls MPI_Test (yielding between polls) until done or timeout.
+// MPI_Ibarrier). Work::wait() polls MPI_Test until done or timeout: it spins for the first 200 µs
+// (like MPI_Wait), then yields the core between polls (which matters when ranks share cores).
 //
 // bf16 and f16 reductions: the inputs are widened to fp32 scratch buffers (reused, not allocated
 // per call), reduced by MPI in fp32 (MPI_SUM/MAX/MIN on MPI_FLOAT) and rounded once to the 16-bit

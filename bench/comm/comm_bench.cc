@@ -107,11 +107,11 @@ void raw_op(MPI_Comm comm, const std::string& collective, Buffers& b, bool block
   if (!blocking) MPI_Wait(&req, MPI_STATUS_IGNORE);
 }
 
-int iterations_for(size_t bytes) { return static_cast<int>(std::clamp<size_t>((size_t{256} << 20) / bytes, 3, 200)); }
+int iterations_for(size_t bytes) { return static_cast<int>(std::clamp<size_t>((size_t{64} << 20) / bytes, 3, 50)); }
 
 // Mean seconds per iteration of the slowest rank.
 double time_mpi(MPI_Comm comm, int iters, const std::function<void()>& op) {
-  for (int i = 0; i < 2; ++i) op();  // warm-up
+  op();  // warm-up
   MPI_Barrier(comm);
   const double t0 = now_s();
   for (int i = 0; i < iters; ++i) op();
@@ -137,6 +137,8 @@ double time_threads(int ranks, const std::string& collective, size_t bytes, int 
 }
 
 double time_memcpy(size_t bytes, int iters) {
+  // Enough copies for a measurable interval even at 4 KiB.
+  iters = std::max<int>(iters, static_cast<int>((size_t{256} << 20) / bytes));
   std::vector<char> a(bytes, 1), b(bytes, 0);
   std::memcpy(b.data(), a.data(), bytes);
   const double t0 = now_s();

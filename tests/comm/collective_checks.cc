@@ -446,6 +446,16 @@ void check_split(Communicator& comm) {
   int64_t total = -1;
   comm.all_reduce(&mine, &total, 1, DType::I64, ReduceOp::kSum)->wait();
   EXPECT_EQ(total, static_cast<int64_t>(n) * (n - 1) / 2);
+  // A negative color leaves a rank out (no communicator); the rest keep their order.
+  auto rest = comm.split(me == 0 ? -1 : 7, me);
+  if (me == 0) {
+    EXPECT_EQ(rest, nullptr);
+  } else {
+    ASSERT_NE(rest, nullptr);
+    EXPECT_EQ(rest->size(), n - 1);
+    EXPECT_EQ(rest->rank(), me - 1);
+    rest->barrier()->wait();
+  }
 }
 
 void check_desync_count(Communicator& comm) {

@@ -154,7 +154,11 @@ class Core {
     if (!aborted && abandoned.empty()) {
       for (MPI_Comm* c : {&data, &check, &control}) MPI_Comm_free(c);
     } else {
-      new std::vector<MpiOpPtr>(std::move(abandoned));
+      // Fingerprint receives and data calls of failed operations may still complete later and write
+      // into their records, and abort notices may still be in flight: none of that memory is freed.
+      auto* keep = new std::vector<MpiOpPtr>(std::move(abandoned));
+      keep->insert(keep->end(), pending.begin(), pending.end());
+      outgoing_abort.release();
     }
   }
 
@@ -256,6 +260,7 @@ class Core {
 
   void poll_abort_locked() {
     if (aborted || abort_req == MPI_REQUEST_NULL) return;
+    if ((++abort_polls & 63) != 1) return;  // a notice can wait a few polls; MPI_Test is not free
     int flag = 0;
     MPI_Test(&abort_req, &flag, MPI_STATUS_IGNORE);
     if (!flag) return;
@@ -280,12 +285,12 @@ class Core {
   void abort_locked(int kind, const std::string& reason) {
     if (aborted) return;
     fail_all_locked(kind, reason);
-    outgoing_abort.kind = kind;
-    std::snprintf(outgoing_abort.text, kAbortText, "%s", reason.c_str());
+    outgoing_abort->kind = kind;
+    std::snprintf(outgoing_abort->text, kAbortText, "%s", reason.c_str());
     for (int p = 0; p < size; ++p) {
       if (p == rank) continue;
       MPI_Request req;
-      if (MPI_Isend(&outgoing_abort, sizeof outgoing_abort, MPI_BYTE, p, kAbortTag, control, &req) == MPI_SUCCESS)
+      if (MPI_Isend(outgoing_abort.get(), sizeof(AbortNotice), MPI_BYTE, p, kAbortTag, control, &req) == MPI_SUCCESS)
         MPI_Request_free(&req);  // the notice buffer lives as long as the Core
     }
   }
@@ -338,7 +343,9 @@ class Core {
   int abort_kind = kAbortPeer;
   std::string abort_reason;
   MPI_Request abort_req = MPI_REQUEST_NULL;
-  AbortNotice incoming_abort, outgoing_abort;
+  uint64_t abort_polls = 0;
+  AbortNotice incoming_abort;
+  std::unique_ptr<AbortNotice> outgoing_abort = std::make_unique<AbortNotice>();
   std::vector<std::vector<float>> scratch_pool;
 };
 

@@ -97,8 +97,8 @@ class Transformer {
   float forward(std::span<const ParamBinding> params, const uint8_t* inputs, const uint8_t* targets,
                 int batch, int seq_len);
 
-  // Gradient of the last forward's loss. Requires bindings with grad set; they must be the
-  // ones passed to that forward. on_grad_ready (optional) fires once per tensor, in reverse
+  // Gradient of the last forward's loss, once per forward (throws ConfigError otherwise).
+  // Requires bindings with grad set; their values must be the ones passed to that forward. on_grad_ready (optional) fires once per tensor, in reverse
   // registration order, right after that tensor's gradient is written.
   void backward(std::span<const ParamBinding> params, GradMode mode, const GradReadyFn& on_grad_ready = {});
 
@@ -129,11 +129,10 @@ class Transformer {
   std::vector<float> h1_, h2_, hf_;           // normed inputs: L*N*d, L*N*d, N*d
   std::vector<float> q_, k_, v_, att_;        // L*N*d each (att = concatenated head outputs)
   std::vector<float> probs_;                  // L * B*H*T*T
-  std::vector<float> u_, a_;                  // MLP pre/post activation: L*N*F each
+  std::vector<float> u_, a_;                  // MLP act'(pre-activation), activation: L*N*F each
   std::vector<float> logits_;                 // N*V raw logits
-  std::vector<float> lse_;                    // N log-sum-exp of each token's logits
   std::vector<float> max_logit_;              // L*H
-  // Backward scratch.
+  // Backward scratch; dlogits_ holds the softmax of the last loss forward.
   std::vector<float> dlogits_, dx_, dh_, dbig_, dq_, dk_, dv_, datt_, dscores_;
 };
 

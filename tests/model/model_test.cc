@@ -177,7 +177,9 @@ TEST(Transformer, OverwriteReplacesGarbageAndZeroesUnusedEmbeddingRows) {
   m.forward(ps.bindings, tok.in.data(), tok.tgt.data(), kB, kT);
   m.backward(ps.bindings, GradMode::kOverwrite);
   const auto clean = ps.grad;
+  EXPECT_THROW(m.backward(ps.bindings, GradMode::kOverwrite), ConfigError);  // once per forward
   for (auto& g : ps.grad) std::fill(g.begin(), g.end(), std::nanf(""));
+  m.forward(ps.bindings, tok.in.data(), tok.tgt.data(), kB, kT);
   m.backward(ps.bindings, GradMode::kOverwrite);
   for (size_t t = 0; t < clean.size(); ++t) EXPECT_EQ(ps.grad[t], clean[t]) << m.params()[t].name;
   std::vector<bool> used(256, false);

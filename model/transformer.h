@@ -66,6 +66,7 @@ struct LayerParamIndex {
   std::size_t attn_norm, w_q, w_k, w_v, w_o, mlp_norm, w_up, w_down;
 };
 
+// Not thread-safe: one instance (one workspace) per thread/rank.
 class Transformer {
  public:
   explicit Transformer(const ModelConfig& config);
@@ -105,7 +106,8 @@ class Transformer {
   // Logits of the last forward: [batch*seq_len][vocab].
   const float* logits() const { return logits_.data(); }
   // max over the last forward's batch, query i and key j <= i of |q_i·k_j|/sqrt(d_head),
-  // per layer and head: [n_layer*n_head], layer-major. Input to QK-clip.
+  // per layer and head: [n_layer*n_head], layer-major. Input to QK-clip: head h owns rows
+  // [h·d_head, (h+1)·d_head) of that layer's W_q and W_k.
   std::span<const float> max_attn_logits() const { return max_logit_; }
 
   // Matmul FLOPs of one forward at (batch, seq_len) (attention counted over full T×T tiles,

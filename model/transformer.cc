@@ -135,7 +135,7 @@ int64_t Transformer::num_params() const {
   return n;
 }
 
-std::vector<proto::TensorSpec> Transformer::tensor_specs() const {
+std::vector<proto::TensorSpec> Transformer::tensor_specs(bool route_groups) const {
   std::vector<proto::TensorSpec> specs;
   specs.reserve(params_.size());
   for (const auto& p : params_) {
@@ -143,6 +143,7 @@ std::vector<proto::TensorSpec> Transformer::tensor_specs() const {
     s.set_name(p.name);
     for (int64_t dim : p.shape) s.add_shape(dim);
     s.set_dtype(proto::F32);
+    if (route_groups) s.set_group(p.kind == ParamKind::kHiddenMatrix ? "muon" : "adamw");
     specs.push_back(std::move(s));
   }
   return specs;

@@ -75,8 +75,9 @@ class Transformer {
   const std::vector<ParamSpec>& params() const { return params_; }
   std::size_t num_tensors() const { return params_.size(); }
   int64_t num_params() const;
-  // proto TensorSpecs (F32, group left empty for the routing rules) in registration order.
-  std::vector<proto::TensorSpec> tensor_specs() const;
+  // proto TensorSpecs (F32) in registration order. group: "muon" for hidden matrices, "adamw"
+  // for embeddings, norm gains and lm_head (2-D but not hidden); empty with route_groups=false.
+  std::vector<proto::TensorSpec> tensor_specs(bool route_groups = true) const;
 
   std::size_t tok_emb_index() const { return 0; }
   std::size_t pos_emb_index() const { return 1; }

@@ -100,6 +100,12 @@ TEST(Transformer, RegistersTensorsInOrderWithShapes) {
   EXPECT_EQ(specs[li.w_k].name(), "layers.1.w_k");
   EXPECT_EQ(specs[li.w_k].shape_size(), 2);
   EXPECT_EQ(specs[li.w_k].dtype(), proto::F32);
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const bool hidden = specs[i].shape_size() == 2 && i != m.tok_emb_index() && i != m.pos_emb_index() &&
+                        i != m.lm_head_index();
+    EXPECT_EQ(specs[i].group(), hidden ? "muon" : "adamw") << specs[i].name();
+  }
+  EXPECT_EQ(m.tensor_specs(false)[li.w_k].group(), "");
 }
 
 class GradCheck : public ::testing::TestWithParam<Activation> {};

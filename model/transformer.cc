@@ -247,6 +247,7 @@ float Transformer::forward(std::span<const ParamBinding> params, const uint8_t* 
                            int batch, int seq_len) {
   check_bindings(params, false, "forward");
   reserve(batch, seq_len);
+  have_activations_ = false;  // until this forward completes with a loss
   const int B = batch, T = seq_len, d = config_.d_model, H = config_.n_head, dh = config_.d_head();
   const int f = config_.mlp_hidden(), V = config_.vocab;
   const int N = B * T;
@@ -340,10 +341,7 @@ float Transformer::forward(std::span<const ParamBinding> params, const uint8_t* 
   rmsnorm_forward(N, d, config_.norm_eps, xf, params[final_norm_index()].value, hf_.data(), rstdf_.data());
   linear_forward(N, V, d, hf_.data(), params[lm_head_index()].value, logits_.data());
 
-  if (targets == nullptr) {
-    have_activations_ = false;
-    return 0.0f;
-  }
+  if (targets == nullptr) return 0.0f;
   std::copy(targets, targets + N, targets_.begin());
   // Softmax probabilities go to dlogits_, which backward turns into the logit gradient.
   double loss = 0.0;
@@ -359,6 +357,10 @@ float Transformer::forward(std::span<const ParamBinding> params, const uint8_t* 
     for (int c = 0; c < V; ++c) prob[c] *= inv;
     loss += static_cast<double>(m) + std::log(static_cast<double>(sum)) - row[targets[n]];
   }
+  if (!std::isfinite(loss))
+    throw NumericError("Transformer::forward: expected a finite loss, got " + std::to_string(loss / N) +
+                       " over a " + std::to_string(B) + "x" + std::to_string(T) +
+                       " batch (non-finite or exploding parameters)");
   batch_ = B;
   seq_len_ = T;
   have_activations_ = true;

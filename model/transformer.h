@@ -95,7 +95,7 @@ class Transformer {
 
   // Forward over inputs[batch][seq_len] (bytes). With targets (same layout) returns the mean
   // cross-entropy over all batch*seq_len tokens and keeps activations for backward; with
-  // targets == nullptr computes logits only and returns 0.
+  // targets == nullptr computes logits only and returns 0. A non-finite loss throws NumericError.
   float forward(std::span<const ParamBinding> params, const uint8_t* inputs, const uint8_t* targets,
                 int batch, int seq_len);
 

@@ -362,6 +362,9 @@ TEST(Transformer, RejectsBadConfigsAndCalls) {
   auto no_grad = ps.bindings;
   no_grad[3].grad = nullptr;
   EXPECT_THROW(m.backward(no_grad, GradMode::kOverwrite), ConfigError);
+  ps.value[m.layer_index(0).w_v][5] = std::nanf("");
+  EXPECT_THROW(m.forward(ps.bindings, tok.in.data(), tok.tgt.data(), 1, 8), NumericError);
+  EXPECT_THROW(m.backward(ps.bindings, GradMode::kOverwrite), ConfigError);  // that forward left nothing
   ModelConfig small_vocab = tiny_config();
   small_vocab.vocab = 16;
   Transformer sv(small_vocab);

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "base/error.h"
+#include "model/fast_math.h"
 #include "model/rng.h"
 
 namespace shardopt::model {
@@ -61,24 +62,22 @@ void rmsnorm_backward(int n, int d, const float* x, const float* rstd, const flo
 
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2/pi)
 
-// tanh through one expf: libm's tanhf (via expm1f) cost a third of a training step. Absolute
-// error ~1e-7 near 0 (cancellation), which GELU's 0.5·u·(1 + t) turns into a negligible one;
-// exp overflow gives exactly ±1.
-inline float fast_tanh(float z) { return 1.0f - 2.0f / (1.0f + std::exp(2.0f * z)); }
-
-float act_forward(Activation act, float u) {
+// a = act(u); u is overwritten with act'(u), the only thing backward needs from it.
+void activation_forward(Activation act, int64_t n, float* u, float* a) {
   if (act == Activation::kReluSquared) {
-    const float r = u > 0.0f ? u : 0.0f;
-    return r * r;
+    for (int64_t i = 0; i < n; ++i) {
+      const float r = u[i] > 0.0f ? u[i] : 0.0f;
+      a[i] = r * r;
+      u[i] = 2.0f * r;
+    }
+    return;
   }
-  const float t = fast_tanh(kGeluC * (u + 0.044715f * u * u * u));
-  return 0.5f * u * (1.0f + t);
-}
-
-float act_derivative(Activation act, float u) {
-  if (act == Activation::kReluSquared) return u > 0.0f ? 2.0f * u : 0.0f;
-  const float t = fast_tanh(kGeluC * (u + 0.044715f * u * u * u));
-  return 0.5f * (1.0f + t) + 0.5f * u * (1.0f - t * t) * kGeluC * (1.0f + 3.0f * 0.044715f * u * u);
+  for (int64_t i = 0; i < n; ++i) {  // GELU, tanh approximation
+    const float x = u[i];
+    const float t = fast_tanh(kGeluC * (x + 0.044715f * x * x * x));
+    a[i] = 0.5f * x * (1.0f + t);
+    u[i] = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kGeluC * (1.0f + 3.0f * 0.044715f * x * x);
+  }
 }
 
 template <typename T>
@@ -136,7 +135,7 @@ int64_t Transformer::num_params() const {
   return n;
 }
 
-std::vector<proto::TensorSpec> Transformer::tensor_specs() const {
+std::vector<proto::TensorSpec> Transformer::tensor_specs(bool route_groups) const {
   std::vector<proto::TensorSpec> specs;
   specs.reserve(params_.size());
   for (const auto& p : params_) {
@@ -144,6 +143,7 @@ std::vector<proto::TensorSpec> Transformer::tensor_specs() const {
     s.set_name(p.name);
     for (int64_t dim : p.shape) s.add_shape(dim);
     s.set_dtype(proto::F32);
+    if (route_groups) s.set_group(p.kind == ParamKind::kHiddenMatrix ? "muon" : "adamw");
     specs.push_back(std::move(s));
   }
   return specs;
@@ -217,7 +217,6 @@ void Transformer::reserve(int batch, int seq_len) {
   grow(u_, L * N * f);
   grow(a_, L * N * f);
   grow(logits_, N * config_.vocab);
-  grow(lse_, N);
   grow(dlogits_, N * config_.vocab);
   grow(dx_, N * d);
   grow(dh_, N * d);
@@ -248,6 +247,7 @@ float Transformer::forward(std::span<const ParamBinding> params, const uint8_t* 
                            int batch, int seq_len) {
   check_bindings(params, false, "forward");
   reserve(batch, seq_len);
+  have_activations_ = false;  // until this forward completes with a loss
   const int B = batch, T = seq_len, d = config_.d_model, H = config_.n_head, dh = config_.d_head();
   const int f = config_.mlp_hidden(), V = config_.vocab;
   const int N = B * T;
@@ -309,11 +309,9 @@ float Transformer::forward(std::span<const ParamBinding> params, const uint8_t* 
             m = std::max(m, row[j]);
             max_logit = std::max(max_logit, std::fabs(row[j]));
           }
+          for (int j = 0; j <= i; ++j) row[j] = fast_exp(row[j] - m);
           float sum = 0.0f;
-          for (int j = 0; j <= i; ++j) {
-            row[j] = std::exp(row[j] - m);
-            sum += row[j];
-          }
+          for (int j = 0; j <= i; ++j) sum += row[j];
           const float inv = 1.0f / sum;
           for (int j = 0; j <= i; ++j) row[j] *= inv;
           for (int j = i + 1; j < T; ++j) row[j] = 0.0f;
@@ -332,7 +330,7 @@ float Transformer::forward(std::span<const ParamBinding> params, const uint8_t* 
     float* a = a_.data() + l * Nf;
     rmsnorm_forward(N, d, config_.norm_eps, xmid, params[li.mlp_norm].value, h2, rstd2_.data() + l * N);
     linear_forward(N, f, d, h2, params[li.w_up].value, u);
-    for (int64_t i = 0; i < Nf; ++i) a[i] = act_forward(config_.activation, u[i]);
+    activation_forward(config_.activation, Nf, u, a);
     // xout = xmid + a·W_downᵀ
     std::copy(xmid, xmid + Nd, xout);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, d, f, 1.0f, a, f, params[li.w_down].value, f, 1.0f,
@@ -343,21 +341,26 @@ float Transformer::forward(std::span<const ParamBinding> params, const uint8_t* 
   rmsnorm_forward(N, d, config_.norm_eps, xf, params[final_norm_index()].value, hf_.data(), rstdf_.data());
   linear_forward(N, V, d, hf_.data(), params[lm_head_index()].value, logits_.data());
 
-  if (targets == nullptr) {
-    have_activations_ = false;
-    return 0.0f;
-  }
+  if (targets == nullptr) return 0.0f;
   std::copy(targets, targets + N, targets_.begin());
+  // Softmax probabilities go to dlogits_, which backward turns into the logit gradient.
   double loss = 0.0;
   for (int n = 0; n < N; ++n) {
     const float* row = logits_.data() + static_cast<int64_t>(n) * V;
+    float* prob = dlogits_.data() + static_cast<int64_t>(n) * V;
     float m = row[0];
     for (int c = 1; c < V; ++c) m = std::max(m, row[c]);
+    for (int c = 0; c < V; ++c) prob[c] = fast_exp(row[c] - m);
     float sum = 0.0f;
-    for (int c = 0; c < V; ++c) sum += std::exp(row[c] - m);
-    lse_[n] = m + std::log(sum);
-    loss += static_cast<double>(lse_[n]) - row[targets[n]];
+    for (int c = 0; c < V; ++c) sum += prob[c];
+    const float inv = 1.0f / sum;
+    for (int c = 0; c < V; ++c) prob[c] *= inv;
+    loss += static_cast<double>(m) + std::log(static_cast<double>(sum)) - row[targets[n]];
   }
+  if (!std::isfinite(loss))
+    throw NumericError("Transformer::forward: expected a finite loss, got " + std::to_string(loss / N) +
+                       " over a " + std::to_string(B) + "x" + std::to_string(T) +
+                       " batch (non-finite or exploding parameters)");
   batch_ = B;
   seq_len_ = T;
   have_activations_ = true;
@@ -367,8 +370,9 @@ float Transformer::forward(std::span<const ParamBinding> params, const uint8_t* 
 void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, const GradReadyFn& on_grad_ready) {
   check_bindings(params, true, "backward");
   if (!have_activations_)
-    throw ConfigError("Transformer::backward: needs a preceding forward with targets (none since the last "
-                      "forward without targets or construction)");
+    throw ConfigError("Transformer::backward: needs a preceding forward with targets and runs once per "
+                      "forward (none since the last backward, forward without targets, or construction)");
+  have_activations_ = false;  // backward consumes the softmax kept in dlogits_
   auto ready = [&](std::size_t idx) {
     if (on_grad_ready) on_grad_ready(idx);
   };
@@ -382,9 +386,8 @@ void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, 
   // dlogits = (softmax − onehot) / N : the loss is a mean over tokens.
   const float inv_n = 1.0f / static_cast<float>(N);
   for (int n = 0; n < N; ++n) {
-    const float* row = logits_.data() + static_cast<int64_t>(n) * V;
-    float* drow = dlogits_.data() + static_cast<int64_t>(n) * V;
-    for (int c = 0; c < V; ++c) drow[c] = std::exp(row[c] - lse_[n]) * inv_n;
+    float* drow = dlogits_.data() + static_cast<int64_t>(n) * V;  // softmax from forward
+    for (int c = 0; c < V; ++c) drow[c] *= inv_n;
     drow[targets_[n]] -= inv_n;
   }
   linear_backward_weight(N, V, d, dlogits_.data(), hf_.data(), params[lm_head_index()].grad, mode);
@@ -408,7 +411,7 @@ void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, 
     const float* v = v_.data() + l * Nd;
     const float* att = att_.data() + l * Nd;
     const float* probs = probs_.data() + l * att_layer;
-    const float* u = u_.data() + l * Nf;
+    const float* act_grad = u_.data() + l * Nf;
     const float* a = a_.data() + l * Nf;
 
     // MLP branch: dx is ∂/∂xout, which is also ∂/∂(branch output).
@@ -416,7 +419,7 @@ void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, 
     linear_backward_weight(N, d, f, dx, a, params[li.w_down].grad, mode);
     ready(li.w_down);
     linear_backward_input(N, d, f, dx, params[li.w_down].value, da, 0.0f);
-    for (int64_t i = 0; i < Nf; ++i) da[i] *= act_derivative(config_.activation, u[i]);  // now du
+    for (int64_t i = 0; i < Nf; ++i) da[i] *= act_grad[i];  // now du
     linear_backward_weight(N, f, d, da, h2, params[li.w_up].grad, mode);
     ready(li.w_up);
     linear_backward_input(N, f, d, da, params[li.w_up].value, dh_.data(), 0.0f);

@@ -66,6 +66,7 @@ struct LayerParamIndex {
   std::size_t attn_norm, w_q, w_k, w_v, w_o, mlp_norm, w_up, w_down;
 };
 
+// Not thread-safe: one instance (one workspace) per thread/rank.
 class Transformer {
  public:
   explicit Transformer(const ModelConfig& config);
@@ -74,8 +75,9 @@ class Transformer {
   const std::vector<ParamSpec>& params() const { return params_; }
   std::size_t num_tensors() const { return params_.size(); }
   int64_t num_params() const;
-  // proto TensorSpecs (F32, group left empty for the routing rules) in registration order.
-  std::vector<proto::TensorSpec> tensor_specs() const;
+  // proto TensorSpecs (F32) in registration order. group: "muon" for hidden matrices, "adamw"
+  // for embeddings, norm gains and lm_head (2-D but not hidden); empty with route_groups=false.
+  std::vector<proto::TensorSpec> tensor_specs(bool route_groups = true) const;
 
   std::size_t tok_emb_index() const { return 0; }
   std::size_t pos_emb_index() const { return 1; }
@@ -93,19 +95,20 @@ class Transformer {
 
   // Forward over inputs[batch][seq_len] (bytes). With targets (same layout) returns the mean
   // cross-entropy over all batch*seq_len tokens and keeps activations for backward; with
-  // targets == nullptr computes logits only and returns 0.
+  // targets == nullptr computes logits only and returns 0. A non-finite loss throws NumericError.
   float forward(std::span<const ParamBinding> params, const uint8_t* inputs, const uint8_t* targets,
                 int batch, int seq_len);
 
-  // Gradient of the last forward's loss. Requires bindings with grad set; they must be the
-  // ones passed to that forward. on_grad_ready (optional) fires once per tensor, in reverse
+  // Gradient of the last forward's loss, once per forward (throws ConfigError otherwise).
+  // Requires bindings with grad set; their values must be the ones passed to that forward. on_grad_ready (optional) fires once per tensor, in reverse
   // registration order, right after that tensor's gradient is written.
   void backward(std::span<const ParamBinding> params, GradMode mode, const GradReadyFn& on_grad_ready = {});
 
   // Logits of the last forward: [batch*seq_len][vocab].
   const float* logits() const { return logits_.data(); }
   // max over the last forward's batch, query i and key j <= i of |q_i·k_j|/sqrt(d_head),
-  // per layer and head: [n_layer*n_head], layer-major. Input to QK-clip.
+  // per layer and head: [n_layer*n_head], layer-major. Input to QK-clip: head h owns rows
+  // [h·d_head, (h+1)·d_head) of that layer's W_q and W_k.
   std::span<const float> max_attn_logits() const { return max_logit_; }
 
   // Matmul FLOPs of one forward at (batch, seq_len) (attention counted over full T×T tiles,
@@ -129,11 +132,10 @@ class Transformer {
   std::vector<float> h1_, h2_, hf_;           // normed inputs: L*N*d, L*N*d, N*d
   std::vector<float> q_, k_, v_, att_;        // L*N*d each (att = concatenated head outputs)
   std::vector<float> probs_;                  // L * B*H*T*T
-  std::vector<float> u_, a_;                  // MLP pre/post activation: L*N*F each
+  std::vector<float> u_, a_;                  // MLP act'(pre-activation), activation: L*N*F each
   std::vector<float> logits_;                 // N*V raw logits
-  std::vector<float> lse_;                    // N log-sum-exp of each token's logits
   std::vector<float> max_logit_;              // L*H
-  // Backward scratch.
+  // Backward scratch; dlogits_ holds the softmax of the last loss forward.
   std::vector<float> dlogits_, dx_, dh_, dbig_, dq_, dk_, dv_, datt_, dscores_;
 };
 

@@ -100,6 +100,12 @@ TEST(Transformer, RegistersTensorsInOrderWithShapes) {
   EXPECT_EQ(specs[li.w_k].name(), "layers.1.w_k");
   EXPECT_EQ(specs[li.w_k].shape_size(), 2);
   EXPECT_EQ(specs[li.w_k].dtype(), proto::F32);
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const bool hidden = specs[i].shape_size() == 2 && i != m.tok_emb_index() && i != m.pos_emb_index() &&
+                        i != m.lm_head_index();
+    EXPECT_EQ(specs[i].group(), hidden ? "muon" : "adamw") << specs[i].name();
+  }
+  EXPECT_EQ(m.tensor_specs(false)[li.w_k].group(), "");
 }
 
 class GradCheck : public ::testing::TestWithParam<Activation> {};
@@ -177,7 +183,9 @@ TEST(Transformer, OverwriteReplacesGarbageAndZeroesUnusedEmbeddingRows) {
   m.forward(ps.bindings, tok.in.data(), tok.tgt.data(), kB, kT);
   m.backward(ps.bindings, GradMode::kOverwrite);
   const auto clean = ps.grad;
+  EXPECT_THROW(m.backward(ps.bindings, GradMode::kOverwrite), ConfigError);  // once per forward
   for (auto& g : ps.grad) std::fill(g.begin(), g.end(), std::nanf(""));
+  m.forward(ps.bindings, tok.in.data(), tok.tgt.data(), kB, kT);
   m.backward(ps.bindings, GradMode::kOverwrite);
   for (size_t t = 0; t < clean.size(); ++t) EXPECT_EQ(ps.grad[t], clean[t]) << m.params()[t].name;
   std::vector<bool> used(256, false);
@@ -354,6 +362,9 @@ TEST(Transformer, RejectsBadConfigsAndCalls) {
   auto no_grad = ps.bindings;
   no_grad[3].grad = nullptr;
   EXPECT_THROW(m.backward(no_grad, GradMode::kOverwrite), ConfigError);
+  ps.value[m.layer_index(0).w_v][5] = std::nanf("");
+  EXPECT_THROW(m.forward(ps.bindings, tok.in.data(), tok.tgt.data(), 1, 8), NumericError);
+  EXPECT_THROW(m.backward(ps.bindings, GradMode::kOverwrite), ConfigError);  // that forward left nothing
   ModelConfig small_vocab = tiny_config();
   small_vocab.vocab = 16;
   Transformer sv(small_vocab);

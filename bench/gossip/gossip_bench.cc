@@ -136,7 +136,7 @@ void train(TrainMode mode, int replicas, int steps, int outer_every, int batch_p
     model::BatchSampler sampler(corpus, sc);
     auto batch = sampler.make_batch();
     std::vector<model::ParamBinding> bind(engine.num_tensors());
-    const auto traffic0 = world.counters();
+    uint64_t outer_bytes = 0;  // outer steps only (the consensus metric's collectives excluded)
     for (int s = 0; s < steps; ++s) {
       for (size_t t = 0; t < bind.size(); ++t) bind[t] = {engine.param(t), engine.grad(t)};
       sampler.train_batch(s, batch);
@@ -148,6 +148,7 @@ void train(TrainMode mode, int replicas, int steps, int outer_every, int batch_p
         loss_sum[static_cast<size_t>(s)] += loss;
       }
       if (sync && sync->after_inner_step()) {
+        outer_bytes += sync->last_report().bytes_sent;
         const double xi = sync->consensus_distance();
         if (world.rank() == 0) {
           std::lock_guard lock(mu);
@@ -155,15 +156,9 @@ void train(TrainMode mode, int replicas, int steps, int outer_every, int batch_p
         }
       }
     }
-    // Traffic of the training itself (engine + outer step); the consensus metric's collectives are
-    // on the cross communicator too, so subtract nothing but report the outer step's own count.
-    uint64_t bytes = 0;
-    if (sync_mode) {
-      bytes = (grid.shard_group->counters().total_sent());
-    } else {
-      bytes = sync->outer_traffic().total_sent();
-    }
-    (void)traffic0;
+    // Sync ZeRO: the engine's reduce-scatter + all-gather (+ its small norm all-reduce); DiLoCo/NoLoCo:
+    // the outer steps (1-rank shard groups move nothing).
+    const uint64_t bytes = sync_mode ? grid.shard_group->counters().total_sent() : outer_bytes;
     model::TokenBatch scratch = sampler.make_batch();
     for (size_t t = 0; t < bind.size(); ++t) bind[t] = {engine.param(t), nullptr};
     const double val = model::validation_loss(net, bind, sampler, 4, scratch);
@@ -183,8 +178,6 @@ void train(TrainMode mode, int replicas, int steps, int outer_every, int batch_p
   for (auto [s, xi] : consensus)
     emit({{"bench", "consensus"}, {"mode", train_mode_name(mode)}, {"replicas", replicas}, {"step", s},
           {"consensus_distance", xi}});
-  // The metric's own collectives (consensus distance) run on the cross communicator; they are excluded
-  // by counting only the outer steps: NoLoCo uses the private links; DiLoCo's figure includes them.
   emit({{"bench", "train_summary"},
         {"mode", train_mode_name(mode)},
         {"replicas", replicas},

@@ -1,0 +1,351 @@
+#include "runtime/gossip/outer_sync.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+#include "base/error.h"
+
+namespace shardopt::runtime::gossip {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// splitmix64: a portable seeded generator, so every rank (and every build) draws the same permutation.
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Round-robin tournament (circle method): partner of replica i in round k of M-1 rounds, M even
+// (M = N + 1 with a dummy for odd N; being paired with the dummy = sitting out).
+int tournament_partner(int i, int k, int m) {
+  const int last = m - 1;
+  if (i == last) return k;
+  const int p = ((2 * k - i) % last + last) % last;
+  return p == i ? last : p;
+}
+
+constexpr int kStateTag = 1 << 20;
+
+}  // namespace
+
+void validate_gossip_options(const GossipOptions& o, int replicas) {
+  if (replicas < 1) throw ConfigError("gossip: replicas must be >= 1, got " + std::to_string(replicas));
+  if (o.outer_every < 1) throw ConfigError("gossip: outer_every (H) must be >= 1, got " + std::to_string(o.outer_every));
+  if (o.group_size < 1)
+    throw ConfigError("gossip: group_size must be >= 1, got " + std::to_string(o.group_size));
+  for (auto [name, v] : {std::pair{"alpha", o.alpha}, {"beta", o.beta}, {"gamma", o.gamma}, {"diloco_lr", o.diloco_lr},
+                         {"diloco_momentum", o.diloco_momentum}})
+    if (!std::isfinite(v) || v < 0)
+      throw ConfigError(std::string("gossip: ") + name + " must be finite and >= 0, got " + std::to_string(v));
+  if (o.timeout.count() <= 0) throw ConfigError("gossip: timeout must be > 0 ms");
+}
+
+ReplicaGrid split_replica_grid(comm::Communicator& world, int replicas) {
+  if (replicas < 1 || world.size() % replicas != 0)
+    throw ConfigError("split_replica_grid: world size " + std::to_string(world.size()) +
+                      " is not a multiple of replicas = " + std::to_string(replicas));
+  ReplicaGrid g;
+  g.replicas = replicas;
+  g.shards = world.size() / replicas;
+  g.replica = world.rank() / g.shards;
+  g.shard = world.rank() % g.shards;
+  g.shard_group = world.split(g.replica, g.shard);
+  g.cross = world.split(g.shard, g.replica);
+  return g;
+}
+
+std::vector<std::vector<int>> outer_groups(int replicas, int group_size, OddGroupPolicy policy, uint64_t seed,
+                                           int64_t outer_step) {
+  std::vector<int> perm(static_cast<size_t>(replicas));
+  for (int i = 0; i < replicas; ++i) perm[static_cast<size_t>(i)] = i;
+  uint64_t state = seed * 0x2545F4914F6CDD1Dull + static_cast<uint64_t>(outer_step) + 1;
+  for (int i = replicas - 1; i > 0; --i) {  // Fisher-Yates
+    const auto j = static_cast<int>(splitmix64(state) % static_cast<uint64_t>(i + 1));
+    std::swap(perm[static_cast<size_t>(i)], perm[static_cast<size_t>(j)]);
+  }
+  std::vector<std::vector<int>> groups;
+  const int n = std::max(1, group_size);
+  if (policy == OddGroupPolicy::kMerge) {
+    const int g = std::max(1, replicas / n);
+    groups.resize(static_cast<size_t>(g));
+    for (int p = 0; p < replicas; ++p) groups[static_cast<size_t>(p % g)].push_back(perm[static_cast<size_t>(p)]);
+  } else {
+    for (int p = 0; p < replicas; p += n)
+      groups.emplace_back(perm.begin() + p, perm.begin() + std::min(replicas, p + n));
+  }
+  return groups;
+}
+
+OuterSync::OuterSync(Engine& engine, comm::Communicator& cross, GossipOptions options)
+    : engine_(engine), cross_(cross), options_(options), replica_(cross.rank()), replicas_(cross.size()) {
+  validate_gossip_options(options_, replicas_);
+  ShardState& st = engine_.shard_state();
+  for (int b = 0; b < st.num_buckets(); ++b) count_ += st.my_segment(b).count();
+  for (const LocalPiece& p : st.my_pieces()) tensor_elems_ += p.length;  // segments minus padding
+
+  // Every replica's rank of this shard index must hold the same segments (same plan).
+  int64_t mine[2] = {count_, -count_}, ext[2] = {0, 0};
+  cross_.all_reduce(mine, ext, 2, proto::I64, comm::ReduceOp::kMax)->wait();
+  if (ext[0] != count_ || -ext[1] != count_)
+    throw ConfigError("OuterSync: replicas hold different shard sizes (this rank " + std::to_string(count_) +
+                      " elements, largest " + std::to_string(ext[0]) + ", smallest " + std::to_string(-ext[1]) +
+                      "): every shard group must use the same model, options and size");
+
+  const auto n = static_cast<size_t>(count_);
+  phi_.resize(n);
+  momentum_.assign(n, 0.0f);
+  read_theta(phi_.data());
+  const bool two = options_.mode == SyncMode::kNoLoCo && options_.gamma != options_.alpha;
+  send_.resize(two ? 2 * n : n);
+  recv_.resize(send_.size());
+  acc_.resize(send_.size());
+
+  link_broken_.assign(static_cast<size_t>(replicas_), false);
+  if (options_.mode == SyncMode::kNoLoCo && options_.private_links && replicas_ > 1) {
+    links_.resize(static_cast<size_t>(replicas_));
+    const int m = replicas_ + (replicas_ % 2);
+    for (int k = 0; k < m - 1; ++k) {
+      const int p = tournament_partner(replica_, k, m);
+      const bool real = p < replicas_;
+      // Pair colors are the smaller replica id; sitting out gets a color no pair uses.
+      auto c = cross_.split(real ? std::min(replica_, p) : replicas_ + replica_, replica_);
+      if (real) links_[static_cast<size_t>(p)] = std::move(c);
+    }
+  }
+}
+
+OuterSync::~OuterSync() = default;
+
+void OuterSync::read_theta(float* dst) {
+  ShardState& st = engine_.shard_state();
+  for (int b = 0; b < st.num_buckets(); ++b) {
+    const auto c = static_cast<size_t>(st.my_segment(b).count());
+    std::memcpy(dst, st.master_shard(b), sizeof(float) * c);
+    dst += c;
+  }
+}
+
+void OuterSync::write_theta(const float* src) {
+  ShardState& st = engine_.shard_state();
+  for (int b = 0; b < st.num_buckets(); ++b) {
+    const auto c = static_cast<size_t>(st.my_segment(b).count());
+    std::memcpy(st.master_shard(b), src, sizeof(float) * c);
+    src += c;
+  }
+}
+
+void OuterSync::refresh_params() {
+  ShardState& st = engine_.shard_state();
+  if (st.stage() == 3) {
+    engine_.release_all();  // gathered copies are stale; they gather again on demand
+    return;
+  }
+  comm::Communicator& group = engine_.comm();
+  std::vector<comm::WorkPtr> works(static_cast<size_t>(st.num_buckets()));
+  for (int b = 0; b < st.num_buckets(); ++b) {
+    const auto& seg = st.my_segment(b);
+    float* full = st.bucket_params(b);
+    std::memcpy(full + seg.offset(), st.master_shard(b), sizeof(float) * static_cast<size_t>(seg.count()));
+    works[static_cast<size_t>(b)] = group.all_gather(full + seg.offset(), full, st.segment_counts(b), proto::F32);
+  }
+  for (int b = 0; b < st.num_buckets(); ++b) {
+    works[static_cast<size_t>(b)]->wait();
+    if (st.dim0()) st.copy_out_params(b);
+  }
+}
+
+bool OuterSync::after_inner_step() {
+  if (++inner_since_outer_ < options_.outer_every) return false;
+  inner_since_outer_ = 0;
+  outer_step();
+  return true;
+}
+
+comm::Communicator& OuterSync::link(int peer_replica, int& peer_rank) {
+  if (!links_.empty()) {
+    peer_rank = replica_ < peer_replica ? 1 : 0;  // 2-rank link ordered by replica
+    return *links_[static_cast<size_t>(peer_replica)];
+  }
+  peer_rank = peer_replica;
+  return cross_;
+}
+
+comm::TrafficCounters OuterSync::outer_traffic() const {
+  comm::TrafficCounters t = cross_.counters();
+  for (const auto& l : links_) {
+    if (!l) continue;
+    const auto& c = l->counters();
+    for (size_t k = 0; k < t.calls.size(); ++k) {
+      t.bytes_sent[k] += c.bytes_sent[k];
+      t.bytes_received[k] += c.bytes_received[k];
+      t.calls[k] += c.calls[k];
+    }
+  }
+  return t;
+}
+
+const OuterReport& OuterSync::outer_step() {
+  const auto t0 = Clock::now();
+  const comm::TrafficCounters before = outer_traffic();
+  report_ = OuterReport{};
+  report_.outer_step = outer_step_;
+  if (options_.mode == SyncMode::kNoLoCo)
+    noloco_step(report_);
+  else
+    diloco_step(report_);
+  write_theta(phi_.data());  // theta = phi
+  refresh_params();
+  const comm::TrafficCounters d = outer_traffic() - before;
+  report_.bytes_sent = d.total_sent();
+  report_.bytes_received = d.total_received();
+  if (report_.skipped) ++skipped_;
+  ++outer_step_;
+  report_.seconds = seconds_since(t0);
+  return report_;
+}
+
+bool OuterSync::exchange(const std::vector<int>& group, size_t values, OuterReport& report) {
+  const int n = static_cast<int>(group.size());
+  const int pos = static_cast<int>(std::find(group.begin(), group.end(), replica_) - group.begin());
+  // Tag by round (mod 2^20) so a late message of an earlier round never matches this one.
+  const int tag = static_cast<int>(outer_step_ % kStateTag);
+  std::copy(send_.begin(), send_.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
+  for (int s = 1; s < n; ++s) {  // ring schedule: step s sends to pos+s, receives from pos-s
+    const int dst = group[static_cast<size_t>((pos + s) % n)];
+    const int src = group[static_cast<size_t>((pos - s + n) % n)];
+    for (int peer : {dst, src})
+      if (link_broken_[static_cast<size_t>(peer)]) {
+        report.skip_reason = "link to replica " + std::to_string(peer) + " failed in an earlier round";
+        return false;
+      }
+    try {
+      int dst_rank = 0, src_rank = 0;
+      comm::Communicator& dl = link(dst, dst_rank);
+      comm::Communicator& sl = link(src, src_rank);
+      if (dst == src) {
+        dl.sendrecv(send_.data(), values, dst_rank, recv_.data(), values, src_rank, proto::F32, tag)
+            ->wait(options_.timeout);
+      } else {
+        auto sw = dl.send(send_.data(), values, proto::F32, dst_rank, tag);
+        auto rw = sl.recv(recv_.data(), values, proto::F32, src_rank, tag);
+        rw->wait(options_.timeout);
+        sw->wait(options_.timeout);
+      }
+    } catch (const TimeoutError& e) {
+      link_broken_[static_cast<size_t>(dst)] = link_broken_[static_cast<size_t>(src)] = true;
+      report.skip_reason = std::string("timeout: ") + e.what();
+      return false;
+    } catch (const PeerError& e) {
+      link_broken_[static_cast<size_t>(dst)] = link_broken_[static_cast<size_t>(src)] = true;
+      report.skip_reason = std::string("peer failed: ") + e.what();
+      return false;
+    }
+    for (size_t i = 0; i < values; ++i) acc_[i] += recv_[i];
+  }
+  return true;
+}
+
+void OuterSync::noloco_step(OuterReport& report) {
+  const auto groups = outer_groups(replicas_, options_.group_size, options_.odd_policy, options_.seed, outer_step_);
+  for (const auto& g : groups)
+    if (std::find(g.begin(), g.end(), replica_) != g.end()) report.group = g;
+  const size_t n = static_cast<size_t>(count_);
+  const bool one_exchange = options_.gamma == options_.alpha;
+  const size_t values = one_exchange ? n : 2 * n;
+  read_theta(send_.data());  // [theta] or [theta | phi]
+  if (!one_exchange) std::copy(phi_.begin(), phi_.end(), send_.begin() + static_cast<ptrdiff_t>(n));
+
+  bool averaged = true;
+  if (report.group.size() <= 1) {
+    report.skipped = replicas_ > 1;
+    if (report.skipped) report.skip_reason = "singleton group";
+    std::copy(send_.begin(), send_.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
+  } else {
+    const auto t0 = Clock::now();
+    averaged = exchange(report.group, values, report);
+    report.exchange_seconds = seconds_since(t0);
+    if (!averaged) {  // own pseudo-gradient only: G = {self}
+      report.skipped = true;
+      std::copy(send_.begin(), send_.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
+    }
+  }
+  const double inv = averaged ? 1.0 / static_cast<double>(report.group.size()) : 1.0;
+  const double a = options_.alpha, b = options_.beta, c = options_.gamma;
+  for (size_t i = 0; i < n; ++i) {
+    const double phi = phi_[i];
+    const double theta_bar = acc_[i] * inv;
+    double mom = b * momentum_[i];
+    if (one_exchange) {
+      mom += a * (theta_bar - phi);
+    } else {
+      const double phi_bar = acc_[n + i] * inv;
+      mom += a * (theta_bar - phi_bar) + c * (phi_bar - phi);
+    }
+    momentum_[i] = static_cast<float>(mom);
+    phi_[i] = static_cast<float>(phi + mom);
+  }
+}
+
+void OuterSync::diloco_step(OuterReport& report) {
+  report.group.resize(static_cast<size_t>(replicas_));
+  for (int r = 0; r < replicas_; ++r) report.group[static_cast<size_t>(r)] = r;
+  const size_t n = static_cast<size_t>(count_);
+  read_theta(send_.data());
+  for (size_t i = 0; i < n; ++i) send_[i] = phi_[i] - send_[i];  // delta = phi - theta
+  const auto t0 = Clock::now();
+  if (replicas_ > 1) cross_.all_reduce(send_.data(), send_.data(), n, proto::F32, comm::ReduceOp::kAvg)->wait();
+  report.exchange_seconds = seconds_since(t0);
+  const double lr = options_.diloco_lr, mu = options_.diloco_momentum;
+  for (size_t i = 0; i < n; ++i) {
+    const double g = send_[i];
+    const double buf = mu * momentum_[i] + g;
+    momentum_[i] = static_cast<float>(buf);
+    const double step = options_.diloco_nesterov ? g + mu * buf : buf;
+    phi_[i] = static_cast<float>(phi_[i] - lr * step);
+  }
+}
+
+double OuterSync::consensus_distance() {
+  const size_t n = static_cast<size_t>(count_);
+  read_theta(recv_.data());
+  std::copy(recv_.begin(), recv_.begin() + static_cast<ptrdiff_t>(n), acc_.begin());
+  cross_.all_reduce(acc_.data(), acc_.data(), n, proto::F32, comm::ReduceOp::kAvg)->wait();
+  double local = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(recv_[i]) - acc_[i];
+    local += d * d;
+  }
+  // [sum of squares, numel] summed over replicas and shards.
+  float sums[2] = {static_cast<float>(local), replica_ == 0 ? static_cast<float>(tensor_elems_) : 0.0f};
+  cross_.all_reduce(sums, sums, 2, proto::F32, comm::ReduceOp::kSum)->wait();
+  engine_.comm().all_reduce(sums, sums, 2, proto::F32, comm::ReduceOp::kSum)->wait();
+  const double numel = sums[1];
+  return numel > 0 ? std::sqrt(sums[0] / (replicas_ * numel)) : 0.0;
+}
+
+void OuterSync::send_state(comm::Communicator& link, int peer, int tag) {
+  const size_t n = static_cast<size_t>(count_);
+  std::vector<float> buf(3 * n);  // restart path: not hot
+  std::copy(phi_.begin(), phi_.end(), buf.begin());
+  std::copy(momentum_.begin(), momentum_.end(), buf.begin() + static_cast<ptrdiff_t>(n));
+  read_theta(buf.data() + 2 * n);
+  link.send(buf.data(), buf.size(), proto::F32, peer, tag)->wait(options_.timeout);
+}
+
+void OuterSync::receive_state(comm::Communicator& link, int peer, int tag) {
+  const size_t n = static_cast<size_t>(count_);
+  std::vector<float> buf(3 * n);
+  link.recv(buf.data(), buf.size(), proto::F32, peer, tag)->wait(options_.timeout);
+  std::copy(buf.begin(), buf.begin() + static_cast<ptrdiff_t>(n), phi_.begin());
+  std::copy(buf.begin() + static_cast<ptrdiff_t>(n), buf.begin() + static_cast<ptrdiff_t>(2 * n), momentum_.begin());
+  write_theta(buf.data() + 2 * n);
+  refresh_params();
+}
+
+}  // namespace shardopt::runtime::gossip

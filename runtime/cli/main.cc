@@ -10,6 +10,7 @@
 #include <CLI/CLI.hpp>
 
 #include "base/env.h"
+#include "checkpoint/inspect.h"
 #include "base/error.h"
 #include "comm/mpi_backend.h"
 #include "comm/thread_backend.h"
@@ -200,7 +201,10 @@ int main(int argc, char** argv) {
   ckpt_cmd->require_subcommand(1);
   std::string ckpt_dir;
   auto* inspect_cmd = ckpt_cmd->add_subcommand("inspect", "describe a checkpoint folder");
-  inspect_cmd->add_option("DIR", ckpt_dir, "checkpoint folder")->required();
+  inspect_cmd->add_option("DIR", ckpt_dir, "checkpoint folder, or a root of ckpt-<step> folders (latest)")
+      ->required();
+  bool no_verify = false;
+  inspect_cmd->add_flag("--no-verify", no_verify, "skip reading every piece and checking its CRC32C");
 
   try {
     app.parse(argc, argv);
@@ -246,9 +250,10 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (*inspect_cmd) {
-      // Wired once the checkpoint library provides checkpoint::inspect(DIR).
-      std::cerr << "shardopt ckpt inspect: not available in this build (checkpoint inspection is pending)\n";
-      return 2;
+      ckpt::InspectOptions io;
+      io.verify = !no_verify;
+      ckpt::inspect_checkpoint(ckpt_dir, std::cout, io);
+      return 0;
     }
   } catch (const shardopt::Error& e) {
     std::cerr << "error: " << e.what() << "\n";

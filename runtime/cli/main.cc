@@ -1,0 +1,263 @@
+// shardopt: the command-line program. Subcommands: train, plan, env, bench, ckpt (inspect: pending).
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <mutex>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+
+#include "base/env.h"
+#include "checkpoint/inspect.h"
+#include "base/error.h"
+#include "comm/mpi_backend.h"
+#include "comm/thread_backend.h"
+#include "sharding/plan_util.h"
+#include "sharding/planner.h"
+#include "sharding/presets.h"
+#include "runtime/train/outputs.h"
+#include "runtime/train/trainer.h"
+
+namespace {
+
+using namespace shardopt;
+
+proto::ShardLayout parse_layout(const std::string& s) {
+  if (s == "owned") return proto::SHARD_LAYOUT_OWNED;
+  if (s == "dim0") return proto::SHARD_LAYOUT_DIM0;
+  throw ConfigError("--layout: expected owned or dim0, got '" + s + "'");
+}
+
+// mpirun (OpenMPI, or a PMI launcher) sets these in every process it starts.
+bool launched_by_mpirun() {
+  return std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr;
+}
+
+struct TrainArgs {
+  train::TrainConfig config;
+  int ranks = 4;
+  std::string backend = "auto";
+  std::string data = "data/tinyshakespeare.txt";
+  std::string out = "runs/latest";
+  std::string layout = "owned";
+  std::string sync = "zero";
+};
+
+void add_train_options(CLI::App& cmd, TrainArgs& a) {
+  auto& c = a.config;
+  cmd.add_option("--data", a.data, "text file to train on (byte-level)")->capture_default_str();
+  cmd.add_option("--out", a.out, "output folder (loss.csv, loss.png, trace.json, sample.txt, summary.json)")
+      ->capture_default_str();
+  cmd.add_option("--ranks", a.ranks, "ranks on the threads backend (ignored under mpirun)")->capture_default_str();
+  cmd.add_option("--backend", a.backend, "auto (mpi when launched by mpirun, else threads) | threads | mpi")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "threads", "mpi"}));
+  cmd.add_option("--d-model", c.model.d_model, "model width")->capture_default_str();
+  cmd.add_option("--layers", c.model.n_layer, "transformer layers")->capture_default_str();
+  cmd.add_option("--heads", c.model.n_head, "attention heads")->capture_default_str();
+  cmd.add_option("--context", c.model.context, "sequence length")->capture_default_str();
+  cmd.add_option("--batch", c.global_batch, "global batch (sequences per step over all ranks)")->capture_default_str();
+  cmd.add_option("--steps", c.steps, "optimizer steps")->capture_default_str();
+  cmd.add_option("--grad-accum", c.grad_accumulation, "micro-batches per step")->capture_default_str();
+  cmd.add_option("--optimizer", c.optimizer, "muon | normuon (hidden matrices; AdamW elsewhere) | adamw | lion")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"muon", "normuon", "adamw", "lion"}));
+  cmd.add_option("--matrix-lr", c.matrix_lr, "Muon/NorMuon learning rate")->capture_default_str();
+  cmd.add_option("--lr", c.elementwise_lr, "element-wise (AdamW/Lion) learning rate")->capture_default_str();
+  cmd.add_option("--weight-decay", c.weight_decay, "weight decay, both groups")->capture_default_str();
+  cmd.add_option("--warmup", c.warmup_steps, "linear warmup steps (then cosine decay)")->capture_default_str();
+  cmd.add_option("--min-lr-ratio", c.min_lr_ratio, "final lr / peak lr of the cosine")->capture_default_str();
+  cmd.add_option("--clip", c.max_grad_norm, "global gradient-norm clip (0 = off)")->capture_default_str();
+  cmd.add_option("--stage", c.zero_stage, "ZeRO stage 1|2|3")->capture_default_str();
+  cmd.add_option("--layout", a.layout, "owned | dim0")->capture_default_str();
+  cmd.add_option("--bucket-bytes", c.bucket_bytes, "gradient bucket size in bytes")->capture_default_str();
+  cmd.add_option("--sync", a.sync, "sync mode: zero")->capture_default_str();
+  cmd.add_option("--seed", c.seed, "seed of init and data order")->capture_default_str();
+  cmd.add_option("--eval-every", c.eval_every, "steps between validation evaluations")->capture_default_str();
+  cmd.add_option("--eval-batches", c.eval_batches, "validation batches per evaluation")->capture_default_str();
+  cmd.add_option("--log-every", c.log_every, "steps between progress lines (0 = quiet)")->capture_default_str();
+  cmd.add_option("--trace-steps", c.trace_steps, "last steps in the Chrome trace")->capture_default_str();
+  cmd.add_option("--sample-tokens", c.sample_tokens, "bytes of generated text at the end")->capture_default_str();
+}
+
+int run_train(TrainArgs& a, int* argc, char*** argv) {
+  auto& c = a.config;
+  c.layout = parse_layout(a.layout);
+  c.sync = train::parse_sync_mode(a.sync);
+  const bool mpi = a.backend == "mpi" || (a.backend == "auto" && launched_by_mpirun());
+  const auto corpus = model::ByteCorpus::load(a.data);
+
+  auto start = std::chrono::steady_clock::now();
+  double last_time = 0;
+  int64_t last_tokens = 0;
+  train::TrainHooks hooks;
+  hooks.on_step = [&](const train::StepRecord& r, const train::TrainConfig& cfg) {
+    if (cfg.log_every == 0 || (r.step % cfg.log_every != 0 && r.step != cfg.steps && r.step != 1)) return;
+    const double now = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double rate = (r.tokens - last_tokens) / std::max(1e-9, now - last_time);
+    last_time = now;
+    last_tokens = r.tokens;
+    std::cout << train::progress_line(r, cfg, rate) << std::endl;
+  };
+
+  if (mpi) {
+    comm::MpiRuntime runtime(argc, argv);
+    auto world = runtime.world();
+    c.validate(world->size());
+    train::TrainResult r = train::train_rank(*world, corpus, c, hooks);
+    std::filesystem::create_directories(a.out);
+    // One trace file per rank: MPI ranks have separate clocks and memories.
+    train::write_trace(a.out + "/trace_rank" + std::to_string(r.rank) + ".json", {&r});
+    if (r.rank == 0) {
+      std::cout << train::final_report(r, c, "mpi");
+      for (const auto& p : train::write_run_outputs(a.out, c, r, "mpi")) std::cout << "wrote " << p << "\n";
+      std::cout << "wrote " << a.out << "/trace_rank<r>.json (one per rank; open in https://ui.perfetto.dev)\n";
+      std::cout << "sample:\n" << r.sample << "\n";
+    }
+    return 0;
+  }
+
+  c.validate(a.ranks);  // fail before starting threads, with the clear message
+  std::vector<train::TrainResult> results(a.ranks);
+  std::mutex mu;
+  comm::run_ranks(a.ranks, [&](comm::Communicator& comm) {
+    auto r = train::train_rank(comm, corpus, c, hooks);
+    std::lock_guard<std::mutex> lock(mu);
+    results[comm.rank()] = std::move(r);
+  });
+  const auto& r0 = results[0];
+  std::cout << train::final_report(r0, c, "threads");
+  for (const auto& p : train::write_run_outputs(a.out, c, r0, "threads")) std::cout << "wrote " << p << "\n";
+  std::vector<const train::TrainResult*> all;
+  for (const auto& r : results) all.push_back(&r);
+  train::write_trace(a.out + "/trace.json", all);
+  std::cout << "wrote " << a.out << "/trace.json (all ranks; open in https://ui.perfetto.dev)\n";
+  std::cout << "sample:\n" << r0.sample << "\n";
+  return 0;
+}
+
+// "name:RxC,name:N,..." or one "name RxC" per line in a file.
+std::vector<proto::TensorSpec> parse_shapes(const std::string& text) {
+  std::vector<proto::TensorSpec> specs;
+  std::string item;
+  std::string normalized = text;
+  for (char& ch : normalized)
+    if (ch == '\n' || ch == ';') ch = ',';
+  std::stringstream ss(normalized);
+  while (std::getline(ss, item, ',')) {
+    while (!item.empty() && std::isspace(static_cast<unsigned char>(item.back()))) item.pop_back();
+    while (!item.empty() && std::isspace(static_cast<unsigned char>(item.front()))) item.erase(item.begin());
+    if (item.empty() || item[0] == '#') continue;
+    auto sep = item.find_first_of(": ");
+    if (sep == std::string::npos)
+      throw ConfigError("--shapes: expected name:RxC (e.g. w1:128x64), got '" + item + "'");
+    proto::TensorSpec s;
+    s.set_name(item.substr(0, sep));
+    s.set_dtype(proto::F32);
+    std::stringstream dims(item.substr(sep + 1));
+    std::string d;
+    while (std::getline(dims, d, 'x')) {
+      try {
+        s.add_shape(std::stoll(d));
+      } catch (const std::exception&) {
+        throw ConfigError("--shapes: dimension '" + d + "' of '" + item + "' is not an integer");
+      }
+    }
+    specs.push_back(s);
+  }
+  if (specs.empty()) throw ConfigError("--shapes: no tensors given");
+  return specs;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"shardopt: distributed training with a sharded optimizer (ZeRO + owner-rank Muon)"};
+  app.require_subcommand(1);
+
+  TrainArgs targs;
+  auto* train_cmd = app.add_subcommand("train", "train the reference byte-level transformer (threads or mpirun)");
+  add_train_options(*train_cmd, targs);
+
+  std::string preset = "llama-125m", shapes, shapes_file, plan_layout = "owned";
+  int plan_world = 8, plan_stage = 2, max_buckets = 16;
+  int64_t plan_bucket = sharding::kDefaultBucketBytes;
+  auto* plan_cmd = app.add_subcommand("plan", "print the ShardPlan and balance statistics for a model");
+  plan_cmd->add_option("--preset", preset, "model preset (llama-125m, llama-1b, tiny)")->capture_default_str();
+  plan_cmd->add_option("--shapes", shapes, "tensors as name:RxC,... (overrides --preset)");
+  plan_cmd->add_option("--shapes-file", shapes_file, "file with one name:RxC per line (overrides --preset)")
+      ->check(CLI::ExistingFile);
+  plan_cmd->add_option("--world", plan_world, "world size")->capture_default_str();
+  plan_cmd->add_option("--stage", plan_stage, "ZeRO stage 1|2|3")->capture_default_str();
+  plan_cmd->add_option("--layout", plan_layout, "owned | dim0")->capture_default_str();
+  plan_cmd->add_option("--bucket-bytes", plan_bucket, "bucket size in bytes")->capture_default_str();
+  plan_cmd->add_option("--max-buckets", max_buckets, "buckets listed (0 = all)")->capture_default_str();
+
+  auto* env_cmd = app.add_subcommand("env", "list the environment variables shardopt reads");
+  auto* bench_cmd = app.add_subcommand("bench", "list the benchmark binaries and how to run them");
+  auto* ckpt_cmd = app.add_subcommand("ckpt", "checkpoint tools");
+  ckpt_cmd->require_subcommand(1);
+  std::string ckpt_dir;
+  auto* inspect_cmd = ckpt_cmd->add_subcommand("inspect", "describe a checkpoint folder");
+  inspect_cmd->add_option("DIR", ckpt_dir, "checkpoint folder, or a root of ckpt-<step> folders (latest)")
+      ->required();
+  bool no_verify = false;
+  inspect_cmd->add_flag("--no-verify", no_verify, "skip reading every piece and checking its CRC32C");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+
+  try {
+    if (*train_cmd) return run_train(targs, &argc, &argv);
+    if (*plan_cmd) {
+      std::vector<proto::TensorSpec> specs;
+      if (!shapes_file.empty()) {
+        std::ifstream in(shapes_file);
+        std::stringstream buf;
+        buf << in.rdbuf();
+        specs = parse_shapes(buf.str());
+      } else if (!shapes.empty()) {
+        specs = parse_shapes(shapes);
+      } else {
+        specs = sharding::preset_specs(preset);
+      }
+      const auto plan = sharding::make_plan(
+          sharding::make_plan_request(specs, plan_world, plan_stage, parse_layout(plan_layout), plan_bucket));
+      std::cout << sharding::plan_summary(plan, max_buckets);
+      return 0;
+    }
+    if (*env_cmd) {
+      for (const auto& v : env::registry())
+        std::cout << v.name << " (default '" << v.default_value << "'): " << v.meaning << "\n";
+      return 0;
+    }
+    if (*bench_cmd) {
+      const auto self = std::filesystem::weakly_canonical(std::filesystem::path(argv[0])).parent_path();
+      const auto bench_root = self.parent_path() / "bench";
+      std::cout << "benchmark binaries (each takes --help and --json):\n";
+      for (const char* name : {"comm/comm_bench", "optim/optim_bench", "model/model_bench", "step/step_bench",
+                               "gpu/gpu_bench"}) {
+        const auto p = bench_root / name;
+        std::cout << "  " << p.string() << (std::filesystem::exists(p) ? "" : "  (not built)") << "\n";
+      }
+      std::cout << "multi-rank MPI runs: mpirun --oversubscribe --mca btl self,vader --bind-to none -np 4 "
+                << (bench_root / "comm/comm_bench").string() << " --backends mpi\n";
+      return 0;
+    }
+    if (*inspect_cmd) {
+      ckpt::InspectOptions io;
+      io.verify = !no_verify;
+      ckpt::inspect_checkpoint(ckpt_dir, std::cout, io);
+      return 0;
+    }
+  } catch (const shardopt::Error& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 2;
+  }
+  return 0;
+}

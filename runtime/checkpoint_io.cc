@@ -162,46 +162,62 @@ std::vector<std::string> all_gather_strings(comm::Communicator& comm, const std:
 
 }  // namespace
 
-SaveResult save_checkpoint(Engine& engine, const std::filesystem::path& root, const TrainerState& trainer,
-                           const SaveCheckpointOptions& options) {
-  comm::Communicator& comm = engine.comm();
-  const int rank = comm.rank();
-  SaveResult result;
-  result.step = engine.optimizer_step();
-  const auto tmp = ckpt::temp_checkpoint_dir(root, result.step);
-  const std::string what = "save_checkpoint(" + ckpt::checkpoint_dir(root, result.step).string() + ")";
+namespace {
 
+std::string save_what(const std::filesystem::path& root, int64_t step) {
+  return "save_checkpoint(" + ckpt::checkpoint_dir(root, step).string() + ")";
+}
+
+// Collective: rank 0 empties root/ckpt-<step>.tmp; returns that path.
+std::filesystem::path prepare(Engine& engine, const std::filesystem::path& root, int64_t step) {
+  const auto tmp = ckpt::temp_checkpoint_dir(root, step);
   std::exception_ptr fault;
-  if (rank == 0) {
+  if (engine.comm().rank() == 0) {
     try {
       ckpt::prepare_save_dir(tmp);
     } catch (...) {
       fault = std::current_exception();
     }
   }
-  agree(comm, fault, what + " preparing the directory");
+  agree(engine.comm(), fault, save_what(root, step) + " preparing the directory");
+  return tmp;
+}
 
+std::vector<ckpt::SavePiece> save_pieces(Engine& engine) {
+  std::vector<ckpt::SavePiece> pieces;
+  for (const StateRange& r : my_state_ranges(engine))
+    pieces.push_back(ckpt::SavePiece{engine.spec(static_cast<size_t>(r.tensor)).name(), r.state, r.global_offset,
+                                     r.length, proto::F32, r.data});
+  return pieces;
+}
+
+// Collective, after every rank wrote its shard (or failed to: `fault`): gathers the records to rank 0,
+// which writes the manifest and publishes the directory; every rank learns the outcome.
+SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t step, const TrainerState& trainer,
+                    const SaveCheckpointOptions& options, std::exception_ptr fault,
+                    const proto::CheckpointShardRecord& record) {
+  comm::Communicator& comm = engine.comm();
+  const std::string what = save_what(root, step);
+  SaveResult result;
+  result.step = step;
   std::string record_bytes;
-  try {
-    std::vector<ckpt::SavePiece> pieces;
-    for (const StateRange& r : my_state_ranges(engine))
-      pieces.push_back(ckpt::SavePiece{engine.spec(static_cast<size_t>(r.tensor)).name(), r.state,
-                                       r.global_offset, r.length, proto::F32, r.data});
-    const proto::CheckpointShardRecord record = ckpt::save_shard(tmp, rank, pieces);
-    result.bytes_written_by_me = static_cast<uint64_t>(record.file().size_bytes());
-    record_bytes = ckpt::serialize_shard_record(record);
-  } catch (...) {
-    fault = std::current_exception();
+  if (!fault) {
+    try {
+      result.bytes_written_by_me = static_cast<uint64_t>(record.file().size_bytes());
+      record_bytes = ckpt::serialize_shard_record(record);
+    } catch (...) {
+      fault = std::current_exception();
+    }
   }
   agree(comm, fault, what + " writing shard files");
 
   const std::vector<std::string> all_records = all_gather_strings(comm, record_bytes);
-  if (rank == 0) {
+  if (comm.rank() == 0) {
     try {
       std::vector<proto::CheckpointShardRecord> records;
       for (const auto& bytes : all_records) records.push_back(ckpt::parse_shard_record(bytes));
       ckpt::CheckpointInfo info;
-      info.step = result.step;
+      info.step = step;
       info.world_size = comm.size();
       info.plan_hash = sharding::plan_hash(engine.plan());
       info.rng.set_seed(trainer.seed);
@@ -227,8 +243,62 @@ SaveResult save_checkpoint(Engine& engine, const std::filesystem::path& root, co
     }
   }
   agree(comm, fault, what + " finalizing");
-  result.dir = ckpt::checkpoint_dir(root, result.step);
+  result.dir = ckpt::checkpoint_dir(root, step);
   return result;
+}
+
+}  // namespace
+
+SaveResult save_checkpoint(Engine& engine, const std::filesystem::path& root, const TrainerState& trainer,
+                           const SaveCheckpointOptions& options) {
+  const int64_t step = engine.optimizer_step();
+  const auto tmp = prepare(engine, root, step);
+  std::exception_ptr fault;
+  proto::CheckpointShardRecord record;
+  try {
+    record = ckpt::save_shard(tmp, engine.comm().rank(), save_pieces(engine));
+  } catch (...) {
+    fault = std::current_exception();
+  }
+  return finalize(engine, root, step, trainer, options, fault, record);
+}
+
+AsyncCheckpointSaver::AsyncCheckpointSaver(Engine& engine) : engine_(engine) {}
+AsyncCheckpointSaver::~AsyncCheckpointSaver() = default;
+
+void AsyncCheckpointSaver::start(const std::filesystem::path& root, const TrainerState& trainer,
+                                 const SaveCheckpointOptions& options) {
+  if (pending_)
+    throw ConfigError("AsyncCheckpointSaver::start: the save of step " + std::to_string(step_) +
+                      " under " + root_.string() + " has not been finished");
+  const int64_t step = engine_.optimizer_step();
+  const auto tmp = prepare(engine_, root, step);
+  std::exception_ptr fault;
+  try {
+    writer_.start(tmp, engine_.comm().rank(), save_pieces(engine_));
+  } catch (...) {
+    fault = std::current_exception();
+  }
+  // A rank that could not even start must not leave the others to fail later in finish().
+  agree(engine_.comm(), fault, save_what(root, step) + " starting the background write");
+  root_ = root;
+  step_ = step;
+  trainer_ = trainer;
+  options_ = options;
+  pending_ = true;
+}
+
+SaveResult AsyncCheckpointSaver::finish() {
+  if (!pending_) throw ConfigError("AsyncCheckpointSaver::finish: no save in progress");
+  pending_ = false;
+  std::exception_ptr fault;
+  proto::CheckpointShardRecord record;
+  try {
+    record = writer_.wait();
+  } catch (...) {
+    fault = std::current_exception();
+  }
+  return finalize(engine_, root_, step_, trainer_, options_, fault, record);
 }
 
 TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir) {

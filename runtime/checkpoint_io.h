@@ -18,6 +18,7 @@
 #include <map>
 #include <string>
 
+#include "checkpoint/async_saver.h"
 #include "runtime/engine.h"
 
 namespace shardopt::runtime {
@@ -44,6 +45,34 @@ struct SaveResult {
 // (I/O) or ConfigError on every rank if any rank fails; the previous checkpoint stays the latest.
 SaveResult save_checkpoint(Engine& engine, const std::filesystem::path& root, const TrainerState& trainer = {},
                            const SaveCheckpointOptions& options = {});
+
+// Collective, in two halves so that the file writes overlap training: start() snapshots this rank's
+// state (the only time training waits) and writes the shard file on a background thread; finish()
+// (collective, called later, e.g. before the next save) waits for the write, then gathers the records
+// and publishes the checkpoint exactly as save_checkpoint does. The checkpoint holds the state at
+// start(). Errors of either half reach every rank.
+class AsyncCheckpointSaver {
+ public:
+  explicit AsyncCheckpointSaver(Engine& engine);
+  ~AsyncCheckpointSaver();  // an unfinished save is abandoned (its .tmp directory stays unpublished)
+  AsyncCheckpointSaver(const AsyncCheckpointSaver&) = delete;
+  AsyncCheckpointSaver& operator=(const AsyncCheckpointSaver&) = delete;
+
+  // Throws ConfigError if the previous save was not finished.
+  void start(const std::filesystem::path& root, const TrainerState& trainer = {},
+             const SaveCheckpointOptions& options = {});
+  SaveResult finish();
+  bool pending() const { return pending_; }
+
+ private:
+  Engine& engine_;
+  ckpt::AsyncShardSaver writer_;
+  bool pending_ = false;
+  std::filesystem::path root_;
+  int64_t step_ = 0;
+  TrainerState trainer_;
+  SaveCheckpointOptions options_;
+};
 
 // Collective. Loads checkpoint directory `dir` (written at any world size, stage or layout) into the
 // engine: checks compatibility (ConfigError naming the tensor and both shapes, or the missing state),

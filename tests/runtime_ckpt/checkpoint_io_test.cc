@@ -280,6 +280,43 @@ TEST(RuntimeCheckpoint, NorMuonAndLionStateRoundTrip) {
   fs::remove_all(root);
 }
 
+// The background save captures the state at start(): training on before finish() changes nothing in it.
+TEST(RuntimeCheckpoint, AsyncSaveHoldsTheStateAtStart) {
+  const auto specs = mixed_model();
+  const fs::path root = test_root("async");
+  const auto opts = options(2, proto::SHARD_LAYOUT_OWNED);
+  const Params uninterrupted = on_ranks<Params>(2, [&](comm::Communicator& c) {
+    Engine e(c, specs, opts);
+    init(e, specs);
+    train(e, specs, 0, 2 * kSteps);
+    return full_params(e);
+  });
+  const fs::path dir = on_ranks<fs::path>(2, [&](comm::Communicator& c) {
+    Engine e(c, specs, opts);
+    init(e, specs);
+    train(e, specs, 0, kSteps);
+    AsyncCheckpointSaver saver(e);
+    saver.start(root);
+    EXPECT_TRUE(saver.pending());
+    EXPECT_THROW(saver.start(root), ConfigError);
+    train(e, specs, kSteps, kSteps + 1);  // moves masters and moments while the write runs
+    const SaveResult r = saver.finish();
+    EXPECT_FALSE(saver.pending());
+    EXPECT_EQ(r.step, kSteps);
+    EXPECT_GT(r.bytes_written_by_me, 0u);
+    return r.dir;
+  });
+  const Params resumed = on_ranks<Params>(3, [&](comm::Communicator& c) {
+    Engine e(c, specs, options(3, proto::SHARD_LAYOUT_OWNED));
+    init(e, specs);
+    load_checkpoint(e, dir);
+    train(e, specs, kSteps, 2 * kSteps);
+    return full_params(e);
+  });
+  expect_params_match(resumed, uninterrupted, true, "async save, resumed at N=3 stage 3");
+  fs::remove_all(root);
+}
+
 TEST(RuntimeCheckpoint, ChangedShapeFailsWithConfigErrorNamingTensorAndShapes) {
   const fs::path root = test_root("shape");
   const auto specs = mixed_model();

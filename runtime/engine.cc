@@ -169,6 +169,11 @@ void Engine::set_params(const std::function<void(size_t, float*)>& fill) {
   }
 }
 
+void Engine::set_optimizer_step(int64_t step) {
+  if (step < 0) throw ConfigError("set_optimizer_step: step must be >= 0, got " + std::to_string(step));
+  step_ = step;
+}
+
 void Engine::grad_ready(size_t t) {
   SHARDOPT_ASSERT(t < specs_.size(), "tensor index out of range");
   const int b = bucket_of(t);

@@ -92,6 +92,14 @@ class Engine {
   size_t num_tensors() const { return specs_.size(); }
   const proto::TensorSpec& spec(size_t t) const { return specs_[t]; }
   int64_t optimizer_step() const { return step_; }
+  // Checkpoint restore: the step count the optimizers' bias corrections continue from.
+  void set_optimizer_step(int64_t step);
+  // Resolved optimizer parameters (the matrix one is null when every tensor is element-wise).
+  const optim::OptimizerParams& elementwise_params() const { return elementwise_params_; }
+  const optim::OptimizerParams* matrix_params() const { return matrix_params_ ? &*matrix_params_ : nullptr; }
+  // Collective. After master shards were written directly (checkpoint load): stages 1-2 all-gather
+  // the full parameters from the masters; stage 3 drops whatever was gathered (stale).
+  void refresh_params() { gather_params_after_step(); }
 
   // Full fp32 view of tensor t (numel values, row-major). Valid always in stages 1-2; in stage 3
   // only while its bucket is gathered.

@@ -1,0 +1,361 @@
+#include "runtime/checkpoint_io.h"
+
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "checkpoint/compat.h"
+#include "checkpoint/reader.h"
+#include "checkpoint/writer.h"
+#include "optim/config.h"
+#include "sharding/plan_util.h"
+
+namespace shardopt::runtime {
+namespace {
+
+constexpr std::string_view kMomentumState = "momentum";
+constexpr std::string_view kRowSecondMomentState = "normuon_row_v";
+
+// Names of the element-wise optimizer's per-element slots, in ElementwiseSlice::state order.
+std::vector<std::string> elementwise_state_names(const optim::OptimizerParams& params) {
+  std::vector<std::string> names;
+  switch (params.kind) {
+    case proto::OPTIMIZER_ADAMW: names = {"adam_m", "adam_v"}; break;
+    case proto::OPTIMIZER_LION:
+    case proto::OPTIMIZER_SGD: names = {std::string(kMomentumState)}; break;
+    default: break;
+  }
+  names.resize(static_cast<size_t>(optim::state_values_per_element(params)));
+  SHARDOPT_ASSERT(params.kind == proto::OPTIMIZER_ADAMW || names.size() <= 1, "unexpected element-wise slot count");
+  return names;
+}
+
+bool has_momentum(const optim::OptimizerParams* matrix) {
+  return matrix != nullptr && optim::state_values_per_element(*matrix) > 0;
+}
+bool has_row_state(const optim::OptimizerParams* matrix) {
+  return matrix != nullptr && optim::state_values_per_row(*matrix) > 0;
+}
+
+// Every state this engine keeps for tensor t (what a save writes and a load needs).
+std::vector<std::string> states_of(Engine& engine, size_t t) {
+  std::vector<std::string> states = {std::string(ckpt::kParamState)};
+  if (engine.plan().tensors(static_cast<int>(t)).muon()) {
+    if (has_momentum(engine.matrix_params())) states.emplace_back(kMomentumState);
+    if (has_row_state(engine.matrix_params())) states.emplace_back(kRowSecondMomentState);
+  } else {
+    for (auto& name : elementwise_state_names(engine.elementwise_params())) states.push_back(std::move(name));
+  }
+  return states;
+}
+
+// One contiguous fp32 range of this rank's engine state, in global coordinates of (tensor, state).
+struct StateRange {
+  int tensor;
+  std::string state;
+  int64_t global_offset;
+  int64_t length;
+  float* data;
+};
+
+// Everything this rank holds: master pieces, element-wise slots of its pieces, owned Muon states.
+std::vector<StateRange> my_state_ranges(Engine& engine) {
+  ShardState& st = engine.shard_state();
+  const auto ew_names = elementwise_state_names(engine.elementwise_params());
+  std::vector<StateRange> ranges;
+  size_t slice = 0;  // element-wise slices follow my_pieces order, skipping Muon tensors
+  for (const LocalPiece& lp : st.my_pieces()) {
+    ranges.push_back({lp.tensor, std::string(ckpt::kParamState), lp.tensor_offset, lp.length,
+                      st.master_shard(lp.bucket) + lp.segment_offset});
+    if (engine.plan().tensors(lp.tensor).muon()) continue;
+    const optim::ElementwiseSlice& s = st.elementwise_slices().at(slice++);
+    SHARDOPT_ASSERT(static_cast<int64_t>(s.count) == lp.length, "element-wise slice does not match its piece");
+    for (size_t k = 0; k < ew_names.size(); ++k)
+      ranges.push_back({lp.tensor, ew_names[k], lp.tensor_offset, lp.length, s.state[k]});
+  }
+  SHARDOPT_ASSERT(slice == st.elementwise_slices().size(), "element-wise slices left over");
+  for (OwnedMatrix& om : st.owned_matrices()) {
+    const optim::MuonMatrix& m = om.matrix;
+    if (has_momentum(engine.matrix_params()))
+      ranges.push_back({om.tensor, std::string(kMomentumState), 0, m.rows * m.cols, m.momentum});
+    if (has_row_state(engine.matrix_params()))
+      ranges.push_back({om.tensor, std::string(kRowSecondMomentState), 0, m.rows, m.row_second_moment});
+  }
+  return ranges;
+}
+
+enum FaultKind : int64_t { kNoFault = 0, kConfigFault = 1, kCheckpointFault = 2, kOtherFault = 3 };
+
+// Collective: returns only when no rank reports a fault. Otherwise the faulty ranks rethrow their own
+// exception and the others throw the same error type naming the first faulty rank and its message,
+// so a failure on one rank never leaves the others waiting in a later collective.
+void agree(comm::Communicator& comm, std::exception_ptr local, const std::string& what) {
+  int64_t mine[2] = {kNoFault, 0};
+  std::string message;
+  if (local) {
+    try {
+      std::rethrow_exception(local);
+    } catch (const ConfigError& e) {
+      mine[0] = kConfigFault, message = e.what();
+    } catch (const CheckpointError& e) {
+      mine[0] = kCheckpointFault, message = e.what();
+    } catch (const std::exception& e) {
+      mine[0] = kOtherFault, message = e.what();
+    } catch (...) {
+      mine[0] = kOtherFault, message = "unknown exception";
+    }
+    mine[1] = static_cast<int64_t>(message.size());
+  }
+  const int n = comm.size();
+  std::vector<int64_t> all(2 * static_cast<size_t>(n));
+  const std::vector<size_t> two(static_cast<size_t>(n), 2);
+  comm.all_gather(mine, all.data(), two, proto::I64)->wait();
+  int first = -1;
+  for (int r = 0; r < n && first < 0; ++r)
+    if (all[2 * r] != kNoFault) first = r;
+  if (first < 0) return;
+
+  // Messages travel with a trailing NUL so that no rank contributes zero bytes.
+  std::vector<size_t> counts(static_cast<size_t>(n));
+  size_t total = 0;
+  for (int r = 0; r < n; ++r) total += counts[r] = static_cast<size_t>(all[2 * r + 1]) + 1;
+  message.push_back('\0');
+  std::string gathered(total, '\0');
+  comm.all_gather(message.data(), gathered.data(), counts, proto::U8)->wait();
+  if (local) std::rethrow_exception(local);
+
+  size_t offset = 0;
+  for (int r = 0; r < first; ++r) offset += counts[r];
+  const std::string text = what + ": rank " + std::to_string(first) + " failed: " +
+                           gathered.substr(offset, counts[first] - 1);
+  switch (all[2 * first]) {
+    case kConfigFault: throw ConfigError(text);
+    case kCheckpointFault: throw CheckpointError(text);
+    default: throw Error(text);
+  }
+}
+
+// All ranks' byte strings, in rank order (a gather by all_gather: every record is small).
+std::vector<std::string> all_gather_strings(comm::Communicator& comm, const std::string& mine) {
+  const int n = comm.size();
+  const int64_t my_size = static_cast<int64_t>(mine.size()) + 1;
+  std::vector<int64_t> sizes(static_cast<size_t>(n));
+  const std::vector<size_t> ones(static_cast<size_t>(n), 1);
+  comm.all_gather(&my_size, sizes.data(), ones, proto::I64)->wait();
+  std::vector<size_t> counts(sizes.begin(), sizes.end());
+  size_t total = 0;
+  for (size_t c : counts) total += c;
+  std::string send = mine;
+  send.push_back('\0');
+  std::string recv(total, '\0');
+  comm.all_gather(send.data(), recv.data(), counts, proto::U8)->wait();
+  std::vector<std::string> out;
+  size_t offset = 0;
+  for (size_t c : counts) {
+    out.push_back(recv.substr(offset, c - 1));
+    offset += c;
+  }
+  return out;
+}
+
+}  // namespace
+
+namespace {
+
+std::string save_what(const std::filesystem::path& root, int64_t step) {
+  return "save_checkpoint(" + ckpt::checkpoint_dir(root, step).string() + ")";
+}
+
+// Collective: rank 0 empties root/ckpt-<step>.tmp; returns that path.
+std::filesystem::path prepare(Engine& engine, const std::filesystem::path& root, int64_t step) {
+  const auto tmp = ckpt::temp_checkpoint_dir(root, step);
+  std::exception_ptr fault;
+  if (engine.comm().rank() == 0) {
+    try {
+      ckpt::prepare_save_dir(tmp);
+    } catch (...) {
+      fault = std::current_exception();
+    }
+  }
+  agree(engine.comm(), fault, save_what(root, step) + " preparing the directory");
+  return tmp;
+}
+
+std::vector<ckpt::SavePiece> save_pieces(Engine& engine) {
+  std::vector<ckpt::SavePiece> pieces;
+  for (const StateRange& r : my_state_ranges(engine))
+    pieces.push_back(ckpt::SavePiece{engine.spec(static_cast<size_t>(r.tensor)).name(), r.state, r.global_offset,
+                                     r.length, proto::F32, r.data});
+  return pieces;
+}
+
+// Collective, after every rank wrote its shard (or failed to: `fault`): gathers the records to rank 0,
+// which writes the manifest and publishes the directory; every rank learns the outcome.
+SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t step, const TrainerState& trainer,
+                    const SaveCheckpointOptions& options, std::exception_ptr fault,
+                    const proto::CheckpointShardRecord& record) {
+  comm::Communicator& comm = engine.comm();
+  const std::string what = save_what(root, step);
+  SaveResult result;
+  result.step = step;
+  std::string record_bytes;
+  if (!fault) {
+    try {
+      result.bytes_written_by_me = static_cast<uint64_t>(record.file().size_bytes());
+      record_bytes = ckpt::serialize_shard_record(record);
+    } catch (...) {
+      fault = std::current_exception();
+    }
+  }
+  agree(comm, fault, what + " writing shard files");
+
+  const std::vector<std::string> all_records = all_gather_strings(comm, record_bytes);
+  if (comm.rank() == 0) {
+    try {
+      std::vector<proto::CheckpointShardRecord> records;
+      for (const auto& bytes : all_records) records.push_back(ckpt::parse_shard_record(bytes));
+      ckpt::CheckpointInfo info;
+      info.step = step;
+      info.world_size = comm.size();
+      info.plan_hash = sharding::plan_hash(engine.plan());
+      info.rng.set_seed(trainer.seed);
+      info.rng.set_step(trainer.data_step);
+      for (const auto& [k, v] : trainer.extra) (*info.rng.mutable_extra())[k] = v;
+      info.metadata["elementwise_optimizer"] = optim::optimizer_kind_name(engine.elementwise_params().kind);
+      if (engine.matrix_params())
+        info.metadata["matrix_optimizer"] = optim::optimizer_kind_name(engine.matrix_params()->kind);
+      info.metadata["zero_stage"] = std::to_string(engine.options().zero_stage);
+      info.metadata["layout"] = proto::ShardLayout_Name(engine.options().layout);
+      for (size_t t = 0; t < engine.num_tensors(); ++t) {
+        proto::CheckpointTensor entry = ckpt::make_tensor_entry(engine.spec(t));
+        for (const std::string& state : states_of(engine, t)) {
+          std::vector<int64_t> shape;
+          if (state == kRowSecondMomentState) shape = {engine.spec(t).shape(0)};
+          ckpt::add_state(entry, state, proto::F32, shape);
+        }
+        info.tensors.push_back(std::move(entry));
+      }
+      ckpt::finalize_checkpoint(root, info, records, ckpt::FinalizeOptions{options.keep_last});
+    } catch (...) {
+      fault = std::current_exception();
+    }
+  }
+  agree(comm, fault, what + " finalizing");
+  result.dir = ckpt::checkpoint_dir(root, step);
+  return result;
+}
+
+}  // namespace
+
+SaveResult save_checkpoint(Engine& engine, const std::filesystem::path& root, const TrainerState& trainer,
+                           const SaveCheckpointOptions& options) {
+  const int64_t step = engine.optimizer_step();
+  const auto tmp = prepare(engine, root, step);
+  std::exception_ptr fault;
+  proto::CheckpointShardRecord record;
+  try {
+    record = ckpt::save_shard(tmp, engine.comm().rank(), save_pieces(engine));
+  } catch (...) {
+    fault = std::current_exception();
+  }
+  return finalize(engine, root, step, trainer, options, fault, record);
+}
+
+AsyncCheckpointSaver::AsyncCheckpointSaver(Engine& engine) : engine_(engine) {}
+AsyncCheckpointSaver::~AsyncCheckpointSaver() = default;
+
+void AsyncCheckpointSaver::start(const std::filesystem::path& root, const TrainerState& trainer,
+                                 const SaveCheckpointOptions& options) {
+  if (pending_)
+    throw ConfigError("AsyncCheckpointSaver::start: the save of step " + std::to_string(step_) +
+                      " under " + root_.string() + " has not been finished");
+  const int64_t step = engine_.optimizer_step();
+  const auto tmp = prepare(engine_, root, step);
+  std::exception_ptr fault;
+  try {
+    writer_.start(tmp, engine_.comm().rank(), save_pieces(engine_));
+  } catch (...) {
+    fault = std::current_exception();
+  }
+  // A rank that could not even start must not leave the others to fail later in finish().
+  agree(engine_.comm(), fault, save_what(root, step) + " starting the background write");
+  root_ = root;
+  step_ = step;
+  trainer_ = trainer;
+  options_ = options;
+  pending_ = true;
+}
+
+SaveResult AsyncCheckpointSaver::finish() {
+  if (!pending_) throw ConfigError("AsyncCheckpointSaver::finish: no save in progress");
+  pending_ = false;
+  std::exception_ptr fault;
+  proto::CheckpointShardRecord record;
+  try {
+    record = writer_.wait();
+  } catch (...) {
+    fault = std::current_exception();
+  }
+  return finalize(engine_, root_, step_, trainer_, options_, fault, record);
+}
+
+TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir) {
+  struct Commit {
+    float* dst;
+    size_t staging_offset;
+    int64_t length;
+  };
+  std::vector<float> staging;
+  std::vector<Commit> commits;
+  TrainerState trainer;
+  int64_t step = 0;
+
+  std::exception_ptr fault;
+  try {
+    ckpt::CheckpointReader reader(dir);
+    std::vector<ckpt::ExpectedTensor> expected;
+    for (size_t t = 0; t < engine.num_tensors(); ++t) expected.push_back({engine.spec(t), states_of(engine, t)});
+    // Extra tensors would mean a different model: refuse rather than silently ignore them.
+    ckpt::check_compatible(reader.manifest(), expected, dir.string());
+
+    // Plan every read before any I/O: a gap fails here, naming the range.
+    const std::vector<StateRange> ranges = my_state_ranges(engine);
+    size_t total = 0;
+    for (const StateRange& r : ranges) {
+      const std::string& name = engine.spec(static_cast<size_t>(r.tensor)).name();
+      const auto& info = reader.state_info(name, r.state);
+      if (info.dtype() != proto::F32)
+        throw ConfigError("load_checkpoint(" + dir.string() + "): tensor '" + name + "' state '" +
+                          r.state + "' has dtype " + proto::DType_Name(info.dtype()) +
+                          ", the engine keeps F32");
+      reader.plan_reads(name, r.state, r.global_offset, r.length);
+      commits.push_back({r.data, total, r.length});
+      total += static_cast<size_t>(r.length);
+    }
+    staging.resize(total);
+    for (size_t i = 0; i < ranges.size(); ++i) {
+      const StateRange& r = ranges[i];
+      reader.read(engine.spec(static_cast<size_t>(r.tensor)).name(), r.state, r.global_offset, r.length,
+                  staging.data() + commits[i].staging_offset);
+    }
+    const auto& rng = reader.manifest().rng();
+    trainer.seed = rng.seed();
+    trainer.data_step = rng.step();
+    for (const auto& [k, v] : rng.extra()) trainer.extra[k] = v;
+    step = reader.step();
+  } catch (...) {
+    fault = std::current_exception();
+  }
+  // All ranks read successfully, or none commits anything.
+  agree(engine.comm(), fault, "load_checkpoint(" + dir.string() + ")");
+
+  for (const Commit& c : commits)
+    std::memcpy(c.dst, staging.data() + c.staging_offset, sizeof(float) * static_cast<size_t>(c.length));
+  engine.set_optimizer_step(step);
+  engine.refresh_params();
+  return trainer;
+}
+
+}  // namespace shardopt::runtime

@@ -1,0 +1,85 @@
+// Saving and loading an Engine's state (fp32 masters + optimizer states) through checkpoint/.
+//
+// Saved states, per tensor, in global (row-major flattened) coordinates:
+//   "param"                    fp32 master, every piece of every rank (global_offset = tensor_offset)
+//   "adam_m", "adam_v"         AdamW slots of element-wise tensors
+//   "momentum"                 Lion/SGD slot of element-wise tensors; Muon momentum of matrices
+//   "normuon_row_v"            NorMuon row second moment, shape [rows]
+// Nothing in a checkpoint depends on world size, stage, layout or buckets: a load reads exactly the
+// ranges its own plan needs, whatever run wrote them.
+//
+// Both functions are collective over engine.comm(). Every fault (an I/O error, a bad checkpoint, an
+// incompatible model) reaches every rank: the rank that hit it rethrows its own exception, the others
+// throw the same error type naming that rank and its message. No rank hangs on another's failure.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <string>
+
+#include "checkpoint/async_saver.h"
+#include "runtime/engine.h"
+
+namespace shardopt::runtime {
+
+// Trainer state stored next to the engine's: the RNG seed, the data loader position, anything else.
+struct TrainerState {
+  uint64_t seed = 0;
+  int64_t data_step = 0;
+  std::map<std::string, std::string> extra;
+};
+
+struct SaveCheckpointOptions {
+  int keep_last = 0;  // complete checkpoints kept under root, the new one included; 0 keeps all
+};
+
+struct SaveResult {
+  std::filesystem::path dir;  // root/ckpt-<engine step>
+  int64_t step = 0;
+  uint64_t bytes_written_by_me = 0;  // this rank's shard file
+};
+
+// Collective. Writes root/ckpt-<optimizer_step>: every rank its own shard file, rank 0 the manifest
+// (world size, plan hash, engine step, trainer state) and the atomic publish. Throws CheckpointError
+// (I/O) or ConfigError on every rank if any rank fails; the previous checkpoint stays the latest.
+SaveResult save_checkpoint(Engine& engine, const std::filesystem::path& root, const TrainerState& trainer = {},
+                           const SaveCheckpointOptions& options = {});
+
+// Collective, in two halves so that the file writes overlap training: start() snapshots this rank's
+// state (the only time training waits) and writes the shard file on a background thread; finish()
+// (collective, called later, e.g. before the next save) waits for the write, then gathers the records
+// and publishes the checkpoint exactly as save_checkpoint does. The checkpoint holds the state at
+// start(). Errors of either half reach every rank.
+class AsyncCheckpointSaver {
+ public:
+  explicit AsyncCheckpointSaver(Engine& engine);
+  ~AsyncCheckpointSaver();  // an unfinished save is abandoned (its .tmp directory stays unpublished)
+  AsyncCheckpointSaver(const AsyncCheckpointSaver&) = delete;
+  AsyncCheckpointSaver& operator=(const AsyncCheckpointSaver&) = delete;
+
+  // Throws ConfigError if the previous save was not finished.
+  void start(const std::filesystem::path& root, const TrainerState& trainer = {},
+             const SaveCheckpointOptions& options = {});
+  SaveResult finish();
+  bool pending() const { return pending_; }
+
+ private:
+  Engine& engine_;
+  ckpt::AsyncShardSaver writer_;
+  bool pending_ = false;
+  std::filesystem::path root_;
+  int64_t step_ = 0;
+  TrainerState trainer_;
+  SaveCheckpointOptions options_;
+};
+
+// Collective. Loads checkpoint directory `dir` (written at any world size, stage or layout) into the
+// engine: checks compatibility (ConfigError naming the tensor and both shapes, or the missing state),
+// reads this rank's ranges into staging (CheckpointError on any corrupt or missing byte), and only
+// when every rank has succeeded commits them into the master shards and optimizer states, sets the
+// optimizer step and refreshes the full parameters. On failure no rank's engine state is changed.
+// Returns the trainer state that was saved.
+TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir);
+
+}  // namespace shardopt::runtime

@@ -123,10 +123,10 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   config.validate(world);
 
   model::Transformer net(config.model);
-  std::vector<proto::TensorSpec> specs = net.tensor_specs();
-  // Route by what a tensor is for, not by its name: only hidden matrices may go to Muon.
-  for (size_t t = 0; t < specs.size(); ++t)
-    if (net.params()[t].kind != model::ParamKind::kHiddenMatrix) specs[t].set_group(sharding::kDefaultElementwiseGroup);
+  // Route by what a tensor is for, not by its name: the model marks hidden matrices "muon" and the
+  // rest "adamw". An element-wise-only run (adamw, lion) takes no groups: everything is element-wise.
+  const bool matrix_optimizer = config.optimizer == "muon" || config.optimizer == "normuon";
+  std::vector<proto::TensorSpec> specs = net.tensor_specs(/*route_groups=*/matrix_optimizer);
 
   runtime::Engine engine(comm, specs, engine_options(config));
   engine.set_params([&](size_t t, float* dst) { net.init_tensor(config.seed, t, dst); });

@@ -11,12 +11,7 @@ namespace shardopt::optim {
 
 inline float load_as_float(float v) { return v; }
 
-inline float load_as_float(bf16 v) {
-  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+inline float load_as_float(bf16 v) { return bf16_to_float(v); }
 
 // Round to nearest even; NaN stays a (quiet) NaN. Same result as base/dtype.h float_to_bf16, but
 // with a select instead of an early return.

@@ -22,17 +22,13 @@
 
 #include "base/error.h"
 #include "comm/thread_backend.h"
+#include "tests/common/engine_fixture.h"
 
 namespace shardopt::runtime::gossip {
 namespace {
 
-proto::TensorSpec spec(const std::string& name, std::vector<int64_t> shape) {
-  proto::TensorSpec s;
-  s.set_name(name);
-  for (int64_t d : shape) s.add_shape(d);
-  s.set_dtype(proto::F32);
-  return s;
-}
+using shardopt::test_fixture::spec;
+
 
 std::vector<proto::TensorSpec> mixed_model() {
   return {spec("tok_embed", {13, 10}), spec("layer0.attn_norm", {10}), spec("layer0.w_q", {10, 10}),

@@ -1,10 +1,7 @@
 // The strongest test of the runtime: N-rank sharded training equals one process applying the same
-// optimizer to the averaged gradients, for every stage, layout, optimizer and world size.
-//
-// Gradients are dyadic rationals with few significant bits, and each rank's gradient is the common
-// value plus an offset that sums to exactly zero over ranks, so the averaged gradient equals the
-// reference gradient bit for bit whatever the reduction order. Differences can then only come from
-// the engine's sharding, routing and bookkeeping.
+// optimizer to the averaged gradients, for every stage, layout, optimizer and world size. The
+// gradients of tests/common/engine_fixture.h average exactly, so differences can only come from the
+// engine's sharding, routing and bookkeeping.
 #include "runtime/engine.h"
 
 #include <cmath>
@@ -20,40 +17,14 @@
 #include "optim/elementwise.h"
 #include "optim/muon.h"
 #include "sharding/zero_math.h"
+#include "tests/common/engine_fixture.h"
 
 namespace shardopt::runtime {
 namespace {
 
-proto::TensorSpec spec(const std::string& name, std::vector<int64_t> shape) {
-  proto::TensorSpec s;
-  s.set_name(name);
-  for (int64_t d : shape) s.add_shape(d);
-  s.set_dtype(proto::F32);
-  return s;
-}
+using namespace shardopt::test_fixture;  // NOLINT: the shared fixture of the runtime suites
 
-// A small mixed model: embeddings/head/norms go to the element-wise optimizer, the rest to Muon.
-std::vector<proto::TensorSpec> mixed_model() {
-  return {spec("tok_embed", {13, 10}), spec("layer0.attn_norm", {10}), spec("layer0.w_q", {10, 10}),
-          spec("layer0.w_up", {24, 10}), spec("layer0.w_down", {10, 24}), spec("layer1.w_k", {7, 10}),
-          spec("layer1.w_o", {10, 7}),   spec("layer1.mlp_norm", {10}),   spec("lm_head", {13, 10})};
-}
 
-int64_t numel(const proto::TensorSpec& s) {
-  int64_t n = 1;
-  for (int64_t d : s.shape()) n *= d;
-  return n;
-}
-
-float initial_value(size_t t, int64_t i) { return static_cast<float>(((t * 131 + i * 17) % 97) - 48) / 64.0f; }
-
-// Common gradient of step s (dyadic, |g| < 1) and rank r's offset (sums to zero over ranks).
-float common_grad(int step, size_t t, int64_t i) {
-  return static_cast<float>(((step * 7 + t * 29 + i * 13) % 61) - 30) / 32.0f;
-}
-float rank_offset(int rank, int world, size_t t, int64_t i) {
-  return static_cast<float>((2 * rank - (world - 1)) * static_cast<int>((i + t) % 5 - 2)) / 128.0f;
-}
 
 struct Case {
   int world;

@@ -20,41 +20,17 @@
 #include "checkpoint/format.h"
 #include "checkpoint/writer.h"
 #include "comm/thread_backend.h"
+#include "tests/common/engine_fixture.h"
 
 namespace shardopt::runtime {
 namespace {
 
+using namespace shardopt::test_fixture;  // NOLINT: the shared fixture of the runtime suites
+
 namespace fs = std::filesystem;
 using Params = std::vector<std::vector<float>>;
 
-proto::TensorSpec spec(const std::string& name, std::vector<int64_t> shape) {
-  proto::TensorSpec s;
-  s.set_name(name);
-  for (int64_t d : shape) s.add_shape(d);
-  s.set_dtype(proto::F32);
-  return s;
-}
 
-// Element-wise tensors (embeddings, norms, head) and Muon matrices, several buckets.
-std::vector<proto::TensorSpec> mixed_model(int64_t up_rows = 24) {
-  return {spec("tok_embed", {13, 10}), spec("layer0.attn_norm", {10}), spec("layer0.w_q", {10, 10}),
-          spec("layer0.w_up", {up_rows, 10}), spec("layer0.w_down", {10, 24}), spec("layer1.w_k", {7, 10}),
-          spec("layer1.w_o", {10, 7}),   spec("layer1.mlp_norm", {10}),   spec("lm_head", {13, 10})};
-}
-
-int64_t numel(const proto::TensorSpec& s) {
-  int64_t n = 1;
-  for (int64_t d : s.shape()) n *= d;
-  return n;
-}
-
-float initial_value(size_t t, int64_t i) { return static_cast<float>(((t * 131 + i * 17) % 97) - 48) / 64.0f; }
-float common_grad(int step, size_t t, int64_t i) {
-  return static_cast<float>(((step * 7 + t * 29 + i * 13) % 61) - 30) / 32.0f;
-}
-float rank_offset(int rank, int world, size_t t, int64_t i) {
-  return static_cast<float>((2 * rank - (world - 1)) * static_cast<int>((i + t) % 5 - 2)) / 128.0f;
-}
 
 EngineOptions options(int stage, proto::ShardLayout layout, const std::string& matrix = "muon",
                       const std::string& elementwise = "adamw") {

@@ -1,0 +1,51 @@
+// Shared fixture of the runtime suites: a small mixed model and exactly averageable gradients.
+//
+// Gradients are dyadic rationals with few significant bits, and each rank's gradient is the common
+// value plus an offset that sums to exactly zero over ranks, so the averaged gradient equals the
+// common one bit for bit whatever the reduction order: N-rank results can be compared with a
+// single-process reference without rounding slack.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "proto/types.pb.h"
+
+namespace shardopt::test_fixture {
+
+inline proto::TensorSpec spec(const std::string& name, std::vector<int64_t> shape) {
+  proto::TensorSpec s;
+  s.set_name(name);
+  for (int64_t d : shape) s.add_shape(d);
+  s.set_dtype(proto::F32);
+  return s;
+}
+
+// Embeddings, norms and the head go to the element-wise optimizer, the rest to Muon; with a small
+// bucket size the model spans several buckets, some tensors larger than a bucket.
+inline std::vector<proto::TensorSpec> mixed_model(int64_t up_rows = 24) {
+  return {spec("tok_embed", {13, 10}), spec("layer0.attn_norm", {10}), spec("layer0.w_q", {10, 10}),
+          spec("layer0.w_up", {up_rows, 10}), spec("layer0.w_down", {10, 24}), spec("layer1.w_k", {7, 10}),
+          spec("layer1.w_o", {10, 7}),   spec("layer1.mlp_norm", {10}),   spec("lm_head", {13, 10})};
+}
+
+inline int64_t numel(const proto::TensorSpec& s) {
+  int64_t n = 1;
+  for (int64_t d : s.shape()) n *= d;
+  return n;
+}
+
+inline float initial_value(size_t t, int64_t i) {
+  return static_cast<float>(((t * 131 + i * 17) % 97) - 48) / 64.0f;
+}
+// Common gradient of step s (dyadic, |g| < 1).
+inline float common_grad(int step, size_t t, int64_t i) {
+  return static_cast<float>(((step * 7 + t * 29 + i * 13) % 61) - 30) / 32.0f;
+}
+// Rank r's offset: sums to exactly zero over the ranks of a world.
+inline float rank_offset(int rank, int world, size_t t, int64_t i) {
+  return static_cast<float>((2 * rank - (world - 1)) * static_cast<int>((i + t) % 5 - 2)) / 128.0f;
+}
+
+}  // namespace shardopt::test_fixture

@@ -36,16 +36,20 @@ inline int64_t numel(const proto::TensorSpec& s) {
   return n;
 }
 
+// All arithmetic is signed: with a size_t operand, `x % 97 - 48` would wrap to ~2^64.
 inline float initial_value(size_t t, int64_t i) {
-  return static_cast<float>(((t * 131 + i * 17) % 97) - 48) / 64.0f;
+  const auto ti = static_cast<int64_t>(t);
+  return static_cast<float>((ti * 131 + i * 17) % 97 - 48) / 64.0f;  // in [-0.75, 0.75]
 }
 // Common gradient of step s (dyadic, |g| < 1).
 inline float common_grad(int step, size_t t, int64_t i) {
-  return static_cast<float>(((step * 7 + t * 29 + i * 13) % 61) - 30) / 32.0f;
+  const auto ti = static_cast<int64_t>(t);
+  return static_cast<float>((int64_t{step} * 7 + ti * 29 + i * 13) % 61 - 30) / 32.0f;
 }
 // Rank r's offset: sums to exactly zero over the ranks of a world.
 inline float rank_offset(int rank, int world, size_t t, int64_t i) {
-  return static_cast<float>((2 * rank - (world - 1)) * static_cast<int>((i + t) % 5 - 2)) / 128.0f;
+  const auto ti = static_cast<int64_t>(t);
+  return static_cast<float>(int64_t{2 * rank - (world - 1)} * ((i + ti) % 5 - 2)) / 128.0f;
 }
 
 }  // namespace shardopt::test_fixture

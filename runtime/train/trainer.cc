@@ -215,7 +215,8 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   std::vector<proto::TensorSpec> specs = net.tensor_specs();
   // Route by what a tensor is for, not by its name: only hidden matrices may go to Muon.
   for (size_t t = 0; t < specs.size(); ++t)
-    if (net.params()[t].kind != model::ParamKind::kHiddenMatrix) specs[t].set_group(sharding::kDefaultElementwiseGroup);
+    if (net.params()[t].kind != model::ParamKind::kHiddenMatrix || !is_matrix_optimizer(config.optimizer))
+      specs[t].set_group(sharding::kDefaultElementwiseGroup);  // adamw/lion: every tensor element-wise
 
   runtime::Engine engine(engine_comm, specs, engine_options(config));
   engine.set_params([&](size_t t, float* dst) { net.init_tensor(config.seed, t, dst); });

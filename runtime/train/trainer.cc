@@ -35,7 +35,6 @@ struct SyncOutcome {
   runtime::StepReport report;
   bool outer_step = false;
   double consensus_distance = std::numeric_limits<double>::quiet_NaN();
-  uint64_t outer_bytes_sent = 0;
 };
 
 // One function per sync mode; sync_step dispatches. Gossip modes keep their state in OuterSync.
@@ -49,7 +48,7 @@ SyncOutcome sync_outer(runtime::Engine& engine, runtime::gossip::OuterSync& oute
   if (step % outer.options().outer_every != 0) return out;
   out.outer_step = true;
   out.consensus_distance = outer.consensus_distance();
-  out.outer_bytes_sent = outer.outer_step().bytes_sent;
+  outer.outer_step();
   return out;
 }
 
@@ -275,6 +274,16 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   const auto run_start = Clock::now();
   auto& trace = engine.trace();
 
+  // Bytes this rank sent: the engine's communicator plus, with replicas, the outer step's (cross
+  // communicator and links). Counted from step end to step end, so the outer step's parameter refresh
+  // (an all-gather in the shard group) belongs to the outer step, not to the next step.
+  auto bytes_sent_so_far = [&] {
+    uint64_t sent = engine_comm.counters().total_sent();
+    if (outer) sent += outer->outer_traffic().total_sent();
+    return sent;
+  };
+  uint64_t sent_at_last_step = bytes_sent_so_far();
+
   for (int64_t step = first_step; step <= config.steps; ++step) {
     trace.enable(config.trace_steps > 0 && step > config.steps - config.trace_steps);
     const auto step_start = Clock::now();
@@ -309,7 +318,9 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     record.train_loss = mean_loss;
     record.applied = report.applied;
     record.grad_norm = report.grad_norm;
-    record.bytes_per_rank = report.traffic.total_sent() + synced.outer_bytes_sent;
+    const uint64_t sent_now = bytes_sent_so_far();
+    record.bytes_per_rank = sent_now - sent_at_last_step;
+    sent_at_last_step = sent_now;
     record.outer_step = synced.outer_step;
     record.consensus_distance = synced.consensus_distance;
     if (synced.outer_step) result.final_consensus_distance = synced.consensus_distance;

@@ -159,6 +159,8 @@ void expect_replicas_agree_and_learn(const std::vector<TrainResult>& got, const 
     EXPECT_EQ(s.outer_step, outer) << s.step;
     if (!outer) {
       EXPECT_TRUE(std::isnan(s.consensus_distance)) << s.step;
+      // An inner step costs the same engine traffic every time (the outer step's refresh is not in it).
+      EXPECT_EQ(s.bytes_per_rank, h.front().bytes_per_rank) << s.step;
       continue;
     }
     // Different data per replica between outer steps: the replicas drift apart.

@@ -43,6 +43,8 @@ struct TrainArgs {
   std::string out = "runs/latest";
   std::string layout = "owned";
   std::string sync = "zero";
+  std::string resume;       // --resume [DIR]
+  CLI::Option* resume_option = nullptr;  // counts a bare --resume too
 };
 
 void add_train_options(CLI::App& cmd, TrainArgs& a) {
@@ -73,7 +75,23 @@ void add_train_options(CLI::App& cmd, TrainArgs& a) {
   cmd.add_option("--stage", c.zero_stage, "ZeRO stage 1|2|3")->capture_default_str();
   cmd.add_option("--layout", a.layout, "owned | dim0")->capture_default_str();
   cmd.add_option("--bucket-bytes", c.bucket_bytes, "gradient bucket size in bytes")->capture_default_str();
-  cmd.add_option("--sync", a.sync, "sync mode: zero")->capture_default_str();
+  cmd.add_option("--sync", a.sync, "sync mode: zero | noloco | diloco (the last two with --replicas)")
+      ->capture_default_str();
+  cmd.add_option("--replicas", c.replicas, "replicas R (noloco/diloco): world = R x shard group")
+      ->capture_default_str();
+  cmd.add_option("--outer-every", c.outer_every, "inner steps H per outer step")->capture_default_str();
+  cmd.add_option("--outer-lr", c.outer_lr, "outer lr: NoLoCo alpha (default 0.7) / DiLoCo lr (default 0.7)");
+  cmd.add_option("--outer-momentum", c.outer_momentum,
+                 "outer momentum: NoLoCo beta (default 0.5) / DiLoCo Nesterov momentum (default 0.9)");
+  cmd.add_option("--outer-gamma", c.outer_gamma, "NoLoCo gamma (pull toward the group's slow weights; default alpha)");
+  cmd.add_option("--gossip-group", c.gossip_group, "NoLoCo group size n")->capture_default_str();
+  cmd.add_option("--save-every", c.save_every, "steps between checkpoints (0 = never; needs --ckpt-dir)")
+      ->capture_default_str();
+  cmd.add_option("--ckpt-dir", c.ckpt_dir, "root folder of the ckpt-<step> checkpoints");
+  cmd.add_option("--keep-last", c.keep_last, "checkpoints kept under --ckpt-dir (0 = all)")->capture_default_str();
+  a.resume_option = cmd.add_option("--resume", a.resume,
+                 "resume from a checkpoint folder, or the latest under a root (no value: latest under --ckpt-dir)")
+      ->expected(0, 1);
   cmd.add_option("--seed", c.seed, "seed of init and data order")->capture_default_str();
   cmd.add_option("--eval-every", c.eval_every, "steps between validation evaluations")->capture_default_str();
   cmd.add_option("--eval-batches", c.eval_batches, "validation batches per evaluation")->capture_default_str();
@@ -86,6 +104,7 @@ int run_train(TrainArgs& a, int* argc, char*** argv) {
   auto& c = a.config;
   c.layout = parse_layout(a.layout);
   c.sync = train::parse_sync_mode(a.sync);
+  if (a.resume_option->count() > 0) c.resume_from = train::resolve_resume_dir(a.resume, c.ckpt_dir);
   const bool mpi = a.backend == "mpi" || (a.backend == "auto" && launched_by_mpirun());
   const auto corpus = model::ByteCorpus::load(a.data);
 

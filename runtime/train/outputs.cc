@@ -69,12 +69,13 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
   const std::string csv_path = dir + "/loss.csv";
   {
     auto csv = open_for_write(csv_path);
-    csv << "step,train_loss,val_loss,lr_multiplier,tokens,bytes_per_rank,seconds\n";
+    csv << "step,train_loss,val_loss,lr_multiplier,tokens,bytes_per_rank,seconds,consensus_distance\n";
     for (const auto& s : r.history) {
       csv << s.step << ',' << fmt::format("{:.6f}", s.train_loss) << ','
           << (std::isnan(s.val_loss) ? std::string() : fmt::format("{:.6f}", s.val_loss)) << ','
           << fmt::format("{:.6f}", s.lr_multiplier) << ',' << s.tokens << ',' << s.bytes_per_rank << ','
-          << fmt::format("{:.6f}", s.seconds) << '\n';
+          << fmt::format("{:.6f}", s.seconds) << ','
+          << (std::isnan(s.consensus_distance) ? std::string() : fmt::format("{:.6e}", s.consensus_distance)) << '\n';
     }
   }
   written.push_back(csv_path);
@@ -98,7 +99,15 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
                  {"max_grad_norm", c.max_grad_norm}, {"zero_stage", c.zero_stage},
                  {"layout", c.layout == proto::SHARD_LAYOUT_DIM0 ? "dim0" : "owned"},
                  {"bucket_bytes", c.bucket_bytes},  {"sync", sync_mode_name(c.sync)},
-                 {"seed", c.seed}};
+                 {"seed", c.seed},                  {"replicas", c.replicas},
+                 {"outer_every", c.outer_every},    {"gossip_group", c.gossip_group}};
+  j["first_step"] = r.first_step;
+  j["resumed_from"] = r.resumed_from;
+  j["saved_checkpoints"] = r.saved_checkpoints;
+  j["skipped_outer_rounds"] = r.skipped_rounds;
+  // null when no outer step ran (sync zero)
+  j["final_consensus_distance"] =
+      std::isnan(r.final_consensus_distance) ? nlohmann::json() : nlohmann::json(r.final_consensus_distance);
   j["num_params"] = r.num_params;
   j["final_train_loss"] = r.history.back().train_loss;
   j["final_val_loss"] = r.final_val_loss;

@@ -14,8 +14,8 @@ namespace shardopt::train {
 std::string final_report(const TrainResult& result, const TrainConfig& config, const std::string& backend);
 
 // Writes into dir (created if missing), from rank 0's result:
-//   loss.csv      step,train_loss,val_loss,lr_multiplier,tokens,bytes_per_rank,seconds (val_loss empty
-//                 when not evaluated)
+//   loss.csv      step,train_loss,val_loss,lr_multiplier,tokens,bytes_per_rank,seconds,consensus_distance
+//                 (val_loss / consensus_distance empty when not evaluated at that step)
 //   loss.png      train/val loss vs step (gnuplot, pngcairo); skipped with a warning without gnuplot
 //   sample.txt    generated text
 //   summary.json  config, final losses, throughput, phase seconds, memory per rank, traffic

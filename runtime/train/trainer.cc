@@ -3,13 +3,19 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <limits>
+#include <memory>
 #include <numbers>
 #include <sstream>
 
 #include <fmt/format.h>
 
 #include "base/error.h"
+#include "checkpoint/writer.h"
 #include "model/generate.h"
+#include "runtime/checkpoint_io.h"
+#include "runtime/gossip/outer_sync.h"
 #include "optim/config.h"
 #include "sharding/routing.h"
 
@@ -22,15 +28,52 @@ double seconds_since(Clock::time_point t0) { return std::chrono::duration<double
 
 bool is_matrix_optimizer(const std::string& name) { return name == "muon" || name == "normuon"; }
 
-// One function per sync mode; sync_step dispatches. A gossip mode would keep its own state here.
-runtime::StepReport sync_zero(runtime::Engine& engine, float lr_multiplier) { return engine.step(lr_multiplier); }
+bool is_replicated(SyncMode mode) { return mode == SyncMode::kNoLoCo || mode == SyncMode::kDiLoCo; }
 
-runtime::StepReport sync_step(SyncMode mode, runtime::Engine& engine, float lr_multiplier) {
+// What one step's sync did, beyond the engine's report.
+struct SyncOutcome {
+  runtime::StepReport report;
+  bool outer_step = false;
+  double consensus_distance = std::numeric_limits<double>::quiet_NaN();
+};
+
+// One function per sync mode; sync_step dispatches. Gossip modes keep their state in OuterSync.
+SyncOutcome sync_zero(runtime::Engine& engine, float lr_multiplier) { return {engine.step(lr_multiplier)}; }
+
+// Inner ZeRO step in the shard group; every H steps, measure the replicas' consensus distance (before
+// averaging: how far the replicas drifted in H inner steps) and run the outer step.
+SyncOutcome sync_outer(runtime::Engine& engine, runtime::gossip::OuterSync& outer, int64_t step,
+                       float lr_multiplier) {
+  SyncOutcome out{engine.step(lr_multiplier)};
+  if (step % outer.options().outer_every != 0) return out;
+  out.outer_step = true;
+  out.consensus_distance = outer.consensus_distance();
+  outer.outer_step();
+  return out;
+}
+
+SyncOutcome sync_step(SyncMode mode, runtime::Engine& engine, runtime::gossip::OuterSync* outer, int64_t step,
+                      float lr_multiplier) {
   switch (mode) {
     case SyncMode::kZero:
       return sync_zero(engine, lr_multiplier);
+    case SyncMode::kNoLoCo:
+    case SyncMode::kDiLoCo:
+      return sync_outer(engine, *outer, step, lr_multiplier);
   }
   throw ConfigError("sync_step: unknown sync mode " + std::to_string(static_cast<int>(mode)));
+}
+
+runtime::gossip::GossipOptions gossip_options(const TrainConfig& c) {
+  runtime::gossip::GossipOptions o;
+  o.mode = c.sync == SyncMode::kDiLoCo ? runtime::gossip::SyncMode::kDiLoCo : runtime::gossip::SyncMode::kNoLoCo;
+  o.outer_every = c.outer_every;
+  o.group_size = c.gossip_group;
+  o.seed = c.seed;
+  if (c.outer_lr >= 0) o.alpha = o.diloco_lr = c.outer_lr;
+  o.gamma = c.outer_gamma >= 0 ? c.outer_gamma : o.alpha;
+  if (c.outer_momentum >= 0) o.beta = o.diloco_momentum = c.outer_momentum;
+  return o;
 }
 
 runtime::EngineOptions engine_options(const TrainConfig& c) {
@@ -60,13 +103,28 @@ std::string sync_mode_name(SyncMode mode) {
   switch (mode) {
     case SyncMode::kZero:
       return "zero";
+    case SyncMode::kNoLoCo:
+      return "noloco";
+    case SyncMode::kDiLoCo:
+      return "diloco";
   }
   return "unknown";
 }
 
 SyncMode parse_sync_mode(const std::string& name) {
   if (name == "zero") return SyncMode::kZero;
-  throw ConfigError("--sync: expected one of {zero}, got '" + name + "'");
+  if (name == "noloco") return SyncMode::kNoLoCo;
+  if (name == "diloco") return SyncMode::kDiLoCo;
+  throw ConfigError("--sync: expected one of {zero, noloco, diloco}, got '" + name + "'");
+}
+
+std::string resolve_resume_dir(const std::string& path, const std::string& ckpt_dir) {
+  const std::string root = path.empty() ? ckpt_dir : path;
+  if (root.empty()) throw ConfigError("--resume: no folder given and no --ckpt-dir to take the latest checkpoint from");
+  if (std::filesystem::exists(std::filesystem::path(root) / "manifest.pb")) return root;  // a checkpoint itself
+  if (auto latest = ckpt::latest_checkpoint(root)) return latest->string();
+  throw ConfigError("--resume: '" + root + "' is neither a checkpoint folder (no manifest.pb) nor a root holding " +
+                    "complete ckpt-<step> checkpoints");
 }
 
 void TrainConfig::validate(int world_size) const {
@@ -96,6 +154,27 @@ void TrainConfig::validate(int world_size) const {
   need(eval_every >= 0 && eval_batches >= 1, "train: --eval-every must be >= 0 and --eval-batches >= 1");
   need(log_every >= 0 && trace_steps >= 0 && sample_tokens >= 0,
        "train: --log-every, --trace-steps and --sample-tokens must be >= 0");
+  need(replicas >= 1 && world_size % replicas == 0,
+       "train: --replicas (" + std::to_string(replicas) + ") must divide the world size (--ranks or mpirun -np, " +
+           std::to_string(world_size) + "): world = replicas x shard group");
+  const bool replicated = is_replicated(sync);
+  need(replicated || replicas == 1, "train: --replicas " + std::to_string(replicas) +
+                                        " needs --sync noloco or diloco (zero syncs every rank every step)");
+  if (replicated) {
+    need(outer_every >= 1, "train: --outer-every must be >= 1, got " + std::to_string(outer_every));
+    need(sync == SyncMode::kDiLoCo || (gossip_group >= 1 && gossip_group <= replicas), "train: --gossip-group must be in [1, replicas = " +
+                                                            std::to_string(replicas) + "], got " +
+                                                            std::to_string(gossip_group));
+    runtime::gossip::validate_gossip_options(gossip_options(*this), replicas);
+  }
+  need(save_every >= 0, "train: --save-every must be >= 0, got " + std::to_string(save_every));
+  need(keep_last >= 0, "train: --keep-last must be >= 0, got " + std::to_string(keep_last));
+  need(save_every == 0 || !ckpt_dir.empty(), "train: --save-every " + std::to_string(save_every) +
+                                                 " needs --ckpt-dir (where to write the checkpoints)");
+  need(save_every == 0 || !replicated,
+       "train: --save-every with --sync " + sync_mode_name(sync) +
+           " is refused: checkpoints do not hold the gossip state (slow weights phi, outer momentum m) yet; " +
+           "save with --sync zero (resuming into noloco/diloco from it is allowed: phi := theta, m := 0)");
 }
 
 float lr_multiplier(const TrainConfig& c, int64_t step) {
@@ -112,25 +191,49 @@ std::string progress_line(const StepRecord& r, const TrainConfig& c, double toke
   if (!std::isnan(r.val_loss)) line += fmt::format("  val {:.4f}", r.val_loss);
   line += fmt::format("  lr x{:.3f}  {:.1f}k tok/s  {:.3f} MB sent/rank/step", r.lr_multiplier,
                       tokens_per_second / 1e3, r.bytes_per_rank / 1e6);
+  if (r.outer_step)
+    line += fmt::format("  outer step: consensus {:.3e}, {} skipped rounds", r.consensus_distance, r.skipped_rounds);
   if (!r.applied) line += "  (skipped: non-finite gradients)";
   return line;
 }
 
-TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus, const TrainConfig& config,
+TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus, const TrainConfig& config_in,
                        const TrainHooks& hooks) {
   const int world = comm.size();
   const int rank = comm.rank();
-  config.validate(world);
+  config_in.validate(world);
+  TrainConfig config = config_in;  // a resume adopts the checkpoint's seed
+
+  // Replicas: the engine runs on this replica's shard group, the outer sync on the cross communicator.
+  runtime::gossip::ReplicaGrid grid;
+  const bool replicated = is_replicated(config.sync);
+  if (replicated) grid = runtime::gossip::split_replica_grid(comm, config.replicas);
+  comm::Communicator& engine_comm = replicated ? *grid.shard_group : comm;
 
   model::Transformer net(config.model);
   // Route by what a tensor is for, not by its name: the model marks hidden matrices "muon" and the
   // rest "adamw". An element-wise-only run (adamw, lion) takes no groups: everything is element-wise.
-  const bool matrix_optimizer = config.optimizer == "muon" || config.optimizer == "normuon";
-  std::vector<proto::TensorSpec> specs = net.tensor_specs(/*route_groups=*/matrix_optimizer);
+  std::vector<proto::TensorSpec> specs = net.tensor_specs(/*route_groups=*/is_matrix_optimizer(config.optimizer));
 
-  runtime::Engine engine(comm, specs, engine_options(config));
+  runtime::Engine engine(engine_comm, specs, engine_options(config));
   engine.set_params([&](size_t t, float* dst) { net.init_tensor(config.seed, t, dst); });
   const bool stage3 = config.zero_stage == 3;
+
+  TrainResult result;
+  int64_t first_step = 1;
+  if (!config.resume_from.empty()) {
+    // Every replica loads the same checkpoint (each into its own shard group's engine).
+    const runtime::TrainerState saved = runtime::load_checkpoint(engine, config.resume_from);
+    if (saved.data_step >= config.steps)
+      throw ConfigError("train: checkpoint " + config.resume_from + " is at step " + std::to_string(saved.data_step) +
+                        ", nothing left to do for --steps " + std::to_string(config.steps));
+    config.seed = saved.seed;  // the data order continues where the saved run left it
+    first_step = saved.data_step + 1;
+    result.resumed_from = config.resume_from;
+  }
+  // Constructed after a resume so that phi starts at the loaded theta.
+  std::unique_ptr<runtime::gossip::OuterSync> outer;
+  if (replicated) outer = std::make_unique<runtime::gossip::OuterSync>(engine, *grid.cross, gossip_options(config));
 
   model::SamplerConfig sc;
   sc.global_batch = config.global_batch / config.grad_accumulation;  // one micro-batch over all ranks
@@ -160,8 +263,8 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     return recv;
   };
 
-  TrainResult result;
   result.world_size = world;
+  result.first_step = first_step;
   result.rank = rank;
   result.num_params = net.num_params();
   result.history.reserve(config.steps);
@@ -169,7 +272,17 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   const auto run_start = Clock::now();
   auto& trace = engine.trace();
 
-  for (int64_t step = 1; step <= config.steps; ++step) {
+  // Bytes this rank sent: the engine's communicator plus, with replicas, the outer step's (cross
+  // communicator and links). Counted from step end to step end, so the outer step's parameter refresh
+  // (an all-gather in the shard group) belongs to the outer step, not to the next step.
+  auto bytes_sent_so_far = [&] {
+    uint64_t sent = engine_comm.counters().total_sent();
+    if (outer) sent += outer->outer_traffic().total_sent();
+    return sent;
+  };
+  uint64_t sent_at_last_step = bytes_sent_so_far();
+
+  for (int64_t step = first_step; step <= config.steps; ++step) {
     trace.enable(config.trace_steps > 0 && step > config.steps - config.trace_steps);
     const auto step_start = Clock::now();
     if (stage3) engine.gather_all();
@@ -195,13 +308,21 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     StepRecord record;
     record.step = step;
     record.lr_multiplier = lr_multiplier(config, step);
-    const runtime::StepReport report = sync_step(config.sync, engine, static_cast<float>(record.lr_multiplier));
+    const SyncOutcome synced =
+        sync_step(config.sync, engine, outer.get(), step, static_cast<float>(record.lr_multiplier));
+    const runtime::StepReport& report = synced.report;
     float local_loss = static_cast<float>(loss_sum / config.grad_accumulation), mean_loss = 0;
     comm.all_reduce(&local_loss, &mean_loss, 1, proto::F32, comm::ReduceOp::kAvg)->wait();
     record.train_loss = mean_loss;
     record.applied = report.applied;
     record.grad_norm = report.grad_norm;
-    record.bytes_per_rank = report.traffic.total_sent();
+    const uint64_t sent_now = bytes_sent_so_far();
+    record.bytes_per_rank = sent_now - sent_at_last_step;
+    sent_at_last_step = sent_now;
+    record.outer_step = synced.outer_step;
+    record.consensus_distance = synced.consensus_distance;
+    if (synced.outer_step) result.final_consensus_distance = synced.consensus_distance;
+    record.skipped_rounds = outer ? outer->skipped_rounds() : 0;
     record.tokens = step * tokens_per_step;
     const auto& pt = report.times;
     auto& sum = result.phase_seconds;
@@ -215,12 +336,22 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     const bool eval_now = step == config.steps || (config.eval_every > 0 && step % config.eval_every == 0);
     if (eval_now) record.val_loss = evaluate();
     record.seconds = seconds_since(step_start);
+    if (config.save_every > 0 && step % config.save_every == 0) {
+      runtime::TrainerState state;
+      state.seed = config.seed;
+      state.data_step = step;
+      state.extra["sync"] = sync_mode_name(config.sync);
+      const auto saved = runtime::save_checkpoint(engine, config.ckpt_dir, state, {.keep_last = config.keep_last});
+      if (rank == 0) result.saved_checkpoints.push_back(saved.dir.string());
+    }
     result.history.push_back(record);
     trace.keep_last_steps(static_cast<size_t>(config.trace_steps));
     if (rank == 0 && hooks.on_step) hooks.on_step(record, config);
   }
   result.total_seconds = seconds_since(run_start);
-  result.tokens_per_second = static_cast<double>(config.steps * tokens_per_step) / result.total_seconds;
+  result.tokens_per_second =
+      static_cast<double>((config.steps - first_step + 1) * tokens_per_step) / result.total_seconds;
+  result.skipped_rounds = outer ? outer->skipped_rounds() : 0;
   result.final_val_loss = result.history.back().val_loss;
   trace.enable(false);
 

@@ -10,6 +10,18 @@
 // backward (release_all), then steps; validation and sampling gather around their use too.
 // Determinism: data order, init and sampling are pure functions of the seed; with the same world
 // size, two runs give bit-identical losses.
+//
+// Replicas (--sync noloco|diloco): world = replicas x shard group (runtime/gossip/outer_sync.h). Each
+// replica's Engine runs on its shard-group communicator, OuterSync on the cross-replica one. The global
+// batch is still split across ALL world ranks (each rank its own slice), so each replica trains on its
+// own data and gradients are averaged only inside the shard group; replicas meet only at outer steps.
+// Reported train/val losses are means over all world ranks (= over replicas).
+//
+// Checkpoints: save_every / ckpt_dir save the engine (fp32 masters + optimizer states) and the trainer
+// state (seed, data step) through runtime/checkpoint_io.h; resume_from loads one at any world size,
+// stage or layout and continues at the next step with the saved seed. Gossip state (phi, m) is not
+// saved: saving with noloco/diloco is refused (ConfigError). Resuming INTO noloco/diloco from a
+// checkpoint is allowed and starts the outer loop afresh (phi := theta, m := 0).
 #pragma once
 
 #include <cstdint>
@@ -29,7 +41,9 @@ namespace shardopt::train {
 // How ranks agree on the model each step. Extension point: a new mode adds an enumerator, a name in
 // sync_mode_name/parse_sync_mode and one function in trainer.cc's sync_step dispatch.
 enum class SyncMode {
-  kZero,  // synchronous ZeRO step: reduce-scatter gradients, sharded update, all-gather parameters
+  kZero,    // synchronous ZeRO step: reduce-scatter gradients, sharded update, all-gather parameters
+  kNoLoCo,  // ZeRO step inside each replica's shard group + NoLoCo gossip outer step every outer_every
+  kDiLoCo,  // ZeRO step inside each replica's shard group + DiLoCo all-reduce outer step every outer_every
 };
 std::string sync_mode_name(SyncMode mode);
 SyncMode parse_sync_mode(const std::string& name);  // ConfigError naming the known modes
@@ -51,6 +65,18 @@ struct TrainConfig {
   int64_t bucket_bytes = int64_t{1} << 20;
   SyncMode sync = SyncMode::kZero;
   uint64_t seed = 1;
+  // Replicas (noloco / diloco only): world = replicas x shard group.
+  int replicas = 1;
+  int outer_every = 50;         // H: inner steps per outer step
+  double outer_lr = -1;         // alpha (NoLoCo) / outer lr (DiLoCo); < 0: the mode's default (0.7)
+  double outer_momentum = -1;   // beta (NoLoCo, default 0.5) / outer momentum (DiLoCo, default 0.9); < 0: default
+  double outer_gamma = -1;      // NoLoCo gamma (pull toward the group's phi); < 0: = alpha
+  int gossip_group = 2;         // NoLoCo group size n
+  // Checkpoints (runtime/checkpoint_io.h).
+  int save_every = 0;           // steps between saves into ckpt_dir (0 = never)
+  std::string ckpt_dir;         // root of ckpt-<step> folders
+  int keep_last = 0;            // checkpoints kept under ckpt_dir (0 = all)
+  std::string resume_from;      // checkpoint folder to resume from (empty = fresh start)
   int eval_every = 50;   // steps between validation evaluations (and always at the last step); 0 = last only
   int eval_batches = 4;  // validation batches (of global_batch sequences) per evaluation
   int log_every = 10;    // progress line period (rank 0); 0 = silent
@@ -74,6 +100,10 @@ struct StepRecord {
   double seconds = 0;           // wall time of the step on this rank
   double grad_norm = 0;
   bool applied = true;
+  bool outer_step = false;  // an outer step (noloco/diloco) ran after this step
+  // Consensus distance of the replicas' fast weights just before the outer step (NaN when none ran).
+  double consensus_distance = std::numeric_limits<double>::quiet_NaN();
+  int64_t skipped_rounds = 0;  // outer rounds skipped so far (this rank)
 };
 
 struct TrainResult {
@@ -91,6 +121,11 @@ struct TrainResult {
   int64_t num_params = 0;
   int world_size = 1;
   int rank = 0;
+  int64_t first_step = 1;       // > 1 when resumed
+  std::string resumed_from;     // checkpoint folder loaded ("" = fresh start)
+  std::vector<std::string> saved_checkpoints;  // folders written (rank 0)
+  int64_t skipped_rounds = 0;   // outer rounds skipped (this rank)
+  double final_consensus_distance = std::numeric_limits<double>::quiet_NaN();  // last measured
 };
 
 struct TrainHooks {
@@ -98,6 +133,10 @@ struct TrainHooks {
   std::function<void(const StepRecord&, const TrainConfig&)> on_step;
   bool keep_params = false;  // fill TrainResult::final_params (tests)
 };
+
+// The checkpoint folder named by --resume: `path` itself when it is a checkpoint, else the latest
+// checkpoint under it; an empty path means the latest under ckpt_dir. ConfigError when none exists.
+std::string resolve_resume_dir(const std::string& path, const std::string& ckpt_dir);
 
 // Collective: every rank of `comm` calls it with the same corpus and config.
 TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus, const TrainConfig& config,

@@ -398,7 +398,7 @@ void CollOp::run_chunk(size_t i) {
       if (begin >= end) return;
       const void* src = at(slots[fp.root].recv, begin);
       for (int r = 0; r < n; ++r)
-        if (r != fp.root) std::memcpy(at_mut(slots[r].recv, begin), src, (end - begin) * esz);
+        if (r != fp.root) detail::copy_bytes(at_mut(slots[r].recv, begin), src, (end - begin) * esz);
       return;
     }
     case OpKind::kReduceScatter:
@@ -421,7 +421,7 @@ void CollOp::run_chunk(size_t i) {
           const void* src = at(slots[s].send, a - offsets[s]);
           for (int q = 0; q < n; ++q) {
             void* dst = at_mut(slots[q].recv, a);
-            if (dst != src) std::memcpy(dst, src, len * esz);
+            if (dst != src) detail::copy_bytes(dst, src, len * esz);
           }
         }
         a = piece_end;
@@ -433,7 +433,7 @@ void CollOp::run_chunk(size_t i) {
       for (int q = 0; q < n; ++q) {
         const size_t len = slots[p].send_counts[q];
         if (len == 0) continue;
-        std::memcpy(at_mut(slots[q].recv, slots[q].recv_offsets[p]), at(slots[p].send, slots[p].send_offsets[q]),
+        detail::copy_bytes(at_mut(slots[q].recv, slots[q].recv_offsets[p]), at(slots[p].send, slots[p].send_offsets[q]),
                     len * esz);
       }
       return;
@@ -477,7 +477,7 @@ void P2POp::run_chunk(size_t i) {
   const size_t begin = i * chunk_bytes;
   const size_t end = std::min<size_t>(bytes_moved, begin + chunk_bytes);
   if (begin < end && src != dst)
-    std::memcpy(static_cast<std::byte*>(dst) + begin, static_cast<const std::byte*>(src) + begin, end - begin);
+    detail::copy_bytes(static_cast<std::byte*>(dst) + begin, static_cast<const std::byte*>(src) + begin, end - begin);
 }
 
 // Claims and runs chunks of a running op until none is left; returns the op to dispatch next.
@@ -658,7 +658,7 @@ class ThreadComm final : public Communicator {
   }
 
   WorkPtr all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
-    dtype_size(dtype);
+    (void)dtype_size(dtype);  // ConfigError for an unspecified dtype
     detail::check_counts_size(OpKind::kAllGather, counts, size(), "counts");
     const uint64_t total = detail::sum_counts(counts);
     detail::check_buffer(OpKind::kAllGather, send, counts[rank_], "send buffer");

@@ -350,10 +350,15 @@ void check_overlap(Communicator& comm) {
   auto wc = comm.all_reduce(c.data(), c.data(), count, DType::F32, ReduceOp::kMax);
   EXPECT_EQ(wb->seq(), wa->seq() + 1);
   EXPECT_EQ(wc->seq(), wb->seq() + 1);
-  // Compute while the operations are in flight; the threads backend progresses without being polled.
-  std::this_thread::sleep_for(milliseconds(300));
+  // Compute while the operations are in flight. The threads backend progresses without being
+  // polled (done() only reads state there), so the three finish while this rank merely sleeps.
   if (comm.backend() == "threads") {
-    EXPECT_TRUE(wa->done() && wb->done() && wc->done()) << "rank " << me;
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (!(wa->done() && wb->done() && wc->done()) && std::chrono::steady_clock::now() < give_up)
+      std::this_thread::sleep_for(milliseconds(5));
+    EXPECT_TRUE(wa->done() && wb->done() && wc->done()) << "rank " << me << ": no progress without wait()";
+  } else {
+    std::this_thread::sleep_for(milliseconds(50));
   }
   wc->wait(), wb->wait(), wa->wait();
   EXPECT_TRUE(wa->done() && wb->done() && wc->done());
@@ -441,6 +446,16 @@ void check_split(Communicator& comm) {
   int64_t total = -1;
   comm.all_reduce(&mine, &total, 1, DType::I64, ReduceOp::kSum)->wait();
   EXPECT_EQ(total, static_cast<int64_t>(n) * (n - 1) / 2);
+  // A negative color leaves a rank out (no communicator); the rest keep their order.
+  auto rest = comm.split(me == 0 ? -1 : 7, me);
+  if (me == 0) {
+    EXPECT_EQ(rest, nullptr);
+  } else {
+    ASSERT_NE(rest, nullptr);
+    EXPECT_EQ(rest->size(), n - 1);
+    EXPECT_EQ(rest->rank(), me - 1);
+    rest->barrier()->wait();
+  }
 }
 
 void check_desync_count(Communicator& comm) {

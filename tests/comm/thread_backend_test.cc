@@ -162,6 +162,23 @@ TEST(ThreadBackend, ManyRanksManyOps) {
   }, checked_options());
 }
 
+TEST(ThreadBackend, ThousandRanks) {
+  // The scale of a 1000-rank simulation: one thread per rank, no extra threads per communicator.
+  const int n = 1000;
+  run_ranks(n, [&](Communicator& c) {
+    int64_t mine = c.rank(), sum = 0;
+    for (int k = 0; k < 5; ++k) {
+      c.all_reduce(&mine, &sum, 1, DType::I64, ReduceOp::kSum)->wait();
+      EXPECT_EQ(sum, int64_t{n} * (n - 1) / 2);
+    }
+    float piece = static_cast<float>(c.rank());
+    std::vector<float> all(n);
+    std::vector<size_t> counts(n, 1);
+    c.all_gather(&piece, all.data(), counts, DType::F32)->wait();
+    EXPECT_EQ(all[n - 1], static_cast<float>(n - 1));
+  }, checked_options());
+}
+
 TEST(ThreadBackend, ExecutorIsSmallAndShared) {
   EXPECT_GE(thread_executor_threads(), 2);
   EXPECT_LE(thread_executor_threads(), 8);

@@ -1,0 +1,789 @@
+#include "comm/mpi_backend.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <functional>
+#include <list>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "base/error.h"
+#include "comm/backend_util.h"
+#include "comm/reduce_kernel.h"
+
+namespace shardopt::comm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using detail::Fingerprint;
+
+// Serializes every MPI call of the backend (MPI_THREAD_SERIALIZED).
+std::mutex& mpi_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+constexpr int kAbortTag = 1;
+constexpr int kAbortText = 480;
+enum AbortKind : int32_t { kAbortPeer = 1, kAbortDesync = 2 };
+struct AbortNotice {
+  int32_t kind = kAbortPeer;
+  char text[kAbortText] = {};
+};
+
+// A fingerprint as it travels between ranks.
+struct WireFingerprint {
+  uint64_t index = 0, count = 0, counts_hash = 0;
+  int32_t root = -1;
+  uint8_t kind = 0, dtype = 0, op = 0, pad = 0;
+};
+
+WireFingerprint to_wire(const Fingerprint& f) {
+  WireFingerprint w;
+  w.index = f.index, w.count = f.count, w.counts_hash = f.counts_hash, w.root = f.root;
+  w.kind = static_cast<uint8_t>(f.kind), w.dtype = static_cast<uint8_t>(f.dtype), w.op = static_cast<uint8_t>(f.op);
+  return w;
+}
+Fingerprint from_wire(const WireFingerprint& w) {
+  Fingerprint f;
+  f.index = w.index, f.count = w.count, f.counts_hash = w.counts_hash, f.root = w.root;
+  f.kind = static_cast<OpKind>(w.kind), f.dtype = static_cast<DType>(w.dtype), f.op = static_cast<ReduceOp>(w.op);
+  return f;
+}
+
+void mpi_check(int rc, const char* call) {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, text, &len);
+  throw PeerError(std::string("MPI call ") + call + " failed: " + std::string(text, static_cast<size_t>(len)));
+}
+
+MPI_Datatype mpi_type(DType dt) {
+  switch (dt) {
+    case DType::F32: return MPI_FLOAT;
+    case DType::BF16:
+    case DType::F16: return MPI_UINT16_T;
+    case DType::I32: return MPI_INT32_T;
+    case DType::I64: return MPI_INT64_T;
+    case DType::U8: return MPI_UINT8_T;
+    default: break;
+  }
+  throw ConfigError("mpi communicator: unsupported dtype " + std::string(dtype_name(dt)));
+}
+
+MPI_Op mpi_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg: return MPI_SUM;  // avg divides afterwards
+    case ReduceOp::kMax: return MPI_MAX;
+    case ReduceOp::kMin: return MPI_MIN;
+  }
+  return MPI_SUM;
+}
+
+int to_int(size_t v, OpKind kind, const char* what) {
+  if (v > static_cast<size_t>(INT_MAX))
+    throw ConfigError(std::string(op_kind_name(kind)) + ": " + what + " " + std::to_string(v) +
+                      " exceeds MPI's int count limit " + std::to_string(INT_MAX));
+  return static_cast<int>(v);
+}
+
+// One issued operation.
+struct MpiOp {
+  enum class State : uint8_t { kPending, kDone, kFailed };
+  OpKind kind = OpKind::kCount;
+  uint64_t seq = 0;
+  bool collective = false;
+  Fingerprint fp;
+  std::string what;  // for messages: the fingerprint description or the p2p description
+  int peer = -1;     // p2p
+
+  // Checked mode.
+  bool fp_ok = true;
+  WireFingerprint my_wire;
+  std::vector<WireFingerprint> peer_wire;
+  std::vector<MPI_Request> fp_send_reqs, fp_recv_reqs;
+  std::vector<char> fp_arrived;
+
+  bool issued = false;
+  std::function<void(std::vector<MPI_Request>&)> issue;  // starts the MPI data call(s)
+  std::function<void()> finish;                          // post-processing after completion
+  std::vector<MPI_Request> data_reqs;
+  std::vector<int> ints;  // counts and displacements that MPI reads until completion
+  std::vector<float> scratch_in, scratch_out;  // fp32 widening of 16-bit reductions
+  // p2p receive: the count the receiver expects, checked against the message.
+  bool check_recv_count = false;
+  size_t expected_recv = 0;
+  MPI_Datatype recv_type = MPI_BYTE;
+
+  State state = State::kPending;
+  std::exception_ptr error;
+};
+using MpiOpPtr = std::shared_ptr<MpiOp>;
+
+// State shared by a communicator and its Work handles. Guarded by mpi_mutex().
+class Core {
+ public:
+  Core(MPI_Comm parent, CommOptions options) : options(options) {
+    mpi_check(MPI_Comm_dup(parent, &data), "MPI_Comm_dup");
+    mpi_check(MPI_Comm_dup(parent, &check), "MPI_Comm_dup");
+    mpi_check(MPI_Comm_dup(parent, &control), "MPI_Comm_dup");
+    for (MPI_Comm c : {data, check, control}) MPI_Comm_set_errhandler(c, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(data, &rank);
+    MPI_Comm_size(data, &size);
+    mpi_check(MPI_Irecv(&incoming_abort, sizeof incoming_abort, MPI_BYTE, MPI_ANY_SOURCE, kAbortTag, control,
+                        &abort_req),
+              "MPI_Irecv");
+  }
+
+  ~Core() {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized) return;
+    std::lock_guard lk(mpi_mutex());
+    if (abort_req != MPI_REQUEST_NULL) {
+      MPI_Cancel(&abort_req);
+      MPI_Wait(&abort_req, MPI_STATUS_IGNORE);
+    }
+    // After a failure, operations may still be pending inside MPI: leave those communicators and
+    // the buffers of abandoned operations alone (deliberately leaked; the process is expected to exit).
+    if (!aborted && abandoned.empty()) {
+      for (MPI_Comm* c : {&data, &check, &control}) MPI_Comm_free(c);
+    } else {
+      // Fingerprint receives and data calls of failed operations may still complete later and write
+      // into their records, and abort notices may still be in flight: none of that memory is freed.
+      auto* keep = new std::vector<MpiOpPtr>(std::move(abandoned));
+      keep->insert(keep->end(), pending.begin(), pending.end());
+      outgoing_abort.release();
+    }
+  }
+
+  // Advances every pending operation: fingerprints, issue in order, completion, abort notices.
+  void progress_locked() {
+    poll_abort_locked();
+    bool may_issue = true;  // collectives are issued in collective order on every rank
+    for (auto it = pending.begin(); it != pending.end();) {
+      MpiOp& op = **it;
+      if (op.state == MpiOp::State::kPending) advance_locked(op, may_issue);
+      if (aborted) return;  // advance_locked may have failed everything
+      if (op.collective && !op.issued && op.state == MpiOp::State::kPending) may_issue = false;
+      if (op.state == MpiOp::State::kDone && sends_done_locked(op)) {
+        it = pending.erase(it);
+      } else if (op.state == MpiOp::State::kFailed) {
+        // MPI may still write into its buffers (requests cannot be cancelled): keep it alive.
+        abandoned.push_back(std::move(*it));
+        it = pending.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  void advance_locked(MpiOp& op, bool may_issue) {
+    if (!op.issued) {
+      if (!op.fp_ok && !fingerprints_locked(op)) return;
+      if (op.state != MpiOp::State::kPending) return;
+      if (op.collective && !may_issue) return;
+      op.issue(op.data_reqs);
+      op.issued = true;
+    }
+    int flag = 0;
+    MPI_Status statuses[2];  // at most a send and a receive
+    SHARDOPT_ASSERT(op.data_reqs.size() <= 2, "mpi backend: more requests than statuses");
+    if (!op.data_reqs.empty()) {
+      int rc = MPI_Testall(static_cast<int>(op.data_reqs.size()), op.data_reqs.data(), &flag, statuses);
+      if (rc != MPI_SUCCESS) {
+        fail_locked(op, std::make_exception_ptr(PeerError(op.what + " failed in MPI")));
+        return;
+      }
+    } else {
+      flag = 1;
+    }
+    if (!flag) return;
+    if (op.check_recv_count) {
+      int got = 0;
+      MPI_Get_count(&statuses[op.data_reqs.size() - 1], op.recv_type, &got);
+      if (static_cast<size_t>(got) != op.expected_recv) {
+        fail_locked(op, std::make_exception_ptr(DesyncError(
+                            "mpi communicator desync: " + op.what + " expected " + std::to_string(op.expected_recv) +
+                            " elements but rank " + std::to_string(op.peer) + " sent " + std::to_string(got))));
+        return;
+      }
+    }
+    if (op.finish) op.finish();
+    release_scratch_locked(op);
+    op.state = MpiOp::State::kDone;
+  }
+
+  // True once every peer's fingerprint arrived and matched; raises the desync otherwise.
+  bool fingerprints_locked(MpiOp& op) {
+    bool all = true;
+    for (int p = 0; p < size; ++p) {
+      if (p == rank || op.fp_arrived[p]) continue;
+      int flag = 0;
+      MPI_Test(&op.fp_recv_reqs[p], &flag, MPI_STATUS_IGNORE);
+      if (!flag) {
+        all = false;
+        continue;
+      }
+      op.fp_arrived[p] = 1;
+      const Fingerprint theirs = from_wire(op.peer_wire[p]);
+      if (!theirs.same_collective(op.fp)) {
+        const std::string msg = "mpi communicator desync: rank " + std::to_string(rank) + " issued " +
+                                op.fp.describe() + " but rank " + std::to_string(p) + " issued " + theirs.describe();
+        fail_locked(op, std::make_exception_ptr(DesyncError(msg)));
+        abort_locked(kAbortDesync, msg);
+        return false;
+      }
+    }
+    if (all) op.fp_ok = true;
+    return all;
+  }
+
+  bool sends_done_locked(MpiOp& op) {
+    if (op.fp_send_reqs.empty()) return true;
+    int flag = 0;
+    MPI_Testall(static_cast<int>(op.fp_send_reqs.size()), op.fp_send_reqs.data(), &flag, MPI_STATUSES_IGNORE);
+    return flag != 0 || aborted;
+  }
+
+  void fail_locked(MpiOp& op, std::exception_ptr error) {
+    if (op.state != MpiOp::State::kPending) return;
+    op.state = MpiOp::State::kFailed;
+    op.error = std::move(error);
+    // Requests still inside MPI may write into the scratch buffers: keep them with the op.
+  }
+
+  void poll_abort_locked() {
+    if (aborted || abort_req == MPI_REQUEST_NULL) return;
+    if ((++abort_polls & 63) != 1) return;  // a notice can wait a few polls; MPI_Test is not free
+    int flag = 0;
+    MPI_Test(&abort_req, &flag, MPI_STATUS_IGNORE);
+    if (!flag) return;
+    incoming_abort.text[kAbortText - 1] = 0;
+    fail_all_locked(incoming_abort.kind, incoming_abort.text);
+  }
+
+  void fail_all_locked(int kind, const std::string& reason) {
+    aborted = true;
+    abort_reason = reason;
+    abort_kind = kind;
+    for (auto& op : pending) fail_locked(*op, aborted_error(*op));
+  }
+
+  std::exception_ptr aborted_error(const MpiOp& op) const {
+    if (abort_kind == kAbortDesync) return std::make_exception_ptr(DesyncError(abort_reason));
+    return std::make_exception_ptr(
+        PeerError("mpi communicator aborted (" + abort_reason + "); " + op.what + " cannot complete"));
+  }
+
+  // Fails everything locally and tells every peer.
+  void abort_locked(int kind, const std::string& reason) {
+    if (aborted) return;
+    fail_all_locked(kind, reason);
+    outgoing_abort->kind = kind;
+    std::snprintf(outgoing_abort->text, kAbortText, "%s", reason.c_str());
+    for (int p = 0; p < size; ++p) {
+      if (p == rank) continue;
+      MPI_Request req;
+      if (MPI_Isend(outgoing_abort.get(), sizeof(AbortNotice), MPI_BYTE, p, kAbortTag, control, &req) == MPI_SUCCESS)
+        MPI_Request_free(&req);  // the notice buffer lives as long as the Core
+    }
+  }
+
+  std::string timeout_message_locked(const MpiOp& op, int64_t timeout_ms, uint64_t seq) {
+    const std::string head = "mpi communicator rank " + std::to_string(rank) + ": " + op.what + ", seq " +
+                             std::to_string(seq) + ", timed out after " + std::to_string(timeout_ms) + " ms; ";
+    if (!op.collective) return head + "rank " + std::to_string(op.peer) + " never matched it";
+    if (!options.checked)
+      return head + "the ranks that never arrived are unknown in unchecked mode (set SHARDOPT_COMM_CHECKED=1)";
+    std::vector<int> missing;
+    for (int p = 0; p < size; ++p)
+      if (p != rank && !op.fp_arrived[p]) missing.push_back(p);
+    if (!missing.empty()) return head + "ranks " + detail::format_ranks(missing) + " never arrived";
+    for (auto& earlier : pending) {
+      if (earlier.get() == &op) break;
+      if (!earlier->collective || earlier->issued) continue;
+      std::vector<int> m;
+      for (int p = 0; p < size; ++p)
+        if (p != rank && !earlier->fp_arrived[p]) m.push_back(p);
+      if (!m.empty())
+        return head + "it waits behind " + earlier->what + ", where ranks " + detail::format_ranks(m) +
+               " never arrived";
+    }
+    return head + "every rank arrived but the data transfer did not complete (a peer stalled or died)";
+  }
+
+  // fp32 scratch buffers for 16-bit reductions, reused across calls.
+  std::vector<float> take_scratch_locked(size_t n) {
+    for (auto it = scratch_pool.begin(); it != scratch_pool.end(); ++it)
+      if (it->capacity() >= n) {
+        std::vector<float> v = std::move(*it);
+        scratch_pool.erase(it);
+        v.resize(n);
+        return v;
+      }
+    return std::vector<float>(n);
+  }
+  void release_scratch_locked(MpiOp& op) {
+    for (auto* v : {&op.scratch_in, &op.scratch_out})
+      if (v->capacity() > 0 && scratch_pool.size() < 8) scratch_pool.push_back(std::move(*v));
+  }
+
+  CommOptions options;
+  MPI_Comm data = MPI_COMM_NULL, check = MPI_COMM_NULL, control = MPI_COMM_NULL;
+  int rank = 0, size = 1;
+  std::list<MpiOpPtr> pending;  // issue order
+  std::vector<MpiOpPtr> abandoned;  // failed while MPI may still hold their buffers
+  bool aborted = false;
+  int abort_kind = kAbortPeer;
+  std::string abort_reason;
+  MPI_Request abort_req = MPI_REQUEST_NULL;
+  uint64_t abort_polls = 0;
+  AbortNotice incoming_abort;
+  std::unique_ptr<AbortNotice> outgoing_abort = std::make_unique<AbortNotice>();
+  std::vector<std::vector<float>> scratch_pool;
+};
+
+class MpiWork final : public Work {
+ public:
+  MpiWork(std::shared_ptr<Core> core, MpiOpPtr op) : core_(std::move(core)), op_(std::move(op)) {}
+
+  void wait(std::chrono::milliseconds timeout) override {
+    const auto start = Clock::now();
+    const auto deadline = start + timeout;
+    for (;;) {
+      {
+        std::lock_guard lk(mpi_mutex());
+        if (local_error_) std::rethrow_exception(local_error_);
+        core_->progress_locked();
+        if (op_->state == MpiOp::State::kDone) return;
+        if (op_->state == MpiOp::State::kFailed) std::rethrow_exception(op_->error);
+        if (Clock::now() >= deadline) {
+          const std::string msg = core_->timeout_message_locked(*op_, timeout.count(), op_->seq);
+          local_error_ = std::make_exception_ptr(TimeoutError(msg));
+          core_->fail_locked(*op_, local_error_);
+          core_->abort_locked(kAbortPeer, "rank " + std::to_string(core_->rank) + ": " + msg);
+          std::rethrow_exception(local_error_);
+        }
+      }
+      // Spin briefly like MPI_Wait (latency of small messages), then yield the core between polls.
+      if (Clock::now() - start > std::chrono::microseconds(200)) std::this_thread::yield();
+    }
+  }
+  void wait() override { wait(core_->options.timeout); }
+  bool done() override {
+    std::lock_guard lk(mpi_mutex());
+    if (op_->state == MpiOp::State::kPending) core_->progress_locked();
+    return op_->state != MpiOp::State::kPending;
+  }
+  std::exception_ptr error() const override {
+    std::lock_guard lk(mpi_mutex());
+    return local_error_ ? local_error_ : op_->error;
+  }
+  uint64_t seq() const override { return op_->seq; }
+
+ private:
+  std::shared_ptr<Core> core_;
+  MpiOpPtr op_;
+  std::exception_ptr local_error_;
+};
+
+class MpiComm final : public Communicator {
+ public:
+  MpiComm(MPI_Comm parent, CommOptions options) : Communicator(options) {
+    std::lock_guard lk(mpi_mutex());
+    core_ = std::make_shared<Core>(parent, options);
+  }
+
+  int rank() const override { return core_->rank; }
+  int size() const override { return core_->size; }
+  std::string_view backend() const override { return "mpi"; }
+
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    // Agree (fingerprints, in order after every earlier collective) before the blocking MPI call.
+    auto op = new_collective(make_fp(OpKind::kSplit, DType::DTYPE_UNSPECIFIED, ReduceOp::kSum, -1, 0));
+    op->issue = [](std::vector<MPI_Request>&) {};
+    count_traffic(OpKind::kSplit, 0, 0);
+    submit(op)->wait();
+    MPI_Comm child = MPI_COMM_NULL;
+    {
+      std::lock_guard lk(mpi_mutex());
+      mpi_check(MPI_Comm_split(core_->data, color < 0 ? MPI_UNDEFINED : color, key, &child), "MPI_Comm_split");
+    }
+    if (child == MPI_COMM_NULL) return nullptr;
+    auto result = std::make_unique<MpiComm>(child, options_);
+    std::lock_guard lk(mpi_mutex());
+    MPI_Comm_free(&child);
+    return result;
+  }
+
+  WorkPtr all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override {
+    detail::check_reducible(OpKind::kAllReduce, dtype);
+    detail::check_buffer(OpKind::kAllReduce, send, count, "send buffer");
+    detail::check_buffer(OpKind::kAllReduce, recv, count, "recv buffer");
+    const int n = to_int(count, OpKind::kAllReduce, "count");
+    const auto t = detail::all_reduce_traffic(count * dtype_size(dtype), size());
+    count_traffic(OpKind::kAllReduce, t.sent, t.received);
+    auto rec = new_collective(make_fp(OpKind::kAllReduce, dtype, op, -1, count));
+    MPI_Comm comm = core_->data;
+    const int world = size();
+    if (detail::is_half_type(dtype)) {
+      widen(*rec, send, count, count, dtype);
+      rec->issue = [rec = rec.get(), n, op, comm](std::vector<MPI_Request>& reqs) {
+        reqs.resize(1);
+        mpi_check(MPI_Iallreduce(MPI_IN_PLACE, rec->scratch_out.data(), n, MPI_FLOAT, mpi_op(op), comm, &reqs[0]),
+                  "MPI_Iallreduce");
+      };
+      rec->finish = [rec = rec.get(), recv, count, dtype, op, world] { narrow(*rec, recv, count, dtype, op, world); };
+    } else {
+      const void* s = send == recv ? MPI_IN_PLACE : send;
+      rec->issue = [s, recv, n, dtype, op, comm](std::vector<MPI_Request>& reqs) {
+        reqs.resize(1);
+        mpi_check(MPI_Iallreduce(s, recv, n, mpi_type(dtype), mpi_op(op), comm, &reqs[0]), "MPI_Iallreduce");
+      };
+      if (op == ReduceOp::kAvg) rec->finish = [recv, count, dtype, world] { detail::divide_elements(dtype, recv, count, world); };
+    }
+    return submit(rec);
+  }
+
+  WorkPtr reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
+                         ReduceOp op) override {
+    detail::check_reducible(OpKind::kReduceScatter, dtype);
+    detail::check_counts_size(OpKind::kReduceScatter, counts, size(), "counts");
+    const uint64_t total = detail::sum_counts(counts);
+    const size_t own = counts[rank()];
+    detail::check_buffer(OpKind::kReduceScatter, send, total, "send buffer");
+    detail::check_buffer(OpKind::kReduceScatter, recv, own, "recv buffer");
+    const size_t esz = dtype_size(dtype);
+    const auto t = detail::reduce_scatter_traffic(total * esz, own * esz, size());
+    count_traffic(OpKind::kReduceScatter, t.sent, t.received);
+    Fingerprint fp = make_fp(OpKind::kReduceScatter, dtype, op, -1, total);
+    fp.counts_hash = detail::hash_counts(counts);
+    auto rec = new_collective(fp);
+    rec->ints.resize(counts.size());
+    for (size_t r = 0; r < counts.size(); ++r) rec->ints[r] = to_int(counts[r], OpKind::kReduceScatter, "count");
+    MPI_Comm comm = core_->data;
+    const int world = size();
+    if (detail::is_half_type(dtype)) {
+      widen(*rec, send, total, own, dtype);
+      rec->issue = [rec = rec.get(), op, comm](std::vector<MPI_Request>& reqs) {
+        reqs.resize(1);
+        mpi_check(MPI_Ireduce_scatter(rec->scratch_in.data(), rec->scratch_out.data(), rec->ints.data(), MPI_FLOAT,
+                                      mpi_op(op), comm, &reqs[0]),
+                  "MPI_Ireduce_scatter");
+      };
+      rec->finish = [rec = rec.get(), recv, own, dtype, op, world] { narrow(*rec, recv, own, dtype, op, world); };
+    } else {
+      rec->issue = [rec = rec.get(), send, recv, dtype, op, comm](std::vector<MPI_Request>& reqs) {
+        reqs.resize(1);
+        mpi_check(MPI_Ireduce_scatter(send, recv, rec->ints.data(), mpi_type(dtype), mpi_op(op), comm, &reqs[0]),
+                  "MPI_Ireduce_scatter");
+      };
+      if (op == ReduceOp::kAvg) rec->finish = [recv, own, dtype, world] { detail::divide_elements(dtype, recv, own, world); };
+    }
+    return submit(rec);
+  }
+
+  WorkPtr all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
+    const MPI_Datatype type = mpi_type(dtype);
+    detail::check_counts_size(OpKind::kAllGather, counts, size(), "counts");
+    const uint64_t total = detail::sum_counts(counts);
+    const size_t own = counts[rank()];
+    detail::check_buffer(OpKind::kAllGather, send, own, "send buffer");
+    detail::check_buffer(OpKind::kAllGather, recv, total, "recv buffer");
+    const size_t esz = dtype_size(dtype);
+    const auto t = detail::all_gather_traffic(total * esz, own * esz, size());
+    count_traffic(OpKind::kAllGather, t.sent, t.received);
+    Fingerprint fp = make_fp(OpKind::kAllGather, dtype, ReduceOp::kSum, -1, total);
+    fp.counts_hash = detail::hash_counts(counts);
+    auto rec = new_collective(fp);
+    const int n = size();
+    rec->ints.resize(2 * static_cast<size_t>(n));  // counts, then displacements
+    size_t off = 0, my_off = 0;
+    for (int r = 0; r < n; ++r) {
+      if (r == rank()) my_off = off;
+      rec->ints[r] = to_int(counts[r], OpKind::kAllGather, "count");
+      rec->ints[n + r] = to_int(off, OpKind::kAllGather, "displacement");
+      off += counts[r];
+    }
+    const bool in_place = send == static_cast<const std::byte*>(recv) + my_off * esz;
+    MPI_Comm comm = core_->data;
+    rec->issue = [rec = rec.get(), send, recv, own, type, in_place, n, comm](std::vector<MPI_Request>& reqs) {
+      reqs.resize(1);
+      mpi_check(MPI_Iallgatherv(in_place ? MPI_IN_PLACE : send, static_cast<int>(own), type, recv, rec->ints.data(),
+                                rec->ints.data() + n, type, comm, &reqs[0]),
+                "MPI_Iallgatherv");
+    };
+    return submit(rec);
+  }
+
+  WorkPtr reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) override {
+    detail::check_reducible(OpKind::kReduce, dtype);
+    detail::check_rank_arg(OpKind::kReduce, root, size(), "root");
+    detail::check_buffer(OpKind::kReduce, send, count, "send buffer");
+    const bool is_root = rank() == root;
+    if (is_root) detail::check_buffer(OpKind::kReduce, recv, count, "recv buffer");
+    const int n = to_int(count, OpKind::kReduce, "count");
+    const auto t = detail::rooted_traffic(count * dtype_size(dtype), size());
+    count_traffic(OpKind::kReduce, t.sent, t.received);
+    auto rec = new_collective(make_fp(OpKind::kReduce, dtype, op, root, count));
+    MPI_Comm comm = core_->data;
+    const int world = size();
+    if (detail::is_half_type(dtype)) {
+      widen(*rec, send, count, is_root ? count : 0, dtype);
+      rec->issue = [rec = rec.get(), n, op, root, comm](std::vector<MPI_Request>& reqs) {
+        reqs.resize(1);
+        mpi_check(MPI_Ireduce(rec->scratch_in.data(), rec->scratch_out.data(), n, MPI_FLOAT, mpi_op(op), root, comm,
+                              &reqs[0]),
+                  "MPI_Ireduce");
+      };
+      if (is_root)
+        rec->finish = [rec = rec.get(), recv, count, dtype, op, world] { narrow(*rec, recv, count, dtype, op, world); };
+    } else {
+      const void* s = (is_root && send == recv) ? MPI_IN_PLACE : send;
+      rec->issue = [s, recv, n, dtype, op, root, comm](std::vector<MPI_Request>& reqs) {
+        reqs.resize(1);
+        mpi_check(MPI_Ireduce(s, recv, n, mpi_type(dtype), mpi_op(op), root, comm, &reqs[0]), "MPI_Ireduce");
+      };
+      if (op == ReduceOp::kAvg && is_root)
+        rec->finish = [recv, count, dtype, world] { detail::divide_elements(dtype, recv, count, world); };
+    }
+    return submit(rec);
+  }
+
+  WorkPtr broadcast(void* buf, size_t count, DType dtype, int root) override {
+    const MPI_Datatype type = mpi_type(dtype);
+    detail::check_rank_arg(OpKind::kBroadcast, root, size(), "root");
+    detail::check_buffer(OpKind::kBroadcast, buf, count, "buffer");
+    const int n = to_int(count, OpKind::kBroadcast, "count");
+    const auto t = detail::rooted_traffic(count * dtype_size(dtype), size());
+    count_traffic(OpKind::kBroadcast, t.sent, t.received);
+    auto rec = new_collective(make_fp(OpKind::kBroadcast, dtype, ReduceOp::kSum, root, count));
+    MPI_Comm comm = core_->data;
+    rec->issue = [buf, n, type, root, comm](std::vector<MPI_Request>& reqs) {
+      reqs.resize(1);
+      mpi_check(MPI_Ibcast(buf, n, type, root, comm, &reqs[0]), "MPI_Ibcast");
+    };
+    return submit(rec);
+  }
+
+  WorkPtr all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
+                     std::span<const size_t> recv_counts, DType dtype) override {
+    const MPI_Datatype type = mpi_type(dtype);
+    detail::check_counts_size(OpKind::kAllToAll, send_counts, size(), "send_counts");
+    detail::check_counts_size(OpKind::kAllToAll, recv_counts, size(), "recv_counts");
+    detail::check_buffer(OpKind::kAllToAll, send, detail::sum_counts(send_counts), "send buffer");
+    detail::check_buffer(OpKind::kAllToAll, recv, detail::sum_counts(recv_counts), "recv buffer");
+    const auto t = detail::all_to_all_traffic(send_counts, recv_counts, dtype_size(dtype), rank());
+    count_traffic(OpKind::kAllToAll, t.sent, t.received);
+    auto rec = new_collective(make_fp(OpKind::kAllToAll, dtype, ReduceOp::kSum, -1, 0));
+    const int n = size();
+    rec->ints.resize(4 * static_cast<size_t>(n));  // send counts, send displs, recv counts, recv displs
+    size_t soff = 0, roff = 0;
+    for (int p = 0; p < n; ++p) {
+      rec->ints[p] = to_int(send_counts[p], OpKind::kAllToAll, "send count");
+      rec->ints[n + p] = to_int(soff, OpKind::kAllToAll, "send displacement");
+      rec->ints[2 * n + p] = to_int(recv_counts[p], OpKind::kAllToAll, "recv count");
+      rec->ints[3 * n + p] = to_int(roff, OpKind::kAllToAll, "recv displacement");
+      soff += send_counts[p], roff += recv_counts[p];
+    }
+    MPI_Comm comm = core_->data;
+    rec->issue = [rec = rec.get(), send, recv, type, n, comm](std::vector<MPI_Request>& reqs) {
+      reqs.resize(1);
+      const int* i = rec->ints.data();
+      mpi_check(MPI_Ialltoallv(send, i, i + n, type, recv, i + 2 * n, i + 3 * n, type, comm, &reqs[0]),
+                "MPI_Ialltoallv");
+    };
+    return submit(rec);
+  }
+
+  WorkPtr send(const void* buf, size_t count, DType dtype, int peer, int tag) override {
+    auto rec = p2p(OpKind::kSend, buf, nullptr, count, 0, peer, -1, dtype, tag);
+    return submit(rec);
+  }
+  WorkPtr recv(void* buf, size_t count, DType dtype, int peer, int tag) override {
+    auto rec = p2p(OpKind::kRecv, nullptr, buf, 0, count, -1, peer, dtype, tag);
+    return submit(rec);
+  }
+  WorkPtr sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src, DType dtype,
+                   int tag) override {
+    auto rec = p2p(OpKind::kSendRecv, send, recv, send_count, recv_count, dst, src, dtype, tag);
+    return submit(rec);
+  }
+
+  WorkPtr barrier() override {
+    count_traffic(OpKind::kBarrier, 0, 0);
+    auto rec = new_collective(make_fp(OpKind::kBarrier, DType::DTYPE_UNSPECIFIED, ReduceOp::kSum, -1, 0));
+    MPI_Comm comm = core_->data;
+    rec->issue = [comm](std::vector<MPI_Request>& reqs) {
+      reqs.resize(1);
+      mpi_check(MPI_Ibarrier(comm, &reqs[0]), "MPI_Ibarrier");
+    };
+    return submit(rec);
+  }
+
+  void abort(const std::string& reason) override {
+    std::lock_guard lk(mpi_mutex());
+    core_->abort_locked(kAbortPeer, "rank " + std::to_string(core_->rank) + " aborted: " + reason);
+  }
+
+ private:
+  Fingerprint make_fp(OpKind kind, DType dtype, ReduceOp op, int root, uint64_t count) {
+    Fingerprint fp;
+    fp.index = next_coll_++;
+    fp.kind = kind, fp.dtype = dtype, fp.op = op, fp.root = root, fp.count = count;
+    return fp;
+  }
+
+  MpiOpPtr new_collective(const Fingerprint& fp) {
+    auto rec = std::make_shared<MpiOp>();
+    rec->kind = fp.kind;
+    rec->collective = true;
+    rec->fp = fp;
+    rec->what = fp.describe();
+    return rec;
+  }
+
+  // Widens a 16-bit reduction input to fp32 scratch; the output scratch gets out_count elements.
+  void widen(MpiOp& rec, const void* send, size_t in_count, size_t out_count, DType dtype) {
+    {
+      std::lock_guard lk(mpi_mutex());
+      rec.scratch_out = core_->take_scratch_locked(std::max<size_t>(out_count, in_count));
+      if (rec.kind != OpKind::kAllReduce) rec.scratch_in = core_->take_scratch_locked(in_count);
+    }
+    float* dst = rec.kind == OpKind::kAllReduce ? rec.scratch_out.data() : rec.scratch_in.data();
+    detail::half_to_f32(dtype, send, dst, in_count);
+  }
+
+  // Rounds the fp32 result once to the 16-bit type (after the avg division, in fp32).
+  static void narrow(MpiOp& rec, void* recv, size_t count, DType dtype, ReduceOp op, int world) {
+    if (op == ReduceOp::kAvg) detail::divide_elements(DType::F32, rec.scratch_out.data(), count, world);
+    detail::f32_to_half(dtype, rec.scratch_out.data(), recv, count);
+  }
+
+  MpiOpPtr p2p(OpKind kind, const void* send, void* recv, size_t send_count, size_t recv_count, int dst, int src,
+               DType dtype, int tag) {
+    const MPI_Datatype type = mpi_type(dtype);
+    const size_t esz = dtype_size(dtype);
+    if (dst >= 0 || kind == OpKind::kSend) detail::check_rank_arg(kind, dst, size(), "destination");
+    if (src >= 0 || kind == OpKind::kRecv) detail::check_rank_arg(kind, src, size(), "source");
+    if (tag < 0 || tag > 32767) throw ConfigError(std::string(op_kind_name(kind)) + ": tag " + std::to_string(tag) + " outside [0, 32767]");
+    detail::check_buffer(kind, send, send_count, "send buffer");
+    detail::check_buffer(kind, recv, recv_count, "recv buffer");
+    const int sc = to_int(send_count, kind, "count"), rc = to_int(recv_count, kind, "count");
+    count_traffic(kind, dst >= 0 && dst != rank() ? send_count * esz : 0,
+                  src >= 0 && src != rank() ? recv_count * esz : 0);
+    auto rec = std::make_shared<MpiOp>();
+    rec->kind = kind;
+    rec->peer = kind == OpKind::kRecv ? src : dst;
+    auto side = [&](const char* verb, int peer, size_t c) {
+      return std::string(verb) + " rank " + std::to_string(peer) + " (tag " + std::to_string(tag) + ", " +
+             std::to_string(c) + " " + std::string(dtype_name(dtype)) + ")";
+    };
+    if (kind == OpKind::kSend) rec->what = side("send to", dst, send_count);
+    if (kind == OpKind::kRecv) rec->what = side("recv from", src, recv_count);
+    if (kind == OpKind::kSendRecv) rec->what = side("sendrecv to", dst, send_count) + " and from rank " + std::to_string(src);
+    if (recv) {
+      rec->check_recv_count = true;
+      rec->expected_recv = recv_count;
+      rec->recv_type = type;
+    }
+    MPI_Comm comm = core_->data;
+    rec->issue = [=](std::vector<MPI_Request>& reqs) {
+      reqs.clear();
+      MPI_Request r;
+      if (kind != OpKind::kRecv) {
+        mpi_check(MPI_Isend(send, sc, type, dst, tag, comm, &r), "MPI_Isend");
+        reqs.push_back(r);
+      }
+      if (kind != OpKind::kSend) {
+        mpi_check(MPI_Irecv(recv, rc, type, src, tag, comm, &r), "MPI_Irecv");
+        reqs.push_back(r);  // last: its status carries the received count
+      }
+    };
+    return rec;
+  }
+
+  WorkPtr submit(const MpiOpPtr& rec) {
+    rec->seq = next_seq_++;
+    std::lock_guard lk(mpi_mutex());
+    Core& c = *core_;
+    if (c.aborted) {
+      rec->state = MpiOp::State::kFailed;
+      rec->error = c.aborted_error(*rec);
+      return std::make_shared<MpiWork>(core_, rec);
+    }
+    if (rec->collective && c.options.checked && c.size > 1) {
+      rec->fp_ok = false;
+      rec->my_wire = to_wire(rec->fp);
+      rec->peer_wire.resize(c.size);
+      rec->fp_arrived.assign(c.size, 0);
+      rec->fp_recv_reqs.assign(c.size, MPI_REQUEST_NULL);
+      const int tag = static_cast<int>(rec->fp.index & 0x7fff);
+      for (int p = 0; p < c.size; ++p) {
+        if (p == c.rank) continue;
+        MPI_Request r;
+        mpi_check(MPI_Isend(&rec->my_wire, sizeof(WireFingerprint), MPI_BYTE, p, tag, c.check, &r), "MPI_Isend");
+        rec->fp_send_reqs.push_back(r);
+        mpi_check(MPI_Irecv(&rec->peer_wire[p], sizeof(WireFingerprint), MPI_BYTE, p, tag, c.check,
+                            &rec->fp_recv_reqs[p]),
+                  "MPI_Irecv");
+      }
+    } else if (rec->collective) {
+      rec->fp_arrived.assign(c.size, 1);
+    }
+    c.pending.push_back(rec);
+    c.progress_locked();  // issues at once when it can (always in unchecked mode)
+    return std::make_shared<MpiWork>(core_, rec);
+  }
+
+  std::shared_ptr<Core> core_;
+  uint64_t next_seq_ = 0;
+  uint64_t next_coll_ = 0;
+};
+
+}  // namespace
+
+MpiRuntime::MpiRuntime(int* argc, char*** argv) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) {
+    mpi_check(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided_), "MPI_Init_thread");
+    owns_ = true;
+  } else {
+    MPI_Query_thread(&provided_);
+  }
+}
+
+MpiRuntime::~MpiRuntime() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (owns_ && !finalized) MPI_Finalize();
+}
+
+int MpiRuntime::world_rank() const {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+
+int MpiRuntime::world_size() const {
+  int n = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  return n;
+}
+
+std::unique_ptr<Communicator> MpiRuntime::world(CommOptions options) const {
+  return make_mpi_communicator(MPI_COMM_WORLD, options);
+}
+
+std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, CommOptions options) {
+  return std::make_unique<MpiComm>(comm, options);
+}
+
+}  // namespace shardopt::comm

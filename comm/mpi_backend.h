@@ -1,0 +1,69 @@
+// The MPI backend (OpenMPI): a Communicator over a duplicate of an MPI communicator.
+//
+// Thread level: MPI_THREAD_SERIALIZED. Every MPI call of this backend is made under one
+// process-wide mutex, so communicators and their Work handles may be used from any thread, but
+// MPI itself is never entered concurrently. MpiRuntime asks for SERIALIZED; with a lower level
+// (MPI initialized elsewhere) only one thread may use the backend.
+//
+// Operations map to nonblocking MPI calls (MPI_Iallreduce, MPI_Ireduce_scatter with per-rank
+// counts, MPI_Iallgatherv, MPI_Ireduce, MPI_Ibcast, MPI_Ialltoallv, MPI_Isend/MPI_Irecv,
+// MPI_Ibarrier). Work::wait() polls MPI_Test until done or timeout: it spins for the first 200 µs
+// (like MPI_Wait), then yields the core between polls (which matters when ranks share cores).
+//
+// bf16 and f16 reductions: the inputs are widened to fp32 scratch buffers (reused, not allocated
+// per call), reduced by MPI in fp32 (MPI_SUM/MAX/MIN on MPI_FLOAT) and rounded once to the 16-bit
+// type, so accumulation is fp32 end to end (a user-defined MPI_Op on 16-bit data would round after
+// every pairwise step). The price: twice the bytes on the wire for 16-bit reductions (the traffic
+// counters still report the logical 16-bit volume). avg = MPI_SUM, then a division (in fp32 for
+// 16-bit types, truncating for integers).
+//
+// Checked mode (CommOptions::checked): with every collective each rank sends its fingerprint
+// (op, dtype, count(s), root, reduce op, collective index) to every peer on a duplicate
+// communicator, and the data call is issued only once all fingerprints arrived and match: a
+// mismatch raises DesyncError naming both sides (and never reaches MPI with inconsistent
+// arguments); on a timeout the peers whose fingerprints are missing are the ranks that never
+// arrived. Cost: 2·(N−1) small messages per collective, and the data call is issued from the
+// next progress point (an issue or a poll) after the fingerprints arrived. Unchecked mode issues
+// the MPI call at once and a timeout cannot name the missing ranks.
+//
+// Failures: a timeout or abort() sends an abort notice to every peer on a control communicator, so
+// their pending and future operations fail fast with PeerError (DesyncError for a desync). MPI
+// cannot cancel a started collective: after a failure, buffers of abandoned operations may still
+// be written by MPI, and the process should give up on the communicator (and normally exit). A rank
+// that dies under mpirun ends the job (mpirun's default); the timeouts bound the wait otherwise.
+// Errors returned by MPI (MPI_ERRORS_RETURN on the duplicates) raise PeerError.
+#pragma once
+
+#include <mpi.h>
+
+#include <memory>
+
+#include "comm/communicator.h"
+
+namespace shardopt::comm {
+
+// Initializes MPI (MPI_THREAD_SERIALIZED) unless already initialized, and finalizes it on
+// destruction if it initialized it. Communicators must be destroyed before it.
+class MpiRuntime {
+ public:
+  MpiRuntime(int* argc, char*** argv);
+  ~MpiRuntime();
+  MpiRuntime(const MpiRuntime&) = delete;
+  MpiRuntime& operator=(const MpiRuntime&) = delete;
+
+  // The thread level MPI provides (MPI_THREAD_*).
+  int thread_level() const { return provided_; }
+  int world_rank() const;
+  int world_size() const;
+  // A communicator over MPI_COMM_WORLD.
+  std::unique_ptr<Communicator> world(CommOptions options = CommOptions::from_env()) const;
+
+ private:
+  bool owns_ = false;
+  int provided_ = 0;
+};
+
+// A communicator over a duplicate of `comm` (which the caller keeps and frees).
+std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, CommOptions options = CommOptions::from_env());
+
+}  // namespace shardopt::comm

@@ -1,0 +1,80 @@
+// The MPI backend under mpirun (np 2, 3, 4): every collective, dtype and uneven split over element
+// counts {0, 1, 7, 1000, 1<<20}, counters, split, overlap, and error behaviour across processes.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include "base/error.h"
+#include "comm/mpi_backend.h"
+#include "tests/comm/collective_checks.h"
+
+namespace shardopt::comm {
+namespace {
+
+CommOptions checked_options(int timeout_ms = 60000) {
+  CommOptions o;
+  o.checked = true;
+  o.timeout = std::chrono::milliseconds(timeout_ms);
+  return o;
+}
+
+// One communicator for the value tests; error tests make their own (they leave it aborted).
+Communicator& shared_comm() {
+  static std::unique_ptr<Communicator> comm = make_mpi_communicator(MPI_COMM_WORLD, checked_options());
+  return *comm;
+}
+
+class MpiCollectives : public ::testing::TestWithParam<size_t> {};
+INSTANTIATE_TEST_SUITE_P(Counts, MpiCollectives,
+                         ::testing::Values(size_t{0}, size_t{1}, size_t{7}, size_t{1000}, size_t{1} << 20),
+                         [](const auto& info) { return "count" + std::to_string(info.param); });
+
+TEST_P(MpiCollectives, AllReduce) { testing::check_all_reduce(shared_comm(), GetParam()); }
+TEST_P(MpiCollectives, AllReduceInPlace) { testing::check_all_reduce_in_place(shared_comm(), GetParam()); }
+TEST_P(MpiCollectives, ReduceScatter) { testing::check_reduce_scatter(shared_comm(), GetParam()); }
+TEST_P(MpiCollectives, AllGather) { testing::check_all_gather(shared_comm(), GetParam()); }
+TEST_P(MpiCollectives, AllGatherInPlace) { testing::check_all_gather_in_place(shared_comm(), GetParam()); }
+TEST_P(MpiCollectives, Reduce) { testing::check_reduce(shared_comm(), GetParam()); }
+TEST_P(MpiCollectives, Broadcast) { testing::check_broadcast(shared_comm(), GetParam()); }
+TEST_P(MpiCollectives, AllToAll) { testing::check_all_to_all(shared_comm(), GetParam()); }
+TEST_P(MpiCollectives, SendRecv) { testing::check_send_recv(shared_comm(), GetParam()); }
+TEST_P(MpiCollectives, SendRecvCombined) { testing::check_sendrecv(shared_comm(), GetParam()); }
+TEST_P(MpiCollectives, Counters) { testing::check_counters(shared_comm(), GetParam()); }
+
+TEST(MpiBackend, Barrier) { testing::check_barrier(shared_comm()); }
+TEST(MpiBackend, Bf16AccumulatesInFp32) { testing::check_bf16_fp32_accumulation(shared_comm()); }
+TEST(MpiBackend, OverlapAndOrder) { testing::check_overlap(shared_comm()); }
+TEST(MpiBackend, Split) { testing::check_split(shared_comm()); }
+TEST(MpiBackend, UncheckedModeWorks) {
+  CommOptions o;
+  o.checked = false;
+  auto comm = make_mpi_communicator(MPI_COMM_WORLD, o);
+  testing::check_all_reduce(*comm, 1000);
+  testing::check_all_gather(*comm, 1000);
+}
+
+TEST(MpiErrors, MismatchedCountIsDesync) {
+  auto comm = make_mpi_communicator(MPI_COMM_WORLD, checked_options());
+  testing::check_desync_count(*comm);
+}
+TEST(MpiErrors, MismatchedKindIsDesync) {
+  auto comm = make_mpi_communicator(MPI_COMM_WORLD, checked_options());
+  testing::check_desync_kind(*comm);
+}
+TEST(MpiErrors, TimeoutNamesMissingRanks) {
+  auto comm = make_mpi_communicator(MPI_COMM_WORLD, checked_options());
+  testing::check_timeout_names_missing(*comm, 300, 1500);
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+TEST(MpiErrors, AbortPropagates) {
+  auto comm = make_mpi_communicator(MPI_COMM_WORLD, checked_options());
+  testing::check_abort_propagates(*comm);
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+TEST(MpiErrors, RuntimeProvidesSerializedThreads) {
+  int provided = 0;
+  MPI_Query_thread(&provided);
+  EXPECT_GE(provided, MPI_THREAD_SERIALIZED);
+}
+
+}  // namespace
+}  // namespace shardopt::comm

@@ -14,6 +14,8 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -21,6 +23,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "comm/mpi_backend.h"
@@ -37,6 +40,13 @@ using namespace shardopt;
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// CPU seconds this thread has run: against wall time it shows whether a rank had a core to itself.
+double thread_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
 
 std::vector<std::string> split_list(const std::string& s) {
   std::vector<std::string> out;
@@ -125,24 +135,38 @@ class AllMatricesMuon {
 struct Baselines {
   double one_rank_seconds = 0;  // rank 0 alone, every matrix
   double naive_seconds = 0;     // every rank, every matrix, at once (max over ranks)
+  // min over ranks of CPU time / wall time of the naive run: ~1 when every rank had a core,
+  // ~1/2 when two ranks shared one (the host's other load decides; figures are then contended).
+  double naive_cpu_share = 0;
 };
+
+// A barrier whose waiters sleep between polls: a rank that spins or yields while it waits keeps a
+// core busy, which on a small host slows the rank being timed.
+void quiet_barrier(comm::Communicator& comm) {
+  auto work = comm.barrier();
+  while (!work->done()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  work->wait();  // rethrows a failure
+}
 
 Baselines measure_baselines(comm::Communicator& comm, const std::vector<proto::TensorSpec>& specs) {
   const auto options = engine_options(2, proto::SHARD_LAYOUT_OWNED);
   const auto plan = sharding::make_plan(runtime::make_engine_plan_request(specs, comm.size(), options));
   AllMatricesMuon work(plan, optim::resolve_optimizer_config(options.matrix_optimizer));
   Baselines b;
-  comm.barrier()->wait();
+  quiet_barrier(comm);
   auto t0 = Clock::now();
+  const double cpu0 = thread_cpu_seconds();
   work.run();
-  b.naive_seconds = max_over_ranks(comm, seconds_since(t0));
-  comm.barrier()->wait();
+  const double wall = seconds_since(t0), share = (thread_cpu_seconds() - cpu0) / wall;
+  b.naive_seconds = max_over_ranks(comm, wall);
+  b.naive_cpu_share = -max_over_ranks(comm, -share);
+  quiet_barrier(comm);
   if (comm.rank() == 0) {
     t0 = Clock::now();
     work.run();
     b.one_rank_seconds = seconds_since(t0);
   }
-  comm.barrier()->wait();
+  quiet_barrier(comm);
   comm.broadcast(&b.one_rank_seconds, 1, proto::I64, 0)->wait();  // 8 bytes, bit-exact
   return b;
 }
@@ -271,6 +295,7 @@ int main(int argc, char** argv) {
                               {"optimizer_formula_bytes_per_rank", max_bytes_over_ranks(*comm, mem.formula_optimizer_bytes)},
                               {"one_rank_all_matrices_seconds", base.one_rank_seconds},
                               {"naive_all_matrices_seconds", base.naive_seconds},
+                              {"naive_cpu_share_min_over_ranks", base.naive_cpu_share},
                               {"ns_phase_speedup_vs_1rank", base.one_rank_seconds / best.times.matrix},
                               {"speedup_vs_naive_distributed_muon", base.naive_seconds / best.times.matrix}};
         const auto figures = plan_figures(engine.plan(), stage, world);
@@ -278,6 +303,12 @@ int main(int argc, char** argv) {
         row["muon_matrices"] = figures["muon_matrices"];
         row["ns_balance_max_over_lower_bound"] = figures["ns_balance_max_over_lower_bound"];
         row["zero_formula_bytes_per_rank"] = figures["zero_formula_bytes_per_rank"];
+        // dim0 adds the Muon shard all-to-all, 2Ψ_muon(N-1)/N² per rank on average.
+        row["dim0_extra_formula_bytes_per_rank"] =
+            lay == "dim0" ? sharding::dim0_muon_extra_traffic_per_rank(
+                                static_cast<double>(engine.plan().stats().muon_params()), world, 4)
+                                .bytes
+                          : 0.0;
         emit(row);
       }
     }

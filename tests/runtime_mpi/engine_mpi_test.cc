@@ -52,13 +52,17 @@ int64_t numel(const proto::TensorSpec& s) {
   return n;
 }
 
-float initial_value(size_t t, int64_t i) { return static_cast<float>(((t * 131 + i * 17) % 97) - 48) / 64.0f; }
+// Signed arithmetic throughout: with size_t operands "x % 97 - 48" wraps to ~2^64 instead of going
+// negative, which would make most values ~2^58 and hide any error below that magnitude.
+float initial_value(size_t t, int64_t i) {
+  return static_cast<float>((static_cast<int64_t>(t) * 131 + i * 17) % 97 - 48) / 64.0f;  // [-0.75, 0.75]
+}
 float common_grad(int step, size_t t, int64_t i) {
-  return static_cast<float>(((step * 7 + t * 29 + i * 13) % 61) - 30) / 32.0f;
+  return static_cast<float>((int64_t{step} * 7 + static_cast<int64_t>(t) * 29 + i * 13) % 61 - 30) / 32.0f;
 }
 // Sums to exactly zero over ranks (pairs r and N-1-r cancel).
 float rank_offset(int rank, int world, size_t t, int64_t i) {
-  return static_cast<float>((2 * rank - (world - 1)) * static_cast<int>((i + t) % 5 - 2)) / 128.0f;
+  return static_cast<float>(int64_t{2 * rank - (world - 1)} * ((i + static_cast<int64_t>(t)) % 5 - 2)) / 128.0f;
 }
 
 struct Case {
@@ -201,6 +205,12 @@ TEST_P(EngineMpiEquivalence, NRankTrainingEqualsSingleProcessReference) {
   EXPECT_EQ(muon_tensors, matrix_opt ? 6 : 0);
   // The parameters moved: an engine that does nothing must not pass.
   EXPECT_NE(got.params[2][0], initial_value(2, 0));
+  // Inputs are O(1) so that a 1e-6 relative bound is meaningful.
+  for (size_t t = 0; t < specs.size(); ++t)
+    for (int64_t i = 0; i < numel(specs[t]); ++i) {
+      ASSERT_LE(std::abs(initial_value(t, i)), 0.75f);
+      ASSERT_LE(std::abs(common_grad(3, t, i) + rank_offset(g_world->rank(), g_world->size(), t, i)), 1.0f);
+    }
 }
 
 std::vector<Case> all_cases() {

@@ -22,6 +22,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -251,7 +252,8 @@ int main(int argc, char** argv) {
         runtime::Engine engine(*comm, specs, engine_options(stage, parse_layout(lay)));
         engine.set_params([&](size_t t, float* dst) {
           const int64_t n = sharding::tensor_numel(specs[t]);
-          for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>((i * 13 + t) % 97 - 48) / 2048.0f;
+          const int64_t tt = static_cast<int64_t>(t);  // signed: size_t operands would wrap "% 97 - 48"
+          for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>((i * 13 + tt) % 97 - 48) / 2048.0f;
         });
         runtime::StepReport best;
         best.times.total = 1e30;
@@ -259,10 +261,12 @@ int main(int argc, char** argv) {
           for (size_t k = specs.size(); k-- > 0;) {
             float* g = engine.grad(k);
             const int64_t n = sharding::tensor_numel(specs[k]);
-            for (int64_t i = 0; i < n; ++i) g[i] = static_cast<float>((i * 29 + k * 7 + s) % 61 - 30) / 1024.0f;
+            const int64_t kk = static_cast<int64_t>(k);
+            for (int64_t i = 0; i < n; ++i) g[i] = static_cast<float>((i * 29 + kk * 7 + s) % 61 - 30) / 1024.0f;
             engine.grad_ready(k);
           }
           const auto rep = engine.step();
+          if (!rep.applied) throw std::runtime_error("step_bench: step skipped (non-finite gradients)");
           // The slowest rank sets the step time: compare maxima over ranks.
           runtime::PhaseTimes m;
           m.reduce_wait = max_over_ranks(*comm, rep.times.reduce_wait);

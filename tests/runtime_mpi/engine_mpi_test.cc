@@ -23,6 +23,7 @@
 #include "optim/elementwise.h"
 #include "optim/muon.h"
 #include "runtime/engine.h"
+#include "tests/common/mpi_failure_printer.h"
 
 namespace shardopt::runtime {
 namespace {
@@ -312,25 +313,6 @@ TEST(EngineMpi, AllRanksHoldIdenticalParameters) {
   }
 }
 
-// Prints this rank's failures. The test name is remembered in OnTestStart: OnTestPartResult runs
-// while gtest holds its UnitTest mutex, so calling UnitTest::current_test_info() there deadlocks.
-class FailurePrinter : public testing::EmptyTestEventListener {
- public:
-  explicit FailurePrinter(int rank) : rank_(rank) {}
-  void OnTestStart(const testing::TestInfo& info) override {
-    test_name_ = std::string(info.test_suite_name()) + "." + info.name();
-  }
-  void OnTestPartResult(const testing::TestPartResult& r) override {
-    if (!r.failed()) return;
-    std::fprintf(stderr, "[rank %d] FAILED %s at %s:%d\n%s\n", rank_, test_name_.c_str(),
-                 r.file_name() ? r.file_name() : "?", r.line_number(), r.summary());
-  }
-
- private:
-  int rank_;
-  std::string test_name_;
-};
-
 }  // namespace
 }  // namespace shardopt::runtime
 
@@ -341,11 +323,7 @@ int main(int argc, char** argv) {
   comm::MpiRuntime mpi(&argc, &argv);
   testing::InitGoogleTest(&argc, argv);
   const int rank = mpi.world_rank();
-  auto& listeners = testing::UnitTest::GetInstance()->listeners();
-  if (rank != 0) {
-    delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new runtime::FailurePrinter(rank));
-  }
+  test_fixture::quiet_gtest_on_other_ranks(rank);
   int failed = 0;
   {
     comm::CommOptions options = comm::CommOptions::from_env();

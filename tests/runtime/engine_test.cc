@@ -17,7 +17,7 @@
 #include "optim/elementwise.h"
 #include "optim/muon.h"
 #include "sharding/zero_math.h"
-#include "tests/common/engine_fixture.h"
+#include "tests/common/engine_reference.h"
 
 namespace shardopt::runtime {
 namespace {
@@ -39,70 +39,7 @@ std::string case_name(const testing::TestParamInfo<Case>& info) {
          (c.layout == proto::SHARD_LAYOUT_DIM0 ? "dim0" : "owned") + "_" + c.optimizer;
 }
 
-EngineOptions options_for(const Case& c) {
-  EngineOptions o;
-  o.zero_stage = c.stage;
-  o.layout = c.layout;
-  o.bucket_bytes = 600;  // several buckets, some tensors larger than a bucket
-  if (c.optimizer == "muon" || c.optimizer == "normuon") {
-    o.matrix_optimizer.set_kind(c.optimizer == "muon" ? proto::OPTIMIZER_MUON : proto::OPTIMIZER_NORMUON);
-    o.matrix_optimizer.set_lr(0.02f);
-    o.elementwise_optimizer.set_kind(proto::OPTIMIZER_ADAMW);
-  } else {
-    o.elementwise_optimizer.set_kind(c.optimizer == "lion" ? proto::OPTIMIZER_LION : proto::OPTIMIZER_ADAMW);
-  }
-  o.elementwise_optimizer.set_lr(0.01f);
-  return o;
-}
-
-// Single-process reference: the optimizers of optim/ applied to whole tensors with the averaged
-// gradient, routed by the same plan (muon flag per tensor).
-std::vector<std::vector<float>> reference_run(const std::vector<proto::TensorSpec>& specs, const EngineOptions& o,
-                                              const proto::ShardPlan& plan, int steps) {
-  const auto ew = optim::resolve_optimizer_config(o.elementwise_optimizer);
-  std::optional<optim::OptimizerParams> mx;
-  if (o.matrix_optimizer.kind() != proto::OPTIMIZER_KIND_UNSPECIFIED)
-    mx = optim::resolve_optimizer_config(o.matrix_optimizer);
-  std::vector<std::vector<float>> w(specs.size()), g(specs.size()), s0(specs.size()), s1(specs.size()),
-      rows(specs.size());
-  for (size_t t = 0; t < specs.size(); ++t) {
-    const int64_t n = numel(specs[t]);
-    w[t].resize(n);
-    for (int64_t i = 0; i < n; ++i) w[t][i] = initial_value(t, i);
-    g[t].resize(n);
-    s0[t].assign(n, 0.0f);
-    s1[t].assign(n, 0.0f);
-    rows[t].assign(specs[t].shape(0), 0.0f);
-  }
-  optim::MuonWorkspace ws;
-  for (const auto& s : specs)
-    if (s.shape_size() == 2) ws.reserve(s.shape(0), s.shape(1));
-  for (int step = 1; step <= steps; ++step) {
-    for (size_t t = 0; t < specs.size(); ++t)
-      for (int64_t i = 0; i < numel(specs[t]); ++i) g[t][i] = common_grad(step, t, i);
-    for (size_t t = 0; t < specs.size(); ++t) {
-      if (plan.tensors(static_cast<int>(t)).muon()) {
-        optim::MuonMatrix m;
-        m.master = w[t].data();
-        m.grad = g[t].data();
-        m.momentum = s0[t].data();
-        m.row_second_moment = rows[t].data();
-        m.rows = specs[t].shape(0);
-        m.cols = specs[t].shape(1);
-        optim::muon_step(*mx, m, mx->lr, ws);
-      } else {
-        optim::ElementwiseSlice sl;
-        sl.master = w[t].data();
-        sl.grad = g[t].data();
-        sl.state[0] = s0[t].data();
-        sl.state[1] = s1[t].data();
-        sl.count = w[t].size();
-        optim::elementwise_step(ew, std::span(&sl, 1), ew.lr, step);
-      }
-    }
-  }
-  return w;
-}
+EngineOptions options_for(const Case& c) { return engine_options(c.stage, c.layout, c.optimizer); }
 
 // Runs the engine on `world` thread ranks; returns every rank's full parameters after `steps`.
 std::vector<std::vector<std::vector<float>>> engine_run(const std::vector<proto::TensorSpec>& specs, const Case& c,

@@ -23,6 +23,7 @@
 #include "optim/elementwise.h"
 #include "optim/muon.h"
 #include "runtime/engine.h"
+#include "tests/common/engine_reference.h"
 #include "tests/common/mpi_failure_printer.h"
 
 namespace shardopt::runtime {
@@ -30,40 +31,15 @@ namespace {
 
 comm::Communicator* g_world = nullptr;  // set by main()
 
-proto::TensorSpec spec(const std::string& name, std::vector<int64_t> shape) {
-  proto::TensorSpec s;
-  s.set_name(name);
-  for (int64_t d : shape) s.add_shape(d);
-  s.set_dtype(proto::F32);
-  return s;
-}
+using namespace shardopt::test_fixture;  // NOLINT: the shared fixture of the runtime suites
 
-// Embeddings/head/norms go to the element-wise optimizer, hidden matrices to Muon; shapes wide,
+// The fixture's mixed model plus a gate matrix: embeddings/head/norms element-wise, hidden matrices Muon; shapes wide,
 // tall and square, a tensor larger than a bucket, more matrices than ranks.
-std::vector<proto::TensorSpec> mixed_model() {
+std::vector<proto::TensorSpec> model_with_gate() {
   return {spec("tok_embed", {13, 10}),     spec("layer0.attn_norm", {10}), spec("layer0.w_q", {10, 10}),
           spec("layer0.w_up", {24, 10}),   spec("layer0.w_down", {10, 24}), spec("layer1.w_k", {7, 10}),
           spec("layer1.w_o", {10, 7}),     spec("layer1.w_gate", {16, 10}), spec("layer1.mlp_norm", {10}),
           spec("lm_head", {13, 10})};
-}
-
-int64_t numel(const proto::TensorSpec& s) {
-  int64_t n = 1;
-  for (int64_t d : s.shape()) n *= d;
-  return n;
-}
-
-// Signed arithmetic throughout: with size_t operands "x % 97 - 48" wraps to ~2^64 instead of going
-// negative, which would make most values ~2^58 and hide any error below that magnitude.
-float initial_value(size_t t, int64_t i) {
-  return static_cast<float>((static_cast<int64_t>(t) * 131 + i * 17) % 97 - 48) / 64.0f;  // [-0.75, 0.75]
-}
-float common_grad(int step, size_t t, int64_t i) {
-  return static_cast<float>((int64_t{step} * 7 + static_cast<int64_t>(t) * 29 + i * 13) % 61 - 30) / 32.0f;
-}
-// Sums to exactly zero over ranks (pairs r and N-1-r cancel).
-float rank_offset(int rank, int world, size_t t, int64_t i) {
-  return static_cast<float>(int64_t{2 * rank - (world - 1)} * ((i + static_cast<int64_t>(t)) % 5 - 2)) / 128.0f;
 }
 
 struct Case {
@@ -78,68 +54,7 @@ std::string case_name(const testing::TestParamInfo<Case>& info) {
          c.optimizer;
 }
 
-EngineOptions options_for(const Case& c) {
-  EngineOptions o;
-  o.zero_stage = c.stage;
-  o.layout = c.layout;
-  o.bucket_bytes = 600;  // several buckets; some tensors larger than a bucket
-  if (c.optimizer == "muon" || c.optimizer == "normuon") {
-    o.matrix_optimizer.set_kind(c.optimizer == "muon" ? proto::OPTIMIZER_MUON : proto::OPTIMIZER_NORMUON);
-    o.matrix_optimizer.set_lr(0.02f);
-    o.elementwise_optimizer.set_kind(proto::OPTIMIZER_ADAMW);
-  } else {
-    o.elementwise_optimizer.set_kind(c.optimizer == "lion" ? proto::OPTIMIZER_LION : proto::OPTIMIZER_ADAMW);
-  }
-  o.elementwise_optimizer.set_lr(0.01f);
-  return o;
-}
-
-// Single-process reference on this rank: the optimizers applied to whole tensors with the averaged
-// gradient, routed by the plan's muon flag.
-std::vector<std::vector<float>> reference_run(const std::vector<proto::TensorSpec>& specs, const EngineOptions& o,
-                                              const proto::ShardPlan& plan, int steps) {
-  const auto ew = optim::resolve_optimizer_config(o.elementwise_optimizer);
-  std::optional<optim::OptimizerParams> mx;
-  if (o.matrix_optimizer.kind() != proto::OPTIMIZER_KIND_UNSPECIFIED)
-    mx = optim::resolve_optimizer_config(o.matrix_optimizer);
-  const size_t n_t = specs.size();
-  std::vector<std::vector<float>> w(n_t), g(n_t), s0(n_t), s1(n_t), rows(n_t);
-  optim::MuonWorkspace ws;
-  for (size_t t = 0; t < n_t; ++t) {
-    const int64_t n = numel(specs[t]);
-    w[t].resize(n);
-    for (int64_t i = 0; i < n; ++i) w[t][i] = initial_value(t, i);
-    g[t].resize(n);
-    s0[t].assign(n, 0.0f);
-    s1[t].assign(n, 0.0f);
-    rows[t].assign(specs[t].shape(0), 0.0f);
-    if (specs[t].shape_size() == 2) ws.reserve(specs[t].shape(0), specs[t].shape(1));
-  }
-  for (int step = 1; step <= steps; ++step) {
-    for (size_t t = 0; t < n_t; ++t) {
-      for (int64_t i = 0; i < numel(specs[t]); ++i) g[t][i] = common_grad(step, t, i);
-      if (plan.tensors(static_cast<int>(t)).muon()) {
-        optim::MuonMatrix m;
-        m.master = w[t].data();
-        m.grad = g[t].data();
-        m.momentum = s0[t].data();
-        m.row_second_moment = rows[t].data();
-        m.rows = specs[t].shape(0);
-        m.cols = specs[t].shape(1);
-        optim::muon_step(*mx, m, mx->lr, ws);
-      } else {
-        optim::ElementwiseSlice sl;
-        sl.master = w[t].data();
-        sl.grad = g[t].data();
-        sl.state[0] = s0[t].data();
-        sl.state[1] = s1[t].data();
-        sl.count = w[t].size();
-        optim::elementwise_step(ew, std::span(&sl, 1), ew.lr, step);
-      }
-    }
-  }
-  return w;
-}
+EngineOptions options_for(const Case& c) { return engine_options(c.stage, c.layout, c.optimizer); }
 
 struct RunResult {
   std::vector<std::vector<float>> params;  // this rank's full view after the last step
@@ -177,7 +92,7 @@ class EngineMpiEquivalence : public testing::TestWithParam<Case> {};
 
 TEST_P(EngineMpiEquivalence, NRankTrainingEqualsSingleProcessReference) {
   const Case c = GetParam();
-  const auto specs = mixed_model();
+  const auto specs = model_with_gate();
   const int steps = 3;
   const RunResult got = engine_run(specs, c, steps);
   const auto want = reference_run(specs, options_for(c), got.plan, steps);
@@ -249,7 +164,7 @@ double sum_over_ranks(double bytes) {
 uint64_t sent(const StepReport& r, comm::OpKind kind) { return r.traffic.bytes_sent[static_cast<size_t>(kind)]; }
 
 TEST(EngineMpi, BytesSentPerStepEqualThePlansSegmentArithmetic) {
-  const auto specs = mixed_model();
+  const auto specs = model_with_gate();
   const int world = g_world->size(), rank = g_world->rank();
   for (int stage : {1, 2, 3}) {
     for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0}) {
@@ -291,7 +206,7 @@ TEST(EngineMpi, OptimizerMemoryMatchesThePlansZeroArithmetic) {
   const int rank = g_world->rank();
   for (const char* opt : {"muon", "normuon", "adamw", "lion"}) {
     const Case c{2, proto::SHARD_LAYOUT_OWNED, opt};
-    const RunResult got = engine_run(mixed_model(), c, 1);
+    const RunResult got = engine_run(model_with_gate(), c, 1);
     const auto& rs = got.plan.stats().ranks(rank);
     // K bytes per owned parameter plus the fp32 master of my padding elements.
     double expected = rs.optimizer_state_bytes() + 4.0 * rs.padding_elems();
@@ -304,7 +219,7 @@ TEST(EngineMpi, OptimizerMemoryMatchesThePlansZeroArithmetic) {
 
 // Every rank computed the same parameters (the all-gather delivered one consistent model).
 TEST(EngineMpi, AllRanksHoldIdenticalParameters) {
-  const auto specs = mixed_model();
+  const auto specs = model_with_gate();
   const RunResult got = engine_run(specs, {2, proto::SHARD_LAYOUT_DIM0, "normuon"}, 2);
   for (size_t t = 0; t < specs.size(); ++t) {
     std::vector<float> root = got.params[t];

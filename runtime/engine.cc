@@ -83,7 +83,11 @@ Engine::Engine(comm::Communicator& comm, std::vector<proto::TensorSpec> params, 
   elementwise_params_ = optim::resolve_optimizer_config(elementwise_config(options_));
   if (elementwise_params_.is_matrix_optimizer())
     throw ConfigError("elementwise_optimizer must be adamw, lion or sgd");
-  if (uses_matrix_optimizer(options_)) matrix_params_ = optim::resolve_optimizer_config(options_.matrix_optimizer);
+  if (uses_matrix_optimizer(options_)) {
+    matrix_params_ = optim::resolve_optimizer_config(options_.matrix_optimizer);
+    matrix_params_owner_dim0_ = matrix_params_;
+    matrix_params_owner_dim0_->weight_decay = 0;
+  }
   state_ = std::make_unique<ShardState>(std::move(plan), comm_.rank(), matrix_params_ ? &*matrix_params_ : nullptr,
                                         elementwise_params_);
 
@@ -258,10 +262,9 @@ void Engine::update_matrices_owned(float lr_multiplier) {
 // -lr*s*O on the whole matrix (weight decay 0 there) and sends row shards of it back; every rank
 // then applies W = W(1 - lr wd) + delta to its own rows.
 void Engine::update_matrices_dim0(float lr_multiplier, PhaseTimes& times) {
-  optim::OptimizerParams mx = *matrix_params_;  // copy: weight decay is applied by the shard holders
-  const float lr = mx.lr * lr_multiplier;
-  const float wd = mx.weight_decay;
-  mx.weight_decay = 0;
+  const optim::OptimizerParams& mx = *matrix_params_owner_dim0_;
+  const float lr = matrix_params_->lr * lr_multiplier;
+  const float wd = matrix_params_->weight_decay;
   const auto& send_counts = state_->dim0_send_counts();
   const auto& recv_counts = state_->dim0_recv_counts();
 

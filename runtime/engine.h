@@ -143,6 +143,8 @@ class Engine {
   EngineOptions options_;
   optim::OptimizerParams elementwise_params_;             // resolved once
   std::optional<optim::OptimizerParams> matrix_params_;  // empty: no matrix optimizer
+  // dim0: the owner computes the update without weight decay (the shard holders apply it).
+  std::optional<optim::OptimizerParams> matrix_params_owner_dim0_;
   std::unique_ptr<ShardState> state_;
   TraceRecorder trace_;
 

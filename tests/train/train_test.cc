@@ -17,48 +17,14 @@
 
 #include "base/error.h"
 #include "comm/thread_backend.h"
+#include "tests/train/train_fixture.h"
 
 namespace shardopt::train {
 namespace {
 
-const model::ByteCorpus& corpus() {
-  static const model::ByteCorpus c = model::ByteCorpus::load(SHARDOPT_SOURCE_DIR "/data/tinyshakespeare.txt");
-  return c;
-}
+using test_fixture::run;
 
-TrainConfig small_config(const std::string& optimizer) {
-  TrainConfig c;
-  c.model.d_model = 32;
-  c.model.n_layer = 2;
-  c.model.n_head = 2;
-  c.model.context = 16;
-  c.global_batch = 8;
-  c.steps = 5;
-  c.optimizer = optimizer;
-  c.matrix_lr = 0.02f;
-  c.elementwise_lr = 3e-3f;
-  c.warmup_steps = 2;
-  c.eval_every = 0;
-  c.eval_batches = 1;
-  c.log_every = 0;
-  c.trace_steps = 0;
-  c.sample_tokens = 0;
-  c.bucket_bytes = 8192;  // several buckets
-  return c;
-}
-
-std::vector<TrainResult> run(int ranks, const TrainConfig& c) {
-  std::vector<TrainResult> out(ranks);
-  std::mutex mu;
-  TrainHooks hooks;
-  hooks.keep_params = true;
-  comm::run_ranks(ranks, [&](comm::Communicator& comm) {
-    auto r = train_rank(comm, corpus(), c, hooks);
-    std::lock_guard<std::mutex> lock(mu);
-    out[comm.rank()] = std::move(r);
-  });
-  return out;
-}
+TrainConfig small_config(const std::string& optimizer) { return test_fixture::small_config(optimizer, 5); }
 
 struct Case {
   int ranks;

@@ -20,46 +20,14 @@
 #include "base/error.h"
 #include "comm/thread_backend.h"
 #include "runtime/train/trainer.h"
+#include "tests/train/train_fixture.h"
 
 namespace shardopt::train {
 namespace {
 
-const model::ByteCorpus& corpus() {
-  static const model::ByteCorpus c = model::ByteCorpus::load(SHARDOPT_SOURCE_DIR "/data/tinyshakespeare.txt");
-  return c;
-}
+using test_fixture::run;
 
-TrainConfig small_config() {
-  TrainConfig c;
-  c.model.d_model = 32;
-  c.model.n_layer = 2;
-  c.model.n_head = 2;
-  c.model.context = 16;
-  c.global_batch = 8;
-  c.steps = 6;
-  c.optimizer = "muon";
-  c.warmup_steps = 2;
-  c.eval_every = 0;
-  c.eval_batches = 1;
-  c.log_every = 0;
-  c.trace_steps = 0;
-  c.sample_tokens = 0;
-  c.bucket_bytes = 8192;
-  return c;
-}
-
-std::vector<TrainResult> run(int ranks, const TrainConfig& c) {
-  std::vector<TrainResult> out(ranks);
-  std::mutex mu;
-  TrainHooks hooks;
-  hooks.keep_params = true;
-  comm::run_ranks(ranks, [&](comm::Communicator& comm) {
-    auto r = train_rank(comm, corpus(), c, hooks);
-    std::lock_guard<std::mutex> lock(mu);
-    out[comm.rank()] = std::move(r);
-  });
-  return out;
-}
+TrainConfig small_config() { return test_fixture::small_config("muon", 6); }
 
 double max_param_diff(const TrainResult& a, const TrainResult& b) {
   EXPECT_EQ(a.final_params.size(), b.final_params.size());

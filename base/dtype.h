@@ -1,4 +1,8 @@
-// Element-type helpers: sizes, names, and bf16 <-> fp32 conversion.
+// Element types of raw buffers: sizes, names, and bf16 <-> fp32 conversion.
+//
+// DType is a plain enum so that the ground floor (and comm's raw-buffer API) does not depend on
+// generated protobuf code. Its values equal proto::DType's (proto/types.proto), which are written into
+// plans and checkpoints; proto/dtype_convert.h converts at the proto boundary.
 #pragma once
 
 #include <cstddef>
@@ -6,13 +10,19 @@
 #include <cstring>
 #include <string_view>
 
-#include "proto/types.pb.h"
-
 namespace shardopt {
 
-using DType = proto::DType;
+enum class DType : uint8_t {
+  kUnspecified = 0,
+  kF32 = 1,
+  kBF16 = 2,
+  kF16 = 3,
+  kI32 = 4,
+  kI64 = 5,
+  kU8 = 6,
+};
 
-// Bytes per element; throws ConfigError for DTYPE_UNSPECIFIED.
+// Bytes per element; throws ConfigError for kUnspecified or an out-of-range value.
 size_t dtype_size(DType dtype);
 std::string_view dtype_name(DType dtype);
 // Parses "f32", "bf16", ... (the names dtype_name prints); throws ConfigError otherwise.

@@ -1,3 +1,4 @@
+#include "proto/dtype_convert.h"
 #include "checkpoint/export.h"
 
 #include <algorithm>
@@ -12,12 +13,12 @@ namespace {
 
 const char* safetensors_dtype(DType d) {
   switch (d) {
-    case proto::F32: return "F32";
-    case proto::BF16: return "BF16";
-    case proto::F16: return "F16";
-    case proto::I32: return "I32";
-    case proto::I64: return "I64";
-    case proto::U8: return "U8";
+    case DType::kF32: return "F32";
+    case DType::kBF16: return "BF16";
+    case DType::kF16: return "F16";
+    case DType::kI32: return "I32";
+    case DType::kI64: return "I64";
+    case DType::kU8: return "U8";
     default: break;
   }
   throw ConfigError("export: dtype " + std::to_string(static_cast<int>(d)) + " has no safetensors name");
@@ -52,10 +53,10 @@ ExportSummary export_consolidated(CheckpointReader& reader, const std::filesyste
         continue;
       const int64_t numel = reader.state_numel(t.spec().name(), s.name());
       const uint64_t bytes = static_cast<uint64_t>(numel) * dtype_size(s.dtype());
-      items.push_back(Item{t.spec().name(), s.name(), s.dtype(), numel, at, at + bytes});
+      items.push_back(Item{t.spec().name(), s.name(), from_proto(s.dtype()), numel, at, at + bytes});
       std::vector<int64_t> shape(s.shape().begin(), s.shape().end());
       header[export_name(t.spec().name(), s.name())] = {
-          {"dtype", safetensors_dtype(s.dtype())}, {"shape", shape}, {"data_offsets", {at, at + bytes}}};
+          {"dtype", safetensors_dtype(from_proto(s.dtype()))}, {"shape", shape}, {"data_offsets", {at, at + bytes}}};
       at += bytes;
     }
   }

@@ -1,3 +1,4 @@
+#include "proto/dtype_convert.h"
 #include "checkpoint/inspect.h"
 
 #include <fmt/format.h>

@@ -3,6 +3,7 @@
 #include <limits>
 #include <set>
 
+#include "proto/dtype_convert.h"
 #include "base/dtype.h"
 #include "base/error.h"
 #include "checkpoint/crc32c.h"

@@ -1,3 +1,4 @@
+#include "proto/dtype_convert.h"
 #include "checkpoint/writer.h"
 
 #include <stdio.h>  // renameat2
@@ -121,7 +122,7 @@ proto::CheckpointShardRecord save_shard(const fs::path& dir_tmp, int rank, std::
     rec->set_state(p.state);
     rec->set_global_offset(p.global_offset);
     rec->set_length(p.length);
-    rec->set_dtype(p.dtype);
+    rec->set_dtype(to_proto(p.dtype));
     rec->set_file(name);
     rec->set_file_offset(static_cast<int64_t>(at));
     rec->set_crc32c(crc32c(p.data, bytes));
@@ -163,7 +164,7 @@ proto::CheckpointTensor make_tensor_entry(const proto::TensorSpec& spec) {
 void add_state(proto::CheckpointTensor& tensor, std::string_view state, DType dtype, std::vector<int64_t> shape) {
   auto* s = tensor.add_states();
   s->set_name(std::string(state));
-  s->set_dtype(dtype);
+  s->set_dtype(to_proto(dtype));
   if (shape.empty())
     *s->mutable_shape() = tensor.spec().shape();
   else

@@ -33,7 +33,7 @@ struct SavePiece {
   std::string state;          // "param", "adam_m", "adam_v", "momentum", "normuon_row_v", ...
   int64_t global_offset = 0;  // elements into the state's row-major flattened global array
   int64_t length = 0;         // elements
-  DType dtype = proto::F32;
+  DType dtype = DType::kF32;
   const void* data = nullptr;  // length * dtype_size(dtype) bytes, valid for the duration of save_shard
 };
 

@@ -105,12 +105,12 @@ void check_buffer(OpKind kind, const void* ptr, size_t count, const char* what) 
 
 void check_reducible(OpKind kind, DType dtype) {
   switch (dtype) {
-    case DType::F32:
-    case DType::BF16:
-    case DType::F16:
-    case DType::I32:
-    case DType::I64:
-    case DType::U8: return;
+    case DType::kF32:
+    case DType::kBF16:
+    case DType::kF16:
+    case DType::kI32:
+    case DType::kI64:
+    case DType::kU8: return;
     default:
       throw ConfigError(std::string(op_kind_name(kind)) + ": dtype " + std::string(dtype_name(dtype)) +
                         " cannot be reduced (expected f32, bf16, f16, i32, i64 or u8)");

@@ -28,7 +28,7 @@ Traffic all_to_all_traffic(std::span<const size_t> send_counts, std::span<const 
 struct Fingerprint {
   uint64_t index = 0;  // collective index (sequence of collectives on the communicator)
   OpKind kind = OpKind::kCount;
-  DType dtype = DType::DTYPE_UNSPECIFIED;
+  DType dtype = DType::kUnspecified;
   ReduceOp op = ReduceOp::kSum;
   int32_t root = -1;
   uint64_t count = 0;        // count, or the sum of per-rank counts

@@ -64,12 +64,12 @@ void mpi_check(int rc, const char* call) {
 
 MPI_Datatype mpi_type(DType dt) {
   switch (dt) {
-    case DType::F32: return MPI_FLOAT;
-    case DType::BF16:
-    case DType::F16: return MPI_UINT16_T;
-    case DType::I32: return MPI_INT32_T;
-    case DType::I64: return MPI_INT64_T;
-    case DType::U8: return MPI_UINT8_T;
+    case DType::kF32: return MPI_FLOAT;
+    case DType::kBF16:
+    case DType::kF16: return MPI_UINT16_T;
+    case DType::kI32: return MPI_INT32_T;
+    case DType::kI64: return MPI_INT64_T;
+    case DType::kU8: return MPI_UINT8_T;
     default: break;
   }
   throw ConfigError("mpi communicator: unsupported dtype " + std::string(dtype_name(dt)));
@@ -406,7 +406,7 @@ class MpiComm final : public Communicator {
 
   std::unique_ptr<Communicator> split(int color, int key) override {
     // Agree (fingerprints, in order after every earlier collective) before the blocking MPI call.
-    auto op = new_collective(make_fp(OpKind::kSplit, DType::DTYPE_UNSPECIFIED, ReduceOp::kSum, -1, 0));
+    auto op = new_collective(make_fp(OpKind::kSplit, DType::kUnspecified, ReduceOp::kSum, -1, 0));
     op->issue = [](std::vector<MPI_Request>&) {};
     count_traffic(OpKind::kSplit, 0, 0);
     submit(op)->wait();
@@ -618,7 +618,7 @@ class MpiComm final : public Communicator {
 
   WorkPtr barrier() override {
     count_traffic(OpKind::kBarrier, 0, 0);
-    auto rec = new_collective(make_fp(OpKind::kBarrier, DType::DTYPE_UNSPECIFIED, ReduceOp::kSum, -1, 0));
+    auto rec = new_collective(make_fp(OpKind::kBarrier, DType::kUnspecified, ReduceOp::kSum, -1, 0));
     MPI_Comm comm = core_->data;
     rec->issue = [comm](std::vector<MPI_Request>& reqs) {
       reqs.resize(1);
@@ -662,7 +662,7 @@ class MpiComm final : public Communicator {
 
   // Rounds the fp32 result once to the 16-bit type (after the avg division, in fp32).
   static void narrow(MpiOp& rec, void* recv, size_t count, DType dtype, ReduceOp op, int world) {
-    if (op == ReduceOp::kAvg) detail::divide_elements(DType::F32, rec.scratch_out.data(), count, world);
+    if (op == ReduceOp::kAvg) detail::divide_elements(DType::kF32, rec.scratch_out.data(), count, world);
     detail::f32_to_half(dtype, rec.scratch_out.data(), recv, count);
   }
 

@@ -59,20 +59,20 @@ void check_nccl(ncclResult_t result, ncclComm_t comm, const std::string& what) {
 
 ncclDataType_t nccl_type(DType dtype) {
   switch (dtype) {
-    case proto::F32: return ncclFloat32;
-    case proto::BF16: return ncclBfloat16;
-    case proto::F16: return ncclFloat16;
-    case proto::I32: return ncclInt32;
-    case proto::I64: return ncclInt64;
-    case proto::U8: return ncclUint8;
+    case DType::kF32: return ncclFloat32;
+    case DType::kBF16: return ncclBfloat16;
+    case DType::kF16: return ncclFloat16;
+    case DType::kI32: return ncclInt32;
+    case DType::kI64: return ncclInt64;
+    case DType::kU8: return ncclUint8;
     default: break;
   }
   throw ConfigError("NcclCommunicator: unsupported dtype " + std::string(dtype_name(dtype)) +
                     " (expected f32, bf16, f16, i32, i64 or u8)");
 }
 
-bool is_half(DType d) { return d == proto::BF16 || d == proto::F16; }
-bool is_int(DType d) { return d == proto::I32 || d == proto::I64 || d == proto::U8; }
+bool is_half(DType d) { return d == DType::kBF16 || d == DType::kF16; }
+bool is_int(DType d) { return d == DType::kI32 || d == DType::kI64 || d == DType::kU8; }
 
 ncclRedOp_t nccl_op(ReduceOp op, DType dtype) {
   switch (op) {
@@ -85,10 +85,10 @@ ncclRedOp_t nccl_op(ReduceOp op, DType dtype) {
 }
 
 detail::IntKind int_kind(DType d) {
-  return d == proto::I32 ? detail::IntKind::kI32 : (d == proto::I64 ? detail::IntKind::kI64 : detail::IntKind::kU8);
+  return d == DType::kI32 ? detail::IntKind::kI32 : (d == DType::kI64 ? detail::IntKind::kI64 : detail::IntKind::kU8);
 }
 
-detail::HalfKind half_kind(DType d) { return d == proto::BF16 ? detail::HalfKind::kBf16 : detail::HalfKind::kF16; }
+detail::HalfKind half_kind(DType d) { return d == DType::kBF16 ? detail::HalfKind::kBf16 : detail::HalfKind::kF16; }
 
 class NcclWork final : public Work {
  public:
@@ -544,7 +544,7 @@ WorkPtr NcclCommunicator::sendrecv(const void* send, size_t send_count, int dst,
 }
 
 WorkPtr NcclCommunicator::barrier() {
-  auto work = issue(OpKind::kBarrier, proto::I32, 0, true, [&](const std::string& name) {
+  auto work = issue(OpKind::kBarrier, DType::kI32, 0, true, [&](const std::string& name) {
     check_nccl(ncclAllReduce(barrier_word_, barrier_word_, 1, ncclInt32, ncclSum, shared_->comm, stream_),
                shared_->comm, name);
   });

@@ -116,12 +116,12 @@ void reduce_elements(DType dtype, ReduceOp op, std::span<const void* const> inpu
   SHARDOPT_ASSERT(!inputs.empty(), "reduction needs at least one input");
   if (len == 0) return;
   switch (dtype) {
-    case DType::F32: return reduce_typed<float>(op, inputs, outputs, len);
-    case DType::BF16: return reduce_typed<bf16>(op, inputs, outputs, len);
-    case DType::F16: return reduce_typed<_Float16>(op, inputs, outputs, len);
-    case DType::I32: return reduce_typed<int32_t>(op, inputs, outputs, len);
-    case DType::I64: return reduce_typed<int64_t>(op, inputs, outputs, len);
-    case DType::U8: return reduce_typed<uint8_t>(op, inputs, outputs, len);
+    case DType::kF32: return reduce_typed<float>(op, inputs, outputs, len);
+    case DType::kBF16: return reduce_typed<bf16>(op, inputs, outputs, len);
+    case DType::kF16: return reduce_typed<_Float16>(op, inputs, outputs, len);
+    case DType::kI32: return reduce_typed<int32_t>(op, inputs, outputs, len);
+    case DType::kI64: return reduce_typed<int64_t>(op, inputs, outputs, len);
+    case DType::kU8: return reduce_typed<uint8_t>(op, inputs, outputs, len);
     default: break;
   }
   throw ConfigError("reduction: unsupported dtype " + std::string(dtype_name(dtype)));
@@ -129,12 +129,12 @@ void reduce_elements(DType dtype, ReduceOp op, std::span<const void* const> inpu
 
 void divide_elements(DType dtype, void* buf, size_t len, int divisor) {
   switch (dtype) {
-    case DType::F32: return divide_typed<float>(buf, len, divisor);
-    case DType::BF16: return divide_typed<bf16>(buf, len, divisor);
-    case DType::F16: return divide_typed<_Float16>(buf, len, divisor);
-    case DType::I32: return divide_typed<int32_t>(buf, len, divisor);
-    case DType::I64: return divide_typed<int64_t>(buf, len, divisor);
-    case DType::U8: return divide_typed<uint8_t>(buf, len, divisor);
+    case DType::kF32: return divide_typed<float>(buf, len, divisor);
+    case DType::kBF16: return divide_typed<bf16>(buf, len, divisor);
+    case DType::kF16: return divide_typed<_Float16>(buf, len, divisor);
+    case DType::kI32: return divide_typed<int32_t>(buf, len, divisor);
+    case DType::kI64: return divide_typed<int64_t>(buf, len, divisor);
+    case DType::kU8: return divide_typed<uint8_t>(buf, len, divisor);
     default: break;
   }
   throw ConfigError("avg: unsupported dtype " + std::string(dtype_name(dtype)));
@@ -164,25 +164,25 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) void copy_bytes(vo
   if (i < n) std::memcpy(d + i, s + i, n - i);
 }
 
-bool is_half_type(DType dtype) { return dtype == DType::BF16 || dtype == DType::F16; }
+bool is_half_type(DType dtype) { return dtype == DType::kBF16 || dtype == DType::kF16; }
 
 void half_to_f32(DType dtype, const void* src, float* dst, size_t len) {
-  if (dtype == DType::BF16) {
+  if (dtype == DType::kBF16) {
     const bf16* s = static_cast<const bf16*>(src);
     for (size_t i = 0; i < len; ++i) dst[i] = bf16_to_float(s[i]);
   } else {
-    SHARDOPT_ASSERT(dtype == DType::F16, "half_to_f32 on a non-half dtype");
+    SHARDOPT_ASSERT(dtype == DType::kF16, "half_to_f32 on a non-half dtype");
     const _Float16* s = static_cast<const _Float16*>(src);
     for (size_t i = 0; i < len; ++i) dst[i] = static_cast<float>(s[i]);
   }
 }
 
 void f32_to_half(DType dtype, const float* src, void* dst, size_t len) {
-  if (dtype == DType::BF16) {
+  if (dtype == DType::kBF16) {
     bf16* d = static_cast<bf16*>(dst);
     for (size_t i = 0; i < len; ++i) d[i] = float_to_bf16(src[i]);
   } else {
-    SHARDOPT_ASSERT(dtype == DType::F16, "f32_to_half on a non-half dtype");
+    SHARDOPT_ASSERT(dtype == DType::kF16, "f32_to_half on a non-half dtype");
     _Float16* d = static_cast<_Float16*>(dst);
     for (size_t i = 0; i < len; ++i) d[i] = static_cast<_Float16>(src[i]);
   }

@@ -93,7 +93,7 @@ struct P2POp final : OpRec {
   const void* src = nullptr;
   void* dst = nullptr;
   size_t send_count = 0, recv_count = 0;
-  DType send_dtype = DType::DTYPE_UNSPECIFIED, recv_dtype = DType::DTYPE_UNSPECIFIED;
+  DType send_dtype = DType::kUnspecified, recv_dtype = DType::kUnspecified;
   size_t chunk_bytes = kChunkBytes;
 };
 
@@ -617,7 +617,7 @@ class ThreadComm final : public Communicator {
     CollSlot slot;
     slot.color = color;
     slot.key = key;
-    Fingerprint fp = make_fp(OpKind::kSplit, DType::DTYPE_UNSPECIFIED, ReduceOp::kSum, -1, 0);
+    Fingerprint fp = make_fp(OpKind::kSplit, DType::kUnspecified, ReduceOp::kSum, -1, 0);
     WorkPtr work = post(fp, std::move(slot), {});
     count_traffic(OpKind::kSplit, 0, 0);
     work->wait();
@@ -742,7 +742,7 @@ class ThreadComm final : public Communicator {
 
   WorkPtr barrier() override {
     count_traffic(OpKind::kBarrier, 0, 0);
-    return post(make_fp(OpKind::kBarrier, DType::DTYPE_UNSPECIFIED, ReduceOp::kSum, -1, 0), CollSlot{}, {});
+    return post(make_fp(OpKind::kBarrier, DType::kUnspecified, ReduceOp::kSum, -1, 0), CollSlot{}, {});
   }
 
   void abort(const std::string& reason) override {

@@ -19,4 +19,4 @@ fi
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 export SHARDOPT_COMM_TIMEOUT_MS="${SHARDOPT_COMM_TIMEOUT_MS:-300000}" SHARDOPT_COMM_CHECKED="${SHARDOPT_COMM_CHECKED:-0}"
 [ "$(id -u)" -eq 0 ] && export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-exec mpirun "${args[@]}" -np "$np" "$root/build/runtime/shardopt" train --out "${SHARDOPT_OUT:-$root/runs/mpirun}" "$@"
+exec mpirun "${args[@]}" -np "$np" "$root/build/bin/shardopt" train --out "${SHARDOPT_OUT:-$root/runs/mpirun}" "$@"

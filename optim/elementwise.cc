@@ -86,7 +86,7 @@ void sgd_kernel(const SgdConsts k, float* __restrict w, bf16* __restrict mirror,
 // Dispatch on (grad dtype, mirror present) once per slice.
 template <template <typename, bool> class Kernel, typename... Args>
 void dispatch(const ElementwiseSlice& s, Args... args) {
-  if (s.grad_dtype == proto::BF16) {
+  if (s.grad_dtype == DType::kBF16) {
     const auto* g = static_cast<const bf16*>(s.grad);
     if (s.mirror) Kernel<bf16, true>::run(s, g, args...);
     else Kernel<bf16, false>::run(s, g, args...);
@@ -119,7 +119,7 @@ struct SgdRun {
 void check_slices(std::span<const ElementwiseSlice> slices, int state_slots, const char* kind) {
   for (size_t i = 0; i < slices.size(); ++i) {
     const ElementwiseSlice& s = slices[i];
-    if (s.grad_dtype != proto::F32 && s.grad_dtype != proto::BF16) {
+    if (s.grad_dtype != DType::kF32 && s.grad_dtype != DType::kBF16) {
       throw ConfigError(fmt::format("{} step: slice {}: grad dtype must be f32 or bf16, found {}", kind, i,
                                     dtype_name(s.grad_dtype)));
     }

@@ -26,7 +26,7 @@ struct ElementwiseSlice {
   float* master = nullptr;       // fp32 master params, updated in place
   bf16* mirror = nullptr;        // optional bf16 copy of the new master (nullptr: none)
   const void* grad = nullptr;    // `count` values of grad_dtype
-  DType grad_dtype = proto::F32;  // F32 or BF16
+  DType grad_dtype = DType::kF32;  // F32 or BF16
   float* state[2] = {nullptr, nullptr};  // state_values_per_element(params) slots are used
   size_t count = 0;
 };

@@ -45,8 +45,8 @@ int64_t count_nonfinite(const bf16* data, size_t count) {
 
 int64_t count_nonfinite(const void* data, DType dtype, size_t count) {
   switch (dtype) {
-    case proto::F32: return count_nonfinite(static_cast<const float*>(data), count);
-    case proto::BF16: return count_nonfinite(static_cast<const bf16*>(data), count);
+    case DType::kF32: return count_nonfinite(static_cast<const float*>(data), count);
+    case DType::kBF16: return count_nonfinite(static_cast<const bf16*>(data), count);
     default:
       throw ConfigError(fmt::format("count_nonfinite: expected dtype f32 or bf16, found {}", dtype_name(dtype)));
   }
@@ -68,8 +68,8 @@ bool all_finite(const bf16* data, size_t count) {
 
 bool all_finite(const void* data, DType dtype, size_t count) {
   switch (dtype) {
-    case proto::F32: return all_finite(static_cast<const float*>(data), count);
-    case proto::BF16: return all_finite(static_cast<const bf16*>(data), count);
+    case DType::kF32: return all_finite(static_cast<const float*>(data), count);
+    case DType::kBF16: return all_finite(static_cast<const bf16*>(data), count);
     default: throw ConfigError(fmt::format("all_finite: expected dtype f32 or bf16, found {}", dtype_name(dtype)));
   }
 }

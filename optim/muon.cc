@@ -88,7 +88,7 @@ StepResult muon_step(const OptimizerParams& params, const MuonMatrix& mat, float
     throw ConfigError(fmt::format("muon_step: matrix shape must be non-negative, found {}x{}", mat.rows, mat.cols));
   }
   if (!std::isfinite(lr) || lr < 0.0f) throw ConfigError(fmt::format("muon_step: lr must be finite and >= 0, found {}", lr));
-  if (mat.grad_dtype != proto::F32 && mat.grad_dtype != proto::BF16) {
+  if (mat.grad_dtype != DType::kF32 && mat.grad_dtype != DType::kBF16) {
     throw ConfigError(fmt::format("muon_step: grad dtype must be f32 or bf16, found {}", dtype_name(mat.grad_dtype)));
   }
   if (!mat.block_rows.empty()) {
@@ -126,7 +126,7 @@ StepResult muon_step(const OptimizerParams& params, const MuonMatrix& mat, float
   float* u = workspace.update();
   const auto mu = static_cast<float>(params.momentum);
   const auto kg = static_cast<float>(params.muon_momentum == proto::MUON_MOMENTUM_SUMMED ? 1.0 : 1.0 - params.momentum);
-  if (mat.grad_dtype == proto::BF16) {
+  if (mat.grad_dtype == DType::kBF16) {
     momentum_pass(static_cast<const bf16*>(mat.grad), mat.momentum, u, count, mu, kg, params.nesterov);
   } else {
     momentum_pass(static_cast<const float*>(mat.grad), mat.momentum, u, count, mu, kg, params.nesterov);

@@ -25,7 +25,7 @@ struct MuonMatrix {
   float* master = nullptr;                // rows x cols fp32, updated in place
   bf16* mirror = nullptr;                 // optional bf16 copy of the new master
   const void* grad = nullptr;             // rows x cols of grad_dtype
-  DType grad_dtype = proto::F32;          // F32 or BF16
+  DType grad_dtype = DType::kF32;          // F32 or BF16
   float* momentum = nullptr;              // rows x cols fp32 state
   float* row_second_moment = nullptr;     // NorMuon: `rows` fp32 state (zero before step 1)
   int64_t rows = 0;

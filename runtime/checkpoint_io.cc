@@ -111,7 +111,7 @@ void agree(comm::Communicator& comm, std::exception_ptr local, const std::string
   const int n = comm.size();
   std::vector<int64_t> all(2 * static_cast<size_t>(n));
   const std::vector<size_t> two(static_cast<size_t>(n), 2);
-  comm.all_gather(mine, all.data(), two, proto::I64)->wait();
+  comm.all_gather(mine, all.data(), two, DType::kI64)->wait();
   int first = -1;
   for (int r = 0; r < n && first < 0; ++r)
     if (all[2 * r] != kNoFault) first = r;
@@ -123,7 +123,7 @@ void agree(comm::Communicator& comm, std::exception_ptr local, const std::string
   for (int r = 0; r < n; ++r) total += counts[r] = static_cast<size_t>(all[2 * r + 1]) + 1;
   message.push_back('\0');
   std::string gathered(total, '\0');
-  comm.all_gather(message.data(), gathered.data(), counts, proto::U8)->wait();
+  comm.all_gather(message.data(), gathered.data(), counts, DType::kU8)->wait();
   if (local) std::rethrow_exception(local);
 
   size_t offset = 0;
@@ -143,14 +143,14 @@ std::vector<std::string> all_gather_strings(comm::Communicator& comm, const std:
   const int64_t my_size = static_cast<int64_t>(mine.size()) + 1;
   std::vector<int64_t> sizes(static_cast<size_t>(n));
   const std::vector<size_t> ones(static_cast<size_t>(n), 1);
-  comm.all_gather(&my_size, sizes.data(), ones, proto::I64)->wait();
+  comm.all_gather(&my_size, sizes.data(), ones, DType::kI64)->wait();
   std::vector<size_t> counts(sizes.begin(), sizes.end());
   size_t total = 0;
   for (size_t c : counts) total += c;
   std::string send = mine;
   send.push_back('\0');
   std::string recv(total, '\0');
-  comm.all_gather(send.data(), recv.data(), counts, proto::U8)->wait();
+  comm.all_gather(send.data(), recv.data(), counts, DType::kU8)->wait();
   std::vector<std::string> out;
   size_t offset = 0;
   for (size_t c : counts) {
@@ -187,7 +187,7 @@ std::vector<ckpt::SavePiece> save_pieces(Engine& engine) {
   std::vector<ckpt::SavePiece> pieces;
   for (const StateRange& r : my_state_ranges(engine))
     pieces.push_back(ckpt::SavePiece{engine.spec(static_cast<size_t>(r.tensor)).name(), r.state, r.global_offset,
-                                     r.length, proto::F32, r.data});
+                                     r.length, DType::kF32, r.data});
   return pieces;
 }
 
@@ -233,7 +233,7 @@ SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t s
         for (const std::string& state : states_of(engine, t)) {
           std::vector<int64_t> shape;
           if (state == kRowSecondMomentState) shape = {engine.spec(t).shape(0)};
-          ckpt::add_state(entry, state, proto::F32, shape);
+          ckpt::add_state(entry, state, DType::kF32, shape);
         }
         info.tensors.push_back(std::move(entry));
       }

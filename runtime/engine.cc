@@ -8,6 +8,7 @@
 #include "optim/config.h"
 #include "optim/elementwise.h"
 #include "optim/muon.h"
+#include "proto/dtype_convert.h"
 #include "proto/runtime.pb.h"
 #include "sharding/plan_util.h"
 #include "sharding/planner.h"
@@ -116,16 +117,16 @@ void Engine::verify_same_config_on_all_ranks() {
   const int n = comm_.size();
   std::vector<int64_t> hashes(n, 0);
   std::vector<size_t> ones(n, 1);
-  comm_.all_gather(&hash, hashes.data(), ones, proto::I64)->wait();
+  comm_.all_gather(&hash, hashes.data(), ones, DType::kI64)->wait();
   if (std::all_of(hashes.begin(), hashes.end(), [&](int64_t h) { return h == hashes[0]; })) return;
 
   // Show the difference against rank 0's configuration on every rank.
   std::string bytes = sharding::deterministic_bytes(mine);
   int64_t size = static_cast<int64_t>(bytes.size());
-  comm_.broadcast(&size, 1, proto::I64, 0)->wait();
+  comm_.broadcast(&size, 1, DType::kI64, 0)->wait();
   std::string root(static_cast<size_t>(size), '\0');
   if (comm_.rank() == 0) root = bytes;
-  comm_.broadcast(root.data(), root.size(), proto::U8, 0)->wait();
+  comm_.broadcast(root.data(), root.size(), DType::kU8, 0)->wait();
   proto::EngineConfig theirs;
   theirs.ParseFromString(root);
   std::string differing;
@@ -192,7 +193,7 @@ void Engine::launch_reduction(int b) {
   // Every stage reduce-scatters: only the owner of a segment needs its reduced gradient, and the
   // parameters come back by all-gather (2Ψ(N-1)/N per rank, the ZeRO arithmetic for stages 1-3).
   reductions_[b] = comm_.reduce_scatter(state_->bucket_grads(b), state_->grad_shard(b), state_->segment_counts(b),
-                                        proto::F32, comm::ReduceOp::kAvg);
+                                        DType::kF32, comm::ReduceOp::kAvg);
 }
 
 void Engine::wait_reductions() {
@@ -227,7 +228,7 @@ bool Engine::check_and_clip(StepReport& report) {
     sumsq += s;
   }
   check_buffer_.back() = static_cast<float>(sumsq);
-  comm_.all_reduce(check_buffer_.data(), check_buffer_.data(), check_buffer_.size(), proto::F32,
+  comm_.all_reduce(check_buffer_.data(), check_buffer_.data(), check_buffer_.size(), DType::kF32,
                    comm::ReduceOp::kSum)
       ->wait();
   for (size_t t = 0; t < specs_.size(); ++t)
@@ -270,7 +271,7 @@ void Engine::update_matrices_dim0(float lr_multiplier, PhaseTimes& times) {
 
   auto t0 = Clock::now();
   state_->dim0_pack_grads();
-  comm_.all_to_all(state_->dim0_send_buffer(), send_counts, state_->dim0_recv_buffer(), recv_counts, proto::F32)->wait();
+  comm_.all_to_all(state_->dim0_send_buffer(), send_counts, state_->dim0_recv_buffer(), recv_counts, DType::kF32)->wait();
   state_->dim0_unpack_to_owned();
   times.dim0_exchange += seconds_since(t0);
 
@@ -283,7 +284,7 @@ void Engine::update_matrices_dim0(float lr_multiplier, PhaseTimes& times) {
 
   t0 = Clock::now();
   state_->dim0_pack_updates();
-  comm_.all_to_all(state_->dim0_recv_buffer(), recv_counts, state_->dim0_send_buffer(), send_counts, proto::F32)->wait();
+  comm_.all_to_all(state_->dim0_recv_buffer(), recv_counts, state_->dim0_send_buffer(), send_counts, DType::kF32)->wait();
   state_->dim0_apply_updates(lr, wd);
   times.dim0_exchange += seconds_since(t0);
 }
@@ -299,7 +300,7 @@ void Engine::gather_params_after_step() {
     const auto& seg = state_->my_segment(b);
     float* full = state_->bucket_params(b);
     std::memcpy(full + seg.offset(), state_->master_shard(b), sizeof(float) * static_cast<size_t>(seg.count()));
-    works[b] = comm_.all_gather(full + seg.offset(), full, state_->segment_counts(b), proto::F32);
+    works[b] = comm_.all_gather(full + seg.offset(), full, state_->segment_counts(b), DType::kF32);
   }
   for (int b = 0; b < state_->num_buckets(); ++b) {
     TraceRecorder::Span span(trace_, "all_gather b" + std::to_string(b), "comm");
@@ -362,7 +363,7 @@ void Engine::gather(int b) {
   const auto& seg = state_->my_segment(b);
   float* full = state_->bucket_params(b);
   std::memcpy(full + seg.offset(), state_->master_shard(b), sizeof(float) * static_cast<size_t>(seg.count()));
-  comm_.all_gather(full + seg.offset(), full, state_->segment_counts(b), proto::F32)->wait();
+  comm_.all_gather(full + seg.offset(), full, state_->segment_counts(b), DType::kF32)->wait();
   if (state_->dim0()) state_->copy_out_params(b);
 }
 

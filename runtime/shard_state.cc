@@ -144,7 +144,7 @@ void ShardState::build_views(const optim::OptimizerParams* matrix_optimizer,
     optim::ElementwiseSlice s;
     s.master = master_[lp.bucket].data() + lp.segment_offset;
     s.grad = grad_shard(lp.bucket) + lp.segment_offset;
-    s.grad_dtype = proto::F32;
+    s.grad_dtype = DType::kF32;
     for (int k = 0; k < ew_slots; ++k) s.state[k] = elementwise_state_.data() + k * ew_elems + ew_cursor;
     s.count = static_cast<size_t>(lp.length);
     ew_cursor += lp.length;
@@ -179,7 +179,7 @@ void ShardState::build_views(const optim::OptimizerParams* matrix_optimizer,
       m.master = master_[p.bucket()].data() + seg_off;
       m.grad = grad_shard(p.bucket()) + seg_off;
     }
-    m.grad_dtype = proto::F32;
+    m.grad_dtype = DType::kF32;
     workspace_.reserve(m.rows, m.cols);
     owned_.push_back(std::move(om));
   }

@@ -1,3 +1,4 @@
+#include "proto/dtype_convert.h"
 #include "sharding/plan_util.h"
 
 #include <algorithm>

@@ -1,3 +1,4 @@
+#include "proto/dtype_convert.h"
 #include "sharding/planner.h"
 
 #include <algorithm>

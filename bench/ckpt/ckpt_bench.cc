@@ -54,7 +54,7 @@ Model make_model(double gib) {
     int64_t n = 1;
     for (auto s : shape) n *= s;
     for (const auto& s : states) {
-      add_state(t, s, proto::F32);
+      add_state(t, s, DType::kF32);
       m.arrays.push_back({name, s, n});
       m.bytes += static_cast<uint64_t>(n) * 4;
     }
@@ -93,7 +93,7 @@ std::vector<RankData> split(const Model& m, int ranks) {
     int64_t at = 0;
     for (const auto& a : m.arrays) {
       const int64_t begin = (a.numel * r) / ranks, end = (a.numel * (r + 1)) / ranks;
-      out[r].pieces.push_back(SavePiece{a.tensor, a.state, begin, end - begin, proto::F32, out[r].buffer.data() + at});
+      out[r].pieces.push_back(SavePiece{a.tensor, a.state, begin, end - begin, DType::kF32, out[r].buffer.data() + at});
       at += end - begin;
     }
     out[r].bytes = static_cast<uint64_t>(total) * 4;

@@ -64,16 +64,16 @@ void shardopt_op(Communicator& c, const std::string& collective, Buffers& b) {
   const int me = c.rank();
   const size_t n = b.send.size();
   WorkPtr w;
-  if (collective == "all_reduce") w = c.all_reduce(b.send.data(), b.recv.data(), n, DType::F32, ReduceOp::kSum);
+  if (collective == "all_reduce") w = c.all_reduce(b.send.data(), b.recv.data(), n, DType::kF32, ReduceOp::kSum);
   if (collective == "reduce_scatter")
-    w = c.reduce_scatter(b.send.data(), b.recv.data(), b.counts, DType::F32, ReduceOp::kSum);
+    w = c.reduce_scatter(b.send.data(), b.recv.data(), b.counts, DType::kF32, ReduceOp::kSum);
   if (collective == "all_gather") {
     size_t off = 0;
     for (int r = 0; r < me; ++r) off += b.counts[r];
-    w = c.all_gather(b.send.data() + off, b.recv.data(), b.counts, DType::F32);
+    w = c.all_gather(b.send.data() + off, b.recv.data(), b.counts, DType::kF32);
   }
-  if (collective == "all_to_all") w = c.all_to_all(b.send.data(), b.send_counts, b.recv.data(), b.recv_counts, DType::F32);
-  if (collective == "broadcast") w = c.broadcast(b.recv.data(), n, DType::F32, 0);
+  if (collective == "all_to_all") w = c.all_to_all(b.send.data(), b.send_counts, b.recv.data(), b.recv_counts, DType::kF32);
+  if (collective == "broadcast") w = c.broadcast(b.recv.data(), n, DType::kF32, 0);
   w->wait();
 }
 

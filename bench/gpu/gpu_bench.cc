@@ -153,7 +153,7 @@ int main(int argc, char** argv) {
     SHARDOPT_CUDA_CHECK(cudaMalloc(&out, n * 2));
     NewtonSchulzCuda ns(sh.rows, sh.cols, sh.batch);
     const double s = time_median(
-        [&] { ns.orthogonalize(in, proto::BF16, reinterpret_cast<bf16*>(out), sh.batch, nullptr); }, 2, reps);
+        [&] { ns.orthogonalize(in, DType::kBF16, reinterpret_cast<bf16*>(out), sh.batch, nullptr); }, 2, reps);
     const double flops = ns.plain_gemm_flops() * double(sh.batch);
     emit({{"bench", "ns5"}, {"impl", "shardopt_cublas"}, {"rows", sh.rows}, {"cols", sh.cols}, {"batch", sh.batch},
           {"seconds", s}, {"tflops_plain_gemm_count", flops / s / 1e12},
@@ -176,7 +176,7 @@ int main(int argc, char** argv) {
     std::vector<DeviceSlice> sl;
     for (size_t i = 0; i < slices; ++i)
       sl.push_back(DeviceSlice{p + i * per, g + i * per, m + i * per, v + i * per, mir ? mir + i * per : nullptr, per});
-    ElementwiseOptimizerCuda opt(ElementwiseAlgorithm::kAdamW, proto::F32);
+    ElementwiseOptimizerCuda opt(ElementwiseAlgorithm::kAdamW, DType::kF32);
     opt.set_slices(sl);
     int64_t t = 1;
     const double s = time_median([&] { opt.step(AdamWHyper{}, t++, nullptr); }, 3, reps);
@@ -199,7 +199,7 @@ int main(int argc, char** argv) {
     float* m = random_device<float>(n, 9);
     MuonCuda muon(rows, cols, 1);
     const double s =
-        time_median([&] { muon.step(p, g, proto::F32, m, nullptr, 1, MuonHyper{}, nullptr); }, 2, reps);
+        time_median([&] { muon.step(p, g, DType::kF32, m, nullptr, 1, MuonHyper{}, nullptr); }, 2, reps);
     emit({{"bench", "muon_step"}, {"rows", rows}, {"cols", cols}, {"seconds", s},
           {"tflops_plain_gemm_count", muon.newton_schulz().plain_gemm_flops() / s / 1e12}});
     cudaFree(p);

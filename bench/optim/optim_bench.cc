@@ -132,7 +132,7 @@ void bench_elementwise(so::OptimizerKind kind, bool bf16_grads, bool mirror, siz
     s.master = master.data() + start;
     s.mirror = mirror ? mirror_buf.data() + start : nullptr;
     s.grad = bf16_grads ? static_cast<const void*>(gb.data() + start) : gf.data() + start;
-    s.grad_dtype = bf16_grads ? shardopt::proto::BF16 : shardopt::proto::F32;
+    s.grad_dtype = bf16_grads ? shardopt::DType::kBF16 : shardopt::DType::kF32;
     s.state[0] = s0.data() + start;
     s.state[1] = slots > 1 ? s1.data() + start : nullptr;
     slices.push_back(s);

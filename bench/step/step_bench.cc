@@ -87,13 +87,13 @@ proto::ShardLayout parse_layout(const std::string& s) {
 
 double max_over_ranks(comm::Communicator& comm, double v) {
   float x = static_cast<float>(v), out = 0;
-  comm.all_reduce(&x, &out, 1, proto::F32, comm::ReduceOp::kMax)->wait();
+  comm.all_reduce(&x, &out, 1, DType::kF32, comm::ReduceOp::kMax)->wait();
   return out;
 }
 
 int64_t max_bytes_over_ranks(comm::Communicator& comm, double bytes) {
   int64_t x = static_cast<int64_t>(bytes), out = 0;
-  comm.all_reduce(&x, &out, 1, proto::I64, comm::ReduceOp::kMax)->wait();
+  comm.all_reduce(&x, &out, 1, DType::kI64, comm::ReduceOp::kMax)->wait();
   return out;
 }
 
@@ -168,7 +168,7 @@ Baselines measure_baselines(comm::Communicator& comm, const std::vector<proto::T
     b.one_rank_seconds = seconds_since(t0);
   }
   quiet_barrier(comm);
-  comm.broadcast(&b.one_rank_seconds, 1, proto::I64, 0)->wait();  // 8 bytes, bit-exact
+  comm.broadcast(&b.one_rank_seconds, 1, DType::kI64, 0)->wait();  // 8 bytes, bit-exact
   return b;
 }
 

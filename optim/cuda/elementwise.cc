@@ -20,8 +20,8 @@ const char* algorithm_name(ElementwiseAlgorithm a) {
 }
 
 bool grad_is_bf16(DType dtype, const char* where) {
-  if (dtype == proto::F32) return false;
-  if (dtype == proto::BF16) return true;
+  if (dtype == DType::kF32) return false;
+  if (dtype == DType::kBF16) return true;
   throw ConfigError(std::string(where) + ": gradient dtype must be f32 or bf16, got " +
                     std::string(dtype_name(dtype)));
 }

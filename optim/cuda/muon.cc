@@ -25,7 +25,7 @@ MuonCuda::MuonCuda(int64_t rows, int64_t cols, int64_t max_batch, NsOptions ns_o
 
 void MuonCuda::step(float* param, const void* grad, DType grad_dtype, float* momentum, bf16* param_bf16,
                     int64_t batch, const MuonHyper& h, cudaStream_t stream) {
-  if (grad_dtype != proto::F32 && grad_dtype != proto::BF16)
+  if (grad_dtype != DType::kF32 && grad_dtype != DType::kBF16)
     throw ConfigError("MuonCuda::step: gradient dtype must be f32 or bf16, got " +
                       std::string(dtype_name(grad_dtype)));
   if (param == nullptr || grad == nullptr || momentum == nullptr)
@@ -38,7 +38,7 @@ void MuonCuda::step(float* param, const void* grad, DType grad_dtype, float* mom
   s.momentum = h.momentum;
   s.averaged = h.convention == MomentumConvention::kAveraged;
   s.nesterov = h.nesterov;
-  detail::launch_muon_momentum(grad, grad_dtype == proto::BF16, momentum, ns_.prepared_input(), ns_.prepared_sumsq(),
+  detail::launch_muon_momentum(grad, grad_dtype == DType::kBF16, momentum, ns_.prepared_input(), ns_.prepared_sumsq(),
                                s, per_matrix, int(batch), stream);
   SHARDOPT_CUDA_CHECK_LAUNCH();
   const uint16_t* ortho = ns_.run_prepared(batch, stream);

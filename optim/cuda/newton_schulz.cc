@@ -124,11 +124,11 @@ const uint16_t* NewtonSchulzCuda::run_prepared(int64_t batch, cudaStream_t strea
 
 void NewtonSchulzCuda::orthogonalize(const void* input, DType input_dtype, bf16* output, int64_t batch,
                                      cudaStream_t stream) {
-  if (input_dtype != proto::F32 && input_dtype != proto::BF16)
+  if (input_dtype != DType::kF32 && input_dtype != DType::kBF16)
     throw ConfigError("NewtonSchulzCuda::orthogonalize: input dtype must be f32 or bf16, got " +
                       std::string(dtype_name(input_dtype)));
   begin_prepared(batch, stream);
-  detail::launch_to_bf16_sumsq(input, input_dtype == proto::BF16, x_[0], sumsq_, size_t(p_) * size_t(q_), int(batch),
+  detail::launch_to_bf16_sumsq(input, input_dtype == DType::kBF16, x_[0], sumsq_, size_t(p_) * size_t(q_), int(batch),
                                stream);
   SHARDOPT_CUDA_CHECK_LAUNCH();
   run_prepared(batch, stream, reinterpret_cast<uint16_t*>(output));

@@ -91,7 +91,7 @@ OuterSync::OuterSync(Engine& engine, comm::Communicator& cross, GossipOptions op
 
   // Every replica's rank of this shard index must hold the same segments (same plan).
   int64_t mine[2] = {count_, -count_}, ext[2] = {0, 0};
-  cross_.all_reduce(mine, ext, 2, proto::I64, comm::ReduceOp::kMax)->wait();
+  cross_.all_reduce(mine, ext, 2, DType::kI64, comm::ReduceOp::kMax)->wait();
   if (ext[0] != count_ || -ext[1] != count_)
     throw ConfigError("OuterSync: replicas hold different shard sizes (this rank " + std::to_string(count_) +
                       " elements, largest " + std::to_string(ext[0]) + ", smallest " + std::to_string(-ext[1]) +
@@ -152,7 +152,7 @@ void OuterSync::refresh_params() {
     const auto& seg = st.my_segment(b);
     float* full = st.bucket_params(b);
     std::memcpy(full + seg.offset(), st.master_shard(b), sizeof(float) * static_cast<size_t>(seg.count()));
-    works[static_cast<size_t>(b)] = group.all_gather(full + seg.offset(), full, st.segment_counts(b), proto::F32);
+    works[static_cast<size_t>(b)] = group.all_gather(full + seg.offset(), full, st.segment_counts(b), DType::kF32);
   }
   for (int b = 0; b < st.num_buckets(); ++b) {
     works[static_cast<size_t>(b)]->wait();
@@ -229,11 +229,11 @@ bool OuterSync::exchange(const std::vector<int>& group, size_t values, OuterRepo
       comm::Communicator& dl = link(dst, dst_rank);
       comm::Communicator& sl = link(src, src_rank);
       if (dst == src) {
-        dl.sendrecv(send_.data(), values, dst_rank, recv_.data(), values, src_rank, proto::F32, tag)
+        dl.sendrecv(send_.data(), values, dst_rank, recv_.data(), values, src_rank, DType::kF32, tag)
             ->wait(options_.timeout);
       } else {
-        auto sw = dl.send(send_.data(), values, proto::F32, dst_rank, tag);
-        auto rw = sl.recv(recv_.data(), values, proto::F32, src_rank, tag);
+        auto sw = dl.send(send_.data(), values, DType::kF32, dst_rank, tag);
+        auto rw = sl.recv(recv_.data(), values, DType::kF32, src_rank, tag);
         rw->wait(options_.timeout);
         sw->wait(options_.timeout);
       }
@@ -299,7 +299,7 @@ void OuterSync::diloco_step(OuterReport& report) {
   read_theta(send_.data());
   for (size_t i = 0; i < n; ++i) send_[i] = phi_[i] - send_[i];  // delta = phi - theta
   const auto t0 = Clock::now();
-  if (replicas_ > 1) cross_.all_reduce(send_.data(), send_.data(), n, proto::F32, comm::ReduceOp::kAvg)->wait();
+  if (replicas_ > 1) cross_.all_reduce(send_.data(), send_.data(), n, DType::kF32, comm::ReduceOp::kAvg)->wait();
   report.exchange_seconds = seconds_since(t0);
   const double lr = options_.diloco_lr, mu = options_.diloco_momentum;
   for (size_t i = 0; i < n; ++i) {
@@ -315,7 +315,7 @@ double OuterSync::consensus_distance() {
   const size_t n = static_cast<size_t>(count_);
   read_theta(recv_.data());
   std::copy(recv_.begin(), recv_.begin() + static_cast<ptrdiff_t>(n), acc_.begin());
-  cross_.all_reduce(acc_.data(), acc_.data(), n, proto::F32, comm::ReduceOp::kAvg)->wait();
+  cross_.all_reduce(acc_.data(), acc_.data(), n, DType::kF32, comm::ReduceOp::kAvg)->wait();
   double local = 0;
   for (size_t i = 0; i < n; ++i) {
     const double d = static_cast<double>(recv_[i]) - acc_[i];
@@ -323,8 +323,8 @@ double OuterSync::consensus_distance() {
   }
   // [sum of squares, numel] summed over replicas and shards.
   float sums[2] = {static_cast<float>(local), replica_ == 0 ? static_cast<float>(tensor_elems_) : 0.0f};
-  cross_.all_reduce(sums, sums, 2, proto::F32, comm::ReduceOp::kSum)->wait();
-  engine_.comm().all_reduce(sums, sums, 2, proto::F32, comm::ReduceOp::kSum)->wait();
+  cross_.all_reduce(sums, sums, 2, DType::kF32, comm::ReduceOp::kSum)->wait();
+  engine_.comm().all_reduce(sums, sums, 2, DType::kF32, comm::ReduceOp::kSum)->wait();
   const double numel = sums[1];
   return numel > 0 ? std::sqrt(sums[0] / (replicas_ * numel)) : 0.0;
 }
@@ -335,13 +335,13 @@ void OuterSync::send_state(comm::Communicator& link, int peer, int tag) {
   std::copy(phi_.begin(), phi_.end(), buf.begin());
   std::copy(momentum_.begin(), momentum_.end(), buf.begin() + static_cast<ptrdiff_t>(n));
   read_theta(buf.data() + 2 * n);
-  link.send(buf.data(), buf.size(), proto::F32, peer, tag)->wait(options_.timeout);
+  link.send(buf.data(), buf.size(), DType::kF32, peer, tag)->wait(options_.timeout);
 }
 
 void OuterSync::receive_state(comm::Communicator& link, int peer, int tag) {
   const size_t n = static_cast<size_t>(count_);
   std::vector<float> buf(3 * n);
-  link.recv(buf.data(), buf.size(), proto::F32, peer, tag)->wait(options_.timeout);
+  link.recv(buf.data(), buf.size(), DType::kF32, peer, tag)->wait(options_.timeout);
   std::copy(buf.begin(), buf.begin() + static_cast<ptrdiff_t>(n), phi_.begin());
   std::copy(buf.begin() + static_cast<ptrdiff_t>(n), buf.begin() + static_cast<ptrdiff_t>(2 * n), momentum_.begin());
   write_theta(buf.data() + 2 * n);

@@ -11,13 +11,13 @@ namespace shardopt {
 namespace {
 
 TEST(DType, SizesAndNamesRoundTrip) {
-  EXPECT_EQ(dtype_size(proto::F32), 4u);
-  EXPECT_EQ(dtype_size(proto::BF16), 2u);
-  EXPECT_EQ(dtype_size(proto::I64), 8u);
-  EXPECT_EQ(dtype_size(proto::U8), 1u);
-  for (DType d : {proto::F32, proto::BF16, proto::F16, proto::I32, proto::I64, proto::U8})
+  EXPECT_EQ(dtype_size(DType::kF32), 4u);
+  EXPECT_EQ(dtype_size(DType::kBF16), 2u);
+  EXPECT_EQ(dtype_size(DType::kI64), 8u);
+  EXPECT_EQ(dtype_size(DType::kU8), 1u);
+  for (DType d : {DType::kF32, DType::kBF16, DType::kF16, DType::kI32, DType::kI64, DType::kU8})
     EXPECT_EQ(parse_dtype(dtype_name(d)), d);
-  EXPECT_THROW(dtype_size(proto::DTYPE_UNSPECIFIED), ConfigError);
+  EXPECT_THROW(dtype_size(DType::kUnspecified), ConfigError);
   EXPECT_THROW(parse_dtype("float"), ConfigError);
 }
 

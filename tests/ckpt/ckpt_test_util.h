@@ -14,6 +14,7 @@
 
 #include "base/dtype.h"
 #include "checkpoint/writer.h"
+#include "proto/dtype_convert.h"
 
 namespace shardopt::ckpt::testing {
 
@@ -53,7 +54,7 @@ struct SyntheticModel {
   }
 };
 
-inline proto::TensorSpec spec(const std::string& name, std::vector<int64_t> shape, DType dtype = proto::BF16) {
+inline proto::TensorSpec spec(const std::string& name, std::vector<int64_t> shape, proto::DType dtype = proto::BF16) {
   proto::TensorSpec s;
   s.set_name(name);
   for (int64_t d : shape) s.add_shape(d);
@@ -80,32 +81,32 @@ inline SyntheticModel make_model(uint64_t seed, int64_t scale = 1) {
   };
   {
     auto t = make_tensor_entry(spec("layers.0.attn.qkv", {96 * scale, 37}));
-    add(t, "param", proto::F32, {});
-    add(t, "momentum", proto::F32, {});
-    add(t, "normuon_row_v", proto::F32, {96 * scale});
+    add(t, "param", DType::kF32, {});
+    add(t, "momentum", DType::kF32, {});
+    add(t, "normuon_row_v", DType::kF32, {96 * scale});
     m.tensors.push_back(t);
   }
   {
     auto t = make_tensor_entry(spec("layers.0.norm.weight", {1001}));
-    add(t, "param", proto::F32, {});
-    add(t, "adam_m", proto::F32, {});
-    add(t, "adam_v", proto::F32, {});
+    add(t, "param", DType::kF32, {});
+    add(t, "adam_m", DType::kF32, {});
+    add(t, "adam_v", DType::kF32, {});
     m.tensors.push_back(t);
   }
   {
     auto t = make_tensor_entry(spec("embed", {53, 19}));
-    add(t, "param", proto::BF16, {});
-    add(t, "noloco_phi", proto::BF16, {});
+    add(t, "param", DType::kBF16, {});
+    add(t, "noloco_phi", DType::kBF16, {});
     m.tensors.push_back(t);
   }
   {
     auto t = make_tensor_entry(spec("scale", {}));
-    add(t, "param", proto::F32, {});
+    add(t, "param", DType::kF32, {});
     m.tensors.push_back(t);
   }
   {
     auto t = make_tensor_entry(spec("empty", {0, 5}));
-    add(t, "param", proto::F32, {});
+    add(t, "param", DType::kF32, {});
     m.tensors.push_back(t);
   }
   return m;

@@ -53,7 +53,7 @@ TEST(AsyncSave, PropagatesWriterErrors) {
   TempDir tmp;
   std::ofstream(tmp.path() / "not-a-dir") << "x";
   const float value = 1.0f;
-  std::vector<SavePiece> pieces{{"w", "param", 0, 1, proto::F32, &value}};
+  std::vector<SavePiece> pieces{{"w", "param", 0, 1, DType::kF32, &value}};
   AsyncShardSaver saver;
   saver.start(tmp.path() / "not-a-dir" / "sub", 0, pieces);
   EXPECT_THROW(saver.wait(), CheckpointError);
@@ -90,7 +90,7 @@ TEST(Export, WritesSafetensorsWithConsolidatedBytes) {
       const std::string name = g.state == "param" ? g.tensor : g.tensor + ":" + g.state;
       ASSERT_TRUE(header.contains(name)) << name;
       const auto& e = header[name];
-      EXPECT_EQ(e["dtype"], g.dtype == proto::F32 ? "F32" : "BF16");
+      EXPECT_EQ(e["dtype"], g.dtype == DType::kF32 ? "F32" : "BF16");
       int64_t numel = 1;
       for (int64_t d : e["shape"].get<std::vector<int64_t>>()) numel *= d;
       EXPECT_EQ(numel, g.numel) << name;

@@ -32,7 +32,7 @@ TEST_P(RoundTrip, ReadsBackEqualBytesAtAnyBoundaries) {
     for (const auto& g : model.states) {
       const size_t esize = dtype_size(g.dtype);
       ASSERT_EQ(reader.state_numel(g.tensor, g.state), g.numel);
-      ASSERT_EQ(reader.state_info(g.tensor, g.state).dtype(), g.dtype);
+      ASSERT_EQ(from_proto(reader.state_info(g.tensor, g.state).dtype()), g.dtype);
       std::vector<unsigned char> assembled(g.bytes.size(), 0xEE);
       auto cuts = testing::random_cuts(rng, g.numel, load_world);
       for (int r = 0; r < load_world; ++r)

@@ -19,15 +19,15 @@ using std::chrono::milliseconds;
 
 constexpr double kSentinel = -99;
 
-bool is_int(DType dt) { return dt == DType::I32 || dt == DType::I64; }
+bool is_int(DType dt) { return dt == DType::kI32 || dt == DType::kI64; }
 
 size_t esize(DType dt) {
   switch (dt) {
-    case DType::F32: return 4;
-    case DType::BF16:
-    case DType::F16: return 2;
-    case DType::I32: return 4;
-    case DType::I64: return 8;
+    case DType::kF32: return 4;
+    case DType::kBF16:
+    case DType::kF16: return 2;
+    case DType::kI32: return 4;
+    case DType::kI64: return 8;
     default: return 1;
   }
 }
@@ -37,30 +37,30 @@ size_t esize(DType dt) {
 double value(DType dt, int rank, size_t i) {
   const double base = static_cast<double>((static_cast<uint64_t>(rank) * 37 + i * 11) % 29) - 14.0;
   switch (dt) {
-    case DType::I32: return base * 100003.0;
-    case DType::I64: return base * 1099511627776.0;  // 2^40: needs 64-bit accumulation
+    case DType::kI32: return base * 100003.0;
+    case DType::kI64: return base * 1099511627776.0;  // 2^40: needs 64-bit accumulation
     default: return base * 0.5;
   }
 }
 
 void store(DType dt, void* buf, size_t i, double v) {
   switch (dt) {
-    case DType::F32: static_cast<float*>(buf)[i] = static_cast<float>(v); return;
-    case DType::BF16: static_cast<bf16*>(buf)[i] = float_to_bf16(static_cast<float>(v)); return;
-    case DType::F16: static_cast<_Float16*>(buf)[i] = static_cast<_Float16>(v); return;
-    case DType::I32: static_cast<int32_t*>(buf)[i] = static_cast<int32_t>(v); return;
-    case DType::I64: static_cast<int64_t*>(buf)[i] = static_cast<int64_t>(v); return;
+    case DType::kF32: static_cast<float*>(buf)[i] = static_cast<float>(v); return;
+    case DType::kBF16: static_cast<bf16*>(buf)[i] = float_to_bf16(static_cast<float>(v)); return;
+    case DType::kF16: static_cast<_Float16*>(buf)[i] = static_cast<_Float16>(v); return;
+    case DType::kI32: static_cast<int32_t*>(buf)[i] = static_cast<int32_t>(v); return;
+    case DType::kI64: static_cast<int64_t*>(buf)[i] = static_cast<int64_t>(v); return;
     default: static_cast<uint8_t*>(buf)[i] = static_cast<uint8_t>(v); return;
   }
 }
 
 double load(DType dt, const void* buf, size_t i) {
   switch (dt) {
-    case DType::F32: return static_cast<const float*>(buf)[i];
-    case DType::BF16: return bf16_to_float(static_cast<const bf16*>(buf)[i]);
-    case DType::F16: return static_cast<double>(static_cast<const _Float16*>(buf)[i]);
-    case DType::I32: return static_cast<const int32_t*>(buf)[i];
-    case DType::I64: return static_cast<double>(static_cast<const int64_t*>(buf)[i]);
+    case DType::kF32: return static_cast<const float*>(buf)[i];
+    case DType::kBF16: return bf16_to_float(static_cast<const bf16*>(buf)[i]);
+    case DType::kF16: return static_cast<double>(static_cast<const _Float16*>(buf)[i]);
+    case DType::kI32: return static_cast<const int32_t*>(buf)[i];
+    case DType::kI64: return static_cast<double>(static_cast<const int64_t*>(buf)[i]);
     default: return static_cast<const uint8_t*>(buf)[i];
   }
 }
@@ -85,7 +85,7 @@ double expected_reduce(DType dt, ReduceOp op, int n, size_t index) {
 
 double tolerance(DType dt, ReduceOp op, double expected) {
   if (op != ReduceOp::kAvg || is_int(dt)) return 0;  // every other result is exact
-  const double rel = dt == DType::F32 ? 1e-6 : dt == DType::BF16 ? 1.0 / 256 : 1.0 / 1024;
+  const double rel = dt == DType::kF32 ? 1e-6 : dt == DType::kBF16 ? 1.0 / 256 : 1.0 / 1024;
   return std::abs(expected) * rel + 1e-7;
 }
 
@@ -146,8 +146,8 @@ void expect_throw_containing(const std::function<void()>& fn, const std::vector<
 }  // namespace
 
 std::vector<DType> dtypes_for(size_t count) {
-  if (count >= (1u << 16)) return {DType::F32, DType::BF16};
-  return {DType::F32, DType::BF16, DType::F16, DType::I32, DType::I64};
+  if (count >= (1u << 16)) return {DType::kF32, DType::kBF16};
+  return {DType::kF32, DType::kBF16, DType::kF16, DType::kI32, DType::kI64};
 }
 
 std::vector<ReduceOp> ops_for(size_t count) {
@@ -327,7 +327,7 @@ void check_bf16_fp32_accumulation(Communicator& comm) {
   const int n = comm.size(), me = comm.rank();
   const size_t count = 5;
   std::vector<bf16> send(count, float_to_bf16(me == 0 ? 256.0f : 1.0f)), recv(count);
-  comm.all_reduce(send.data(), recv.data(), count, DType::BF16, ReduceOp::kSum)->wait();
+  comm.all_reduce(send.data(), recv.data(), count, DType::kBF16, ReduceOp::kSum)->wait();
   // fp32 sum 256 + (n-1), rounded once to bf16 (spacing 2 at 256). Pairwise bf16 sums give 256.
   const float want = bf16_to_float(float_to_bf16(256.0f + static_cast<float>(n - 1)));
   if (n >= 3) {
@@ -337,7 +337,7 @@ void check_bf16_fp32_accumulation(Communicator& comm) {
   // The same through reduce_scatter.
   std::vector<size_t> counts(n, 2);
   std::vector<bf16> rs_send(2 * n, float_to_bf16(me == 0 ? 256.0f : 1.0f)), rs_recv(2);
-  comm.reduce_scatter(rs_send.data(), rs_recv.data(), counts, DType::BF16, ReduceOp::kSum)->wait();
+  comm.reduce_scatter(rs_send.data(), rs_recv.data(), counts, DType::kBF16, ReduceOp::kSum)->wait();
   for (bf16 v : rs_recv) EXPECT_EQ(bf16_to_float(v), want) << "reduce_scatter rank " << me;
 }
 
@@ -345,9 +345,9 @@ void check_overlap(Communicator& comm) {
   const int n = comm.size(), me = comm.rank();
   const size_t count = 1 << 18;
   std::vector<float> a(count, static_cast<float>(me)), b(count, 1.0f), c(count, 2.0f * me);
-  auto wa = comm.all_reduce(a.data(), a.data(), count, DType::F32, ReduceOp::kSum);
-  auto wb = comm.all_reduce(b.data(), b.data(), count, DType::F32, ReduceOp::kSum);
-  auto wc = comm.all_reduce(c.data(), c.data(), count, DType::F32, ReduceOp::kMax);
+  auto wa = comm.all_reduce(a.data(), a.data(), count, DType::kF32, ReduceOp::kSum);
+  auto wb = comm.all_reduce(b.data(), b.data(), count, DType::kF32, ReduceOp::kSum);
+  auto wc = comm.all_reduce(c.data(), c.data(), count, DType::kF32, ReduceOp::kMax);
   EXPECT_EQ(wb->seq(), wa->seq() + 1);
   EXPECT_EQ(wc->seq(), wb->seq() + 1);
   // Compute while the operations are in flight. The threads backend progresses without being
@@ -374,7 +374,7 @@ void check_overlap(Communicator& comm) {
 void check_counters(Communicator& comm, size_t count) {
   const uint64_t n = static_cast<uint64_t>(comm.size());
   const int me = comm.rank();
-  const DType dt = DType::F32;
+  const DType dt = DType::kF32;
   const uint64_t B = count * 4;
   auto kind = [](OpKind k) { return static_cast<size_t>(k); };
   auto check = [&](OpKind k, uint64_t sent, uint64_t received, const TrafficCounters& before) {
@@ -437,14 +437,14 @@ void check_split(Communicator& comm) {
   EXPECT_EQ(child->rank(), want_rank);
   EXPECT_EQ(child->backend(), comm.backend());
   int64_t mine = me, sum = -1;
-  child->all_reduce(&mine, &sum, 1, DType::I64, ReduceOp::kSum)->wait();
+  child->all_reduce(&mine, &sum, 1, DType::kI64, ReduceOp::kSum)->wait();
   int64_t want = 0;
   for (int r : group) want += r;
   EXPECT_EQ(sum, want) << "rank " << me;
   // The child counts its own traffic; the parent still works.
   EXPECT_EQ(child->counters().calls[static_cast<size_t>(OpKind::kAllReduce)], 1u);
   int64_t total = -1;
-  comm.all_reduce(&mine, &total, 1, DType::I64, ReduceOp::kSum)->wait();
+  comm.all_reduce(&mine, &total, 1, DType::kI64, ReduceOp::kSum)->wait();
   EXPECT_EQ(total, static_cast<int64_t>(n) * (n - 1) / 2);
   // A negative color leaves a rank out (no communicator); the rest keep their order.
   auto rest = comm.split(me == 0 ? -1 : 7, me);
@@ -462,7 +462,7 @@ void check_desync_count(Communicator& comm) {
   const int me = comm.rank();
   const size_t count = me == 1 ? 11 : 10;
   std::vector<float> send(11, 1.0f), recv(11);
-  auto work = comm.all_reduce(send.data(), recv.data(), count, DType::F32, ReduceOp::kSum);
+  auto work = comm.all_reduce(send.data(), recv.data(), count, DType::kF32, ReduceOp::kSum);
   const std::vector<std::string> needles =
       me <= 1 ? std::vector<std::string>{"count 10", "count 11", "all_reduce #0"} : std::vector<std::string>{};
   expect_throw_containing<DesyncError>([&] { work->wait(std::chrono::seconds(30)); }, needles,
@@ -474,8 +474,8 @@ void check_desync_count(Communicator& comm) {
 void check_desync_kind(Communicator& comm) {
   const int me = comm.rank();
   std::vector<float> buf(4, 1.0f), out(4);
-  WorkPtr work = me == 1 ? comm.broadcast(buf.data(), 4, DType::F32, 0)
-                         : comm.all_reduce(buf.data(), out.data(), 4, DType::F32, ReduceOp::kSum);
+  WorkPtr work = me == 1 ? comm.broadcast(buf.data(), 4, DType::kF32, 0)
+                         : comm.all_reduce(buf.data(), out.data(), 4, DType::kF32, ReduceOp::kSum);
   const std::vector<std::string> needles =
       me <= 1 ? std::vector<std::string>{"all_reduce #0", "broadcast #0"} : std::vector<std::string>{};
   expect_throw_containing<DesyncError>([&] { work->wait(std::chrono::seconds(30)); }, needles,
@@ -487,11 +487,11 @@ void check_timeout_names_missing(Communicator& comm, int timeout_ms, int late_ms
   std::vector<float> send(3, 1.0f), recv(3);
   if (me == n - 1) {
     std::this_thread::sleep_for(milliseconds(late_ms));
-    auto work = comm.all_reduce(send.data(), recv.data(), 3, DType::F32, ReduceOp::kSum);
+    auto work = comm.all_reduce(send.data(), recv.data(), 3, DType::kF32, ReduceOp::kSum);
     EXPECT_THROW(work->wait(std::chrono::seconds(30)), Error) << "the late rank joins an aborted communicator";
     return;
   }
-  auto work = comm.all_reduce(send.data(), recv.data(), 3, DType::F32, ReduceOp::kSum);
+  auto work = comm.all_reduce(send.data(), recv.data(), 3, DType::kF32, ReduceOp::kSum);
   if (me == 0) {
     const auto t0 = std::chrono::steady_clock::now();
     expect_throw_containing<TimeoutError>([&] { work->wait(milliseconds(timeout_ms)); },

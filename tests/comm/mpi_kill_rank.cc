@@ -19,7 +19,7 @@ int main(int argc, char** argv) {
   std::vector<float> send(1 << 16, 1.0f), recv(1 << 16);
   try {
     for (int step = 0; step < 5; ++step) {
-      auto work = comm->all_reduce(send.data(), recv.data(), send.size(), shardopt::DType::F32, ReduceOp::kSum);
+      auto work = comm->all_reduce(send.data(), recv.data(), send.size(), shardopt::DType::kF32, ReduceOp::kSum);
       if (step == 2 && comm->rank() == 1) _exit(3);  // dies with the collective in flight
       work->wait();
     }

@@ -84,7 +84,7 @@ TEST(ThreadBackend, ReduceScatterCountsMismatchIsDesync) {
     std::vector<size_t> counts = {2, 2, 2};
     if (c.rank() == 2) counts = {1, 3, 2};  // same total, different split
     std::vector<float> send(6, 1.0f), recv(3);
-    auto w = c.reduce_scatter(send.data(), recv.data(), counts, DType::F32, ReduceOp::kSum);
+    auto w = c.reduce_scatter(send.data(), recv.data(), counts, DType::kF32, ReduceOp::kSum);
     EXPECT_THROW(w->wait(), DesyncError);
   }, checked_options());
 }
@@ -94,7 +94,7 @@ TEST(ThreadBackend, AllToAllPairMismatchIsDesync) {
     std::vector<size_t> send_counts = {1, 2}, recv_counts = {1, 2};
     if (c.rank() == 1) send_counts = {3, 1}, recv_counts = {2, 1};  // rank 1 sends 3 to rank 0, which expects 2
     std::vector<float> send(4), recv(4);
-    auto w = c.all_to_all(send.data(), send_counts, recv.data(), recv_counts, DType::F32);
+    auto w = c.all_to_all(send.data(), send_counts, recv.data(), recv_counts, DType::kF32);
     try {
       w->wait();
       ADD_FAILURE() << "expected DesyncError";
@@ -108,7 +108,7 @@ TEST(ThreadBackend, P2PTimeoutNamesPeer) {
   run_ranks(2, [](Communicator& c) {
     if (c.rank() == 1) return;  // never posts the recv
     float x = 1;
-    auto w = c.send(&x, 1, DType::F32, 1, 4);
+    auto w = c.send(&x, 1, DType::kF32, 1, 4);
     try {
       w->wait(std::chrono::milliseconds(100));
       ADD_FAILURE() << "expected TimeoutError";
@@ -122,11 +122,11 @@ TEST(ThreadBackend, BadArgumentsAreConfigErrors) {
   auto comms = make_thread_world(2, checked_options());
   float x = 0;
   std::vector<size_t> wrong_counts = {1, 2, 3};
-  EXPECT_THROW(comms[0]->reduce(&x, &x, 1, DType::F32, ReduceOp::kSum, 2), ConfigError);
-  EXPECT_THROW(comms[0]->all_gather(&x, &x, wrong_counts, DType::F32), ConfigError);
-  EXPECT_THROW(comms[0]->send(&x, 1, DType::F32, -1, 0), ConfigError);
-  EXPECT_THROW(comms[0]->all_reduce(nullptr, &x, 1, DType::F32, ReduceOp::kSum), ConfigError);
-  EXPECT_THROW(comms[0]->all_reduce(&x, &x, 1, DType::DTYPE_UNSPECIFIED, ReduceOp::kSum), ConfigError);
+  EXPECT_THROW(comms[0]->reduce(&x, &x, 1, DType::kF32, ReduceOp::kSum, 2), ConfigError);
+  EXPECT_THROW(comms[0]->all_gather(&x, &x, wrong_counts, DType::kF32), ConfigError);
+  EXPECT_THROW(comms[0]->send(&x, 1, DType::kF32, -1, 0), ConfigError);
+  EXPECT_THROW(comms[0]->all_reduce(nullptr, &x, 1, DType::kF32, ReduceOp::kSum), ConfigError);
+  EXPECT_THROW(comms[0]->all_reduce(&x, &x, 1, DType::kUnspecified, ReduceOp::kSum), ConfigError);
   EXPECT_THROW(make_thread_world(0), ConfigError);
 }
 
@@ -151,11 +151,11 @@ TEST(ThreadBackend, ManyRanksManyOps) {
     std::vector<WorkPtr> works;
     for (int k = 0; k < 20; ++k) {
       vals[k] = me * 100 + k;
-      works.push_back(c.all_reduce(&vals[k], &sums[k], 1, DType::I64, ReduceOp::kSum));
+      works.push_back(c.all_reduce(&vals[k], &sums[k], 1, DType::kI64, ReduceOp::kSum));
     }
     std::vector<int32_t> mine(3, me), all(3 * n);
     std::vector<size_t> counts(n, 3);
-    works.push_back(c.all_gather(mine.data(), all.data(), counts, DType::I32));
+    works.push_back(c.all_gather(mine.data(), all.data(), counts, DType::kI32));
     for (auto& w : works) w->wait();
     for (int k = 0; k < 20; ++k) EXPECT_EQ(sums[k], int64_t{100} * n * (n - 1) / 2 + int64_t{k} * n);
     for (int r = 0; r < n; ++r) EXPECT_EQ(all[3 * r + 2], r);
@@ -168,13 +168,13 @@ TEST(ThreadBackend, ThousandRanks) {
   run_ranks(n, [&](Communicator& c) {
     int64_t mine = c.rank(), sum = 0;
     for (int k = 0; k < 5; ++k) {
-      c.all_reduce(&mine, &sum, 1, DType::I64, ReduceOp::kSum)->wait();
+      c.all_reduce(&mine, &sum, 1, DType::kI64, ReduceOp::kSum)->wait();
       EXPECT_EQ(sum, int64_t{n} * (n - 1) / 2);
     }
     float piece = static_cast<float>(c.rank());
     std::vector<float> all(n);
     std::vector<size_t> counts(n, 1);
-    c.all_gather(&piece, all.data(), counts, DType::F32)->wait();
+    c.all_gather(&piece, all.data(), counts, DType::kF32)->wait();
     EXPECT_EQ(all[n - 1], static_cast<float>(n - 1));
   }, checked_options());
 }

@@ -606,13 +606,13 @@ TEST(FaultTolerance, RejoinCopiesPartnerState) {
       std::copy(sync.phi(), sync.phi() + ids.size(), mine.begin());
       std::copy(sync.momentum(), sync.momentum() + ids.size(), mine.begin() + ids.size());
       sync.read_theta(mine.data() + 2 * ids.size());
-      world.send(mine.data(), mine.size(), proto::F32, peer, 4)->wait();
+      world.send(mine.data(), mine.size(), DType::kF32, peer, 4)->wait();
     } else {
       std::fill(sync.phi(), sync.phi() + ids.size(), 0.0f);  // "restarted": state lost
       std::fill(sync.momentum(), sync.momentum() + ids.size(), 0.0f);
       sync.receive_state(world, peer, 3);
       std::vector<float> expected(3 * ids.size());
-      world.recv(expected.data(), expected.size(), proto::F32, peer, 4)->wait();
+      world.recv(expected.data(), expected.size(), DType::kF32, peer, 4)->wait();
       sync.read_theta(theta.data());
       for (size_t i = 0; i < ids.size(); ++i) {
         ASSERT_EQ(sync.phi()[i], expected[i]);
@@ -627,7 +627,7 @@ TEST(FaultTolerance, RejoinCopiesPartnerState) {
     for (size_t t = 0; t < model.specs.size(); ++t) {
       const auto n = static_cast<size_t>(numel(model.specs[t]));
       std::vector<float> other(n);
-      world.sendrecv(engine.param(t), n, peer, other.data(), n, peer, proto::F32, 10 + static_cast<int>(t))->wait();
+      world.sendrecv(engine.param(t), n, peer, other.data(), n, peer, DType::kF32, 10 + static_cast<int>(t))->wait();
       for (size_t i = 0; i < n; ++i) ASSERT_EQ(engine.param(t)[i], other[i]) << model.specs[t].name();
     }
   });

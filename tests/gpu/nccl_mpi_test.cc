@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
   if (shardopt::testing::cuda_devices() >= size) {
     auto comm = shardopt::comm::make_nccl_communicator_mpi(MPI_COMM_WORLD);
     shardopt::testing::DeviceBuffer<int32_t> buf(std::vector<int32_t>{rank + 1});
-    comm->all_reduce(buf.get(), buf.get(), 1, shardopt::proto::I32, shardopt::comm::ReduceOp::kSum)->wait();
+    comm->all_reduce(buf.get(), buf.get(), 1, shardopt::DType::kI32, shardopt::comm::ReduceOp::kSum)->wait();
     const int32_t expected = size * (size + 1) / 2;
     if (buf.download()[0] != expected) {
       std::fprintf(stderr, "rank %d: all_reduce gave %d, expected %d\n", rank, buf.download()[0], expected);

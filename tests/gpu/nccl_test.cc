@@ -39,39 +39,39 @@ TEST(NcclWorld1, EveryCollectiveMovesTheRightValues) {
   for (size_t i = 0; i < n; ++i) x[i] = 0.5f * float(i) - 100.0f;
   DeviceBuffer<float> a(x), b(n);
 
-  comm.all_reduce(a.get(), b.get(), n, proto::F32, ReduceOp::kSum)->wait(kWait);
+  comm.all_reduce(a.get(), b.get(), n, DType::kF32, ReduceOp::kSum)->wait(kWait);
   EXPECT_EQ(b.download(), x);
-  comm.all_reduce(a.get(), b.get(), n, proto::F32, ReduceOp::kAvg)->wait(kWait);
+  comm.all_reduce(a.get(), b.get(), n, DType::kF32, ReduceOp::kAvg)->wait(kWait);
   EXPECT_EQ(b.download(), x);
 
   // bf16 sum goes through the fp32 staging path: identity at world size 1 on bf16 inputs.
   const auto xb = to_bf16(x);
   DeviceBuffer<bf16> hb(xb), hb_out(n);
-  comm.all_reduce(hb.get(), hb_out.get(), n, proto::BF16, ReduceOp::kSum)->wait(kWait);
+  comm.all_reduce(hb.get(), hb_out.get(), n, DType::kBF16, ReduceOp::kSum)->wait(kWait);
   EXPECT_EQ(from_bf16(hb_out.download()), from_bf16(xb));
 
   std::vector<int32_t> xi(n);
   std::iota(xi.begin(), xi.end(), -7);
   DeviceBuffer<int32_t> ia(xi), ib(n);
-  comm.all_reduce(ia.get(), ib.get(), n, proto::I32, ReduceOp::kAvg)->wait(kWait);
+  comm.all_reduce(ia.get(), ib.get(), n, DType::kI32, ReduceOp::kAvg)->wait(kWait);
   EXPECT_EQ(ib.download(), xi);
 
   const size_t counts[1] = {n};
-  comm.reduce_scatter(a.get(), b.get(), counts, proto::F32, ReduceOp::kMax)->wait(kWait);
+  comm.reduce_scatter(a.get(), b.get(), counts, DType::kF32, ReduceOp::kMax)->wait(kWait);
   EXPECT_EQ(b.download(), x);
   DeviceBuffer<float> c(n);
-  comm.all_gather(a.get(), c.get(), counts, proto::F32)->wait(kWait);
+  comm.all_gather(a.get(), c.get(), counts, DType::kF32)->wait(kWait);
   EXPECT_EQ(c.download(), x);
   DeviceBuffer<float> d(n);
-  comm.reduce(a.get(), d.get(), n, proto::F32, ReduceOp::kSum, 0)->wait(kWait);
+  comm.reduce(a.get(), d.get(), n, DType::kF32, ReduceOp::kSum, 0)->wait(kWait);
   EXPECT_EQ(d.download(), x);
-  comm.broadcast(a.get(), n, proto::F32, 0)->wait(kWait);
+  comm.broadcast(a.get(), n, DType::kF32, 0)->wait(kWait);
   EXPECT_EQ(a.download(), x);
   DeviceBuffer<float> e(n);
-  comm.all_to_all(a.get(), counts, e.get(), counts, proto::F32)->wait(kWait);
+  comm.all_to_all(a.get(), counts, e.get(), counts, DType::kF32)->wait(kWait);
   EXPECT_EQ(e.download(), x);
   DeviceBuffer<float> f(n);
-  comm.sendrecv(a.get(), n, 0, f.get(), n, 0, proto::F32, 3)->wait(kWait);
+  comm.sendrecv(a.get(), n, 0, f.get(), n, 0, DType::kF32, 3)->wait(kWait);
   EXPECT_EQ(f.download(), x);
   auto bw = comm.barrier();
   bw->wait(kWait);
@@ -86,9 +86,9 @@ TEST(NcclWorld1, EveryCollectiveMovesTheRightValues) {
   EXPECT_EQ(t.calls[size_t(OpKind::kAllReduce)], 4u);
   EXPECT_EQ(t.calls[size_t(OpKind::kBarrier)], 1u);
 
-  EXPECT_THROW(comm.reduce_scatter(a.get(), b.get(), std::vector<size_t>{1, 2}, proto::F32, ReduceOp::kSum),
+  EXPECT_THROW(comm.reduce_scatter(a.get(), b.get(), std::vector<size_t>{1, 2}, DType::kF32, ReduceOp::kSum),
                ConfigError);
-  EXPECT_THROW(comm.broadcast(a.get(), n, proto::F32, 1), ConfigError);
+  EXPECT_THROW(comm.broadcast(a.get(), n, DType::kF32, 1), ConfigError);
 
   comm.abort("test abort");
   try {
@@ -126,7 +126,7 @@ TEST(NcclMultiGpu, UnevenReduceScatterAllGatherAndBf16SumMatchCpu) {
     std::vector<float> mine(total);
     for (size_t i = 0; i < total; ++i) mine[i] = float(r + 1) + float(i % 16) / 8.0f;
     DeviceBuffer<float> send(mine), recv(counts[r]);
-    comm.reduce_scatter(send.get(), recv.get(), counts, proto::F32, ReduceOp::kSum)->wait(kWait);
+    comm.reduce_scatter(send.get(), recv.get(), counts, DType::kF32, ReduceOp::kSum)->wait(kWait);
     size_t off = std::accumulate(counts.begin(), counts.begin() + r, size_t{0});
     const auto got = recv.download();
     for (size_t i = 0; i < counts[r]; ++i) {
@@ -138,7 +138,7 @@ TEST(NcclMultiGpu, UnevenReduceScatterAllGatherAndBf16SumMatchCpu) {
     std::vector<float> piece(counts[r]);
     for (size_t i = 0; i < piece.size(); ++i) piece[i] = float(r * 1000 + int(i));
     DeviceBuffer<float> dpiece(piece), gathered(total);
-    comm.all_gather(dpiece.get(), gathered.get(), counts, proto::F32)->wait(kWait);
+    comm.all_gather(dpiece.get(), gathered.get(), counts, DType::kF32)->wait(kWait);
     const auto all = gathered.download();
     size_t pos = 0;
     for (int q = 0; q < world; ++q)
@@ -146,7 +146,7 @@ TEST(NcclMultiGpu, UnevenReduceScatterAllGatherAndBf16SumMatchCpu) {
     // bf16 sum with fp32 accumulation: 1 + many tiny values that bf16 accumulation would drop.
     std::vector<float> tiny(64, r == 0 ? 1.0f : 1.0f / 256.0f);
     DeviceBuffer<bf16> hb(to_bf16(tiny)), hb_out(64);
-    comm.all_reduce(hb.get(), hb_out.get(), 64, proto::BF16, ReduceOp::kSum)->wait(kWait);
+    comm.all_reduce(hb.get(), hb_out.get(), 64, DType::kBF16, ReduceOp::kSum)->wait(kWait);
     const double exact = 1.0 + double(world - 1) / 256.0;
     for (float v : from_bf16(hb_out.download())) EXPECT_EQ(v, bf16_to_float(float_to_bf16(float(exact))));
     // Logical traffic: reduce-scatter sent = B_total − B_own.
@@ -160,7 +160,7 @@ TEST(NcclMultiGpu, TimeoutNamesTheOperationAndAborts) {
   run_ranks(world, [&](NcclCommunicator& comm) {
     if (comm.rank() != 0) return;  // only rank 0 enters the collective
     DeviceBuffer<float> buf(16);
-    auto work = comm.all_reduce(buf.get(), buf.get(), 16, proto::F32, ReduceOp::kSum);
+    auto work = comm.all_reduce(buf.get(), buf.get(), 16, DType::kF32, ReduceOp::kSum);
     try {
       work->wait(std::chrono::milliseconds(300));
       ADD_FAILURE() << "expected TimeoutError";

@@ -50,7 +50,7 @@ TEST_P(ElementwiseTest, MatchesDoubleReferenceOverManySlicesAndSteps) {
   SHARDOPT_REQUIRE_GPU();
   const EwCase tc = GetParam();
   const std::vector<size_t> sizes = {1, 777, ElementwiseOptimizerCuda::kChunkElements + 5, 50000};
-  const bool bf16_grad = tc.grad_dtype == proto::BF16;
+  const bool bf16_grad = tc.grad_dtype == DType::kBF16;
   AdamWHyper adamw{.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.05f};
   LionHyper lion{.lr = 1e-3f, .beta1 = 0.9f, .beta2 = 0.99f, .weight_decay = 0.1f};
   SgdHyper sgd{.lr = 0.05f, .momentum = 0.9f, .dampening = tc.nesterov ? 0.0f : 0.1f, .weight_decay = 0.01f,
@@ -157,16 +157,16 @@ TEST_P(ElementwiseTest, MatchesDoubleReferenceOverManySlicesAndSteps) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Algorithms, ElementwiseTest,
-                         ::testing::Values(EwCase{ElementwiseAlgorithm::kAdamW, proto::F32, false},
-                                           EwCase{ElementwiseAlgorithm::kAdamW, proto::BF16, false},
-                                           EwCase{ElementwiseAlgorithm::kLion, proto::F32, false},
-                                           EwCase{ElementwiseAlgorithm::kLion, proto::BF16, false},
-                                           EwCase{ElementwiseAlgorithm::kSgd, proto::F32, false},
-                                           EwCase{ElementwiseAlgorithm::kSgd, proto::F32, true},
-                                           EwCase{ElementwiseAlgorithm::kSgd, proto::BF16, true}),
+                         ::testing::Values(EwCase{ElementwiseAlgorithm::kAdamW, DType::kF32, false},
+                                           EwCase{ElementwiseAlgorithm::kAdamW, DType::kBF16, false},
+                                           EwCase{ElementwiseAlgorithm::kLion, DType::kF32, false},
+                                           EwCase{ElementwiseAlgorithm::kLion, DType::kBF16, false},
+                                           EwCase{ElementwiseAlgorithm::kSgd, DType::kF32, false},
+                                           EwCase{ElementwiseAlgorithm::kSgd, DType::kF32, true},
+                                           EwCase{ElementwiseAlgorithm::kSgd, DType::kBF16, true}),
                          [](const ::testing::TestParamInfo<EwCase>& info) {
                            return std::string(algorithm_label(info.param.algorithm)) +
-                                  (info.param.grad_dtype == proto::BF16 ? "_bf16grad" : "_f32grad") +
+                                  (info.param.grad_dtype == DType::kBF16 ? "_bf16grad" : "_f32grad") +
                                   (info.param.nesterov ? "_nesterov" : "");
                          });
 
@@ -182,9 +182,9 @@ TEST(NonFinite, CountsNanAndInfInBothDtypesAndOverSlices) {
   DeviceBuffer<bf16> dg16(to_bf16(g));
   DeviceBuffer<unsigned long long> count(1);
   CUDA_OK(cudaMemset(count.get(), 0, sizeof(unsigned long long)));
-  count_nonfinite(dg.get(), g.size(), proto::F32, count.get(), nullptr);
+  count_nonfinite(dg.get(), g.size(), DType::kF32, count.get(), nullptr);
   EXPECT_EQ(count.download()[0], 4u);
-  count_nonfinite(dg16.get(), g.size(), proto::BF16, count.get(), nullptr);  // accumulates
+  count_nonfinite(dg16.get(), g.size(), DType::kBF16, count.get(), nullptr);  // accumulates
   EXPECT_EQ(count.download()[0], 8u);
 
   // Over an optimizer's slices: two slices covering [0, 60000) and [60000, 100000).
@@ -195,7 +195,7 @@ TEST(NonFinite, CountsNanAndInfInBothDtypesAndOverSlices) {
     slices[s] = DeviceSlice{p.get() + off, dg.get() + off, m.get() + off, v.get() + off, nullptr,
                             size_t(s == 0 ? 60000 : 40000)};
   }
-  ElementwiseOptimizerCuda opt(ElementwiseAlgorithm::kAdamW, proto::F32);
+  ElementwiseOptimizerCuda opt(ElementwiseAlgorithm::kAdamW, DType::kF32);
   opt.set_slices(slices);
   CUDA_OK(cudaMemset(count.get(), 0, sizeof(unsigned long long)));
   opt.count_nonfinite_grads(count.get(), nullptr);
@@ -204,9 +204,9 @@ TEST(NonFinite, CountsNanAndInfInBothDtypesAndOverSlices) {
 
 // Bad input needs no device: these run everywhere.
 TEST(ElementwiseErrors, RejectsBadDtypesNullPointersAndMismatchedHyperparameters) {
-  EXPECT_THROW(ElementwiseOptimizerCuda(ElementwiseAlgorithm::kAdamW, proto::I32), ConfigError);
-  EXPECT_THROW(count_nonfinite(nullptr, 0, proto::F16, nullptr, nullptr), ConfigError);
-  ElementwiseOptimizerCuda adamw(ElementwiseAlgorithm::kAdamW, proto::F32);
+  EXPECT_THROW(ElementwiseOptimizerCuda(ElementwiseAlgorithm::kAdamW, DType::kI32), ConfigError);
+  EXPECT_THROW(count_nonfinite(nullptr, 0, DType::kF16, nullptr, nullptr), ConfigError);
+  ElementwiseOptimizerCuda adamw(ElementwiseAlgorithm::kAdamW, DType::kF32);
   float dummy = 0;
   DeviceSlice missing_v{&dummy, &dummy, &dummy, nullptr, nullptr, 10};
   try {
@@ -217,7 +217,7 @@ TEST(ElementwiseErrors, RejectsBadDtypesNullPointersAndMismatchedHyperparameters
   }
   EXPECT_THROW(adamw.step(LionHyper{}, 1, nullptr), ConfigError);
   EXPECT_THROW(adamw.step(AdamWHyper{}, 0, nullptr), ConfigError);
-  ElementwiseOptimizerCuda sgd(ElementwiseAlgorithm::kSgd, proto::F32);
+  ElementwiseOptimizerCuda sgd(ElementwiseAlgorithm::kSgd, DType::kF32);
   EXPECT_THROW(sgd.step(SgdHyper{.lr = 0.1f, .momentum = 0.0f, .nesterov = true}, 1, nullptr), ConfigError);
 }
 
@@ -279,7 +279,7 @@ TEST_P(NewtonSchulzTest, Bf16MatchesDoubleReferenceAndLandsInTheSingularValueBan
   DeviceBuffer<float> din(input);
   DeviceBuffer<bf16> dout(per * sh.batch);
   CUDA_OK(cudaMemset(dout.get(), 0xff, per * sh.batch * 2));  // poison: NaN bits everywhere
-  ns.orthogonalize(din.get(), proto::F32, dout.get(), sh.batch, nullptr);
+  ns.orthogonalize(din.get(), DType::kF32, dout.get(), sh.batch, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   const auto out = from_bf16(dout.download());
   for (int64_t b = 0; b < sh.batch; ++b) {
@@ -320,7 +320,7 @@ TEST(NewtonSchulz, CustomCoefficientsAndBf16InputInPlace) {
   const auto gb = to_bf16(gf);
   DeviceBuffer<bf16> buf(gb);
   NewtonSchulzCuda ns(rows, cols, 1, options);
-  ns.orthogonalize(buf.get(), proto::BF16, buf.get(), 1, nullptr);  // in place
+  ns.orthogonalize(buf.get(), DType::kBF16, buf.get(), 1, nullptr);  // in place
   CUDA_OK(cudaDeviceSynchronize());
   const auto out = from_bf16(buf.download());
   MatD in_rounded(rows, cols), got(rows, cols);
@@ -369,7 +369,7 @@ TEST_P(MuonTest, TwoStepsMatchDoubleReference) {
   std::vector<double> w_before;
   for (int t = 1; t <= 2; ++t) {
     auto g = random_floats(n, 10 + t);
-    if (tc.grad_dtype == proto::BF16) {
+    if (tc.grad_dtype == DType::kBF16) {
       const auto gb = to_bf16(g);
       g16.upload(gb);
       g = from_bf16(gb);
@@ -397,7 +397,7 @@ TEST_P(MuonTest, TwoStepsMatchDoubleReference) {
         wr[j] = wr[j] * (1.0 - double(h.lr) * h.weight_decay) - double(h.lr) * s_ref * o.data()[i];
       }
     }
-    muon.step(w.get(), tc.grad_dtype == proto::BF16 ? static_cast<const void*>(g16.get()) : g32.get(),
+    muon.step(w.get(), tc.grad_dtype == DType::kBF16 ? static_cast<const void*>(g16.get()) : g32.get(),
               tc.grad_dtype, m.get(), mirror.get(), batch, h, nullptr);
     CUDA_OK(cudaDeviceSynchronize());
   }
@@ -421,15 +421,15 @@ TEST_P(MuonTest, TwoStepsMatchDoubleReference) {
 
 INSTANTIATE_TEST_SUITE_P(
     Conventions, MuonTest,
-    ::testing::Values(MuonCase{MomentumConvention::kAveraged, true, ShapeScale::kOriginal, proto::F32, 192, 96},
-                      MuonCase{MomentumConvention::kAveraged, false, ShapeScale::kMatchRmsAdamW, proto::BF16, 64, 160},
-                      MuonCase{MomentumConvention::kSummed, true, ShapeScale::kSpectral, proto::F32, 128, 128},
-                      MuonCase{MomentumConvention::kSummed, false, ShapeScale::kOriginal, proto::BF16, 100, 40}),
+    ::testing::Values(MuonCase{MomentumConvention::kAveraged, true, ShapeScale::kOriginal, DType::kF32, 192, 96},
+                      MuonCase{MomentumConvention::kAveraged, false, ShapeScale::kMatchRmsAdamW, DType::kBF16, 64, 160},
+                      MuonCase{MomentumConvention::kSummed, true, ShapeScale::kSpectral, DType::kF32, 128, 128},
+                      MuonCase{MomentumConvention::kSummed, false, ShapeScale::kOriginal, DType::kBF16, 100, 40}),
     [](const ::testing::TestParamInfo<MuonCase>& info) {
       const MuonCase& c = info.param;
       return std::string(c.convention == MomentumConvention::kAveraged ? "averaged" : "summed") +
              (c.nesterov ? "_nesterov_" : "_plain_") + scale_label(c.scale) +
-             (c.grad_dtype == proto::BF16 ? "_bf16grad_" : "_f32grad_") + std::to_string(c.rows) + "x" +
+             (c.grad_dtype == DType::kBF16 ? "_bf16grad_" : "_f32grad_") + std::to_string(c.rows) + "x" +
              std::to_string(c.cols);
     });
 

@@ -108,7 +108,7 @@ void run_case(const Case& c) {
       s.master = master[k].data();
       s.mirror = c.mirror ? mirror[k].data() : nullptr;
       s.grad = c.bf16_grads ? static_cast<const void*>(gb[k].data()) : gf[k].data();
-      s.grad_dtype = c.bf16_grads ? proto::BF16 : proto::F32;
+      s.grad_dtype = c.bf16_grads ? DType::kBF16 : DType::kF32;
       s.state[0] = s0[k].data();
       s.state[1] = s1[k].data();
       s.count = kSizes[k];
@@ -206,8 +206,8 @@ TEST(Elementwise, FiniteCheckLeavesEverythingUntouched) {
   std::vector<float> g = {0.1f, NAN, 0.2f};
   std::vector<float> w2 = {4, 5}, m2 = {0, 0}, v2 = {0, 0};
   std::vector<bf16> g2 = {float_to_bf16(INFINITY), float_to_bf16(1.0f)};
-  ElementwiseSlice a{w.data(), nullptr, g.data(), proto::F32, {m.data(), v.data()}, 3};
-  ElementwiseSlice b{w2.data(), nullptr, g2.data(), proto::BF16, {m2.data(), v2.data()}, 2};
+  ElementwiseSlice a{w.data(), nullptr, g.data(), DType::kF32, {m.data(), v.data()}, 3};
+  ElementwiseSlice b{w2.data(), nullptr, g2.data(), DType::kBF16, {m2.data(), v2.data()}, 2};
   const std::vector<ElementwiseSlice> slices = {a, b};
   const StepResult r = elementwise_step(params, slices, 0.1f, 1, FiniteCheck::kGradients);
   EXPECT_FALSE(r.applied);
@@ -229,13 +229,13 @@ TEST(Elementwise, FiniteCheckLeavesEverythingUntouched) {
 TEST(Elementwise, BadCallsThrowConfigError) {
   const OptimizerParams adamw = resolve_optimizer_config(make(proto::OPTIMIZER_ADAMW));
   std::vector<float> w(4, 1.0f), g(4, 0.1f), m(4, 0.0f);
-  ElementwiseSlice missing_v{w.data(), nullptr, g.data(), proto::F32, {m.data(), nullptr}, 4};
+  ElementwiseSlice missing_v{w.data(), nullptr, g.data(), DType::kF32, {m.data(), nullptr}, 4};
   EXPECT_THROW(elementwise_step(adamw, std::span(&missing_v, 1), 0.1f, 1), ConfigError);
-  ElementwiseSlice ok{w.data(), nullptr, g.data(), proto::F32, {m.data(), m.data()}, 4};
+  ElementwiseSlice ok{w.data(), nullptr, g.data(), DType::kF32, {m.data(), m.data()}, 4};
   EXPECT_THROW(elementwise_step(adamw, std::span(&ok, 1), 0.1f, 0), ConfigError);   // step < 1
   EXPECT_THROW(elementwise_step(adamw, std::span(&ok, 1), NAN, 1), ConfigError);    // lr
   ElementwiseSlice bad_dtype = ok;
-  bad_dtype.grad_dtype = proto::F16;
+  bad_dtype.grad_dtype = DType::kF16;
   EXPECT_THROW(elementwise_step(adamw, std::span(&bad_dtype, 1), 0.1f, 1), ConfigError);
   const OptimizerParams muon = resolve_optimizer_config(make(proto::OPTIMIZER_MUON));
   EXPECT_THROW(elementwise_step(muon, std::span(&ok, 1), 0.1f, 1), ConfigError);

@@ -26,7 +26,7 @@ TEST(Finite, CountsNanAndInfAtEveryPositionFp32) {
         w[pos] = s;
         EXPECT_EQ(count_nonfinite(w.data(), n), 1) << "n " << n << " pos " << pos;
         EXPECT_FALSE(all_finite(w.data(), n)) << "n " << n << " pos " << pos;
-        EXPECT_FALSE(all_finite(w.data(), proto::F32, n));
+        EXPECT_FALSE(all_finite(w.data(), DType::kF32, n));
       }
     }
     std::vector<float> many = v;
@@ -40,11 +40,11 @@ TEST(Finite, CountsNanAndInfBf16) {
     std::vector<bf16> v(n, float_to_bf16(-2.5f));
     v[0] = float_to_bf16(3.0e38f);
     EXPECT_EQ(count_nonfinite(v.data(), n), 0);
-    EXPECT_TRUE(all_finite(v.data(), proto::BF16, n));
+    EXPECT_TRUE(all_finite(v.data(), DType::kBF16, n));
     for (float s : {NAN, INFINITY, -INFINITY}) {
       std::vector<bf16> w = v;
       w[n - 1] = float_to_bf16(s);
-      EXPECT_EQ(count_nonfinite(w.data(), proto::BF16, n), 1);
+      EXPECT_EQ(count_nonfinite(w.data(), DType::kBF16, n), 1);
       EXPECT_FALSE(all_finite(w.data(), n));
     }
   }
@@ -57,8 +57,8 @@ TEST(Finite, EmptyAndBadDtype) {
   EXPECT_TRUE(all_finite(static_cast<const float*>(nullptr), 0));
   EXPECT_EQ(count_nonfinite(static_cast<const bf16*>(nullptr), 0), 0);
   float x = 1.0f;
-  EXPECT_THROW(count_nonfinite(&x, proto::I32, 1), ConfigError);
-  EXPECT_THROW(all_finite(&x, proto::F16, 1), ConfigError);
+  EXPECT_THROW(count_nonfinite(&x, DType::kI32, 1), ConfigError);
+  EXPECT_THROW(all_finite(&x, DType::kF16, 1), ConfigError);
 }
 
 }  // namespace

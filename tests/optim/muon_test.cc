@@ -296,7 +296,7 @@ void run_muon(const MuonCase& mc, int64_t m, int64_t n, std::vector<int64_t> blo
     mat.master = w.data();
     mat.mirror = mc.mirror ? mirror.data() : nullptr;
     mat.grad = mc.bf16_grads ? static_cast<const void*>(gb.data()) : gf.data();
-    mat.grad_dtype = mc.bf16_grads ? proto::BF16 : proto::F32;
+    mat.grad_dtype = mc.bf16_grads ? DType::kBF16 : DType::kF32;
     mat.momentum = mom.data();
     mat.row_second_moment = v.data();
     mat.rows = m;
@@ -416,7 +416,7 @@ TEST(Muon, NorMuonMatchesReference) {
 TEST(Muon, BadInputThrowsAndFiniteCheck) {
   const OptimizerParams params = resolve_optimizer_config(muon_config(false, true, proto::MUON_SHAPE_SCALE_ORIGINAL));
   std::vector<float> w(12, 1.0f), g(12, 0.5f), mom(12, 0.0f);
-  MuonMatrix mat{w.data(), nullptr, g.data(), proto::F32, mom.data(), nullptr, 3, 4, {}};
+  MuonMatrix mat{w.data(), nullptr, g.data(), DType::kF32, mom.data(), nullptr, 3, 4, {}};
   MuonWorkspace small(2, 2);
   EXPECT_THROW(muon_step(params, mat, 0.1f, small), ConfigError);
   MuonWorkspace ws(3, 4);

@@ -157,7 +157,7 @@ SegmentBytes segment_arithmetic(const proto::ShardPlan& plan, int rank, int worl
 
 double sum_over_ranks(double bytes) {
   int64_t value = static_cast<int64_t>(bytes), sum = 0;
-  g_world->all_reduce(&value, &sum, 1, proto::I64, comm::ReduceOp::kSum)->wait();
+  g_world->all_reduce(&value, &sum, 1, DType::kI64, comm::ReduceOp::kSum)->wait();
   return static_cast<double>(sum);
 }
 
@@ -223,7 +223,7 @@ TEST(EngineMpi, AllRanksHoldIdenticalParameters) {
   const RunResult got = engine_run(specs, {2, proto::SHARD_LAYOUT_DIM0, "normuon"}, 2);
   for (size_t t = 0; t < specs.size(); ++t) {
     std::vector<float> root = got.params[t];
-    g_world->broadcast(root.data(), root.size(), proto::F32, 0)->wait();
+    g_world->broadcast(root.data(), root.size(), DType::kF32, 0)->wait();
     EXPECT_EQ(0, std::memcmp(root.data(), got.params[t].data(), root.size() * sizeof(float))) << specs[t].name();
   }
 }

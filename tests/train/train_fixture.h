@@ -7,7 +7,7 @@
 
 #include "comm/thread_backend.h"
 #include "model/data.h"
-#include "runtime/train/trainer.h"
+#include "train/trainer.h"
 
 namespace shardopt::train::test_fixture {
 

@@ -8,7 +8,7 @@
 // mildly over a few steps. With 5 steps of a tiny model we allow 2e-4 relative on the loss and
 // 1e-4 absolute on parameters (whose scale is ~0.02-1): a wrong gradient slice, a missed
 // reduction, a wrong averaging factor or a stale stage-3 parameter shifts them by > 1e-2.
-#include "runtime/train/trainer.h"
+#include "train/trainer.h"
 
 #include <cmath>
 #include <mutex>

@@ -19,7 +19,7 @@
 
 #include "base/error.h"
 #include "comm/thread_backend.h"
-#include "runtime/train/trainer.h"
+#include "train/trainer.h"
 #include "tests/train/train_fixture.h"
 
 namespace shardopt::train {

@@ -1,4 +1,4 @@
-#include "runtime/train/outputs.h"
+#include "train/outputs.h"
 
 #include <cmath>
 #include <cstdlib>

@@ -17,8 +17,8 @@
 #include "sharding/plan_util.h"
 #include "sharding/planner.h"
 #include "sharding/presets.h"
-#include "runtime/train/outputs.h"
-#include "runtime/train/trainer.h"
+#include "train/outputs.h"
+#include "train/trainer.h"
 
 namespace {
 

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "runtime/trace.h"
-#include "runtime/train/trainer.h"
+#include "train/trainer.h"
 
 namespace shardopt::train {
 

@@ -1,4 +1,4 @@
-#include "runtime/train/trainer.h"
+#include "train/trainer.h"
 
 #include <chrono>
 #include <cmath>
@@ -259,7 +259,7 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     if (stage3) engine.release_all();
     // Every rank scores the same number of tokens, so the mean of rank means is the global mean.
     float send = static_cast<float>(local), recv = 0;
-    comm.all_reduce(&send, &recv, 1, proto::F32, comm::ReduceOp::kAvg)->wait();
+    comm.all_reduce(&send, &recv, 1, DType::kF32, comm::ReduceOp::kAvg)->wait();
     return recv;
   };
 
@@ -312,7 +312,7 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
         sync_step(config.sync, engine, outer.get(), step, static_cast<float>(record.lr_multiplier));
     const runtime::StepReport& report = synced.report;
     float local_loss = static_cast<float>(loss_sum / config.grad_accumulation), mean_loss = 0;
-    comm.all_reduce(&local_loss, &mean_loss, 1, proto::F32, comm::ReduceOp::kAvg)->wait();
+    comm.all_reduce(&local_loss, &mean_loss, 1, DType::kF32, comm::ReduceOp::kAvg)->wait();
     record.train_loss = mean_loss;
     record.applied = report.applied;
     record.grad_norm = report.grad_norm;
@@ -364,7 +364,7 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
                              static_cast<int64_t>(std::llround(m.formula_optimizer_bytes))};
     std::vector<int64_t> all(8 * static_cast<size_t>(world));
     std::vector<size_t> counts(world, 8);
-    comm.all_gather(mine, all.data(), counts, proto::I64)->wait();
+    comm.all_gather(mine, all.data(), counts, DType::kI64)->wait();
     result.memory_by_rank.resize(world);
     for (int r = 0; r < world; ++r) {
       const int64_t* v = all.data() + 8 * r;

@@ -1,4 +1,6 @@
-// shardopt: the command-line program. Subcommands: train, plan, env, bench, ckpt (inspect: pending).
+// shardopt: the command-line program. Subcommands: train, plan, env, bench, ckpt inspect.
+// Normal output (progress lines, reports, tables, --help) goes to stdout; diagnostics go through
+// base/log.h to stderr.
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -10,8 +12,9 @@
 #include <CLI/CLI.hpp>
 
 #include "base/env.h"
-#include "checkpoint/inspect.h"
 #include "base/error.h"
+#include "base/log.h"
+#include "checkpoint/inspect.h"
 #include "comm/mpi_backend.h"
 #include "comm/thread_backend.h"
 #include "sharding/plan_util.h"
@@ -124,6 +127,7 @@ int run_train(TrainArgs& a, int* argc, char*** argv) {
   if (mpi) {
     comm::MpiRuntime runtime(argc, argv);
     auto world = runtime.world();
+    log::set_process_rank(world->rank());
     c.validate(world->size());
     train::TrainResult r = train::train_rank(*world, corpus, c, hooks);
     std::filesystem::create_directories(a.out);
@@ -142,6 +146,7 @@ int run_train(TrainArgs& a, int* argc, char*** argv) {
   std::vector<train::TrainResult> results(a.ranks);
   std::mutex mu;
   comm::run_ranks(a.ranks, [&](comm::Communicator& comm) {
+    log::ScopedRank log_rank(comm.rank());
     auto r = train::train_rank(comm, corpus, c, hooks);
     std::lock_guard<std::mutex> lock(mu);
     results[comm.rank()] = std::move(r);
@@ -232,6 +237,13 @@ int main(int argc, char** argv) {
   }
 
   try {
+    log::init_from_env();
+  } catch (const ConfigError& e) {
+    log::set_level(log::Level::kError);
+    log::error("{}", e.what());
+    return 2;
+  }
+  try {
     if (*train_cmd) return run_train(targs, &argc, &argv);
     if (*plan_cmd) {
       std::vector<proto::TensorSpec> specs;
@@ -260,7 +272,7 @@ int main(int argc, char** argv) {
       const auto bench_root = self.parent_path() / "bench";
       std::cout << "benchmark binaries (each takes --help and --json):\n";
       for (const char* name : {"comm/comm_bench", "optim/optim_bench", "model/model_bench", "step/step_bench",
-                               "gpu/gpu_bench"}) {
+                               "ckpt/ckpt_bench", "gossip/gossip_bench", "gpu/gpu_bench"}) {
         const auto p = bench_root / name;
         std::cout << "  " << p.string() << (std::filesystem::exists(p) ? "" : "  (not built)") << "\n";
       }
@@ -275,7 +287,7 @@ int main(int argc, char** argv) {
       return 0;
     }
   } catch (const shardopt::Error& e) {
-    std::cerr << "error: " << e.what() << "\n";
+    log::error("{}", e.what());
     return 2;
   }
   return 0;

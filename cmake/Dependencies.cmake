@@ -8,6 +8,7 @@ find_path(OPENBLAS_CBLAS_INCLUDE_DIR cblas.h PATH_SUFFIXES openblas openblas-pth
 find_package(CLI11 CONFIG REQUIRED)
 find_package(nlohmann_json CONFIG REQUIRED)
 find_package(fmt CONFIG REQUIRED)
+find_package(spdlog CONFIG REQUIRED)
 if(SHARDOPT_BUILD_TESTS)
   find_package(GTest REQUIRED)
   include(GoogleTest)

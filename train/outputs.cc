@@ -1,15 +1,20 @@
 #include "train/outputs.h"
 
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cmath>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <iostream>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
+#include "base/log.h"
 
 namespace shardopt::train {
 namespace {
@@ -20,6 +25,30 @@ std::ofstream open_for_write(const std::string& path) {
   std::ofstream out(path);
   if (!out) throw ConfigError("train outputs: cannot write '" + path + "'");
   return out;
+}
+
+constexpr int kNotFound = -1;
+
+// Runs argv[0] (looked up in PATH) with these arguments and no shell, stdout and stderr to /dev/null;
+// returns its exit status, kNotFound when it cannot be started.
+int run_quietly(const std::vector<std::string>& args) {
+  std::vector<char*> argv;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+  pid_t pid = 0;
+  const int rc = posix_spawnp(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) return kNotFound;
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0) {
+    if (errno != EINTR) return kNotFound;
+  }
+  if (WIFEXITED(status)) return WEXITSTATUS(status) == 127 ? kNotFound : WEXITSTATUS(status);
+  return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
 }
 
 double mean_bytes_per_step(const TrainResult& r) {
@@ -133,25 +162,28 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
   written.push_back(summary_path);
 
   // The plot: gnuplot is optional (a Debian package); without it the CSV is still there.
-  if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) {
-    std::cerr << "warning: gnuplot not found; skipping loss.png (the curve is in " << csv_path << ")\n";
-    return written;
-  }
   const std::string script_path = dir + "/loss.gp";
   const std::string png_path = dir + "/loss.png";
   {
+    // Paths and title reach gnuplot as ARG1..ARG3 (gnuplot -c), never inside its quoted strings:
+    // a folder name with quotes or backticks cannot change the script.
     auto gp = open_for_write(script_path);
-    gp << "set terminal pngcairo size 900,540\n"
-       << "set output '" << png_path << "'\n"
+    gp << "# gnuplot -c loss.gp <loss.csv> <loss.png> <title>\n"
+       << "set terminal pngcairo size 900,540\n"
+       << "set output ARG2\n"
        << "set datafile separator ','\n"
        << "set key autotitle columnhead\n"
        << "set xlabel 'step'\nset ylabel 'loss (nats/byte)'\nset grid\n"
-       << "set title '" << c.optimizer << ", " << r.world_size << " ranks, stage " << c.zero_stage << "'\n"
-       << "plot '" << csv_path << "' using 1:2 with lines title 'train', "
+       << "set title ARG3 noenhanced\n"
+       << "plot ARG1 using 1:2 with lines title 'train', "
        << "'' using 1:($3) with linespoints title 'validation'\n";
   }
-  if (std::system(("gnuplot '" + script_path + "' 2>/dev/null").c_str()) != 0) {
-    std::cerr << "warning: gnuplot failed; no loss.png (script: " << script_path << ")\n";
+  const std::string title = fmt::format("{}, {} ranks, stage {}", c.optimizer, r.world_size, c.zero_stage);
+  const int status = run_quietly({"gnuplot", "-c", script_path, csv_path, png_path, title});
+  if (status == kNotFound) {
+    log::warn("gnuplot not found; skipping loss.png (the curve is in {})", csv_path);
+  } else if (status != 0) {
+    log::warn("gnuplot failed (status {}); no loss.png (script: {})", status, script_path);
   } else {
     written.push_back(png_path);
   }

@@ -14,9 +14,6 @@ if(SHARDOPT_BUILD_TESTS)
   include(GoogleTest)
   find_package(Eigen3 3.3 NO_MODULE REQUIRED)
 endif()
-if(SHARDOPT_BUILD_BENCH)
-  find_package(benchmark REQUIRED)
-endif()
 
 # OpenBLAS as an imported target with its cblas.h include path.
 add_library(shardopt_blas INTERFACE)

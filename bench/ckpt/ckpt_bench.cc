@@ -4,18 +4,16 @@
 // Muon matrices with param + momentum, norms and embedding as AdamW with param + adam_m + adam_v,
 // all fp32), L chosen so the total state is about --gib GiB. Page cache is dropped (posix_fadvise)
 // before every read so reads come from the disk.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
-#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <iostream>
-#include <nlohmann/json.hpp>
 #include <thread>
 #include <vector>
 
 #include "base/dtype.h"
+#include "bench/common/bench_util.h"
 #include "checkpoint/async_saver.h"
 #include "checkpoint/crc32c.h"
 #include "checkpoint/io_util.h"
@@ -25,11 +23,10 @@
 namespace fs = std::filesystem;
 using namespace shardopt;
 using namespace shardopt::ckpt;
-using Clock = std::chrono::steady_clock;
+using bench::Clock;
+using bench::seconds_since;
 
 namespace {
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 struct StateArray {
   std::string tensor, state;
@@ -106,25 +103,6 @@ void drop_cache_dir(const fs::path& dir) {
     if (e.is_regular_file()) File::open_read(e.path()).drop_cache();
 }
 
-struct Emitter {
-  bool json;
-  void emit(const nlohmann::ordered_json& j) {
-    if (json) {
-      std::cout << j.dump() << std::endl;
-      return;
-    }
-    std::string line;
-    for (auto it = j.begin(); it != j.end(); ++it) {
-      line += it.key() + "=";
-      if (it->is_number_float()) line += fmt::format("{:.3f}", it->get<double>());
-      else if (it->is_string()) line += it->get<std::string>();
-      else line += it->dump();
-      line += "  ";
-    }
-    std::cout << line << std::endl;
-  }
-};
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -134,13 +112,13 @@ int main(int argc, char** argv) {
   int repeats = 3;
   std::vector<int> rank_counts = {1, 2};
   std::string dir_arg = (fs::temp_directory_path() / "shardopt-ckpt-bench").string();
-  app.add_flag("--json", json, "one JSON object per result line");
+  bench::add_json_flag(app, json);
   app.add_option("--gib", gib, "total checkpoint size in GiB (all states)");
-  app.add_option("--repeats", repeats, "runs per measurement; the best is reported");
+  bench::add_repeat_option(app, repeats, "--repeats");
   app.add_option("--ranks", rank_counts, "rank (thread) counts")->delimiter(',');
   app.add_option("--dir", dir_arg, "scratch directory (deleted afterwards)");
   CLI11_PARSE(app, argc, argv);
-  Emitter out{json};
+  const bench::Emitter emit(json);
   const fs::path root = fs::path(dir_arg) / fmt::format("run-{}", ::getpid());
   fs::create_directories(root);
 
@@ -149,17 +127,14 @@ int main(int argc, char** argv) {
     {
       std::vector<unsigned char> buf(size_t{64} << 20, 0x5a);
       for (int which = 0; which < 2; ++which) {
-        double best = 1e30;
         uint32_t sink = 0;
-        for (int r = 0; r < repeats; ++r) {
-          auto t0 = Clock::now();
+        const double best = bench::best_seconds(repeats, [&] {
           sink ^= which == 0 ? crc32c_extend_hardware(0, buf.data(), buf.size())
                              : crc32c_extend_portable(0, buf.data(), buf.size());
-          best = std::min(best, seconds_since(t0));
-        }
-        out.emit({{"bench", "ckpt"}, {"measure", which == 0 ? "crc32c_sse42" : "crc32c_table"},
-                  {"hardware_available", crc32c_hardware_available()}, {"bytes", buf.size()},
-                  {"gbytes_per_s", buf.size() / best / 1e9}});
+        });
+        emit({{"bench", "ckpt"}, {"measure", which == 0 ? "crc32c_sse42" : "crc32c_table"},
+             {"hardware_available", crc32c_hardware_available()}, {"bytes", buf.size()},
+             {"gbytes_per_s", buf.size() / best / 1e9}});
         if (sink == 0x12345678u) std::cerr << "";  // keeps the checksum computation alive
       }
     }
@@ -193,10 +168,10 @@ int main(int argc, char** argv) {
       fs::remove(file);
       disk_write = total_bytes / best_w / 1e9;
       disk_read = total_bytes / best_r / 1e9;
-      out.emit({{"bench", "ckpt"}, {"measure", "disk_write_fsync"}, {"bytes", total_bytes}, {"seconds", best_w},
-                {"gbytes_per_s", disk_write}});
-      out.emit({{"bench", "ckpt"}, {"measure", "disk_read_cold"}, {"bytes", total_bytes}, {"seconds", best_r},
-                {"gbytes_per_s", disk_read}});
+      emit({{"bench", "ckpt"}, {"measure", "disk_write_fsync"}, {"bytes", total_bytes}, {"seconds", best_w},
+           {"gbytes_per_s", disk_write}});
+      emit({{"bench", "ckpt"}, {"measure", "disk_read_cold"}, {"bytes", total_bytes}, {"seconds", best_r},
+           {"gbytes_per_s", disk_read}});
     }
 
     for (int ranks : rank_counts) {
@@ -264,18 +239,18 @@ int main(int argc, char** argv) {
       for (int r = 0; r < ranks; ++r) max_rank_save = std::max(max_rank_save, rank_save[r]);
       for (int r = 0; r < ranks; ++r) max_rank_load = std::max(max_rank_load, rank_load[r]);
       const uint64_t per_rank_bytes = total_bytes / ranks;
-      out.emit({{"bench", "ckpt"}, {"measure", "save"}, {"ranks", ranks}, {"bytes", total_bytes},
-                {"tensors", model.tensors.size()}, {"seconds", best_save},
-                {"total_gbytes_per_s", total_bytes / best_save / 1e9},
-                {"per_rank_gbytes_per_s", per_rank_bytes / max_rank_save / 1e9},
-                {"fraction_of_disk_write", total_bytes / best_save / 1e9 / disk_write}});
-      out.emit({{"bench", "ckpt"}, {"measure", "load_cold"}, {"ranks", ranks}, {"bytes", total_bytes},
-                {"seconds", best_load}, {"total_gbytes_per_s", total_bytes / best_load / 1e9},
-                {"per_rank_gbytes_per_s", per_rank_bytes / max_rank_load / 1e9},
-                {"fraction_of_disk_read", total_bytes / best_load / 1e9 / disk_read}});
-      out.emit({{"bench", "ckpt"}, {"measure", "async_snapshot_blocking"}, {"ranks", ranks},
-                {"bytes", data[0].bytes}, {"seconds", best_snapshot},
-                {"gbytes_per_s", data[0].bytes / best_snapshot / 1e9}});
+      emit({{"bench", "ckpt"}, {"measure", "save"}, {"ranks", ranks}, {"bytes", total_bytes},
+           {"tensors", model.tensors.size()}, {"seconds", best_save},
+           {"total_gbytes_per_s", total_bytes / best_save / 1e9},
+           {"per_rank_gbytes_per_s", per_rank_bytes / max_rank_save / 1e9},
+           {"fraction_of_disk_write", total_bytes / best_save / 1e9 / disk_write}});
+      emit({{"bench", "ckpt"}, {"measure", "load_cold"}, {"ranks", ranks}, {"bytes", total_bytes},
+           {"seconds", best_load}, {"total_gbytes_per_s", total_bytes / best_load / 1e9},
+           {"per_rank_gbytes_per_s", per_rank_bytes / max_rank_load / 1e9},
+           {"fraction_of_disk_read", total_bytes / best_load / 1e9 / disk_read}});
+      emit({{"bench", "ckpt"}, {"measure", "async_snapshot_blocking"}, {"ranks", ranks},
+           {"bytes", data[0].bytes}, {"seconds", best_snapshot},
+           {"gbytes_per_s", data[0].bytes / best_snapshot / 1e9}});
       for (const auto& [s, path] : list_checkpoints(root)) fs::remove_all(path);
     }
   } catch (const std::exception& e) {

@@ -12,17 +12,17 @@
 // each the slowest rank's mean over the iterations.
 #include <mpi.h>
 
-#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <chrono>
-#include <cstdio>
 #include <cstring>
 #include <functional>
-#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "bench/common/bench_util.h"
 #include "comm/mpi_backend.h"
 #include "comm/thread_backend.h"
 
@@ -30,7 +30,7 @@ namespace {
 
 using namespace shardopt;
 using namespace shardopt::comm;
-using Clock = std::chrono::steady_clock;
+using bench::Clock;
 
 double now_s() { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); }
 
@@ -149,6 +149,20 @@ double time_memcpy(size_t bytes, int iters) {
   return (now_s() - t0) / iters;
 }
 
+// One row of the text table (the --json row holds more).
+std::string table_line(const bench::Row& row) {
+  const auto& r = row;
+  if (r.at("backend") == "mpi")
+    return fmt::format("{:<15} {:>10} {:>5} {:<8} {:>12.3f} {:>12.3f} {:>12.3f} {:>8.3f}", r.at("collective").get<std::string>(),
+                       r.at("bytes").get<size_t>(), r.at("ranks").get<int>(), "mpi",
+                       r.at("algbw_gbytes_per_s").get<double>(), r.at("raw_mpi_algbw_gbytes_per_s").get<double>(),
+                       r.at("raw_mpi_blocking_algbw_gbytes_per_s").get<double>(), r.at("ratio_vs_raw_mpi").get<double>());
+  return fmt::format("{:<15} {:>10} {:>5} {:<8} {:>12.3f} {:>12} {:>12.3f} {:>8.3f} (vs memcpy)",
+                     r.at("collective").get<std::string>(), r.at("bytes").get<size_t>(), r.at("ranks").get<int>(),
+                     "threads", r.at("algbw_gbytes_per_s").get<double>(), "-", r.at("memcpy_gbytes_per_s").get<double>(),
+                     r.at("ratio_vs_memcpy").get<double>());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -159,10 +173,10 @@ int main(int argc, char** argv) {
   int repeat = 3, thread_ranks = 0;
   std::vector<std::string> collectives = {"all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast"};
   std::string backends = "all";
-  app.add_flag("--json", json, "one JSON object per result line");
+  bench::add_json_flag(app, json);
   app.add_option("--min-bytes", min_bytes, "smallest per-rank buffer (bytes)");
   app.add_option("--max-bytes", max_bytes, "largest per-rank buffer (bytes); sizes step by 4x");
-  app.add_option("--repeat", repeat, "runs per figure; the best is reported");
+  bench::add_repeat_option(app, repeat);
   app.add_option("--collectives", collectives, "subset of all_reduce reduce_scatter all_gather all_to_all broadcast");
   app.add_option("--backends", backends, "mpi, threads or all");
   app.add_option("--thread-ranks", thread_ranks, "ranks of the threads backend (default: the MPI world size)");
@@ -176,26 +190,10 @@ int main(int argc, char** argv) {
   MPI_Comm raw_comm;
   MPI_Comm_dup(MPI_COMM_WORLD, &raw_comm);
 
-  auto emit = [&](const nlohmann::json& row) {
-    if (rank != 0) return;
-    if (json) {
-      std::printf("%s\n", row.dump().c_str());
-    } else if (row["backend"] == "mpi") {
-      std::printf("%-15s %10zu %5d %-8s %12.3f %12.3f %12.3f %8.3f\n", row["collective"].get<std::string>().c_str(),
-                  row["bytes"].get<size_t>(), row["ranks"].get<int>(), "mpi",
-                  row["algbw_gbytes_per_s"].get<double>(), row["raw_mpi_algbw_gbytes_per_s"].get<double>(),
-                  row["raw_mpi_blocking_algbw_gbytes_per_s"].get<double>(), row["ratio_vs_raw_mpi"].get<double>());
-    } else {
-      std::printf("%-15s %10zu %5d %-8s %12.3f %12s %12.3f %8.3f (vs memcpy)\n",
-                  row["collective"].get<std::string>().c_str(), row["bytes"].get<size_t>(), row["ranks"].get<int>(),
-                  "threads", row["algbw_gbytes_per_s"].get<double>(), "-", row["memcpy_gbytes_per_s"].get<double>(),
-                  row["ratio_vs_memcpy"].get<double>());
-    }
-    std::fflush(stdout);
-  };
-  if (rank == 0 && !json)
-    std::printf("%-15s %10s %5s %-8s %12s %12s %12s %8s\n", "collective", "bytes", "ranks", "backend", "GB/s",
-                "raw_nb GB/s", "raw_blk GB/s", "ratio");
+  const bench::Emitter emitter(json, rank == 0);
+  auto emit = [&](const bench::Row& row) { emitter(row, table_line(row)); };
+  emitter.text(fmt::format("{:<15} {:>10} {:>5} {:<8} {:>12} {:>12} {:>12} {:>8}", "collective", "bytes", "ranks",
+                           "backend", "GB/s", "raw_nb GB/s", "raw_blk GB/s", "ratio"));
 
   if (backends == "all" || backends == "mpi") {
     for (const auto& collective : collectives)

@@ -7,16 +7,13 @@
 //     Reference byte-level transformer on tinyshakespeare: synchronous ZeRO over R ranks vs DiLoCo and
 //     NoLoCo with R replicas (1 shard each); train loss per step (mean over replicas), consensus
 //     distance at each outer step, bytes per rank per step, final validation loss.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
-#include <iostream>
 #include <mutex>
 
+#include "bench/common/bench_util.h"
 #include "comm/thread_backend.h"
 #include "model/data.h"
 #include "model/transformer.h"
@@ -29,15 +26,7 @@ using runtime::gossip::SyncMode;
 
 namespace {
 
-bool g_json = false;
-
-void emit(const nlohmann::json& j) {
-  if (g_json) {
-    std::cout << j.dump() << "\n";
-  } else {
-    std::cout << j.dump(1) << "\n";
-  }
-}
+bench::Emitter emit(false);  // set from --json in main
 
 const char* mode_name(SyncMode m) { return m == SyncMode::kNoLoCo ? "noloco" : "diloco"; }
 
@@ -107,7 +96,7 @@ void train(TrainMode mode, int replicas, int steps, int outer_every, int batch_p
   uint64_t bytes_max = 0;
   int64_t skipped = 0;
   std::mutex mu;
-  const auto t0 = std::chrono::steady_clock::now();
+  const auto t0 = bench::Clock::now();
   comm::run_ranks(replicas, [&](comm::Communicator& world) {
     // Sync ZeRO: one shard group of all ranks. DiLoCo/NoLoCo: R replicas of 1 shard.
     const bool sync_mode = mode == TrainMode::kSync;
@@ -167,7 +156,7 @@ void train(TrainMode mode, int replicas, int steps, int outer_every, int batch_p
     bytes_max = std::max(bytes_max, bytes);
     if (sync) skipped += sync->skipped_rounds();
   });
-  seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  seconds = bench::seconds_since(t0);
   for (int s = 0; s < steps; ++s)
     if ((s + 1) % log_every == 0 || s == 0)
       emit({{"bench", "train_curve"},
@@ -200,7 +189,8 @@ void train(TrainMode mode, int replicas, int steps, int outer_every, int batch_p
 
 int main(int argc, char** argv) {
   CLI::App app{"NoLoCo gossip vs DiLoCo benchmarks"};
-  app.add_flag("--json", g_json, "one JSON object per line");
+  bool json = false;
+  bench::add_json_flag(app, json);
   app.require_subcommand(1);
   auto* sc = app.add_subcommand("scaling", "outer-step traffic and latency vs replica count");
   std::vector<int> replica_counts{2, 4, 8, 16, 32, 64};
@@ -208,7 +198,7 @@ int main(int argc, char** argv) {
   int rounds = 5;
   sc->add_option("--replicas", replica_counts)->delimiter(',');
   sc->add_option("--shard-elems", shard_elems);
-  sc->add_option("--rounds", rounds);
+  bench::add_repeat_option(*sc, rounds, "--rounds");
   auto* tr = app.add_subcommand("train", "loss vs steps: sync ZeRO, DiLoCo, NoLoCo");
   int replicas = 4, steps = 200, outer_every = 20, batch = 8, log_every = 10;
   std::string modes = "sync,diloco,noloco";
@@ -221,6 +211,7 @@ int main(int argc, char** argv) {
   tr->add_option("--modes", modes);
   tr->add_option("--data", data);
   CLI11_PARSE(app, argc, argv);
+  emit = bench::Emitter(json);
   if (sc->parsed()) scaling(replica_counts, shard_elems, rounds);
   if (tr->parsed()) {
     for (const auto& [name, m] : {std::pair{"sync", TrainMode::kSync}, {"diloco", TrainMode::kDiLoCo},

@@ -9,11 +9,11 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
-#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "bench/common/bench_util.h"
 #include "optim/cuda/cuda_check.h"
 #include "optim/cuda/elementwise.h"
 #include "optim/cuda/muon.h"
@@ -24,18 +24,7 @@ namespace {
 using namespace shardopt;
 using namespace shardopt::cuda;
 
-bool g_json = false;
-
-void emit(const nlohmann::json& j) {
-  if (g_json) {
-    std::printf("%s\n", j.dump().c_str());
-  } else {
-    std::string line;
-    for (auto it = j.begin(); it != j.end(); ++it) line += it.key() + "=" + it.value().dump() + "  ";
-    std::printf("%s\n", line.c_str());
-  }
-  std::fflush(stdout);
-}
+bench::Emitter emit(false);  // set from --json in main
 
 // Median seconds of `reps` timed runs after `warmup`, timed with CUDA events.
 double time_median(const std::function<void()>& fn, int warmup, int reps) {
@@ -83,11 +72,12 @@ T* random_device(size_t n, uint32_t seed) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--json") == 0) g_json = true;
-    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
-  }
+  CLI::App app{"shardopt GPU kernels: NS5 on cuBLAS, fused AdamW, Muon step"};
+  bool json = false, quick = false;
+  bench::add_json_flag(app, json);
+  app.add_flag("--quick", quick, "small shapes only (smoke run)");
+  CLI11_PARSE(app, argc, argv);
+  emit = bench::Emitter(json);
   if (device_count() == 0) {
     std::fprintf(stderr, "gpu_bench: no CUDA device; nothing to measure\n");
     return 0;

@@ -1,19 +1,18 @@
 // Forward/backward time and achieved GFLOP/s of the reference transformer on real text.
 // Prints the best of --reps timed steps (after warm-up); never passes or fails on time.
-#include <CLI/CLI.hpp>
 #include <cblas.h>
 #include <fmt/core.h>
-#include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdlib>
 #include <vector>
 
+#include "bench/common/bench_util.h"
 #include "model/data.h"
 #include "model/transformer.h"
 
 using namespace shardopt::model;
+namespace bench = shardopt::bench;
 
 int main(int argc, char** argv) {
   ModelConfig mc;
@@ -27,10 +26,10 @@ int main(int argc, char** argv) {
   app.add_option("--mlp-ratio", mc.mlp_ratio);
   app.add_option("--seq-len", seq_len);
   app.add_option("--batch", batch);
-  app.add_option("--reps", reps);
+  bench::add_repeat_option(app, reps, "--reps");
   app.add_option("--data", data);
   app.add_flag("--relu2", relu2, "ReLU² instead of GELU");
-  app.add_flag("--json", json, "one JSON object per result line");
+  bench::add_json_flag(app, json);
   CLI11_PARSE(app, argc, argv);
   mc.context = seq_len;
   if (relu2) mc.activation = Activation::kReluSquared;
@@ -56,18 +55,17 @@ int main(int argc, char** argv) {
   TokenBatch tb = sampler.make_batch();
   model.reserve(batch, seq_len);
 
-  using clock = std::chrono::steady_clock;
   double best_fwd = 1e30, best_bwd = 1e30, best_step = 1e30;
   float loss = 0.0f;
   for (int it = -3; it < reps; ++it) {
     sampler.train_batch(it + 3, tb);
-    const auto t0 = clock::now();
+    const auto t0 = bench::Clock::now();
     loss = model.forward(bindings, tb.inputs.data(), tb.targets.data(), batch, seq_len);
-    const auto t1 = clock::now();
+    const auto t1 = bench::Clock::now();
     model.backward(bindings, GradMode::kOverwrite);
-    const auto t2 = clock::now();
+    const auto t2 = bench::Clock::now();
     if (it < 0) continue;  // warm-up
-    const double f = std::chrono::duration<double>(t1 - t0).count(), b = std::chrono::duration<double>(t2 - t1).count();
+    const double f = bench::seconds_between(t0, t1), b = bench::seconds_between(t1, t2);
     best_fwd = std::min(best_fwd, f);
     best_bwd = std::min(best_bwd, b);
     best_step = std::min(best_step, f + b);
@@ -76,38 +74,30 @@ int main(int argc, char** argv) {
   // than either figure.
   const int g = 512;
   std::vector<float> ga(g * g, 0.5f), gb(g * g, 0.25f), gc(g * g);
-  double best_gemm = 1e30;
-  for (int it = 0; it < 10; ++it) {
-    const auto t0 = clock::now();
+  const double best_gemm = bench::best_seconds(10, [&] {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, g, g, g, 1.0f, ga.data(), g, gb.data(), g, 0.0f, gc.data(), g);
-    best_gemm = std::min(best_gemm, std::chrono::duration<double>(clock::now() - t0).count());
-  }
+  });
   const double gemm_gflops = 2.0 * g * g * g / best_gemm / 1e9;
 
   const double tokens = double(batch) * seq_len;
   const double flops = 3.0 * model.forward_flops(batch, seq_len);  // fwd + 2x fwd for bwd
   const double approx = 6.0 * double(model.num_params()) * tokens;
   const char* threads = std::getenv("OPENBLAS_NUM_THREADS");
-  if (json) {
-    nlohmann::json j = {{"bench", "model_fwd_bwd"}, {"d_model", mc.d_model}, {"n_layer", mc.n_layer},
-                        {"n_head", mc.n_head}, {"seq_len", seq_len}, {"batch", batch},
-                        {"params", model.num_params()}, {"openblas_threads", threads ? threads : "default"},
-                        {"forward_seconds", best_fwd}, {"backward_seconds", best_bwd},
-                        {"step_seconds", best_step}, {"tokens_per_s", tokens / best_step},
-                        {"exact_gflop", flops / 1e9}, {"exact_gflops_per_s", flops / best_step / 1e9},
-                        {"approx_6nd_gflops_per_s", approx / best_step / 1e9},
-                        {"sgemm512_gflops_per_s", gemm_gflops},
-                        {"fraction_of_sgemm", flops / best_step / 1e9 / gemm_gflops}, {"loss", loss}};
-    fmt::print("{}\n", j.dump());
-  } else {
-    fmt::print("d={} L={} H={} T={} B={} params={} threads={}\n", mc.d_model, mc.n_layer, mc.n_head, seq_len, batch,
-               model.num_params(), threads ? threads : "default");
-    fmt::print("forward {:.3f} ms, backward {:.3f} ms, step {:.3f} ms (best of {})\n", best_fwd * 1e3, best_bwd * 1e3,
-               best_step * 1e3, reps);
-    fmt::print("{:.0f} tokens/s, {:.2f} GFLOP/s exact ({:.3f} GFLOP/step), {:.2f} GFLOP/s by 6·params·tokens\n",
-               tokens / best_step, flops / best_step / 1e9, flops / 1e9, approx / best_step / 1e9);
-    fmt::print("SGEMM 512^3 at the same time: {:.2f} GFLOP/s; model step at {:.0f}% of it\n", gemm_gflops,
-               100.0 * flops / best_step / 1e9 / gemm_gflops);
-  }
+  const bench::Emitter emit(json);
+  emit({{"bench", "model_fwd_bwd"}, {"d_model", mc.d_model}, {"n_layer", mc.n_layer}, {"n_head", mc.n_head},
+        {"seq_len", seq_len}, {"batch", batch}, {"params", model.num_params()},
+        {"openblas_threads", threads ? threads : "default"}, {"forward_seconds", best_fwd},
+        {"backward_seconds", best_bwd}, {"step_seconds", best_step}, {"tokens_per_s", tokens / best_step},
+        {"exact_gflop", flops / 1e9}, {"exact_gflops_per_s", flops / best_step / 1e9},
+        {"approx_6nd_gflops_per_s", approx / best_step / 1e9}, {"sgemm512_gflops_per_s", gemm_gflops},
+        {"fraction_of_sgemm", flops / best_step / 1e9 / gemm_gflops}, {"loss", loss}},
+       fmt::format("d={} L={} H={} T={} B={} params={} threads={}\n"
+                   "forward {:.3f} ms, backward {:.3f} ms, step {:.3f} ms (best of {})\n"
+                   "{:.0f} tokens/s, {:.2f} GFLOP/s exact ({:.3f} GFLOP/step), {:.2f} GFLOP/s by 6·params·tokens\n"
+                   "SGEMM 512^3 at the same time: {:.2f} GFLOP/s; model step at {:.0f}% of it",
+                   mc.d_model, mc.n_layer, mc.n_head, seq_len, batch, model.num_params(),
+                   threads ? threads : "default", best_fwd * 1e3, best_bwd * 1e3, best_step * 1e3, reps,
+                   tokens / best_step, flops / best_step / 1e9, flops / 1e9, approx / best_step / 1e9, gemm_gflops,
+                   100.0 * flops / best_step / 1e9 / gemm_gflops));
   return 0;
 }

@@ -4,20 +4,17 @@
 // disturbed). Prints a table, or with --json one JSON object per result line.
 #include <cblas.h>
 
-#include <CLI/CLI.hpp>
 #include <algorithm>
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
 #include "base/dtype.h"
+#include "bench/common/bench_util.h"
 #include "optim/config.h"
 #include "optim/elementwise.h"
 #include "optim/newton_schulz.h"
@@ -26,27 +23,9 @@ namespace so = shardopt::optim;
 
 namespace {
 
-bool g_json = false;
+using shardopt::bench::best_seconds;
 
-double best_seconds(int reps, const std::function<void()>& fn) {
-  double best = 1e300;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    const auto t1 = std::chrono::steady_clock::now();
-    best = std::min(best, std::chrono::duration<double>(t1 - t0).count());
-  }
-  return best;
-}
-
-void emit(const nlohmann::json& row, const std::string& text) {
-  if (g_json) {
-    fmt::print("{}\n", row.dump());
-  } else {
-    fmt::print("{}\n", text);
-  }
-  std::fflush(stdout);
-}
+shardopt::bench::Emitter emit(false);  // set from --json in main
 
 std::vector<float> random_floats(size_t n, unsigned seed) {
   std::mt19937 rng(seed);
@@ -87,19 +66,19 @@ void bench_ns(int64_t m, int64_t n, int reps, double machine_sgemm) {
   const int64_t p = std::min(m, n), q = std::max(m, n);
   // The SGEMM shape that dominates NS: (p x p) times (p x q).
   const double sgemm_same_shape = sgemm_gflops(p, q, p, std::max(1, reps));
-  nlohmann::json row = {{"kernel", "ns5"},
-                        {"m", m},
-                        {"n", n},
-                        {"dtype", "f32"},
-                        {"threads", threads()},
-                        {"seconds", t_sym},
-                        {"gflops_gemm_count", flops / t_sym / 1e9},
-                        {"sgemm_gflops", machine_sgemm},
-                        {"sgemm_same_shape_gflops", sgemm_same_shape},
-                        {"ratio_vs_sgemm", flops / t_sym / 1e9 / machine_sgemm},
-                        {"plain_gemm_seconds", t_plain},
-                        {"plain_gemm_gflops_gemm_count", flops / t_plain / 1e9},
-                        {"speedup_vs_plain_gemm_ns", t_plain / t_sym}};
+  shardopt::bench::Row row = {{"kernel", "ns5"},
+                              {"m", m},
+                              {"n", n},
+                              {"dtype", "f32"},
+                              {"threads", threads()},
+                              {"seconds", t_sym},
+                              {"gflops_gemm_count", flops / t_sym / 1e9},
+                              {"sgemm_gflops", machine_sgemm},
+                              {"sgemm_same_shape_gflops", sgemm_same_shape},
+                              {"ratio_vs_sgemm", flops / t_sym / 1e9 / machine_sgemm},
+                              {"plain_gemm_seconds", t_plain},
+                              {"plain_gemm_gflops_gemm_count", flops / t_plain / 1e9},
+                              {"speedup_vs_plain_gemm_ns", t_plain / t_sym}};
   emit(row, fmt::format("ns5 {:>5}x{:<5} {:8.4f} s  {:7.1f} GFLOP/s (gemm count) = {:5.2f} x SGEMM   plain-SGEMM NS "
                         "{:8.4f} s  speedup {:4.2f}x",
                         m, n, t_sym, flops / t_sym / 1e9, flops / t_sym / 1e9 / machine_sgemm, t_plain,
@@ -145,17 +124,17 @@ void bench_elementwise(so::OptimizerKind kind, bool bf16_grads, bool mirror, siz
       (bf16_grads ? 2.0 : 4.0) + 4.0 * 2 + 4.0 * 2 * slots + (mirror ? 2.0 : 0.0);
   const double gbs = bytes_per_element * static_cast<double>(elements) / s / 1e9;
   const std::string name = so::optimizer_kind_name(kind) + (kind == shardopt::proto::OPTIMIZER_SGD ? "_momentum" : "");
-  nlohmann::json row = {{"kernel", name},
-                        {"grad_dtype", bf16_grads ? "bf16" : "f32"},
-                        {"bf16_mirror", mirror},
-                        {"elements", elements},
-                        {"slices", slices.size()},
-                        {"threads", 1},
-                        {"seconds", s},
-                        {"bytes_per_element", bytes_per_element},
-                        {"gbytes_per_s", gbs},
-                        {"memcpy_gbytes_per_s", memcpy_gbs},
-                        {"ratio_vs_memcpy", gbs / memcpy_gbs}};
+  shardopt::bench::Row row = {{"kernel", name},
+                              {"grad_dtype", bf16_grads ? "bf16" : "f32"},
+                              {"bf16_mirror", mirror},
+                              {"elements", elements},
+                              {"slices", slices.size()},
+                              {"threads", 1},
+                              {"seconds", s},
+                              {"bytes_per_element", bytes_per_element},
+                              {"gbytes_per_s", gbs},
+                              {"memcpy_gbytes_per_s", memcpy_gbs},
+                              {"ratio_vs_memcpy", gbs / memcpy_gbs}};
   emit(row, fmt::format("{:<13} grad {:<4} mirror {:<3} {:>9} elements in {:>6} slices  {:8.5f} s  {:6.2f} GB/s = "
                         "{:4.2f} x memcpy",
                         name, bf16_grads ? "bf16" : "f32", mirror ? "yes" : "no", elements, slices.size(), s, gbs,
@@ -168,11 +147,13 @@ int main(int argc, char** argv) {
   CLI::App app{"shardopt optimizer kernel benchmark"};
   bool large = false, quick = false;
   int reps = 3;
-  app.add_flag("--json", g_json, "one JSON object per result line");
+  bool json = false;
+  shardopt::bench::add_json_flag(app, json);
   app.add_flag("--large", large, "add the 4096x4096 NS (minutes on 2 cores)");
   app.add_flag("--quick", quick, "small shapes only (smoke run)");
-  app.add_option("--reps", reps, "repetitions per figure (best is reported)")->check(CLI::Range(1, 100));
+  shardopt::bench::add_repeat_option(app, reps, "--reps")->check(CLI::Range(1, 100));
   CLI11_PARSE(app, argc, argv);
+  emit = shardopt::bench::Emitter(json);
 
   const double machine_sgemm = sgemm_gflops(quick ? 512 : 2048, quick ? 512 : 2048, quick ? 512 : 2048, reps);
   emit({{"kernel", "sgemm"}, {"m", quick ? 512 : 2048}, {"n", quick ? 512 : 2048}, {"k", quick ? 512 : 2048},

@@ -11,22 +11,20 @@
 // --layers K keeps the embedding, the first K transformer layers, the final norm and the head
 // (the shapes of the run are named "<preset>[:K layers]"); --plan-only prints the pure plan and
 // formula figures (no buffers) for the full preset at any world size.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
 #include <time.h>
 
 #include <algorithm>
 #include <chrono>
-#include <cstdio>
 #include <memory>
-#include <nlohmann/json.hpp>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "bench/common/bench_util.h"
 #include "comm/mpi_backend.h"
 #include "optim/config.h"
 #include "optim/muon.h"
@@ -38,9 +36,8 @@
 namespace {
 
 using namespace shardopt;
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+using bench::Clock;
+using bench::seconds_since;
 
 // CPU seconds this thread has run: against wall time it shows whether a rank had a core to itself.
 double thread_cpu_seconds() {
@@ -172,7 +169,7 @@ Baselines measure_baselines(comm::Communicator& comm, const std::vector<proto::T
   return b;
 }
 
-nlohmann::json plan_figures(const proto::ShardPlan& plan, int stage, int world) {
+bench::Row plan_figures(const proto::ShardPlan& plan, int stage, int world) {
   double buffer_elems = 0, max_opt = 0;
   for (const auto& b : plan.buckets()) buffer_elems += static_cast<double>(b.numel());
   for (const auto& r : plan.stats().ranks()) max_opt = std::max(max_opt, r.optimizer_state_bytes());
@@ -195,12 +192,12 @@ int main(int argc, char** argv) {
   bool json = false, plan_only = false;
   std::string shapes = "llama-125m", stages = "2", layouts = "owned", plan_worlds = "8,64,512,4096";
   int layers = 0, steps = 2;
-  app.add_flag("--json", json, "one JSON object per result line");
+  bench::add_json_flag(app, json);
   app.add_option("--shapes", shapes, "comma-separated presets (llama-125m, llama-1b, tiny)");
   app.add_option("--layers", layers, "keep only the first K transformer layers (0 = all)");
   app.add_option("--stages", stages, "comma-separated ZeRO stages");
   app.add_option("--layouts", layouts, "comma-separated layouts (owned, dim0)");
-  app.add_option("--steps", steps, "steps per configuration; the fastest is reported");
+  bench::add_repeat_option(app, steps, "--steps");
   app.add_flag("--plan-only", plan_only, "plan and formula figures only, for --plan-worlds (no buffers)");
   app.add_option("--plan-worlds", plan_worlds, "world sizes for --plan-only");
   try {
@@ -210,16 +207,7 @@ int main(int argc, char** argv) {
   }
   auto comm = mpi.world();
   const int world = comm->size(), rank = comm->rank();
-  auto emit = [&](const nlohmann::json& row) {
-    if (rank != 0) return;
-    if (json) {
-      std::printf("%s\n", row.dump().c_str());
-    } else {
-      for (auto it = row.begin(); it != row.end(); ++it) std::printf("%s=%s ", it.key().c_str(), it.value().dump().c_str());
-      std::printf("\n");
-    }
-    std::fflush(stdout);
-  };
+  const bench::Emitter emit(json, rank == 0);
 
   if (plan_only) {
     for (const auto& preset : split_list(shapes)) {
@@ -231,8 +219,8 @@ int main(int argc, char** argv) {
           const auto t0 = Clock::now();
           const auto plan = sharding::make_plan(
               runtime::make_engine_plan_request(specs, w, engine_options(stage, proto::SHARD_LAYOUT_OWNED)));
-          nlohmann::json row = {{"mode", "plan_only"}, {"shapes", preset}, {"ranks", w}, {"stage", stage},
-                                {"layout", "owned"}};
+          bench::Row row = {{"mode", "plan_only"}, {"shapes", preset}, {"ranks", w}, {"stage", stage},
+                            {"layout", "owned"}};
           row.update(plan_figures(plan, stage, w));
           row["plan_seconds"] = seconds_since(t0);
           emit(row);
@@ -282,26 +270,26 @@ int main(int argc, char** argv) {
           }
         }
         const auto mem = engine.memory();
-        nlohmann::json row = {{"mode", "step"},
-                              {"shapes", shape_name},
-                              {"ranks", world},
-                              {"stage", stage},
-                              {"layout", lay},
-                              {"step_seconds", best.times.total},
-                              {"reduce_wait_seconds", best.times.reduce_wait},
-                              {"check_seconds", best.times.check},
-                              {"elementwise_seconds", best.times.elementwise},
-                              {"matrix_seconds", best.times.matrix},
-                              {"dim0_exchange_seconds", best.times.dim0_exchange},
-                              {"gather_seconds", best.times.gather},
-                              {"bytes_sent_per_rank", max_bytes_over_ranks(*comm, static_cast<double>(best.traffic.total_sent()))},
-                              {"optimizer_bytes_per_rank", max_bytes_over_ranks(*comm, static_cast<double>(mem.optimizer_bytes()))},
-                              {"optimizer_formula_bytes_per_rank", max_bytes_over_ranks(*comm, mem.formula_optimizer_bytes)},
-                              {"one_rank_all_matrices_seconds", base.one_rank_seconds},
-                              {"naive_all_matrices_seconds", base.naive_seconds},
-                              {"naive_cpu_share_min_over_ranks", base.naive_cpu_share},
-                              {"ns_phase_speedup_vs_1rank", base.one_rank_seconds / best.times.matrix},
-                              {"speedup_vs_naive_distributed_muon", base.naive_seconds / best.times.matrix}};
+        bench::Row row = {{"mode", "step"},
+                          {"shapes", shape_name},
+                          {"ranks", world},
+                          {"stage", stage},
+                          {"layout", lay},
+                          {"step_seconds", best.times.total},
+                          {"reduce_wait_seconds", best.times.reduce_wait},
+                          {"check_seconds", best.times.check},
+                          {"elementwise_seconds", best.times.elementwise},
+                          {"matrix_seconds", best.times.matrix},
+                          {"dim0_exchange_seconds", best.times.dim0_exchange},
+                          {"gather_seconds", best.times.gather},
+                          {"bytes_sent_per_rank", max_bytes_over_ranks(*comm, static_cast<double>(best.traffic.total_sent()))},
+                          {"optimizer_bytes_per_rank", max_bytes_over_ranks(*comm, static_cast<double>(mem.optimizer_bytes()))},
+                          {"optimizer_formula_bytes_per_rank", max_bytes_over_ranks(*comm, mem.formula_optimizer_bytes)},
+                          {"one_rank_all_matrices_seconds", base.one_rank_seconds},
+                          {"naive_all_matrices_seconds", base.naive_seconds},
+                          {"naive_cpu_share_min_over_ranks", base.naive_cpu_share},
+                          {"ns_phase_speedup_vs_1rank", base.one_rank_seconds / best.times.matrix},
+                          {"speedup_vs_naive_distributed_muon", base.naive_seconds / best.times.matrix}};
         const auto figures = plan_figures(engine.plan(), stage, world);
         row["total_params"] = figures["total_params"];
         row["muon_matrices"] = figures["muon_matrices"];

@@ -1,5 +1,5 @@
 // Optimizer configuration: documented defaults per kind, validation, and the resolved plain struct
-// the kernels read (no proto access on hot paths). Formulas and defaults: ALGORITHMS.md.
+// the kernels read (no proto access on hot paths). Formulas and defaults: docs/algorithms.md.
 #pragma once
 
 #include <array>

@@ -3,7 +3,7 @@
 // The runtime calls elementwise_step() once per group on the element ranges it owns: each slice is
 // a contiguous run of fp32 master parameters with its gradient and state. One fused pass per slice
 // reads grad + state + master, writes state + master and, when present, the bf16 mirror.
-// Formulas (ALGORITHMS.md), t = step >= 1, lr = the scheduled learning rate of this call:
+// Formulas (docs/algorithms.md, "Element-wise optimizers"), t = step >= 1, lr = the scheduled learning rate of this call:
 //   AdamW  m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
 //          W = W (1 - lr wd) - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
 //   Lion   c = b1 m + (1-b1) g; W = W (1 - lr wd) - lr sign(c); m = b2 m + (1-b2) g

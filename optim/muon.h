@@ -1,6 +1,6 @@
 // Muon / NorMuon on one whole m x n row-major matrix (the owner rank's job), and MuonClip's QK-clip.
 //
-// muon_step (ALGORITHMS.md), mu = params.momentum, s = shape scale:
+// muon_step (docs/algorithms.md, "Muon" and "NorMuon"), mu = params.momentum, s = shape scale:
 //   averaged: M = mu M + (1-mu) G;  U = nesterov ? (1-mu) G + mu M : M
 //   summed:   M = mu M + G;         U = nesterov ? G + mu M : M
 //   O = NS(U)                        (per block of rows when block_rows is given)
@@ -54,7 +54,7 @@ class MuonWorkspace {
   NsWorkspace ns_;
 };
 
-// s(m, n) of ALGORITHMS.md for a rows x cols matrix.
+// s(m, n) of docs/algorithms.md ("Shape scale and decoupled weight decay") for a rows x cols matrix.
 float muon_shape_scale(MuonShapeScale scale, int64_t rows, int64_t cols);
 
 // One Muon or NorMuon step (params.kind) on `matrix` with learning rate `lr`. Throws ConfigError for

@@ -1,4 +1,5 @@
-// Owner assignment for whole-matrix Newton-Schulz: greedy longest-processing-time (LPT).
+// Owner assignment for whole-matrix Newton-Schulz: greedy longest-processing-time (LPT);
+// docs/algorithms.md, "Owner assignment (LPT)".
 #pragma once
 
 #include <cstdint>

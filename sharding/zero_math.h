@@ -1,5 +1,5 @@
 // ZeRO arithmetic: per-rank memory and per-step traffic of replicated (DDP) training and ZeRO
-// stages 1-3, as closed formulas (ALGORITHMS.md, "ZeRO arithmetic"). Pure functions: the runtime's
+// stages 1-3, as closed formulas (docs/algorithms.md, "ZeRO arithmetic"). Pure functions: the runtime's
 // tests and benchmarks compare measured memory and traffic against them.
 #pragma once
 

@@ -5,7 +5,7 @@
 // table is built and uploaded once, when the slices are set (buffers are allocated once per
 // plan), so a step is one kernel launch with no host-to-device copy and no allocation.
 //
-// Formulas: docs/ALGORITHMS ("Element-wise optimizers"). Step t starts at 1.
+// Formulas: docs/algorithms.md, "Element-wise optimizers". Step t starts at 1.
 #pragma once
 
 #include <cuda_runtime.h>

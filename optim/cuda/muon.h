@@ -1,6 +1,6 @@
 // The full Muon update on the GPU for a batch of same-shaped matrices (one owner rank's work):
 // momentum, Nesterov, NS orthogonalization (NewtonSchulzCuda), shape scale and decoupled weight
-// decay, optional bf16 param mirror. Formulas: ALGORITHMS "Muon":
+// decay, optional bf16 param mirror. Formulas: docs/algorithms.md, "Muon":
 //   averaged: M ← μM + (1−μ)G; U = Nesterov ? (1−μ)G + μM : M
 //   summed:   M ← μM + G;      U = Nesterov ? G + μM : M
 //   W ← W·(1 − ηλ) − η·s(m,n)·NS(U)

@@ -1,7 +1,7 @@
 // Newton–Schulz orthogonalization (Muon's NS5) on the GPU with cuBLAS: bf16 operands, fp32
 // accumulation, batched over same-shaped matrices with strided-batched GEMMs.
 //
-// Semantics (docs ALGORITHMS "Newton–Schulz orthogonalization"): X = bf16(U); X ← X / max(‖X‖_F, eps);
+// Semantics (docs/algorithms.md, "Newton–Schulz orthogonalization"): X = bf16(U); X ← X / max(‖X‖_F, eps);
 // iterate on the wide orientation (p = min(m,n) rows): A = X·Xᵀ, B = b·A + c·A·A, X = a·X + B·X.
 // No transpose is ever materialized: a row-major m×n buffer is, to column-major cuBLAS, the wide
 // matrix Xᵀ (m ≤ n) or the wide matrix X itself (m > n); only the GEMM operand flags differ.

@@ -10,7 +10,7 @@
 // so the segments cover the whole model in both layouts):
 //   theta = the engine's master shards (fast weights), phi = slow weights, m = outer momentum (phi = theta,
 //   m = 0 at construction).
-// Every H inner steps (ALGORITHMS.md, "NoLoCo ... and DiLoCo"):
+// Every H inner steps (docs/algorithms.md, "NoLoCo and DiLoCo"):
 //   NoLoCo: groups from a permutation seeded by (seed, outer step index), identical on every rank;
 //           D = mean_G(theta - phi), phibar = mean_G(phi); m = beta m + alpha D + gamma (phibar - phi);
 //           phi += m; theta = phi. gamma == alpha: only theta travels (alpha (thetabar_G - phi)).

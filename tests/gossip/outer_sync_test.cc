@@ -1,5 +1,5 @@
 // NoLoCo / DiLoCo outer step against a plain double-precision reference written here (per element,
-// per replica scalars), plus the invariants of ALGORITHMS.md:
+// per replica scalars), plus the invariants of docs/algorithms.md ("NoLoCo"):
 //   - n = N: NoLoCo equals DiLoCo with heavy-ball momentum (lr alpha, momentum beta). With n = N every
 //     replica is in one group, so phi stays identical across replicas, phibar - phi = 0, and
 //     m = beta m + alpha mean(theta - phi), phi += m  is torch-style SGD momentum (buf = beta buf + delta,

@@ -42,7 +42,7 @@ Mat transpose(const Mat& a, int64_t r, int64_t c) {
   return t;
 }
 
-// NS in double exactly as ALGORITHMS.md writes it.
+// NS in double exactly as docs/algorithms.md ("Newton–Schulz orthogonalization") writes it.
 Mat ref_ns(const Mat& g, int64_t m, int64_t n, const std::vector<Triple>& triples, RefNorm norm = {}) {
   if (m == 0 || n == 0) return g;
   const bool tall = m > n;

@@ -9,6 +9,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "base/clock.h"
 #include "base/env.h"
 #include "checkpoint/inspect.h"
 #include "base/error.h"
@@ -108,13 +109,13 @@ int run_train(TrainArgs& a, int* argc, char*** argv) {
   const bool mpi = a.backend == "mpi" || (a.backend == "auto" && launched_by_mpirun());
   const auto corpus = model::ByteCorpus::load(a.data);
 
-  auto start = std::chrono::steady_clock::now();
+  const auto start = clock::now();
   double last_time = 0;
   int64_t last_tokens = 0;
   train::TrainHooks hooks;
   hooks.on_step = [&](const train::StepRecord& r, const train::TrainConfig& cfg) {
     if (cfg.log_every == 0 || (r.step % cfg.log_every != 0 && r.step != cfg.steps && r.step != 1)) return;
-    const double now = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double now = clock::seconds_since(start);
     const double rate = (r.tokens - last_tokens) / std::max(1e-9, now - last_time);
     last_time = now;
     last_tokens = r.tokens;

@@ -27,6 +27,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/clock.h"
 #include "comm/mpi_backend.h"
 #include "optim/config.h"
 #include "optim/muon.h"
@@ -38,9 +39,7 @@
 namespace {
 
 using namespace shardopt;
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+using clock::seconds_since;
 
 // CPU seconds this thread has run: against wall time it shows whether a rank had a core to itself.
 double thread_cpu_seconds() {
@@ -155,7 +154,7 @@ Baselines measure_baselines(comm::Communicator& comm, const std::vector<proto::T
   AllMatricesMuon work(plan, optim::resolve_optimizer_config(options.matrix_optimizer));
   Baselines b;
   quiet_barrier(comm);
-  auto t0 = Clock::now();
+  auto t0 = clock::now();
   const double cpu0 = thread_cpu_seconds();
   work.run();
   const double wall = seconds_since(t0), share = (thread_cpu_seconds() - cpu0) / wall;
@@ -163,7 +162,7 @@ Baselines measure_baselines(comm::Communicator& comm, const std::vector<proto::T
   b.naive_cpu_share = -max_over_ranks(comm, -share);
   quiet_barrier(comm);
   if (comm.rank() == 0) {
-    t0 = Clock::now();
+    t0 = clock::now();
     work.run();
     b.one_rank_seconds = seconds_since(t0);
   }
@@ -228,7 +227,7 @@ int main(int argc, char** argv) {
         const int w = std::stoi(n);
         for (const auto& st : split_list(stages)) {
           const int stage = std::stoi(st);
-          const auto t0 = Clock::now();
+          const auto t0 = clock::now();
           const auto plan = sharding::make_plan(
               runtime::make_engine_plan_request(specs, w, engine_options(stage, proto::SHARD_LAYOUT_OWNED)));
           nlohmann::json row = {{"mode", "plan_only"}, {"shapes", preset}, {"ranks", w}, {"stage", stage},

@@ -16,6 +16,7 @@
 #include "optim/config.h"
 #include "optim/elementwise.h"
 #include "optim/muon.h"
+#include "sharding/layout.h"
 #include "sharding/zero_math.h"
 #include "tests/common/engine_reference.h"
 
@@ -36,7 +37,7 @@ struct Case {
 std::string case_name(const testing::TestParamInfo<Case>& info) {
   const Case& c = info.param;
   return "N" + std::to_string(c.world) + "_stage" + std::to_string(c.stage) + "_" +
-         (c.layout == proto::SHARD_LAYOUT_DIM0 ? "dim0" : "owned") + "_" + c.optimizer;
+         sharding::layout_name(c.layout) + "_" + c.optimizer;
 }
 
 EngineOptions options_for(const Case& c) { return engine_options(c.stage, c.layout, c.optimizer); }

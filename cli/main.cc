@@ -1,4 +1,4 @@
-// shardopt: the command-line program. Subcommands: train, plan, env, bench, ckpt (inspect: pending).
+// shardopt: the command-line program. Subcommands: train, plan, env, bench, ckpt inspect.
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -256,7 +256,7 @@ int main(int argc, char** argv) {
       const auto bench_root = self.parent_path() / "bench";
       std::cout << "benchmark binaries (each takes --help and --json):\n";
       for (const char* name : {"comm/comm_bench", "optim/optim_bench", "model/model_bench", "step/step_bench",
-                               "gpu/gpu_bench"}) {
+                               "ckpt/ckpt_bench", "gossip/gossip_bench", "gpu/gpu_bench"}) {
         const auto p = bench_root / name;
         std::cout << "  " << p.string() << (std::filesystem::exists(p) ? "" : "  (not built)") << "\n";
       }

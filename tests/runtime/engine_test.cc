@@ -95,7 +95,7 @@ TEST_P(EngineEquivalence, NRankTrainingEqualsSingleProcessReference) {
   const int steps = 3;
   proto::ShardPlan plan;
   const auto got = engine_run(specs, c, steps, &plan);
-  const auto want = reference_run(specs, options_for(c), plan, steps);
+  const auto want = reference_run(specs, options_for(c), steps);
   const bool exact_muon = c.layout != proto::SHARD_LAYOUT_DIM0;
   for (int r = 0; r < c.world; ++r) {
     for (size_t t = 0; t < specs.size(); ++t) {
@@ -108,7 +108,9 @@ TEST_P(EngineEquivalence, NRankTrainingEqualsSingleProcessReference) {
         identical = identical && std::memcmp(&got[r][t][i], &want[t][i], sizeof(float)) == 0;
       }
       EXPECT_LE(max_rel, 1e-6) << "rank " << r << " tensor " << specs[t].name();
-      if (plan.tensors(static_cast<int>(t)).muon() && exact_muon) {
+      const bool muon = reference_uses_muon(specs[t], options_for(c));
+      EXPECT_EQ(plan.tensors(static_cast<int>(t)).muon(), muon) << "routing of " << specs[t].name();
+      if (muon && exact_muon) {
         EXPECT_TRUE(identical) << "owned-layout Muon must be bit-identical: rank " << r << " " << specs[t].name();
       }
     }

@@ -23,7 +23,8 @@ struct CompatOptions {
 // Throws ConfigError naming the tensor when: a model tensor has a different shape in the checkpoint
 // (both shapes in the message), or a state the optimizer expects is absent (listing the states the
 // checkpoint has, e.g. after switching AdamW -> Muon); CheckpointError when a model tensor is missing
-// from the checkpoint entirely. `where` names the checkpoint in messages.
+// from the checkpoint entirely; ConfigError for a checkpoint tensor the model does not have, unless
+// options.allow_extra_tensors. `where` names the checkpoint in messages.
 void check_compatible(const proto::CheckpointManifest& manifest, std::span<const ExpectedTensor> expected,
                       const std::string& where, const CompatOptions& options = {});
 

@@ -67,5 +67,10 @@ struct ManifestIndex {
 // Checks every invariant the reader relies on (names, dtypes, ranges, file bounds, no overlap) and
 // builds the index; throws CheckpointError naming `where` and the offending tensor/state/file.
 ManifestIndex index_manifest(const proto::CheckpointManifest& manifest, const std::string& where);
+// The other half of "every element of every state is covered exactly once" (index_manifest already
+// rejects overlaps): throws CheckpointError naming `where`, the tensor, the state and the first element
+// range [a, b) that no piece covers. The writer refuses such a manifest; the reader's full validation too.
+void check_full_coverage(const proto::CheckpointManifest& manifest, const ManifestIndex& index,
+                         const std::string& where);
 
 }  // namespace shardopt::ckpt

@@ -3,9 +3,9 @@
 
 #include <fmt/format.h>
 
-#include <chrono>
 #include <map>
 
+#include "base/clock.h"
 #include "base/dtype.h"
 #include "base/error.h"
 #include "checkpoint/format.h"
@@ -65,9 +65,9 @@ InspectResult inspect_checkpoint(const fs::path& dir_or_root, std::ostream& out,
     out << fmt::format("  {} shard files, {} bytes; {} pieces, {} data bytes\n", m.files_size(), file_bytes,
                        m.pieces_size(), r.data_bytes);
     if (options.verify) {
-      const auto t0 = std::chrono::steady_clock::now();
+      const auto t0 = clock::now();
       r.verified_bytes = reader.validate_all();
-      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double s = clock::seconds_since(t0);
       out << fmt::format("  verified: all {} pieces ({} bytes) match their CRC32C, every state fully covered "
                          "({:.2f} s)\n", m.pieces_size(), r.verified_bytes, s);
     }

@@ -186,4 +186,26 @@ ManifestIndex index_manifest(const proto::CheckpointManifest& m, const std::stri
   return index;
 }
 
+void check_full_coverage(const proto::CheckpointManifest& m, const ManifestIndex& index, const std::string& where) {
+  for (const auto& [key, si] : index.states) {
+    int64_t covered = 0;  // elements [0, covered) are covered; pieces are sorted and disjoint
+    for (int p : si.pieces) {
+      const auto& piece = m.pieces(p);
+      if (piece.length() == 0) continue;
+      if (piece.global_offset() != covered) break;
+      covered += piece.length();
+    }
+    if (covered == si.numel) continue;
+    int64_t gap_end = si.numel;
+    for (int p : si.pieces)
+      if (m.pieces(p).length() > 0 && m.pieces(p).global_offset() > covered) {
+        gap_end = m.pieces(p).global_offset();
+        break;
+      }
+    fail(where, "tensor '" + key.first + "' state '" + key.second + "': elements [" + std::to_string(covered) +
+                    ", " + std::to_string(gap_end) + ") of " + std::to_string(si.numel) +
+                    " are in no piece (incomplete coverage)");
+  }
+}
+
 }  // namespace shardopt::ckpt

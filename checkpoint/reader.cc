@@ -171,20 +171,9 @@ uint64_t CheckpointReader::validate_all() {
   uint64_t verified = 0;
   for (int f = 0; f < manifest_.files_size(); ++f) file(f);
   std::vector<unsigned char> buffer;
-  for (const auto& [key, si] : index_.states) {
-    int64_t covered = 0;
-    for (int p : si.pieces) {
-      const auto& piece = manifest_.pieces(p);
-      if (piece.length() == 0) continue;
-      if (piece.global_offset() != covered) break;
-      covered += piece.length();
-    }
-    if (covered != si.numel)
-      throw CheckpointError("checkpoint '" + dir_.string() + "' tensor '" + key.first + "' state '" + key.second +
-                            "': elements from " + std::to_string(covered) + " of " + std::to_string(si.numel) +
-                            " are in no shard file (incomplete coverage)");
+  check_full_coverage(manifest_, index_, (dir_ / kManifestFileName).string());
+  for (const auto& [key, si] : index_.states)
     for (int p : si.pieces) verified += verify_piece_streaming(p, buffer);
-  }
   return verified;
 }
 

@@ -199,25 +199,12 @@ fs::path finalize_checkpoint(const fs::path& root, const CheckpointInfo& info,
     *m.add_files() = rec.file();
     for (const auto& p : rec.pieces()) *m.add_pieces() = p;
   }
-  // Validation errors here are the caller's (pieces that do not match the declared tensors).
-  ManifestIndex index;
+  // Validation errors here are the caller's (pieces that do not match the declared tensors, or that
+  // do not cover every element exactly once: every element must be saved by exactly one rank).
   try {
-    index = index_manifest(m, dir_tmp.string());
+    check_full_coverage(m, index_manifest(m, dir_tmp.string()), dir_tmp.string());
   } catch (const CheckpointError& e) {
     throw ConfigError(std::string("finalize_checkpoint: ") + e.what());
-  }
-  for (const auto& [key, si] : index.states) {
-    int64_t covered = 0;
-    for (int p : si.pieces) {
-      const auto& piece = m.pieces(p);
-      if (piece.length() == 0) continue;
-      if (piece.global_offset() != covered) break;
-      covered += piece.length();
-    }
-    if (covered != si.numel)
-      throw ConfigError("finalize_checkpoint: tensor '" + key.first + "' state '" + key.second +
-                        "': pieces cover elements [0, " + std::to_string(covered) + ") contiguously of " +
-                        std::to_string(si.numel) + "; every element must be saved by exactly one rank");
   }
 
   const std::string bytes = encode_manifest(m);

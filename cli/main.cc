@@ -11,12 +11,14 @@
 
 #include <CLI/CLI.hpp>
 
+#include "base/clock.h"
 #include "base/env.h"
 #include "base/error.h"
 #include "base/log.h"
 #include "checkpoint/inspect.h"
 #include "comm/mpi_backend.h"
 #include "comm/thread_backend.h"
+#include "sharding/layout.h"
 #include "sharding/plan_util.h"
 #include "sharding/planner.h"
 #include "sharding/presets.h"
@@ -26,12 +28,6 @@
 namespace {
 
 using namespace shardopt;
-
-proto::ShardLayout parse_layout(const std::string& s) {
-  if (s == "owned") return proto::SHARD_LAYOUT_OWNED;
-  if (s == "dim0") return proto::SHARD_LAYOUT_DIM0;
-  throw ConfigError("--layout: expected owned or dim0, got '" + s + "'");
-}
 
 // mpirun (OpenMPI, or a PMI launcher) sets these in every process it starts.
 bool launched_by_mpirun() {
@@ -76,7 +72,7 @@ void add_train_options(CLI::App& cmd, TrainArgs& a) {
   cmd.add_option("--min-lr-ratio", c.min_lr_ratio, "final lr / peak lr of the cosine")->capture_default_str();
   cmd.add_option("--clip", c.max_grad_norm, "global gradient-norm clip (0 = off)")->capture_default_str();
   cmd.add_option("--stage", c.zero_stage, "ZeRO stage 1|2|3")->capture_default_str();
-  cmd.add_option("--layout", a.layout, "owned | dim0")->capture_default_str();
+  cmd.add_option("--layout", a.layout, sharding::layout_names())->capture_default_str();
   cmd.add_option("--bucket-bytes", c.bucket_bytes, "gradient bucket size in bytes")->capture_default_str();
   cmd.add_option("--sync", a.sync, "sync mode: zero | noloco | diloco (the last two with --replicas)")
       ->capture_default_str();
@@ -105,19 +101,19 @@ void add_train_options(CLI::App& cmd, TrainArgs& a) {
 
 int run_train(TrainArgs& a, int* argc, char*** argv) {
   auto& c = a.config;
-  c.layout = parse_layout(a.layout);
+  c.layout = sharding::parse_layout(a.layout);
   c.sync = train::parse_sync_mode(a.sync);
   if (a.resume_option->count() > 0) c.resume_from = train::resolve_resume_dir(a.resume, c.ckpt_dir);
   const bool mpi = a.backend == "mpi" || (a.backend == "auto" && launched_by_mpirun());
   const auto corpus = model::ByteCorpus::load(a.data);
 
-  auto start = std::chrono::steady_clock::now();
+  const auto start = clock::now();
   double last_time = 0;
   int64_t last_tokens = 0;
   train::TrainHooks hooks;
   hooks.on_step = [&](const train::StepRecord& r, const train::TrainConfig& cfg) {
     if (cfg.log_every == 0 || (r.step % cfg.log_every != 0 && r.step != cfg.steps && r.step != 1)) return;
-    const double now = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double now = clock::seconds_since(start);
     const double rate = (r.tokens - last_tokens) / std::max(1e-9, now - last_time);
     last_time = now;
     last_tokens = r.tokens;
@@ -215,7 +211,7 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   plan_cmd->add_option("--world", plan_world, "world size")->capture_default_str();
   plan_cmd->add_option("--stage", plan_stage, "ZeRO stage 1|2|3")->capture_default_str();
-  plan_cmd->add_option("--layout", plan_layout, "owned | dim0")->capture_default_str();
+  plan_cmd->add_option("--layout", plan_layout, sharding::layout_names())->capture_default_str();
   plan_cmd->add_option("--bucket-bytes", plan_bucket, "bucket size in bytes")->capture_default_str();
   plan_cmd->add_option("--max-buckets", max_buckets, "buckets listed (0 = all)")->capture_default_str();
 
@@ -258,7 +254,7 @@ int main(int argc, char** argv) {
         specs = sharding::preset_specs(preset);
       }
       const auto plan = sharding::make_plan(
-          sharding::make_plan_request(specs, plan_world, plan_stage, parse_layout(plan_layout), plan_bucket));
+          sharding::make_plan_request(specs, plan_world, plan_stage, sharding::parse_layout(plan_layout), plan_bucket));
       std::cout << sharding::plan_summary(plan, max_buckets);
       return 0;
     }

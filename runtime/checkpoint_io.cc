@@ -10,6 +10,7 @@
 #include "checkpoint/reader.h"
 #include "checkpoint/writer.h"
 #include "optim/config.h"
+#include "sharding/layout.h"
 #include "sharding/plan_util.h"
 
 namespace shardopt::runtime {
@@ -227,7 +228,7 @@ SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t s
       if (engine.matrix_params())
         info.metadata["matrix_optimizer"] = optim::optimizer_kind_name(engine.matrix_params()->kind);
       info.metadata["zero_stage"] = std::to_string(engine.options().zero_stage);
-      info.metadata["layout"] = proto::ShardLayout_Name(engine.options().layout);
+      info.metadata["layout"] = sharding::layout_name(engine.options().layout);
       for (size_t t = 0; t < engine.num_tensors(); ++t) {
         proto::CheckpointTensor entry = ckpt::make_tensor_entry(engine.spec(t));
         for (const std::string& state : states_of(engine, t)) {

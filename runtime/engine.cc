@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "base/clock.h"
 #include "base/error.h"
 #include "optim/config.h"
 #include "optim/elementwise.h"
@@ -17,11 +18,7 @@ namespace shardopt::runtime {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
+using clock::seconds_since;
 
 bool uses_matrix_optimizer(const EngineOptions& o) {
   return o.matrix_optimizer.kind() != proto::OPTIMIZER_KIND_UNSPECIFIED;
@@ -269,20 +266,20 @@ void Engine::update_matrices_dim0(float lr_multiplier, PhaseTimes& times) {
   const auto& send_counts = state_->dim0_send_counts();
   const auto& recv_counts = state_->dim0_recv_counts();
 
-  auto t0 = Clock::now();
+  auto t0 = clock::now();
   state_->dim0_pack_grads();
   comm_.all_to_all(state_->dim0_send_buffer(), send_counts, state_->dim0_recv_buffer(), recv_counts, DType::kF32)->wait();
   state_->dim0_unpack_to_owned();
   times.dim0_exchange += seconds_since(t0);
 
-  t0 = Clock::now();
+  t0 = clock::now();
   for (OwnedMatrix& om : state_->owned_matrices()) {
     TraceRecorder::Span span(trace_, "muon " + specs_[static_cast<size_t>(om.tensor)].name(), "compute");
     optim::muon_step(mx, om.matrix, lr, state_->muon_workspace());
   }
   times.matrix += seconds_since(t0);
 
-  t0 = Clock::now();
+  t0 = clock::now();
   state_->dim0_pack_updates();
   comm_.all_to_all(state_->dim0_recv_buffer(), recv_counts, state_->dim0_send_buffer(), send_counts, DType::kF32)->wait();
   state_->dim0_apply_updates(lr, wd);
@@ -314,19 +311,19 @@ StepReport Engine::step(float lr_multiplier) {
     throw ConfigError("step: lr_multiplier must be finite and >= 0, got " + std::to_string(lr_multiplier));
   trace_.begin_step();
   StepReport report;
-  const auto start = Clock::now();
+  const auto start = clock::now();
 
-  auto t0 = Clock::now();
+  auto t0 = clock::now();
   wait_reductions();
   report.times.reduce_wait = seconds_since(t0);
 
-  t0 = Clock::now();
+  t0 = clock::now();
   const bool finite = check_and_clip(report);
   report.times.check = seconds_since(t0);
 
   if (finite) {
     ++step_;
-    t0 = Clock::now();
+    t0 = clock::now();
     {
       TraceRecorder::Span span(trace_, "elementwise update", "compute");
       optim::elementwise_step(elementwise_params_, state_->elementwise_slices(),
@@ -337,12 +334,12 @@ StepReport Engine::step(float lr_multiplier) {
       if (state_->dim0()) {
         update_matrices_dim0(lr_multiplier, report.times);
       } else {
-        t0 = Clock::now();
+        t0 = clock::now();
         update_matrices_owned(lr_multiplier);
         report.times.matrix = seconds_since(t0);
       }
     }
-    t0 = Clock::now();
+    t0 = clock::now();
     gather_params_after_step();
     report.times.gather = seconds_since(t0);
   } else {

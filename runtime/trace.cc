@@ -8,7 +8,7 @@
 
 namespace shardopt::runtime {
 
-void TraceRecorder::record(std::string name, const char* category, Clock::time_point start, Clock::time_point end) {
+void TraceRecorder::record(std::string name, const char* category, clock::TimePoint start, clock::TimePoint end) {
   if (!enabled_) return;
   using std::chrono::duration_cast;
   using std::chrono::microseconds;

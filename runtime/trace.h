@@ -2,10 +2,11 @@
 // ("ph":"X") with the rank as the thread id, and write_chrome_trace merges all ranks into one file.
 #pragma once
 
-#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "base/clock.h"
 
 namespace shardopt::runtime {
 
@@ -18,9 +19,8 @@ struct TraceEvent {
 
 class TraceRecorder {
  public:
-  using Clock = std::chrono::steady_clock;
   // All ranks of one process should share an epoch so their timelines line up.
-  explicit TraceRecorder(Clock::time_point epoch = Clock::now()) : epoch_(epoch) {}
+  explicit TraceRecorder(clock::TimePoint epoch = clock::now()) : epoch_(epoch) {}
 
   // Recording is off until enabled; keep_last_steps bounds memory to the last few steps.
   void enable(bool on) { enabled_ = on; }
@@ -28,15 +28,15 @@ class TraceRecorder {
   void begin_step() { if (enabled_) step_marks_.push_back(events_.size()); }
   void keep_last_steps(size_t steps);
 
-  void record(std::string name, const char* category, Clock::time_point start, Clock::time_point end);
+  void record(std::string name, const char* category, clock::TimePoint start, clock::TimePoint end);
   const std::vector<TraceEvent>& events() const { return events_; }
 
   // RAII span: records [construction, destruction).
   class Span {
    public:
     Span(TraceRecorder& rec, std::string name, const char* category)
-        : rec_(rec), name_(std::move(name)), category_(category), start_(Clock::now()) {}
-    ~Span() { rec_.record(std::move(name_), category_, start_, Clock::now()); }
+        : rec_(rec), name_(std::move(name)), category_(category), start_(clock::now()) {}
+    ~Span() { rec_.record(std::move(name_), category_, start_, clock::now()); }
     Span(const Span&) = delete;
     Span& operator=(const Span&) = delete;
 
@@ -44,11 +44,11 @@ class TraceRecorder {
     TraceRecorder& rec_;
     std::string name_;
     const char* category_;
-    Clock::time_point start_;
+    clock::TimePoint start_;
   };
 
  private:
-  Clock::time_point epoch_;
+  clock::TimePoint epoch_;
   bool enabled_ = false;
   std::vector<TraceEvent> events_;
   std::vector<size_t> step_marks_;

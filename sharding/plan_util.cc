@@ -10,6 +10,7 @@
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
 #include "google/protobuf/util/message_differencer.h"
+#include "sharding/layout.h"
 
 namespace shardopt::sharding {
 namespace {
@@ -30,8 +31,6 @@ std::string human_count(double n) {
   if (n >= 1e3) return fmt::format("{:.1f}K", n / 1e3);
   return fmt::format("{:.0f}", n);
 }
-
-const char* layout_name(proto::ShardLayout l) { return l == proto::SHARD_LAYOUT_DIM0 ? "dim0" : "owned"; }
 
 }  // namespace
 

@@ -26,7 +26,7 @@ struct Route {
 };
 
 // Decides the group of one tensor under normalized rules. ConfigError when a tensor is explicitly
-// put into the Muon group but is not 2-D.
+// put into the Muon group but is not 2-D, or the rules are element-wise only.
 Route route_tensor(const proto::TensorSpec& spec, const proto::RoutingRules& normalized_rules);
 
 }  // namespace shardopt::sharding

@@ -15,6 +15,7 @@
 
 #include "base/error.h"
 #include "base/log.h"
+#include "sharding/layout.h"
 
 namespace shardopt::train {
 namespace {
@@ -68,7 +69,7 @@ std::string final_report(const TrainResult& r, const TrainConfig& c, const std::
                      r.tokens_per_second / 1e3);
   out += fmt::format("model: {} parameters, d_model {}, {} layers, {} heads, context {}; optimizer {}; stage {} {}\n",
                      r.num_params, c.model.d_model, c.model.n_layer, c.model.n_head, c.model.context, c.optimizer,
-                     c.zero_stage, c.layout == proto::SHARD_LAYOUT_DIM0 ? "dim0" : "owned");
+                     c.zero_stage, sharding::layout_name(c.layout));
   const auto& p = r.phase_seconds;
   out += fmt::format(
       "time per phase (rank {}, summed over steps): forward+backward {:.3f} s | step {:.3f} s = reduce wait {:.3f} + "
@@ -126,7 +127,7 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
                  {"elementwise_lr", c.elementwise_lr}, {"weight_decay", c.weight_decay},
                  {"warmup_steps", c.warmup_steps},  {"min_lr_ratio", c.min_lr_ratio},
                  {"max_grad_norm", c.max_grad_norm}, {"zero_stage", c.zero_stage},
-                 {"layout", c.layout == proto::SHARD_LAYOUT_DIM0 ? "dim0" : "owned"},
+                 {"layout", sharding::layout_name(c.layout)},
                  {"bucket_bytes", c.bucket_bytes},  {"sync", sync_mode_name(c.sync)},
                  {"seed", c.seed},                  {"replicas", c.replicas},
                  {"outer_every", c.outer_every},    {"gossip_group", c.gossip_group}};

@@ -1,6 +1,5 @@
 #include "train/trainer.h"
 
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -11,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include "base/clock.h"
 #include "base/error.h"
 #include "checkpoint/writer.h"
 #include "model/generate.h"
@@ -22,9 +22,7 @@
 namespace shardopt::train {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+using clock::seconds_since;
 
 bool is_matrix_optimizer(const std::string& name) { return name == "muon" || name == "normuon"; }
 
@@ -269,7 +267,7 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   result.num_params = net.num_params();
   result.history.reserve(config.steps);
   const int64_t tokens_per_step = int64_t{config.global_batch} * config.model.context;
-  const auto run_start = Clock::now();
+  const auto run_start = clock::now();
   auto& trace = engine.trace();
 
   // Bytes this rank sent: the engine's communicator plus, with replicas, the outer step's (cross
@@ -284,11 +282,11 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
 
   for (int64_t step = first_step; step <= config.steps; ++step) {
     trace.enable(config.trace_steps > 0 && step > config.steps - config.trace_steps);
-    const auto step_start = Clock::now();
+    const auto step_start = clock::now();
     if (stage3) engine.gather_all();
     bind();
     double loss_sum = 0;
-    const auto compute_start = Clock::now();
+    const auto compute_start = clock::now();
     for (int k = 0; k < config.grad_accumulation; ++k) {
       sampler.train_batch((step - 1) * config.grad_accumulation + k, batch);
       {

@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/clock.h"
 #include "base/dtype.h"
 #include "bench/common/bench_util.h"
 #include "checkpoint/async_saver.h"
@@ -149,7 +150,7 @@ int main(int argc, char** argv) {
       double best_w = 1e30, best_r = 1e30;
       const fs::path file = root / "baseline.bin";
       for (int r = 0; r < repeats; ++r) {
-        auto t0 = Clock::now();
+        auto t0 = clock::now();
         File f = File::create(file);
         for (uint64_t done = 0; done < total_bytes; done += chunk.size())
           f.write_all(chunk.data(), std::min<uint64_t>(chunk.size(), total_bytes - done));
@@ -160,7 +161,7 @@ int main(int argc, char** argv) {
         std::vector<unsigned char> read_chunk(size_t{128} << 20);
         File rf = File::open_read(file);
         rf.drop_cache();
-        t0 = Clock::now();
+        t0 = clock::now();
         for (uint64_t done = 0; done < total_bytes; done += read_chunk.size())
           rf.pread_all(read_chunk.data(), std::min<uint64_t>(read_chunk.size(), total_bytes - done), done);
         best_r = std::min(best_r, seconds_since(t0));
@@ -185,14 +186,14 @@ int main(int argc, char** argv) {
       for (int rep = 0; rep < repeats; ++rep) {
         ++step;
         // Save: prepare, every rank writes its shard concurrently, rank 0 finalizes.
-        auto t0 = Clock::now();
+        auto t0 = clock::now();
         const auto tmp = temp_checkpoint_dir(root, step);
         prepare_save_dir(tmp);
         std::vector<proto::CheckpointShardRecord> records(ranks);
         std::vector<std::thread> threads;
         for (int r = 0; r < ranks; ++r)
           threads.emplace_back([&, r] {
-            auto t = Clock::now();
+            auto t = clock::now();
             records[r] = save_shard(tmp, r, data[r].pieces);
             rank_save[r] = std::min(rank_save[r], seconds_since(t));
           });
@@ -208,10 +209,10 @@ int main(int argc, char** argv) {
         drop_cache_dir(dir);
         threads.clear();
         for (int r = 0; r < ranks; ++r) std::fill(staging[r].begin(), staging[r].end(), -1.0f);
-        t0 = Clock::now();
+        t0 = clock::now();
         for (int r = 0; r < ranks; ++r)
           threads.emplace_back([&, r] {
-            auto t = Clock::now();
+            auto t = clock::now();
             CheckpointReader reader(dir);
             int64_t at = 0;
             for (const auto& p : data[r].pieces) {
@@ -229,7 +230,7 @@ int main(int argc, char** argv) {
         // Async: how long training is blocked by the snapshot copy (rank 0's shard); the first save
         // also pays for first-touching the snapshot buffer, later ones reuse it.
         const auto async_tmp = root / "async.tmp";
-        t0 = Clock::now();
+        t0 = clock::now();
         saver.start(async_tmp, 0, data[0].pieces);
         best_snapshot = std::min(best_snapshot, seconds_since(t0));
         saver.wait();

@@ -32,7 +32,7 @@ using namespace shardopt;
 using namespace shardopt::comm;
 using bench::Clock;
 
-double now_s() { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); }
+double now_s() { return clock::now_seconds(); }
 
 struct Buffers {
   std::vector<float> send, recv;

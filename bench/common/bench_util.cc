@@ -11,8 +11,6 @@ double seconds_between(Clock::time_point t0, Clock::time_point t1) {
   return std::chrono::duration<double>(t1 - t0).count();
 }
 
-double seconds_since(Clock::time_point t0) { return seconds_between(t0, Clock::now()); }
-
 double best_seconds(int repeats, const std::function<void()>& fn) {
   double best = 1e300;
   for (int r = 0; r < repeats; ++r) {

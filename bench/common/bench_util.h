@@ -11,13 +11,19 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "base/clock.h"
+
 namespace shardopt::bench {
 
-using Clock = std::chrono::steady_clock;
+// Benchmarks read the project's one clock (base/clock.h), like everything they measure.
+struct Clock {
+  using time_point = clock::TimePoint;
+  static time_point now() { return clock::now(); }
+};
 // Rows keep their fields in the order written (readable text mode; JSON readers do not care).
 using Row = nlohmann::ordered_json;
 
-double seconds_since(Clock::time_point t0);
+using clock::seconds_since;
 double seconds_between(Clock::time_point t0, Clock::time_point t1);
 
 // The smallest wall time of `repeats` calls of fn: on a shared machine, the least disturbed run.

@@ -152,7 +152,7 @@ Baselines measure_baselines(comm::Communicator& comm, const std::vector<proto::T
   AllMatricesMuon work(plan, optim::resolve_optimizer_config(options.matrix_optimizer));
   Baselines b;
   quiet_barrier(comm);
-  auto t0 = Clock::now();
+  auto t0 = clock::now();
   const double cpu0 = thread_cpu_seconds();
   work.run();
   const double wall = seconds_since(t0), share = (thread_cpu_seconds() - cpu0) / wall;
@@ -160,7 +160,7 @@ Baselines measure_baselines(comm::Communicator& comm, const std::vector<proto::T
   b.naive_cpu_share = -max_over_ranks(comm, -share);
   quiet_barrier(comm);
   if (comm.rank() == 0) {
-    t0 = Clock::now();
+    t0 = clock::now();
     work.run();
     b.one_rank_seconds = seconds_since(t0);
   }
@@ -216,7 +216,7 @@ int main(int argc, char** argv) {
         const int w = std::stoi(n);
         for (const auto& st : split_list(stages)) {
           const int stage = std::stoi(st);
-          const auto t0 = Clock::now();
+          const auto t0 = clock::now();
           const auto plan = sharding::make_plan(
               runtime::make_engine_plan_request(specs, w, engine_options(stage, proto::SHARD_LAYOUT_OWNED)));
           bench::Row row = {{"mode", "plan_only"}, {"shapes", preset}, {"ranks", w}, {"stage", stage},

@@ -1,17 +1,16 @@
 #include "runtime/gossip/outer_sync.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 
+#include "base/clock.h"
 #include "base/error.h"
 
 namespace shardopt::runtime::gossip {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+using clock::seconds_since;
 
 // splitmix64: a portable seeded generator, so every rank (and every build) draws the same permutation.
 uint64_t splitmix64(uint64_t& state) {
@@ -191,7 +190,7 @@ comm::TrafficCounters OuterSync::outer_traffic() const {
 }
 
 const OuterReport& OuterSync::outer_step() {
-  const auto t0 = Clock::now();
+  const auto t0 = clock::now();
   const comm::TrafficCounters before = outer_traffic();
   report_ = OuterReport{};
   report_.outer_step = outer_step_;
@@ -267,7 +266,7 @@ void OuterSync::noloco_step(OuterReport& report) {
     if (report.skipped) report.skip_reason = "singleton group";
     std::copy(send_.begin(), send_.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
   } else {
-    const auto t0 = Clock::now();
+    const auto t0 = clock::now();
     averaged = exchange(report.group, values, report);
     report.exchange_seconds = seconds_since(t0);
     if (!averaged) {  // own pseudo-gradient only: G = {self}
@@ -298,7 +297,7 @@ void OuterSync::diloco_step(OuterReport& report) {
   const size_t n = static_cast<size_t>(count_);
   read_theta(send_.data());
   for (size_t i = 0; i < n; ++i) send_[i] = phi_[i] - send_[i];  // delta = phi - theta
-  const auto t0 = Clock::now();
+  const auto t0 = clock::now();
   if (replicas_ > 1) cross_.all_reduce(send_.data(), send_.data(), n, DType::kF32, comm::ReduceOp::kAvg)->wait();
   report.exchange_seconds = seconds_since(t0);
   const double lr = options_.diloco_lr, mu = options_.diloco_momentum;

@@ -16,6 +16,7 @@
 #include "optim/config.h"
 #include "optim/elementwise.h"
 #include "optim/muon.h"
+#include "sharding/layout.h"
 #include "sharding/zero_math.h"
 #include "tests/common/engine_reference.h"
 
@@ -36,7 +37,7 @@ struct Case {
 std::string case_name(const testing::TestParamInfo<Case>& info) {
   const Case& c = info.param;
   return "N" + std::to_string(c.world) + "_stage" + std::to_string(c.stage) + "_" +
-         (c.layout == proto::SHARD_LAYOUT_DIM0 ? "dim0" : "owned") + "_" + c.optimizer;
+         sharding::layout_name(c.layout) + "_" + c.optimizer;
 }
 
 EngineOptions options_for(const Case& c) { return engine_options(c.stage, c.layout, c.optimizer); }
@@ -94,7 +95,7 @@ TEST_P(EngineEquivalence, NRankTrainingEqualsSingleProcessReference) {
   const int steps = 3;
   proto::ShardPlan plan;
   const auto got = engine_run(specs, c, steps, &plan);
-  const auto want = reference_run(specs, options_for(c), plan, steps);
+  const auto want = reference_run(specs, options_for(c), steps);
   const bool exact_muon = c.layout != proto::SHARD_LAYOUT_DIM0;
   for (int r = 0; r < c.world; ++r) {
     for (size_t t = 0; t < specs.size(); ++t) {
@@ -107,7 +108,9 @@ TEST_P(EngineEquivalence, NRankTrainingEqualsSingleProcessReference) {
         identical = identical && std::memcmp(&got[r][t][i], &want[t][i], sizeof(float)) == 0;
       }
       EXPECT_LE(max_rel, 1e-6) << "rank " << r << " tensor " << specs[t].name();
-      if (plan.tensors(static_cast<int>(t)).muon() && exact_muon) {
+      const bool muon = reference_uses_muon(specs[t], options_for(c));
+      EXPECT_EQ(plan.tensors(static_cast<int>(t)).muon(), muon) << "routing of " << specs[t].name();
+      if (muon && exact_muon) {
         EXPECT_TRUE(identical) << "owned-layout Muon must be bit-identical: rank " << r << " " << specs[t].name();
       }
     }

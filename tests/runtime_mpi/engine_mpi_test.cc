@@ -95,7 +95,7 @@ TEST_P(EngineMpiEquivalence, NRankTrainingEqualsSingleProcessReference) {
   const auto specs = model_with_gate();
   const int steps = 3;
   const RunResult got = engine_run(specs, c, steps);
-  const auto want = reference_run(specs, options_for(c), got.plan, steps);
+  const auto want = reference_run(specs, options_for(c), steps);
   const bool exact_muon = c.layout == proto::SHARD_LAYOUT_OWNED;
   for (const auto& r : got.reports) EXPECT_TRUE(r.applied);
   int muon_tensors = 0;
@@ -109,7 +109,9 @@ TEST_P(EngineMpiEquivalence, NRankTrainingEqualsSingleProcessReference) {
       identical = identical && std::memcmp(&got.params[t][i], &want[t][i], sizeof(float)) == 0;
     }
     EXPECT_LE(max_rel, 1e-6) << "tensor " << specs[t].name();
-    if (got.plan.tensors(static_cast<int>(t)).muon()) {
+    const bool muon = reference_uses_muon(specs[t], options_for(c));
+    EXPECT_EQ(got.plan.tensors(static_cast<int>(t)).muon(), muon) << "routing of " << specs[t].name();
+    if (muon) {
       ++muon_tensors;
       if (exact_muon) {
         EXPECT_TRUE(identical) << "owned-layout Muon must be bit-identical: " << specs[t].name();

@@ -17,6 +17,7 @@
 
 #include "base/error.h"
 #include "comm/thread_backend.h"
+#include "sharding/layout.h"
 #include "tests/train/train_fixture.h"
 
 namespace shardopt::train {
@@ -73,7 +74,7 @@ INSTANTIATE_TEST_SUITE_P(
     [](const testing::TestParamInfo<Case>& info) {
       const Case& k = info.param;
       return "N" + std::to_string(k.ranks) + "_stage" + std::to_string(k.stage) +
-             (k.layout == proto::SHARD_LAYOUT_DIM0 ? "_dim0_" : "_owned_") + k.optimizer + "_accum" +
+             "_" + sharding::layout_name(k.layout) + "_" + k.optimizer + "_accum" +
              std::to_string(k.grad_accumulation);
     });
 

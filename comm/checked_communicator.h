@@ -32,7 +32,9 @@
 // broadcast per collective, and rank 0 handles N−1 messages: meant for tests and debugging.
 //
 // Threading: the Communicator contract (communicator.h); the wrapper's state is under one mutex,
-// and a Work may be waited on from any thread.
+// and a Work may be waited on from any thread. Two threads waiting on two of its Work handles may
+// poll the same side-channel Work at once: the side channel's Work handles must allow concurrent
+// calls (the threads and MPI backends' do; they guard them with the world / MPI mutex).
 #pragma once
 
 #include <memory>

@@ -117,14 +117,14 @@ struct CollectiveOptions {
 };
 
 // Threading contract (every backend keeps it; CheckedCommunicator too):
-//   - Issuing calls (the collectives, send/recv/sendrecv, barrier, split) and counters() on one
-//     communicator must come from one thread at a time: the caller serializes them (normally
-//     one thread per rank issues). Different communicators may be used from different threads.
-//   - Work methods (wait, done, error, seq) may be called from any thread, concurrently with
-//     issuing calls and with each other; a Work may be waited on by a thread that did not issue it.
+//   - Issuing calls (the collectives, send/recv/sendrecv, barrier, split) on one communicator must
+//     come from one thread at a time: the caller serializes them (normally one thread per rank
+//     issues). Different communicators may be used from different threads.
+//   - Work methods (wait, done, error, seq): any thread, concurrently with issuing calls and with
+//     other Work handles (one thread at a time per handle), not necessarily the issuing thread.
 //   - abort() may be called from any thread at any time, concurrently with everything above.
-//   - rank(), size(), backend(), device_buffers() and options() never change and may be read from
-//     any thread.
+//   - counters() (a snapshot taken under a lock), rank(), size(), backend(), device_buffers(),
+//     capabilities() and options() may be read from any thread.
 // The backends guard their shared state accordingly (the MPI backend's calls into MPI are
 // serialized by one process-wide mutex; MPI may be initialized at MPI_THREAD_SERIALIZED).
 //

@@ -12,7 +12,8 @@ const std::vector<Variable>& registry() {
       {"SHARDOPT_COMM_TIMEOUT_MS", "300000",
        "Default timeout of every communication wait; a timeout names the operation and the missing ranks."},
       {"SHARDOPT_COMM_CHECKED", "0",
-       "1 = every collective exchanges a fingerprint (op, dtype, count, sequence) and desyncs raise an error."},
+       "1 = every collective exchanges a fingerprint (op, dtype, counts, reduce op, root, index) first and a "
+       "desync raises DesyncError at wait() naming both sides (comm/checked_communicator.h)."},
       {"SHARDOPT_LOG_LEVEL", "info", "Log verbosity: debug, info, warn, error."},
   };
   return vars;

@@ -43,6 +43,14 @@ class PeerError : public Error {
   using Error::Error;
 };
 
+// A device (GPU) runtime or library call failed: no device, out of memory, a failed kernel
+// launch or a sticky CUDA error. One type for every layer (optim/cuda, the NCCL backend), so a
+// caller can tell a broken device from a lost peer (PeerError) or bad input (ConfigError).
+class DeviceError : public Error {
+ public:
+  using Error::Error;
+};
+
 // A file is missing, truncated, corrupt or of the wrong version.
 class CheckpointError : public Error {
  public:

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "base/error.h"
+#include "base/hash.h"
 
 namespace shardopt::comm::detail {
 
@@ -62,14 +63,8 @@ std::string Fingerprint::describe() const {
 }
 
 uint64_t hash_counts(std::span<const size_t> counts) {
-  uint64_t h = 1469598103934665603ull;  // FNV-1a over the 8-byte counts
-  for (size_t c : counts) {
-    uint64_t v = c;
-    for (int b = 0; b < 8; ++b) {
-      h ^= (v >> (8 * b)) & 0xffu;
-      h *= 1099511628211ull;
-    }
-  }
+  uint64_t h = kFnv1a64OffsetBasis;  // FNV-1a over the counts as 8-byte little-endian words
+  for (size_t c : counts) h = fnv1a64_update_u64(h, c);
   return h;
 }
 
@@ -115,6 +110,70 @@ void check_reducible(OpKind kind, DType dtype) {
       throw ConfigError(std::string(op_kind_name(kind)) + ": dtype " + std::string(dtype_name(dtype)) +
                         " cannot be reduced (expected f32, bf16, f16, i32, i64 or u8)");
   }
+}
+
+void check_dtype(OpKind kind, DType dtype) {
+  if (dtype == DType::kUnspecified)
+    throw ConfigError(std::string(op_kind_name(kind)) + ": dtype is unspecified");
+  (void)dtype_size(dtype);  // ConfigError for any other unknown dtype
+}
+
+void check_all_reduce_args(const void* send, const void* recv, size_t count, DType dtype) {
+  check_reducible(OpKind::kAllReduce, dtype);
+  check_buffer(OpKind::kAllReduce, send, count, "send buffer");
+  check_buffer(OpKind::kAllReduce, recv, count, "recv buffer");
+}
+
+void check_reduce_scatter_args(const void* send, const void* recv, std::span<const size_t> counts, DType dtype,
+                               int rank, int world) {
+  check_reducible(OpKind::kReduceScatter, dtype);
+  check_counts_size(OpKind::kReduceScatter, counts, world, "counts");
+  check_buffer(OpKind::kReduceScatter, send, sum_counts(counts), "send buffer");
+  check_buffer(OpKind::kReduceScatter, recv, counts[static_cast<size_t>(rank)], "recv buffer");
+}
+
+void check_all_gather_args(const void* send, const void* recv, std::span<const size_t> counts, DType dtype, int rank,
+                           int world) {
+  check_dtype(OpKind::kAllGather, dtype);
+  check_counts_size(OpKind::kAllGather, counts, world, "counts");
+  check_buffer(OpKind::kAllGather, send, counts[static_cast<size_t>(rank)], "send buffer");
+  check_buffer(OpKind::kAllGather, recv, sum_counts(counts), "recv buffer");
+}
+
+void check_reduce_args(const void* send, const void* recv, size_t count, DType dtype, int root, int rank, int world) {
+  check_reducible(OpKind::kReduce, dtype);
+  check_rank_arg(OpKind::kReduce, root, world, "root");
+  check_buffer(OpKind::kReduce, send, count, "send buffer");
+  if (rank == root) check_buffer(OpKind::kReduce, recv, count, "recv buffer");
+}
+
+void check_broadcast_args(const void* buf, size_t count, DType dtype, int root, int world) {
+  check_dtype(OpKind::kBroadcast, dtype);
+  check_rank_arg(OpKind::kBroadcast, root, world, "root");
+  check_buffer(OpKind::kBroadcast, buf, count, "buffer");
+}
+
+void check_all_to_all_args(const void* send, std::span<const size_t> send_counts, const void* recv,
+                           std::span<const size_t> recv_counts, DType dtype, int world) {
+  check_dtype(OpKind::kAllToAll, dtype);
+  check_counts_size(OpKind::kAllToAll, send_counts, world, "send_counts");
+  check_counts_size(OpKind::kAllToAll, recv_counts, world, "recv_counts");
+  check_buffer(OpKind::kAllToAll, send, sum_counts(send_counts), "send buffer");
+  check_buffer(OpKind::kAllToAll, recv, sum_counts(recv_counts), "recv buffer");
+}
+
+void check_p2p_args(OpKind kind, const void* send, size_t send_count, int dst, const void* recv, size_t recv_count,
+                    int src, DType dtype, int world) {
+  check_dtype(kind, dtype);
+  if (kind != OpKind::kRecv) check_rank_arg(kind, dst, world, kind == OpKind::kSend ? "peer" : "destination");
+  if (kind != OpKind::kSend) check_rank_arg(kind, src, world, kind == OpKind::kRecv ? "peer" : "source");
+  if (kind != OpKind::kRecv) check_buffer(kind, send, send_count, kind == OpKind::kSend ? "buffer" : "send buffer");
+  if (kind != OpKind::kSend) check_buffer(kind, recv, recv_count, kind == OpKind::kRecv ? "buffer" : "recv buffer");
+}
+
+Traffic p2p_traffic(size_t send_count, int dst, size_t recv_count, int src, DType dtype, int self) {
+  const uint64_t esz = dtype_size(dtype);
+  return {dst >= 0 && dst != self ? send_count * esz : 0, src >= 0 && src != self ? recv_count * esz : 0};
 }
 
 }  // namespace shardopt::comm::detail

@@ -44,10 +44,31 @@ uint64_t sum_counts(std::span<const size_t> counts);
 // "[1, 3]".
 std::string format_ranks(const std::vector<int>& ranks);
 
-// Argument checks shared by the backends; throw ConfigError naming the operation.
+// Argument checks of each operation, the one path every backend (and CheckedCommunicator, before
+// it defers an operation) runs at issue; throw ConfigError naming the operation and the argument.
+// `rank` and `world` are the caller's rank and the communicator's size.
+void check_all_reduce_args(const void* send, const void* recv, size_t count, DType dtype);
+void check_reduce_scatter_args(const void* send, const void* recv, std::span<const size_t> counts, DType dtype,
+                               int rank, int world);
+void check_all_gather_args(const void* send, const void* recv, std::span<const size_t> counts, DType dtype, int rank,
+                           int world);
+void check_reduce_args(const void* send, const void* recv, size_t count, DType dtype, int root, int rank, int world);
+void check_broadcast_args(const void* buf, size_t count, DType dtype, int root, int world);
+void check_all_to_all_args(const void* send, std::span<const size_t> send_counts, const void* recv,
+                           std::span<const size_t> recv_counts, DType dtype, int world);
+// send (recv == nullptr, recv_count 0), recv (send == nullptr) and sendrecv; dst / src < 0 = no such side.
+void check_p2p_args(OpKind kind, const void* send, size_t send_count, int dst, const void* recv, size_t recv_count,
+                    int src, DType dtype, int world);
+
+// The logical traffic (TrafficCounters) of each operation, by the formulas above; the one path
+// every backend counts with.
+Traffic p2p_traffic(size_t send_count, int dst, size_t recv_count, int src, DType dtype, int self);
+
+// Building blocks of the checks above.
 void check_counts_size(OpKind kind, std::span<const size_t> counts, int world, const char* what);
 void check_rank_arg(OpKind kind, int rank, int world, const char* what);
 void check_buffer(OpKind kind, const void* ptr, size_t count, const char* what);
 void check_reducible(OpKind kind, DType dtype);
+void check_dtype(OpKind kind, DType dtype);  // a known, specified dtype
 
 }  // namespace shardopt::comm::detail

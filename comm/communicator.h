@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -97,55 +99,118 @@ struct TrafficCounters {
 struct CommOptions {
   // Default for Work::wait(); env SHARDOPT_COMM_TIMEOUT_MS.
   std::chrono::milliseconds timeout{300000};
-  // Exchange a fingerprint (op, dtype, count, seq) with every collective and raise DesyncError
-  // on mismatch, naming both sides; env SHARDOPT_COMM_CHECKED. Tests turn it on.
+  // Checked mode: the factories (make_thread_world / run_ranks, make_mpi_communicator,
+  // make_nccl_communicator_mpi) wrap the communicator in a CheckedCommunicator
+  // (comm/checked_communicator.h), which exchanges a fingerprint of every collective and raises
+  // DesyncError at wait() on a mismatch, naming both sides; env SHARDOPT_COMM_CHECKED. Tests turn it on.
   bool checked = false;
   // Options from the environment registry (base/env.h).
   static CommOptions from_env();
 };
 
+// Options of one operation. Every field has a default that means "as the communicator does";
+// a backend that cannot honour a non-default value throws ConfigError naming the option and
+// itself (see Communicator::Capabilities) instead of ignoring it.
+struct CollectiveOptions {
+  // Timeout of this operation's Work::wait() (no argument); default CommOptions::timeout.
+  std::optional<std::chrono::milliseconds> timeout;
+};
+
+// Threading contract (every backend keeps it; CheckedCommunicator too):
+//   - Issuing calls (the collectives, send/recv/sendrecv, barrier, split) on one communicator must
+//     come from one thread at a time: the caller serializes them (normally one thread per rank
+//     issues). Different communicators may be used from different threads.
+//   - Work methods (wait, done, error, seq): any thread, concurrently with issuing calls and with
+//     other Work handles (one thread at a time per handle), not necessarily the issuing thread.
+//   - abort() may be called from any thread at any time, concurrently with everything above.
+//   - counters() (a snapshot taken under a lock), rank(), size(), backend(), device_buffers(),
+//     capabilities() and options() may be read from any thread.
+// The backends guard their shared state accordingly (the MPI backend's calls into MPI are
+// serialized by one process-wide mutex; MPI may be initialized at MPI_THREAD_SERIALIZED).
+//
+// Issuing calls are non-virtual: they check the arguments and the options (one path,
+// comm/backend_util.h), count the logical traffic, and hand the operation to the backend's
+// start_* method. Checks throw ConfigError at issue; communication failures are reported by
+// Work::wait() (TimeoutError, DesyncError, PeerError, DeviceError).
 class Communicator {
  public:
   virtual ~Communicator() = default;
 
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  // Backend name: "threads", "mpi", "nccl".
+  // Backend name: "threads", "mpi", "nccl" (a CheckedCommunicator reports its inner backend's).
   virtual std::string_view backend() const = 0;
   // Where buffers must live: false = host memory, true = device memory (NCCL).
   virtual bool device_buffers() const { return false; }
 
   // Collective over all ranks: ranks with the same color form a new communicator, ordered by
-  // (key, old rank). Blocking. The child inherits the options; its traffic is counted separately.
-  virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+  // (key, old rank); a negative color returns nullptr on that rank. Blocking. The child inherits
+  // the options; its traffic is counted separately.
+  std::unique_ptr<Communicator> split(int color, int key);
 
-  virtual WorkPtr all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) = 0;
-  virtual WorkPtr reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
-                                 ReduceOp op) = 0;
-  virtual WorkPtr all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) = 0;
-  virtual WorkPtr reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) = 0;
-  virtual WorkPtr broadcast(void* buf, size_t count, DType dtype, int root) = 0;
-  virtual WorkPtr all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
-                             std::span<const size_t> recv_counts, DType dtype) = 0;
-  virtual WorkPtr send(const void* buf, size_t count, DType dtype, int peer, int tag) = 0;
-  virtual WorkPtr recv(void* buf, size_t count, DType dtype, int peer, int tag) = 0;
-  virtual WorkPtr sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src,
-                           DType dtype, int tag) = 0;
-  virtual WorkPtr barrier() = 0;
+  WorkPtr all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op,
+                     const CollectiveOptions& options = {});
+  WorkPtr reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype, ReduceOp op,
+                         const CollectiveOptions& options = {});
+  WorkPtr all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
+                     const CollectiveOptions& options = {});
+  WorkPtr reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root,
+                 const CollectiveOptions& options = {});
+  WorkPtr broadcast(void* buf, size_t count, DType dtype, int root, const CollectiveOptions& options = {});
+  WorkPtr all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
+                     std::span<const size_t> recv_counts, DType dtype, const CollectiveOptions& options = {});
+  // Point to point. `tag` distinguishes messages between the same two ranks; a backend without
+  // tag matching (Capabilities::tags false: NCCL) accepts only tag 0.
+  WorkPtr send(const void* buf, size_t count, DType dtype, int peer, int tag, const CollectiveOptions& options = {});
+  WorkPtr recv(void* buf, size_t count, DType dtype, int peer, int tag, const CollectiveOptions& options = {});
+  WorkPtr sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src, DType dtype,
+                   int tag, const CollectiveOptions& options = {});
+  WorkPtr barrier(const CollectiveOptions& options = {});
 
   // Marks the communicator failed: pending and future operations on every rank that can be
-  // reached fail with PeerError instead of waiting for their timeout.
+  // reached fail with PeerError instead of waiting for their timeout. Any thread, any time.
   virtual void abort(const std::string& reason) = 0;
 
-  const TrafficCounters& counters() const { return counters_; }
+  // A snapshot of the traffic this rank issued on this communicator.
+  TrafficCounters counters() const;
   const CommOptions& options() const { return options_; }
+
+  // What a backend can honour beyond the defaults of CollectiveOptions and the tag.
+  struct Capabilities {
+    bool tags = true;  // send/recv/sendrecv match by tag
+  };
+  virtual Capabilities capabilities() const { return {}; }
 
  protected:
   explicit Communicator(CommOptions options) : options_(options) {}
-  // Adds the logical traffic of one operation (see TrafficCounters) to the counters.
-  void count_traffic(OpKind kind, uint64_t bytes_sent, uint64_t bytes_received);
+
+  // The backend's part of each operation, called after the checks and the traffic accounting.
+  virtual std::unique_ptr<Communicator> start_split(int color, int key) = 0;
+  virtual WorkPtr start_all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) = 0;
+  virtual WorkPtr start_reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
+                                       ReduceOp op) = 0;
+  virtual WorkPtr start_all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) = 0;
+  virtual WorkPtr start_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) = 0;
+  virtual WorkPtr start_broadcast(void* buf, size_t count, DType dtype, int root) = 0;
+  virtual WorkPtr start_all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
+                                   std::span<const size_t> recv_counts, DType dtype) = 0;
+  virtual WorkPtr start_send(const void* buf, size_t count, DType dtype, int peer, int tag) = 0;
+  virtual WorkPtr start_recv(void* buf, size_t count, DType dtype, int peer, int tag) = 0;
+  virtual WorkPtr start_sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src,
+                                 DType dtype, int tag) = 0;
+  virtual WorkPtr start_barrier() = 0;
 
   CommOptions options_;
+
+ private:
+  // ConfigError when the backend cannot honour `tag` or `options`.
+  void check_options(OpKind kind, int tag, const CollectiveOptions& options) const;
+  // Adds the logical traffic of one operation (see TrafficCounters) to the counters.
+  void count_traffic(OpKind kind, uint64_t bytes_sent, uint64_t bytes_received);
+  // Applies CollectiveOptions::timeout to the backend's Work.
+  static WorkPtr with_options(WorkPtr work, const CollectiveOptions& options);
+
+  mutable std::mutex counters_mu_;  // counters() may be read while another thread issues
   TrafficCounters counters_;
 };
 

@@ -12,6 +12,7 @@
 
 #include "base/error.h"
 #include "comm/backend_util.h"
+#include "comm/checked_communicator.h"
 #include "comm/reduce_kernel.h"
 
 namespace shardopt::comm {
@@ -33,26 +34,6 @@ struct AbortNotice {
   int32_t kind = kAbortPeer;
   char text[kAbortText] = {};
 };
-
-// A fingerprint as it travels between ranks.
-struct WireFingerprint {
-  uint64_t index = 0, count = 0, counts_hash = 0;
-  int32_t root = -1;
-  uint8_t kind = 0, dtype = 0, op = 0, pad = 0;
-};
-
-WireFingerprint to_wire(const Fingerprint& f) {
-  WireFingerprint w;
-  w.index = f.index, w.count = f.count, w.counts_hash = f.counts_hash, w.root = f.root;
-  w.kind = static_cast<uint8_t>(f.kind), w.dtype = static_cast<uint8_t>(f.dtype), w.op = static_cast<uint8_t>(f.op);
-  return w;
-}
-Fingerprint from_wire(const WireFingerprint& w) {
-  Fingerprint f;
-  f.index = w.index, f.count = w.count, f.counts_hash = w.counts_hash, f.root = w.root;
-  f.kind = static_cast<OpKind>(w.kind), f.dtype = static_cast<DType>(w.dtype), f.op = static_cast<ReduceOp>(w.op);
-  return f;
-}
 
 void mpi_check(int rc, const char* call) {
   if (rc == MPI_SUCCESS) return;
@@ -102,13 +83,6 @@ struct MpiOp {
   std::string what;  // for messages: the fingerprint description or the p2p description
   int peer = -1;     // p2p
 
-  // Checked mode.
-  bool fp_ok = true;
-  WireFingerprint my_wire;
-  std::vector<WireFingerprint> peer_wire;
-  std::vector<MPI_Request> fp_send_reqs, fp_recv_reqs;
-  std::vector<char> fp_arrived;
-
   bool issued = false;
   std::function<void(std::vector<MPI_Request>&)> issue;  // starts the MPI data call(s)
   std::function<void()> finish;                          // post-processing after completion
@@ -130,9 +104,8 @@ class Core {
  public:
   Core(MPI_Comm parent, CommOptions options) : options(options) {
     mpi_check(MPI_Comm_dup(parent, &data), "MPI_Comm_dup");
-    mpi_check(MPI_Comm_dup(parent, &check), "MPI_Comm_dup");
     mpi_check(MPI_Comm_dup(parent, &control), "MPI_Comm_dup");
-    for (MPI_Comm c : {data, check, control}) MPI_Comm_set_errhandler(c, MPI_ERRORS_RETURN);
+    for (MPI_Comm c : {data, control}) MPI_Comm_set_errhandler(c, MPI_ERRORS_RETURN);
     MPI_Comm_rank(data, &rank);
     MPI_Comm_size(data, &size);
     mpi_check(MPI_Irecv(&incoming_abort, sizeof incoming_abort, MPI_BYTE, MPI_ANY_SOURCE, kAbortTag, control,
@@ -152,10 +125,10 @@ class Core {
     // After a failure, operations may still be pending inside MPI: leave those communicators and
     // the buffers of abandoned operations alone (deliberately leaked; the process is expected to exit).
     if (!aborted && abandoned.empty()) {
-      for (MPI_Comm* c : {&data, &check, &control}) MPI_Comm_free(c);
+      for (MPI_Comm* c : {&data, &control}) MPI_Comm_free(c);
     } else {
-      // Fingerprint receives and data calls of failed operations may still complete later and write
-      // into their records, and abort notices may still be in flight: none of that memory is freed.
+      // Data calls of failed operations may still complete later and write into their records, and
+      // abort notices may still be in flight: none of that memory is freed.
       auto* keep = new std::vector<MpiOpPtr>(std::move(abandoned));
       keep->insert(keep->end(), pending.begin(), pending.end());
       outgoing_abort.release();
@@ -171,7 +144,7 @@ class Core {
       if (op.state == MpiOp::State::kPending) advance_locked(op, may_issue);
       if (aborted) return;  // advance_locked may have failed everything
       if (op.collective && !op.issued && op.state == MpiOp::State::kPending) may_issue = false;
-      if (op.state == MpiOp::State::kDone && sends_done_locked(op)) {
+      if (op.state == MpiOp::State::kDone) {
         it = pending.erase(it);
       } else if (op.state == MpiOp::State::kFailed) {
         // MPI may still write into its buffers (requests cannot be cancelled): keep it alive.
@@ -185,7 +158,6 @@ class Core {
 
   void advance_locked(MpiOp& op, bool may_issue) {
     if (!op.issued) {
-      if (!op.fp_ok && !fingerprints_locked(op)) return;
       if (op.state != MpiOp::State::kPending) return;
       if (op.collective && !may_issue) return;
       op.issue(op.data_reqs);
@@ -217,38 +189,6 @@ class Core {
     if (op.finish) op.finish();
     release_scratch_locked(op);
     op.state = MpiOp::State::kDone;
-  }
-
-  // True once every peer's fingerprint arrived and matched; raises the desync otherwise.
-  bool fingerprints_locked(MpiOp& op) {
-    bool all = true;
-    for (int p = 0; p < size; ++p) {
-      if (p == rank || op.fp_arrived[p]) continue;
-      int flag = 0;
-      MPI_Test(&op.fp_recv_reqs[p], &flag, MPI_STATUS_IGNORE);
-      if (!flag) {
-        all = false;
-        continue;
-      }
-      op.fp_arrived[p] = 1;
-      const Fingerprint theirs = from_wire(op.peer_wire[p]);
-      if (!theirs.same_collective(op.fp)) {
-        const std::string msg = "mpi communicator desync: rank " + std::to_string(rank) + " issued " +
-                                op.fp.describe() + " but rank " + std::to_string(p) + " issued " + theirs.describe();
-        fail_locked(op, std::make_exception_ptr(DesyncError(msg)));
-        abort_locked(kAbortDesync, msg);
-        return false;
-      }
-    }
-    if (all) op.fp_ok = true;
-    return all;
-  }
-
-  bool sends_done_locked(MpiOp& op) {
-    if (op.fp_send_reqs.empty()) return true;
-    int flag = 0;
-    MPI_Testall(static_cast<int>(op.fp_send_reqs.size()), op.fp_send_reqs.data(), &flag, MPI_STATUSES_IGNORE);
-    return flag != 0 || aborted;
   }
 
   void fail_locked(MpiOp& op, std::exception_ptr error) {
@@ -299,23 +239,8 @@ class Core {
     const std::string head = "mpi communicator rank " + std::to_string(rank) + ": " + op.what + ", seq " +
                              std::to_string(seq) + ", timed out after " + std::to_string(timeout_ms) + " ms; ";
     if (!op.collective) return head + "rank " + std::to_string(op.peer) + " never matched it";
-    if (!options.checked)
-      return head + "the ranks that never arrived are unknown in unchecked mode (set SHARDOPT_COMM_CHECKED=1)";
-    std::vector<int> missing;
-    for (int p = 0; p < size; ++p)
-      if (p != rank && !op.fp_arrived[p]) missing.push_back(p);
-    if (!missing.empty()) return head + "ranks " + detail::format_ranks(missing) + " never arrived";
-    for (auto& earlier : pending) {
-      if (earlier.get() == &op) break;
-      if (!earlier->collective || earlier->issued) continue;
-      std::vector<int> m;
-      for (int p = 0; p < size; ++p)
-        if (p != rank && !earlier->fp_arrived[p]) m.push_back(p);
-      if (!m.empty())
-        return head + "it waits behind " + earlier->what + ", where ranks " + detail::format_ranks(m) +
-               " never arrived";
-    }
-    return head + "every rank arrived but the data transfer did not complete (a peer stalled or died)";
+    return head + "the ranks that never arrived are unknown to the MPI backend (checked mode names them: "
+                  "SHARDOPT_COMM_CHECKED=1)";
   }
 
   // fp32 scratch buffers for 16-bit reductions, reused across calls.
@@ -335,7 +260,7 @@ class Core {
   }
 
   CommOptions options;
-  MPI_Comm data = MPI_COMM_NULL, check = MPI_COMM_NULL, control = MPI_COMM_NULL;
+  MPI_Comm data = MPI_COMM_NULL, control = MPI_COMM_NULL;
   int rank = 0, size = 1;
   std::list<MpiOpPtr> pending;  // issue order
   std::vector<MpiOpPtr> abandoned;  // failed while MPI may still hold their buffers
@@ -404,11 +329,10 @@ class MpiComm final : public Communicator {
   int size() const override { return core_->size; }
   std::string_view backend() const override { return "mpi"; }
 
-  std::unique_ptr<Communicator> split(int color, int key) override {
-    // Agree (fingerprints, in order after every earlier collective) before the blocking MPI call.
+  std::unique_ptr<Communicator> start_split(int color, int key) override {
+    // In order after every earlier collective (they must have been issued) before the blocking MPI call.
     auto op = new_collective(make_fp(OpKind::kSplit, DType::kUnspecified, ReduceOp::kSum, -1, 0));
     op->issue = [](std::vector<MPI_Request>&) {};
-    count_traffic(OpKind::kSplit, 0, 0);
     submit(op)->wait();
     MPI_Comm child = MPI_COMM_NULL;
     {
@@ -422,13 +346,8 @@ class MpiComm final : public Communicator {
     return result;
   }
 
-  WorkPtr all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override {
-    detail::check_reducible(OpKind::kAllReduce, dtype);
-    detail::check_buffer(OpKind::kAllReduce, send, count, "send buffer");
-    detail::check_buffer(OpKind::kAllReduce, recv, count, "recv buffer");
+  WorkPtr start_all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override {
     const int n = to_int(count, OpKind::kAllReduce, "count");
-    const auto t = detail::all_reduce_traffic(count * dtype_size(dtype), size());
-    count_traffic(OpKind::kAllReduce, t.sent, t.received);
     auto rec = new_collective(make_fp(OpKind::kAllReduce, dtype, op, -1, count));
     MPI_Comm comm = core_->data;
     const int world = size();
@@ -451,17 +370,10 @@ class MpiComm final : public Communicator {
     return submit(rec);
   }
 
-  WorkPtr reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
-                         ReduceOp op) override {
-    detail::check_reducible(OpKind::kReduceScatter, dtype);
-    detail::check_counts_size(OpKind::kReduceScatter, counts, size(), "counts");
+  WorkPtr start_reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
+                               ReduceOp op) override {
     const uint64_t total = detail::sum_counts(counts);
     const size_t own = counts[rank()];
-    detail::check_buffer(OpKind::kReduceScatter, send, total, "send buffer");
-    detail::check_buffer(OpKind::kReduceScatter, recv, own, "recv buffer");
-    const size_t esz = dtype_size(dtype);
-    const auto t = detail::reduce_scatter_traffic(total * esz, own * esz, size());
-    count_traffic(OpKind::kReduceScatter, t.sent, t.received);
     Fingerprint fp = make_fp(OpKind::kReduceScatter, dtype, op, -1, total);
     fp.counts_hash = detail::hash_counts(counts);
     auto rec = new_collective(fp);
@@ -489,16 +401,11 @@ class MpiComm final : public Communicator {
     return submit(rec);
   }
 
-  WorkPtr all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
+  WorkPtr start_all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
     const MPI_Datatype type = mpi_type(dtype);
-    detail::check_counts_size(OpKind::kAllGather, counts, size(), "counts");
     const uint64_t total = detail::sum_counts(counts);
     const size_t own = counts[rank()];
-    detail::check_buffer(OpKind::kAllGather, send, own, "send buffer");
-    detail::check_buffer(OpKind::kAllGather, recv, total, "recv buffer");
     const size_t esz = dtype_size(dtype);
-    const auto t = detail::all_gather_traffic(total * esz, own * esz, size());
-    count_traffic(OpKind::kAllGather, t.sent, t.received);
     Fingerprint fp = make_fp(OpKind::kAllGather, dtype, ReduceOp::kSum, -1, total);
     fp.counts_hash = detail::hash_counts(counts);
     auto rec = new_collective(fp);
@@ -522,15 +429,9 @@ class MpiComm final : public Communicator {
     return submit(rec);
   }
 
-  WorkPtr reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) override {
-    detail::check_reducible(OpKind::kReduce, dtype);
-    detail::check_rank_arg(OpKind::kReduce, root, size(), "root");
-    detail::check_buffer(OpKind::kReduce, send, count, "send buffer");
+  WorkPtr start_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) override {
     const bool is_root = rank() == root;
-    if (is_root) detail::check_buffer(OpKind::kReduce, recv, count, "recv buffer");
     const int n = to_int(count, OpKind::kReduce, "count");
-    const auto t = detail::rooted_traffic(count * dtype_size(dtype), size());
-    count_traffic(OpKind::kReduce, t.sent, t.received);
     auto rec = new_collective(make_fp(OpKind::kReduce, dtype, op, root, count));
     MPI_Comm comm = core_->data;
     const int world = size();
@@ -556,13 +457,9 @@ class MpiComm final : public Communicator {
     return submit(rec);
   }
 
-  WorkPtr broadcast(void* buf, size_t count, DType dtype, int root) override {
+  WorkPtr start_broadcast(void* buf, size_t count, DType dtype, int root) override {
     const MPI_Datatype type = mpi_type(dtype);
-    detail::check_rank_arg(OpKind::kBroadcast, root, size(), "root");
-    detail::check_buffer(OpKind::kBroadcast, buf, count, "buffer");
     const int n = to_int(count, OpKind::kBroadcast, "count");
-    const auto t = detail::rooted_traffic(count * dtype_size(dtype), size());
-    count_traffic(OpKind::kBroadcast, t.sent, t.received);
     auto rec = new_collective(make_fp(OpKind::kBroadcast, dtype, ReduceOp::kSum, root, count));
     MPI_Comm comm = core_->data;
     rec->issue = [buf, n, type, root, comm](std::vector<MPI_Request>& reqs) {
@@ -572,15 +469,9 @@ class MpiComm final : public Communicator {
     return submit(rec);
   }
 
-  WorkPtr all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
-                     std::span<const size_t> recv_counts, DType dtype) override {
+  WorkPtr start_all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
+                           std::span<const size_t> recv_counts, DType dtype) override {
     const MPI_Datatype type = mpi_type(dtype);
-    detail::check_counts_size(OpKind::kAllToAll, send_counts, size(), "send_counts");
-    detail::check_counts_size(OpKind::kAllToAll, recv_counts, size(), "recv_counts");
-    detail::check_buffer(OpKind::kAllToAll, send, detail::sum_counts(send_counts), "send buffer");
-    detail::check_buffer(OpKind::kAllToAll, recv, detail::sum_counts(recv_counts), "recv buffer");
-    const auto t = detail::all_to_all_traffic(send_counts, recv_counts, dtype_size(dtype), rank());
-    count_traffic(OpKind::kAllToAll, t.sent, t.received);
     auto rec = new_collective(make_fp(OpKind::kAllToAll, dtype, ReduceOp::kSum, -1, 0));
     const int n = size();
     rec->ints.resize(4 * static_cast<size_t>(n));  // send counts, send displs, recv counts, recv displs
@@ -602,22 +493,21 @@ class MpiComm final : public Communicator {
     return submit(rec);
   }
 
-  WorkPtr send(const void* buf, size_t count, DType dtype, int peer, int tag) override {
+  WorkPtr start_send(const void* buf, size_t count, DType dtype, int peer, int tag) override {
     auto rec = p2p(OpKind::kSend, buf, nullptr, count, 0, peer, -1, dtype, tag);
     return submit(rec);
   }
-  WorkPtr recv(void* buf, size_t count, DType dtype, int peer, int tag) override {
+  WorkPtr start_recv(void* buf, size_t count, DType dtype, int peer, int tag) override {
     auto rec = p2p(OpKind::kRecv, nullptr, buf, 0, count, -1, peer, dtype, tag);
     return submit(rec);
   }
-  WorkPtr sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src, DType dtype,
-                   int tag) override {
+  WorkPtr start_sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src,
+                         DType dtype, int tag) override {
     auto rec = p2p(OpKind::kSendRecv, send, recv, send_count, recv_count, dst, src, dtype, tag);
     return submit(rec);
   }
 
-  WorkPtr barrier() override {
-    count_traffic(OpKind::kBarrier, 0, 0);
+  WorkPtr start_barrier() override {
     auto rec = new_collective(make_fp(OpKind::kBarrier, DType::kUnspecified, ReduceOp::kSum, -1, 0));
     MPI_Comm comm = core_->data;
     rec->issue = [comm](std::vector<MPI_Request>& reqs) {
@@ -669,15 +559,10 @@ class MpiComm final : public Communicator {
   MpiOpPtr p2p(OpKind kind, const void* send, void* recv, size_t send_count, size_t recv_count, int dst, int src,
                DType dtype, int tag) {
     const MPI_Datatype type = mpi_type(dtype);
-    const size_t esz = dtype_size(dtype);
-    if (dst >= 0 || kind == OpKind::kSend) detail::check_rank_arg(kind, dst, size(), "destination");
-    if (src >= 0 || kind == OpKind::kRecv) detail::check_rank_arg(kind, src, size(), "source");
-    if (tag < 0 || tag > 32767) throw ConfigError(std::string(op_kind_name(kind)) + ": tag " + std::to_string(tag) + " outside [0, 32767]");
-    detail::check_buffer(kind, send, send_count, "send buffer");
-    detail::check_buffer(kind, recv, recv_count, "recv buffer");
+    if (tag < 0 || tag > 32767)
+      throw ConfigError(std::string(op_kind_name(kind)) + ": the mpi backend cannot honour option 'tag' " +
+                        std::to_string(tag) + " (outside [0, 32767], the range MPI guarantees)");
     const int sc = to_int(send_count, kind, "count"), rc = to_int(recv_count, kind, "count");
-    count_traffic(kind, dst >= 0 && dst != rank() ? send_count * esz : 0,
-                  src >= 0 && src != rank() ? recv_count * esz : 0);
     auto rec = std::make_shared<MpiOp>();
     rec->kind = kind;
     rec->peer = kind == OpKind::kRecv ? src : dst;
@@ -710,35 +595,16 @@ class MpiComm final : public Communicator {
   }
 
   WorkPtr submit(const MpiOpPtr& rec) {
-    rec->seq = next_seq_++;
     std::lock_guard lk(mpi_mutex());
+    rec->seq = next_seq_++;  // under the lock, like every change the Work handles may read
     Core& c = *core_;
     if (c.aborted) {
       rec->state = MpiOp::State::kFailed;
       rec->error = c.aborted_error(*rec);
       return std::make_shared<MpiWork>(core_, rec);
     }
-    if (rec->collective && c.options.checked && c.size > 1) {
-      rec->fp_ok = false;
-      rec->my_wire = to_wire(rec->fp);
-      rec->peer_wire.resize(c.size);
-      rec->fp_arrived.assign(c.size, 0);
-      rec->fp_recv_reqs.assign(c.size, MPI_REQUEST_NULL);
-      const int tag = static_cast<int>(rec->fp.index & 0x7fff);
-      for (int p = 0; p < c.size; ++p) {
-        if (p == c.rank) continue;
-        MPI_Request r;
-        mpi_check(MPI_Isend(&rec->my_wire, sizeof(WireFingerprint), MPI_BYTE, p, tag, c.check, &r), "MPI_Isend");
-        rec->fp_send_reqs.push_back(r);
-        mpi_check(MPI_Irecv(&rec->peer_wire[p], sizeof(WireFingerprint), MPI_BYTE, p, tag, c.check,
-                            &rec->fp_recv_reqs[p]),
-                  "MPI_Irecv");
-      }
-    } else if (rec->collective) {
-      rec->fp_arrived.assign(c.size, 1);
-    }
     c.pending.push_back(rec);
-    c.progress_locked();  // issues at once when it can (always in unchecked mode)
+    c.progress_locked();  // issues at once when it can
     return std::make_shared<MpiWork>(core_, rec);
   }
 
@@ -783,7 +649,9 @@ std::unique_ptr<Communicator> MpiRuntime::world(CommOptions options) const {
 }
 
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, CommOptions options) {
-  return std::make_unique<MpiComm>(comm, options);
+  auto mpi = std::make_unique<MpiComm>(comm, options);
+  if (!options.checked) return mpi;
+  return make_checked_communicator(std::move(mpi), std::make_unique<MpiComm>(comm, options));
 }
 
 }  // namespace shardopt::comm

@@ -1,9 +1,11 @@
 // The MPI backend (OpenMPI): a Communicator over a duplicate of an MPI communicator.
 //
-// Thread level: MPI_THREAD_SERIALIZED. Every MPI call of this backend is made under one
-// process-wide mutex, so communicators and their Work handles may be used from any thread, but
-// MPI itself is never entered concurrently. MpiRuntime asks for SERIALIZED; with a lower level
-// (MPI initialized elsewhere) only one thread may use the backend.
+// Thread level: MPI_THREAD_SERIALIZED. The backend keeps the threading contract of Communicator
+// (communicator.h): one issuing thread at a time per communicator, Work methods and abort() from
+// any thread. Every MPI call, and every change to state a Work handle or abort() reads (pending
+// operations, sequence numbers, abort state), is made under one process-wide mutex, so MPI itself
+// is never entered concurrently. MpiRuntime asks for SERIALIZED; with a lower level (MPI
+// initialized elsewhere) only one thread may use the backend.
 //
 // Operations map to nonblocking MPI calls (MPI_Iallreduce, MPI_Ireduce_scatter with per-rank
 // counts, MPI_Iallgatherv, MPI_Ireduce, MPI_Ibcast, MPI_Ialltoallv, MPI_Isend/MPI_Irecv,
@@ -17,14 +19,10 @@
 // counters still report the logical 16-bit volume). avg = MPI_SUM, then a division (in fp32 for
 // 16-bit types, truncating for integers).
 //
-// Checked mode (CommOptions::checked): with every collective each rank sends its fingerprint
-// (op, dtype, count(s), root, reduce op, collective index) to every peer on a duplicate
-// communicator, and the data call is issued only once all fingerprints arrived and match: a
-// mismatch raises DesyncError naming both sides (and never reaches MPI with inconsistent
-// arguments); on a timeout the peers whose fingerprints are missing are the ranks that never
-// arrived. Cost: 2·(N−1) small messages per collective, and the data call is issued from the
-// next progress point (an issue or a poll) after the fingerprints arrived. Unchecked mode issues
-// the MPI call at once and a timeout cannot name the missing ranks.
+// Checked mode (CommOptions::checked): make_mpi_communicator wraps the communicator in a
+// CheckedCommunicator (comm/checked_communicator.h) whose side channel is a second MPI
+// communicator over the same ranks; the backend itself issues every MPI call at once, and its own
+// timeouts cannot name the ranks that never arrived (the checked wrapper's can).
 //
 // Failures: a timeout or abort() sends an abort notice to every peer on a control communicator, so
 // their pending and future operations fail fast with PeerError (DesyncError for a desync). MPI
@@ -63,7 +61,8 @@ class MpiRuntime {
   int provided_ = 0;
 };
 
-// A communicator over a duplicate of `comm` (which the caller keeps and frees).
+// A communicator over a duplicate of `comm` (which the caller keeps and frees); a
+// CheckedCommunicator over it when options.checked. Collective over `comm`.
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, CommOptions options = CommOptions::from_env());
 
 }  // namespace shardopt::comm

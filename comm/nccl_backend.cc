@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "base/error.h"
+#include "comm/checked_communicator.h"
+#include "comm/mpi_backend.h"
 #include "comm/nccl_convert.h"
 
 namespace shardopt::comm {
@@ -15,9 +17,9 @@ namespace shardopt::comm {
 namespace detail {
 struct NcclShared {
   ncclComm_t comm = nullptr;
-  std::mutex mutex;
+  std::mutex mutex;  // guards every use of `comm` (enqueue, split, async-error query) and abort
   std::atomic<bool> aborted{false};
-  std::string abort_reason;
+  std::string abort_reason;  // under mutex
   int rank = 0, size = 1;
 
   // Aborts once; later calls keep the first reason.
@@ -27,10 +29,6 @@ struct NcclShared {
     abort_reason = reason;
     aborted.store(true);
     ncclCommAbort(comm);  // frees the communicator; kernels in flight are stopped
-  }
-  std::string reason() {
-    std::lock_guard<std::mutex> lock(mutex);
-    return abort_reason;
   }
 };
 }  // namespace detail
@@ -46,7 +44,7 @@ std::string where(OpKind kind, uint64_t seq, int rank, int size) {
 
 void check_cuda(cudaError_t err, const std::string& what) {
   if (err != cudaSuccess)
-    throw PeerError(what + ": CUDA error " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+    throw DeviceError(what + ": CUDA error " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
 }
 
 void check_nccl(ncclResult_t result, ncclComm_t comm, const std::string& what) {
@@ -126,31 +124,35 @@ class NcclWork final : public Work {
     finished_ = true;
     error_ = e;
   }
-  // One non-blocking look: true once finished (successfully or not).
+  // One non-blocking look: true once finished (successfully or not). The communicator handle is
+  // used under the shared mutex, so a concurrent abort() cannot free it in between.
   bool poll() {
     if (finished_) return true;
-    if (shared_->aborted.load()) {
-      finish(std::make_exception_ptr(PeerError(name() + ": communicator aborted: " + shared_->reason())));
-      return true;
+    std::string async_failure;
+    {
+      std::lock_guard<std::mutex> lock(shared_->mutex);
+      if (shared_->aborted.load()) {
+        finish(std::make_exception_ptr(PeerError(name() + ": communicator aborted: " + shared_->abort_reason)));
+        return true;
+      }
+      const cudaError_t q = cudaEventQuery(event_);
+      if (q == cudaSuccess) {
+        finish(nullptr);
+        return true;
+      }
+      if (q != cudaErrorNotReady) {
+        finish(std::make_exception_ptr(DeviceError(name() + ": CUDA error " + cudaGetErrorName(q))));
+        return true;
+      }
+      ncclResult_t async = ncclSuccess;
+      if (ncclCommGetAsyncError(shared_->comm, &async) == ncclSuccess && async != ncclSuccess &&
+          async != ncclInProgress)
+        async_failure = name() + ": NCCL asynchronous error " + ncclGetErrorString(async);
     }
-    const cudaError_t q = cudaEventQuery(event_);
-    if (q == cudaSuccess) {
-      finish(nullptr);
-      return true;
-    }
-    if (q != cudaErrorNotReady) {
-      finish(std::make_exception_ptr(PeerError(name() + ": CUDA error " + cudaGetErrorName(q))));
-      return true;
-    }
-    ncclResult_t async = ncclSuccess;
-    if (ncclCommGetAsyncError(shared_->comm, &async) == ncclSuccess && async != ncclSuccess &&
-        async != ncclInProgress) {
-      const std::string msg = name() + ": NCCL asynchronous error " + ncclGetErrorString(async);
-      shared_->abort(msg);
-      finish(std::make_exception_ptr(PeerError(msg)));
-      return true;
-    }
-    return false;
+    if (async_failure.empty()) return false;
+    shared_->abort(async_failure);
+    finish(std::make_exception_ptr(PeerError(async_failure)));
+    return true;
   }
 
   std::shared_ptr<detail::NcclShared> shared_;
@@ -162,29 +164,15 @@ class NcclWork final : public Work {
   std::exception_ptr error_;
 };
 
-void check_counts(std::span<const size_t> counts, int size, const char* what) {
-  if (counts.size() != size_t(size))
-    throw ConfigError(std::string("NcclCommunicator::") + what + ": expected " + std::to_string(size) +
-                      " counts (one per rank), got " + std::to_string(counts.size()));
-}
-
-void check_rank(int r, int size, const char* what, const char* role) {
-  if (r < 0 || r >= size)
-    throw ConfigError(std::string("NcclCommunicator::") + what + ": " + role + " must be in [0, " +
-                      std::to_string(size) + "), got " + std::to_string(r));
-}
-
-void check_ptr(const void* p, size_t count, const char* what, const char* role) {
-  if (p == nullptr && count > 0)
-    throw ConfigError(std::string("NcclCommunicator::") + what + ": " + role + " buffer is null for " +
-                      std::to_string(count) + " elements");
-}
-
 }  // namespace
 
 NcclCommunicator::NcclCommunicator(const ncclUniqueId& id, int rank, int size, int device, CommOptions options)
     : Communicator(options), shared_(std::make_shared<detail::NcclShared>()), rank_(rank), size_(size),
       device_(device) {
+  if (options.checked)
+    throw ConfigError("NcclCommunicator: checked mode needs a host-memory side channel for the fingerprints; use "
+                      "make_nccl_communicator_mpi, or make_checked_communicator(comm, side channel) on an unchecked "
+                      "NcclCommunicator");
   if (size < 1 || rank < 0 || rank >= size)
     throw ConfigError("NcclCommunicator: expected 0 <= rank < size, got rank " + std::to_string(rank) + ", size " +
                       std::to_string(size));
@@ -215,11 +203,6 @@ void NcclCommunicator::init_resources() {
   check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "NcclCommunicator: cudaStreamCreate");
   check_cuda(cudaMalloc(&barrier_word_, sizeof(int32_t)), "NcclCommunicator: cudaMalloc");
   check_cuda(cudaMemset(barrier_word_, 0, sizeof(int32_t)), "NcclCommunicator: cudaMemset");
-  if (options_.checked) {
-    check_cuda(cudaMalloc(&fingerprints_, sizeof(uint64_t) * 4 * size_t(size_)), "NcclCommunicator: cudaMalloc");
-    check_cuda(cudaMallocHost(&host_fingerprints_, sizeof(uint64_t) * 4 * size_t(size_)),
-               "NcclCommunicator: cudaMallocHost");
-  }
 }
 
 NcclCommunicator::~NcclCommunicator() {
@@ -228,57 +211,25 @@ NcclCommunicator::~NcclCommunicator() {
   if (!shared_->aborted.load() && shared_->comm != nullptr) ncclCommDestroy(shared_->comm);
   if (staging_ != nullptr) cudaFree(staging_);
   if (barrier_word_ != nullptr) cudaFree(barrier_word_);
-  if (fingerprints_ != nullptr) cudaFree(fingerprints_);
-  if (host_fingerprints_ != nullptr) cudaFreeHost(host_fingerprints_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
 void NcclCommunicator::abort(const std::string& reason) { shared_->abort(reason); }
 
 template <typename Enqueue>
-WorkPtr NcclCommunicator::issue(OpKind kind, DType dtype, size_t total_count, bool fingerprint, Enqueue&& enqueue) {
-  const uint64_t seq = next_seq_;
+WorkPtr NcclCommunicator::issue(OpKind kind, Enqueue&& enqueue) {
+  const uint64_t seq = next_seq_++;
   const std::string name = where(kind, seq, rank_, size_);
-  if (shared_->aborted.load()) throw PeerError(name + ": communicator aborted: " + shared_->reason());
   check_cuda(cudaSetDevice(device_), name + ": cudaSetDevice");
   auto work = std::make_shared<NcclWork>(shared_, kind, seq, options_.timeout);
-  ++next_seq_;
-  if (fingerprint && options_.checked) check_fingerprint(kind, dtype, total_count, seq);
+  // Under the shared mutex from the aborted check through the enqueue: abort() (which frees the
+  // NCCL communicator) cannot run in between. After an abort the Work reports PeerError at wait().
+  std::lock_guard<std::mutex> lock(shared_->mutex);
+  if (shared_->aborted.load()) return work;
   enqueue(name);
   check_cuda(cudaGetLastError(), name + ": kernel launch");
   check_cuda(cudaEventRecord(work->event(), stream_), name + ": cudaEventRecord");
   return work;
-}
-
-void NcclCommunicator::check_fingerprint(OpKind kind, DType dtype, size_t total_count, uint64_t seq) {
-  const std::string name = where(kind, seq, rank_, size_);
-  uint64_t* mine = host_fingerprints_ + 4 * size_t(rank_);
-  mine[0] = uint64_t(kind);
-  mine[1] = uint64_t(dtype);
-  mine[2] = total_count;
-  mine[3] = seq;
-  uint64_t* dev_mine = fingerprints_ + 4 * size_t(rank_);
-  check_cuda(cudaMemcpyAsync(dev_mine, mine, 4 * sizeof(uint64_t), cudaMemcpyHostToDevice, stream_), name);
-  check_nccl(ncclAllGather(dev_mine, fingerprints_, 4, ncclUint64, shared_->comm, stream_), shared_->comm,
-             name + ": fingerprint exchange");
-  check_cuda(cudaMemcpyAsync(host_fingerprints_, fingerprints_, 4 * sizeof(uint64_t) * size_t(size_),
-                             cudaMemcpyDeviceToHost, stream_),
-             name);
-  // Wait with the timeout (a missing rank must not hang the check).
-  NcclWork fence(shared_, kind, seq, options_.timeout);
-  check_cuda(cudaEventRecord(fence.event(), stream_), name);
-  fence.wait();
-  auto describe = [](const uint64_t* f) {
-    return std::string(op_kind_name(OpKind(f[0]))) + " " + std::string(dtype_name(DType(f[1]))) + " count " +
-           std::to_string(f[2]) + " seq " + std::to_string(f[3]);
-  };
-  const uint64_t expected[4] = {uint64_t(kind), uint64_t(dtype), total_count, seq};
-  for (int r = 0; r < size_; ++r) {
-    const uint64_t* f = host_fingerprints_ + 4 * size_t(r);
-    if (!std::equal(f, f + 4, expected))
-      throw DesyncError(name + ": rank " + std::to_string(rank_) + " issued " + describe(expected) + " but rank " +
-                        std::to_string(r) + " issued " + describe(f));
-  }
 }
 
 float* NcclCommunicator::staging(size_t n) {
@@ -293,26 +244,26 @@ float* NcclCommunicator::staging(size_t n) {
   return staging_;
 }
 
-std::unique_ptr<Communicator> NcclCommunicator::split(int color, int key) {
-  const std::string name = where(OpKind::kSplit, next_seq_, rank_, size_);
-  if (shared_->aborted.load()) throw PeerError(name + ": communicator aborted: " + shared_->reason());
+std::unique_ptr<Communicator> NcclCommunicator::start_split(int color, int key) {
+  const std::string name = where(OpKind::kSplit, next_seq_++, rank_, size_);
   check_cuda(cudaSetDevice(device_), name);
   check_cuda(cudaStreamSynchronize(stream_), name);
   ncclComm_t child = nullptr;
-  check_nccl(ncclCommSplit(shared_->comm, color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &child, nullptr),
-             shared_->comm, name + ": ncclCommSplit");
-  ++next_seq_;
-  count_traffic(OpKind::kSplit, 0, 0);
+  {
+    // Blocking and under the shared mutex (abort() cannot free the communicator meanwhile; an
+    // abort from another thread waits for the split to return).
+    std::lock_guard<std::mutex> lock(shared_->mutex);
+    if (shared_->aborted.load()) throw PeerError(name + ": communicator aborted: " + shared_->abort_reason);
+    check_nccl(ncclCommSplit(shared_->comm, color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &child, nullptr),
+               shared_->comm, name + ": ncclCommSplit");
+  }
   if (child == nullptr) return nullptr;
   return std::unique_ptr<Communicator>(new NcclCommunicator(child, device_, options_));
 }
 
-WorkPtr NcclCommunicator::all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) {
-  check_ptr(send, count, "all_reduce", "send");
-  check_ptr(recv, count, "all_reduce", "recv");
+WorkPtr NcclCommunicator::start_all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) {
   const ncclDataType_t type = nccl_type(dtype);
-  const uint64_t bytes = count * dtype_size(dtype);
-  auto work = issue(OpKind::kAllReduce, dtype, count, true, [&](const std::string& name) {
+  auto work = issue(OpKind::kAllReduce, [&](const std::string& name) {
     if (is_half(dtype) && (op == ReduceOp::kSum || op == ReduceOp::kAvg)) {
       float* tmp = staging(count);
       detail::launch_half_to_float(send, half_kind(dtype), tmp, count, stream_);
@@ -325,23 +276,18 @@ WorkPtr NcclCommunicator::all_reduce(const void* send, void* recv, size_t count,
       if (is_int(dtype) && op == ReduceOp::kAvg) detail::launch_int_divide(recv, int_kind(dtype), count, size_, stream_);
     }
   });
-  const uint64_t logical = 2 * bytes * uint64_t(size_ - 1) / uint64_t(size_);
-  count_traffic(OpKind::kAllReduce, logical, logical);
   return work;
 }
 
-WorkPtr NcclCommunicator::reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
+WorkPtr NcclCommunicator::start_reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
                                          ReduceOp op) {
-  check_counts(counts, size_, "reduce_scatter");
   const size_t es = dtype_size(dtype);
   const ncclDataType_t type = nccl_type(dtype);
   const size_t total = std::accumulate(counts.begin(), counts.end(), size_t{0});
   const size_t own = counts[size_t(rank_)];
-  check_ptr(send, total, "reduce_scatter", "send");
-  check_ptr(recv, own, "reduce_scatter", "recv");
   const bool equal = std::all_of(counts.begin(), counts.end(), [&](size_t c) { return c == counts[0]; });
   const bool fp32_accumulate = is_half(dtype) && (op == ReduceOp::kSum || op == ReduceOp::kAvg);
-  auto work = issue(OpKind::kReduceScatter, dtype, total, true, [&](const std::string& name) {
+  auto work = issue(OpKind::kReduceScatter, [&](const std::string& name) {
     const void* src = send;
     ncclDataType_t wire = type;
     size_t wire_es = es;
@@ -376,20 +322,14 @@ WorkPtr NcclCommunicator::reduce_scatter(const void* send, void* recv, std::span
     if (fp32_accumulate) detail::launch_float_to_half(tmp + own_offset, half_kind(dtype), recv, own, stream_);
     if (is_int(dtype) && op == ReduceOp::kAvg) detail::launch_int_divide(recv, int_kind(dtype), own, size_, stream_);
   });
-  count_traffic(OpKind::kReduceScatter, (total - own) * es, own * es * uint64_t(size_ - 1));
   return work;
 }
 
-WorkPtr NcclCommunicator::all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) {
-  check_counts(counts, size_, "all_gather");
+WorkPtr NcclCommunicator::start_all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) {
   const size_t es = dtype_size(dtype);
   const ncclDataType_t type = nccl_type(dtype);
-  const size_t total = std::accumulate(counts.begin(), counts.end(), size_t{0});
-  const size_t own = counts[size_t(rank_)];
-  check_ptr(send, own, "all_gather", "send");
-  check_ptr(recv, total, "all_gather", "recv");
   const bool equal = std::all_of(counts.begin(), counts.end(), [&](size_t c) { return c == counts[0]; });
-  auto work = issue(OpKind::kAllGather, dtype, total, true, [&](const std::string& name) {
+  auto work = issue(OpKind::kAllGather, [&](const std::string& name) {
     if (equal) {
       check_nccl(ncclAllGather(send, recv, counts[0], type, shared_->comm, stream_), shared_->comm, name);
       return;
@@ -405,17 +345,12 @@ WorkPtr NcclCommunicator::all_gather(const void* send, void* recv, std::span<con
     }
     check_nccl(ncclGroupEnd(), shared_->comm, name);
   });
-  count_traffic(OpKind::kAllGather, own * es * uint64_t(size_ - 1), (total - own) * es);
   return work;
 }
 
-WorkPtr NcclCommunicator::reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) {
-  check_rank(root, size_, "reduce", "root");
-  check_ptr(send, count, "reduce", "send");
-  if (rank_ == root) check_ptr(recv, count, "reduce", "recv (on the root)");
+WorkPtr NcclCommunicator::start_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) {
   const ncclDataType_t type = nccl_type(dtype);
-  const uint64_t bytes = count * dtype_size(dtype);
-  auto work = issue(OpKind::kReduce, dtype, count, true, [&](const std::string& name) {
+  auto work = issue(OpKind::kReduce, [&](const std::string& name) {
     if (is_half(dtype) && (op == ReduceOp::kSum || op == ReduceOp::kAvg)) {
       float* tmp = staging(count);
       detail::launch_half_to_float(send, half_kind(dtype), tmp, count, stream_);
@@ -430,40 +365,26 @@ WorkPtr NcclCommunicator::reduce(const void* send, void* recv, size_t count, DTy
         detail::launch_int_divide(recv, int_kind(dtype), count, size_, stream_);
     }
   });
-  const uint64_t logical = bytes * uint64_t(size_ - 1) / uint64_t(size_);
-  count_traffic(OpKind::kReduce, logical, logical);
   return work;
 }
 
-WorkPtr NcclCommunicator::broadcast(void* buf, size_t count, DType dtype, int root) {
-  check_rank(root, size_, "broadcast", "root");
-  check_ptr(buf, count, "broadcast", "buf");
+WorkPtr NcclCommunicator::start_broadcast(void* buf, size_t count, DType dtype, int root) {
   const ncclDataType_t type = nccl_type(dtype);
-  const uint64_t bytes = count * dtype_size(dtype);
-  auto work = issue(OpKind::kBroadcast, dtype, count, true, [&](const std::string& name) {
+  auto work = issue(OpKind::kBroadcast, [&](const std::string& name) {
     check_nccl(ncclBroadcast(buf, buf, count, type, root, shared_->comm, stream_), shared_->comm, name);
   });
-  const uint64_t logical = bytes * uint64_t(size_ - 1) / uint64_t(size_);
-  count_traffic(OpKind::kBroadcast, logical, logical);
   return work;
 }
 
-WorkPtr NcclCommunicator::all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
+WorkPtr NcclCommunicator::start_all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
                                      std::span<const size_t> recv_counts, DType dtype) {
-  check_counts(send_counts, size_, "all_to_all (send_counts)");
-  check_counts(recv_counts, size_, "all_to_all (recv_counts)");
   const size_t es = dtype_size(dtype);
   const ncclDataType_t type = nccl_type(dtype);
-  const size_t send_total = std::accumulate(send_counts.begin(), send_counts.end(), size_t{0});
-  const size_t recv_total = std::accumulate(recv_counts.begin(), recv_counts.end(), size_t{0});
-  check_ptr(send, send_total, "all_to_all", "send");
-  check_ptr(recv, recv_total, "all_to_all", "recv");
   if (send_counts[size_t(rank_)] != recv_counts[size_t(rank_)])
     throw ConfigError("NcclCommunicator::all_to_all: rank " + std::to_string(rank_) + " sends " +
                       std::to_string(send_counts[size_t(rank_)]) + " elements to itself but expects " +
                       std::to_string(recv_counts[size_t(rank_)]));
-  uint64_t sent = 0, received = 0;
-  auto work = issue(OpKind::kAllToAll, dtype, send_total, false, [&](const std::string& name) {
+  auto work = issue(OpKind::kAllToAll, [&](const std::string& name) {
     size_t soff = 0, roff = 0;
     check_nccl(ncclGroupStart(), shared_->comm, name);
     for (int p = 0; p < size_; ++p) {
@@ -475,48 +396,35 @@ WorkPtr NcclCommunicator::all_to_all(const void* send, std::span<const size_t> s
       } else {
         if (sc > 0) check_nccl(ncclSend(s, sc, type, p, shared_->comm, stream_), shared_->comm, name);
         if (rc > 0) check_nccl(ncclRecv(r, rc, type, p, shared_->comm, stream_), shared_->comm, name);
-        sent += sc * es;
-        received += rc * es;
       }
       soff += sc;
       roff += rc;
     }
     check_nccl(ncclGroupEnd(), shared_->comm, name);
   });
-  count_traffic(OpKind::kAllToAll, sent, received);
   return work;
 }
 
-WorkPtr NcclCommunicator::send(const void* buf, size_t count, DType dtype, int peer, int /*tag*/) {
-  check_rank(peer, size_, "send", "peer");
+WorkPtr NcclCommunicator::start_send(const void* buf, size_t count, DType dtype, int peer, int /*tag*/) {
   if (peer == rank_) throw ConfigError("NcclCommunicator::send: peer is this rank; use sendrecv to copy to itself");
-  check_ptr(buf, count, "send", "buf");
   const ncclDataType_t type = nccl_type(dtype);
-  auto work = issue(OpKind::kSend, dtype, count, false, [&](const std::string& name) {
+  auto work = issue(OpKind::kSend, [&](const std::string& name) {
     check_nccl(ncclSend(buf, count, type, peer, shared_->comm, stream_), shared_->comm, name);
   });
-  count_traffic(OpKind::kSend, count * dtype_size(dtype), 0);
   return work;
 }
 
-WorkPtr NcclCommunicator::recv(void* buf, size_t count, DType dtype, int peer, int /*tag*/) {
-  check_rank(peer, size_, "recv", "peer");
+WorkPtr NcclCommunicator::start_recv(void* buf, size_t count, DType dtype, int peer, int /*tag*/) {
   if (peer == rank_) throw ConfigError("NcclCommunicator::recv: peer is this rank; use sendrecv to copy to itself");
-  check_ptr(buf, count, "recv", "buf");
   const ncclDataType_t type = nccl_type(dtype);
-  auto work = issue(OpKind::kRecv, dtype, count, false, [&](const std::string& name) {
+  auto work = issue(OpKind::kRecv, [&](const std::string& name) {
     check_nccl(ncclRecv(buf, count, type, peer, shared_->comm, stream_), shared_->comm, name);
   });
-  count_traffic(OpKind::kRecv, 0, count * dtype_size(dtype));
   return work;
 }
 
-WorkPtr NcclCommunicator::sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count,
+WorkPtr NcclCommunicator::start_sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count,
                                    int src, DType dtype, int /*tag*/) {
-  check_rank(dst, size_, "sendrecv", "dst");
-  check_rank(src, size_, "sendrecv", "src");
-  check_ptr(send, send_count, "sendrecv", "send");
-  check_ptr(recv, recv_count, "sendrecv", "recv");
   const size_t es = dtype_size(dtype);
   const ncclDataType_t type = nccl_type(dtype);
   if ((dst == rank_) != (src == rank_))
@@ -525,7 +433,7 @@ WorkPtr NcclCommunicator::sendrecv(const void* send, size_t send_count, int dst,
   if (dst == rank_ && send_count != recv_count)
     throw ConfigError("NcclCommunicator::sendrecv: copy to itself with send_count " + std::to_string(send_count) +
                       " != recv_count " + std::to_string(recv_count));
-  auto work = issue(OpKind::kSendRecv, dtype, send_count, false, [&](const std::string& name) {
+  auto work = issue(OpKind::kSendRecv, [&](const std::string& name) {
     if (dst == rank_) {
       if (send_count > 0)
         check_cuda(cudaMemcpyAsync(recv, send, send_count * es, cudaMemcpyDeviceToDevice, stream_), name);
@@ -536,19 +444,14 @@ WorkPtr NcclCommunicator::sendrecv(const void* send, size_t send_count, int dst,
     check_nccl(ncclRecv(recv, recv_count, type, src, shared_->comm, stream_), shared_->comm, name);
     check_nccl(ncclGroupEnd(), shared_->comm, name);
   });
-  if (dst == rank_)
-    count_traffic(OpKind::kSendRecv, 0, 0);
-  else
-    count_traffic(OpKind::kSendRecv, send_count * es, recv_count * es);
   return work;
 }
 
-WorkPtr NcclCommunicator::barrier() {
-  auto work = issue(OpKind::kBarrier, DType::kI32, 0, true, [&](const std::string& name) {
+WorkPtr NcclCommunicator::start_barrier() {
+  auto work = issue(OpKind::kBarrier, [&](const std::string& name) {
     check_nccl(ncclAllReduce(barrier_word_, barrier_word_, 1, ncclInt32, ncclSum, shared_->comm, stream_),
                shared_->comm, name);
   });
-  count_traffic(OpKind::kBarrier, 0, 0);
   return work;
 }
 
@@ -562,7 +465,7 @@ ncclUniqueId nccl_unique_id_over_mpi(MPI_Comm comm, int root) {
   return id;
 }
 
-std::unique_ptr<NcclCommunicator> make_nccl_communicator_mpi(MPI_Comm comm, int device, CommOptions options) {
+std::unique_ptr<Communicator> make_nccl_communicator_mpi(MPI_Comm comm, int device, CommOptions options) {
   int rank = 0, size = 1;
   MPI_Comm_rank(comm, &rank);
   MPI_Comm_size(comm, &size);
@@ -578,7 +481,12 @@ std::unique_ptr<NcclCommunicator> make_nccl_communicator_mpi(MPI_Comm comm, int 
     device = local_rank % devices;
   }
   const ncclUniqueId id = nccl_unique_id_over_mpi(comm, 0);
-  return std::make_unique<NcclCommunicator>(id, rank, size, device, options);
+  CommOptions unchecked = options;
+  unchecked.checked = false;
+  auto nccl = std::make_unique<NcclCommunicator>(id, rank, size, device, unchecked);
+  if (!options.checked) return nccl;
+  // Checked mode: fingerprints travel on a host-memory MPI communicator over the same ranks.
+  return make_checked_communicator(std::move(nccl), make_mpi_communicator(comm, unchecked));
 }
 
 }  // namespace shardopt::comm

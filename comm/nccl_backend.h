@@ -13,10 +13,16 @@
 // - Work handles are CUDA events recorded on the stream after each operation. wait(timeout)
 //   polls cudaEventQuery and ncclCommGetAsyncError; on timeout the communicator is aborted
 //   (ncclCommAbort) and TimeoutError names the operation and its sequence number (NCCL cannot tell
-//   which ranks did not arrive). After an abort every operation throws PeerError at issue.
-// - Tags of send/recv are not matched: NCCL delivers the messages between two ranks in issue order.
-// - checked mode: every collective first all-gathers a fingerprint (op, dtype, total count, seq) and
-//   compares it on the host (a synchronization per collective: for tests).
+//   which ranks did not arrive). After an abort every operation's wait() throws PeerError.
+//   CUDA failures are DeviceError, NCCL failures PeerError (ConfigError for invalid arguments).
+// - Tags of send/recv are not matched: NCCL delivers the messages between two ranks in issue order,
+//   so only tag 0 is accepted (ConfigError otherwise).
+// - Threading (the Communicator contract): one issuing thread at a time; Work and abort() from any
+//   thread. Every use of the NCCL communicator handle (enqueue, split, async-error query) and
+//   abort()'s ncclCommAbort hold one mutex, so abort() cannot free it under an enqueue.
+// - Checked mode: make_nccl_communicator_mpi wraps the communicator in a CheckedCommunicator with an
+//   MPI side channel for the fingerprints (they are host data; NCCL buffers are device memory).
+//   The constructor refuses options.checked (ConfigError): it has no host channel to use.
 // - The Work of an operation keeps no reference to the caller's buffers; they must stay valid
 //   until it completes.
 #pragma once
@@ -55,30 +61,32 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t stream() const { return stream_; }
   int device() const { return device_; }
 
-  // ncclCommSplit. A negative color means "in no group": returns nullptr on that rank.
-  std::unique_ptr<Communicator> split(int color, int key) override;
-
-  WorkPtr all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override;
-  WorkPtr reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
-                         ReduceOp op) override;
-  WorkPtr all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override;
-  WorkPtr reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) override;
-  WorkPtr broadcast(void* buf, size_t count, DType dtype, int root) override;
-  WorkPtr all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
-                     std::span<const size_t> recv_counts, DType dtype) override;
-  WorkPtr send(const void* buf, size_t count, DType dtype, int peer, int tag) override;
-  WorkPtr recv(void* buf, size_t count, DType dtype, int peer, int tag) override;
-  WorkPtr sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src, DType dtype,
-                   int tag) override;
-  WorkPtr barrier() override;
+  // NCCL matches send/recv between two ranks by issue order only: tags other than 0 are refused.
+  Capabilities capabilities() const override { return {.tags = false}; }
   void abort(const std::string& reason) override;
+
+ protected:
+  // ncclCommSplit. A negative color means "in no group": returns nullptr on that rank.
+  std::unique_ptr<Communicator> start_split(int color, int key) override;
+  WorkPtr start_all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override;
+  WorkPtr start_reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
+                               ReduceOp op) override;
+  WorkPtr start_all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override;
+  WorkPtr start_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) override;
+  WorkPtr start_broadcast(void* buf, size_t count, DType dtype, int root) override;
+  WorkPtr start_all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
+                           std::span<const size_t> recv_counts, DType dtype) override;
+  WorkPtr start_send(const void* buf, size_t count, DType dtype, int peer, int tag) override;
+  WorkPtr start_recv(void* buf, size_t count, DType dtype, int peer, int tag) override;
+  WorkPtr start_sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src,
+                         DType dtype, int tag) override;
+  WorkPtr start_barrier() override;
 
  private:
   NcclCommunicator(ncclComm_t comm, int device, CommOptions options);  // for split
   void init_resources();
   template <typename Enqueue>
-  WorkPtr issue(OpKind kind, DType dtype, size_t total_count, bool fingerprint, Enqueue&& enqueue);
-  void check_fingerprint(OpKind kind, DType dtype, size_t total_count, uint64_t seq);
+  WorkPtr issue(OpKind kind, Enqueue&& enqueue);
   // Grows the fp32 staging buffer (stream-ordered) to hold n floats; returns it.
   float* staging(size_t n);
   void reduce_in_fp32(OpKind kind, const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root);
@@ -90,16 +98,15 @@ class NcclCommunicator final : public Communicator {
   float* staging_ = nullptr;
   size_t staging_floats_ = 0;
   int32_t* barrier_word_ = nullptr;     // device scratch for barrier()
-  uint64_t* fingerprints_ = nullptr;    // device, 4·size() words, checked mode
-  uint64_t* host_fingerprints_ = nullptr;  // pinned mirror
 };
 
 // Rank `root` of `comm` creates an NCCL unique id and broadcasts it over MPI; every rank returns it.
 ncclUniqueId nccl_unique_id_over_mpi(MPI_Comm comm, int root = 0);
 
-// For mpirun jobs: an NcclCommunicator spanning `comm`'s ranks. device < 0 picks
+// For mpirun jobs: an NcclCommunicator spanning `comm`'s ranks, wrapped in a CheckedCommunicator
+// (side channel: an MPI communicator over `comm`) when options.checked. device < 0 picks
 // (rank among the ranks on this host) mod (visible devices).
-std::unique_ptr<NcclCommunicator> make_nccl_communicator_mpi(MPI_Comm comm, int device = -1,
+std::unique_ptr<Communicator> make_nccl_communicator_mpi(MPI_Comm comm, int device = -1,
                                                              CommOptions options = CommOptions{});
 
 }  // namespace shardopt::comm

@@ -13,6 +13,7 @@
 
 #include "base/error.h"
 #include "comm/backend_util.h"
+#include "comm/checked_communicator.h"
 #include "comm/reduce_kernel.h"
 
 namespace shardopt::comm {
@@ -121,8 +122,7 @@ class Executor {
 
  private:
   Executor() {
-    const unsigned hw = std::thread::hardware_concurrency();
-    const int n = static_cast<int>(std::clamp(hw, 2u, 8u));
+    const int n = detail::executor_threads_for(std::thread::hardware_concurrency());
     for (int i = 0; i < n; ++i) threads_.emplace_back([this] { loop(); });
     for (auto& t : threads_) t.detach();
   }
@@ -613,13 +613,12 @@ class ThreadComm final : public Communicator {
   int size() const override { return world_->n; }
   std::string_view backend() const override { return "threads"; }
 
-  std::unique_ptr<Communicator> split(int color, int key) override {
+  std::unique_ptr<Communicator> start_split(int color, int key) override {
     CollSlot slot;
     slot.color = color;
     slot.key = key;
     Fingerprint fp = make_fp(OpKind::kSplit, DType::kUnspecified, ReduceOp::kSum, -1, 0);
     WorkPtr work = post(fp, std::move(slot), {});
-    count_traffic(OpKind::kSplit, 0, 0);
     work->wait();
     std::lock_guard lk(world_->mu);
     CollSlot& mine = last_split_->slots[static_cast<size_t>(rank_)];
@@ -629,80 +628,43 @@ class ThreadComm final : public Communicator {
     return child;
   }
 
-  WorkPtr all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override {
-    detail::check_reducible(OpKind::kAllReduce, dtype);
-    detail::check_buffer(OpKind::kAllReduce, send, count, "send buffer");
-    detail::check_buffer(OpKind::kAllReduce, recv, count, "recv buffer");
-    const auto t = detail::all_reduce_traffic(count * dtype_size(dtype), size());
-    count_traffic(OpKind::kAllReduce, t.sent, t.received);
+  WorkPtr start_all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override {
     CollSlot slot;
     slot.send = send, slot.recv = recv;
     return post(make_fp(OpKind::kAllReduce, dtype, op, -1, count), std::move(slot), {});
   }
 
-  WorkPtr reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
-                         ReduceOp op) override {
-    detail::check_reducible(OpKind::kReduceScatter, dtype);
-    detail::check_counts_size(OpKind::kReduceScatter, counts, size(), "counts");
-    const uint64_t total = detail::sum_counts(counts);
-    detail::check_buffer(OpKind::kReduceScatter, send, total, "send buffer");
-    detail::check_buffer(OpKind::kReduceScatter, recv, counts[rank_], "recv buffer");
-    const size_t esz = dtype_size(dtype);
-    const auto t = detail::reduce_scatter_traffic(total * esz, counts[rank_] * esz, size());
-    count_traffic(OpKind::kReduceScatter, t.sent, t.received);
-    Fingerprint fp = make_fp(OpKind::kReduceScatter, dtype, op, -1, total);
+  WorkPtr start_reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
+                               ReduceOp op) override {
+    Fingerprint fp = make_fp(OpKind::kReduceScatter, dtype, op, -1, detail::sum_counts(counts));
     fp.counts_hash = detail::hash_counts(counts);
     CollSlot slot;
     slot.send = send, slot.recv = recv;
     return post(fp, std::move(slot), counts);
   }
 
-  WorkPtr all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
-    (void)dtype_size(dtype);  // ConfigError for an unspecified dtype
-    detail::check_counts_size(OpKind::kAllGather, counts, size(), "counts");
-    const uint64_t total = detail::sum_counts(counts);
-    detail::check_buffer(OpKind::kAllGather, send, counts[rank_], "send buffer");
-    detail::check_buffer(OpKind::kAllGather, recv, total, "recv buffer");
-    const size_t esz = dtype_size(dtype);
-    const auto t = detail::all_gather_traffic(total * esz, counts[rank_] * esz, size());
-    count_traffic(OpKind::kAllGather, t.sent, t.received);
-    Fingerprint fp = make_fp(OpKind::kAllGather, dtype, ReduceOp::kSum, -1, total);
+  WorkPtr start_all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
+    Fingerprint fp = make_fp(OpKind::kAllGather, dtype, ReduceOp::kSum, -1, detail::sum_counts(counts));
     fp.counts_hash = detail::hash_counts(counts);
     CollSlot slot;
     slot.send = send, slot.recv = recv;
     return post(fp, std::move(slot), counts);
   }
 
-  WorkPtr reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) override {
-    detail::check_reducible(OpKind::kReduce, dtype);
-    detail::check_rank_arg(OpKind::kReduce, root, size(), "root");
-    detail::check_buffer(OpKind::kReduce, send, count, "send buffer");
-    if (rank_ == root) detail::check_buffer(OpKind::kReduce, recv, count, "recv buffer");
-    const auto t = detail::rooted_traffic(count * dtype_size(dtype), size());
-    count_traffic(OpKind::kReduce, t.sent, t.received);
+  WorkPtr start_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) override {
     CollSlot slot;
     slot.send = send, slot.recv = recv;
     return post(make_fp(OpKind::kReduce, dtype, op, root, count), std::move(slot), {});
   }
 
-  WorkPtr broadcast(void* buf, size_t count, DType dtype, int root) override {
-    detail::check_rank_arg(OpKind::kBroadcast, root, size(), "root");
-    detail::check_buffer(OpKind::kBroadcast, buf, count, "buffer");
-    const auto t = detail::rooted_traffic(count * dtype_size(dtype), size());
-    count_traffic(OpKind::kBroadcast, t.sent, t.received);
+  WorkPtr start_broadcast(void* buf, size_t count, DType dtype, int root) override {
     CollSlot slot;
     slot.send = buf, slot.recv = buf;
     return post(make_fp(OpKind::kBroadcast, dtype, ReduceOp::kSum, root, count), std::move(slot), {});
   }
 
-  WorkPtr all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
-                     std::span<const size_t> recv_counts, DType dtype) override {
-    detail::check_counts_size(OpKind::kAllToAll, send_counts, size(), "send_counts");
-    detail::check_counts_size(OpKind::kAllToAll, recv_counts, size(), "recv_counts");
-    detail::check_buffer(OpKind::kAllToAll, send, detail::sum_counts(send_counts), "send buffer");
-    detail::check_buffer(OpKind::kAllToAll, recv, detail::sum_counts(recv_counts), "recv buffer");
-    const auto t = detail::all_to_all_traffic(send_counts, recv_counts, dtype_size(dtype), rank_);
-    count_traffic(OpKind::kAllToAll, t.sent, t.received);
+  WorkPtr start_all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
+                           std::span<const size_t> recv_counts, DType dtype) override {
     CollSlot slot;
     slot.send = send, slot.recv = recv;
     slot.send_counts.assign(send_counts.begin(), send_counts.end());
@@ -716,32 +678,24 @@ class ThreadComm final : public Communicator {
     return post(make_fp(OpKind::kAllToAll, dtype, ReduceOp::kSum, -1, 0), std::move(slot), {});
   }
 
-  WorkPtr send(const void* buf, size_t count, DType dtype, int peer, int tag) override {
-    auto op = post_p2p(OpKind::kSend, true, buf, nullptr, count, dtype, peer, tag);
+  WorkPtr start_send(const void* buf, size_t count, DType dtype, int peer, int tag) override {
+    auto op = post_p2p(true, buf, nullptr, count, dtype, peer, tag);
     return std::make_shared<ThreadWork>(world_, rank_, next_seq_++, options_.timeout, std::move(op));
   }
 
-  WorkPtr recv(void* buf, size_t count, DType dtype, int peer, int tag) override {
-    auto op = post_p2p(OpKind::kRecv, false, nullptr, buf, count, dtype, peer, tag);
+  WorkPtr start_recv(void* buf, size_t count, DType dtype, int peer, int tag) override {
+    auto op = post_p2p(false, nullptr, buf, count, dtype, peer, tag);
     return std::make_shared<ThreadWork>(world_, rank_, next_seq_++, options_.timeout, std::move(op));
   }
 
-  WorkPtr sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src, DType dtype,
-                   int tag) override {
-    detail::check_rank_arg(OpKind::kSendRecv, dst, size(), "destination");
-    detail::check_rank_arg(OpKind::kSendRecv, src, size(), "source");
-    const size_t esz = dtype_size(dtype);
-    count_traffic(OpKind::kSendRecv, dst != rank_ ? send_count * esz : 0, src != rank_ ? recv_count * esz : 0);
-    OpPtr to_dispatch;
-    auto s = world_->post_p2p(true, rank_, dst, tag, send, nullptr, send_count, dtype, &to_dispatch);
-    dispatch(std::move(to_dispatch));
-    auto r = world_->post_p2p(false, rank_, src, tag, nullptr, recv, recv_count, dtype, &to_dispatch);
-    dispatch(std::move(to_dispatch));
+  WorkPtr start_sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src,
+                         DType dtype, int tag) override {
+    auto s = post_p2p(true, send, nullptr, send_count, dtype, dst, tag);
+    auto r = post_p2p(false, nullptr, recv, recv_count, dtype, src, tag);
     return std::make_shared<ThreadWork>(world_, rank_, next_seq_++, options_.timeout, std::move(s), std::move(r));
   }
 
-  WorkPtr barrier() override {
-    count_traffic(OpKind::kBarrier, 0, 0);
+  WorkPtr start_barrier() override {
     return post(make_fp(OpKind::kBarrier, DType::kUnspecified, ReduceOp::kSum, -1, 0), CollSlot{}, {});
   }
 
@@ -767,11 +721,7 @@ class ThreadComm final : public Communicator {
     return std::make_shared<ThreadWork>(world_, rank_, next_seq_++, options_.timeout, std::move(op));
   }
 
-  OpPtr post_p2p(OpKind kind, bool is_send, const void* src, void* dst, size_t count, DType dtype, int peer, int tag) {
-    detail::check_rank_arg(kind, peer, size(), "peer");
-    detail::check_buffer(kind, is_send ? src : dst, count, "buffer");
-    const uint64_t bytes = peer != rank_ ? count * dtype_size(dtype) : 0;
-    count_traffic(kind, is_send ? bytes : 0, is_send ? 0 : bytes);
+  OpPtr post_p2p(bool is_send, const void* src, void* dst, size_t count, DType dtype, int peer, int tag) {
     OpPtr to_dispatch;
     auto op = world_->post_p2p(is_send, rank_, peer, tag, src, dst, count, dtype, &to_dispatch);
     dispatch(std::move(to_dispatch));
@@ -793,6 +743,12 @@ std::vector<std::unique_ptr<Communicator>> make_thread_world(int n, CommOptions 
   std::vector<std::unique_ptr<Communicator>> comms;
   comms.reserve(static_cast<size_t>(n));
   for (int r = 0; r < n; ++r) comms.push_back(std::make_unique<ThreadComm>(world, r));
+  if (options.checked) {
+    // Checked mode: each rank's communicator is wrapped, with a second world as its side channel.
+    auto side_world = std::make_shared<World>(n, options);
+    for (int r = 0; r < n; ++r)
+      comms[r] = make_checked_communicator(std::move(comms[r]), std::make_unique<ThreadComm>(side_world, r));
+  }
   return comms;
 }
 
@@ -832,5 +788,9 @@ void run_ranks(int n, const std::function<void(Communicator&)>& fn, CommOptions 
 }
 
 int thread_executor_threads() { return Executor::get().threads(); }
+
+namespace detail {
+int executor_threads_for(unsigned hardware_threads) { return static_cast<int>(std::clamp(hardware_threads, 2u, 8u)); }
+}  // namespace detail
 
 }  // namespace shardopt::comm

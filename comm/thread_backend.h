@@ -15,7 +15,10 @@
 // Desync checks: every rank's fingerprint (op, dtype, count(s), root, reduce op) is compared with
 // the first poster's whenever the op is posted, in checked and unchecked mode alike (it is free here,
 // and a mismatch would otherwise read out of bounds). A mismatch fails the op on every rank with a
-// DesyncError naming both sides, and aborts the communicator.
+// DesyncError naming both sides, and aborts the communicator. Checked mode (CommOptions::checked)
+// is the backend-independent CheckedCommunicator on top (make_thread_world wraps each rank's
+// communicator, with a second world as the side channel), which catches a desync before the
+// operation reaches this backend.
 // Timeouts: Work::wait(timeout) raises TimeoutError naming the op, its sequence number, its
 // collective index and the ranks that never posted; the communicator is then aborted so every other
 // rank fails fast with PeerError. An operation whose data movement has started is always finished
@@ -33,8 +36,10 @@
 
 namespace shardopt::comm {
 
-// Creates the n communicators of one in-process world; element r is rank r. Each communicator must
-// be used by one thread at a time (normally "its" rank thread).
+// Creates the n communicators of one in-process world; element r is rank r. The threading contract
+// of Communicator applies: one issuing thread at a time per communicator (normally "its" rank
+// thread); Work handles and abort() from any thread. Wrapped in CheckedCommunicator when
+// options.checked.
 std::vector<std::unique_ptr<Communicator>> make_thread_world(int n, CommOptions options = CommOptions{});
 
 // Runs fn(comm) for ranks 0..n-1 on n threads over a fresh thread world and joins them. When a rank
@@ -44,5 +49,11 @@ void run_ranks(int n, const std::function<void(Communicator&)>& fn, CommOptions 
 
 // Number of threads in the process-wide executor pool of the threads backend.
 int thread_executor_threads();
+
+namespace detail {
+// The pool size for a machine with `hardware_threads` (std::thread::hardware_concurrency(), 0 when
+// unknown): min(hardware_threads, 8), at least 2.
+int executor_threads_for(unsigned hardware_threads);
+}  // namespace detail
 
 }  // namespace shardopt::comm

@@ -7,6 +7,7 @@
 
 #include "base/dtype.h"
 #include "base/error.h"
+#include "base/hash.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
 #include "google/protobuf/util/message_differencer.h"
@@ -47,12 +48,8 @@ std::string deterministic_bytes(const google::protobuf::Message& message) {
 }
 
 uint64_t stable_hash(const google::protobuf::Message& message) {
-  uint64_t h = 14695981039346656037ull;
-  for (unsigned char c : deterministic_bytes(message)) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return h;
+  const std::string bytes = deterministic_bytes(message);
+  return fnv1a64(bytes);
 }
 
 std::string describe_difference(const google::protobuf::Message& a, const google::protobuf::Message& b) {

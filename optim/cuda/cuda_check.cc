@@ -3,12 +3,12 @@
 namespace shardopt::cuda {
 
 void throw_cuda_error(cudaError_t err, const char* what, const char* file, int line) {
-  throw CudaError(std::string("CUDA call ") + what + " failed at " + file + ":" + std::to_string(line) + ": " +
+  throw DeviceError(std::string("CUDA call ") + what + " failed at " + file + ":" + std::to_string(line) + ": " +
                   cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
 }
 
 void throw_cublas_error(cublasStatus_t status, const char* what, const char* file, int line) {
-  throw CudaError(std::string("cuBLAS call ") + what + " failed at " + file + ":" + std::to_string(line) + ": " +
+  throw DeviceError(std::string("cuBLAS call ") + what + " failed at " + file + ":" + std::to_string(line) + ": " +
                   cublasGetStatusName(status) + " (" + cublasGetStatusString(status) + ")");
 }
 

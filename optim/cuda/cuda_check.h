@@ -1,5 +1,5 @@
-// CUDA / cuBLAS error checks shared by the GPU code: a failed call becomes a typed exception
-// naming the call, the error string and the source location.
+// CUDA / cuBLAS error checks shared by the GPU code: a failed call becomes a DeviceError
+// (base/error.h) naming the call, the error string and the source location.
 #pragma once
 
 #include <cublas_v2.h>
@@ -10,12 +10,6 @@
 #include "base/error.h"
 
 namespace shardopt::cuda {
-
-// A CUDA runtime or cuBLAS call failed (no device, out of memory, launch failure).
-class CudaError : public Error {
- public:
-  using Error::Error;
-};
 
 [[noreturn]] void throw_cuda_error(cudaError_t err, const char* what, const char* file, int line);
 [[noreturn]] void throw_cublas_error(cublasStatus_t status, const char* what, const char* file, int line);

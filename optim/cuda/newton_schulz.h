@@ -34,7 +34,7 @@ struct NsOptions {
 class NewtonSchulzCuda {
  public:
   // Workspace for up to max_batch matrices of rows×cols (row-major). Needs a device; throws
-  // CudaError if there is none, ConfigError for empty shapes or a batch < 1.
+  // DeviceError if there is none, ConfigError for empty shapes or a batch < 1.
   NewtonSchulzCuda(int64_t rows, int64_t cols, int64_t max_batch, NsOptions options = {});
   ~NewtonSchulzCuda();
   NewtonSchulzCuda(const NewtonSchulzCuda&) = delete;

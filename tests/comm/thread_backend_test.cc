@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <utility>
 #include <thread>
 
 #include "base/error.h"
@@ -179,9 +180,12 @@ TEST(ThreadBackend, ThousandRanks) {
   }, checked_options());
 }
 
-TEST(ThreadBackend, ExecutorIsSmallAndShared) {
-  EXPECT_GE(thread_executor_threads(), 2);
-  EXPECT_LE(thread_executor_threads(), 8);
+TEST(ThreadBackend, ExecutorPoolSizeForHardwareThreads) {
+  // Expected sizes by hand from the documented rule (min(hw, 8), at least 2; 0 = unknown).
+  const std::pair<unsigned, int> cases[] = {{0, 2}, {1, 2}, {2, 2}, {3, 3}, {5, 5}, {8, 8}, {9, 8}, {192, 8}};
+  for (auto [hw, want] : cases) EXPECT_EQ(detail::executor_threads_for(hw), want) << "hardware threads " << hw;
+  // The process-wide pool is the one sized for this machine.
+  EXPECT_EQ(thread_executor_threads(), detail::executor_threads_for(std::thread::hardware_concurrency()));
 }
 
 }  // namespace

@@ -367,14 +367,22 @@ float Transformer::forward(std::span<const ParamBinding> params, const uint8_t* 
   return static_cast<float>(loss / N);
 }
 
-void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, const GradReadyFn& on_grad_ready) {
-  check_bindings(params, true, "backward");
+void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, const GradReadyFn& on_grad_ready,
+                           const GradBufferFn& grad_buffer) {
+  check_bindings(params, !grad_buffer, "backward");
   if (!have_activations_)
     throw ConfigError("Transformer::backward: needs a preceding forward with targets and runs once per "
                       "forward (none since the last backward, forward without targets, or construction)");
   have_activations_ = false;  // backward consumes the softmax kept in dlogits_
   auto ready = [&](std::size_t idx) {
     if (on_grad_ready) on_grad_ready(idx);
+  };
+  auto grad_of = [&](std::size_t idx) -> float* {
+    if (!grad_buffer) return params[idx].grad;
+    float* g = grad_buffer(idx);
+    if (g == nullptr)
+      throw ConfigError("Transformer::backward: grad_buffer returned null for " + params_[idx].name);
+    return g;
   };
   const int B = batch_, T = seq_len_, d = config_.d_model, H = config_.n_head, dh = config_.d_head();
   const int f = config_.mlp_hidden(), V = config_.vocab;
@@ -390,14 +398,14 @@ void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, 
     for (int c = 0; c < V; ++c) drow[c] *= inv_n;
     drow[targets_[n]] -= inv_n;
   }
-  linear_backward_weight(N, V, d, dlogits_.data(), hf_.data(), params[lm_head_index()].grad, mode);
+  linear_backward_weight(N, V, d, dlogits_.data(), hf_.data(), grad_of(lm_head_index()), mode);
   ready(lm_head_index());
   linear_backward_input(N, V, d, dlogits_.data(), params[lm_head_index()].value, dh_.data(), 0.0f);
 
   float* dx = dx_.data();  // gradient w.r.t. the residual stream at the current point
   std::fill(dx, dx + Nd, 0.0f);
   rmsnorm_backward(N, d, x_.data() + config_.n_layer * Nd, rstdf_.data(), params[final_norm_index()].value,
-                   dh_.data(), dx, params[final_norm_index()].grad, mode);
+                   dh_.data(), dx, grad_of(final_norm_index()), mode);
   ready(final_norm_index());
 
   for (int l = config_.n_layer - 1; l >= 0; --l) {
@@ -416,19 +424,19 @@ void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, 
 
     // MLP branch: dx is ∂/∂xout, which is also ∂/∂(branch output).
     float* da = dbig_.data();
-    linear_backward_weight(N, d, f, dx, a, params[li.w_down].grad, mode);
+    linear_backward_weight(N, d, f, dx, a, grad_of(li.w_down), mode);
     ready(li.w_down);
     linear_backward_input(N, d, f, dx, params[li.w_down].value, da, 0.0f);
     for (int64_t i = 0; i < Nf; ++i) da[i] *= act_grad[i];  // now du
-    linear_backward_weight(N, f, d, da, h2, params[li.w_up].grad, mode);
+    linear_backward_weight(N, f, d, da, h2, grad_of(li.w_up), mode);
     ready(li.w_up);
     linear_backward_input(N, f, d, da, params[li.w_up].value, dh_.data(), 0.0f);
     rmsnorm_backward(N, d, xmid, rstd2_.data() + l * N, params[li.mlp_norm].value, dh_.data(), dx,
-                     params[li.mlp_norm].grad, mode);
+                     grad_of(li.mlp_norm), mode);
     ready(li.mlp_norm);
 
     // Attention branch: dx is now ∂/∂xmid.
-    linear_backward_weight(N, d, d, dx, att, params[li.w_o].grad, mode);
+    linear_backward_weight(N, d, d, dx, att, grad_of(li.w_o), mode);
     ready(li.w_o);
     linear_backward_input(N, d, d, dx, params[li.w_o].value, datt_.data(), 0.0f);
     float* ds = dscores_.data();
@@ -456,22 +464,22 @@ void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, 
                     dk_.data() + off, d);
       }
     // Reverse registration order within the layer: v, k, q.
-    linear_backward_weight(N, d, d, dv_.data(), h1, params[li.w_v].grad, mode);
+    linear_backward_weight(N, d, d, dv_.data(), h1, grad_of(li.w_v), mode);
     ready(li.w_v);
-    linear_backward_weight(N, d, d, dk_.data(), h1, params[li.w_k].grad, mode);
+    linear_backward_weight(N, d, d, dk_.data(), h1, grad_of(li.w_k), mode);
     ready(li.w_k);
-    linear_backward_weight(N, d, d, dq_.data(), h1, params[li.w_q].grad, mode);
+    linear_backward_weight(N, d, d, dq_.data(), h1, grad_of(li.w_q), mode);
     ready(li.w_q);
     linear_backward_input(N, d, d, dq_.data(), params[li.w_q].value, dh_.data(), 0.0f);
     linear_backward_input(N, d, d, dk_.data(), params[li.w_k].value, dh_.data(), 1.0f);
     linear_backward_input(N, d, d, dv_.data(), params[li.w_v].value, dh_.data(), 1.0f);
     rmsnorm_backward(N, d, xin, rstd1_.data() + l * N, params[li.attn_norm].value, dh_.data(), dx,
-                     params[li.attn_norm].grad, mode);
+                     grad_of(li.attn_norm), mode);
     ready(li.attn_norm);
   }
 
   // Embeddings: scatter-add dx (∂/∂x0) into the rows used.
-  float* dpos = params[pos_emb_index()].grad;
+  float* dpos = grad_of(pos_emb_index());
   if (mode == GradMode::kOverwrite) std::fill(dpos, dpos + params_[pos_emb_index()].numel(), 0.0f);
   for (int b = 0; b < B; ++b)
     for (int t = 0; t < T; ++t) {
@@ -480,7 +488,7 @@ void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, 
       for (int i = 0; i < d; ++i) dp[i] += dxr[i];
     }
   ready(pos_emb_index());
-  float* dtok = params[tok_emb_index()].grad;
+  float* dtok = grad_of(tok_emb_index());
   if (mode == GradMode::kOverwrite) std::fill(dtok, dtok + params_[tok_emb_index()].numel(), 0.0f);
   for (int n = 0; n < N; ++n) {
     const float* dxr = dx + static_cast<int64_t>(n) * d;

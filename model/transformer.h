@@ -60,6 +60,10 @@ enum class GradMode { kOverwrite, kAccumulate };
 
 // Called with a tensor index as soon as that tensor's gradient is final for this backward.
 using GradReadyFn = std::function<void(std::size_t tensor_index)>;
+// Where tensor_index's gradient goes, asked right before backward writes it (once per tensor per
+// backward, in the order gradients are produced): lets a runtime hand out per-bucket buffers that
+// exist only while their bucket is being filled instead of whole-model gradient memory.
+using GradBufferFn = std::function<float*(std::size_t tensor_index)>;
 
 // Index of every tensor in the registration order (for tests, QK-clip, routing).
 struct LayerParamIndex {
@@ -100,9 +104,12 @@ class Transformer {
                 int batch, int seq_len);
 
   // Gradient of the last forward's loss, once per forward (throws ConfigError otherwise).
-  // Requires bindings with grad set; their values must be the ones passed to that forward. on_grad_ready (optional) fires once per tensor, in reverse
-  // registration order, right after that tensor's gradient is written.
-  void backward(std::span<const ParamBinding> params, GradMode mode, const GradReadyFn& on_grad_ready = {});
+  // Bindings' values must be the ones passed to that forward. Gradients go to bindings' grad
+  // pointers, or, with grad_buffer, to where grad_buffer(t) says (asked right before tensor t is
+  // written; bindings' grad may then be null). on_grad_ready (optional) fires once per tensor, in
+  // reverse registration order, right after that tensor's gradient is written.
+  void backward(std::span<const ParamBinding> params, GradMode mode, const GradReadyFn& on_grad_ready = {},
+                const GradBufferFn& grad_buffer = {});
 
   // Logits of the last forward: [batch*seq_len][vocab].
   const float* logits() const { return logits_.data(); }

@@ -13,6 +13,8 @@
 #include <cmath>
 #include <mutex>
 
+#include <numeric>
+
 #include <gtest/gtest.h>
 
 #include "base/error.h"
@@ -32,6 +34,7 @@ struct Case {
   proto::ShardLayout layout;
   std::string optimizer;
   int grad_accumulation;
+  bool local_grad_accumulation = false;  // full-size buffers instead of ZeRO-2 gradient shards
 };
 
 class NRankEqualsOneRank : public testing::TestWithParam<Case> {};
@@ -40,11 +43,13 @@ TEST_P(NRankEqualsOneRank, LossCurveAndFinalParameters) {
   const Case k = GetParam();
   TrainConfig c = small_config(k.optimizer);
   c.grad_accumulation = k.grad_accumulation;
+  c.global_batch = std::lcm(c.global_batch, k.ranks * k.grad_accumulation);
   // The reference: one rank, the same micro-batches (a micro-batch is a sampler step of B/accum
   // sequences, so accumulation changes which sequences a step sees, not the N-rank equivalence).
   const auto want = run(1, c);
   c.zero_stage = k.stage;
   c.layout = k.layout;
+  c.local_grad_accumulation = k.local_grad_accumulation;
   const auto got = run(k.ranks, c);
   ASSERT_EQ(got[0].history.size(), want[0].history.size());
   // The loss must actually move, or equal curves would prove nothing.
@@ -69,13 +74,32 @@ INSTANTIATE_TEST_SUITE_P(
     Train, NRankEqualsOneRank,
     testing::Values(Case{2, 2, proto::SHARD_LAYOUT_OWNED, "muon", 1}, Case{4, 2, proto::SHARD_LAYOUT_OWNED, "adamw", 1},
                     Case{4, 2, proto::SHARD_LAYOUT_DIM0, "muon", 1}, Case{4, 3, proto::SHARD_LAYOUT_OWNED, "muon", 1},
-                    Case{2, 2, proto::SHARD_LAYOUT_OWNED, "normuon", 2}),
+                    Case{2, 2, proto::SHARD_LAYOUT_OWNED, "normuon", 2}, Case{2, 2, proto::SHARD_LAYOUT_OWNED, "muon", 3},
+                    Case{2, 3, proto::SHARD_LAYOUT_DIM0, "muon", 2}, Case{2, 2, proto::SHARD_LAYOUT_OWNED, "adamw", 2, true}),
     [](const testing::TestParamInfo<Case>& info) {
       const Case& k = info.param;
       return "N" + std::to_string(k.ranks) + "_stage" + std::to_string(k.stage) +
              (k.layout == proto::SHARD_LAYOUT_DIM0 ? "_dim0_" : "_owned_") + k.optimizer + "_accum" +
-             std::to_string(k.grad_accumulation);
+             std::to_string(k.grad_accumulation) + (k.local_grad_accumulation ? "_local" : "");
     });
+
+// The model asks for each gradient's buffer right before writing it, so a stage-2 run keeps only
+// the engine's pool of bucket buffers (it never has every bucket open), and local accumulation
+// keeps the full gradient.
+TEST(Train, StageTwoGradientsLiveInThePoolOfBucketBuffers) {
+  TrainConfig c = small_config("muon");
+  c.steps = 2;
+  c.grad_accumulation = 2;
+  const auto pooled = run(2, c);
+  c.local_grad_accumulation = true;
+  const auto full = run(2, c);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(pooled[r].memory.grad_slots, 2) << "rank " << r;
+    EXPECT_EQ(full[r].memory.grad_slots, 0) << "rank " << r;
+    EXPECT_GE(full[r].memory.grad_buffer_bytes, 4 * pooled[r].num_params) << "rank " << r;
+    EXPECT_LT(pooled[r].memory.grad_bytes(), full[r].memory.grad_bytes()) << "rank " << r;
+  }
+}
 
 TEST(Train, SameSeedGivesIdenticalLosses) {
   TrainConfig c = small_config("muon");

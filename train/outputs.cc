@@ -94,6 +94,7 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
                  {"global_batch", c.global_batch},  {"steps", c.steps},
                  {"grad_accumulation", c.grad_accumulation},
                  {"local_grad_accumulation", c.local_grad_accumulation},
+                 {"model_threads", c.model_threads},
                  {"optimizer", c.optimizer},        {"matrix_lr", c.matrix_lr},
                  {"elementwise_lr", c.elementwise_lr}, {"weight_decay", c.weight_decay},
                  {"warmup_steps", c.warmup_steps},  {"min_lr_ratio", c.min_lr_ratio},

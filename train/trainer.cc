@@ -7,11 +7,13 @@
 #include <limits>
 #include <memory>
 #include <numbers>
+#include <optional>
 #include <sstream>
 
 #include <fmt/format.h>
 
 #include "base/error.h"
+#include "base/thread_pool.h"
 #include "checkpoint/writer.h"
 #include "model/generate.h"
 #include "runtime/checkpoint_io.h"
@@ -135,6 +137,7 @@ void TrainConfig::validate(int world_size) const {
   };
   need(world_size >= 1, "train: world size must be >= 1, got " + std::to_string(world_size));
   need(steps >= 1, "train: --steps must be >= 1, got " + std::to_string(steps));
+  need(model_threads >= 0, "train: --model-threads must be >= 0, got " + std::to_string(model_threads));
   need(grad_accumulation >= 1, "train: --grad-accum must be >= 1, got " + std::to_string(grad_accumulation));
   need(global_batch >= 1 && global_batch % (world_size * grad_accumulation) == 0,
        "train: --batch (global batch, " + std::to_string(global_batch) + " sequences) must be a positive multiple of " +
@@ -212,6 +215,12 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   comm::Communicator& engine_comm = replicated ? *grid.shard_group : comm;
 
   model::Transformer net(config.model);
+  std::optional<ThreadPool> model_pool;
+  const int model_threads = config.model_threads == 0 ? default_thread_count() : config.model_threads;
+  if (model_threads > 1) {
+    model_pool.emplace(model_threads);
+    net.set_thread_pool(&*model_pool);
+  }
   // Route by what a tensor is for, not by its name: the model marks hidden matrices "muon" and the
   // rest "adamw". An element-wise-only run (adamw, lion) takes no groups: everything is element-wise.
   std::vector<proto::TensorSpec> specs = net.tensor_specs(/*route_groups=*/is_matrix_optimizer(config.optimizer));

@@ -4,6 +4,7 @@
 #include <optional>
 #include <vector>
 
+#include "base/thread_pool.h"
 #include "model/data.h"
 #include "model/transformer.h"
 #include "tests/common/counting_new.h"
@@ -11,13 +12,14 @@
 namespace shardopt::model {
 namespace {
 
-TEST(Allocation, SamplingForwardBackwardAllocateNothingAfterReserve) {
+void expect_no_allocations_after_reserve(ThreadPool* pool) {
   ModelConfig c;
   c.d_model = 32;
   c.n_layer = 2;
   c.n_head = 4;
   c.context = 16;
   Transformer m(c);
+  m.set_thread_pool(pool);
   std::vector<std::vector<float>> value, grad;
   std::vector<ParamBinding> bindings;
   std::vector<float*> ptrs;
@@ -60,6 +62,13 @@ TEST(Allocation, SamplingForwardBackwardAllocateNothingAfterReserve) {
   counter.emplace();
   m.forward(bindings, more.data(), more.data(), 8, 16);
   EXPECT_GT(counter->count(), 0);
+}
+
+TEST(Allocation, SamplingForwardBackwardAllocateNothingAfterReserve) { expect_no_allocations_after_reserve(nullptr); }
+
+TEST(Allocation, ThreadedForwardBackwardAllocateNothingAfterReserve) {
+  ThreadPool pool(3);
+  expect_no_allocations_after_reserve(&pool);
 }
 
 }  // namespace

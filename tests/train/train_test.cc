@@ -101,6 +101,23 @@ TEST(Train, StageTwoGradientsLiveInThePoolOfBucketBuffers) {
   }
 }
 
+// Each rank's model on a 3-thread pool trains like the single-threaded one (same losses and
+// parameters up to float reassociation).
+TEST(Train, ThreadedModelTrainsLikeTheSingleThreadedOne) {
+  TrainConfig c = small_config("muon");
+  const auto serial = run(2, c);
+  c.model_threads = 3;
+  const auto threaded = run(2, c);
+  EXPECT_LT(serial[0].history.back().train_loss, serial[0].history.front().train_loss - 0.05);
+  for (size_t s = 0; s < serial[0].history.size(); ++s) {
+    const double a = threaded[0].history[s].train_loss, b = serial[0].history[s].train_loss;
+    EXPECT_NEAR(a, b, 2e-4 * std::abs(b)) << "step " << s + 1;
+  }
+  for (size_t t = 0; t < serial[0].final_params.size(); ++t)
+    for (size_t i = 0; i < serial[0].final_params[t].size(); ++i)
+      ASSERT_NEAR(threaded[1].final_params[t][i], serial[1].final_params[t][i], 1e-4) << "tensor " << t;
+}
+
 TEST(Train, SameSeedGivesIdenticalLosses) {
   TrainConfig c = small_config("muon");
   const auto a = run(2, c);

@@ -23,8 +23,10 @@
 //     fp32 gradient shard and its buffer returns to the pool once the reduction is done; with
 //     accumulation every micro-batch's buckets are reduce-scattered and summed in the shard
 //     (grad_accumulation_steps times the gradient collectives of kFull). Gradient memory per rank:
-//     the shard (Ψ/N fp32) + the pool. grad(t) opening a bucket waits for the oldest reduction in
-//     flight when the pool is empty; a trainer keeping more buckets open than the pool holds grows it.
+//     the shard (Ψ/N fp32) + the pool (with accumulation each pooled buffer also holds a reduce-
+//     scatter output of this rank's largest segment). grad(t) opening a bucket waits for the oldest
+//     reduction in flight when the pool is empty; a trainer keeping more buckets open than the pool
+//     holds grows it.
 //
 // Gradient protocol (both modes, what an autograd hook does): for each micro-batch and tensor t,
 // take p = grad(t), write (or, when grad_accumulates(t), add) t's gradient into p, then call

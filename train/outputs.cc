@@ -129,9 +129,9 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
                                          {"params", m.param_bytes},
                                          {"grad_buffer", m.grad_buffer_bytes},
                                          {"grad_shard", m.grad_shard_bytes}});
-  j["sample"] = r.sample;
+  j["sample"] = r.sample;  // raw bytes: dump() below writes invalid UTF-8 as U+FFFD
   const std::string summary_path = dir + "/summary.json";
-  open_for_write(summary_path) << j.dump(2) << '\n';
+  open_for_write(summary_path) << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
   written.push_back(summary_path);
 
   // The plot: gnuplot is optional (a Debian package); without it the CSV is still there.

@@ -62,6 +62,12 @@ void add_train_options(CLI::App& cmd, TrainArgs& a) {
   cmd.add_option("--batch", c.global_batch, "global batch (sequences per step over all ranks)")->capture_default_str();
   cmd.add_option("--steps", c.steps, "optimizer steps")->capture_default_str();
   cmd.add_option("--grad-accum", c.grad_accumulation, "micro-batches per step")->capture_default_str();
+  cmd.add_option("--model-threads", c.model_threads,
+                 "threads of each rank's model forward/backward (0 = CPUs / local ranks)")
+      ->capture_default_str();
+  cmd.add_flag("--local-grad-accum", c.local_grad_accumulation,
+               "stages 2-3: accumulate micro-batches in full-size gradient buffers (one reduction per step, "
+               "more memory) instead of in the ZeRO-2 gradient shard");
   cmd.add_option("--optimizer", c.optimizer, "muon | normuon (hidden matrices; AdamW elsewhere) | adamw | lion")
       ->capture_default_str()
       ->check(CLI::IsMember({"muon", "normuon", "adamw", "lion"}));

@@ -7,24 +7,55 @@
 #include <limits>
 
 #include "base/error.h"
+#include "base/thread_pool.h"
 #include "model/fast_math.h"
 #include "model/rng.h"
 
 namespace shardopt::model {
 namespace {
 
-// y[N,out] = x[N,in] · Wᵀ  (W is [out,in] row-major).
-void linear_forward(int n, int out, int in, const float* x, const float* w, float* y) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
+// Runs fn(begin, end) over [0, n) in one contiguous chunk per pool thread. Chunk boundaries depend
+// only on n and the pool size, never on scheduling, so results are reproducible run to run.
+template <class F>
+void for_chunks(ThreadPool* pool, int64_t n, F&& fn) {
+  const int64_t chunks = pool == nullptr ? 1 : std::min<int64_t>(pool->size(), n);
+  if (chunks <= 1) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  pool->parallel_for(chunks, [&](int64_t c, int) { fn(n * c / chunks, n * (c + 1) / chunks); });
+}
+
+// y[N,out] = x[N,in] · Wᵀ  (W is [out,in] row-major); token rows split over the pool.
+void linear_forward(ThreadPool* pool, int n, int out, int in, const float* x, const float* w, float* y) {
+  for_chunks(pool, n, [&](int64_t r0, int64_t r1) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(r1 - r0), out, in, 1.0f, x + r0 * in, in,
+                w, in, 0.0f, y + r0 * out, out);
+  });
+}
+// y[N,out] += x[N,in] · Wᵀ (the residual add).
+void linear_forward_add(ThreadPool* pool, int n, int out, int in, const float* x, const float* w, float* y) {
+  for_chunks(pool, n, [&](int64_t r0, int64_t r1) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(r1 - r0), out, in, 1.0f, x + r0 * in, in,
+                w, in, 1.0f, y + r0 * out, out);
+  });
 }
 // dx[N,in] (=|+=) dy[N,out] · W.
-void linear_backward_input(int n, int out, int in, const float* dy, const float* w, float* dx, float beta) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, out, 1.0f, dy, out, w, in, beta, dx, in);
+void linear_backward_input(ThreadPool* pool, int n, int out, int in, const float* dy, const float* w, float* dx,
+                           float beta) {
+  for_chunks(pool, n, [&](int64_t r0, int64_t r1) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(r1 - r0), in, out, 1.0f, dy + r0 * out,
+                out, w, in, beta, dx + r0 * in, in);
+  });
 }
-// dW[out,in] (=|+=) dyᵀ · x.
-void linear_backward_weight(int n, int out, int in, const float* dy, const float* x, float* dw, GradMode mode) {
+// dW[out,in] (=|+=) dyᵀ · x; rows of dW split over the pool (each sums over all tokens).
+void linear_backward_weight(ThreadPool* pool, int n, int out, int in, const float* dy, const float* x, float* dw,
+                            GradMode mode) {
   const float beta = mode == GradMode::kAccumulate ? 1.0f : 0.0f;
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1.0f, dy, out, x, in, beta, dw, in);
+  for_chunks(pool, out, [&](int64_t o0, int64_t o1) {
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(o1 - o0), in, n, 1.0f, dy + o0, out, x, in,
+                beta, dw + o0 * in, in);
+  });
 }
 
 // h = x / rms(x) * g per token; rstd keeps 1/rms for backward.
@@ -63,7 +94,7 @@ void rmsnorm_backward(int n, int d, const float* x, const float* rstd, const flo
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2/pi)
 
 // a = act(u); u is overwritten with act'(u), the only thing backward needs from it.
-void activation_forward(Activation act, int64_t n, float* u, float* a) {
+void activation_forward_serial(Activation act, int64_t n, float* u, float* a) {
   if (act == Activation::kReluSquared) {
     for (int64_t i = 0; i < n; ++i) {
       const float r = u[i] > 0.0f ? u[i] : 0.0f;
@@ -78,6 +109,26 @@ void activation_forward(Activation act, int64_t n, float* u, float* a) {
     a[i] = 0.5f * x * (1.0f + t);
     u[i] = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kGeluC * (1.0f + 3.0f * 0.044715f * x * x);
   }
+}
+
+// fn(task, thread) for every task in [0, n): on the pool, or inline as thread 0.
+template <class F>
+void pool_parallel_for(ThreadPool* pool, int64_t n, F&& fn) {
+  if (pool == nullptr || pool->size() == 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i, 0);
+    return;
+  }
+  pool->parallel_for(n, fn);
+}
+
+void activation_forward(ThreadPool* pool, Activation act, int64_t n, float* u, float* a) {
+  for_chunks(pool, n, [&](int64_t i0, int64_t i1) { activation_forward_serial(act, i1 - i0, u + i0, a + i0); });
+}
+
+void rmsnorm_forward(ThreadPool* pool, int n, int d, float eps, const float* x, const float* g, float* h, float* rstd) {
+  for_chunks(pool, n, [&](int64_t t0, int64_t t1) {
+    rmsnorm_forward(static_cast<int>(t1 - t0), d, eps, x + t0 * d, g, h + t0 * d, rstd + t0);
+  });
 }
 
 template <typename T>
@@ -106,6 +157,15 @@ int64_t ParamSpec::numel() const {
   int64_t n = 1;
   for (int64_t s : shape) n *= s;
   return n;
+}
+
+int Transformer::threads() const { return pool_ == nullptr ? 1 : pool_->size(); }
+
+void Transformer::set_thread_pool(ThreadPool* pool) {
+  pool_ = pool;
+  // Per-thread attention scratch follows the pool size.
+  if (cap_tokens_ > 0)
+    grow(dscores_, static_cast<int64_t>(threads()) * config_.context * config_.context);
 }
 
 Transformer::Transformer(const ModelConfig& config) : config_(config) {
@@ -226,7 +286,8 @@ void Transformer::reserve(int batch, int seq_len) {
   grow(dv_, N * d);
   grow(datt_, N * d);
   // Per-(batch, head) attention backward scratch: dP then dS, one T×T tile at a time.
-  grow(dscores_, static_cast<int64_t>(config_.context) * config_.context);
+  grow(dscores_, static_cast<int64_t>(threads()) * config_.context * config_.context);
+  grow(head_max_, N * config_.n_head);  // B*H <= N*H
 }
 
 void Transformer::check_bindings(std::span<const ParamBinding> params, bool need_grad, const char* where) const {
@@ -289,19 +350,21 @@ float Transformer::forward(std::span<const ParamBinding> params, const uint8_t* 
     float* att = att_.data() + l * Nd;
     float* probs = probs_.data() + l * att_layer;
 
-    rmsnorm_forward(N, d, config_.norm_eps, xin, params[li.attn_norm].value, h1, rstd1_.data() + l * N);
-    linear_forward(N, d, d, h1, params[li.w_q].value, q);
-    linear_forward(N, d, d, h1, params[li.w_k].value, k);
-    linear_forward(N, d, d, h1, params[li.w_v].value, v);
+    rmsnorm_forward(pool_, N, d, config_.norm_eps, xin, params[li.attn_norm].value, h1, rstd1_.data() + l * N);
+    linear_forward(pool_, N, d, d, h1, params[li.w_q].value, q);
+    linear_forward(pool_, N, d, d, h1, params[li.w_k].value, k);
+    linear_forward(pool_, N, d, d, h1, params[li.w_v].value, v);
 
-    for (int hd = 0; hd < H; ++hd) max_logit_[static_cast<std::size_t>(l * H + hd)] = 0.0f;
-    for (int b = 0; b < B; ++b)
-      for (int hd = 0; hd < H; ++hd) {
+    // One task per (sequence, head); each keeps its own max |logit|, combined per head afterwards.
+    for_chunks(pool_, int64_t{B} * H, [&](int64_t task0, int64_t task1) {
+      for (int64_t task = task0; task < task1; ++task) {
+        const int b = static_cast<int>(task / H), hd = static_cast<int>(task % H);
         const int64_t off = static_cast<int64_t>(b) * T * d + static_cast<int64_t>(hd) * dh;
-        float* p = probs + (static_cast<int64_t>(b) * H + hd) * T * T;
+        float* p = probs + task * T * T;
         // S = Q Kᵀ·scale over the full tile; the masked upper triangle is ignored below.
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, dh, scale, q + off, d, k + off, d, 0.0f, p, T);
-        float& max_logit = max_logit_[static_cast<std::size_t>(l * H + hd)];
+        float& max_logit = head_max_[static_cast<std::size_t>(task)];
+        max_logit = 0.0f;
         for (int i = 0; i < T; ++i) {
           float* row = p + static_cast<int64_t>(i) * T;
           float m = -std::numeric_limits<float>::infinity();
@@ -319,27 +382,31 @@ float Transformer::forward(std::span<const ParamBinding> params, const uint8_t* 
         // O = P V (masked entries are zero).
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, dh, T, 1.0f, p, T, v + off, d, 0.0f, att + off, d);
       }
+    });
+    for (int hd = 0; hd < H; ++hd) {
+      float m = 0.0f;
+      for (int b = 0; b < B; ++b) m = std::max(m, head_max_[static_cast<std::size_t>(b * H + hd)]);
+      max_logit_[static_cast<std::size_t>(l * H + hd)] = m;
+    }
 
     // xmid = xin + att·W_oᵀ
     std::copy(xin, xin + Nd, xmid);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, d, d, 1.0f, att, d, params[li.w_o].value, d, 1.0f,
-                xmid, d);
+    linear_forward_add(pool_, N, d, d, att, params[li.w_o].value, xmid);
 
     float* h2 = h2_.data() + l * Nd;
     float* u = u_.data() + l * Nf;
     float* a = a_.data() + l * Nf;
-    rmsnorm_forward(N, d, config_.norm_eps, xmid, params[li.mlp_norm].value, h2, rstd2_.data() + l * N);
-    linear_forward(N, f, d, h2, params[li.w_up].value, u);
-    activation_forward(config_.activation, Nf, u, a);
+    rmsnorm_forward(pool_, N, d, config_.norm_eps, xmid, params[li.mlp_norm].value, h2, rstd2_.data() + l * N);
+    linear_forward(pool_, N, f, d, h2, params[li.w_up].value, u);
+    activation_forward(pool_, config_.activation, Nf, u, a);
     // xout = xmid + a·W_downᵀ
     std::copy(xmid, xmid + Nd, xout);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, d, f, 1.0f, a, f, params[li.w_down].value, f, 1.0f,
-                xout, d);
+    linear_forward_add(pool_, N, d, f, a, params[li.w_down].value, xout);
   }
 
   const float* xf = x_.data() + config_.n_layer * Nd;
-  rmsnorm_forward(N, d, config_.norm_eps, xf, params[final_norm_index()].value, hf_.data(), rstdf_.data());
-  linear_forward(N, V, d, hf_.data(), params[lm_head_index()].value, logits_.data());
+  rmsnorm_forward(pool_, N, d, config_.norm_eps, xf, params[final_norm_index()].value, hf_.data(), rstdf_.data());
+  linear_forward(pool_, N, V, d, hf_.data(), params[lm_head_index()].value, logits_.data());
 
   if (targets == nullptr) return 0.0f;
   std::copy(targets, targets + N, targets_.begin());
@@ -367,14 +434,22 @@ float Transformer::forward(std::span<const ParamBinding> params, const uint8_t* 
   return static_cast<float>(loss / N);
 }
 
-void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, const GradReadyFn& on_grad_ready) {
-  check_bindings(params, true, "backward");
+void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, const GradReadyFn& on_grad_ready,
+                           const GradBufferFn& grad_buffer) {
+  check_bindings(params, !grad_buffer, "backward");
   if (!have_activations_)
     throw ConfigError("Transformer::backward: needs a preceding forward with targets and runs once per "
                       "forward (none since the last backward, forward without targets, or construction)");
   have_activations_ = false;  // backward consumes the softmax kept in dlogits_
   auto ready = [&](std::size_t idx) {
     if (on_grad_ready) on_grad_ready(idx);
+  };
+  auto grad_of = [&](std::size_t idx) -> float* {
+    if (!grad_buffer) return params[idx].grad;
+    float* g = grad_buffer(idx);
+    if (g == nullptr)
+      throw ConfigError("Transformer::backward: grad_buffer returned null for " + params_[idx].name);
+    return g;
   };
   const int B = batch_, T = seq_len_, d = config_.d_model, H = config_.n_head, dh = config_.d_head();
   const int f = config_.mlp_hidden(), V = config_.vocab;
@@ -390,14 +465,14 @@ void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, 
     for (int c = 0; c < V; ++c) drow[c] *= inv_n;
     drow[targets_[n]] -= inv_n;
   }
-  linear_backward_weight(N, V, d, dlogits_.data(), hf_.data(), params[lm_head_index()].grad, mode);
+  linear_backward_weight(pool_, N, V, d, dlogits_.data(), hf_.data(), grad_of(lm_head_index()), mode);
   ready(lm_head_index());
-  linear_backward_input(N, V, d, dlogits_.data(), params[lm_head_index()].value, dh_.data(), 0.0f);
+  linear_backward_input(pool_, N, V, d, dlogits_.data(), params[lm_head_index()].value, dh_.data(), 0.0f);
 
   float* dx = dx_.data();  // gradient w.r.t. the residual stream at the current point
   std::fill(dx, dx + Nd, 0.0f);
   rmsnorm_backward(N, d, x_.data() + config_.n_layer * Nd, rstdf_.data(), params[final_norm_index()].value,
-                   dh_.data(), dx, params[final_norm_index()].grad, mode);
+                   dh_.data(), dx, grad_of(final_norm_index()), mode);
   ready(final_norm_index());
 
   for (int l = config_.n_layer - 1; l >= 0; --l) {
@@ -416,62 +491,63 @@ void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, 
 
     // MLP branch: dx is ∂/∂xout, which is also ∂/∂(branch output).
     float* da = dbig_.data();
-    linear_backward_weight(N, d, f, dx, a, params[li.w_down].grad, mode);
+    linear_backward_weight(pool_, N, d, f, dx, a, grad_of(li.w_down), mode);
     ready(li.w_down);
-    linear_backward_input(N, d, f, dx, params[li.w_down].value, da, 0.0f);
+    linear_backward_input(pool_, N, d, f, dx, params[li.w_down].value, da, 0.0f);
     for (int64_t i = 0; i < Nf; ++i) da[i] *= act_grad[i];  // now du
-    linear_backward_weight(N, f, d, da, h2, params[li.w_up].grad, mode);
+    linear_backward_weight(pool_, N, f, d, da, h2, grad_of(li.w_up), mode);
     ready(li.w_up);
-    linear_backward_input(N, f, d, da, params[li.w_up].value, dh_.data(), 0.0f);
+    linear_backward_input(pool_, N, f, d, da, params[li.w_up].value, dh_.data(), 0.0f);
     rmsnorm_backward(N, d, xmid, rstd2_.data() + l * N, params[li.mlp_norm].value, dh_.data(), dx,
-                     params[li.mlp_norm].grad, mode);
+                     grad_of(li.mlp_norm), mode);
     ready(li.mlp_norm);
 
     // Attention branch: dx is now ∂/∂xmid.
-    linear_backward_weight(N, d, d, dx, att, params[li.w_o].grad, mode);
+    linear_backward_weight(pool_, N, d, d, dx, att, grad_of(li.w_o), mode);
     ready(li.w_o);
-    linear_backward_input(N, d, d, dx, params[li.w_o].value, datt_.data(), 0.0f);
-    float* ds = dscores_.data();
-    for (int b = 0; b < B; ++b)
-      for (int hd = 0; hd < H; ++hd) {
-        const int64_t off = static_cast<int64_t>(b) * T * d + static_cast<int64_t>(hd) * dh;
-        const float* p = probs + (static_cast<int64_t>(b) * H + hd) * T * T;
-        const float* dO = datt_.data() + off;
-        // dP = dO Vᵀ ; dV = Pᵀ dO
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, dh, 1.0f, dO, d, v + off, d, 0.0f, ds, T);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, dh, T, 1.0f, p, T, dO, d, 0.0f, dv_.data() + off, d);
-        // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale ; masked entries have P = 0.
-        for (int i = 0; i < T; ++i) {
-          float* dsr = ds + static_cast<int64_t>(i) * T;
-          const float* pr = p + static_cast<int64_t>(i) * T;
-          float dot = 0.0f;
-          for (int j = 0; j <= i; ++j) dot += pr[j] * dsr[j];
-          for (int j = 0; j <= i; ++j) dsr[j] = pr[j] * (dsr[j] - dot) * scale;
-          for (int j = i + 1; j < T; ++j) dsr[j] = 0.0f;
-        }
-        // dQ = dS K ; dK = dSᵀ Q
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, dh, T, 1.0f, ds, T, k + off, d, 0.0f,
-                    dq_.data() + off, d);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, dh, T, 1.0f, ds, T, q + off, d, 0.0f,
-                    dk_.data() + off, d);
+    linear_backward_input(pool_, N, d, d, dx, params[li.w_o].value, datt_.data(), 0.0f);
+    // One task per (sequence, head), each with its thread's T×T scratch.
+    pool_parallel_for(pool_, int64_t{B} * H, [&](int64_t task, int thread) {
+      const int b = static_cast<int>(task / H), hd = static_cast<int>(task % H);
+      float* ds = dscores_.data() + static_cast<int64_t>(thread) * config_.context * config_.context;
+      const int64_t off = static_cast<int64_t>(b) * T * d + static_cast<int64_t>(hd) * dh;
+      const float* p = probs + (static_cast<int64_t>(b) * H + hd) * T * T;
+      const float* dO = datt_.data() + off;
+      // dP = dO Vᵀ ; dV = Pᵀ dO
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, dh, 1.0f, dO, d, v + off, d, 0.0f, ds, T);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, dh, T, 1.0f, p, T, dO, d, 0.0f, dv_.data() + off, d);
+      // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale ; masked entries have P = 0.
+      for (int i = 0; i < T; ++i) {
+        float* dsr = ds + static_cast<int64_t>(i) * T;
+        const float* pr = p + static_cast<int64_t>(i) * T;
+        float dot = 0.0f;
+        for (int j = 0; j <= i; ++j) dot += pr[j] * dsr[j];
+        for (int j = 0; j <= i; ++j) dsr[j] = pr[j] * (dsr[j] - dot) * scale;
+        for (int j = i + 1; j < T; ++j) dsr[j] = 0.0f;
       }
+      // dQ = dS K ; dK = dSᵀ Q
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, dh, T, 1.0f, ds, T, k + off, d, 0.0f,
+                  dq_.data() + off, d);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, dh, T, 1.0f, ds, T, q + off, d, 0.0f,
+                  dk_.data() + off, d);
+    });
     // Reverse registration order within the layer: v, k, q.
-    linear_backward_weight(N, d, d, dv_.data(), h1, params[li.w_v].grad, mode);
+    linear_backward_weight(pool_, N, d, d, dv_.data(), h1, grad_of(li.w_v), mode);
     ready(li.w_v);
-    linear_backward_weight(N, d, d, dk_.data(), h1, params[li.w_k].grad, mode);
+    linear_backward_weight(pool_, N, d, d, dk_.data(), h1, grad_of(li.w_k), mode);
     ready(li.w_k);
-    linear_backward_weight(N, d, d, dq_.data(), h1, params[li.w_q].grad, mode);
+    linear_backward_weight(pool_, N, d, d, dq_.data(), h1, grad_of(li.w_q), mode);
     ready(li.w_q);
-    linear_backward_input(N, d, d, dq_.data(), params[li.w_q].value, dh_.data(), 0.0f);
-    linear_backward_input(N, d, d, dk_.data(), params[li.w_k].value, dh_.data(), 1.0f);
-    linear_backward_input(N, d, d, dv_.data(), params[li.w_v].value, dh_.data(), 1.0f);
+    linear_backward_input(pool_, N, d, d, dq_.data(), params[li.w_q].value, dh_.data(), 0.0f);
+    linear_backward_input(pool_, N, d, d, dk_.data(), params[li.w_k].value, dh_.data(), 1.0f);
+    linear_backward_input(pool_, N, d, d, dv_.data(), params[li.w_v].value, dh_.data(), 1.0f);
     rmsnorm_backward(N, d, xin, rstd1_.data() + l * N, params[li.attn_norm].value, dh_.data(), dx,
-                     params[li.attn_norm].grad, mode);
+                     grad_of(li.attn_norm), mode);
     ready(li.attn_norm);
   }
 
   // Embeddings: scatter-add dx (∂/∂x0) into the rows used.
-  float* dpos = params[pos_emb_index()].grad;
+  float* dpos = grad_of(pos_emb_index());
   if (mode == GradMode::kOverwrite) std::fill(dpos, dpos + params_[pos_emb_index()].numel(), 0.0f);
   for (int b = 0; b < B; ++b)
     for (int t = 0; t < T; ++t) {
@@ -480,7 +556,7 @@ void Transformer::backward(std::span<const ParamBinding> params, GradMode mode, 
       for (int i = 0; i < d; ++i) dp[i] += dxr[i];
     }
   ready(pos_emb_index());
-  float* dtok = params[tok_emb_index()].grad;
+  float* dtok = grad_of(tok_emb_index());
   if (mode == GradMode::kOverwrite) std::fill(dtok, dtok + params_[tok_emb_index()].numel(), 0.0f);
   for (int n = 0; n < N; ++n) {
     const float* dxr = dx + static_cast<int64_t>(n) * d;

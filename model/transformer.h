@@ -19,6 +19,10 @@
 
 #include "proto/types.pb.h"
 
+namespace shardopt {
+class ThreadPool;
+}
+
 namespace shardopt::model {
 
 enum class Activation { kGeluTanh, kReluSquared };
@@ -60,13 +64,17 @@ enum class GradMode { kOverwrite, kAccumulate };
 
 // Called with a tensor index as soon as that tensor's gradient is final for this backward.
 using GradReadyFn = std::function<void(std::size_t tensor_index)>;
+// Where tensor_index's gradient goes, asked right before backward writes it (once per tensor per
+// backward, in the order gradients are produced): lets a runtime hand out per-bucket buffers that
+// exist only while their bucket is being filled instead of whole-model gradient memory.
+using GradBufferFn = std::function<float*(std::size_t tensor_index)>;
 
 // Index of every tensor in the registration order (for tests, QK-clip, routing).
 struct LayerParamIndex {
   std::size_t attn_norm, w_q, w_k, w_v, w_o, mlp_norm, w_up, w_down;
 };
 
-// Not thread-safe: one instance (one workspace) per thread/rank.
+// Not thread-safe: one instance (one workspace) per thread/rank (it may use a ThreadPool inside).
 class Transformer {
  public:
   explicit Transformer(const ModelConfig& config);
@@ -90,6 +98,13 @@ class Transformer {
   void init(uint64_t seed, std::span<float* const> values) const;
   void init_tensor(uint64_t seed, std::size_t tensor_index, float* values) const;
 
+  // Forward/backward split their matmuls (token rows, or weight rows for weight gradients), norms,
+  // activations and attention (one task per sequence and head) over `pool`'s threads; nullptr (the
+  // default) runs on the caller. The pool is not owned and must outlive its use here. Results do
+  // not depend on scheduling (fixed chunks); they may differ in the last bits between pool sizes.
+  void set_thread_pool(ThreadPool* pool);
+  int threads() const;
+
   // Grows the workspace to hold (batch, seq_len); smaller shapes reuse it afterwards.
   void reserve(int batch, int seq_len);
 
@@ -100,9 +115,12 @@ class Transformer {
                 int batch, int seq_len);
 
   // Gradient of the last forward's loss, once per forward (throws ConfigError otherwise).
-  // Requires bindings with grad set; their values must be the ones passed to that forward. on_grad_ready (optional) fires once per tensor, in reverse
-  // registration order, right after that tensor's gradient is written.
-  void backward(std::span<const ParamBinding> params, GradMode mode, const GradReadyFn& on_grad_ready = {});
+  // Bindings' values must be the ones passed to that forward. Gradients go to bindings' grad
+  // pointers, or, with grad_buffer, to where grad_buffer(t) says (asked right before tensor t is
+  // written; bindings' grad may then be null). on_grad_ready (optional) fires once per tensor, in
+  // reverse registration order, right after that tensor's gradient is written.
+  void backward(std::span<const ParamBinding> params, GradMode mode, const GradReadyFn& on_grad_ready = {},
+                const GradBufferFn& grad_buffer = {});
 
   // Logits of the last forward: [batch*seq_len][vocab].
   const float* logits() const { return logits_.data(); }
@@ -120,6 +138,7 @@ class Transformer {
 
   ModelConfig config_;
   std::vector<ParamSpec> params_;
+  ThreadPool* pool_ = nullptr;
 
   // Workspace (capacity in tokens / attention cells), sized by reserve().
   int64_t cap_tokens_ = 0, cap_att_ = 0;
@@ -135,6 +154,7 @@ class Transformer {
   std::vector<float> u_, a_;                  // MLP act'(pre-activation), activation: L*N*F each
   std::vector<float> logits_;                 // N*V raw logits
   std::vector<float> max_logit_;              // L*H
+  std::vector<float> head_max_;               // B*H: max |logit| per (sequence, head) of one layer
   // Backward scratch; dlogits_ holds the softmax of the last loss forward.
   std::vector<float> dlogits_, dx_, dh_, dbig_, dq_, dk_, dv_, datt_, dscores_;
 };

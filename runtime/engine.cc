@@ -8,6 +8,7 @@
 #include "base/error.h"
 #include "optim/config.h"
 #include "optim/elementwise.h"
+#include "optim/finite.h"
 #include "optim/muon.h"
 #include "proto/dtype_convert.h"
 #include "proto/runtime.pb.h"
@@ -30,6 +31,11 @@ proto::OptimizerConfig elementwise_config(const EngineOptions& o) {
   return optim::with_defaults(c);
 }
 
+// Stage 1 keeps full gradients: its reduction happens once per step whatever the option says.
+bool uses_sharded_grads(const EngineOptions& o) {
+  return o.zero_stage >= 2 && o.grad_memory == GradMemory::kSharded;
+}
+
 // Everything ranks must agree on, as one message: hashed at init, diffed on mismatch.
 proto::EngineConfig engine_config(const proto::PlanRequest& request, const EngineOptions& o) {
   proto::EngineConfig c;
@@ -38,6 +44,7 @@ proto::EngineConfig engine_config(const proto::PlanRequest& request, const Engin
   *c.mutable_elementwise_optimizer() = elementwise_config(o);
   c.set_max_grad_norm(o.max_grad_norm);
   c.set_grad_accumulation_steps(o.grad_accumulation_steps);
+  c.set_sharded_grads(uses_sharded_grads(o));
   return c;
 }
 
@@ -65,6 +72,8 @@ Engine::Engine(comm::Communicator& comm, std::vector<proto::TensorSpec> params, 
   if (options_.grad_accumulation_steps < 1)
     throw ConfigError("grad_accumulation_steps must be >= 1, got " + std::to_string(options_.grad_accumulation_steps));
   if (!(options_.max_grad_norm >= 0)) throw ConfigError("max_grad_norm must be >= 0");
+  if (options_.grad_buckets_in_flight < 1)
+    throw ConfigError("grad_buckets_in_flight must be >= 1, got " + std::to_string(options_.grad_buckets_in_flight));
   for (const auto& s : specs_)
     if (s.dtype() != proto::F32)
       throw ConfigError("Engine: tensor '" + s.name() + "' has dtype " + std::string(dtype_name(s.dtype())) +
@@ -86,25 +95,47 @@ Engine::Engine(comm::Communicator& comm, std::vector<proto::TensorSpec> params, 
     matrix_params_owner_dim0_ = matrix_params_;
     matrix_params_owner_dim0_->weight_decay = 0;
   }
+  GradBuffers grad_buffers;
+  grad_buffers.pooled = uses_sharded_grads(options_);
+  grad_buffers.slots = options_.grad_buckets_in_flight;
+  grad_buffers.reduce_scratch = options_.grad_accumulation_steps > 1;
   state_ = std::make_unique<ShardState>(std::move(plan), comm_.rank(), matrix_params_ ? &*matrix_params_ : nullptr,
-                                        elementwise_params_);
+                                        elementwise_params_, grad_buffers);
 
-  pending_in_bucket_.assign(state_->num_buckets(), 0);
-  reductions_.assign(state_->num_buckets(), nullptr);
-  for (int b = 0; b < state_->num_buckets(); ++b) pending_in_bucket_[b] = state_->plan().buckets(b).tensors_size();
+  const int nb = state_->num_buckets();
+  pending_in_bucket_.assign(nb, 0);
+  launches_.assign(nb, 0);
+  ready_count_.assign(specs_.size(), 0);
+  reductions_.assign(nb, nullptr);
+  param_gathers_.assign(nb, nullptr);
+  in_flight_.reserve(static_cast<size_t>(state_->num_grad_slots()));
+  reset_step_bookkeeping();
   check_buffer_.assign(specs_.size() + 1, 0.0f);
   traffic_at_last_step_ = comm_.counters();
 }
 
 Engine::~Engine() {
   // Never leave a reduction writing into freed buffers.
-  for (auto& w : reductions_) {
-    if (!w) continue;
+  auto quiet_wait = [](comm::WorkPtr& w) {
+    if (!w) return;
     try {
       w->wait();
     } catch (...) {
     }
+  };
+  for (auto& w : reductions_) quiet_wait(w);
+  for (auto& f : in_flight_) quiet_wait(f.work);
+  for (auto& w : param_gathers_) quiet_wait(w);
+}
+
+void Engine::reset_step_bookkeeping() {
+  // kSharded launches a bucket every micro-batch; kFull once, after A rounds of grad_ready.
+  const int rounds = state_->pooled_grads() ? 1 : options_.grad_accumulation_steps;
+  for (int b = 0; b < state_->num_buckets(); ++b) {
+    pending_in_bucket_[b] = rounds * plan().buckets(b).tensors_size();
+    launches_[b] = 0;
   }
+  std::fill(ready_count_.begin(), ready_count_.end(), 0);
 }
 
 void Engine::verify_same_config_on_all_ranks() {
@@ -142,7 +173,16 @@ float* Engine::param(size_t t) {
 
 float* Engine::grad(size_t t) {
   SHARDOPT_ASSERT(t < specs_.size(), "tensor index out of range");
+  if (state_->pooled_grads()) {
+    const int b = bucket_of(t);
+    if (!state_->grad_slot_open(b)) open_grad_bucket(b);
+  }
   return state_->grad(t);
+}
+
+bool Engine::grad_accumulates(size_t t) const {
+  SHARDOPT_ASSERT(t < specs_.size(), "tensor index out of range");
+  return !state_->pooled_grads() && ready_count_[t] > 0;
 }
 
 void Engine::set_params(const std::function<void(size_t, float*)>& fill) {
@@ -179,31 +219,94 @@ void Engine::set_optimizer_step(int64_t step) {
 void Engine::grad_ready(size_t t) {
   SHARDOPT_ASSERT(t < specs_.size(), "tensor index out of range");
   const int b = bucket_of(t);
-  if (--pending_in_bucket_[b] == 0 && options_.overlap) launch_reduction(b);
-  if (pending_in_bucket_[b] < 0)
-    throw ConfigError("grad_ready called twice for tensor '" + specs_[t].name() + "' in one step");
+  if (ready_count_[t] >= options_.grad_accumulation_steps)
+    throw ConfigError("grad_ready called " + std::to_string(ready_count_[t] + 1) + " times for tensor '" +
+                      specs_[t].name() + "' in one step (grad_accumulation_steps = " +
+                      std::to_string(options_.grad_accumulation_steps) + ")");
+  if (state_->pooled_grads() && ready_count_[t] > launches_[b])
+    throw ConfigError("grad_ready called twice for tensor '" + specs_[t].name() +
+                      "' in one micro-batch (its bucket is still waiting for other tensors)");
+  ++ready_count_[t];
+  if (--pending_in_bucket_[b] > 0) return;
+  if (state_->pooled_grads()) {
+    launch_reduction(b);
+    pending_in_bucket_[b] = plan().buckets(b).tensors_size();
+    if (!options_.overlap) finish_oldest_reduction();
+  } else if (options_.overlap) {
+    launch_reduction(b);
+  }
+}
+
+void Engine::open_grad_bucket(int b) {
+  while (!state_->open_grad_slot(b)) {
+    if (in_flight_.empty()) {
+      // Every buffer holds an open bucket: the trainer interleaves more buckets than the pool has.
+      state_->add_grad_slot();
+      in_flight_.reserve(static_cast<size_t>(state_->num_grad_slots()));
+    } else {
+      finish_oldest_reduction();
+    }
+  }
+}
+
+void Engine::finish_oldest_reduction() {
+  InFlight& f = in_flight_.front();
+  {
+    TraceRecorder::Span span(trace_, "reduce wait b", f.bucket, "comm");
+    f.work->wait();
+  }
+  if (f.accumulate) {
+    float* shard = state_->grad_shard(f.bucket);
+    const float* reduced = state_->slot_reduced(f.slot);
+    const int64_t n = state_->my_segment(f.bucket).count();
+    for (int64_t i = 0; i < n; ++i) shard[i] += reduced[i];
+  }
+  state_->free_grad_slot(f.slot);
+  in_flight_.erase(in_flight_.begin());
 }
 
 void Engine::launch_reduction(int b) {
-  TraceRecorder::Span span(trace_, "reduce launch b" + std::to_string(b), "comm");
+  TraceRecorder::Span span(trace_, "reduce launch b", b, "comm");
+  const bool pooled = state_->pooled_grads();
+  if (pooled && !state_->grad_slot_open(b)) open_grad_bucket(b);  // no gradient written: zeros
   if (state_->dim0()) state_->copy_in_grads(b);
   // Every stage reduce-scatters: only the owner of a segment needs its reduced gradient, and the
   // parameters come back by all-gather (2Ψ(N-1)/N per rank, the ZeRO arithmetic for stages 1-3).
-  reductions_[b] = comm_.reduce_scatter(state_->bucket_grads(b), state_->grad_shard(b), state_->segment_counts(b),
-                                        DType::kF32, comm::ReduceOp::kAvg);
+  const float* input = state_->bucket_grads(b);
+  if (!pooled) {
+    reductions_[b] = comm_.reduce_scatter(input, state_->grad_shard(b), state_->segment_counts(b), DType::kF32,
+                                          comm::ReduceOp::kAvg);
+    ++launches_[b];
+    return;
+  }
+  // The first micro-batch lands in the shard, later ones beside it and are added when they finish.
+  const bool accumulate = launches_[b]++ > 0;
+  const int slot = state_->close_grad_slot(b);
+  float* output = accumulate ? state_->slot_reduced(slot) : state_->grad_shard(b);
+  in_flight_.push_back(InFlight{b, slot, accumulate,
+                                comm_.reduce_scatter(input, output, state_->segment_counts(b), DType::kF32,
+                                                     comm::ReduceOp::kAvg)});
 }
 
 void Engine::wait_reductions() {
-  // Buckets whose tensors were never announced (no overlap, or a trainer that skips grad_ready)
-  // are reduced now, in bucket order, the same on every rank.
-  for (int b = 0; b < state_->num_buckets(); ++b)
-    if (!reductions_[b]) launch_reduction(b);
-  for (int b = 0; b < state_->num_buckets(); ++b) {
-    TraceRecorder::Span span(trace_, "reduce wait b" + std::to_string(b), "comm");
-    reductions_[b]->wait();
-    reductions_[b].reset();
-    pending_in_bucket_[b] = plan().buckets(b).tensors_size();
+  if (state_->pooled_grads()) {
+    // Buckets still open (tensors never announced), or never written this step (zero gradient),
+    // are reduced now, in bucket order, the same on every rank.
+    for (int b = 0; b < state_->num_buckets(); ++b)
+      if (state_->grad_slot_open(b) || launches_[b] == 0) launch_reduction(b);
+    while (!in_flight_.empty()) finish_oldest_reduction();
+  } else {
+    // Buckets whose tensors were not all announced (no overlap, or a trainer that skips
+    // grad_ready) are reduced now, in bucket order, the same on every rank.
+    for (int b = 0; b < state_->num_buckets(); ++b)
+      if (!reductions_[b]) launch_reduction(b);
+    for (int b = 0; b < state_->num_buckets(); ++b) {
+      TraceRecorder::Span span(trace_, "reduce wait b", b, "comm");
+      reductions_[b]->wait();
+      reductions_[b].reset();
+    }
   }
+  reset_step_bookkeeping();
 }
 
 // Counts non-finite values per tensor and the squared norm over my pieces, combines them across
@@ -212,16 +315,16 @@ bool Engine::check_and_clip(StepReport& report) {
   TraceRecorder::Span span(trace_, "check+clip", "compute");
   std::fill(check_buffer_.begin(), check_buffer_.end(), 0.0f);
   double sumsq = 0;
+  bool any_bad = false;
   for (const LocalPiece& p : state_->my_pieces()) {
     const float* g = state_->grad_shard(p.bucket) + p.segment_offset;
-    int64_t bad = 0;
-    double s = 0;
-    for (int64_t i = 0; i < p.length; ++i) {
-      const float v = g[i];
-      if (!std::isfinite(v)) ++bad;
-      else s += static_cast<double>(v) * v;
+    if (optim::count_nonfinite(g, static_cast<size_t>(p.length)) != 0) {
+      check_buffer_[static_cast<size_t>(p.tensor)] += 1.0f;
+      any_bad = true;
     }
-    if (bad) check_buffer_[static_cast<size_t>(p.tensor)] += 1.0f;
+    if (any_bad) continue;  // the step is skipped everywhere: no norm needed
+    double s = 0;
+    for (int64_t i = 0; i < p.length; ++i) s += static_cast<double>(g[i]) * g[i];
     sumsq += s;
   }
   check_buffer_.back() = static_cast<float>(sumsq);
@@ -251,7 +354,7 @@ bool Engine::check_and_clip(StepReport& report) {
 void Engine::update_matrices_owned(float lr_multiplier) {
   const optim::OptimizerParams& mx = *matrix_params_;
   for (OwnedMatrix& om : state_->owned_matrices()) {
-    TraceRecorder::Span span(trace_, "muon " + specs_[static_cast<size_t>(om.tensor)].name(), "compute");
+    TraceRecorder::Span span(trace_, "muon ", specs_[static_cast<size_t>(om.tensor)].name(), "compute");
     optim::muon_step(mx, om.matrix, mx.lr * lr_multiplier, state_->muon_workspace());
   }
 }
@@ -274,7 +377,7 @@ void Engine::update_matrices_dim0(float lr_multiplier, PhaseTimes& times) {
 
   t0 = clock::now();
   for (OwnedMatrix& om : state_->owned_matrices()) {
-    TraceRecorder::Span span(trace_, "muon " + specs_[static_cast<size_t>(om.tensor)].name(), "compute");
+    TraceRecorder::Span span(trace_, "muon ", specs_[static_cast<size_t>(om.tensor)].name(), "compute");
     optim::muon_step(mx, om.matrix, lr, state_->muon_workspace());
   }
   times.matrix += seconds_since(t0);
@@ -286,22 +389,24 @@ void Engine::update_matrices_dim0(float lr_multiplier, PhaseTimes& times) {
   times.dim0_exchange += seconds_since(t0);
 }
 
-void Engine::gather_params_after_step() {
+comm::WorkPtr Engine::start_param_gather(int b) {
+  const auto& seg = state_->my_segment(b);
+  float* full = state_->bucket_params(b);
+  std::memcpy(full + seg.offset(), state_->master_shard(b), sizeof(float) * static_cast<size_t>(seg.count()));
+  return comm_.all_gather(full + seg.offset(), full, state_->segment_counts(b), DType::kF32);
+}
+
+void Engine::refresh_params() {
   if (state_->stage() == 3) {
     // Stage 3 keeps parameters sharded: whatever was gathered is stale now.
     release_all();
     return;
   }
-  std::vector<comm::WorkPtr> works(state_->num_buckets());
+  for (int b = 0; b < state_->num_buckets(); ++b) param_gathers_[b] = start_param_gather(b);
   for (int b = 0; b < state_->num_buckets(); ++b) {
-    const auto& seg = state_->my_segment(b);
-    float* full = state_->bucket_params(b);
-    std::memcpy(full + seg.offset(), state_->master_shard(b), sizeof(float) * static_cast<size_t>(seg.count()));
-    works[b] = comm_.all_gather(full + seg.offset(), full, state_->segment_counts(b), DType::kF32);
-  }
-  for (int b = 0; b < state_->num_buckets(); ++b) {
-    TraceRecorder::Span span(trace_, "all_gather b" + std::to_string(b), "comm");
-    works[b]->wait();
+    TraceRecorder::Span span(trace_, "all_gather b", b, "comm");
+    param_gathers_[b]->wait();
+    param_gathers_[b].reset();
     if (state_->dim0()) state_->copy_out_params(b);
   }
 }
@@ -340,7 +445,7 @@ StepReport Engine::step(float lr_multiplier) {
       }
     }
     t0 = clock::now();
-    gather_params_after_step();
+    refresh_params();
     report.times.gather = seconds_since(t0);
   } else {
     report.applied = false;
@@ -355,12 +460,9 @@ StepReport Engine::step(float lr_multiplier) {
 
 void Engine::gather(int b) {
   if (state_->params_resident(b)) return;
-  TraceRecorder::Span span(trace_, "gather b" + std::to_string(b), "comm");
+  TraceRecorder::Span span(trace_, "gather b", b, "comm");
   state_->acquire_params(b);
-  const auto& seg = state_->my_segment(b);
-  float* full = state_->bucket_params(b);
-  std::memcpy(full + seg.offset(), state_->master_shard(b), sizeof(float) * static_cast<size_t>(seg.count()));
-  comm_.all_gather(full + seg.offset(), full, state_->segment_counts(b), DType::kF32)->wait();
+  start_param_gather(b)->wait();
   if (state_->dim0()) state_->copy_out_params(b);
 }
 

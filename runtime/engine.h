@@ -1,7 +1,8 @@
 // The Engine: the sharded optimizer a trainer embeds. It owns the parameter, gradient, master and
 // optimizer-state buffers of one rank, laid out by a ShardPlan, and runs the synchronous ZeRO step:
 //
-//   trainer writes grad(t) ... grad_ready(t)   -> each completed bucket is reduced at once (overlap)
+//   per micro-batch: trainer writes grad(t) ... grad_ready(t) -> each completed bucket is
+//                    reduce-scattered at once (overlap)
 //   step():  wait reductions -> non-finite check + global norm (one small all-reduce)
 //            -> element-wise update of the owned slices (AdamW/Lion/SGD)
 //            -> Muon/NorMuon on owned whole matrices (owned layout: in place; dim0 layout: row shards
@@ -10,10 +11,29 @@
 //
 // Every stage reduce-scatters gradients and all-gathers parameters (2Ψ(N-1)/N per rank per step).
 // Stages 1 and 2 keep full parameters resident; stage 3 keeps only the rank's shard and gathers on
-// demand: gather(bucket)/release(bucket) around their use. The trainer-facing gradient buffer is
-// full-size in every stage (the trainer writes whole tensors during backward), so stage 2 differs
-// from stage 1 only by the persistent shard; freeing bucket gradients during backward is not done.
-// Buffers are allocated once at construction; step() allocates nothing.
+// demand: gather(bucket)/release(bucket) around their use.
+//
+// Gradient memory (EngineOptions::grad_memory):
+//   stage 1, or GradMemory::kFull: full-size gradient buffers, persistent. Micro-batches accumulate
+//     into them locally (the trainer adds; grad_accumulates(t) says when) and each bucket is
+//     reduce-scattered once per step, after its tensors' last grad_ready.
+//   stages 2-3 with GradMemory::kSharded (the default, ZeRO-2): grad(t) points into a bucket buffer
+//     taken from a small pool (grad_buckets_in_flight buffers of the largest bucket's size). When all
+//     of a bucket's tensors are grad_ready the bucket is reduce-scattered into this rank's persistent
+//     fp32 gradient shard and its buffer returns to the pool once the reduction is done; with
+//     accumulation every micro-batch's buckets are reduce-scattered and summed in the shard
+//     (grad_accumulation_steps times the gradient collectives of kFull). Gradient memory per rank:
+//     the shard (Ψ/N fp32) + the pool (with accumulation each pooled buffer also holds a reduce-
+//     scatter output of this rank's largest segment). grad(t) opening a bucket waits for the oldest
+//     reduction in flight when the pool is empty; a trainer keeping more buckets open than the pool
+//     holds grows it.
+//
+// Gradient protocol (both modes, what an autograd hook does): for each micro-batch and tensor t,
+// take p = grad(t), write (or, when grad_accumulates(t), add) t's gradient into p, then call
+// grad_ready(t) once. The pointer is valid until t's bucket is launched (its last tensor's
+// grad_ready of that micro-batch); ask grad(t) again in the next micro-batch. Tensors may come in
+// any order; ranks must announce them in the same order (bucket launches are collectives).
+// Buffers are allocated at construction (the pool grows only as described); step() allocates nothing.
 #pragma once
 
 #include <chrono>
@@ -34,6 +54,11 @@
 
 namespace shardopt::runtime {
 
+enum class GradMemory {
+  kSharded,  // ZeRO-2: pooled bucket buffers reduce-scattered per micro-batch into the gradient shard
+  kFull,     // full-size buffers accumulated locally, reduce-scattered once per step (fewer collectives)
+};
+
 struct EngineOptions {
   int zero_stage = 2;
   proto::ShardLayout layout = proto::SHARD_LAYOUT_OWNED;
@@ -47,9 +72,15 @@ struct EngineOptions {
   int64_t memory_cap_bytes = 0;
   // > 0: gradients are scaled so that their global L2 norm is at most this.
   float max_grad_norm = 0;
-  // Micro-batches per step: the reduced gradient is divided by this (the trainer accumulates).
+  // Micro-batches per step: every tensor gets grad_accumulation_steps grad_ready() calls per step;
+  // the summed gradient is divided by this.
   int grad_accumulation_steps = 1;
-  // true: grad_ready() starts a bucket's reduction as soon as the bucket is complete.
+  // Stages 2-3 (stage 1 always keeps full buffers); see the file comment.
+  GradMemory grad_memory = GradMemory::kSharded;
+  // kSharded: bucket buffers in the pool (>= 1): bounds the reductions in flight during backward.
+  int grad_buckets_in_flight = 2;
+  // true: grad_ready() starts a bucket's reduction as soon as the bucket is complete. false: kFull
+  // reduces everything in step(); kSharded reduces each bucket when complete and waits for it there.
   bool overlap = true;
 };
 
@@ -97,21 +128,32 @@ class Engine {
   // Resolved optimizer parameters (the matrix one is null when every tensor is element-wise).
   const optim::OptimizerParams& elementwise_params() const { return elementwise_params_; }
   const optim::OptimizerParams* matrix_params() const { return matrix_params_ ? &*matrix_params_ : nullptr; }
-  // Collective. After master shards were written directly (checkpoint load): stages 1-2 all-gather
-  // the full parameters from the masters; stage 3 drops whatever was gathered (stale).
-  void refresh_params() { gather_params_after_step(); }
+  // Collective. After master shards changed (an optimizer step, a checkpoint load, an outer sync):
+  // stages 1-2 all-gather the full parameters from the masters; stage 3 drops whatever was gathered
+  // (stale).
+  void refresh_params();
 
   // Full fp32 view of tensor t (numel values, row-major). Valid always in stages 1-2; in stage 3
   // only while its bucket is gathered.
   float* param(size_t t);
-  // Where the trainer writes tensor t's gradient (numel values). Always valid.
+  // Where the trainer writes tensor t's gradient for the current micro-batch (numel values). kFull /
+  // stage 1: always valid, persistent. kSharded: opens t's bucket buffer (zero-filled) if it is not
+  // open, possibly waiting for the oldest reduction in flight; valid until t's bucket is launched.
   float* grad(size_t t);
+  // True when grad(t) already holds t's gradient of earlier micro-batches of this step, so the
+  // trainer must add to it (kFull / stage 1 after t's first grad_ready of the step); false: write it
+  // (a kSharded buffer starts zeroed each micro-batch, so adding is also right).
+  bool grad_accumulates(size_t t) const;
+  // True when gradients live in pooled bucket buffers (stages 2-3 with GradMemory::kSharded).
+  bool sharded_grads() const { return state_->pooled_grads(); }
 
   // Sets every parameter: fill(t, dst) writes tensor t's full value into dst. Called on every rank
   // with the same values (e.g. a seeded init); each rank keeps what the plan gives it.
   void set_params(const std::function<void(size_t, float*)>& fill);
 
-  // The trainer's gradient of tensor t is final for this step (all micro-batches accumulated).
+  // Tensor t's gradient of the current micro-batch is written; once per tensor per micro-batch
+  // (grad_accumulation_steps times per step, ConfigError beyond). The bucket's reduction starts when
+  // its last tensor is ready (kSharded: every micro-batch; kFull: in the last one).
   void grad_ready(size_t t);
   // Applies one optimizer step with learning rates scaled by lr_multiplier (schedules).
   StepReport step(float lr_multiplier = 1.0f);
@@ -133,10 +175,17 @@ class Engine {
   void verify_same_config_on_all_ranks();
   void launch_reduction(int bucket);
   void wait_reductions();
+  void reset_step_bookkeeping();
+  // kSharded: binds a pooled buffer to bucket b, finishing the oldest reduction when none is free.
+  void open_grad_bucket(int bucket);
+  // kSharded: waits for the oldest reduction in flight, adds it into the shard (later micro-batches)
+  // and returns its buffer to the pool.
+  void finish_oldest_reduction();
+  // Starts the all-gather of bucket b's full parameters from my master segment.
+  comm::WorkPtr start_param_gather(int bucket);
   bool check_and_clip(StepReport& report);
   void update_matrices_owned(float lr_multiplier);
   void update_matrices_dim0(float lr_multiplier, PhaseTimes& times);
-  void gather_params_after_step();
 
   comm::Communicator& comm_;
   std::vector<proto::TensorSpec> specs_;
@@ -148,8 +197,19 @@ class Engine {
   std::unique_ptr<ShardState> state_;
   TraceRecorder trace_;
 
-  std::vector<int> pending_in_bucket_;      // tensors not yet grad_ready, per bucket
-  std::vector<comm::WorkPtr> reductions_;   // in-flight gradient reduction per bucket
+  // Step bookkeeping, reset by step().
+  std::vector<int> pending_in_bucket_;  // grad_ready calls missing before the bucket's next launch
+  std::vector<int> ready_count_;        // per tensor: grad_ready calls this step
+  std::vector<int> launches_;           // per bucket: reductions launched this step
+  std::vector<comm::WorkPtr> reductions_;  // kFull: in-flight gradient reduction per bucket
+  struct InFlight {
+    int bucket = 0;
+    int slot = 0;
+    bool accumulate = false;  // a later micro-batch: its output is added into the shard
+    comm::WorkPtr work;
+  };
+  std::vector<InFlight> in_flight_;   // kSharded: oldest first
+  std::vector<comm::WorkPtr> param_gathers_;  // per bucket, reused by every refresh
   std::vector<float> check_buffer_;         // per-tensor non-finite counts + squared norm
   comm::TrafficCounters traffic_at_last_step_;
   int64_t step_ = 0;

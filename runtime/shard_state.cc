@@ -14,40 +14,99 @@ int64_t numel_of(const proto::TensorPlacement& t) { return t.numel(); }
 }  // namespace
 
 ShardState::ShardState(proto::ShardPlan plan, int rank, const optim::OptimizerParams* matrix_optimizer,
-                       const optim::OptimizerParams& elementwise_optimizer)
-    : plan_(std::move(plan)), rank_(rank) {
+                       const optim::OptimizerParams& elementwise_optimizer, GradBuffers grad_buffers)
+    : plan_(std::move(plan)), rank_(rank), grad_buffers_(grad_buffers) {
   const int nb = num_buckets();
   const size_t nt = static_cast<size_t>(plan_.tensors_size());
-  grads_.resize(nb);
+  grads_.resize(grad_buffers_.pooled ? 0 : nb);
   grad_shards_.resize(nb);
   master_.resize(nb);
   params_.resize(nb);
+  segment_counts_.resize(nb);
   for (int b = 0; b < nb; ++b) {
     const auto& bucket = plan_.buckets(b);
-    grads_[b].assign(static_cast<size_t>(bucket.numel()), 0.0f);
+    if (!grad_buffers_.pooled) grads_[b].assign(static_cast<size_t>(bucket.numel()), 0.0f);
     const auto count = static_cast<size_t>(my_segment(b).count());
     master_[b].assign(count, 0.0f);
     grad_shards_[b].assign(count, 0.0f);
     if (stage() <= 2) params_[b].assign(static_cast<size_t>(bucket.numel()), 0.0f);
+    for (const auto& seg : bucket.segments()) segment_counts_[b].push_back(static_cast<size_t>(seg.count()));
+    largest_bucket_ = std::max(largest_bucket_, bucket.numel());
+    largest_segment_ = std::max(largest_segment_, my_segment(b).count());
   }
   param_view_.assign(nt, nullptr);
   grad_view_.assign(nt, nullptr);
   if (dim0()) {
     user_params_.resize(nt);
-    user_grads_.resize(nt);
+    if (!grad_buffers_.pooled) user_grads_.resize(nt);
     for (size_t t = 0; t < nt; ++t) {
       user_params_[t].assign(static_cast<size_t>(numel_of(plan_.tensors(static_cast<int>(t)))), 0.0f);
-      user_grads_[t].assign(user_params_[t].size(), 0.0f);
+      if (!grad_buffers_.pooled) user_grads_[t].assign(user_params_[t].size(), 0.0f);
     }
+  }
+  if (grad_buffers_.pooled) {
+    SHARDOPT_ASSERT(grad_buffers_.slots >= 1, "a gradient pool needs at least one slot");
+    open_slot_.assign(static_cast<size_t>(nb), -1);
+    if (dim0()) {
+      tensor_major_offset_.assign(nt, 0);
+      tensor_major_numel_.assign(static_cast<size_t>(nb), 0);
+      for (int b = 0; b < nb; ++b)
+        for (int t : plan_.buckets(b).tensors()) {
+          tensor_major_offset_[static_cast<size_t>(t)] = tensor_major_numel_[static_cast<size_t>(b)];
+          tensor_major_numel_[static_cast<size_t>(b)] += numel_of(plan_.tensors(t));
+        }
+    }
+    for (int i = 0; i < grad_buffers_.slots; ++i) add_grad_slot();
   }
   build_views(matrix_optimizer, elementwise_optimizer);
   if (dim0()) build_dim0_exchange();
 }
 
-std::vector<size_t> ShardState::segment_counts(int b) const {
-  std::vector<size_t> counts;
-  for (const auto& s : plan_.buckets(b).segments()) counts.push_back(static_cast<size_t>(s.count()));
-  return counts;
+ShardState::GradSlot ShardState::make_grad_slot() const {
+  GradSlot s;
+  s.reduce_input.assign(static_cast<size_t>(largest_bucket_), 0.0f);
+  if (dim0()) {
+    int64_t largest = 0;
+    for (int64_t n : tensor_major_numel_) largest = std::max(largest, n);
+    s.tensor_major.assign(static_cast<size_t>(largest), 0.0f);
+  }
+  if (grad_buffers_.reduce_scratch) s.reduced.assign(static_cast<size_t>(largest_segment_), 0.0f);
+  return s;
+}
+
+void ShardState::add_grad_slot() {
+  SHARDOPT_ASSERT(grad_buffers_.pooled, "add_grad_slot: this state keeps full gradient buffers");
+  slots_.push_back(make_grad_slot());
+  // Room for every slot on the free stack: free_grad_slot() then never allocates.
+  free_slots_.reserve(slots_.size());
+  free_slots_.push_back(static_cast<int>(slots_.size()) - 1);
+}
+
+bool ShardState::open_grad_slot(int b) {
+  SHARDOPT_ASSERT(grad_buffers_.pooled && open_slot_[b] < 0, "open_grad_slot: bucket already has a slot");
+  if (free_slots_.empty()) return false;
+  const int slot = free_slots_.back();
+  free_slots_.pop_back();
+  open_slot_[b] = slot;
+  // A fresh micro-batch: tensors (and padding) start from zero, so writers may overwrite or add.
+  GradSlot& s = slots_[static_cast<size_t>(slot)];
+  std::fill_n(s.reduce_input.begin(), plan_.buckets(b).numel(), 0.0f);
+  if (dim0()) std::fill_n(s.tensor_major.begin(), tensor_major_numel_[static_cast<size_t>(b)], 0.0f);
+  return true;
+}
+
+int ShardState::close_grad_slot(int b) {
+  const int slot = open_slot_[b];
+  SHARDOPT_ASSERT(slot >= 0, "close_grad_slot: bucket has no open slot");
+  open_slot_[b] = -1;
+  return slot;
+}
+
+void ShardState::free_grad_slot(int slot) { free_slots_.push_back(slot); }
+
+float* ShardState::bucket_grads(int b) {
+  if (!grad_buffers_.pooled) return grads_[b].data();
+  return open_slot_[b] < 0 ? nullptr : slots_[static_cast<size_t>(open_slot_[b])].reduce_input.data();
 }
 
 void ShardState::acquire_params(int b) {
@@ -82,17 +141,31 @@ float* ShardState::param(size_t t) {
 }
 
 float* ShardState::grad(size_t t) {
-  if (dim0()) return user_grads_[t].data();
   const auto& placement = plan_.tensors(static_cast<int>(t));
-  return grads_[placement.bucket()].data() + placement.bucket_offset();
+  const int b = placement.bucket();
+  if (!grad_buffers_.pooled) {
+    if (dim0()) return user_grads_[t].data();
+    return grads_[b].data() + placement.bucket_offset();
+  }
+  SHARDOPT_ASSERT(open_slot_[b] >= 0, "grad: bucket of " + placement.name() + " has no open gradient slot");
+  GradSlot& s = slots_[static_cast<size_t>(open_slot_[b])];
+  if (dim0()) return s.tensor_major.data() + tensor_major_offset_[t];
+  return s.reduce_input.data() + placement.bucket_offset();
+}
+
+const float* ShardState::tensor_grad_source(int t, int b) const {
+  if (!grad_buffers_.pooled) return user_grads_[static_cast<size_t>(t)].data();
+  return slots_[static_cast<size_t>(open_slot_[b])].tensor_major.data() + tensor_major_offset_[static_cast<size_t>(t)];
 }
 
 void ShardState::copy_in_grads(int b) {
+  float* dst = bucket_grads(b);
+  SHARDOPT_ASSERT(dst != nullptr, "copy_in_grads: bucket has no gradient buffer");
   for (int t : plan_.buckets(b).tensors()) {
     const auto& placement = plan_.tensors(t);
+    const float* src = tensor_grad_source(t, b);
     for (const auto& p : placement.pieces())
-      std::memcpy(grads_[b].data() + p.bucket_offset(), user_grads_[t].data() + p.tensor_offset(),
-                  sizeof(float) * static_cast<size_t>(p.length()));
+      std::memcpy(dst + p.bucket_offset(), src + p.tensor_offset(), sizeof(float) * static_cast<size_t>(p.length()));
   }
 }
 
@@ -209,12 +282,14 @@ void ShardState::build_dim0_exchange() {
   }
   dim0_send_.assign(send_total, 0.0f);
   dim0_recv_.assign(recv_total, 0.0f);
+  dim0_cursor_.assign(static_cast<size_t>(n), 0);
 }
 
 // Send layout: peer-major (owner order), and within a peer the Muon tensors in tensor order.
 void ShardState::dim0_pack_grads() {
   const int n = plan_.request().world_size();
-  std::vector<size_t> cursor(n, 0);
+  std::vector<size_t>& cursor = dim0_cursor_;
+  cursor[0] = 0;
   for (int p = 1; p < n; ++p) cursor[p] = cursor[p - 1] + dim0_send_counts_[p - 1];
   for (const Dim0Shard& s : dim0_my_shards_) {
     std::memcpy(dim0_send_.data() + cursor[s.owner], grad_shard(s.bucket) + s.segment_offset,
@@ -226,7 +301,8 @@ void ShardState::dim0_pack_grads() {
 // Receive layout from peer q: the pieces q holds of my matrices, in tensor order.
 void ShardState::dim0_unpack_to_owned() {
   const int n = plan_.request().world_size();
-  std::vector<size_t> cursor(n, 0);
+  std::vector<size_t>& cursor = dim0_cursor_;
+  cursor[0] = 0;
   for (int p = 1; p < n; ++p) cursor[p] = cursor[p - 1] + dim0_recv_counts_[p - 1];
   for (OwnedMatrix& om : owned_) {
     const auto& placement = plan_.tensors(om.tensor);
@@ -244,7 +320,8 @@ void ShardState::dim0_unpack_to_owned() {
 void ShardState::dim0_pack_updates() {
   // The reverse exchange reuses the receive buffer as its send buffer (same counts, reversed roles).
   const int n = plan_.request().world_size();
-  std::vector<size_t> cursor(n, 0);
+  std::vector<size_t>& cursor = dim0_cursor_;
+  cursor[0] = 0;
   for (int p = 1; p < n; ++p) cursor[p] = cursor[p - 1] + dim0_recv_counts_[p - 1];
   for (OwnedMatrix& om : owned_) {
     const auto& placement = plan_.tensors(om.tensor);
@@ -258,7 +335,8 @@ void ShardState::dim0_pack_updates() {
 
 void ShardState::dim0_apply_updates(float lr, float weight_decay) {
   const int n = plan_.request().world_size();
-  std::vector<size_t> cursor(n, 0);
+  std::vector<size_t>& cursor = dim0_cursor_;
+  cursor[0] = 0;
   for (int p = 1; p < n; ++p) cursor[p] = cursor[p - 1] + dim0_send_counts_[p - 1];
   const float decay = 1.0f - lr * weight_decay;
   for (const Dim0Shard& s : dim0_my_shards_) {
@@ -278,6 +356,10 @@ MemoryReport ShardState::memory() const {
   };
   r.param_bytes = bytes(params_) + bytes(user_params_);
   r.grad_buffer_bytes = bytes(grads_) + bytes(user_grads_);
+  for (const GradSlot& s : slots_)
+    r.grad_buffer_bytes +=
+        static_cast<int64_t>((s.reduce_input.size() + s.tensor_major.size() + s.reduced.size()) * sizeof(float));
+  r.grad_slots = num_grad_slots();
   r.grad_shard_bytes = bytes(grad_shards_);
   r.master_bytes = bytes(master_);
   r.state_bytes = static_cast<int64_t>((elementwise_state_.size() + muon_state_.size()) * sizeof(float));

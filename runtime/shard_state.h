@@ -3,12 +3,18 @@
 //
 // Per bucket b (plan.buckets(b)), with my segment [seg.offset, seg.offset + seg.count):
 //   bucket_grads(b)   full bucket buffer the trainer's gradients land in (reduction input)
-//   grad_shard(b)     my reduced segment (the reduce-scatter output)
+//   grad_shard(b)     my reduced segment (the reduce-scatter output; persistent in every mode)
 //   master_shard(b)   fp32 master values of my segment (the optimizer updates these)
 //   bucket_params(b)  full parameter bucket (stages 1-2: persistent; stage 3: pooled while gathered)
 // Owned layout: every tensor is contiguous inside its bucket, so param(t)/grad(t) point straight into
 // the bucket buffers. Dim0 layout: buckets are rank-major, so param(t)/grad(t) are separate contiguous
 // buffers copied into/out of the buckets (copy-in before the reduction, copy-out after the gather).
+//
+// Gradient buffers come in two kinds (GradBuffers):
+//   full:   one persistent buffer per bucket (plus, dim0, one per tensor): the whole model's size.
+//   pooled: a few GradSlots, each big enough for the largest bucket. open_grad_slot(b) binds a free
+//           slot to bucket b (zero-filled), grad(t)/bucket_grads(b) point into it until
+//           close_grad_slot(b) hands it to the reduction in flight; free_grad_slot() returns it.
 #pragma once
 
 #include <cstdint>
@@ -24,8 +30,11 @@ namespace shardopt::runtime {
 
 struct MemoryReport {
   int64_t param_bytes = 0;        // resident parameter buffers
-  int64_t grad_buffer_bytes = 0;  // trainer-facing gradient buffers (full model)
-  int64_t grad_shard_bytes = 0;   // reduced gradient shard
+  // Trainer-facing gradient buffers: the whole model (full buffers: stage 1, local accumulation;
+  // dim0 adds per-tensor copies) or the pool of bucket slots (ZeRO-2, see GradBuffers).
+  int64_t grad_buffer_bytes = 0;
+  int64_t grad_shard_bytes = 0;   // reduced gradient shard (persistent fp32, every mode)
+  int grad_slots = 0;             // pooled gradient slots (0 with full buffers)
   int64_t master_bytes = 0;       // fp32 master shard
   int64_t state_bytes = 0;        // optimizer moments: element-wise slots, Muon momentum, NorMuon rows
   int64_t exchange_bytes = 0;     // dim0: owner-side assembly buffers for whole matrices
@@ -33,6 +42,13 @@ struct MemoryReport {
   // The plan's ZeRO arithmetic for this rank: K bytes per owned parameter (K = 12 AdamW, 8 Muon...).
   double formula_optimizer_bytes = 0;
   int64_t optimizer_bytes() const { return master_bytes + state_bytes; }
+  int64_t grad_bytes() const { return grad_buffer_bytes + grad_shard_bytes; }
+};
+
+struct GradBuffers {
+  bool pooled = false;   // false: full-size buffers
+  int slots = 2;         // pooled: initial slot count (add_grad_slot() grows it)
+  bool reduce_scratch = false;  // pooled: each slot gets a segment-sized reduce-scatter output
 };
 
 // A piece of a tensor that this rank holds in its segment.
@@ -54,7 +70,7 @@ struct OwnedMatrix {
 class ShardState {
  public:
   ShardState(proto::ShardPlan plan, int rank, const optim::OptimizerParams* matrix_optimizer,
-             const optim::OptimizerParams& elementwise_optimizer);
+             const optim::OptimizerParams& elementwise_optimizer, GradBuffers grad_buffers = {});
 
   const proto::ShardPlan& plan() const { return plan_; }
   int rank() const { return rank_; }
@@ -62,9 +78,10 @@ class ShardState {
   bool dim0() const { return plan_.request().layout() == proto::SHARD_LAYOUT_DIM0; }
   int num_buckets() const { return plan_.buckets_size(); }
   const proto::Segment& my_segment(int b) const { return plan_.buckets(b).segments(rank_); }
-  std::vector<size_t> segment_counts(int b) const;
+  const std::vector<size_t>& segment_counts(int b) const { return segment_counts_[b]; }
 
-  float* bucket_grads(int b) { return grads_[b].data(); }
+  // Reduction input of bucket b: its full buffer, or (pooled) its open slot's, nullptr when none.
+  float* bucket_grads(int b);
   float* grad_shard(int b) { return grad_shards_[b].data(); }
   float* master_shard(int b) { return master_[b].data(); }
   float* bucket_params(int b) { return params_[b].empty() ? nullptr : params_[b].data(); }
@@ -74,7 +91,24 @@ class ShardState {
   void drop_params(int b);
 
   float* param(size_t t);
+  // Where tensor t's gradient is written (pooled: its bucket's slot must be open).
   float* grad(size_t t);
+
+  // Pooled gradient slots (GradBuffers::pooled).
+  bool pooled_grads() const { return grad_buffers_.pooled; }
+  int num_grad_slots() const { return static_cast<int>(slots_.size()); }
+  bool grad_slot_open(int b) const { return open_slot_[b] >= 0; }
+  // Binds a free slot (zero-filled) to bucket b; false when every slot is taken.
+  bool open_grad_slot(int b);
+  // Bucket b's slot leaves it (its reduction is in flight); returns the slot.
+  int close_grad_slot(int b);
+  void free_grad_slot(int slot);
+  // One more slot (a trainer keeping more buckets open at once than the pool holds).
+  void add_grad_slot();
+  float* slot_reduce_input(int slot) { return slots_[slot].reduce_input.data(); }
+  // Segment-sized reduce-scatter output of later micro-batches (GradBuffers::reduce_scratch).
+  float* slot_reduced(int slot) { return slots_[slot].reduced.data(); }
+
   // Dim0: copies tensors' gradients of bucket b into its rank-major buffer / parameters out of it.
   void copy_in_grads(int b);
   void copy_out_params(int b);
@@ -104,9 +138,26 @@ class ShardState {
   void build_views(const optim::OptimizerParams* matrix_optimizer, const optim::OptimizerParams& elementwise);
   void build_dim0_exchange();
 
+  struct GradSlot {
+    std::vector<float> reduce_input;  // bucket layout, sized for the largest bucket
+    std::vector<float> tensor_major;  // dim0: the bucket's tensors back to back (where grad(t) points)
+    std::vector<float> reduced;       // reduce_scratch: my segment of a later micro-batch
+  };
+  GradSlot make_grad_slot() const;
+  // Dim0: tensor t's gradient, where copy_in_grads reads it.
+  const float* tensor_grad_source(int t, int b) const;
+
   proto::ShardPlan plan_;
   int rank_;
-  std::vector<std::vector<float>> grads_, grad_shards_, master_, params_;
+  GradBuffers grad_buffers_;
+  std::vector<std::vector<size_t>> segment_counts_;
+  std::vector<std::vector<float>> grads_, grad_shards_, master_, params_;  // grads_: full buffers only
+  std::vector<GradSlot> slots_;
+  std::vector<int> free_slots_;         // stack of free slot indices
+  std::vector<int> open_slot_;          // per bucket: its open slot, or -1
+  std::vector<int64_t> tensor_major_offset_;  // dim0 pooled: tensor's offset in its bucket's tensor_major
+  std::vector<int64_t> tensor_major_numel_;   // dim0 pooled: per bucket, sum of its tensors' numel
+  int64_t largest_bucket_ = 0, largest_segment_ = 0;
   std::vector<std::vector<float>> param_pool_;  // stage 3: free bucket-sized buffers
   std::vector<std::vector<float>> user_params_, user_grads_;  // dim0 only
   std::vector<float*> param_view_, grad_view_;  // owned layout: offsets into bucket buffers
@@ -130,6 +181,7 @@ class ShardState {
   };
   std::vector<Dim0Shard> dim0_my_shards_;  // tensor order
   std::vector<size_t> dim0_send_counts_, dim0_recv_counts_;
+  std::vector<size_t> dim0_cursor_;  // per-peer cursor of the pack/unpack loops (kept: step() allocates nothing)
   std::vector<float> dim0_send_, dim0_recv_;
 };
 

@@ -31,17 +31,33 @@ class TraceRecorder {
   void record(std::string name, const char* category, clock::TimePoint start, clock::TimePoint end);
   const std::vector<TraceEvent>& events() const { return events_; }
 
-  // RAII span: records [construction, destruction).
+  // RAII span: records [construction, destruction). The (prefix, suffix) forms build the name only
+  // while recording is enabled, so a disabled recorder costs no allocation.
   class Span {
    public:
     Span(TraceRecorder& rec, std::string name, const char* category)
-        : rec_(rec), name_(std::move(name)), category_(category), start_(clock::now()) {}
-    ~Span() { rec_.record(std::move(name_), category_, start_, clock::now()); }
+        : rec_(rec), active_(rec.enabled()), name_(std::move(name)), category_(category), start_(clock::now()) {}
+    Span(TraceRecorder& rec, const char* name, const char* category)
+        : rec_(rec), active_(rec.enabled()), category_(category), start_(clock::now()) {
+      if (active_) name_ = name;
+    }
+    Span(TraceRecorder& rec, const char* prefix, int index, const char* category)
+        : rec_(rec), active_(rec.enabled()), category_(category), start_(clock::now()) {
+      if (active_) name_ = prefix + std::to_string(index);
+    }
+    Span(TraceRecorder& rec, const char* prefix, const std::string& suffix, const char* category)
+        : rec_(rec), active_(rec.enabled()), category_(category), start_(clock::now()) {
+      if (active_) name_ = prefix + suffix;
+    }
+    ~Span() {
+      if (active_) rec_.record(std::move(name_), category_, start_, clock::now());
+    }
     Span(const Span&) = delete;
     Span& operator=(const Span&) = delete;
 
    private:
     TraceRecorder& rec_;
+    bool active_;
     std::string name_;
     const char* category_;
     clock::TimePoint start_;

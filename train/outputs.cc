@@ -123,6 +123,8 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
                  {"n_head", c.model.n_head},        {"context", c.model.context},
                  {"global_batch", c.global_batch},  {"steps", c.steps},
                  {"grad_accumulation", c.grad_accumulation},
+                 {"local_grad_accumulation", c.local_grad_accumulation},
+                 {"model_threads", c.model_threads},
                  {"optimizer", c.optimizer},        {"matrix_lr", c.matrix_lr},
                  {"elementwise_lr", c.elementwise_lr}, {"weight_decay", c.weight_decay},
                  {"warmup_steps", c.warmup_steps},  {"min_lr_ratio", c.min_lr_ratio},
@@ -157,9 +159,9 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
                                          {"params", m.param_bytes},
                                          {"grad_buffer", m.grad_buffer_bytes},
                                          {"grad_shard", m.grad_shard_bytes}});
-  j["sample"] = r.sample;
+  j["sample"] = r.sample;  // raw bytes: dump() below writes invalid UTF-8 as U+FFFD
   const std::string summary_path = dir + "/summary.json";
-  open_for_write(summary_path) << j.dump(2) << '\n';
+  open_for_write(summary_path) << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
   written.push_back(summary_path);
 
   // The plot: gnuplot is optional (a Debian package); without it the CSV is still there.

@@ -6,12 +6,14 @@
 #include <limits>
 #include <memory>
 #include <numbers>
+#include <optional>
 #include <sstream>
 
 #include <fmt/format.h>
 
 #include "base/clock.h"
 #include "base/error.h"
+#include "base/thread_pool.h"
 #include "checkpoint/writer.h"
 #include "model/generate.h"
 #include "runtime/checkpoint_io.h"
@@ -81,6 +83,7 @@ runtime::EngineOptions engine_options(const TrainConfig& c) {
   o.bucket_bytes = c.bucket_bytes;
   o.max_grad_norm = c.max_grad_norm;
   o.grad_accumulation_steps = c.grad_accumulation;
+  o.grad_memory = c.local_grad_accumulation ? runtime::GradMemory::kFull : runtime::GradMemory::kSharded;
   o.overlap = true;
   if (is_matrix_optimizer(c.optimizer)) {
     o.matrix_optimizer.set_kind(optim::parse_optimizer_kind(c.optimizer));
@@ -132,6 +135,7 @@ void TrainConfig::validate(int world_size) const {
   };
   need(world_size >= 1, "train: world size must be >= 1, got " + std::to_string(world_size));
   need(steps >= 1, "train: --steps must be >= 1, got " + std::to_string(steps));
+  need(model_threads >= 0, "train: --model-threads must be >= 0, got " + std::to_string(model_threads));
   need(grad_accumulation >= 1, "train: --grad-accum must be >= 1, got " + std::to_string(grad_accumulation));
   need(global_batch >= 1 && global_batch % (world_size * grad_accumulation) == 0,
        "train: --batch (global batch, " + std::to_string(global_batch) + " sequences) must be a positive multiple of " +
@@ -209,6 +213,12 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   comm::Communicator& engine_comm = replicated ? *grid.shard_group : comm;
 
   model::Transformer net(config.model);
+  std::optional<ThreadPool> model_pool;
+  const int model_threads = config.model_threads == 0 ? default_thread_count() : config.model_threads;
+  if (model_threads > 1) {
+    model_pool.emplace(model_threads);
+    net.set_thread_pool(&*model_pool);
+  }
   // Route by what a tensor is for, not by its name: the model marks hidden matrices "muon" and the
   // rest "adamw". An element-wise-only run (adamw, lion) takes no groups: everything is element-wise.
   std::vector<proto::TensorSpec> specs = net.tensor_specs(/*route_groups=*/is_matrix_optimizer(config.optimizer));
@@ -244,11 +254,14 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   model::TokenBatch val_batch = sampler.make_batch();
   net.reserve(batch.batch, batch.seq_len);
 
+  // The model reads parameters through bindings and asks the engine for each gradient's buffer right
+  // before writing it (with ZeRO-2 gradients that buffer exists only while its bucket fills).
   std::vector<model::ParamBinding> bindings(specs.size());
   auto bind = [&] {
-    for (size_t t = 0; t < specs.size(); ++t) bindings[t] = {engine.param(t), engine.grad(t)};
+    for (size_t t = 0; t < specs.size(); ++t) bindings[t] = {engine.param(t), nullptr};
   };
   const model::GradReadyFn announce = [&engine](size_t t) { engine.grad_ready(t); };
+  const model::GradBufferFn grad_buffer = [&engine](size_t t) { return engine.grad(t); };
 
   auto evaluate = [&]() -> double {
     if (stage3) engine.gather_all();
@@ -293,12 +306,12 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
         runtime::TraceRecorder::Span span(trace, "forward", "compute");
         loss_sum += net.forward(bindings, batch.inputs.data(), batch.targets.data(), batch.batch, batch.seq_len);
       }
-      const bool last = k + 1 == config.grad_accumulation;
       runtime::TraceRecorder::Span span(trace, "backward", "compute");
-      // Only the last micro-batch's gradients are final: announce those (bucket reductions start
-      // while backward continues through earlier layers).
-      net.backward(bindings, k == 0 ? model::GradMode::kOverwrite : model::GradMode::kAccumulate,
-                   last ? announce : model::GradReadyFn{});
+      // Every micro-batch announces its gradients; bucket reductions start while backward continues
+      // through earlier layers (full local buffers: in the last micro-batch only). With full
+      // buffers, later micro-batches add to what earlier ones left.
+      const auto mode = engine.grad_accumulates(0) ? model::GradMode::kAccumulate : model::GradMode::kOverwrite;
+      net.backward(bindings, mode, announce, grad_buffer);
     }
     result.compute_seconds += seconds_since(compute_start);
     if (stage3) engine.release_all();

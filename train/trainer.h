@@ -53,6 +53,11 @@ struct TrainConfig {
   int global_batch = 32;  // sequences per optimizer step over all ranks (and all micro-batches)
   int steps = 200;
   int grad_accumulation = 1;  // micro-batches per step; global_batch % (ranks * grad_accumulation) == 0
+  // Stages 2-3: accumulate micro-batches in full-size local gradient buffers (one reduction per
+  // step) instead of reduce-scattering every micro-batch into the gradient shard (ZeRO-2 memory).
+  bool local_grad_accumulation = false;
+  // Threads of each rank's model forward/backward (a ThreadPool per rank); 0 = default_thread_count().
+  int model_threads = 1;
   std::string optimizer = "muon";  // muon | normuon (hidden matrices; AdamW for the rest) | adamw | lion
   float matrix_lr = 0.02f;         // Muon/NorMuon learning rate
   float elementwise_lr = 3e-3f;    // AdamW/Lion learning rate (every tensor when optimizer is adamw/lion)

@@ -127,10 +127,11 @@ void train(TrainMode mode, int replicas, int steps, int outer_every, int batch_p
     std::vector<model::ParamBinding> bind(engine.num_tensors());
     uint64_t outer_bytes = 0;  // outer steps only (the consensus metric's collectives excluded)
     for (int s = 0; s < steps; ++s) {
-      for (size_t t = 0; t < bind.size(); ++t) bind[t] = {engine.param(t), engine.grad(t)};
+      for (size_t t = 0; t < bind.size(); ++t) bind[t] = {engine.param(t), nullptr};
       sampler.train_batch(s, batch);
       const float loss = net.forward(bind, batch.inputs.data(), batch.targets.data(), batch.batch, batch.seq_len);
-      net.backward(bind, model::GradMode::kOverwrite, [&](size_t t) { engine.grad_ready(t); });
+      net.backward(bind, model::GradMode::kOverwrite, [&](size_t t) { engine.grad_ready(t); },
+                   [&](size_t t) { return engine.grad(t); });
       engine.step();
       {
         std::lock_guard lock(mu);

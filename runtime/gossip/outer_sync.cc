@@ -139,25 +139,7 @@ void OuterSync::write_theta(const float* src) {
   }
 }
 
-void OuterSync::refresh_params() {
-  ShardState& st = engine_.shard_state();
-  if (st.stage() == 3) {
-    engine_.release_all();  // gathered copies are stale; they gather again on demand
-    return;
-  }
-  comm::Communicator& group = engine_.comm();
-  std::vector<comm::WorkPtr> works(static_cast<size_t>(st.num_buckets()));
-  for (int b = 0; b < st.num_buckets(); ++b) {
-    const auto& seg = st.my_segment(b);
-    float* full = st.bucket_params(b);
-    std::memcpy(full + seg.offset(), st.master_shard(b), sizeof(float) * static_cast<size_t>(seg.count()));
-    works[static_cast<size_t>(b)] = group.all_gather(full + seg.offset(), full, st.segment_counts(b), DType::kF32);
-  }
-  for (int b = 0; b < st.num_buckets(); ++b) {
-    works[static_cast<size_t>(b)]->wait();
-    if (st.dim0()) st.copy_out_params(b);
-  }
-}
+void OuterSync::refresh_params() { engine_.refresh_params(); }
 
 bool OuterSync::after_inner_step() {
   if (++inner_since_outer_ < options_.outer_every) return false;

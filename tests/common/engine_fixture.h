@@ -52,4 +52,11 @@ inline float rank_offset(int rank, int world, size_t t, int64_t i) {
   return static_cast<float>(int64_t{2 * rank - (world - 1)} * ((i + ti) % 5 - 2)) / 128.0f;
 }
 
+// Micro-batch k's offset (of A per step): sums to exactly zero over the micro-batches, so the
+// accumulated gradient is exactly A times the common one.
+inline float micro_offset(int k, int accumulation, size_t t, int64_t i) {
+  const auto ti = static_cast<int64_t>(t);
+  return static_cast<float>(int64_t{2 * k - (accumulation - 1)} * ((i + 2 * ti) % 3 - 1)) / 256.0f;
+}
+
 }  // namespace shardopt::test_fixture

@@ -45,8 +45,12 @@ inline bool reference_uses_muon(const proto::TensorSpec& spec, const runtime::En
 }
 
 // Parameters after `steps` steps of the reference, starting from initial_value and fed common_grad.
+// With o.grad_accumulation_steps = A the engine sums A micro-batches (exactly A * common_grad, see
+// micro_offset) and scales by the float 1/A: the reference feeds that same value.
 inline std::vector<std::vector<float>> reference_run(const std::vector<proto::TensorSpec>& specs,
                                                      const runtime::EngineOptions& o, int steps) {
+  const int accumulation = o.grad_accumulation_steps;
+  const auto inv_accumulation = static_cast<float>(1.0 / accumulation);
   const auto ew = optim::resolve_optimizer_config(o.elementwise_optimizer);
   std::optional<optim::OptimizerParams> mx;
   if (o.matrix_optimizer.kind() != proto::OPTIMIZER_KIND_UNSPECIFIED)
@@ -66,7 +70,10 @@ inline std::vector<std::vector<float>> reference_run(const std::vector<proto::Te
   }
   for (int step = 1; step <= steps; ++step) {
     for (size_t t = 0; t < n_t; ++t) {
-      for (int64_t i = 0; i < numel(specs[t]); ++i) g[t][i] = common_grad(step, t, i);
+      for (int64_t i = 0; i < numel(specs[t]); ++i) {
+        const float c = common_grad(step, t, i);
+        g[t][i] = accumulation == 1 ? c : (static_cast<float>(accumulation) * c) * inv_accumulation;
+      }
       if (reference_uses_muon(specs[t], o)) {
         optim::MuonMatrix m;
         m.master = w[t].data();

@@ -1,37 +1,25 @@
 // Steady-state steps must not touch the heap: count operator new calls around them.
 #include <gtest/gtest.h>
 
-#include <atomic>
-#include <cstdlib>
-#include <new>
+#include <optional>
 #include <vector>
 
+#include "base/thread_pool.h"
 #include "model/data.h"
 #include "model/transformer.h"
-
-namespace {
-std::atomic<bool> g_counting{false};
-std::atomic<long> g_allocations{0};
-}  // namespace
-
-void* operator new(std::size_t n) {
-  if (g_counting.load(std::memory_order_relaxed)) g_allocations.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
-  throw std::bad_alloc();
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+#include "tests/common/counting_new.h"
 
 namespace shardopt::model {
 namespace {
 
-TEST(Allocation, SamplingForwardBackwardAllocateNothingAfterReserve) {
+void expect_no_allocations_after_reserve(ThreadPool* pool) {
   ModelConfig c;
   c.d_model = 32;
   c.n_layer = 2;
   c.n_head = 4;
   c.context = 16;
   Transformer m(c);
+  m.set_thread_pool(pool);
   std::vector<std::vector<float>> value, grad;
   std::vector<ParamBinding> bindings;
   std::vector<float*> ptrs;
@@ -56,8 +44,7 @@ TEST(Allocation, SamplingForwardBackwardAllocateNothingAfterReserve) {
   std::size_t ready_calls = 0;
   const GradReadyFn on_ready = [&](std::size_t) { ++ready_calls; };
 
-  g_allocations = 0;
-  g_counting = true;
+  std::optional<test_alloc::AllocationCounter> counter(std::in_place);
   float loss = 0;
   for (int step = 0; step < 3; ++step) {
     sampler.train_batch(step, batch);
@@ -65,17 +52,23 @@ TEST(Allocation, SamplingForwardBackwardAllocateNothingAfterReserve) {
     m.backward(bindings, step == 0 ? GradMode::kOverwrite : GradMode::kAccumulate, on_ready);
     loss += m.forward(bindings, batch.inputs.data(), batch.targets.data(), 2, 9);  // smaller shape
   }
-  g_counting = false;
-  EXPECT_EQ(g_allocations.load(), 0);
+  EXPECT_EQ(counter->count(), 0);
+  counter.reset();
   EXPECT_EQ(ready_calls, 3 * m.num_tensors());
   EXPECT_GT(loss, 0.0f);
 
   // Control: the counter does see the workspace growing for a larger shape.
   std::vector<uint8_t> more(8 * 16, 65);
-  g_counting = true;
+  counter.emplace();
   m.forward(bindings, more.data(), more.data(), 8, 16);
-  g_counting = false;
-  EXPECT_GT(g_allocations.load(), 0);
+  EXPECT_GT(counter->count(), 0);
+}
+
+TEST(Allocation, SamplingForwardBackwardAllocateNothingAfterReserve) { expect_no_allocations_after_reserve(nullptr); }
+
+TEST(Allocation, ThreadedForwardBackwardAllocateNothingAfterReserve) {
+  ThreadPool pool(3);
+  expect_no_allocations_after_reserve(&pool);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "base/error.h"
+#include "base/thread_pool.h"
 #include "model/transformer.h"
 #include "tests/model/reference_model.h"
 
@@ -284,6 +285,71 @@ TEST(Transformer, AveragedRankSliceGradientsEqualFullBatchGradient) {
     for (float g : full.grad[t]) scale = std::max(scale, std::fabs(g));
     for (size_t i = 0; i < full.grad[t].size(); ++i)
       ASSERT_NEAR(part.grad[t][i] / N, full.grad[t][i], 1e-5f * scale) << m.params()[t].name;
+  }
+}
+
+// The threaded forward/backward computes what the single-threaded one does (split matmuls and
+// per-(sequence, head) attention only reorder independent work), with a larger batch so every
+// thread gets rows, heads and weight rows to do.
+TEST(Transformer, ThreadPoolGivesTheSameLossLogitsGradientsAndMaxLogits) {
+  ModelConfig c = tiny_config();
+  c.n_head = 4;
+  Transformer serial(c), threaded(c);
+  ThreadPool pool(3);
+  threaded.set_thread_pool(&pool);
+  EXPECT_EQ(threaded.threads(), 3);
+  Params a(serial), b(threaded);
+  a.randomize(serial, 60);
+  b.value = a.value;
+  for (size_t i = 0; i < b.value.size(); ++i) b.bindings[i].value = b.value[i].data();
+  const int B = 5;
+  const Tokens tok = random_tokens(B, kT, 61);
+  for (int micro = 0; micro < 2; ++micro) {  // the second backward accumulates
+    const auto mode = micro == 0 ? GradMode::kOverwrite : GradMode::kAccumulate;
+    const float la = serial.forward(a.bindings, tok.in.data(), tok.tgt.data(), B, kT);
+    const float lb = threaded.forward(b.bindings, tok.in.data(), tok.tgt.data(), B, kT);
+    EXPECT_NEAR(lb, la, 1e-6f * std::fabs(la));
+    for (int64_t i = 0; i < int64_t{B} * kT * c.vocab; ++i)
+      ASSERT_NEAR(threaded.logits()[i], serial.logits()[i], 1e-5f) << "logit " << i;
+    for (size_t i = 0; i < serial.max_attn_logits().size(); ++i)
+      EXPECT_NEAR(threaded.max_attn_logits()[i], serial.max_attn_logits()[i], 1e-5f) << "layer*head " << i;
+    serial.backward(a.bindings, mode);
+    threaded.backward(b.bindings, mode);
+  }
+  for (size_t t = 0; t < a.grad.size(); ++t) {
+    float scale = 0;
+    for (float g : a.grad[t]) scale = std::max(scale, std::fabs(g));
+    ASSERT_GT(scale, 0.0f) << serial.params()[t].name;
+    for (size_t i = 0; i < a.grad[t].size(); ++i)
+      ASSERT_NEAR(b.grad[t][i], a.grad[t][i], 1e-5f * scale) << serial.params()[t].name << " [" << i << "]";
+  }
+}
+
+// backward with a GradBufferFn writes where the callback says, asks once per tensor right before
+// writing it (before its on_grad_ready), and gives the same gradients as bound buffers.
+TEST(Transformer, GradBufferCallbackIsAskedOncePerTensorBeforeItsReadyCall) {
+  Transformer m(tiny_config());
+  Params bound(m), lazy(m);
+  bound.randomize(m, 70);
+  lazy.value = bound.value;
+  for (size_t i = 0; i < lazy.value.size(); ++i) lazy.bindings[i] = {lazy.value[i].data(), nullptr};
+  const Tokens tok = random_tokens(kB, kT, 71);
+  m.forward(bound.bindings, tok.in.data(), tok.tgt.data(), kB, kT);
+  m.backward(bound.bindings, GradMode::kOverwrite);
+  m.forward(lazy.bindings, tok.in.data(), tok.tgt.data(), kB, kT);
+  std::vector<int> asked(m.num_tensors(), 0);
+  std::vector<bool> ready(m.num_tensors(), false);
+  for (auto& g : lazy.grad) std::fill(g.begin(), g.end(), std::nanf(""));  // overwrite mode must not read
+  m.backward(
+      lazy.bindings, GradMode::kOverwrite, [&](size_t t) { ready[t] = true; },
+      [&](size_t t) {
+        EXPECT_FALSE(ready[t]) << "buffer of " << m.params()[t].name << " asked after its ready call";
+        ++asked[t];
+        return lazy.grad[t].data();
+      });
+  for (size_t t = 0; t < m.num_tensors(); ++t) {
+    EXPECT_EQ(asked[t], 1) << m.params()[t].name;
+    EXPECT_EQ(lazy.grad[t], bound.grad[t]) << m.params()[t].name;
   }
 }
 

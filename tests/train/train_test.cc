@@ -13,6 +13,8 @@
 #include <cmath>
 #include <mutex>
 
+#include <numeric>
+
 #include <gtest/gtest.h>
 
 #include "base/error.h"
@@ -33,6 +35,7 @@ struct Case {
   proto::ShardLayout layout;
   std::string optimizer;
   int grad_accumulation;
+  bool local_grad_accumulation = false;  // full-size buffers instead of ZeRO-2 gradient shards
 };
 
 class NRankEqualsOneRank : public testing::TestWithParam<Case> {};
@@ -41,11 +44,13 @@ TEST_P(NRankEqualsOneRank, LossCurveAndFinalParameters) {
   const Case k = GetParam();
   TrainConfig c = small_config(k.optimizer);
   c.grad_accumulation = k.grad_accumulation;
+  c.global_batch = std::lcm(c.global_batch, k.ranks * k.grad_accumulation);
   // The reference: one rank, the same micro-batches (a micro-batch is a sampler step of B/accum
   // sequences, so accumulation changes which sequences a step sees, not the N-rank equivalence).
   const auto want = run(1, c);
   c.zero_stage = k.stage;
   c.layout = k.layout;
+  c.local_grad_accumulation = k.local_grad_accumulation;
   const auto got = run(k.ranks, c);
   ASSERT_EQ(got[0].history.size(), want[0].history.size());
   // The loss must actually move, or equal curves would prove nothing.
@@ -70,13 +75,49 @@ INSTANTIATE_TEST_SUITE_P(
     Train, NRankEqualsOneRank,
     testing::Values(Case{2, 2, proto::SHARD_LAYOUT_OWNED, "muon", 1}, Case{4, 2, proto::SHARD_LAYOUT_OWNED, "adamw", 1},
                     Case{4, 2, proto::SHARD_LAYOUT_DIM0, "muon", 1}, Case{4, 3, proto::SHARD_LAYOUT_OWNED, "muon", 1},
-                    Case{2, 2, proto::SHARD_LAYOUT_OWNED, "normuon", 2}),
+                    Case{2, 2, proto::SHARD_LAYOUT_OWNED, "normuon", 2}, Case{2, 2, proto::SHARD_LAYOUT_OWNED, "muon", 3},
+                    Case{2, 3, proto::SHARD_LAYOUT_DIM0, "muon", 2}, Case{2, 2, proto::SHARD_LAYOUT_OWNED, "adamw", 2, true}),
     [](const testing::TestParamInfo<Case>& info) {
       const Case& k = info.param;
       return "N" + std::to_string(k.ranks) + "_stage" + std::to_string(k.stage) +
              "_" + sharding::layout_name(k.layout) + "_" + k.optimizer + "_accum" +
-             std::to_string(k.grad_accumulation);
+             std::to_string(k.grad_accumulation) + (k.local_grad_accumulation ? "_local" : "");
     });
+
+// The model asks for each gradient's buffer right before writing it, so a stage-2 run keeps only
+// the engine's pool of bucket buffers (it never has every bucket open), and local accumulation
+// keeps the full gradient.
+TEST(Train, StageTwoGradientsLiveInThePoolOfBucketBuffers) {
+  TrainConfig c = small_config("muon");
+  c.steps = 2;
+  c.grad_accumulation = 2;
+  const auto pooled = run(2, c);
+  c.local_grad_accumulation = true;
+  const auto full = run(2, c);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(pooled[r].memory.grad_slots, 2) << "rank " << r;
+    EXPECT_EQ(full[r].memory.grad_slots, 0) << "rank " << r;
+    EXPECT_GE(full[r].memory.grad_buffer_bytes, 4 * pooled[r].num_params) << "rank " << r;
+    EXPECT_LT(pooled[r].memory.grad_bytes(), full[r].memory.grad_bytes()) << "rank " << r;
+  }
+}
+
+// Each rank's model on a 3-thread pool trains like the single-threaded one (same losses and
+// parameters up to float reassociation).
+TEST(Train, ThreadedModelTrainsLikeTheSingleThreadedOne) {
+  TrainConfig c = small_config("muon");
+  const auto serial = run(2, c);
+  c.model_threads = 3;
+  const auto threaded = run(2, c);
+  EXPECT_LT(serial[0].history.back().train_loss, serial[0].history.front().train_loss - 0.05);
+  for (size_t s = 0; s < serial[0].history.size(); ++s) {
+    const double a = threaded[0].history[s].train_loss, b = serial[0].history[s].train_loss;
+    EXPECT_NEAR(a, b, 2e-4 * std::abs(b)) << "step " << s + 1;
+  }
+  for (size_t t = 0; t < serial[0].final_params.size(); ++t)
+    for (size_t i = 0; i < serial[0].final_params[t].size(); ++i)
+      ASSERT_NEAR(threaded[1].final_params[t][i], serial[1].final_params[t][i], 1e-4) << "tensor " << t;
+}
 
 TEST(Train, SameSeedGivesIdenticalLosses) {
   TrainConfig c = small_config("muon");

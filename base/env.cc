@@ -14,6 +14,9 @@ const std::vector<Variable>& registry() {
       {"SHARDOPT_COMM_CHECKED", "0",
        "1 = every collective exchanges a fingerprint (op, dtype, count, sequence) and desyncs raise an error."},
       {"SHARDOPT_LOG_LEVEL", "info", "Log verbosity: debug, info, warn, error."},
+      {"SHARDOPT_NUM_THREADS", "0",
+       "Compute threads per process (optimizer kernels, matrices in parallel); 0 = the CPUs in this process's "
+       "affinity mask divided by the ranks on this host (OMPI_COMM_WORLD_LOCAL_SIZE)."},
   };
   return vars;
 }

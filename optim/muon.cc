@@ -54,14 +54,14 @@ double row_sum_squares(const float* o, int64_t n) {
 
 }  // namespace
 
-void MuonWorkspace::reserve(int64_t rows, int64_t cols) {
-  ns_.reserve(rows, cols);
+void MuonWorkspace::reserve(int64_t rows, int64_t cols, NsPrecision precision) {
+  ns_.reserve(rows, cols, precision);
   const size_t elements = static_cast<size_t>(rows) * static_cast<size_t>(cols);
   if (elements > update_.size()) update_ = FloatBuffer(elements);
 }
 
-bool MuonWorkspace::fits(int64_t rows, int64_t cols) const {
-  return ns_.fits(rows, cols) && static_cast<size_t>(rows) * static_cast<size_t>(cols) <= update_.size();
+bool MuonWorkspace::fits(int64_t rows, int64_t cols, NsPrecision precision) const {
+  return ns_.fits(rows, cols, precision) && static_cast<size_t>(rows) * static_cast<size_t>(cols) <= update_.size();
 }
 
 float muon_shape_scale(MuonShapeScale scale, int64_t rows, int64_t cols) {
@@ -111,7 +111,7 @@ StepResult muon_step(const OptimizerParams& params, const MuonMatrix& mat, float
     throw ConfigError(fmt::format("muon_step: {}x{} matrix: master, grad, momentum{} must be non-null", mat.rows,
                                   mat.cols, normuon ? " and row_second_moment" : ""));
   }
-  if (!workspace.fits(mat.rows, mat.cols)) {
+  if (!workspace.fits(mat.rows, mat.cols, params.ns.precision)) {
     throw ConfigError(fmt::format("muon_step: workspace too small for a {}x{} matrix; reserve() it at setup",
                                   mat.rows, mat.cols));
   }

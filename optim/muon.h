@@ -38,12 +38,16 @@ struct MuonMatrix {
 class MuonWorkspace {
  public:
   MuonWorkspace() = default;
-  MuonWorkspace(int64_t rows, int64_t cols) { reserve(rows, cols); }
-  explicit MuonWorkspace(std::span<const std::pair<int64_t, int64_t>> shapes) {
-    for (const auto& [rows, cols] : shapes) reserve(rows, cols);
+  MuonWorkspace(int64_t rows, int64_t cols, NsPrecision precision = NsPrecision::kF32) {
+    reserve(rows, cols, precision);
   }
-  void reserve(int64_t rows, int64_t cols);
-  bool fits(int64_t rows, int64_t cols) const;
+  explicit MuonWorkspace(std::span<const std::pair<int64_t, int64_t>> shapes,
+                         NsPrecision precision = NsPrecision::kF32) {
+    for (const auto& [rows, cols] : shapes) reserve(rows, cols, precision);
+  }
+  // precision: the NS precision the caller will run (kBF16 prepares the oneDNN products).
+  void reserve(int64_t rows, int64_t cols, NsPrecision precision = NsPrecision::kF32);
+  bool fits(int64_t rows, int64_t cols, NsPrecision precision = NsPrecision::kF32) const;
   size_t bytes() const { return 4 * update_.size() + ns_.bytes(); }
 
   NsWorkspace& ns() { return ns_; }

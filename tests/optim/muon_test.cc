@@ -5,6 +5,7 @@
 #include <Eigen/Dense>
 #include <algorithm>
 #include <array>
+#include <cstdio>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -198,6 +199,69 @@ TEST(NewtonSchulz, SingularValuesInDefaultBand) {
 TEST(NewtonSchulz, SingularValuesInPolarExpressBand) {
   // Polar Express, 5 steps: ~[0.8589, 1.1411] for normalized sigma >= 1e-3.
   check_singular_values(kPolarTriples, NsSchedule::polar_express(), {1.02, 1e-6, 0.0}, 0.85, 1.15);
+}
+
+// bf16 products (oneDNN) against the default quintic in double (Eigen products, independent of
+// optim/). Bound, derived: each iteration rounds three operands to bf16 (X, A, a I + B; relative
+// u = 2^-9 each), moving an output singular value by about 3u = 6e-3 relative; the scalar map's
+// slope along the NS trajectory (|f'| <= ~1.3 for sigma in the band) carries an error into the
+// later steps, so five steps give <= 6e-3 (1 + 1.3 + 1.3^2 + 1.3^3 + 1.3^4) = 5.4e-2. Measured:
+// 1.5e-2 to 1.7e-2 for matrices, up to 3.7e-2 for a vector (all error in its one singular value);
+// a wrong product is off by O(1). Shapes include p > 384 (several upper-triangle blocks), wide
+// and tall.
+TEST(NewtonSchulz, Bf16MatchesDoubleReferenceAndLandsInTheSingularValueBand) {
+  using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  struct S {
+    int64_t rows, cols;
+  };
+  std::mt19937 gen(5);
+  std::normal_distribution<double> normal;
+  NsSchedule schedule = NsSchedule::default_quintic();
+  schedule.precision = NsPrecision::kBF16;
+  for (const S s : {S{1, 37}, S{37, 1}, S{48, 16}, S{17, 29}, S{29, 17}, S{400, 500}, S{520, 400}}) {
+    SCOPED_TRACE(testing::Message() << s.rows << "x" << s.cols);
+    const int64_t p = std::min(s.rows, s.cols);
+    // G = U diag(sigma) V^T with sigma spread over [0.1, 1]: the NS band applies to all of them.
+    auto orthonormal = [&](int64_t n) {
+      MatD r(n, p);
+      for (int64_t i = 0; i < r.size(); ++i) r.data()[i] = normal(gen);
+      return MatD(Eigen::HouseholderQR<MatD>(r).householderQ() * MatD::Identity(n, p));
+    };
+    Eigen::VectorXd sigma(p);
+    for (int64_t i = 0; i < p; ++i) sigma[i] = 0.1 + 0.9 * double(i) / double(std::max<int64_t>(p - 1, 1));
+    const MatD g = orthonormal(s.rows) * sigma.asDiagonal() * orthonormal(s.cols).transpose();
+    std::vector<float> gf(static_cast<size_t>(g.size()));
+    for (size_t i = 0; i < gf.size(); ++i) gf[i] = static_cast<float>(g.data()[i]);
+
+    MatD x = s.rows > s.cols ? MatD(g.transpose()) : g;  // wide orientation
+    x /= std::max(x.norm(), 1e-7);
+    for (int it = 0; it < 5; ++it) {
+      const MatD a = x * x.transpose();
+      const MatD b = -4.7750 * a + 2.0315 * a * a;
+      x = 3.4445 * x + b * x;
+    }
+    const MatD expect = s.rows > s.cols ? MatD(x.transpose()) : x;
+
+    NsWorkspace ws(s.rows, s.cols, NsPrecision::kBF16);
+    std::vector<float> out(gf.size(), -7.0f);
+    newton_schulz(gf.data(), s.rows, s.cols, out.data(), schedule, ws);
+    MatD got(s.rows, s.cols);
+    for (size_t i = 0; i < out.size(); ++i) got.data()[i] = out[i];
+    ASSERT_TRUE(got.allFinite());
+    const double rel = (got - expect).norm() / expect.norm();
+    EXPECT_LT(rel, 5.4e-2);
+    std::printf("[ns bf16] %lldx%lld relative Frobenius error vs double %.3e\n", static_cast<long long>(s.rows),
+                static_cast<long long>(s.cols), rel);
+    // Default quintic, 5 steps, normalized sigma in [0.1/||G||, 1/||G||]: output in ~[0.68, 1.135],
+    // widened by the same relative error.
+    const Eigen::VectorXd sv = Eigen::BDCSVD<MatD>(got).singularValues();
+    EXPECT_GT(sv.minCoeff(), 0.68 * (1 - 5.4e-2));
+    EXPECT_LT(sv.maxCoeff(), 1.135 * (1 + 5.4e-2));
+  }
+  // Not reserved for bf16: a clear error instead of a missing primitive.
+  NsWorkspace f32_only(4, 4);
+  std::vector<float> z(16, 1.0f);
+  EXPECT_THROW(newton_schulz(z.data(), 4, 4, z.data(), schedule, f32_only), ConfigError);
 }
 
 TEST(NewtonSchulz, ZeroMatrixStaysZeroAndFlopCount) {

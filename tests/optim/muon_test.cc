@@ -549,3 +549,90 @@ TEST(QkClip, ScalesOnlyHeadsAboveTauAndLogitsByTauOverS) {
 
 }  // namespace
 }  // namespace shardopt::optim
+
+namespace shardopt::optim {
+namespace {
+
+// ParallelMuon on 2 and 3 threads == muon_step one matrix after another (the reference: muon_step
+// is checked against double above), for Muon and NorMuon, f32 and bf16 NS, with a blocked matrix;
+// and a bad matrix's ConfigError reaches the caller.
+TEST(ParallelMuon, AnyThreadCountEqualsSequentialMuonSteps) {
+  struct Shape {
+    int64_t rows, cols;
+  };
+  const std::vector<Shape> shapes = {{64, 48}, {32, 96}, {96, 32}, {16, 16}, {48, 40}, {8, 200}};
+  const std::vector<int64_t> blocks = {16, 32};  // rows of the 48x40 matrix
+  for (auto kind : {proto::OPTIMIZER_MUON, proto::OPTIMIZER_NORMUON}) {
+    for (auto dtype : {proto::NS_DTYPE_F32, proto::NS_DTYPE_BF16}) {
+      proto::OptimizerConfig c;
+      c.set_kind(kind);
+      c.set_ns_dtype(dtype);
+      const OptimizerParams params = resolve_optimizer_config(c);
+      for (int threads : {2, 3}) {
+        SCOPED_TRACE(testing::Message() << optimizer_kind_name(kind) << " ns dtype " << dtype << " threads " << threads);
+        std::mt19937 rng(21);
+        struct Data {
+          std::vector<float> w, g, m, v;
+        };
+        std::vector<Data> seq(shapes.size()), par(shapes.size());
+        std::vector<MuonMatrix> seq_m(shapes.size()), par_m(shapes.size());
+        std::vector<std::pair<int64_t, int64_t>> dims;
+        std::vector<std::span<const int64_t>> block_lists;
+        for (size_t i = 0; i < shapes.size(); ++i) {
+          const auto [r, cc] = shapes[i];
+          seq[i].w = random_matrix(r, cc, rng);
+          seq[i].g = random_matrix(r, cc, rng);
+          seq[i].m.assign(static_cast<size_t>(r * cc), 0.0f);
+          seq[i].v.assign(static_cast<size_t>(r), 0.0f);
+          par[i] = seq[i];
+          for (auto* pair : {&seq, &par}) {
+            Data& d = (*pair)[i];
+            MuonMatrix& mm = pair == &seq ? seq_m[i] : par_m[i];
+            mm.master = d.w.data();
+            mm.grad = d.g.data();
+            mm.momentum = d.m.data();
+            mm.row_second_moment = d.v.data();
+            mm.rows = r;
+            mm.cols = cc;
+            if (r == 48) mm.block_rows = blocks;
+          }
+          dims.emplace_back(r, cc);
+          block_lists.push_back(r == 48 ? std::span<const int64_t>(blocks) : std::span<const int64_t>());
+        }
+        MuonWorkspace ws(dims, params.ns.precision);
+        for (const int64_t b : blocks) ws.reserve(b, 40, params.ns.precision);
+        ThreadPool pool(threads);
+        ParallelMuon parallel(&pool, dims, block_lists, params.ns.precision);
+        std::vector<const MuonMatrix*> ptrs;
+        for (const MuonMatrix& mm : par_m) ptrs.push_back(&mm);
+        for (int step = 0; step < 2; ++step) {
+          for (const MuonMatrix& mm : seq_m) muon_step(params, mm, 0.02f, ws);
+          parallel.step(params, ptrs, 0.02f);
+        }
+        for (size_t i = 0; i < shapes.size(); ++i) {
+          for (size_t j = 0; j < seq[i].w.size(); ++j) {
+            // Same code per matrix; bf16 products may split work differently with OpenMP threads.
+            const double tol = dtype == proto::NS_DTYPE_F32 ? 0.0 : 1e-6;
+            ASSERT_NEAR(par[i].w[j], seq[i].w[j], tol) << "matrix " << i << " element " << j;
+            ASSERT_EQ(par[i].m[j], seq[i].m[j]) << "matrix " << i << " element " << j;
+          }
+        }
+        // A matrix whose shape differs from the constructor's: ConfigError from the step.
+        MuonMatrix wrong = par_m[0];
+        wrong.rows = 63;
+        std::vector<const MuonMatrix*> bad = ptrs;
+        bad[0] = &wrong;
+        EXPECT_THROW(parallel.step(params, bad, 0.02f), ConfigError);
+        // A task that throws inside the pool (null momentum) propagates too.
+        MuonMatrix broken = par_m[1];
+        broken.momentum = nullptr;
+        bad = ptrs;
+        bad[1] = &broken;
+        EXPECT_THROW(parallel.step(params, bad, 0.02f), ConfigError);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace shardopt::optim

@@ -84,6 +84,7 @@ runtime::EngineOptions engine_options(const TrainConfig& c) {
   o.max_grad_norm = c.max_grad_norm;
   o.grad_accumulation_steps = c.grad_accumulation;
   o.overlap = true;
+  o.threads = c.threads;
   if (is_matrix_optimizer(c.optimizer)) {
     o.matrix_optimizer.set_kind(optim::parse_optimizer_kind(c.optimizer));
     o.matrix_optimizer.set_lr(c.matrix_lr);

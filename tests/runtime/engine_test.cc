@@ -31,6 +31,7 @@ struct Case {
   int stage;
   proto::ShardLayout layout;
   std::string optimizer;  // "muon", "normuon", "adamw", "lion"
+  int threads = 1;        // EngineOptions.threads of every rank
 };
 
 std::string case_name(const testing::TestParamInfo<Case>& info) {
@@ -39,7 +40,11 @@ std::string case_name(const testing::TestParamInfo<Case>& info) {
          (c.layout == proto::SHARD_LAYOUT_DIM0 ? "dim0" : "owned") + "_" + c.optimizer;
 }
 
-EngineOptions options_for(const Case& c) { return engine_options(c.stage, c.layout, c.optimizer); }
+EngineOptions options_for(const Case& c) {
+  EngineOptions o = engine_options(c.stage, c.layout, c.optimizer);
+  o.threads = c.threads;
+  return o;
+}
 
 // Runs the engine on `world` thread ranks; returns every rank's full parameters after `steps`.
 std::vector<std::vector<std::vector<float>>> engine_run(const std::vector<proto::TensorSpec>& specs, const Case& c,
@@ -88,8 +93,7 @@ std::vector<std::vector<std::vector<float>>> engine_run(const std::vector<proto:
 
 class EngineEquivalence : public testing::TestWithParam<Case> {};
 
-TEST_P(EngineEquivalence, NRankTrainingEqualsSingleProcessReference) {
-  const Case c = GetParam();
+void expect_matches_reference(const Case& c) {
   const auto specs = mixed_model();
   const int steps = 3;
   proto::ShardPlan plan;
@@ -114,6 +118,33 @@ TEST_P(EngineEquivalence, NRankTrainingEqualsSingleProcessReference) {
     // The reference moved: a test that passes with an engine that does nothing is no test.
     EXPECT_NE(got[r][2][0], initial_value(2, 0));
   }
+}
+
+TEST_P(EngineEquivalence, NRankTrainingEqualsSingleProcessReference) { expect_matches_reference(GetParam()); }
+
+// A pool of 2 or 3 threads per rank (element-wise chunks, matrices concurrently) changes nothing:
+// the same reference, bit-identical for owned-layout Muon.
+TEST(EngineThreads, PoolPerRankEqualsSingleProcessReference) {
+  for (int threads : {2, 3}) {
+    for (int world : {1, 2}) {
+      for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0}) {
+        for (const char* opt : {"muon", "normuon", "adamw"}) {
+          const Case c{world, 2, layout, opt, threads};
+          SCOPED_TRACE(testing::Message() << "threads " << threads << " world " << world << " layout " << layout
+                                          << " " << opt);
+          expect_matches_reference(c);
+        }
+      }
+    }
+  }
+}
+
+TEST(EngineThreads, NegativeThreadCountIsAConfigError) {
+  const auto specs = mixed_model();
+  comm::run_ranks(1, [&](comm::Communicator& comm) {
+    EngineOptions o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "muon", -1});
+    EXPECT_THROW(Engine(comm, specs, o), ConfigError);
+  });
 }
 
 std::vector<Case> all_cases() {

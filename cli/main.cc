@@ -78,6 +78,11 @@ void add_train_options(CLI::App& cmd, TrainArgs& a) {
   cmd.add_option("--min-lr-ratio", c.min_lr_ratio, "final lr / peak lr of the cosine")->capture_default_str();
   cmd.add_option("--clip", c.max_grad_norm, "global gradient-norm clip (0 = off)")->capture_default_str();
   cmd.add_option("--stage", c.zero_stage, "ZeRO stage 1|2|3")->capture_default_str();
+  cmd.add_option("--threads", c.threads,
+                 "compute threads per rank for the optimizer step (0 = CPUs / ranks on this host, or "
+                 "SHARDOPT_NUM_THREADS); matrices then run concurrently with one BLAS thread each")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd.add_option("--layout", a.layout, sharding::layout_names())->capture_default_str();
   cmd.add_option("--bucket-bytes", c.bucket_bytes, "gradient bucket size in bytes")->capture_default_str();
   cmd.add_option("--sync", a.sync, "sync mode: zero | noloco | diloco (the last two with --replicas)")

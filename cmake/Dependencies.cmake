@@ -5,6 +5,10 @@ find_package(Protobuf REQUIRED)
 set(BLA_VENDOR OpenBLAS)
 find_package(BLAS REQUIRED)
 find_path(OPENBLAS_CBLAS_INCLUDE_DIR cblas.h PATH_SUFFIXES openblas openblas-pthread REQUIRED)
+# oneDNN: bf16 matmul for the CPU Newton-Schulz (OpenBLAS 0.3.21 has no sbgemm; BLIS 0.9 has no
+# bf16). OpenMP: oneDNN's threading, set to one thread inside ThreadPool tasks.
+find_package(dnnl CONFIG REQUIRED)
+find_package(OpenMP REQUIRED COMPONENTS CXX)
 find_package(CLI11 CONFIG REQUIRED)
 find_package(nlohmann_json CONFIG REQUIRED)
 find_package(fmt CONFIG REQUIRED)

@@ -117,6 +117,7 @@ proto::OptimizerConfig default_optimizer_config(OptimizerKind kind) {
       c.set_ns_steps(5);
       c.set_ns_schedule(proto::NS_SCHEDULE_DEFAULT);
       c.set_ns_eps(1e-7);
+      c.set_ns_dtype(proto::NS_DTYPE_F32);
       if (kind == proto::OPTIMIZER_NORMUON) {
         c.set_normuon_beta2(0.95);
         c.set_normuon_eps(1e-10);
@@ -149,6 +150,7 @@ proto::OptimizerConfig with_defaults(const proto::OptimizerConfig& config) {
     if (!c.has_ns_steps()) c.set_ns_steps(d.ns_steps());
     if (c.ns_schedule() == proto::NS_SCHEDULE_UNSPECIFIED) c.set_ns_schedule(d.ns_schedule());
     if (!c.has_ns_eps()) c.set_ns_eps(d.ns_eps());
+    if (c.ns_dtype() == proto::NS_DTYPE_UNSPECIFIED) c.set_ns_dtype(d.ns_dtype());
     if (!c.has_normuon_beta2() && d.has_normuon_beta2()) c.set_normuon_beta2(d.normuon_beta2());
     if (!c.has_normuon_eps() && d.has_normuon_eps()) c.set_normuon_eps(d.normuon_eps());
     if (!c.qk_clip().has_tau()) c.mutable_qk_clip()->set_tau(d.qk_clip().tau());
@@ -195,6 +197,9 @@ void validate_optimizer_config(const proto::OptimizerConfig& raw) {
         fail(c, fmt::format("ns_steps must be in [1, 100], found {}", c.ns_steps()));
       }
       check_range(c, "ns_eps", c.ns_eps(), 0.0, true, kInf, true);
+      if (c.ns_dtype() != proto::NS_DTYPE_F32 && c.ns_dtype() != proto::NS_DTYPE_BF16) {
+        fail(c, fmt::format("ns_dtype must be f32|bf16, found {}", static_cast<int>(c.ns_dtype())));
+      }
       switch (c.ns_schedule()) {
         case proto::NS_SCHEDULE_DEFAULT: break;
         case proto::NS_SCHEDULE_POLAR_EXPRESS:
@@ -263,6 +268,7 @@ OptimizerParams resolve_optimizer_config(const proto::OptimizerConfig& raw) {
         break;
       default: p.ns = NsSchedule::default_quintic(c.ns_steps(), static_cast<float>(c.ns_eps())); break;
     }
+    p.ns.precision = c.ns_dtype() == proto::NS_DTYPE_BF16 ? NsPrecision::kBF16 : NsPrecision::kF32;
     p.normuon_beta2 = c.normuon_beta2();
     p.normuon_eps = c.normuon_eps();
     p.qk_clip = c.qk_clip().enabled();

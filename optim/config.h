@@ -16,6 +16,10 @@ using MuonMomentum = proto::MuonMomentum;
 using MuonShapeScale = proto::MuonShapeScale;
 using NsScheduleKind = proto::NsSchedule;
 
+// Precision of the Newton-Schulz matrix products: fp32 throughout (OpenBLAS SSYRK/SSYMM), or bf16
+// operands with fp32 accumulation and fp32 iterates (oneDNN), as torch.optim.Muon's bf16 NS does.
+enum class NsPrecision { kF32, kBF16 };
+
 // A resolved Newton-Schulz schedule: one (a, b, c) per iteration and the input normalization
 // X0 = G / max(norm_scale*||G||_F + norm_add, norm_floor).
 struct NsSchedule {
@@ -23,6 +27,7 @@ struct NsSchedule {
   float norm_scale = 1.0f;
   float norm_add = 0.0f;
   float norm_floor = 1e-7f;
+  NsPrecision precision = NsPrecision::kF32;
 
   int steps() const { return static_cast<int>(coefficients.size()); }
 

@@ -18,6 +18,7 @@
 #include <span>
 
 #include "base/dtype.h"
+#include "base/thread_pool.h"
 #include "optim/config.h"
 
 namespace shardopt::optim {
@@ -41,10 +42,18 @@ struct StepResult {
   int64_t nonfinite_gradients = 0;  // counted only with FiniteCheck::kGradients
 };
 
+// How a step runs on this CPU. The result does not depend on the pool size (each element is
+// computed by the same code whichever thread runs it); the AVX-512 path may differ from the
+// portable one in the last bit (fused multiply-adds).
+struct KernelOptions {
+  ThreadPool* pool = nullptr;  // nullptr or size 1: the calling thread does all the work
+  bool use_avx512 = true;      // use the AVX-512 loops where the CPU has them (checked at run time)
+};
+
 // One optimizer step over `slices` (AdamW, Lion or SGD per params.kind). Throws ConfigError for a
 // matrix optimizer kind, step < 1, a non-finite or negative lr, a slice with a null pointer and
 // count > 0, or a grad dtype other than F32/BF16.
 StepResult elementwise_step(const OptimizerParams& params, std::span<const ElementwiseSlice> slices, float lr,
-                            int64_t step, FiniteCheck check = FiniteCheck::kNone);
+                            int64_t step, FiniteCheck check = FiniteCheck::kNone, const KernelOptions& exec = {});
 
 }  // namespace shardopt::optim

@@ -1,5 +1,8 @@
 #include "optim/muon.h"
 
+#include <cblas.h>
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 
@@ -54,14 +57,14 @@ double row_sum_squares(const float* o, int64_t n) {
 
 }  // namespace
 
-void MuonWorkspace::reserve(int64_t rows, int64_t cols) {
-  ns_.reserve(rows, cols);
+void MuonWorkspace::reserve(int64_t rows, int64_t cols, NsPrecision precision) {
+  ns_.reserve(rows, cols, precision);
   const size_t elements = static_cast<size_t>(rows) * static_cast<size_t>(cols);
   if (elements > update_.size()) update_ = FloatBuffer(elements);
 }
 
-bool MuonWorkspace::fits(int64_t rows, int64_t cols) const {
-  return ns_.fits(rows, cols) && static_cast<size_t>(rows) * static_cast<size_t>(cols) <= update_.size();
+bool MuonWorkspace::fits(int64_t rows, int64_t cols, NsPrecision precision) const {
+  return ns_.fits(rows, cols, precision) && static_cast<size_t>(rows) * static_cast<size_t>(cols) <= update_.size();
 }
 
 float muon_shape_scale(MuonShapeScale scale, int64_t rows, int64_t cols) {
@@ -76,6 +79,69 @@ float muon_shape_scale(MuonShapeScale scale, int64_t rows, int64_t cols) {
       throw ConfigError(fmt::format("muon_shape_scale: expected original|match_rms_adamw|spectral, found {}",
                                     static_cast<int>(scale)));
   }
+}
+
+ParallelMuon::ParallelMuon(ThreadPool* pool, std::span<const std::pair<int64_t, int64_t>> shapes,
+                           std::span<const std::span<const int64_t>> block_rows, NsPrecision precision)
+    : pool_(pool), shapes_(shapes.begin(), shapes.end()) {
+  if (!block_rows.empty() && block_rows.size() != shapes.size()) {
+    throw ConfigError(fmt::format("ParallelMuon: {} block lists for {} matrices", block_rows.size(), shapes.size()));
+  }
+  const int threads = pool ? pool->size() : 1;
+  workspaces_.resize(static_cast<size_t>(threads));
+  for (MuonWorkspace& ws : workspaces_) {
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      const auto [rows, cols] = shapes[i];
+      ws.reserve(rows, cols, precision);
+      if (!block_rows.empty())
+        for (int64_t b : block_rows[i])
+          if (b > 0) ws.reserve(b, cols, precision);
+    }
+  }
+  order_.resize(shapes.size());
+  for (size_t i = 0; i < order_.size(); ++i) order_[i] = i;
+  std::stable_sort(order_.begin(), order_.end(), [&](size_t a, size_t b) {
+    return newton_schulz_flops(shapes[a].first, shapes[a].second, 1) >
+           newton_schulz_flops(shapes[b].first, shapes[b].second, 1);
+  });
+}
+
+size_t ParallelMuon::workspace_bytes() const {
+  size_t b = 0;
+  for (const MuonWorkspace& ws : workspaces_) b += ws.bytes();
+  return b;
+}
+
+void ParallelMuon::step(const OptimizerParams& params, std::span<const MuonMatrix* const> matrices, float lr) {
+  if (matrices.size() != shapes_.size()) {
+    throw ConfigError(fmt::format("ParallelMuon::step: {} matrices, constructed for {}", matrices.size(), shapes_.size()));
+  }
+  for (size_t i = 0; i < matrices.size(); ++i) {
+    if (matrices[i]->rows != shapes_[i].first || matrices[i]->cols != shapes_[i].second) {
+      throw ConfigError(fmt::format("ParallelMuon::step: matrix {} is {}x{}, constructed for {}x{}", i,
+                                    matrices[i]->rows, matrices[i]->cols, shapes_[i].first, shapes_[i].second));
+    }
+  }
+  if (pool_ == nullptr || pool_->size() == 1 || matrices.size() < 2) {
+    for (size_t i : order_) muon_step(params, *matrices[i], lr, workspaces_[0]);
+    return;
+  }
+  // One BLAS thread per task: the pool threads are the parallelism.
+  const int blas_threads = openblas_get_num_threads();
+  const int omp_threads = omp_get_max_threads();
+  openblas_set_num_threads(1);
+  try {
+    pool_->parallel_for(static_cast<int64_t>(order_.size()), [&](int64_t task, int thread) {
+      omp_set_num_threads(1);  // per-thread OpenMP setting: oneDNN's bf16 products
+      muon_step(params, *matrices[order_[static_cast<size_t>(task)]], lr, workspaces_[static_cast<size_t>(thread)]);
+    });
+  } catch (...) {
+    openblas_set_num_threads(blas_threads);
+    omp_set_num_threads(omp_threads);
+    throw;
+  }
+  openblas_set_num_threads(blas_threads);
+  omp_set_num_threads(omp_threads);
 }
 
 StepResult muon_step(const OptimizerParams& params, const MuonMatrix& mat, float lr, MuonWorkspace& workspace,
@@ -111,7 +177,7 @@ StepResult muon_step(const OptimizerParams& params, const MuonMatrix& mat, float
     throw ConfigError(fmt::format("muon_step: {}x{} matrix: master, grad, momentum{} must be non-null", mat.rows,
                                   mat.cols, normuon ? " and row_second_moment" : ""));
   }
-  if (!workspace.fits(mat.rows, mat.cols)) {
+  if (!workspace.fits(mat.rows, mat.cols, params.ns.precision)) {
     throw ConfigError(fmt::format("muon_step: workspace too small for a {}x{} matrix; reserve() it at setup",
                                   mat.rows, mat.cols));
   }

@@ -13,8 +13,10 @@
 #include <cstdint>
 #include <span>
 #include <utility>
+#include <vector>
 
 #include "base/dtype.h"
+#include "base/thread_pool.h"
 #include "optim/config.h"
 #include "optim/elementwise.h"
 #include "optim/newton_schulz.h"
@@ -38,12 +40,16 @@ struct MuonMatrix {
 class MuonWorkspace {
  public:
   MuonWorkspace() = default;
-  MuonWorkspace(int64_t rows, int64_t cols) { reserve(rows, cols); }
-  explicit MuonWorkspace(std::span<const std::pair<int64_t, int64_t>> shapes) {
-    for (const auto& [rows, cols] : shapes) reserve(rows, cols);
+  MuonWorkspace(int64_t rows, int64_t cols, NsPrecision precision = NsPrecision::kF32) {
+    reserve(rows, cols, precision);
   }
-  void reserve(int64_t rows, int64_t cols);
-  bool fits(int64_t rows, int64_t cols) const;
+  explicit MuonWorkspace(std::span<const std::pair<int64_t, int64_t>> shapes,
+                         NsPrecision precision = NsPrecision::kF32) {
+    for (const auto& [rows, cols] : shapes) reserve(rows, cols, precision);
+  }
+  // precision: the NS precision the caller will run (kBF16 prepares the oneDNN products).
+  void reserve(int64_t rows, int64_t cols, NsPrecision precision = NsPrecision::kF32);
+  bool fits(int64_t rows, int64_t cols, NsPrecision precision = NsPrecision::kF32) const;
   size_t bytes() const { return 4 * update_.size() + ns_.bytes(); }
 
   NsWorkspace& ns() { return ns_; }
@@ -62,6 +68,35 @@ float muon_shape_scale(MuonShapeScale scale, int64_t rows, int64_t cols);
 // non-finite gradient leaves everything untouched and is reported.
 StepResult muon_step(const OptimizerParams& params, const MuonMatrix& matrix, float lr, MuonWorkspace& workspace,
                      FiniteCheck check = FiniteCheck::kNone);
+
+// Runs muon_step over a fixed list of matrices, several at once on a ThreadPool: one task per
+// matrix, largest Newton-Schulz cost first (dynamic scheduling balances the tail), each task with
+// its own workspace and single-threaded BLAS (OpenBLAS and oneDNN/OpenMP are set to 1 thread for
+// the duration of a parallel step and restored after). So one process with T pool threads gets
+// the throughput of T single-threaded ranks. With no pool (or size 1) the matrices run in order
+// on the calling thread with the BLAS threads as configured (OPENBLAS_NUM_THREADS).
+// Results do not depend on the pool size. step() allocates nothing: workspaces (one per pool
+// thread, each fitting every shape) and the order are built in the constructor.
+class ParallelMuon {
+ public:
+  // shapes: (rows, cols) of the matrices step() will get, in that order; block_rows: for each
+  // matrix its row blocks (empty span: whole matrix), so the bf16 products of every block shape
+  // are prepared too.
+  ParallelMuon(ThreadPool* pool, std::span<const std::pair<int64_t, int64_t>> shapes,
+               std::span<const std::span<const int64_t>> block_rows, NsPrecision precision);
+
+  // muon_step(params, matrices[i], lr, ...) for every i; matrices has the constructor's shapes.
+  // The first exception (e.g. ConfigError) is rethrown after the other tasks have finished.
+  void step(const OptimizerParams& params, std::span<const MuonMatrix* const> matrices, float lr);
+
+  size_t workspace_bytes() const;
+
+ private:
+  ThreadPool* pool_;
+  std::vector<std::pair<int64_t, int64_t>> shapes_;
+  std::vector<size_t> order_;  // matrix indices, largest NS cost first
+  std::vector<MuonWorkspace> workspaces_;  // one per pool thread
+};
 
 // QK-clip targets: W_q has num_heads row blocks of q_head_rows rows, W_k num_heads blocks of
 // k_head_rows rows, both row-major with `cols` columns (fp32 masters). Either side may be null when

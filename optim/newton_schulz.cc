@@ -1,15 +1,18 @@
 #include "optim/newton_schulz.h"
 
 #include <cblas.h>
+#include <oneapi/dnnl/dnnl.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include <fmt/format.h>
 
 #include "base/error.h"
+#include "optim/simd_util.h"
 
 namespace shardopt::optim {
 
@@ -23,7 +26,108 @@ FloatBuffer::FloatBuffer(size_t count) : size_(count) {
 
 void FloatBuffer::Free::operator()(float* p) const { std::free(p); }
 
-void NsWorkspace::reserve(int64_t rows, int64_t cols) {
+// ---- bf16 products (oneDNN) ----------------------------------------------------------------
+
+namespace {
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// C (M x N, row stride ldc, fp32) = A (M x K, row stride lda, bf16) * B, where B (K x N, bf16) is
+// either row-major with row stride ldb or the transpose of an N x K row-major matrix (ldb).
+struct GemmShape {
+  int64_t m, n, k, lda, ldb, ldc;
+  bool b_transposed;
+  bool operator==(const GemmShape&) const = default;
+};
+
+struct Bf16Gemm {
+  GemmShape shape;
+  dnnl::matmul primitive;
+  dnnl::memory a, b, c;  // descriptors only; data handles are set per call
+};
+
+}  // namespace
+
+struct Bf16NsState {
+  dnnl::stream stream{cpu_engine()};
+  std::vector<bf16> x;  // X rounded to bf16, max_elements
+  std::vector<bf16> s;  // A, then B + aI... rounded to bf16, max_small_dim^2
+  FloatBuffer y;        // second fp32 iterate, max_elements
+  std::vector<Bf16Gemm> gemms;
+
+  Bf16Gemm& gemm(const GemmShape& sh) {
+    for (Bf16Gemm& g : gemms)
+      if (g.shape == sh) return g;
+    using dt = dnnl::memory::data_type;
+    const dnnl::memory::desc a({sh.m, sh.k}, dt::bf16, {sh.lda, 1});
+    const dnnl::memory::desc b({sh.k, sh.n}, dt::bf16, sh.b_transposed ? dnnl::memory::dims{1, sh.ldb}
+                                                                        : dnnl::memory::dims{sh.ldb, 1});
+    const dnnl::memory::desc c({sh.m, sh.n}, dt::f32, {sh.ldc, 1});
+    dnnl::matmul primitive(dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, b, c), cpu_engine()));
+    gemms.push_back({sh, primitive, dnnl::memory(a, cpu_engine(), DNNL_MEMORY_NONE),
+                     dnnl::memory(b, cpu_engine(), DNNL_MEMORY_NONE), dnnl::memory(c, cpu_engine(), DNNL_MEMORY_NONE)});
+    return gemms.back();
+  }
+
+  // Runs a prepared GEMM without allocating (the C API takes the argument array as is).
+  void run(const GemmShape& sh, const bf16* a, const bf16* b, float* c) {
+    Bf16Gemm& g = gemm(sh);
+    g.a.set_data_handle(const_cast<bf16*>(a));
+    g.b.set_data_handle(const_cast<bf16*>(b));
+    g.c.set_data_handle(c);
+    const dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, g.a.get()}, {DNNL_ARG_WEIGHTS, g.b.get()}, {DNNL_ARG_DST, g.c.get()}};
+    if (dnnl_primitive_execute(g.primitive.get(), stream.get(), 3, args) != dnnl_success) {
+      throw Error(fmt::format("newton_schulz: oneDNN bf16 matmul {}x{}x{} failed", sh.m, sh.n, sh.k));
+    }
+  }
+};
+
+namespace {
+
+// Rows per block of the symmetric products: the upper-triangle blocks of S S^T are separate GEMMs.
+constexpr int64_t kGramBlock = 192;
+
+// Calls fn(row0, rows, col0, cols) for every upper-triangle block of a p x p symmetric product.
+template <class Fn>
+void for_each_upper_block(int64_t p, Fn&& fn) {
+  const int64_t block = p <= 2 * kGramBlock ? p : kGramBlock;
+  for (int64_t i = 0; i < p; i += block)
+    for (int64_t j = i; j < p; j += block) fn(i, std::min(block, p - i), j, std::min(block, p - j));
+}
+
+// Upper triangle (and the diagonal blocks whole) of C = S S^T, S p x k row-major bf16, C p x p.
+void gram_upper(Bf16NsState& st, const bf16* s, int64_t p, int64_t k, float* c, bool prepare_only) {
+  for_each_upper_block(p, [&](int64_t i, int64_t bi, int64_t j, int64_t bj) {
+    const GemmShape sh{bi, bj, k, k, k, p, true};
+    if (prepare_only) st.gemm(sh);
+    else st.run(sh, s + i * k, s + j * k, c + i * p + j);
+  });
+}
+
+GemmShape update_shape(int64_t p, int64_t q) { return {p, q, p, p, q, q, false}; }
+
+void round_to_bf16(const float* src, bf16* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) dst[i] = to_bf16_rne(src[i]);
+}
+
+}  // namespace
+
+NsWorkspace::NsWorkspace() = default;
+NsWorkspace::NsWorkspace(int64_t rows, int64_t cols, NsPrecision precision) { reserve(rows, cols, precision); }
+NsWorkspace::~NsWorkspace() = default;
+NsWorkspace::NsWorkspace(NsWorkspace&&) noexcept = default;
+NsWorkspace& NsWorkspace::operator=(NsWorkspace&&) noexcept = default;
+
+size_t NsWorkspace::bytes() const {
+  size_t b = 4 * (x_.size() + a_.size() + b_.size());
+  if (bf16_) b += 4 * bf16_->y.size() + 2 * (bf16_->x.size() + bf16_->s.size());
+  return b;
+}
+
+void NsWorkspace::reserve(int64_t rows, int64_t cols, NsPrecision precision) {
   if (rows < 0 || cols < 0) {
     throw ConfigError(fmt::format("NsWorkspace: matrix shape must be non-negative, found {}x{}", rows, cols));
   }
@@ -39,17 +143,32 @@ void NsWorkspace::reserve(int64_t rows, int64_t cols) {
     b_ = FloatBuffer(square);
     max_small_dim_ = small_dim;
   }
+  if (precision == NsPrecision::kBF16) {
+    if (!bf16_) bf16_ = std::make_unique<Bf16NsState>();
+    if (bf16_->y.size() < max_elements_) {
+      bf16_->y = FloatBuffer(max_elements_);
+      bf16_->x.resize(max_elements_);
+    }
+    bf16_->s.resize(std::max(bf16_->s.size(), static_cast<size_t>(max_small_dim_ * max_small_dim_)));
+    if (elements != 0) {
+      const int64_t p = small_dim, q = std::max(rows, cols);
+      gram_upper(*bf16_, nullptr, p, q, nullptr, true);
+      gram_upper(*bf16_, nullptr, p, p, nullptr, true);
+      bf16_->gemm(update_shape(p, q));
+    }
+  }
 }
 
-bool NsWorkspace::fits(int64_t rows, int64_t cols) const {
+bool NsWorkspace::fits(int64_t rows, int64_t cols, NsPrecision precision) const {
   return rows >= 0 && cols >= 0 && static_cast<size_t>(rows) * static_cast<size_t>(cols) <= max_elements_ &&
-         std::min(rows, cols) <= max_small_dim_;
+         std::min(rows, cols) <= max_small_dim_ && (precision == NsPrecision::kF32 || bf16_ != nullptr);
 }
 
 struct NsAccess {
   static float* x(NsWorkspace& w) { return w.x_.data(); }
   static float* a(NsWorkspace& w) { return w.a_.data(); }
   static float* b(NsWorkspace& w) { return w.b_.data(); }
+  static Bf16NsState& bf16(NsWorkspace& w) { return *w.bf16_; }
 };
 
 namespace {
@@ -116,6 +235,36 @@ void iterate_plain(const float* src, float* dst, int64_t p, int64_t q, bool wide
   }
 }
 
+// The bf16 iteration on the wide orientation (X p x q). X0 (fp32) is in `cur`; the result ends in
+// the returned buffer (cur or nxt). Products take bf16 copies of X, A and a I + B; sums and
+// iterates stay fp32.
+float* iterate_bf16(Bf16NsState& st, float* cur, float* nxt, int64_t p, int64_t q, const NsSchedule& schedule,
+                    float* a, float* b) {
+  const size_t pq = static_cast<size_t>(p * q), pp = static_cast<size_t>(p * p);
+  bf16* xb = st.x.data();
+  bf16* sb = st.s.data();
+  round_to_bf16(cur, xb, pq);
+  for (const auto& k : schedule.coefficients) {
+    gram_upper(st, xb, p, q, a, false);  // A = X X^T
+    symmetrize_upper_to_lower(a, p);
+    round_to_bf16(a, sb, pp);
+    gram_upper(st, sb, p, p, b, false);  // A A (= A A^T)
+    for (int64_t i = 0; i < p; ++i)
+      for (int64_t j = i; j < p; ++j) b[i * p + j] = k[1] * a[i * p + j] + k[2] * b[i * p + j];
+    // a I is added before rounding, as in the fp32 path: rounding B alone and adding a X after
+    // would cost bf16's relative error on |B|, which cancels against a (1x1: a + B = 0.70 from
+    // 3.44 - 2.74), i.e. ~4x the error of rounding a I + B.
+    for (int64_t i = 0; i < p; ++i) b[i * p + i] += k[0];
+    symmetrize_upper_to_lower(b, p);
+    round_to_bf16(b, sb, pp);
+    st.run(update_shape(p, q), sb, xb, nxt);  // (a I + B) X
+    round_to_bf16(nxt, xb, pq);
+    std::swap(cur, nxt);
+  }
+  st.stream.wait();
+  return cur;
+}
+
 }  // namespace
 
 double newton_schulz_flops(int64_t rows, int64_t cols, int steps) {
@@ -132,14 +281,41 @@ void newton_schulz(const float* input, int64_t rows, int64_t cols, float* output
   const int steps = schedule.steps();
   if (steps < 1) throw ConfigError("newton_schulz: the schedule has no iterations (expected >= 1)");
   if (rows == 0 || cols == 0) return;
-  if (!workspace.fits(rows, cols)) {
-    throw ConfigError(fmt::format("newton_schulz: workspace too small for a {}x{} matrix; reserve() it at setup",
-                                  rows, cols));
+  if (!workspace.fits(rows, cols, schedule.precision)) {
+    throw ConfigError(fmt::format("newton_schulz: workspace too small for a {}x{} matrix{}; reserve() it at setup",
+                                  rows, cols, schedule.precision == NsPrecision::kBF16 ? " in bf16" : ""));
   }
   const int64_t p = std::min(rows, cols);
   const int64_t q = std::max(rows, cols);
   const bool wide = rows <= cols;
   const size_t count = static_cast<size_t>(rows) * static_cast<size_t>(cols);
+
+  if (schedule.precision == NsPrecision::kBF16) {
+    Bf16NsState& st = NsAccess::bf16(workspace);
+    double sum_sq = 0.0;
+    for (size_t i = 0; i < count; ++i) sum_sq += static_cast<double>(input[i]) * input[i];
+    const double denom = std::max(static_cast<double>(schedule.norm_scale) * std::sqrt(sum_sq) + schedule.norm_add,
+                                  static_cast<double>(schedule.norm_floor));
+    const float inv = denom > 0.0 ? static_cast<float>(1.0 / denom) : 0.0f;
+    // Iterate on the wide orientation in the workspace's two fp32 buffers; a tall input is
+    // transposed in and out (O(pq) next to the O(p^2 q) products).
+    float* cur = NsAccess::x(workspace);
+    float* nxt = st.y.data();
+    if (wide) {
+      for (size_t i = 0; i < count; ++i) cur[i] = input[i] * inv;
+    } else {
+      for (int64_t r = 0; r < q; ++r)
+        for (int64_t c = 0; c < p; ++c) cur[c * q + r] = input[r * p + c] * inv;
+    }
+    const float* result = iterate_bf16(st, cur, nxt, p, q, schedule, NsAccess::a(workspace), NsAccess::b(workspace));
+    if (wide) {
+      std::memcpy(output, result, sizeof(float) * count);
+    } else {
+      for (int64_t r = 0; r < q; ++r)
+        for (int64_t c = 0; c < p; ++c) output[r * p + c] = result[c * q + r];
+    }
+    return;
+  }
 
   // Ping-pong between `output` and the workspace so that the last iteration lands in `output`.
   float* other = NsAccess::x(workspace);

@@ -1,4 +1,5 @@
-// Newton-Schulz orthogonalization (Muon's NS5) on CPU with OpenBLAS.
+// Newton-Schulz orthogonalization (Muon's NS5) on CPU: fp32 with OpenBLAS, or bf16 products with
+// oneDNN (schedule.precision).
 //
 // For an m x n row-major G with p = min(m, n), q = max(m, n), iterating on the wide orientation
 // X (p x q; X = G^T when m > n, never materialized: the BLAS calls take the transpose flags):
@@ -7,6 +8,11 @@
 // kSymmetric uses that A and B are symmetric: A by SSYRK, A A = A A^T by SSYRK, (aI + B) X by SSYMM
 // (3p^2 q + p^3 FLOPs per iteration instead of 4p^2 q + 2p^3). kPlainGemm is the SGEMM-only
 // baseline the benchmarks compare against.
+// NsPrecision::kBF16 keeps X, A and B in fp32 but rounds them to bf16 as GEMM operands (fp32
+// accumulation, oneDNN matmul). oneDNN has no SYRK: the symmetric products X X^T and A A are
+// computed as the GEMMs of the upper-triangle blocks (192 rows; measured faster than one full
+// GEMM at p = 768), mirrored to the lower triangle. Its thread count is OpenMP's for the calling
+// thread (omp_set_num_threads / OMP_NUM_THREADS).
 #pragma once
 
 #include <cstddef>
@@ -15,6 +21,7 @@
 #include <span>
 #include <utility>
 
+#include "base/dtype.h"
 #include "optim/config.h"
 
 namespace shardopt::optim {
@@ -35,17 +42,24 @@ class FloatBuffer {
   size_t size_ = 0;
 };
 
-// Scratch for newton_schulz(): one m x n buffer and two p x p buffers. Size it once for the largest
-// matrix the caller will orthogonalize; newton_schulz() never allocates and throws ConfigError if a
-// matrix does not fit.
+struct Bf16NsState;  // oneDNN primitives and bf16 operand buffers (newton_schulz.cc)
+
+// Scratch for newton_schulz(): one m x n buffer and two p x p buffers (kBF16 adds a second m x n
+// fp32 buffer, bf16 operand copies and the oneDNN matmul primitives of each shape). Size it once
+// for every matrix shape the caller will orthogonalize; newton_schulz() then never allocates and
+// throws ConfigError if a matrix does not fit. One workspace serves one thread at a time.
 class NsWorkspace {
  public:
-  NsWorkspace() = default;
-  NsWorkspace(int64_t rows, int64_t cols) { reserve(rows, cols); }
-  // Grows (never shrinks) so that a rows x cols matrix fits. Allocates: call at setup only.
-  void reserve(int64_t rows, int64_t cols);
-  bool fits(int64_t rows, int64_t cols) const;
-  size_t bytes() const { return 4 * (x_.size() + a_.size() + b_.size()); }
+  NsWorkspace();
+  NsWorkspace(int64_t rows, int64_t cols, NsPrecision precision = NsPrecision::kF32);
+  ~NsWorkspace();
+  NsWorkspace(NsWorkspace&&) noexcept;
+  NsWorkspace& operator=(NsWorkspace&&) noexcept;
+  // Grows (never shrinks) so that a rows x cols matrix fits; with kBF16 also builds that shape's
+  // matmul primitives. Allocates: call at setup only.
+  void reserve(int64_t rows, int64_t cols, NsPrecision precision = NsPrecision::kF32);
+  bool fits(int64_t rows, int64_t cols, NsPrecision precision = NsPrecision::kF32) const;
+  size_t bytes() const;
 
  private:
   friend struct NsAccess;
@@ -54,6 +68,7 @@ class NsWorkspace {
   FloatBuffer b_;  // B = b A + c A A (+ a I), max_small_dim^2
   size_t max_elements_ = 0;
   int64_t max_small_dim_ = 0;
+  std::unique_ptr<Bf16NsState> bf16_;  // only after a kBF16 reserve()
 };
 
 enum class NsAlgorithm {
@@ -61,9 +76,10 @@ enum class NsAlgorithm {
   kPlainGemm,  // SGEMM only: the baseline
 };
 
-// Orthogonalizes the rows x cols row-major `input` into `output` (which may alias `input`).
-// An empty matrix (rows or cols 0) is a no-op. Throws ConfigError for negative sizes, an empty
-// schedule, or a workspace too small.
+// Orthogonalizes the rows x cols row-major `input` into `output` (which may alias `input`), in
+// schedule.precision (kBF16 ignores `algorithm`). An empty matrix (rows or cols 0) is a no-op.
+// Throws ConfigError for negative sizes, an empty schedule, or a workspace too small (or not
+// reserved for kBF16).
 void newton_schulz(const float* input, int64_t rows, int64_t cols, float* output, const NsSchedule& schedule,
                    NsWorkspace& workspace, NsAlgorithm algorithm = NsAlgorithm::kSymmetric);
 

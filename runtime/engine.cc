@@ -101,6 +101,22 @@ Engine::Engine(comm::Communicator& comm, std::vector<proto::TensorSpec> params, 
   grad_buffers.reduce_scratch = options_.grad_accumulation_steps > 1;
   state_ = std::make_unique<ShardState>(std::move(plan), comm_.rank(), matrix_params_ ? &*matrix_params_ : nullptr,
                                         elementwise_params_, grad_buffers);
+  if (options_.threads < 0) {
+    throw ConfigError("EngineOptions.threads must be >= 0 (0 = default_thread_count()), found " +
+                      std::to_string(options_.threads));
+  }
+  const int threads = options_.threads == 0 ? default_thread_count() : options_.threads;
+  if (threads > 1) pool_ = std::make_unique<ThreadPool>(threads);
+  if (matrix_params_) {
+    std::vector<std::pair<int64_t, int64_t>> shapes;
+    std::vector<std::span<const int64_t>> blocks;
+    for (const OwnedMatrix& om : state_->owned_matrices()) {
+      shapes.emplace_back(om.matrix.rows, om.matrix.cols);
+      blocks.push_back(om.matrix.block_rows);
+      owned_matrices_.push_back(&om.matrix);
+    }
+    parallel_muon_ = std::make_unique<optim::ParallelMuon>(pool_.get(), shapes, blocks, matrix_params_->ns.precision);
+  }
 
   const int nb = state_->num_buckets();
   pending_in_bucket_.assign(nb, 0);
@@ -353,10 +369,8 @@ bool Engine::check_and_clip(StepReport& report) {
 
 void Engine::update_matrices_owned(float lr_multiplier) {
   const optim::OptimizerParams& mx = *matrix_params_;
-  for (OwnedMatrix& om : state_->owned_matrices()) {
-    TraceRecorder::Span span(trace_, "muon ", specs_[static_cast<size_t>(om.tensor)].name(), "compute");
-    optim::muon_step(mx, om.matrix, mx.lr * lr_multiplier, state_->muon_workspace());
-  }
+  TraceRecorder::Span span(trace_, "muon owned matrices", "compute");
+  parallel_muon_->step(mx, owned_matrices_, mx.lr * lr_multiplier);
 }
 
 // Row shards of every Muon gradient go to the owner (all-to-all); the owner computes the update
@@ -376,9 +390,9 @@ void Engine::update_matrices_dim0(float lr_multiplier, PhaseTimes& times) {
   times.dim0_exchange += seconds_since(t0);
 
   t0 = clock::now();
-  for (OwnedMatrix& om : state_->owned_matrices()) {
-    TraceRecorder::Span span(trace_, "muon ", specs_[static_cast<size_t>(om.tensor)].name(), "compute");
-    optim::muon_step(mx, om.matrix, lr, state_->muon_workspace());
+  {
+    TraceRecorder::Span span(trace_, "muon owned matrices", "compute");
+    parallel_muon_->step(mx, owned_matrices_, lr);
   }
   times.matrix += seconds_since(t0);
 
@@ -432,7 +446,8 @@ StepReport Engine::step(float lr_multiplier) {
     {
       TraceRecorder::Span span(trace_, "elementwise update", "compute");
       optim::elementwise_step(elementwise_params_, state_->elementwise_slices(),
-                              elementwise_params_.lr * lr_multiplier, step_);
+                              elementwise_params_.lr * lr_multiplier, step_, optim::FiniteCheck::kNone,
+                              optim::KernelOptions{pool_.get()});
     }
     report.times.elementwise = seconds_since(t0);
     if (uses_matrix_optimizer(options_)) {

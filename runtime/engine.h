@@ -44,6 +44,7 @@
 #include <string>
 #include <vector>
 
+#include "base/thread_pool.h"
 #include "comm/communicator.h"
 #include "optim/config.h"
 #include "proto/optim.pb.h"
@@ -82,6 +83,11 @@ struct EngineOptions {
   // true: grad_ready() starts a bucket's reduction as soon as the bucket is complete. false: kFull
   // reduces everything in step(); kSharded reduces each bucket when complete and waits for it there.
   bool overlap = true;
+  // Compute threads of this rank's optimizer step (a ThreadPool: element-wise kernels in chunks,
+  // owned Muon matrices concurrently with one BLAS thread each). 1 = the calling thread only, with
+  // OpenBLAS threads as OPENBLAS_NUM_THREADS says; 0 = default_thread_count() (the affinity mask's
+  // CPUs divided by the ranks on this host, or SHARDOPT_NUM_THREADS). Results do not depend on it.
+  int threads = 1;
 };
 
 // Seconds spent in each phase of the last step, as seen by this rank.
@@ -196,6 +202,9 @@ class Engine {
   std::optional<optim::OptimizerParams> matrix_params_owner_dim0_;
   std::unique_ptr<ShardState> state_;
   TraceRecorder trace_;
+  std::unique_ptr<ThreadPool> pool_;                     // null when options_.threads resolves to 1
+  std::unique_ptr<optim::ParallelMuon> parallel_muon_;   // this rank's owned matrices
+  std::vector<const optim::MuonMatrix*> owned_matrices_;  // ParallelMuon's order of the matrices
 
   // Step bookkeeping, reset by step().
   std::vector<int> pending_in_bucket_;  // grad_ready calls missing before the bucket's next launch

@@ -85,6 +85,7 @@ runtime::EngineOptions engine_options(const TrainConfig& c) {
   o.grad_accumulation_steps = c.grad_accumulation;
   o.grad_memory = c.local_grad_accumulation ? runtime::GradMemory::kFull : runtime::GradMemory::kSharded;
   o.overlap = true;
+  o.threads = c.threads;
   if (is_matrix_optimizer(c.optimizer)) {
     o.matrix_optimizer.set_kind(optim::parse_optimizer_kind(c.optimizer));
     o.matrix_optimizer.set_lr(c.matrix_lr);

@@ -66,6 +66,7 @@ struct TrainConfig {
   float min_lr_ratio = 0.1f;
   float max_grad_norm = 1.0f;  // 0 = no clipping
   int zero_stage = 2;
+  int threads = 1;  // compute threads per rank for the optimizer step (EngineOptions.threads; 0 = automatic)
   proto::ShardLayout layout = proto::SHARD_LAYOUT_OWNED;
   int64_t bucket_bytes = int64_t{1} << 20;
   SyncMode sync = SyncMode::kZero;

@@ -158,3 +158,27 @@ TEST(OptimizerConfig, KindNames) {
 
 }  // namespace
 }  // namespace shardopt::optim
+
+namespace shardopt::optim {
+namespace {
+
+TEST(OptimizerConfig, NsDtypeDefaultsToF32AndResolvesBf16) {
+  proto::OptimizerConfig c;
+  c.set_kind(proto::OPTIMIZER_MUON);
+  EXPECT_EQ(with_defaults(c).ns_dtype(), proto::NS_DTYPE_F32);
+  EXPECT_EQ(resolve_optimizer_config(c).ns.precision, NsPrecision::kF32);
+  c.set_ns_dtype(proto::NS_DTYPE_BF16);
+  EXPECT_EQ(resolve_optimizer_config(c).ns.precision, NsPrecision::kBF16);
+  c.set_kind(proto::OPTIMIZER_NORMUON);
+  EXPECT_EQ(resolve_optimizer_config(c).ns.precision, NsPrecision::kBF16);
+  c.set_ns_dtype(static_cast<proto::NsDtype>(7));
+  try {
+    resolve_optimizer_config(c);
+    FAIL() << "ns_dtype 7 accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("ns_dtype"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace shardopt::optim

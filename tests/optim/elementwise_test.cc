@@ -14,8 +14,9 @@
 namespace shardopt::optim {
 namespace {
 
-// Slice sizes covering empty, single, odd, vector-width tails and a large one.
-const std::vector<size_t> kSizes = {0, 1, 7, 16, 33, 1000, 4099};
+// Slice sizes covering empty, single, odd, vector-width tails and ones that span several of the
+// kernel's 32768-element chunks (so a multi-threaded step splits a slice between threads).
+const std::vector<size_t> kSizes = {0, 1, 7, 16, 33, 1000, 4099, 100003};
 constexpr int kSteps = 5;
 // bf16 keeps 8 significant bits: a rounded value is within 2^-9 relative of the exact one.
 constexpr double kBf16RelTol = 1.0 / 256.0;
@@ -61,6 +62,8 @@ struct Case {
   proto::OptimizerConfig config;
   bool bf16_grads;
   bool mirror;
+  int threads = 1;         // pool size
+  bool use_avx512 = true;  // false: the portable loops
 };
 
 void run_case(const Case& c) {
@@ -87,6 +90,8 @@ void run_case(const Case& c) {
     ref[k].s1.assign(n, 0.0);
   }
   const double lr = 0.01;
+  ThreadPool pool(c.threads);
+  const KernelOptions exec{&pool, c.use_avx512};
   for (int t = 1; t <= kSteps; ++t) {
     std::vector<ElementwiseSlice> slices;
     for (size_t k = 0; k < nslices; ++k) {
@@ -114,7 +119,7 @@ void run_case(const Case& c) {
       s.count = kSizes[k];
       slices.push_back(s);
     }
-    const StepResult r = elementwise_step(params, slices, static_cast<float>(lr), t);
+    const StepResult r = elementwise_step(params, slices, static_cast<float>(lr), t, FiniteCheck::kNone, exec);
     ASSERT_TRUE(r.applied);
   }
   for (size_t k = 0; k < nslices; ++k) {
@@ -146,6 +151,24 @@ TEST(Elementwise, AdamWMatchesReference) {
     for (bool mirror : {false, true}) {
       SCOPED_TRACE(testing::Message() << "bf16 grads " << bf16_grads << " mirror " << mirror);
       run_case({make(proto::OPTIMIZER_ADAMW), bf16_grads, mirror});
+    }
+  }
+}
+
+// Every kernel on 2 and 3 threads and on both instruction-set paths, against the same double
+// reference (the single-threaded runs above use the default path).
+TEST(Elementwise, ThreadsAndInstructionSetsMatchReference) {
+  for (int threads : {2, 3}) {
+    for (bool use_avx512 : {false, true}) {
+      for (proto::OptimizerKind kind : {proto::OPTIMIZER_ADAMW, proto::OPTIMIZER_LION, proto::OPTIMIZER_SGD}) {
+        proto::OptimizerConfig c = make(kind);
+        if (kind == proto::OPTIMIZER_SGD) c.set_momentum(0.9);
+        for (bool bf16_grads : {false, true}) {
+          SCOPED_TRACE(testing::Message() << "threads " << threads << " avx512 " << use_avx512 << " kind "
+                                          << optimizer_kind_name(kind) << " bf16 grads " << bf16_grads);
+          run_case({c, bf16_grads, bf16_grads, threads, use_avx512});
+        }
+      }
     }
   }
 }

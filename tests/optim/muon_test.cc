@@ -5,6 +5,7 @@
 #include <Eigen/Dense>
 #include <algorithm>
 #include <array>
+#include <cstdio>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -198,6 +199,69 @@ TEST(NewtonSchulz, SingularValuesInDefaultBand) {
 TEST(NewtonSchulz, SingularValuesInPolarExpressBand) {
   // Polar Express, 5 steps: ~[0.8589, 1.1411] for normalized sigma >= 1e-3.
   check_singular_values(kPolarTriples, NsSchedule::polar_express(), {1.02, 1e-6, 0.0}, 0.85, 1.15);
+}
+
+// bf16 products (oneDNN) against the default quintic in double (Eigen products, independent of
+// optim/). Bound, derived: each iteration rounds three operands to bf16 (X, A, a I + B; relative
+// u = 2^-9 each), moving an output singular value by about 3u = 6e-3 relative; the scalar map's
+// slope along the NS trajectory (|f'| <= ~1.3 for sigma in the band) carries an error into the
+// later steps, so five steps give <= 6e-3 (1 + 1.3 + 1.3^2 + 1.3^3 + 1.3^4) = 5.4e-2. Measured:
+// 1.5e-2 to 1.7e-2 for matrices, up to 3.7e-2 for a vector (all error in its one singular value);
+// a wrong product is off by O(1). Shapes include p > 384 (several upper-triangle blocks), wide
+// and tall.
+TEST(NewtonSchulz, Bf16MatchesDoubleReferenceAndLandsInTheSingularValueBand) {
+  using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  struct S {
+    int64_t rows, cols;
+  };
+  std::mt19937 gen(5);
+  std::normal_distribution<double> normal;
+  NsSchedule schedule = NsSchedule::default_quintic();
+  schedule.precision = NsPrecision::kBF16;
+  for (const S s : {S{1, 37}, S{37, 1}, S{48, 16}, S{17, 29}, S{29, 17}, S{400, 500}, S{520, 400}}) {
+    SCOPED_TRACE(testing::Message() << s.rows << "x" << s.cols);
+    const int64_t p = std::min(s.rows, s.cols);
+    // G = U diag(sigma) V^T with sigma spread over [0.1, 1]: the NS band applies to all of them.
+    auto orthonormal = [&](int64_t n) {
+      MatD r(n, p);
+      for (int64_t i = 0; i < r.size(); ++i) r.data()[i] = normal(gen);
+      return MatD(Eigen::HouseholderQR<MatD>(r).householderQ() * MatD::Identity(n, p));
+    };
+    Eigen::VectorXd sigma(p);
+    for (int64_t i = 0; i < p; ++i) sigma[i] = 0.1 + 0.9 * double(i) / double(std::max<int64_t>(p - 1, 1));
+    const MatD g = orthonormal(s.rows) * sigma.asDiagonal() * orthonormal(s.cols).transpose();
+    std::vector<float> gf(static_cast<size_t>(g.size()));
+    for (size_t i = 0; i < gf.size(); ++i) gf[i] = static_cast<float>(g.data()[i]);
+
+    MatD x = s.rows > s.cols ? MatD(g.transpose()) : g;  // wide orientation
+    x /= std::max(x.norm(), 1e-7);
+    for (int it = 0; it < 5; ++it) {
+      const MatD a = x * x.transpose();
+      const MatD b = -4.7750 * a + 2.0315 * a * a;
+      x = 3.4445 * x + b * x;
+    }
+    const MatD expect = s.rows > s.cols ? MatD(x.transpose()) : x;
+
+    NsWorkspace ws(s.rows, s.cols, NsPrecision::kBF16);
+    std::vector<float> out(gf.size(), -7.0f);
+    newton_schulz(gf.data(), s.rows, s.cols, out.data(), schedule, ws);
+    MatD got(s.rows, s.cols);
+    for (size_t i = 0; i < out.size(); ++i) got.data()[i] = out[i];
+    ASSERT_TRUE(got.allFinite());
+    const double rel = (got - expect).norm() / expect.norm();
+    EXPECT_LT(rel, 5.4e-2);
+    std::printf("[ns bf16] %lldx%lld relative Frobenius error vs double %.3e\n", static_cast<long long>(s.rows),
+                static_cast<long long>(s.cols), rel);
+    // Default quintic, 5 steps, normalized sigma in [0.1/||G||, 1/||G||]: output in ~[0.68, 1.135],
+    // widened by the same relative error.
+    const Eigen::VectorXd sv = Eigen::BDCSVD<MatD>(got).singularValues();
+    EXPECT_GT(sv.minCoeff(), 0.68 * (1 - 5.4e-2));
+    EXPECT_LT(sv.maxCoeff(), 1.135 * (1 + 5.4e-2));
+  }
+  // Not reserved for bf16: a clear error instead of a missing primitive.
+  NsWorkspace f32_only(4, 4);
+  std::vector<float> z(16, 1.0f);
+  EXPECT_THROW(newton_schulz(z.data(), 4, 4, z.data(), schedule, f32_only), ConfigError);
 }
 
 TEST(NewtonSchulz, ZeroMatrixStaysZeroAndFlopCount) {
@@ -481,6 +545,93 @@ TEST(QkClip, ScalesOnlyHeadsAboveTauAndLogitsByTauOverS) {
   EXPECT_THROW(qk_clip(wts, bad, tau, alpha), ConfigError);
   EXPECT_THROW(qk_clip(wts, logits, 0.0f, alpha), ConfigError);
   EXPECT_THROW(qk_clip(wts, logits, tau, 1.5f), ConfigError);
+}
+
+}  // namespace
+}  // namespace shardopt::optim
+
+namespace shardopt::optim {
+namespace {
+
+// ParallelMuon on 2 and 3 threads == muon_step one matrix after another (the reference: muon_step
+// is checked against double above), for Muon and NorMuon, f32 and bf16 NS, with a blocked matrix;
+// and a bad matrix's ConfigError reaches the caller.
+TEST(ParallelMuon, AnyThreadCountEqualsSequentialMuonSteps) {
+  struct Shape {
+    int64_t rows, cols;
+  };
+  const std::vector<Shape> shapes = {{64, 48}, {32, 96}, {96, 32}, {16, 16}, {48, 40}, {8, 200}};
+  const std::vector<int64_t> blocks = {16, 32};  // rows of the 48x40 matrix
+  for (auto kind : {proto::OPTIMIZER_MUON, proto::OPTIMIZER_NORMUON}) {
+    for (auto dtype : {proto::NS_DTYPE_F32, proto::NS_DTYPE_BF16}) {
+      proto::OptimizerConfig c;
+      c.set_kind(kind);
+      c.set_ns_dtype(dtype);
+      const OptimizerParams params = resolve_optimizer_config(c);
+      for (int threads : {2, 3}) {
+        SCOPED_TRACE(testing::Message() << optimizer_kind_name(kind) << " ns dtype " << dtype << " threads " << threads);
+        std::mt19937 rng(21);
+        struct Data {
+          std::vector<float> w, g, m, v;
+        };
+        std::vector<Data> seq(shapes.size()), par(shapes.size());
+        std::vector<MuonMatrix> seq_m(shapes.size()), par_m(shapes.size());
+        std::vector<std::pair<int64_t, int64_t>> dims;
+        std::vector<std::span<const int64_t>> block_lists;
+        for (size_t i = 0; i < shapes.size(); ++i) {
+          const auto [r, cc] = shapes[i];
+          seq[i].w = random_matrix(r, cc, rng);
+          seq[i].g = random_matrix(r, cc, rng);
+          seq[i].m.assign(static_cast<size_t>(r * cc), 0.0f);
+          seq[i].v.assign(static_cast<size_t>(r), 0.0f);
+          par[i] = seq[i];
+          for (auto* pair : {&seq, &par}) {
+            Data& d = (*pair)[i];
+            MuonMatrix& mm = pair == &seq ? seq_m[i] : par_m[i];
+            mm.master = d.w.data();
+            mm.grad = d.g.data();
+            mm.momentum = d.m.data();
+            mm.row_second_moment = d.v.data();
+            mm.rows = r;
+            mm.cols = cc;
+            if (r == 48) mm.block_rows = blocks;
+          }
+          dims.emplace_back(r, cc);
+          block_lists.push_back(r == 48 ? std::span<const int64_t>(blocks) : std::span<const int64_t>());
+        }
+        MuonWorkspace ws(dims, params.ns.precision);
+        for (const int64_t b : blocks) ws.reserve(b, 40, params.ns.precision);
+        ThreadPool pool(threads);
+        ParallelMuon parallel(&pool, dims, block_lists, params.ns.precision);
+        std::vector<const MuonMatrix*> ptrs;
+        for (const MuonMatrix& mm : par_m) ptrs.push_back(&mm);
+        for (int step = 0; step < 2; ++step) {
+          for (const MuonMatrix& mm : seq_m) muon_step(params, mm, 0.02f, ws);
+          parallel.step(params, ptrs, 0.02f);
+        }
+        for (size_t i = 0; i < shapes.size(); ++i) {
+          for (size_t j = 0; j < seq[i].w.size(); ++j) {
+            // Same code per matrix; bf16 products may split work differently with OpenMP threads.
+            const double tol = dtype == proto::NS_DTYPE_F32 ? 0.0 : 1e-6;
+            ASSERT_NEAR(par[i].w[j], seq[i].w[j], tol) << "matrix " << i << " element " << j;
+            ASSERT_EQ(par[i].m[j], seq[i].m[j]) << "matrix " << i << " element " << j;
+          }
+        }
+        // A matrix whose shape differs from the constructor's: ConfigError from the step.
+        MuonMatrix wrong = par_m[0];
+        wrong.rows = 63;
+        std::vector<const MuonMatrix*> bad = ptrs;
+        bad[0] = &wrong;
+        EXPECT_THROW(parallel.step(params, bad, 0.02f), ConfigError);
+        // A task that throws inside the pool (null momentum) propagates too.
+        MuonMatrix broken = par_m[1];
+        broken.momentum = nullptr;
+        bad = ptrs;
+        bad[1] = &broken;
+        EXPECT_THROW(parallel.step(params, bad, 0.02f), ConfigError);
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -38,6 +38,7 @@ struct Case {
   // true: every gradient of a micro-batch is written (all buckets open at once, in registration
   // order) before any is announced; false: backward order, each announced right after it is written.
   bool all_buckets_open = false;
+  int threads = 1;        // EngineOptions.threads of every rank
 };
 
 std::string case_name(const testing::TestParamInfo<Case>& info) {
@@ -54,6 +55,7 @@ EngineOptions options_for(const Case& c) {
   EngineOptions o = engine_options(c.stage, c.layout, c.optimizer);
   o.grad_accumulation_steps = c.accumulation;
   o.grad_memory = c.grad_memory;
+  o.threads = c.threads;
   return o;
 }
 
@@ -122,8 +124,7 @@ std::vector<std::vector<std::vector<float>>> engine_run(const std::vector<proto:
 
 class EngineEquivalence : public testing::TestWithParam<Case> {};
 
-TEST_P(EngineEquivalence, NRankTrainingEqualsSingleProcessReference) {
-  const Case c = GetParam();
+void expect_matches_reference(const Case& c) {
   const auto specs = mixed_model();
   const int steps = 3;
   proto::ShardPlan plan;
@@ -150,6 +151,34 @@ TEST_P(EngineEquivalence, NRankTrainingEqualsSingleProcessReference) {
     // The reference moved: a test that passes with an engine that does nothing is no test.
     EXPECT_NE(got[r][2][0], initial_value(2, 0));
   }
+}
+
+TEST_P(EngineEquivalence, NRankTrainingEqualsSingleProcessReference) { expect_matches_reference(GetParam()); }
+
+// A pool of 2 or 3 threads per rank (element-wise chunks, matrices concurrently) changes nothing:
+// the same reference, bit-identical for owned-layout Muon.
+TEST(EngineThreads, PoolPerRankEqualsSingleProcessReference) {
+  for (int threads : {2, 3}) {
+    for (int world : {1, 2}) {
+      for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0}) {
+        for (const char* opt : {"muon", "normuon", "adamw"}) {
+          Case c{world, 2, layout, opt};
+          c.threads = threads;
+          SCOPED_TRACE(testing::Message() << "threads " << threads << " world " << world << " layout " << layout
+                                          << " " << opt);
+          expect_matches_reference(c);
+        }
+      }
+    }
+  }
+}
+
+TEST(EngineThreads, NegativeThreadCountIsAConfigError) {
+  const auto specs = mixed_model();
+  comm::run_ranks(1, [&](comm::Communicator& comm) {
+    EngineOptions o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "muon", -1});
+    EXPECT_THROW(Engine(comm, specs, o), ConfigError);
+  });
 }
 
 std::vector<Case> all_cases() {

@@ -1,0 +1,289 @@
+// shardopt against its torch peers on the Llama-style 134M shapes (d 768, 12 layers, ffn 2048,
+// vocab 32000: 84 hidden matrices, 134M parameters), one run, one JSON object per line:
+//   torch rows (bench/peers/torch_peers.py in the venv, run first in its own process):
+//     torch.optim.Muon (bf16 NS), the same step with torch's NS5 in fp32, AdamW(fused=True)
+//   shardopt rows: the Muon phase (ParallelMuon over the 84 matrices, 1 process x --threads pool
+//     threads, NS in f32 and bf16), AdamW over all parameters at each --adamw-threads, and the
+//     read-modify-write stream ceiling (m += g; v += g; w += g: AdamW's bytes, trivial math) at
+//     the same threads.
+// Ratios are torch_seconds / shardopt_seconds (> 1: shardopt faster) and rmw_seconds /
+// adamw_seconds (fraction of the stream ceiling reached). Every figure is the best of --reps.
+#include <cblas.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "base/thread_pool.h"
+#include "optim/config.h"
+#include "optim/elementwise.h"
+#include "optim/muon.h"
+
+namespace so = shardopt::optim;
+using shardopt::ThreadPool;
+
+namespace {
+
+bool g_json = false;
+
+double best_seconds(int reps, const std::function<void()>& fn) {
+  fn();  // warm-up: page faults, primitive and BLAS initialization
+  double best = 1e300;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+void emit(const nlohmann::json& row) {
+  if (g_json) {
+    fmt::print("{}\n", row.dump());
+  } else {
+    std::string line;
+    for (auto it = row.begin(); it != row.end(); ++it) {
+      line += it.key() + "=" + (it->is_number_float() ? fmt::format("{:.4g}", it->get<double>()) : it->dump()) + " ";
+    }
+    fmt::print("{}\n", line);
+  }
+  std::fflush(stdout);
+}
+
+std::vector<float> random_floats(size_t n, unsigned seed, float sd) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, sd);
+  std::vector<float> v(n);
+  for (auto& x : v) x = normal(rng);
+  return v;
+}
+
+struct Model {
+  std::vector<std::pair<int64_t, int64_t>> hidden;  // Muon matrices
+  std::vector<int64_t> tensors;                     // every parameter's element count
+  int64_t elements = 0;
+};
+
+Model llama(int64_t d, int64_t ffn, int layers, int64_t vocab) {
+  Model m;
+  m.tensors.push_back(vocab * d);  // embedding
+  for (int l = 0; l < layers; ++l) {
+    for (int k = 0; k < 4; ++k) m.hidden.emplace_back(d, d);
+    m.hidden.emplace_back(ffn, d);
+    m.hidden.emplace_back(ffn, d);
+    m.hidden.emplace_back(d, ffn);
+    m.tensors.push_back(d);  // two norms
+    m.tensors.push_back(d);
+  }
+  for (const auto& [r, c] : m.hidden) m.tensors.push_back(r * c);
+  m.tensors.push_back(d);          // final norm
+  m.tensors.push_back(vocab * d);  // head
+  for (int64_t n : m.tensors) m.elements += n;
+  return m;
+}
+
+// Runs the torch peers; returns their rows (empty with a message when torch is not there).
+std::vector<nlohmann::json> torch_rows(const std::string& python, const std::string& script, const Model& m,
+                                       int64_t d, int64_t ffn, int layers, int muon_threads,
+                                       const std::string& adamw_threads, int reps, bool skip_muon) {
+  if (!std::filesystem::exists(python)) {
+    fmt::print(stderr, "peers_bench: {} not found: torch rows skipped (set SHARDOPT_VENV or --python)\n", python);
+    return {};
+  }
+  const std::string cmd = fmt::format("'{}' '{}' --d-model {} --ffn {} --layers {} --elements {} --muon-threads {} "
+                                      "--adamw-threads {} --reps {}{}",
+                                      python, script, d, ffn, layers, m.elements, muon_threads, adamw_threads, reps,
+                                      skip_muon ? " --skip-muon" : "");
+  FILE* pipe = popen(cmd.c_str(), "r");
+  if (pipe == nullptr) {
+    fmt::print(stderr, "peers_bench: cannot run {}: torch rows skipped\n", cmd);
+    return {};
+  }
+  std::vector<nlohmann::json> rows;
+  char line[4096];
+  while (std::fgets(line, sizeof line, pipe)) {
+    if (line[0] != '{') continue;
+    nlohmann::json row = nlohmann::json::parse(line, nullptr, false);
+    if (row.is_discarded()) continue;
+    if (row.contains("error")) {
+      fmt::print(stderr, "peers_bench: {}: torch rows skipped\n", row["error"].get<std::string>());
+      continue;
+    }
+    rows.push_back(row);
+  }
+  pclose(pipe);
+  return rows;
+}
+
+// m += g; v += g; w += g over the elements: AdamW's bytes (read 4 arrays, write 3) with no math.
+template <int kDummy>
+inline __attribute__((always_inline)) void rmw_loop(const float* __restrict g, float* __restrict m,
+                                                    float* __restrict v, float* __restrict w, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    m[i] += g[i];
+    v[i] += g[i];
+    w[i] += g[i];
+  }
+}
+__attribute__((flatten, target("avx512f,avx512bw,avx512vl,avx512dq,fma,prefer-vector-width=512"))) void rmw_avx512(
+    const float* g, float* m, float* v, float* w, size_t n) {
+  rmw_loop<0>(g, m, v, w, n);
+}
+__attribute__((flatten)) void rmw_portable(const float* g, float* m, float* v, float* w, size_t n) {
+  rmw_loop<0>(g, m, v, w, n);
+}
+
+void rmw_stream(ThreadPool* pool, const float* g, float* m, float* v, float* w, size_t n) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                             __builtin_cpu_supports("fma");
+  constexpr size_t kChunk = size_t{1} << 15;  // as the element-wise kernels
+  auto run = [&](size_t b, size_t e) {
+    if (avx512) rmw_avx512(g + b, m + b, v + b, w + b, e - b);
+    else rmw_portable(g + b, m + b, v + b, w + b, e - b);
+  };
+  if (pool == nullptr) {
+    run(0, n);
+    return;
+  }
+  pool->parallel_for(static_cast<int64_t>((n + kChunk - 1) / kChunk), [&](int64_t c, int) {
+    const size_t b = static_cast<size_t>(c) * kChunk;
+    run(b, std::min(n, b + kChunk));
+  });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"shardopt vs torch optimizer peers on Llama-style shapes"};
+  int64_t d = 768, ffn = 2048, vocab = 32000;
+  int layers = 12, threads = 2, reps = 2;
+  std::string adamw_threads_list = "1,2";
+  const char* venv = std::getenv("SHARDOPT_VENV");
+  const char* home = std::getenv("HOME");
+  std::string python = venv ? std::string(venv) + "/bin/python"
+                            : std::string(home ? home : "") + "/.cache/shardopt/venv/bin/python";
+  std::string script = SHARDOPT_TORCH_PEERS_SCRIPT;
+  bool no_peers = false, no_muon = false;
+  app.add_flag("--json", g_json, "one JSON object per result line");
+  app.add_option("--d-model", d)->capture_default_str();
+  app.add_option("--ffn", ffn)->capture_default_str();
+  app.add_option("--vocab", vocab)->capture_default_str();
+  app.add_option("--layers", layers, "transformer layers (7 hidden matrices each)")->capture_default_str();
+  app.add_option("--threads", threads, "pool threads of the Muon phase (and torch's threads for its Muon)")
+      ->capture_default_str();
+  app.add_option("--adamw-threads", adamw_threads_list, "thread counts for AdamW and the RMW ceiling")
+      ->capture_default_str();
+  app.add_option("--reps", reps, "timed repetitions per figure (best reported)")->capture_default_str();
+  app.add_option("--python", python, "python with torch (default: $SHARDOPT_VENV/bin/python)")->capture_default_str();
+  app.add_flag("--no-peers", no_peers, "shardopt rows only");
+  app.add_flag("--no-muon", no_muon, "AdamW and RMW rows only");
+  CLI11_PARSE(app, argc, argv);
+
+  std::vector<int> adamw_threads;
+  for (size_t pos = 0; pos < adamw_threads_list.size();) {
+    const size_t comma = adamw_threads_list.find(',', pos);
+    adamw_threads.push_back(std::stoi(adamw_threads_list.substr(pos, comma - pos)));
+    pos = comma == std::string::npos ? adamw_threads_list.size() : comma + 1;
+  }
+
+  const Model model = llama(d, ffn, layers, vocab);
+  std::map<std::string, double> peer;  // "torch_muon", "torch_muon_f32", "torch_adamw_fused/<threads>"
+  if (!no_peers) {
+    for (nlohmann::json row : torch_rows(python, script, model, d, ffn, layers, threads, adamw_threads_list, reps,
+                                         no_muon)) {
+      const std::string name = row["peer"];
+      const double s = row["seconds"];
+      peer[name == "torch_adamw_fused" ? name + "/" + std::to_string(row["threads"].get<int>()) : name] = s;
+      row["impl"] = "torch";
+      emit(row);
+    }
+  }
+
+  if (!no_muon) {
+    const size_t n = model.hidden.size();
+    std::vector<std::vector<float>> w(n), g(n), mom(n);
+    std::vector<so::MuonMatrix> mats(n);
+    std::vector<const so::MuonMatrix*> ptrs(n);
+    for (size_t i = 0; i < n; ++i) {
+      const auto [r, c] = model.hidden[i];
+      const size_t count = static_cast<size_t>(r * c);
+      w[i] = random_floats(count, static_cast<unsigned>(3 * i + 1), 0.02f);
+      g[i] = random_floats(count, static_cast<unsigned>(3 * i + 2), 1.0f);
+      mom[i].assign(count, 0.0f);
+      mats[i].master = w[i].data();
+      mats[i].grad = g[i].data();
+      mats[i].momentum = mom[i].data();
+      mats[i].rows = r;
+      mats[i].cols = c;
+      ptrs[i] = &mats[i];
+    }
+    ThreadPool pool(threads);
+    for (auto dtype : {shardopt::proto::NS_DTYPE_F32, shardopt::proto::NS_DTYPE_BF16}) {
+      shardopt::proto::OptimizerConfig config;
+      config.set_kind(shardopt::proto::OPTIMIZER_MUON);
+      config.set_ns_dtype(dtype);
+      const so::OptimizerParams params = so::resolve_optimizer_config(config);
+      so::ParallelMuon parallel(&pool, model.hidden, {}, params.ns.precision);
+      const double s = best_seconds(reps, [&] { parallel.step(params, ptrs, 1e-3f); });
+      const bool bf16 = dtype == shardopt::proto::NS_DTYPE_BF16;
+      nlohmann::json row = {{"impl", "shardopt"},       {"kernel", "muon_phase"}, {"ranks", 1},
+                            {"threads", threads},       {"dtype", bf16 ? "bf16" : "f32"},
+                            {"grad_dtype", "f32"},      {"matrices", n},          {"seconds", s}};
+      if (peer.count("torch_muon")) row["ratio_vs_torch_muon"] = peer["torch_muon"] / s;
+      if (peer.count("torch_muon_f32")) row["ratio_vs_torch_muon_f32"] = peer["torch_muon_f32"] / s;
+      emit(row);
+    }
+  }
+
+  // AdamW over every parameter (one slice per tensor) and the RMW ceiling, at each thread count.
+  const size_t total = static_cast<size_t>(model.elements);
+  std::vector<float> master = random_floats(total, 11, 0.02f), grad = random_floats(total, 12, 1e-3f);
+  std::vector<float> m(total, 0.0f), v(total, 0.0f);
+  std::vector<so::ElementwiseSlice> slices;
+  size_t offset = 0;
+  for (int64_t count : model.tensors) {
+    so::ElementwiseSlice s;
+    s.master = master.data() + offset;
+    s.grad = grad.data() + offset;
+    s.state[0] = m.data() + offset;
+    s.state[1] = v.data() + offset;
+    s.count = static_cast<size_t>(count);
+    slices.push_back(s);
+    offset += s.count;
+  }
+  shardopt::proto::OptimizerConfig adamw;
+  adamw.set_kind(shardopt::proto::OPTIMIZER_ADAMW);
+  const so::OptimizerParams adamw_params = so::resolve_optimizer_config(adamw);
+  const double bytes = 28.0 * static_cast<double>(total);  // read g, m, v, w; write m, v, w
+  for (int t : adamw_threads) {
+    std::unique_ptr<ThreadPool> pool = t > 1 ? std::make_unique<ThreadPool>(t) : nullptr;
+    int64_t step = 1;
+    const double s = best_seconds(reps + 2, [&] {
+      so::elementwise_step(adamw_params, slices, 1e-4f, step++, so::FiniteCheck::kNone, so::KernelOptions{pool.get()});
+    });
+    const double rmw = best_seconds(reps + 2, [&] { rmw_stream(pool.get(), grad.data(), m.data(), v.data(), master.data(), total); });
+    emit({{"impl", "shardopt"}, {"kernel", "rmw_ceiling"}, {"ranks", 1}, {"threads", t}, {"grad_dtype", "f32"},
+          {"elements", total}, {"seconds", rmw}, {"rmw_gbytes_per_s", bytes / rmw / 1e9}});
+    nlohmann::json row = {{"impl", "shardopt"},     {"kernel", "adamw"},     {"ranks", 1},
+                          {"threads", t},           {"grad_dtype", "f32"},   {"elements", total},
+                          {"seconds", s},           {"gbytes_per_s", bytes / s / 1e9},
+                          {"rmw_gbytes_per_s", bytes / rmw / 1e9}, {"ratio_vs_rmw", rmw / s}};
+    const std::string key = "torch_adamw_fused/" + std::to_string(t);
+    if (peer.count(key)) row["ratio_vs_torch_fused_adamw"] = peer[key] / s;
+    emit(row);
+  }
+  return 0;
+}

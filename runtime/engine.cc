@@ -8,6 +8,7 @@
 #include "optim/config.h"
 #include "optim/elementwise.h"
 #include "optim/muon.h"
+#include "optim/quant8.h"
 #include "proto/dtype_convert.h"
 #include "proto/runtime.pb.h"
 #include "sharding/plan_util.h"
@@ -53,12 +54,15 @@ proto::PlanRequest make_engine_plan_request(const std::vector<proto::TensorSpec>
   r.set_memory_cap_bytes(o.memory_cap_bytes);
   const bool matrices = uses_matrix_optimizer(o);
   if (!matrices) r.mutable_routing()->set_elementwise_only(true);
-  // State bytes per parameter for the plan's ZeRO arithmetic: fp32 master + fp32 state values.
+  // State bytes per parameter for the plan's ZeRO arithmetic: fp32 master + state values in their
+  // storage dtype (q8: code + absmax share).
   const auto ew = optim::resolve_optimizer_config(elementwise_config(o));
-  r.set_elementwise_state_bytes_per_param(4.0 + 4.0 * optim::state_values_per_element(ew));
+  r.set_elementwise_state_bytes_per_param(4.0 + optim::state_bytes_per_value(ew) * optim::state_values_per_element(ew));
+  // q8 element-wise state: shard pieces start on quantization blocks (optim/quant8.h).
+  if (ew.state_dtype == proto::STATE_Q8) r.set_state_block_elems(optim::kQ8BlockElems);
   if (matrices) {
     const auto mx = optim::resolve_optimizer_config(o.matrix_optimizer);
-    r.set_muon_state_bytes_per_param(4.0 + 4.0 * optim::state_values_per_element(mx));
+    r.set_muon_state_bytes_per_param(4.0 + optim::state_bytes_per_value(mx) * optim::state_values_per_element(mx));
   }
   return r;
 }
@@ -255,7 +259,7 @@ void Engine::update_matrices_owned(float lr_multiplier) {
   const optim::OptimizerParams& mx = *matrix_params_;
   for (OwnedMatrix& om : state_->owned_matrices()) {
     TraceRecorder::Span span(trace_, "muon " + specs_[static_cast<size_t>(om.tensor)].name(), "compute");
-    optim::muon_step(mx, om.matrix, mx.lr * lr_multiplier, state_->muon_workspace());
+    state_->muon_step(mx, om, mx.lr * lr_multiplier);
   }
 }
 
@@ -278,7 +282,7 @@ void Engine::update_matrices_dim0(float lr_multiplier, PhaseTimes& times) {
   t0 = Clock::now();
   for (OwnedMatrix& om : state_->owned_matrices()) {
     TraceRecorder::Span span(trace_, "muon " + specs_[static_cast<size_t>(om.tensor)].name(), "compute");
-    optim::muon_step(mx, om.matrix, lr, state_->muon_workspace());
+    state_->muon_step(mx, om, lr);
   }
   times.matrix += seconds_since(t0);
 
@@ -329,8 +333,7 @@ StepReport Engine::step(float lr_multiplier) {
     t0 = Clock::now();
     {
       TraceRecorder::Span span(trace_, "elementwise update", "compute");
-      optim::elementwise_step(elementwise_params_, state_->elementwise_slices(),
-                              elementwise_params_.lr * lr_multiplier, step_);
+      state_->elementwise_step(elementwise_params_, elementwise_params_.lr * lr_multiplier, step_);
     }
     report.times.elementwise = seconds_since(t0);
     if (uses_matrix_optimizer(options_)) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "base/error.h"
@@ -25,11 +26,23 @@ Q8Codebook finish(std::vector<double> values) {
   book.midpoints[0] = -INFINITY;
   for (size_t k = 1; k < 256; ++k)
     book.midpoints[k] = static_cast<float>((static_cast<double>(book.values[k - 1]) + book.values[k]) / 2.0);
+  book.midpoints[256] = INFINITY;
+  for (uint32_t key = 0; key < Q8Codebook::kKeys; ++key) {
+    float lo, hi;
+    const uint32_t lo_bits = key << 16, hi_bits = (key << 16) | 0xffffu;
+    std::memcpy(&lo, &lo_bits, sizeof lo);
+    std::memcpy(&hi, &hi_bits, sizeof hi);
+    book.start_positive[key] = book.encode(lo);
+    book.start_negative[key] = book.encode(-hi);
+  }
   return book;
 }
 
+// The unsigned code (second moments) has no zero: its lowest value is 0.5e-7. A second moment
+// decoded to 0 would turn m / (sqrt(v) + eps) into m / eps (the "zero-point problem", Li et al. 2023,
+// "Memory Efficient Optimizers with 4-bit States"); an all-zero block still decodes to 0 (absmax 0).
 Q8Codebook make_dynamic(bool is_signed) {
-  std::vector<double> values = {0.0, 1.0};
+  std::vector<double> values = {is_signed ? 0.0 : 0.5e-7, 1.0};
   for (int i = 0; i < kDecades; ++i) {
     const double top = std::pow(10.0, i - 6), bottom = top / 10.0;
     const int64_t cells = cells_in_decade(i, is_signed);
@@ -63,7 +76,7 @@ const Q8Codebook& q8_codebook(Q8CodeKind kind, bool is_signed) {
 double q8_error_bound(Q8CodeKind kind, bool is_signed, double y) {
   const double a = std::fabs(y);
   if (kind == Q8CodeKind::kLinear) return is_signed ? 0.5 / 127.0 : 0.5 / 255.0;
-  if (a <= 1e-7) return a;
+  if (a <= 1e-7) return is_signed ? a : 0.5e-7;  // nearest of {0 or 0.5e-7, the decade-0 codes}
   int decade = static_cast<int>(std::ceil(std::log10(a) + 7.0 - 1e-12)) - 1;  // a in (1e-7*10^i, 1e-6*10^i]
   decade = std::clamp(decade, 0, kDecades - 1);
   const double top = std::pow(10.0, decade - 6);
@@ -75,19 +88,22 @@ void q8_quantize(const float* x, int64_t n, bool nonnegative, uint8_t* codes, fl
   for (int64_t start = 0, j = 0; start < n; start += kQ8BlockElems, ++j) {
     const int64_t len = std::min(kQ8BlockElems, n - start);
     const float* xb = x + start;
-    // NaN-propagating max: a NaN anywhere makes the absmax NaN (poisons the block, see header).
+    // A NaN anywhere makes the absmax NaN (poisons the block, see header); max itself vectorizes.
     float a = 0.0f;
+    bool nan = false;
     for (int64_t i = 0; i < len; ++i) {
       const float v = std::fabs(xb[i]);
-      a = (v > a || v != v) ? v : a;
+      a = v > a ? v : a;
+      nan |= v != v;
     }
+    if (nan) a = std::numeric_limits<float>::quiet_NaN();
     absmax[j] = a;
     uint8_t* cb = codes + start;
     if (a > 0.0f) {
       // Divide (not multiply by 1/a): 1/a overflows for subnormal a and loses bits for huge a.
-      for (int64_t i = 0; i < len; ++i) cb[i] = book.encode(xb[i] / a);
+      for (int64_t i = 0; i < len; ++i) cb[i] = book.encode_fast(xb[i] / a);
     } else {
-      const uint8_t zero = book.encode(0.0f);
+      const uint8_t zero = book.encode(0.0f);  // decodes to 0 x a = 0 whatever the code's value
       for (int64_t i = 0; i < len; ++i) cb[i] = zero;
     }
   }

@@ -15,7 +15,8 @@
 //     width w_i whose centers are the codes, plus 0 and 1. Bound: for |y| in decade i,
 //     |y - q(y)| <= w_i / 2 (the nearest code is no farther than the center of y's own cell), with
 //     w_i = 0.9e-6 * 10^i / 2^i (signed) or half that (unsigned); |y| <= 1e-7 decodes to 0 or to a
-//     code within |y|. At the top decade that is 0.70% (signed) / 0.35% (unsigned) of the absmax.
+//     code within |y| (unsigned: to 0.5e-7, the code has no zero, see quant8.cc). At the top decade
+//     the bound is 0.70% (signed) / 0.35% (unsigned) of the absmax.
 //   linear: uniform levels (k - 127) / 127 (signed) or k / 255 (unsigned); error <= 1/254 or 1/510.
 // The dynamic code was chosen by measuring both on AdamW / Lion moments of a synthetic heavy-tailed
 // gradient stream (bench/optim, "q8_code_error" records; docs/benchmarks.md): the second moment
@@ -28,6 +29,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "base/dtype.h"
 #include "optim/config.h"
@@ -43,14 +45,32 @@ enum class Q8CodeKind { kDynamic, kLinear };
 // 256 ascending code values and the encoder's decision thresholds (midpoints between neighbours).
 struct Q8Codebook {
   std::array<float, 256> values{};
-  std::array<float, 256> midpoints{};  // midpoints[k] = (values[k-1] + values[k]) / 2, k >= 1
+  std::array<float, 257> midpoints{};  // midpoints[k] = (values[k-1] + values[k]) / 2, k in 1..255; [256] = +inf
 
-  // Index of the nearest value (ties toward the lower one); a NaN gives 0.
+  // Index of the nearest value (ties toward the lower one) by binary search; a NaN gives 0.
   uint8_t encode(float y) const {
     unsigned c = 0;
     for (unsigned step = 128; step >= 1; step >>= 1) c += (midpoints[c + step] < y) ? step : 0u;
     return static_cast<uint8_t>(c);
   }
+
+  // Same result as encode() for |y| <= 1, without the 8 dependent steps: the top 16 bits of |y|
+  // (exponent and 7 mantissa bits) index the code of the interval's lower (y >= 0) or most negative
+  // (y < 0) end; an interval is narrower than two code spacings (every code's relative spacing is
+  // >= 2^-8), so two compares finish. A NaN gives some code (its block's absmax is NaN anyway).
+  uint8_t encode_fast(float y) const {
+    uint32_t bits;
+    std::memcpy(&bits, &y, sizeof bits);
+    uint32_t key = (bits & 0x7fffffffu) >> 16;
+    key = key < kKeys ? key : kKeys - 1;
+    unsigned c = (bits >> 31) ? start_negative[key] : start_positive[key];
+    c += midpoints[c + 1] < y;
+    c += midpoints[c + 1] < y;
+    return static_cast<uint8_t>(c);
+  }
+
+  static constexpr uint32_t kKeys = 0x3f80u + 1;  // keys of |y| in [0, 1]
+  std::array<uint8_t, kKeys> start_positive{}, start_negative{};
 };
 
 // The codebook of a kind; is_signed = false gives the unsigned code (for values known to be >= 0).

@@ -17,9 +17,34 @@ TEST(Q8Codebook, HasTwoHundredFiftySixSortedDistinctValuesWithZeroAndOne) {
     const Q8Codebook& book = q8_codebook(Q8CodeKind::kDynamic, is_signed);
     for (size_t k = 1; k < 256; ++k) EXPECT_LT(book.values[k - 1], book.values[k]) << "k " << k;
     EXPECT_EQ(book.values[255], 1.0f);
-    EXPECT_EQ(book.values[book.encode(0.0f)], 0.0f);
-    EXPECT_EQ(book.values[0], is_signed ? -book.values[254] : 0.0f);
+    // Signed: 0 is a code, and the code is symmetric but for +1. Unsigned: no zero (a decoded
+    // second moment of 0 would make m / (sqrt(v) + eps) explode), the lowest code is 0.5e-7.
+    EXPECT_EQ(book.values[book.encode(0.0f)], is_signed ? 0.0f : 0.5e-7f);
+    EXPECT_EQ(book.values[0], is_signed ? -book.values[254] : 0.5e-7f);
   }
+}
+
+TEST(Q8Codebook, FastEncoderAgreesWithTheBinarySearchEverywhereInMinusOneToOne) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<double> exponent(-12.0, 0.0), unit(-1.0, 1.0);
+  for (auto kind : {Q8CodeKind::kDynamic, Q8CodeKind::kLinear})
+    for (bool is_signed : {true, false}) {
+      const Q8Codebook& book = q8_codebook(kind, is_signed);
+      std::vector<float> probes = {0.0f, 1.0f, -1.0f, 1e-38f, -1e-38f};
+      for (size_t k = 1; k < 256; ++k) {  // every threshold and its float neighbours
+        const float m = book.midpoints[k];
+        probes.insert(probes.end(), {m, std::nextafter(m, 2.0f), std::nextafter(m, -2.0f)});
+      }
+      for (int i = 0; i < 200000; ++i) {
+        probes.push_back(static_cast<float>(std::pow(10.0, exponent(rng)) * (unit(rng) < 0 ? -1 : 1)));
+        probes.push_back(static_cast<float>(unit(rng)));
+      }
+      for (float y : probes) {
+        if (!is_signed && y < 0) continue;
+        if (std::fabs(y) > 1.0f) continue;
+        ASSERT_EQ(book.encode_fast(y), book.encode(y)) << "y " << y << " signed " << is_signed;
+      }
+    }
 }
 
 // Bound (optim/quant8.h): |x - decode(encode(x))| <= A * b(x / A) with b the per-decade half cell

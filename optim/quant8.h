@@ -88,6 +88,12 @@ struct CompactState {
   bool nonnegative = false;   // q8: values are known to be >= 0 (AdamW v): the unsigned code
 };
 
+// Whether element-wise state slot `slot` of `kind` is stored with the unsigned code: AdamW's v
+// (slot 1), a second moment. The one rule the shard state and the checkpoint loader share.
+inline bool q8_slot_is_nonnegative(OptimizerKind kind, int slot) {
+  return kind == proto::OPTIMIZER_ADAMW && slot == 1;
+}
+
 // Quantizes x[0..n) as consecutive blocks (starting at a block boundary) with the dynamic code.
 void q8_quantize(const float* x, int64_t n, bool nonnegative, uint8_t* codes, float* absmax,
                  Q8CodeKind kind = Q8CodeKind::kDynamic);

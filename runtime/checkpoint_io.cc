@@ -69,7 +69,15 @@ struct StateRange {
 // A q8 state "s" is saved as uint8 codes under "s" and fp32 block absmax under "s.absmax"; the code
 // (signed or unsigned dynamic, optim/quant8.h) follows from the state's name.
 std::string absmax_state(const std::string& state) { return state + ".absmax"; }
-bool nonnegative_state(const std::string& state) { return state == "adam_v"; }
+
+// Whether a q8 state of the element-wise optimizer uses the unsigned code (the checkpoint's states
+// have this engine's names: check_compatible has matched them).
+bool nonnegative_state(Engine& engine, const std::string& state) {
+  const auto names = elementwise_state_names(engine.elementwise_params());
+  for (size_t k = 0; k < names.size(); ++k)
+    if (names[k] == state) return optim::q8_slot_is_nonnegative(engine.elementwise_params().kind, static_cast<int>(k));
+  return false;
+}
 
 // The storage dtype this engine keeps for `state` of tensor t.
 optim::StateDType engine_state_dtype(Engine& engine, size_t t, const std::string& state) {
@@ -445,7 +453,7 @@ TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir) {
         std::vector<float> absmax(static_cast<size_t>(last - first + 1));
         reader.read(name, r.state, r.global_offset, r.length, codes.data());
         reader.read(name, absmax_state(r.state), first, last - first + 1, absmax.data());
-        const auto& book = optim::q8_codebook(optim::Q8CodeKind::kDynamic, !nonnegative_state(r.state));
+        const auto& book = optim::q8_codebook(optim::Q8CodeKind::kDynamic, !nonnegative_state(engine, r.state));
         for (int64_t i = 0; i < r.length; ++i)
           out[i] = book.values[codes[static_cast<size_t>(i)]] *
                    absmax[static_cast<size_t>((r.global_offset + i) / optim::kQ8BlockElems - first)];

@@ -191,12 +191,10 @@ void ShardState::build_views(const optim::OptimizerParams* matrix_optimizer,
   }
   if (ew_compact) {
     elementwise_compact_.resize(elementwise_slices_.size());
-    // AdamW's v (slot 1) is a second moment: >= 0, stored with the unsigned code.
-    const bool slot1_nonnegative = elementwise.kind == proto::OPTIMIZER_ADAMW;
     for (int k = 0; k < ew_slots; ++k)
       for (size_t i = 0; i < elementwise_slices_.size(); ++i)
         elementwise_compact_[i].slot[k] = take_compact(ew_dtype_, static_cast<int64_t>(elementwise_slices_[i].count),
-                                                       k == 1 && slot1_nonnegative);
+                                                       optim::q8_slot_is_nonnegative(elementwise.kind, k));
   }
 
   int64_t mom_cursor = 0, row_cursor = mx_compact ? 0 : mx_elems * mx_slots, asm_cursor = 0;

@@ -19,6 +19,8 @@
 #include "comm/mpi_backend.h"
 #include "comm/thread_backend.h"
 #include "sharding/layout.h"
+#include "optim/config.h"
+#include "optim/quant8.h"
 #include "sharding/plan_util.h"
 #include "sharding/planner.h"
 #include "sharding/presets.h"
@@ -71,6 +73,13 @@ void add_train_options(CLI::App& cmd, TrainArgs& a) {
   cmd.add_option("--optimizer", c.optimizer, "muon | normuon (hidden matrices; AdamW elsewhere) | adamw | lion")
       ->capture_default_str()
       ->check(CLI::IsMember({"muon", "normuon", "adamw", "lion"}));
+  cmd.add_option("--state-dtype", c.state_dtype,
+                 "optimizer moment storage f32 | bf16 | q8 (8-bit block-wise); the fp32 master stays fp32")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16", "q8"}));
+  cmd.add_option("--matrix-state-dtype", c.matrix_state_dtype,
+                 "Muon/NorMuon momentum storage f32 | bf16 | q8 (default: --state-dtype)")
+      ->check(CLI::IsMember({"f32", "bf16", "q8"}));
   cmd.add_option("--matrix-lr", c.matrix_lr, "Muon/NorMuon learning rate")->capture_default_str();
   cmd.add_option("--lr", c.elementwise_lr, "element-wise (AdamW/Lion) learning rate")->capture_default_str();
   cmd.add_option("--weight-decay", c.weight_decay, "weight decay, both groups")->capture_default_str();
@@ -225,6 +234,13 @@ int main(int argc, char** argv) {
   plan_cmd->add_option("--layout", plan_layout, sharding::layout_names())->capture_default_str();
   plan_cmd->add_option("--bucket-bytes", plan_bucket, "bucket size in bytes")->capture_default_str();
   plan_cmd->add_option("--max-buckets", max_buckets, "buckets listed (0 = all)")->capture_default_str();
+  std::string plan_state_dtype = "f32", plan_matrix_state_dtype;
+  plan_cmd->add_option("--state-dtype", plan_state_dtype, "AdamW moment storage f32 | bf16 | q8 (opt state column)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16", "q8"}));
+  plan_cmd->add_option("--matrix-state-dtype", plan_matrix_state_dtype,
+                       "Muon momentum storage f32 | bf16 | q8 (default: --state-dtype)")
+      ->check(CLI::IsMember({"f32", "bf16", "q8"}));
 
   auto* env_cmd = app.add_subcommand("env", "list the environment variables shardopt reads");
   auto* bench_cmd = app.add_subcommand("bench", "list the benchmark binaries and how to run them");
@@ -264,8 +280,20 @@ int main(int argc, char** argv) {
       } else {
         specs = sharding::preset_specs(preset);
       }
-      const auto plan = sharding::make_plan(
-          sharding::make_plan_request(specs, plan_world, plan_stage, sharding::parse_layout(plan_layout), plan_bucket));
+      auto request = sharding::make_plan_request(specs, plan_world, plan_stage, sharding::parse_layout(plan_layout), plan_bucket);
+      // Opt state = fp32 master + AdamW's 2 moments (element-wise) / Muon's momentum, in their storage.
+      optim::OptimizerParams ew, mx;
+      ew.state_dtype = optim::parse_state_dtype(plan_state_dtype);
+      mx.state_dtype = optim::parse_state_dtype(plan_matrix_state_dtype.empty() ? plan_state_dtype
+                                                                                 : plan_matrix_state_dtype);
+      request.set_elementwise_state_bytes_per_param(4.0 + 2.0 * optim::state_bytes_per_value(ew));
+      request.set_muon_state_bytes_per_param(4.0 + optim::state_bytes_per_value(mx));
+      if (ew.state_dtype == proto::STATE_Q8) request.set_state_block_elems(optim::kQ8BlockElems);
+      const auto plan = sharding::make_plan(request);
+      std::cout << "optimizer state: element-wise (AdamW) " << optim::state_dtype_name(ew.state_dtype) << " "
+                << request.elementwise_state_bytes_per_param() << " B/param, matrix (Muon) "
+                << optim::state_dtype_name(mx.state_dtype) << " " << request.muon_state_bytes_per_param()
+                << " B/param (fp32 master included; q8: codes + one fp32 absmax per 256)\n";
       std::cout << sharding::plan_summary(plan, max_buckets);
       return 0;
     }

@@ -82,6 +82,30 @@ OptimizerKind parse_optimizer_kind(const std::string& name) {
   throw ConfigError(fmt::format("optimizer kind: expected adamw|lion|sgd|muon|normuon, found '{}'", name));
 }
 
+std::string state_dtype_name(StateDType dtype) {
+  switch (dtype) {
+    case proto::STATE_DTYPE_UNSPECIFIED:
+    case proto::STATE_F32: return "f32";
+    case proto::STATE_BF16: return "bf16";
+    case proto::STATE_Q8: return "q8";
+    default: return fmt::format("unknown({})", static_cast<int>(dtype));
+  }
+}
+
+StateDType parse_state_dtype(const std::string& name) {
+  for (StateDType dtype : {proto::STATE_F32, proto::STATE_BF16, proto::STATE_Q8})
+    if (state_dtype_name(dtype) == name) return dtype;
+  throw ConfigError(fmt::format("optimizer state dtype: expected f32|bf16|q8, found '{}'", name));
+}
+
+double state_bytes_per_value(const OptimizerParams& params) {
+  switch (params.state_dtype) {
+    case proto::STATE_BF16: return 2.0;
+    case proto::STATE_Q8: return 1.0 + 4.0 / 256.0;
+    default: return 4.0;
+  }
+}
+
 proto::OptimizerConfig default_optimizer_config(OptimizerKind kind) {
   proto::OptimizerConfig c;
   c.set_kind(kind);
@@ -130,6 +154,7 @@ proto::OptimizerConfig default_optimizer_config(OptimizerKind kind) {
       throw ConfigError(fmt::format("optimizer config: kind must be adamw|lion|sgd|muon|normuon, found {}",
                                     optimizer_kind_name(kind)));
   }
+  c.set_state_dtype(proto::STATE_F32);
   return c;
 }
 
@@ -144,6 +169,7 @@ proto::OptimizerConfig with_defaults(const proto::OptimizerConfig& config) {
   if (!c.has_momentum() && d.has_momentum()) c.set_momentum(d.momentum());
   if (!c.has_dampening() && d.has_dampening()) c.set_dampening(d.dampening());
   if (!c.has_nesterov() && d.has_nesterov()) c.set_nesterov(d.nesterov());
+  if (c.state_dtype() == proto::STATE_DTYPE_UNSPECIFIED) c.set_state_dtype(d.state_dtype());
   if (is_muon(c.kind())) {
     if (c.muon_momentum() == proto::MUON_MOMENTUM_UNSPECIFIED) c.set_muon_momentum(d.muon_momentum());
     if (c.shape_scale() == proto::MUON_SHAPE_SCALE_UNSPECIFIED) c.set_shape_scale(d.shape_scale());
@@ -164,6 +190,8 @@ void validate_optimizer_config(const proto::OptimizerConfig& raw) {
   constexpr double kInf = INFINITY;
   check_range(c, "lr", c.lr(), 0.0, false, kInf, true);
   check_range(c, "weight_decay", c.weight_decay(), 0.0, false, kInf, true);
+  if (c.state_dtype() < proto::STATE_F32 || c.state_dtype() > proto::STATE_Q8)
+    fail(c, fmt::format("state_dtype must be f32|bf16|q8, found {}", static_cast<int>(c.state_dtype())));
   switch (c.kind()) {
     case proto::OPTIMIZER_ADAMW:
       check_range(c, "beta1", c.beta1(), 0.0, false, 1.0, true);
@@ -253,6 +281,7 @@ OptimizerParams resolve_optimizer_config(const proto::OptimizerConfig& raw) {
   p.momentum = c.momentum();
   p.dampening = c.dampening();
   p.nesterov = c.nesterov();
+  p.state_dtype = c.state_dtype();
   if (is_muon(c.kind())) {
     p.muon_momentum = c.muon_momentum();
     p.shape_scale = c.shape_scale();

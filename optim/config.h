@@ -15,6 +15,7 @@ using OptimizerKind = proto::OptimizerKind;
 using MuonMomentum = proto::MuonMomentum;
 using MuonShapeScale = proto::MuonShapeScale;
 using NsScheduleKind = proto::NsSchedule;
+using StateDType = proto::StateDType;
 
 // Precision of the Newton-Schulz matrix products: fp32 throughout (OpenBLAS SSYRK/SSYMM), or bf16
 // operands with fp32 accumulation and fp32 iterates (oneDNN), as torch.optim.Muon's bf16 NS does.
@@ -58,6 +59,7 @@ struct OptimizerParams {
   bool qk_clip = false;
   double qk_clip_tau = 100.0;
   double qk_clip_alpha = 0.5;
+  StateDType state_dtype = proto::STATE_F32;  // never UNSPECIFIED once resolved
 
   bool is_matrix_optimizer() const {
     return kind == proto::OPTIMIZER_MUON || kind == proto::OPTIMIZER_NORMUON;
@@ -91,7 +93,14 @@ int state_values_per_element(const OptimizerParams& params);
 // Extra fp32 state per matrix row: NorMuon 1 (row second moment), others 0.
 int state_values_per_row(const OptimizerParams& params);
 
+// Bytes one state value occupies under params.state_dtype: 4 (f32), 2 (bf16), 1 + 4/256 (q8: the
+// code plus its share of the block's fp32 absmax; a tensor's last partial block costs a little more).
+double state_bytes_per_value(const OptimizerParams& params);
+
 std::string optimizer_kind_name(OptimizerKind kind);
+// "f32", "bf16", "q8"; parse throws ConfigError naming the accepted names otherwise.
+std::string state_dtype_name(StateDType dtype);
+StateDType parse_state_dtype(const std::string& name);
 // Parses "adamw", "lion", "sgd", "muon", "normuon"; throws ConfigError otherwise.
 OptimizerKind parse_optimizer_kind(const std::string& name);
 

@@ -1,6 +1,8 @@
 #include "runtime/checkpoint_io.h"
 
 #include <cstring>
+#include <iostream>
+#include <set>
 #include <exception>
 #include <string>
 #include <vector>
@@ -11,7 +13,9 @@
 #include "checkpoint/writer.h"
 #include "optim/config.h"
 #include "sharding/layout.h"
+#include "optim/quant8.h"
 #include "sharding/plan_util.h"
+#include "sharding/planner.h"
 
 namespace shardopt::runtime {
 namespace {
@@ -52,14 +56,52 @@ std::vector<std::string> states_of(Engine& engine, size_t t) {
   return states;
 }
 
-// One contiguous fp32 range of this rank's engine state, in global coordinates of (tensor, state).
+// One contiguous range of this rank's engine state, in global coordinates of (tensor, state): fp32
+// at `data`, or compact (bf16 / q8, whole q8 blocks from a block boundary) in `compact`.
 struct StateRange {
   int tensor;
   std::string state;
   int64_t global_offset;
   int64_t length;
   float* data;
+  optim::CompactState compact = {};
 };
+
+// A q8 state "s" is saved as uint8 codes under "s" and fp32 block absmax under "s.absmax"; the code
+// (signed or unsigned dynamic, optim/quant8.h) follows from the state's name.
+std::string absmax_state(const std::string& state) { return state + ".absmax"; }
+
+// Whether a q8 state of the element-wise optimizer uses the unsigned code (the checkpoint's states
+// have this engine's names: check_compatible has matched them).
+bool nonnegative_state(Engine& engine, const std::string& state) {
+  const auto names = elementwise_state_names(engine.elementwise_params());
+  for (size_t k = 0; k < names.size(); ++k)
+    if (names[k] == state) return optim::q8_slot_is_nonnegative(engine.elementwise_params().kind, static_cast<int>(k));
+  return false;
+}
+
+// The storage dtype this engine keeps for `state` of tensor t.
+optim::StateDType engine_state_dtype(Engine& engine, size_t t, const std::string& state) {
+  if (state == ckpt::kParamState || state == kRowSecondMomentState) return proto::STATE_F32;
+  return engine.plan().tensors(static_cast<int>(t)).muon() ? engine.shard_state().matrix_state_dtype()
+                                                           : engine.shard_state().elementwise_state_dtype();
+}
+
+DType storage_dtype(optim::StateDType d) {
+  switch (d) {
+    case proto::STATE_BF16: return DType::kBF16;
+    case proto::STATE_Q8: return DType::kU8;
+    default: return DType::kF32;
+  }
+}
+
+optim::StateDType state_dtype_of(proto::DType stored) {
+  switch (stored) {
+    case proto::BF16: return proto::STATE_BF16;
+    case proto::U8: return proto::STATE_Q8;
+    default: return proto::STATE_F32;
+  }
+}
 
 // Everything this rank holds: master pieces, element-wise slots of its pieces, owned Muon states.
 std::vector<StateRange> my_state_ranges(Engine& engine) {
@@ -71,16 +113,26 @@ std::vector<StateRange> my_state_ranges(Engine& engine) {
     ranges.push_back({lp.tensor, std::string(ckpt::kParamState), lp.tensor_offset, lp.length,
                       st.master_shard(lp.bucket) + lp.segment_offset});
     if (engine.plan().tensors(lp.tensor).muon()) continue;
-    const optim::ElementwiseSlice& s = st.elementwise_slices().at(slice++);
+    const size_t index = slice++;
+    const optim::ElementwiseSlice& s = st.elementwise_slices().at(index);
     SHARDOPT_ASSERT(static_cast<int64_t>(s.count) == lp.length, "element-wise slice does not match its piece");
-    for (size_t k = 0; k < ew_names.size(); ++k)
-      ranges.push_back({lp.tensor, ew_names[k], lp.tensor_offset, lp.length, s.state[k]});
+    for (size_t k = 0; k < ew_names.size(); ++k) {
+      if (st.elementwise_state_dtype() == proto::STATE_F32)
+        ranges.push_back({lp.tensor, ew_names[k], lp.tensor_offset, lp.length, s.state[k]});
+      else
+        ranges.push_back({lp.tensor, ew_names[k], lp.tensor_offset, lp.length, nullptr,
+                          st.elementwise_compact().at(index).slot[k]});
+    }
   }
   SHARDOPT_ASSERT(slice == st.elementwise_slices().size(), "element-wise slices left over");
   for (OwnedMatrix& om : st.owned_matrices()) {
     const optim::MuonMatrix& m = om.matrix;
-    if (has_momentum(engine.matrix_params()))
-      ranges.push_back({om.tensor, std::string(kMomentumState), 0, m.rows * m.cols, m.momentum});
+    if (has_momentum(engine.matrix_params())) {
+      if (st.matrix_state_dtype() == proto::STATE_F32)
+        ranges.push_back({om.tensor, std::string(kMomentumState), 0, m.rows * m.cols, m.momentum});
+      else
+        ranges.push_back({om.tensor, std::string(kMomentumState), 0, m.rows * m.cols, nullptr, om.momentum});
+    }
     if (has_row_state(engine.matrix_params()))
       ranges.push_back({om.tensor, std::string(kRowSecondMomentState), 0, m.rows, m.row_second_moment});
   }
@@ -186,9 +238,20 @@ std::filesystem::path prepare(Engine& engine, const std::filesystem::path& root,
 
 std::vector<ckpt::SavePiece> save_pieces(Engine& engine) {
   std::vector<ckpt::SavePiece> pieces;
-  for (const StateRange& r : my_state_ranges(engine))
-    pieces.push_back(ckpt::SavePiece{engine.spec(static_cast<size_t>(r.tensor)).name(), r.state, r.global_offset,
-                                     r.length, DType::kF32, r.data});
+  for (const StateRange& r : my_state_ranges(engine)) {
+    const std::string& name = engine.spec(static_cast<size_t>(r.tensor)).name();
+    if (r.data != nullptr) {
+      pieces.push_back(ckpt::SavePiece{name, r.state, r.global_offset, r.length, DType::kF32, r.data});
+      continue;
+    }
+    pieces.push_back(ckpt::SavePiece{name, r.state, r.global_offset, r.length, storage_dtype(r.compact.dtype),
+                                     r.compact.values});
+    if (r.compact.dtype == proto::STATE_Q8) {
+      SHARDOPT_ASSERT(r.global_offset % optim::kQ8BlockElems == 0, "q8 state range off a block boundary");
+      pieces.push_back(ckpt::SavePiece{name, absmax_state(r.state), r.global_offset / optim::kQ8BlockElems,
+                                       optim::q8_num_blocks(r.length), DType::kF32, r.compact.absmax});
+    }
+  }
   return pieces;
 }
 
@@ -227,6 +290,9 @@ SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t s
       info.metadata["elementwise_optimizer"] = optim::optimizer_kind_name(engine.elementwise_params().kind);
       if (engine.matrix_params())
         info.metadata["matrix_optimizer"] = optim::optimizer_kind_name(engine.matrix_params()->kind);
+      info.metadata["elementwise_state_dtype"] =
+          optim::state_dtype_name(engine.shard_state().elementwise_state_dtype());
+      info.metadata["matrix_state_dtype"] = optim::state_dtype_name(engine.shard_state().matrix_state_dtype());
       info.metadata["zero_stage"] = std::to_string(engine.options().zero_stage);
       info.metadata["layout"] = sharding::layout_name(engine.options().layout);
       for (size_t t = 0; t < engine.num_tensors(); ++t) {
@@ -234,7 +300,11 @@ SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t s
         for (const std::string& state : states_of(engine, t)) {
           std::vector<int64_t> shape;
           if (state == kRowSecondMomentState) shape = {engine.spec(t).shape(0)};
-          ckpt::add_state(entry, state, DType::kF32, shape);
+          const optim::StateDType dtype = engine_state_dtype(engine, t, state);
+          ckpt::add_state(entry, state, storage_dtype(dtype), shape);
+          if (dtype == proto::STATE_Q8)
+            ckpt::add_state(entry, absmax_state(state), DType::kF32,
+                            {optim::q8_num_blocks(sharding::tensor_numel(engine.spec(t)))});
         }
         info.tensors.push_back(std::move(entry));
       }
@@ -303,15 +373,25 @@ SaveResult AsyncCheckpointSaver::finish() {
 }
 
 TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir) {
+  // Staging holds, per range, either the engine's own storage bytes (the checkpoint has the same
+  // dtype: copied as is, bit-identical) or fp32 values decoded from another dtype (encoded into the
+  // engine's storage at commit: the state-dtype conversion).
   struct Commit {
-    float* dst;
-    size_t staging_offset;
-    int64_t length;
+    StateRange range;
+    bool convert;            // staging holds fp32 to encode into range's storage
+    size_t values_offset;    // bytes into staging
+    size_t absmax_offset;    // same dtype q8: the absmax bytes
   };
-  std::vector<float> staging;
+  std::vector<unsigned char> staging;
   std::vector<Commit> commits;
+  std::set<std::string> conversions;
   TrainerState trainer;
   int64_t step = 0;
+  auto reserve = [&](size_t bytes) {
+    const size_t at = (staging.size() + 7) / 8 * 8;
+    staging.resize(at + bytes);
+    return at;
+  };
 
   std::exception_ptr fault;
   try {
@@ -323,23 +403,62 @@ TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir) {
 
     // Plan every read before any I/O: a gap fails here, naming the range.
     const std::vector<StateRange> ranges = my_state_ranges(engine);
-    size_t total = 0;
     for (const StateRange& r : ranges) {
       const std::string& name = engine.spec(static_cast<size_t>(r.tensor)).name();
       const auto& info = reader.state_info(name, r.state);
-      if (info.dtype() != proto::F32)
-        throw ConfigError("load_checkpoint(" + dir.string() + "): tensor '" + name + "' state '" +
-                          r.state + "' has dtype " + proto::DType_Name(info.dtype()) +
-                          ", the engine keeps F32");
+      const auto stored = info.dtype();
+      if (stored != proto::F32 && stored != proto::BF16 && stored != proto::U8)
+        throw ConfigError("load_checkpoint(" + dir.string() + "): tensor '" + name + "' state '" + r.state +
+                          "' has dtype " + proto::DType_Name(stored) + "; optimizer states are F32, BF16 or U8 (q8)");
+      const optim::StateDType from = state_dtype_of(stored);
+      const optim::StateDType to = r.data ? proto::STATE_F32 : r.compact.dtype;
       reader.plan_reads(name, r.state, r.global_offset, r.length);
-      commits.push_back({r.data, total, r.length});
-      total += static_cast<size_t>(r.length);
+      if (from == proto::STATE_Q8) {
+        const int64_t first = r.global_offset / optim::kQ8BlockElems;
+        const int64_t last = (r.global_offset + r.length - 1) / optim::kQ8BlockElems;
+        reader.plan_reads(name, absmax_state(r.state), first, last - first + 1);
+      }
+      Commit c{r, from != to, 0, 0};
+      if (c.convert) conversions.insert("'" + r.state + "' " + optim::state_dtype_name(from) + " -> " +
+                                        optim::state_dtype_name(to));
+      const size_t value_bytes = static_cast<size_t>(r.length) * (c.convert ? 4 : dtype_size(storage_dtype(to)));
+      c.values_offset = reserve(value_bytes);
+      if (!c.convert && to == proto::STATE_Q8)
+        c.absmax_offset = reserve(static_cast<size_t>(optim::q8_num_blocks(r.length)) * sizeof(float));
+      commits.push_back(std::move(c));
     }
-    staging.resize(total);
-    for (size_t i = 0; i < ranges.size(); ++i) {
-      const StateRange& r = ranges[i];
-      reader.read(engine.spec(static_cast<size_t>(r.tensor)).name(), r.state, r.global_offset, r.length,
-                  staging.data() + commits[i].staging_offset);
+    for (Commit& c : commits) {
+      const StateRange& r = c.range;
+      const std::string& name = engine.spec(static_cast<size_t>(r.tensor)).name();
+      unsigned char* dst = staging.data() + c.values_offset;
+      if (!c.convert) {
+        reader.read(name, r.state, r.global_offset, r.length, dst);
+        if (r.compact.dtype == proto::STATE_Q8)
+          reader.read(name, absmax_state(r.state), r.global_offset / optim::kQ8BlockElems,
+                      optim::q8_num_blocks(r.length), staging.data() + c.absmax_offset);
+        continue;
+      }
+      // Decode the stored dtype to fp32 for this range (any offset: q8 blocks are global).
+      auto* out = reinterpret_cast<float*>(dst);
+      const proto::DType stored = reader.state_info(name, r.state).dtype();
+      if (stored == proto::F32) {
+        reader.read(name, r.state, r.global_offset, r.length, out);
+      } else if (stored == proto::BF16) {
+        std::vector<bf16> raw(static_cast<size_t>(r.length));
+        reader.read(name, r.state, r.global_offset, r.length, raw.data());
+        for (int64_t i = 0; i < r.length; ++i) out[i] = bf16_to_float(raw[static_cast<size_t>(i)]);
+      } else {
+        const int64_t first = r.global_offset / optim::kQ8BlockElems;
+        const int64_t last = (r.global_offset + r.length - 1) / optim::kQ8BlockElems;
+        std::vector<uint8_t> codes(static_cast<size_t>(r.length));
+        std::vector<float> absmax(static_cast<size_t>(last - first + 1));
+        reader.read(name, r.state, r.global_offset, r.length, codes.data());
+        reader.read(name, absmax_state(r.state), first, last - first + 1, absmax.data());
+        const auto& book = optim::q8_codebook(optim::Q8CodeKind::kDynamic, !nonnegative_state(engine, r.state));
+        for (int64_t i = 0; i < r.length; ++i)
+          out[i] = book.values[codes[static_cast<size_t>(i)]] *
+                   absmax[static_cast<size_t>((r.global_offset + i) / optim::kQ8BlockElems - first)];
+      }
     }
     const auto& rng = reader.manifest().rng();
     trainer.seed = rng.seed();
@@ -352,8 +471,30 @@ TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir) {
   // All ranks read successfully, or none commits anything.
   agree(engine.comm(), fault, "load_checkpoint(" + dir.string() + ")");
 
-  for (const Commit& c : commits)
-    std::memcpy(c.dst, staging.data() + c.staging_offset, sizeof(float) * static_cast<size_t>(c.length));
+  if (!conversions.empty() && engine.comm().rank() == 0) {
+    std::string list;
+    for (const auto& c : conversions) list += (list.empty() ? "" : ", ") + c;
+    std::cerr << "load_checkpoint(" << dir.string() << "): converting optimizer state dtypes: " << list << "\n";
+  }
+  for (const Commit& c : commits) {
+    const StateRange& r = c.range;
+    const unsigned char* src = staging.data() + c.values_offset;
+    const auto n = static_cast<size_t>(r.length);
+    if (c.convert) {
+      const auto* values = reinterpret_cast<const float*>(src);
+      if (r.data)
+        std::memcpy(r.data, values, sizeof(float) * n);
+      else
+        optim::store_compact(r.compact, r.length, values);
+    } else if (r.data) {
+      std::memcpy(r.data, src, sizeof(float) * n);
+    } else {
+      std::memcpy(r.compact.values, src, n * dtype_size(storage_dtype(r.compact.dtype)));
+      if (r.compact.dtype == proto::STATE_Q8)
+        std::memcpy(r.compact.absmax, staging.data() + c.absmax_offset,
+                    sizeof(float) * static_cast<size_t>(optim::q8_num_blocks(r.length)));
+    }
+  }
   engine.set_optimizer_step(step);
   engine.refresh_params();
   return trainer;

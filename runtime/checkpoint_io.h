@@ -4,7 +4,12 @@
 //   "param"                    fp32 master, every piece of every rank (global_offset = tensor_offset)
 //   "adam_m", "adam_v"         AdamW slots of element-wise tensors
 //   "momentum"                 Lion/SGD slot of element-wise tensors; Muon momentum of matrices
-//   "normuon_row_v"            NorMuon row second moment, shape [rows]
+//   "normuon_row_v"            NorMuon row second moment, shape [rows] (always F32)
+// Moments are saved in the group's state dtype: F32, BF16, or for q8 (optim/quant8.h) U8 codes under
+// the state's name plus "<state>.absmax" (F32, one per 256-element block of the tensor, shape
+// [ceil(numel/256)]); every piece CRC-checked like the rest. A load into another state dtype decodes
+// the stored one and encodes the engine's (one log line on rank 0 names the conversions); the same
+// dtype is copied byte for byte, so a q8 run resumed at any world size continues bit-identically.
 // Nothing in a checkpoint depends on world size, stage, layout or buckets: a load reads exactly the
 // ranges its own plan needs, whatever run wrote them.
 //

@@ -10,6 +10,7 @@
 #include "optim/elementwise.h"
 #include "optim/finite.h"
 #include "optim/muon.h"
+#include "optim/quant8.h"
 #include "proto/dtype_convert.h"
 #include "proto/runtime.pb.h"
 #include "sharding/plan_util.h"
@@ -57,12 +58,15 @@ proto::PlanRequest make_engine_plan_request(const std::vector<proto::TensorSpec>
   r.set_memory_cap_bytes(o.memory_cap_bytes);
   const bool matrices = uses_matrix_optimizer(o);
   if (!matrices) r.mutable_routing()->set_elementwise_only(true);
-  // State bytes per parameter for the plan's ZeRO arithmetic: fp32 master + fp32 state values.
+  // State bytes per parameter for the plan's ZeRO arithmetic: fp32 master + state values in their
+  // storage dtype (q8: code + absmax share).
   const auto ew = optim::resolve_optimizer_config(elementwise_config(o));
-  r.set_elementwise_state_bytes_per_param(4.0 + 4.0 * optim::state_values_per_element(ew));
+  r.set_elementwise_state_bytes_per_param(4.0 + optim::state_bytes_per_value(ew) * optim::state_values_per_element(ew));
+  // q8 element-wise state: shard pieces start on quantization blocks (optim/quant8.h).
+  if (ew.state_dtype == proto::STATE_Q8) r.set_state_block_elems(optim::kQ8BlockElems);
   if (matrices) {
     const auto mx = optim::resolve_optimizer_config(o.matrix_optimizer);
-    r.set_muon_state_bytes_per_param(4.0 + 4.0 * optim::state_values_per_element(mx));
+    r.set_muon_state_bytes_per_param(4.0 + optim::state_bytes_per_value(mx) * optim::state_values_per_element(mx));
   }
   return r;
 }
@@ -369,8 +373,17 @@ bool Engine::check_and_clip(StepReport& report) {
 
 void Engine::update_matrices_owned(float lr_multiplier) {
   const optim::OptimizerParams& mx = *matrix_params_;
-  TraceRecorder::Span span(trace_, "muon owned matrices", "compute");
-  parallel_muon_->step(mx, owned_matrices_, mx.lr * lr_multiplier);
+  // fp32 momentum: the owned matrices run concurrently on the pool. Compact (bf16/q8) momentum is
+  // decoded into one fp32 scratch that the matrices share, so they run one after another.
+  if (state_->matrix_state_dtype() == proto::STATE_F32) {
+    TraceRecorder::Span span(trace_, "muon owned matrices", "compute");
+    parallel_muon_->step(mx, owned_matrices_, mx.lr * lr_multiplier);
+  } else {
+    for (OwnedMatrix& om : state_->owned_matrices()) {
+      TraceRecorder::Span span(trace_, "muon ", specs_[static_cast<size_t>(om.tensor)].name(), "compute");
+      state_->muon_step(mx, om, mx.lr * lr_multiplier);
+    }
+  }
 }
 
 // Row shards of every Muon gradient go to the owner (all-to-all); the owner computes the update
@@ -390,9 +403,14 @@ void Engine::update_matrices_dim0(float lr_multiplier, PhaseTimes& times) {
   times.dim0_exchange += seconds_since(t0);
 
   t0 = clock::now();
-  {
+  if (state_->matrix_state_dtype() == proto::STATE_F32) {
     TraceRecorder::Span span(trace_, "muon owned matrices", "compute");
     parallel_muon_->step(mx, owned_matrices_, lr);
+  } else {
+    for (OwnedMatrix& om : state_->owned_matrices()) {
+      TraceRecorder::Span span(trace_, "muon ", specs_[static_cast<size_t>(om.tensor)].name(), "compute");
+      state_->muon_step(mx, om, lr);
+    }
   }
   times.matrix += seconds_since(t0);
 
@@ -445,9 +463,8 @@ StepReport Engine::step(float lr_multiplier) {
     t0 = clock::now();
     {
       TraceRecorder::Span span(trace_, "elementwise update", "compute");
-      optim::elementwise_step(elementwise_params_, state_->elementwise_slices(),
-                              elementwise_params_.lr * lr_multiplier, step_, optim::FiniteCheck::kNone,
-                              optim::KernelOptions{pool_.get()});
+      state_->elementwise_step(elementwise_params_, elementwise_params_.lr * lr_multiplier, step_,
+                               optim::KernelOptions{pool_.get()});
     }
     report.times.elementwise = seconds_since(t0);
     if (uses_matrix_optimizer(options_)) {

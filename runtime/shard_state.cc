@@ -206,8 +206,46 @@ void ShardState::build_views(const optim::OptimizerParams* matrix_optimizer,
     mx_rows += placement.rows();
     if (dim0()) assembled += placement.numel();
   }
-  elementwise_state_.assign(static_cast<size_t>(ew_elems * ew_slots), 0.0f);
-  muon_state_.assign(static_cast<size_t>(mx_elems * mx_slots + mx_rows * mx_row_slots), 0.0f);
+  // Compact (bf16 / q8) moments: element-wise slots slot-major, then the owned matrices' momenta.
+  ew_dtype_ = ew_slots > 0 ? elementwise.state_dtype : proto::STATE_F32;
+  mx_dtype_ = mx_slots > 0 ? matrix_optimizer->state_dtype : proto::STATE_F32;
+  const bool ew_compact = ew_dtype_ != proto::STATE_F32, mx_compact = mx_dtype_ != proto::STATE_F32;
+  auto value_bytes = [](optim::StateDType d) -> int64_t { return d == proto::STATE_BF16 ? 2 : 1; };
+  auto absmax_count = [](optim::StateDType d, int64_t n) { return d == proto::STATE_Q8 ? optim::q8_num_blocks(n) : 0; };
+  int64_t compact_values = 0, compact_absmax = 0, largest_matrix = 0;
+  if (ew_compact)
+    for (const LocalPiece& lp : my_pieces_) {
+      if (plan_.tensors(lp.tensor).muon()) continue;
+      SHARDOPT_ASSERT(ew_dtype_ != proto::STATE_Q8 || lp.tensor_offset % optim::kQ8BlockElems == 0,
+                      "q8 state: a piece of '" + plan_.tensors(lp.tensor).name() +
+                          "' does not start on a quantization block (plan without state_block_elems?)");
+      compact_values += ew_slots * lp.length * value_bytes(ew_dtype_);
+      compact_absmax += ew_slots * absmax_count(ew_dtype_, lp.length);
+    }
+  if (mx_compact)
+    for (const auto& placement : plan_.tensors()) {
+      if (!placement.muon() || placement.owner() != rank_) continue;
+      compact_values += placement.numel() * value_bytes(mx_dtype_);
+      compact_absmax += absmax_count(mx_dtype_, placement.numel());
+      largest_matrix = std::max(largest_matrix, placement.numel());
+    }
+  compact_values_.assign(static_cast<size_t>(compact_values), 0);
+  compact_absmax_.assign(static_cast<size_t>(compact_absmax), 0.0f);  // all-zero codes + absmax 0 decode to 0
+  momentum_scratch_.assign(static_cast<size_t>(largest_matrix), 0.0f);
+  int64_t value_cursor = 0, absmax_cursor = 0;
+  auto take_compact = [&](optim::StateDType d, int64_t n, bool nonnegative) {
+    optim::CompactState c;
+    c.dtype = d;
+    c.values = compact_values_.data() + value_cursor;
+    c.absmax = d == proto::STATE_Q8 ? compact_absmax_.data() + absmax_cursor : nullptr;
+    c.nonnegative = nonnegative;
+    value_cursor += n * value_bytes(d);
+    absmax_cursor += absmax_count(d, n);
+    return c;
+  };
+
+  elementwise_state_.assign(static_cast<size_t>(ew_compact ? 0 : ew_elems * ew_slots), 0.0f);
+  muon_state_.assign(static_cast<size_t>((mx_compact ? 0 : mx_elems * mx_slots) + mx_rows * mx_row_slots), 0.0f);
   dim0_assembled_.assign(static_cast<size_t>(2 * assembled), 0.0f);
 
   int64_t ew_cursor = 0;
@@ -218,13 +256,21 @@ void ShardState::build_views(const optim::OptimizerParams* matrix_optimizer,
     s.master = master_[lp.bucket].data() + lp.segment_offset;
     s.grad = grad_shard(lp.bucket) + lp.segment_offset;
     s.grad_dtype = DType::kF32;
-    for (int k = 0; k < ew_slots; ++k) s.state[k] = elementwise_state_.data() + k * ew_elems + ew_cursor;
+    if (!ew_compact)
+      for (int k = 0; k < ew_slots; ++k) s.state[k] = elementwise_state_.data() + k * ew_elems + ew_cursor;
     s.count = static_cast<size_t>(lp.length);
     ew_cursor += lp.length;
     elementwise_slices_.push_back(s);
   }
+  if (ew_compact) {
+    elementwise_compact_.resize(elementwise_slices_.size());
+    for (int k = 0; k < ew_slots; ++k)
+      for (size_t i = 0; i < elementwise_slices_.size(); ++i)
+        elementwise_compact_[i].slot[k] = take_compact(ew_dtype_, static_cast<int64_t>(elementwise_slices_[i].count),
+                                                       optim::q8_slot_is_nonnegative(elementwise.kind, k));
+  }
 
-  int64_t mom_cursor = 0, row_cursor = mx_elems * mx_slots, asm_cursor = 0;
+  int64_t mom_cursor = 0, row_cursor = mx_compact ? 0 : mx_elems * mx_slots, asm_cursor = 0;
   for (const auto& placement : plan_.tensors()) {
     if (!placement.muon() || placement.owner() != rank_) continue;
     OwnedMatrix om;
@@ -233,8 +279,13 @@ void ShardState::build_views(const optim::OptimizerParams* matrix_optimizer,
     optim::MuonMatrix& m = om.matrix;
     m.rows = placement.rows();
     m.cols = placement.cols();
-    m.momentum = muon_state_.data() + mom_cursor;
-    mom_cursor += placement.numel();
+    if (mx_compact) {
+      om.momentum = take_compact(mx_dtype_, placement.numel(), false);
+      m.momentum = momentum_scratch_.data();
+    } else {
+      m.momentum = muon_state_.data() + mom_cursor;
+      mom_cursor += placement.numel();
+    }
     if (mx_row_slots > 0) {
       m.row_second_moment = muon_state_.data() + row_cursor;
       row_cursor += placement.rows();
@@ -347,6 +398,19 @@ void ShardState::dim0_apply_updates(float lr, float weight_decay) {
   }
 }
 
+optim::StepResult ShardState::elementwise_step(const optim::OptimizerParams& params, float lr, int64_t step,
+                                               const optim::KernelOptions& exec) {
+  // The compact (bf16/q8) path is single-threaded for now; the fp32 kernels use the pool.
+  if (ew_dtype_ == proto::STATE_F32)
+    return optim::elementwise_step(params, elementwise_slices_, lr, step, optim::FiniteCheck::kNone, exec);
+  return optim::elementwise_step_compact(params, elementwise_slices_, elementwise_compact_, lr, step);
+}
+
+optim::StepResult ShardState::muon_step(const optim::OptimizerParams& params, OwnedMatrix& om, float lr) {
+  if (mx_dtype_ == proto::STATE_F32) return optim::muon_step(params, om.matrix, lr, workspace_);
+  return optim::muon_step_compact(params, om.matrix, om.momentum, lr, workspace_);
+}
+
 MemoryReport ShardState::memory() const {
   MemoryReport r;
   auto bytes = [](const std::vector<std::vector<float>>& v) {
@@ -362,10 +426,14 @@ MemoryReport ShardState::memory() const {
   r.grad_slots = num_grad_slots();
   r.grad_shard_bytes = bytes(grad_shards_);
   r.master_bytes = bytes(master_);
-  r.state_bytes = static_cast<int64_t>((elementwise_state_.size() + muon_state_.size()) * sizeof(float));
+  r.state_bytes = static_cast<int64_t>((elementwise_state_.size() + muon_state_.size() + compact_absmax_.size()) *
+                                       sizeof(float) + compact_values_.size());
+  int64_t row_state = 0;
+  for (const auto& om : owned_) row_state += om.matrix.row_second_moment ? om.matrix.rows : 0;
+  r.moment_bytes = r.state_bytes - row_state * static_cast<int64_t>(sizeof(float));
   r.exchange_bytes = static_cast<int64_t>((dim0_assembled_.size() + dim0_send_.size() + dim0_recv_.size()) *
                                           sizeof(float));
-  r.workspace_bytes = static_cast<int64_t>(workspace_.bytes());
+  r.workspace_bytes = static_cast<int64_t>(workspace_.bytes() + momentum_scratch_.size() * sizeof(float));
   r.formula_optimizer_bytes = plan_.stats().ranks(rank_).optimizer_state_bytes();
   return r;
 }

@@ -21,6 +21,7 @@
 #include <memory>
 #include <vector>
 
+#include "optim/compact_step.h"
 #include "optim/config.h"
 #include "optim/elementwise.h"
 #include "optim/muon.h"
@@ -36,7 +37,8 @@ struct MemoryReport {
   int64_t grad_shard_bytes = 0;   // reduced gradient shard (persistent fp32, every mode)
   int grad_slots = 0;             // pooled gradient slots (0 with full buffers)
   int64_t master_bytes = 0;       // fp32 master shard
-  int64_t state_bytes = 0;        // optimizer moments: element-wise slots, Muon momentum, NorMuon rows
+  int64_t state_bytes = 0;        // optimizer moments in their storage dtype (q8: codes + absmax), NorMuon rows
+  int64_t moment_bytes = 0;       // of state_bytes: the per-element moments only (no NorMuon rows)
   int64_t exchange_bytes = 0;     // dim0: owner-side assembly buffers for whole matrices
   int64_t workspace_bytes = 0;    // Newton-Schulz workspace
   // The plan's ZeRO arithmetic for this rank: K bytes per owned parameter (K = 12 AdamW, 8 Muon...).
@@ -65,6 +67,7 @@ struct OwnedMatrix {
   int tensor = 0;
   optim::MuonMatrix matrix;
   std::vector<int64_t> block_rows;  // storage behind matrix.block_rows
+  optim::CompactState momentum;     // dtype f32: matrix.momentum is the state itself
 };
 
 class ShardState {
@@ -115,6 +118,14 @@ class ShardState {
 
   const std::vector<LocalPiece>& my_pieces() const { return my_pieces_; }
   std::vector<optim::ElementwiseSlice>& elementwise_slices() { return elementwise_slices_; }
+  // One per element-wise slice when the element-wise state is compact (bf16 / q8); else empty.
+  const std::vector<optim::CompactSlots>& elementwise_compact() const { return elementwise_compact_; }
+  optim::StateDType elementwise_state_dtype() const { return ew_dtype_; }
+  optim::StateDType matrix_state_dtype() const { return mx_dtype_; }
+  // The optimizer steps over this rank's state, whatever its storage dtype.
+  optim::StepResult elementwise_step(const optim::OptimizerParams& params, float lr, int64_t step,
+                                     const optim::KernelOptions& exec = {});
+  optim::StepResult muon_step(const optim::OptimizerParams& params, OwnedMatrix& om, float lr);
   std::vector<OwnedMatrix>& owned_matrices() { return owned_; }
   optim::MuonWorkspace& muon_workspace() { return workspace_; }
 
@@ -165,6 +176,11 @@ class ShardState {
 
   std::vector<LocalPiece> my_pieces_;
   std::vector<float> elementwise_state_;  // slots laid out slot-major
+  optim::StateDType ew_dtype_ = proto::STATE_F32, mx_dtype_ = proto::STATE_F32;
+  std::vector<unsigned char> compact_values_;  // bf16 values / q8 codes: element-wise slots, then momenta
+  std::vector<float> compact_absmax_;          // q8 absmax, same order
+  std::vector<optim::CompactSlots> elementwise_compact_;
+  std::vector<float> momentum_scratch_;        // compact Muon momentum, decoded for one matrix at a time
   std::vector<float> muon_state_;         // momentum of owned matrices, then NorMuon row states
   std::vector<float> dim0_assembled_;     // dim0 owner: gradients then updates of owned matrices
   std::vector<optim::ElementwiseSlice> elementwise_slices_;

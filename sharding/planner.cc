@@ -6,6 +6,8 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <numeric>
+#include <utility>
 #include <set>
 #include <string>
 
@@ -223,17 +225,33 @@ void layout_owned(proto::ShardPlan& plan, proto::Bucket& bucket, const std::vect
   pad_until(numel);
 }
 
+// dim0 rows of tensor t on rank r: (row_begin, row count). Rows are dealt in units as evenly as
+// possible (the first units % N ranks get one more): a unit is one row, or, for an element-wise
+// tensor under state_block_elems B, the fewest rows whose element count is a multiple of B, so that
+// every piece starts on a state block (the last rank may get a short unit, or nothing).
+std::pair<int64_t, int64_t> dim0_rows_of(const proto::TensorPlacement& t, int r, int world, int64_t block) {
+  int64_t unit = 1;
+  if (block > 0 && !t.muon()) unit = block / std::gcd(block, t.cols());
+  const int64_t units = (t.rows() + unit - 1) / unit;
+  const int64_t base = units / world, extra = units % world;
+  const int64_t begin = std::min(t.rows(), (r * base + std::min<int64_t>(r, extra)) * unit);
+  const int64_t end = std::min(t.rows(), begin + (base + (r < extra ? 1 : 0)) * unit);
+  return {begin, end - begin};
+}
+
 // dim0 layout of one bucket: each tensor's rows are split as evenly as possible over the ranks
 // (the first rows % N ranks get one more); every rank's slot of a tensor has the same padded size
 // round_up(ceil(rows/N) * cols, align), so all segments are equal and the buffer is rank-major.
 void layout_dim0(proto::ShardPlan& plan, proto::Bucket& bucket, const std::vector<int>& members, int world) {
   const int64_t a = bucket.align_elems();
+  const int64_t block = plan.request().state_block_elems();
   std::vector<int64_t> slot_offset;
   int64_t segment = 0;
   for (int idx : members) {
     const auto& t = plan.tensors(idx);
     slot_offset.push_back(segment);
-    const int64_t max_rows = (t.rows() + world - 1) / world;
+    int64_t max_rows = 0;
+    for (int r = 0; r < world; ++r) max_rows = std::max(max_rows, dim0_rows_of(t, r, world, block).second);
     segment += round_up(max_rows * t.cols(), a);
   }
   bucket.set_numel(segment * world);
@@ -247,10 +265,8 @@ void layout_dim0(proto::ShardPlan& plan, proto::Bucket& bucket, const std::vecto
     auto& t = *plan.mutable_tensors(members[k]);
     bucket.add_tensors(members[k]);
     t.set_bucket_offset(-1);
-    const int64_t base = t.rows() / world, extra = t.rows() % world;
     for (int r = 0; r < world; ++r) {
-      const int64_t rows = base + (r < extra ? 1 : 0);
-      const int64_t row_begin = r * base + std::min<int64_t>(r, extra);
+      const auto [row_begin, rows] = dim0_rows_of(t, r, world, block);
       auto* rr = t.add_row_ranges();
       rr->set_rank(r);
       rr->set_row_begin(row_begin);
@@ -263,7 +279,7 @@ void layout_dim0(proto::ShardPlan& plan, proto::Bucket& bucket, const std::vecto
   for (int r = 0; r < world; ++r)
     for (size_t k = 0; k < members.size(); ++k) {
       const auto& t = plan.tensors(members[k]);
-      const int64_t rows = t.rows() / world + (r < t.rows() % world ? 1 : 0);
+      const int64_t rows = dim0_rows_of(t, r, world, block).second;
       const int64_t slot_end = k + 1 < members.size() ? slot_offset[k + 1] : segment;
       add_padding(bucket, r, segment * r + slot_offset[k] + rows * t.cols(),
                   slot_end - slot_offset[k] - rows * t.cols());
@@ -407,6 +423,9 @@ proto::PlanRequest normalize_request(const proto::PlanRequest& in) {
     }
     r.set_elementwise_state_bytes_per_param(k);
   }
+  if (r.state_block_elems() < 0)
+    throw ConfigError("plan request: state_block_elems must be >= 0 (0 = none), got " +
+                      std::to_string(r.state_block_elems()));
   if (r.muon_state_bytes_per_param() < 0 || r.elementwise_state_bytes_per_param() < 0)
     throw ConfigError("plan request: state bytes per parameter must be >= 0");
   if (r.params_size() == 0) throw ConfigError("plan request: no parameters given");
@@ -500,7 +519,11 @@ proto::ShardPlan make_plan(const proto::PlanRequest& request) {
     auto& b = *plan.add_buckets();
     b.set_index(static_cast<int>(bi));
     b.set_dtype(builds[bi].dtype);
-    b.set_align_elems(std::max<int64_t>(1, req.align_bytes() / static_cast<int64_t>(dtype_size(builds[bi].dtype))));
+    int64_t align = std::max<int64_t>(1, req.align_bytes() / static_cast<int64_t>(dtype_size(builds[bi].dtype)));
+    // Owned layout: tensor starts and segment boundaries on state blocks (blocks never straddle ranks).
+    if (req.state_block_elems() > 0 && req.layout() == proto::SHARD_LAYOUT_OWNED)
+      align = std::lcm(align, req.state_block_elems());
+    b.set_align_elems(align);
     for (int idx : builds[bi].members) plan.mutable_tensors(idx)->set_bucket(static_cast<int>(bi));
     if (req.layout() == proto::SHARD_LAYOUT_DIM0)
       layout_dim0(plan, b, builds[bi].members, world);

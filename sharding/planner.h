@@ -11,6 +11,12 @@
 // bucket's align_elems and every count is >= align_elems (no rank ever has an empty or misaligned
 // piece of a collective). In the dim0 layout all segment counts of a bucket are equal; in the owned
 // layout they differ (use variable-count collectives, or pad to max_segment_elems).
+//
+// Block-wise quantized optimizer state (request.state_block_elems = B > 0): every piece of an
+// element-wise tensor starts at a tensor offset that is a multiple of B. Owned layout: the element
+// alignment becomes lcm(align, B) (tensor starts and segment boundaries on blocks). Dim0 layout: an
+// element-wise tensor's rows are dealt in units of B / gcd(B, cols) rows. Muon matrices need nothing
+// (their optimizer state lives whole on the owner).
 #pragma once
 
 #include <cstdint>

@@ -90,12 +90,15 @@ runtime::EngineOptions engine_options(const TrainConfig& c) {
     o.matrix_optimizer.set_kind(optim::parse_optimizer_kind(c.optimizer));
     o.matrix_optimizer.set_lr(c.matrix_lr);
     o.matrix_optimizer.set_weight_decay(c.weight_decay);
+    o.matrix_optimizer.set_state_dtype(
+        optim::parse_state_dtype(c.matrix_state_dtype.empty() ? c.state_dtype : c.matrix_state_dtype));
     o.elementwise_optimizer.set_kind(proto::OPTIMIZER_ADAMW);
   } else {
     o.elementwise_optimizer.set_kind(optim::parse_optimizer_kind(c.optimizer));
   }
   o.elementwise_optimizer.set_lr(c.elementwise_lr);
   o.elementwise_optimizer.set_weight_decay(c.weight_decay);
+  o.elementwise_optimizer.set_state_dtype(optim::parse_state_dtype(c.state_dtype));
   return o;
 }
 
@@ -135,6 +138,8 @@ void TrainConfig::validate(int world_size) const {
     if (!ok) throw ConfigError(message);
   };
   need(world_size >= 1, "train: world size must be >= 1, got " + std::to_string(world_size));
+  optim::parse_state_dtype(state_dtype);  // ConfigError naming the accepted names
+  if (!matrix_state_dtype.empty()) optim::parse_state_dtype(matrix_state_dtype);
   need(steps >= 1, "train: --steps must be >= 1, got " + std::to_string(steps));
   need(model_threads >= 0, "train: --model-threads must be >= 0, got " + std::to_string(model_threads));
   need(grad_accumulation >= 1, "train: --grad-accum must be >= 1, got " + std::to_string(grad_accumulation));

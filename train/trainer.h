@@ -62,6 +62,8 @@ struct TrainConfig {
   float matrix_lr = 0.02f;         // Muon/NorMuon learning rate
   float elementwise_lr = 3e-3f;    // AdamW/Lion learning rate (every tensor when optimizer is adamw/lion)
   float weight_decay = 0.0f;       // both groups
+  std::string state_dtype = "f32";      // moment storage f32 | bf16 | q8 (element-wise group; and matrix by default)
+  std::string matrix_state_dtype;       // Muon/NorMuon momentum storage; empty = state_dtype
   int warmup_steps = 20;           // linear warmup to lr, then cosine decay to min_lr_ratio * lr
   float min_lr_ratio = 0.1f;
   float max_grad_norm = 1.0f;  // 0 = no clipping

@@ -30,6 +30,14 @@ inline std::vector<proto::TensorSpec> mixed_model(int64_t up_rows = 24) {
           spec("layer1.w_o", {10, 7}),   spec("layer1.mlp_norm", {10}),   spec("lm_head", {13, 10})};
 }
 
+// For block-wise (q8) optimizer state: element-wise tensors of several 256-element quantization
+// blocks (cut across ranks in every layout, the last block short), Muon matrices of one and two.
+inline std::vector<proto::TensorSpec> q8_model() {
+  return {spec("tok_embed", {97, 10}), spec("layer0.attn_norm", {10}), spec("layer0.w_q", {10, 10}),
+          spec("layer0.w_up", {40, 10}), spec("layer0.w_down", {10, 24}), spec("layer1.w_k", {7, 10}),
+          spec("layer1.w_o", {10, 7}),   spec("layer1.mlp_norm", {300}),  spec("lm_head", {61, 10})};
+}
+
 inline int64_t numel(const proto::TensorSpec& s) {
   int64_t n = 1;
   for (int64_t d : s.shape()) n *= d;

@@ -39,6 +39,7 @@ struct Case {
   // order) before any is announced; false: backward order, each announced right after it is written.
   bool all_buckets_open = false;
   int threads = 1;        // EngineOptions.threads of every rank
+  proto::StateDType state = proto::STATE_F32;  // moment storage of both groups
 };
 
 std::string case_name(const testing::TestParamInfo<Case>& info) {
@@ -56,6 +57,8 @@ EngineOptions options_for(const Case& c) {
   o.grad_accumulation_steps = c.accumulation;
   o.grad_memory = c.grad_memory;
   o.threads = c.threads;
+  o.elementwise_optimizer.set_state_dtype(c.state);
+  if (o.matrix_optimizer.kind() != proto::OPTIMIZER_KIND_UNSPECIFIED) o.matrix_optimizer.set_state_dtype(c.state);
   return o;
 }
 
@@ -207,6 +210,104 @@ std::vector<Case> all_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllConfigurations, EngineEquivalence, testing::ValuesIn(all_cases()), case_name);
+
+class Q8Equivalence : public testing::TestWithParam<Case> {};
+
+// N ranks == 1 rank bit for bit with q8 state: blocks are whole on every rank (the plan starts
+// every element-wise piece on a block), so every rank quantizes the same values as one process.
+TEST_P(Q8Equivalence, NRankEqualsOneRankBitForBit) {
+  const Case c = GetParam();
+  const auto specs = q8_model();
+  const int steps = 4;
+  static std::map<std::string, std::vector<std::vector<float>>> one_rank;  // per stage/layout/optimizer
+  static std::mutex cache_mu;
+  Case single = c;
+  single.world = 1;
+  std::vector<std::vector<float>> want;
+  {
+    std::lock_guard<std::mutex> lock(cache_mu);
+    const std::string key = case_name(testing::TestParamInfo<Case>(single, 0));
+    if (!one_rank.count(key)) one_rank[key] = engine_run(specs, single, steps)[0];
+    want = one_rank[key];
+  }
+  proto::ShardPlan plan;
+  const auto got = engine_run(specs, c, steps, &plan);
+  EXPECT_EQ(plan.request().state_block_elems(), 256);
+  for (const auto& t : plan.tensors())
+    if (!t.muon())
+      for (const auto& p : t.pieces()) EXPECT_EQ(p.tensor_offset() % 256, 0) << t.name();
+  for (int r = 0; r < c.world; ++r)
+    for (size_t t = 0; t < specs.size(); ++t) {
+      ASSERT_EQ(got[r][t].size(), want[t].size());
+      EXPECT_EQ(0, std::memcmp(got[r][t].data(), want[t].data(), want[t].size() * sizeof(float)))
+          << "rank " << r << " tensor " << specs[t].name();
+    }
+  EXPECT_NE(got[0][0][0], initial_value(0, 0));
+}
+
+std::vector<Case> q8_cases() {
+  std::vector<Case> cases;
+  for (int world : {1, 2, 3, 4})
+    for (int stage : {1, 2, 3})
+      for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0})
+        for (const char* opt : {"muon", "adamw", "lion"}) cases.push_back({world, stage, layout, opt, proto::STATE_Q8});
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Q8State, Q8Equivalence, testing::ValuesIn(q8_cases()), case_name);
+
+// q8 and bf16 moments track the fp32 run: after a few steps every element-wise parameter's movement
+// differs from the fp32 movement by a small fraction of the largest movement (the codes' error is
+// < 1% of the block absmax). Muon matrices are left out: the fixture's tiny, near-rank-deficient
+// gradients let Newton-Schulz amplify any perturbation of the momentum (f32 rounding included).
+TEST(Engine, CompactStateTracksTheFp32Run) {
+  const auto specs = q8_model();
+  for (const char* opt : {"muon", "adamw", "lion"}) {
+    proto::ShardPlan plan;
+    const auto f32 = engine_run(specs, {2, 2, proto::SHARD_LAYOUT_OWNED, opt}, 4, &plan)[0];
+    for (auto state : {proto::STATE_Q8, proto::STATE_BF16}) {
+      const auto low = engine_run(specs, {2, 2, proto::SHARD_LAYOUT_OWNED, opt, state}, 4)[0];
+      for (size_t t = 0; t < specs.size(); ++t) {
+        if (plan.tensors(static_cast<int>(t)).muon()) continue;
+        double max_move = 0, max_diff = 0;
+        bool differs = false;
+        for (size_t i = 0; i < f32[t].size(); ++i) {
+          max_move = std::max(max_move, static_cast<double>(std::abs(f32[t][i] - initial_value(t, static_cast<int64_t>(i)))));
+          max_diff = std::max(max_diff, static_cast<double>(std::abs(low[t][i] - f32[t][i])));
+          differs = differs || low[t][i] != f32[t][i];
+        }
+        EXPECT_LE(max_diff, 0.05 * max_move) << opt << " " << proto::StateDType_Name(state) << " " << specs[t].name();
+        if (std::string(opt) != "lion") EXPECT_TRUE(differs) << "compact state had no effect: " << specs[t].name();
+      }
+    }
+  }
+}
+
+// Moment bytes with q8 (codes + one fp32 absmax per 256) are at most 0.3x of fp32 moments, and the
+// memory report agrees with the plan's per-parameter arithmetic up to partial blocks.
+TEST(Engine, Q8MomentBytesAreUnderThreeTenthsOfFp32) {
+  const std::vector<proto::TensorSpec> specs = {spec("tok_embed", {256, 64}), spec("layer0.attn_norm", {64}),
+                                                spec("layer0.w_q", {64, 64}),   spec("layer0.w_up", {128, 64}),
+                                                spec("layer0.w_down", {64, 128}), spec("lm_head", {256, 64})};
+  std::vector<MemoryReport> f32, q8;
+  engine_run(specs, {2, 2, proto::SHARD_LAYOUT_OWNED, "muon"}, 1, nullptr, nullptr, &f32);
+  proto::ShardPlan plan;
+  engine_run(specs, {2, 2, proto::SHARD_LAYOUT_OWNED, "muon", proto::STATE_Q8}, 1, &plan, nullptr, &q8);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_GT(f32[r].moment_bytes, 0);
+    EXPECT_LE(static_cast<double>(q8[r].moment_bytes), 0.3 * static_cast<double>(f32[r].moment_bytes)) << r;
+    int64_t codes = 0, absmax = 0;  // from the plan: 2 AdamW moments per element-wise element, 1 per Muon one
+    for (const auto& t : plan.tensors()) {
+      if (t.muon()) {
+        if (t.owner() == r) codes += t.numel(), absmax += (t.numel() + 255) / 256;
+        continue;
+      }
+      for (const auto& p : t.pieces())
+        if (p.rank() == r) codes += 2 * p.length(), absmax += 2 * ((p.length() + 255) / 256);
+    }
+    EXPECT_EQ(q8[r].moment_bytes, codes + 4 * absmax) << r;
+  }
+}
 
 TEST(Engine, TwoRunsWithTheSameInputsAreBitIdentical) {
   const Case c{3, 2, proto::SHARD_LAYOUT_OWNED, "muon"};

@@ -1,0 +1,203 @@
+// Compact optimizer state figures, all from one run:
+//   q8_memory     moment bytes per rank (max over ranks) with q8 vs fp32 moments, absmax included,
+//                 and the total optimizer bytes (fp32 master + moments) beside them, from the plans
+//                 the Engine builds for the llama presets (AdamW everywhere, and Muon + AdamW);
+//   q8_kernel     AdamW step time with q8 / bf16 moments vs the fp32 kernel on the same arrays;
+//   q8_code_error the error of the dynamic and linear 8-bit codes on AdamW moments of a synthetic
+//                 heavy-tailed gradient stream (the measurement behind optim/quant8.h's choice).
+// Kernel times are the best of --reps (the machine is shared). --json: one JSON object per line.
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "optim/compact_step.h"
+#include "optim/config.h"
+#include "optim/elementwise.h"
+#include "optim/quant8.h"
+#include "runtime/engine.h"
+#include "sharding/planner.h"
+#include "sharding/presets.h"
+
+namespace so = shardopt::optim;
+namespace sp = shardopt::proto;
+
+namespace {
+
+bool g_json = false;
+
+void emit(const nlohmann::json& row, const std::string& text) {
+  fmt::print("{}\n", g_json ? row.dump() : text);
+  std::fflush(stdout);
+}
+
+double best_seconds(int reps, const std::function<void()>& fn) {
+  double best = 1e300;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+// Per rank: moment bytes and master bytes under `plan` (the ShardState layout: per element-wise
+// piece 2 AdamW moments; per owned matrix 1 Muon momentum; q8 = codes + one fp32 absmax per block).
+struct RankBytes {
+  double moments = 0, master = 0;
+};
+std::vector<RankBytes> rank_bytes(const sp::ShardPlan& plan, sp::StateDType dtype) {
+  const int world = plan.request().world_size();
+  std::vector<RankBytes> out(static_cast<size_t>(world));
+  auto moment = [&](int64_t n) { return static_cast<double>(so::compact_bytes(dtype, n)); };
+  for (const auto& t : plan.tensors()) {
+    if (t.muon()) out[static_cast<size_t>(t.owner())].moments += moment(t.numel());
+    for (const auto& p : t.pieces()) {
+      auto& r = out[static_cast<size_t>(p.rank())];
+      if (!t.muon()) r.moments += 2 * moment(p.length());
+    }
+  }
+  for (const auto& b : plan.buckets())
+    for (const auto& s : b.segments()) out[static_cast<size_t>(s.rank())].master += 4.0 * static_cast<double>(s.count());
+  return out;
+}
+
+void bench_memory(const std::string& preset, int world, bool muon) {
+  const auto specs = shardopt::sharding::preset_specs(preset, sp::F32);
+  double max_moments[2] = {0, 0}, max_total[2] = {0, 0};
+  int i = 0;
+  for (auto dtype : {sp::STATE_F32, sp::STATE_Q8}) {
+    shardopt::runtime::EngineOptions o;
+    o.zero_stage = 2;
+    o.elementwise_optimizer.set_kind(sp::OPTIMIZER_ADAMW);
+    o.elementwise_optimizer.set_state_dtype(dtype);
+    if (muon) {
+      o.matrix_optimizer.set_kind(sp::OPTIMIZER_MUON);
+      o.matrix_optimizer.set_state_dtype(dtype);
+    }
+    const auto plan = shardopt::sharding::make_plan(shardopt::runtime::make_engine_plan_request(specs, world, o));
+    for (const auto& r : rank_bytes(plan, dtype)) {
+      max_moments[i] = std::max(max_moments[i], r.moments);
+      max_total[i] = std::max(max_total[i], r.moments + r.master);
+    }
+    ++i;
+  }
+  const double ratio = max_moments[1] / max_moments[0];
+  const std::string opt = muon ? "muon+adamw" : "adamw";
+  emit({{"bench", "q8_memory"}, {"preset", preset}, {"world", world}, {"optimizer", opt},
+        {"f32_moment_bytes_per_rank", max_moments[0]}, {"q8_moment_bytes_per_rank", max_moments[1]},
+        {"q8_over_f32_moments", ratio}, {"f32_optimizer_bytes_per_rank", max_total[0]},
+        {"q8_optimizer_bytes_per_rank", max_total[1]}, {"q8_over_f32_optimizer", max_total[1] / max_total[0]}},
+       fmt::format("memory {:<10} N={} {:<10}  moments f32 {:8.1f} MiB  q8 {:8.1f} MiB  ({:.3f}x)   optimizer total "
+                   "f32 {:8.1f} MiB  q8 {:8.1f} MiB  ({:.3f}x)",
+                   preset, world, opt, max_moments[0] / 1048576, max_moments[1] / 1048576, ratio,
+                   max_total[0] / 1048576, max_total[1] / 1048576, max_total[1] / max_total[0]));
+}
+
+void bench_kernel(int64_t n, int reps) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> w(static_cast<size_t>(n)), g(w.size()), m(w.size(), 0.0f), v(w.size(), 0.0f);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = normal(rng), g[i] = normal(rng) * 1e-2f;
+  sp::OptimizerConfig cfg;
+  cfg.set_kind(sp::OPTIMIZER_ADAMW);
+  const so::OptimizerParams p = so::resolve_optimizer_config(cfg);
+  so::ElementwiseSlice s;
+  s.master = w.data();
+  s.grad = g.data();
+  s.count = static_cast<size_t>(n);
+  s.state[0] = m.data();
+  s.state[1] = v.data();
+  int64_t step = 1;
+  const double f32 = best_seconds(reps, [&] { so::elementwise_step(p, std::span(&s, 1), 1e-3f, step++); });
+  for (auto dtype : {sp::STATE_Q8, sp::STATE_BF16}) {
+    std::vector<unsigned char> values[2];
+    std::vector<float> absmax[2];
+    so::CompactSlots slots;
+    for (int k = 0; k < 2; ++k) {
+      values[k].assign(static_cast<size_t>(n * (dtype == sp::STATE_BF16 ? 2 : 1)), 0);
+      absmax[k].assign(static_cast<size_t>(so::q8_num_blocks(n)), 0.0f);
+      slots.slot[k] = {dtype, values[k].data(), dtype == sp::STATE_Q8 ? absmax[k].data() : nullptr, k == 1};
+    }
+    so::ElementwiseSlice c = s;
+    c.state[0] = c.state[1] = nullptr;
+    int64_t cstep = 1;
+    const double t = best_seconds(
+        reps, [&] { so::elementwise_step_compact(p, std::span(&c, 1), std::span(&slots, 1), 1e-3f, cstep++); });
+    const std::string name = so::state_dtype_name(dtype);
+    emit({{"bench", "q8_kernel"}, {"kernel", "adamw"}, {"state", name}, {"elements", n}, {"threads", 1},
+          {"f32_ns_per_elem", 1e9 * f32 / static_cast<double>(n)}, {"ns_per_elem", 1e9 * t / static_cast<double>(n)},
+          {"time_over_f32", t / f32}},
+         fmt::format("kernel adamw {:<5} n={}  f32 {:.3f} ns/elem  {} {:.3f} ns/elem  ({:.2f}x the f32 time)", name, n,
+                     1e9 * f32 / static_cast<double>(n), name, 1e9 * t / static_cast<double>(n), t / f32));
+  }
+}
+
+// AdamW moments after `steps` steps of a heavy-tailed stream: per-element scale log-normal
+// (sigma 1.5), per-step noise Student-t-like (normal / sqrt(chi2_3 / 3)), a slowly drifting mean.
+void bench_code_error(int64_t n, int steps) {
+  std::mt19937 rng(11);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::chi_squared_distribution<double> chi2(3.0);
+  std::vector<double> scale(static_cast<size_t>(n)), mean(scale.size()), m(scale.size(), 0.0), v(scale.size(), 0.0);
+  for (size_t i = 0; i < scale.size(); ++i) scale[i] = 1e-3 * std::exp(1.5 * normal(rng)), mean[i] = 0.3 * normal(rng);
+  for (int s = 0; s < steps; ++s)
+    for (size_t i = 0; i < scale.size(); ++i) {
+      const double g = scale[i] * (mean[i] + normal(rng) / std::sqrt(chi2(rng) / 3.0));
+      m[i] = 0.9 * m[i] + 0.1 * g;
+      v[i] = 0.999 * v[i] + 0.001 * g * g;
+    }
+  const double bias2 = 1 - std::pow(0.999, steps), bias1 = 1 - std::pow(0.9, steps), eps = 1e-8;
+  for (auto kind : {so::Q8CodeKind::kDynamic, so::Q8CodeKind::kLinear}) {
+    std::vector<float> mf(m.begin(), m.end()), vf(v.begin(), v.end()), md(mf.size()), vd(vf.size());
+    std::vector<uint8_t> codes(mf.size());
+    std::vector<float> absmax(static_cast<size_t>(so::q8_num_blocks(n)));
+    so::q8_quantize(mf.data(), n, false, codes.data(), absmax.data(), kind);
+    so::q8_dequantize(codes.data(), absmax.data(), n, false, md.data(), kind);
+    so::q8_quantize(vf.data(), n, true, codes.data(), absmax.data(), kind);
+    so::q8_dequantize(codes.data(), absmax.data(), n, true, vd.data(), kind);
+    double em = 0, nm = 0, ev = 0, nv = 0, eu = 0, nu = 0;
+    int64_t v_zero = 0;
+    for (size_t i = 0; i < mf.size(); ++i) {
+      em += (md[i] - m[i]) * (md[i] - m[i]), nm += m[i] * m[i];
+      ev += (vd[i] - v[i]) * (vd[i] - v[i]), nv += v[i] * v[i];
+      v_zero += vd[i] == 0.0f;
+      const double u = (m[i] / bias1) / (std::sqrt(v[i] / bias2) + eps);
+      const double ud = (md[i] / bias1) / (std::sqrt(vd[i] / bias2) + eps);
+      eu += (ud - u) * (ud - u), nu += u * u;
+    }
+    const std::string name = kind == so::Q8CodeKind::kDynamic ? "dynamic" : "linear";
+    const double rm = std::sqrt(em / nm), rv = std::sqrt(ev / nv), ru = std::sqrt(eu / nu);
+    const double zero_frac = static_cast<double>(v_zero) / static_cast<double>(n);
+    emit({{"bench", "q8_code_error"}, {"code", name}, {"elements", n}, {"steps", steps}, {"m_rel_rms_error", rm},
+          {"v_rel_rms_error", rv}, {"update_rel_rms_error", ru}, {"v_flushed_to_zero_frac", zero_frac}},
+         fmt::format("code {:<8} AdamW moments after {} steps: m rel RMS err {:.4f}  v {:.4f}  update m/sqrt(v) "
+                     "{:.4f}  v decoded to 0: {:.1f}%",
+                     name, steps, rm, rv, ru, 100 * zero_frac));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"q8_bench: 8-bit block-wise optimizer state: memory, kernel time, code error"};
+  int reps = 5, world = 8;
+  int64_t elements = int64_t{1} << 22;
+  app.add_flag("--json", g_json, "one JSON object per result line");
+  app.add_option("--reps", reps, "repetitions per kernel figure (best is reported)")->check(CLI::Range(1, 100));
+  app.add_option("--world", world, "ranks of the memory plans")->check(CLI::Range(1, 4096));
+  app.add_option("--elements", elements, "elements of the kernel arrays")->check(CLI::Range(int64_t{256}, int64_t{1} << 28));
+  CLI11_PARSE(app, argc, argv);
+  for (const char* preset : {"llama-125m", "llama-1b"})
+    for (bool muon : {false, true}) bench_memory(preset, world, muon);
+  bench_kernel(elements, reps);
+  bench_code_error(1 << 16, 300);
+  return 0;
+}

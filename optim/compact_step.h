@@ -1,0 +1,41 @@
+// Optimizer steps over compact (bf16 or q8, optim/quant8.h) moment storage.
+//
+// Element-wise (AdamW, Lion, SGD momentum): each slice is processed in chunks of kCompactChunkElems
+// (a whole number of q8 blocks, sized to stay in L2): decode the chunk's state slots to fp32
+// scratch, run the unchanged fp32 kernel of optim/elementwise.h on the chunk, encode the new state
+// (q8: new absmax and codes per block). One pass over memory per chunk; the update arithmetic is
+// exactly the fp32 path's, applied to the decoded state. AdamW's v is stored with the unsigned code.
+// Muon / NorMuon: the momentum is decoded into matrix.momentum (an fp32 scratch of the matrix's
+// size), muon_step runs, and the new momentum is encoded back. NorMuon's row moment stays fp32.
+//
+// Single-threaded: a caller-side thread pool is the place to split slices across cores.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "optim/elementwise.h"
+#include "optim/muon.h"
+#include "optim/quant8.h"
+
+namespace shardopt::optim {
+
+inline constexpr int64_t kCompactChunkElems = 32 * kQ8BlockElems;
+
+// The compact state slots of one ElementwiseSlice (its `state` pointers are ignored).
+struct CompactSlots {
+  CompactState slot[2];
+};
+
+// elementwise_step (same rules, same errors) with states[i] holding slices[i]'s moments. Throws
+// ConfigError when the spans differ in size, a needed slot is not compact or has null storage.
+StepResult elementwise_step_compact(const OptimizerParams& params, std::span<const ElementwiseSlice> slices,
+                                    std::span<const CompactSlots> states, float lr, int64_t step,
+                                    FiniteCheck check = FiniteCheck::kNone);
+
+// muon_step with the momentum in `momentum` (rows*cols elements); matrix.momentum must point at an
+// fp32 scratch of rows*cols values (its contents are overwritten).
+StepResult muon_step_compact(const OptimizerParams& params, const MuonMatrix& matrix, const CompactState& momentum,
+                             float lr, MuonWorkspace& workspace, FiniteCheck check = FiniteCheck::kNone);
+
+}  // namespace shardopt::optim

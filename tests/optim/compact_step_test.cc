@@ -1,0 +1,196 @@
+// Optimizer steps over compact (q8 / bf16) state against a plain double-precision reference that
+// decodes the same stored state, applies the formula of ALGORITHMS.md, and bounds the re-encoded
+// state by the code's documented error (optim/quant8.h).
+#include "optim/compact_step.h"
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "base/error.h"
+
+namespace shardopt::optim {
+namespace {
+
+// One slice with its compact slots, plus everything the reference needs.
+struct CompactCase {
+  std::vector<float> master, grad;
+  std::vector<uint8_t> bytes[2];
+  std::vector<float> absmax[2];
+  CompactSlots slots;
+  ElementwiseSlice slice;
+};
+
+// Random weights and gradients; state slots filled with random values (slot 1 >= 0 when
+// slot1_nonnegative) already encoded in `dtype`.
+CompactCase make_case(size_t n, StateDType dtype, bool slot1_nonnegative, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  CompactCase c;
+  c.master.resize(n);
+  c.grad.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    c.master[i] = normal(rng);
+    // Per-block scales spread over decades, like real moments.
+    c.grad[i] = normal(rng) * std::pow(10.0f, static_cast<float>(static_cast<int>(i / 256) % 4) - 2.0f);
+  }
+  for (int k = 0; k < 2; ++k) {
+    const bool nonneg = k == 1 && slot1_nonnegative;
+    std::vector<float> init(n);
+    for (size_t i = 0; i < n; ++i) init[i] = nonneg ? 0.01f * c.grad[i] * c.grad[i] : 0.3f * c.grad[i];
+    c.bytes[k].assign(n * (dtype == proto::STATE_BF16 ? 2 : 1), 0);
+    c.absmax[k].assign(static_cast<size_t>(q8_num_blocks(static_cast<int64_t>(n))), 0.0f);
+    CompactState& s = c.slots.slot[k];
+    s.dtype = dtype;
+    s.values = c.bytes[k].data();
+    s.absmax = dtype == proto::STATE_Q8 ? c.absmax[k].data() : nullptr;
+    s.nonnegative = nonneg;
+    store_compact(s, static_cast<int64_t>(n), init.data());
+  }
+  c.slice.master = c.master.data();
+  c.slice.grad = c.grad.data();
+  c.slice.count = n;
+  return c;
+}
+
+std::vector<float> decode(const CompactState& s, size_t n) {
+  std::vector<float> out(n);
+  load_compact(s, static_cast<int64_t>(n), out.data());
+  return out;
+}
+
+// |stored - want| within the code's bound: q8 against the block absmax of `want`, bf16 relative.
+void expect_encoded(const CompactState& s, const std::vector<double>& want, const char* what) {
+  const auto got = decode(s, want.size());
+  for (size_t start = 0; start < want.size(); start += kQ8BlockElems) {
+    const size_t end = std::min(want.size(), start + kQ8BlockElems);
+    double a = 0;
+    for (size_t i = start; i < end; ++i) a = std::max(a, std::fabs(want[i]));
+    for (size_t i = start; i < end; ++i) {
+      const double bound = s.dtype == proto::STATE_Q8
+                               ? a * q8_error_bound(Q8CodeKind::kDynamic, !s.nonnegative, want[i] / a) + 1e-5 * a
+                               : std::fabs(want[i]) * 0x1p-8 + 1e-30;
+      ASSERT_LE(std::fabs(got[i] - want[i]), bound) << what << " element " << i;
+    }
+  }
+}
+
+void expect_close(const std::vector<float>& got, const std::vector<double>& want, double rel, const char* what) {
+  for (size_t i = 0; i < want.size(); ++i)
+    ASSERT_NEAR(got[i], want[i], rel * std::max(1.0, std::fabs(want[i]))) << what << " element " << i;
+}
+
+// 9000 elements: crosses a chunk boundary (8192) and ends in a short block.
+constexpr size_t kN = 9000;
+
+class CompactAdamW : public testing::TestWithParam<StateDType> {};
+
+TEST_P(CompactAdamW, MatchesTheDoubleReferenceOnTheDecodedState) {
+  proto::OptimizerConfig cfg;
+  cfg.set_kind(proto::OPTIMIZER_ADAMW);
+  cfg.set_lr(0.01);
+  cfg.set_weight_decay(0.1);
+  const OptimizerParams p = resolve_optimizer_config(cfg);
+  CompactCase c = make_case(kN, GetParam(), true, 11);
+  const auto m0 = decode(c.slots.slot[0], kN), v0 = decode(c.slots.slot[1], kN);
+  const std::vector<float> w0 = c.master;
+  const int64_t step = 3;
+  const float lr = 0.01f;
+  elementwise_step_compact(p, std::span(&c.slice, 1), std::span(&c.slots, 1), lr, step);
+
+  std::vector<double> m1(kN), v1(kN), w1(kN);
+  const double bias1 = 1 - std::pow(p.beta1, step), bias2 = 1 - std::pow(p.beta2, step);
+  for (size_t i = 0; i < kN; ++i) {
+    const double g = c.grad[i];
+    m1[i] = p.beta1 * m0[i] + (1 - p.beta1) * g;
+    v1[i] = p.beta2 * v0[i] + (1 - p.beta2) * g * g;
+    w1[i] = w0[i] * (1 - lr * p.weight_decay) - lr / bias1 * m1[i] / (std::sqrt(v1[i] / bias2) + p.eps);
+  }
+  expect_close(c.master, w1, 1e-5, "master");
+  expect_encoded(c.slots.slot[0], m1, "m");
+  expect_encoded(c.slots.slot[1], v1, "v");
+  EXPECT_NE(c.master[0], w0[0]);
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, CompactAdamW, testing::Values(proto::STATE_Q8, proto::STATE_BF16),
+                         [](const auto& info) { return state_dtype_name(info.param); });
+
+TEST(CompactLion, MatchesTheDoubleReferenceOnTheDecodedState) {
+  proto::OptimizerConfig cfg;
+  cfg.set_kind(proto::OPTIMIZER_LION);
+  cfg.set_weight_decay(0.1);
+  const OptimizerParams p = resolve_optimizer_config(cfg);
+  CompactCase c = make_case(kN, proto::STATE_Q8, false, 12);
+  const auto m0 = decode(c.slots.slot[0], kN);
+  const std::vector<float> w0 = c.master;
+  const float lr = 1e-3f;
+  elementwise_step_compact(p, std::span(&c.slice, 1), std::span(&c.slots, 1), lr, 5);
+  std::vector<double> m1(kN), w1(kN);
+  for (size_t i = 0; i < kN; ++i) {
+    const double g = c.grad[i], cc = p.beta1 * m0[i] + (1 - p.beta1) * g;
+    w1[i] = w0[i] * (1 - lr * p.weight_decay) - lr * ((cc > 0) - (cc < 0));
+    m1[i] = p.beta2 * m0[i] + (1 - p.beta2) * g;
+  }
+  expect_close(c.master, w1, 1e-6, "master");
+  expect_encoded(c.slots.slot[0], m1, "m");
+}
+
+TEST(CompactSgd, MomentumMatchesTheDoubleReferenceOnTheDecodedState) {
+  proto::OptimizerConfig cfg;
+  cfg.set_kind(proto::OPTIMIZER_SGD);
+  cfg.set_momentum(0.9);
+  cfg.set_nesterov(true);
+  cfg.set_weight_decay(0.01);
+  const OptimizerParams p = resolve_optimizer_config(cfg);
+  CompactCase c = make_case(kN, proto::STATE_Q8, false, 13);
+  const auto b0 = decode(c.slots.slot[0], kN);
+  const std::vector<float> w0 = c.master;
+  const float lr = 0.05f;
+  elementwise_step_compact(p, std::span(&c.slice, 1), std::span(&c.slots, 1), lr, 4);
+  std::vector<double> b1(kN), w1(kN);
+  for (size_t i = 0; i < kN; ++i) {
+    const double g = c.grad[i] + p.weight_decay * w0[i];
+    b1[i] = p.momentum * b0[i] + g;
+    w1[i] = w0[i] - lr * (g + p.momentum * b1[i]);
+  }
+  expect_close(c.master, w1, 1e-5, "master");
+  expect_encoded(c.slots.slot[0], b1, "buf");
+}
+
+TEST(CompactMuon, MomentumIsEncodedWithinTheBoundAndTheUpdateUsesTheDecodedState) {
+  proto::OptimizerConfig cfg;
+  cfg.set_kind(proto::OPTIMIZER_MUON);
+  const OptimizerParams p = resolve_optimizer_config(cfg);
+  const int64_t rows = 24, cols = 40;
+  const auto n = static_cast<size_t>(rows * cols);
+  CompactCase c = make_case(n, proto::STATE_Q8, false, 14);
+  const auto m0 = decode(c.slots.slot[0], n);
+  // fp32 path on the decoded state: the compact step must give exactly its weights.
+  std::vector<float> w_ref = c.master, m_ref = m0;
+  MuonWorkspace ws(rows, cols);
+  MuonMatrix ref{w_ref.data(), nullptr, c.grad.data(), DType::kF32, m_ref.data(), nullptr, rows, cols, {}};
+  muon_step(p, ref, 0.02f, ws);
+
+  std::vector<float> scratch(n, -7.0f);
+  MuonMatrix mm{c.master.data(), nullptr, c.grad.data(), DType::kF32, scratch.data(), nullptr, rows, cols, {}};
+  muon_step_compact(p, mm, c.slots.slot[0], 0.02f, ws);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(c.master[i], w_ref[i]) << i;
+  std::vector<double> m1(n);
+  for (size_t i = 0; i < n; ++i) m1[i] = p.momentum * m0[i] + (1 - p.momentum) * c.grad[i];
+  expect_encoded(c.slots.slot[0], m1, "momentum");
+}
+
+TEST(CompactStep, RejectsMissingOrMismatchedState) {
+  proto::OptimizerConfig cfg;
+  cfg.set_kind(proto::OPTIMIZER_ADAMW);
+  const OptimizerParams p = resolve_optimizer_config(cfg);
+  CompactCase c = make_case(300, proto::STATE_Q8, true, 15);
+  CompactSlots none;
+  EXPECT_THROW(elementwise_step_compact(p, std::span(&c.slice, 1), std::span(&none, 1), 0.01f, 1), ConfigError);
+  EXPECT_THROW(elementwise_step_compact(p, std::span(&c.slice, 1), {}, 0.01f, 1), ConfigError);
+}
+
+}  // namespace
+}  // namespace shardopt::optim

@@ -1,5 +1,6 @@
 #include "train/outputs.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -59,7 +60,7 @@ std::string final_report(const TrainResult& r, const TrainConfig& c, const std::
 }
 
 std::vector<std::string> write_run_outputs(const std::string& dir, const TrainConfig& c, const TrainResult& r,
-                                           const std::string& backend) {
+                                           const std::string& backend, const std::string& resolved_config_json) {
   namespace fs = std::filesystem;
   std::error_code ec;
   fs::create_directories(dir, ec);
@@ -69,13 +70,15 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
   const std::string csv_path = dir + "/loss.csv";
   {
     auto csv = open_for_write(csv_path);
-    csv << "step,train_loss,val_loss,lr_multiplier,tokens,bytes_per_rank,seconds,consensus_distance\n";
+    csv << "step,train_loss,val_loss,lr_multiplier,tokens,bytes_per_rank,seconds,consensus_distance,"
+           "max_attention_logit,qk_clipped_heads\n";
     for (const auto& s : r.history) {
       csv << s.step << ',' << fmt::format("{:.6f}", s.train_loss) << ','
           << (std::isnan(s.val_loss) ? std::string() : fmt::format("{:.6f}", s.val_loss)) << ','
           << fmt::format("{:.6f}", s.lr_multiplier) << ',' << s.tokens << ',' << s.bytes_per_rank << ','
           << fmt::format("{:.6f}", s.seconds) << ','
-          << (std::isnan(s.consensus_distance) ? std::string() : fmt::format("{:.6e}", s.consensus_distance)) << '\n';
+          << (std::isnan(s.consensus_distance) ? std::string() : fmt::format("{:.6e}", s.consensus_distance)) << ','
+          << fmt::format("{:.4f}", s.max_attention_logit) << ',' << s.qk_clipped_heads << '\n';
     }
   }
   written.push_back(csv_path);
@@ -100,7 +103,18 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
                  {"layout", c.layout == proto::SHARD_LAYOUT_DIM0 ? "dim0" : "owned"},
                  {"bucket_bytes", c.bucket_bytes},  {"sync", sync_mode_name(c.sync)},
                  {"seed", c.seed},                  {"replicas", c.replicas},
-                 {"outer_every", c.outer_every},    {"gossip_group", c.gossip_group}};
+                 {"outer_every", c.outer_every},    {"gossip_group", c.gossip_group},
+                 {"qk_clip_tau", c.qk_clip_tau},    {"sample_chars", c.sample_chars},
+                 {"sample_temperature", c.sample_temperature}, {"sample_top_k", c.sample_top_k}};
+  if (!resolved_config_json.empty()) j["resolved_config"] = nlohmann::json::parse(resolved_config_json);
+  double max_logit = 0;
+  int64_t clipped = 0;
+  for (const auto& s : r.history) {
+    max_logit = std::max(max_logit, s.max_attention_logit);
+    clipped += s.qk_clipped_heads;
+  }
+  j["max_attention_logit"] = max_logit;
+  j["qk_clipped_heads_total"] = clipped;
   j["first_step"] = r.first_step;
   j["resumed_from"] = r.resumed_from;
   j["saved_checkpoints"] = r.saved_checkpoints;
@@ -129,7 +143,8 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
                                          {"grad_shard", m.grad_shard_bytes}});
   j["sample"] = r.sample;
   const std::string summary_path = dir + "/summary.json";
-  open_for_write(summary_path) << j.dump(2) << '\n';
+  // Samples may hold any byte: invalid UTF-8 is replaced, not an exception.
+  open_for_write(summary_path) << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
   written.push_back(summary_path);
 
   // The plot: gnuplot is optional (a Debian package); without it the CSV is still there.

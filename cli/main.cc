@@ -1,4 +1,4 @@
-// shardopt: the command-line program. Subcommands: train, plan, env, bench, ckpt inspect.
+// shardopt: the command-line program. Subcommands: train, compare, plan, env, bench, ckpt inspect.
 // Normal output (progress lines, reports, tables, --help) goes to stdout; diagnostics go through
 // base/log.h to stderr.
 #include <cstdlib>
@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include "base/clock.h"
 #include "base/env.h"
@@ -24,6 +25,7 @@
 #include "sharding/plan_util.h"
 #include "sharding/planner.h"
 #include "sharding/presets.h"
+#include "train/compare.h"
 #include "train/outputs.h"
 #include "train/trainer.h"
 
@@ -40,17 +42,23 @@ struct TrainArgs {
   train::TrainConfig config;
   int ranks = 4;
   std::string backend = "auto";
-  std::string data = "data/tinyshakespeare.txt";
+  std::string data;  // empty: default_data_path()
   std::string out = "runs/latest";
   std::string layout = "owned";
   std::string sync = "zero";
   std::string resume;       // --resume [DIR]
+  std::string config_file;  // --config FILE (JSON; keys = flag names without "--")
   CLI::Option* resume_option = nullptr;  // counts a bare --resume too
 };
 
 void add_train_options(CLI::App& cmd, TrainArgs& a) {
   auto& c = a.config;
-  cmd.add_option("--data", a.data, "text file to train on (byte-level)")->capture_default_str();
+  cmd.add_option("--config", a.config_file,
+                 "JSON file of options (keys = flag names without --, e.g. {\"steps\": 300}); flags override it")
+      ->check(CLI::ExistingFile);
+  cmd.add_option("--data", a.data,
+                 "text file to train on (byte-level; default: tinyshakespeare.txt from the install's share/shardopt "
+                 "or the source tree)");
   cmd.add_option("--out", a.out, "output folder (loss.csv, loss.png, trace.json, sample.txt, summary.json)")
       ->capture_default_str();
   cmd.add_option("--ranks", a.ranks, "ranks on the threads backend (ignored under mpirun)")->capture_default_str();
@@ -116,16 +124,110 @@ void add_train_options(CLI::App& cmd, TrainArgs& a) {
   cmd.add_option("--eval-batches", c.eval_batches, "validation batches per evaluation")->capture_default_str();
   cmd.add_option("--log-every", c.log_every, "steps between progress lines (0 = quiet)")->capture_default_str();
   cmd.add_option("--trace-steps", c.trace_steps, "last steps in the Chrome trace")->capture_default_str();
-  cmd.add_option("--sample-tokens", c.sample_tokens, "bytes of generated text at the end")->capture_default_str();
+  cmd.add_option("--sample-chars,--sample-tokens", c.sample_chars, "bytes of generated text at the end (0 = none)")
+      ->capture_default_str();
+  cmd.add_option("--sample-temperature", c.sample_temperature, "sampling temperature (<= 0: greedy)")
+      ->capture_default_str();
+  cmd.add_option("--sample-top-k", c.sample_top_k, "sample among the k most likely bytes (0 = all)")
+      ->capture_default_str();
+  cmd.add_option("--qk-clip-tau", c.qk_clip_tau,
+                 "MuonClip: clip W_q/W_k heads whose max attention logit exceeds tau (0 = off; muon/normuon)")
+      ->capture_default_str();
 }
 
-int run_train(TrainArgs& a, int* argc, char*** argv) {
+// Options a configuration file may not set: where the file itself comes from, and one-shot actions.
+bool is_config_key(const CLI::Option* o) {
+  const auto& names = o->get_lnames();
+  if (names.empty()) return false;
+  return names[0] != "help" && names[0] != "config" && names[0] != "resume";
+}
+
+// The long name of an option ("sample-chars" for "--sample-chars,--sample-tokens").
+std::string key_of(const CLI::Option* o) { return o->get_lnames()[0]; }
+
+// A JSON value as the command line would spell it.
+std::string as_flag_value(const nlohmann::json& v, const std::string& key, const std::string& file) {
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
+  if (v.is_number()) return v.dump();
+  throw ConfigError("--config " + file + ": key '" + key + "' must be a string, number or boolean, got " + v.dump());
+}
+
+// Applies the JSON file's keys to the options not given on the command line (flags override the file).
+// Unknown keys are errors naming the key.
+void apply_config_file(CLI::App& cmd, const std::string& file) {
+  std::ifstream in(file);
+  if (!in) throw ConfigError("--config: cannot read '" + file + "'");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw ConfigError("--config " + file + ": not valid JSON: " + e.what());
+  }
+  if (!j.is_object()) throw ConfigError("--config " + file + ": expected a JSON object of option: value");
+  for (const auto& [key, value] : j.items()) {
+    CLI::Option* o = cmd.get_option_no_throw("--" + key);
+    if (o == nullptr || !is_config_key(o) || key_of(o) != key)
+      throw ConfigError("--config " + file + ": unknown key '" + key + "' (keys are the long flag names of " +
+                        "`shardopt train --help` without the leading --)");
+    if (o->count() > 0) continue;  // the command line wins
+    o->add_result(as_flag_value(value, key, file));
+    o->run_callback();
+  }
+}
+
+// The resolved options, keyed like the flags: what --config reads back to repeat the run.
+nlohmann::json resolved_config(const CLI::App& cmd) {
+  nlohmann::json j = nlohmann::json::object();
+  for (const CLI::Option* o : cmd.get_options()) {
+    if (!is_config_key(o)) continue;
+    std::string text = o->count() > 0 ? o->as<std::string>() : o->get_default_str();
+    if (text.empty()) continue;  // unset and without a default (e.g. --ckpt-dir)
+    nlohmann::json value = text;
+    try {
+      auto parsed = nlohmann::json::parse(text);
+      if (parsed.is_number() || parsed.is_boolean()) value = parsed;
+    } catch (const nlohmann::json::exception&) {
+    }
+    j[key_of(o)] = value;
+  }
+  return j;
+}
+
+// Where tinyshakespeare.txt is when --data is not given: next to an installed binary
+// (<prefix>/bin/shardopt -> <prefix>/share/shardopt/), then the source tree this binary was built from.
+std::string default_data_path() {
+  namespace fs = std::filesystem;
+  std::vector<fs::path> candidates;
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) candidates.push_back(exe.parent_path().parent_path() / "share" / "shardopt" / "tinyshakespeare.txt");
+  candidates.push_back(fs::path(SHARDOPT_SOURCE_DATA_DIR) / "tinyshakespeare.txt");
+  for (const auto& p : candidates)
+    if (fs::exists(p)) return p.string();
+  std::string tried;
+  for (const auto& p : candidates) tried += "\n  " + p.string();
+  throw ConfigError("train: no --data given and the default corpus was not found; looked in:" + tried);
+}
+
+int run_train(TrainArgs& a, CLI::App& cmd, int* argc, char*** argv) {
   auto& c = a.config;
+  if (!a.config_file.empty()) apply_config_file(cmd, a.config_file);
+  if (a.data.empty()) a.data = default_data_path();
+  nlohmann::json resolved = resolved_config(cmd);
+  resolved["data"] = a.data;  // the corpus actually used, also when found by default
   c.layout = sharding::parse_layout(a.layout);
   c.sync = train::parse_sync_mode(a.sync);
   if (a.resume_option->count() > 0) c.resume_from = train::resolve_resume_dir(a.resume, c.ckpt_dir);
   const bool mpi = a.backend == "mpi" || (a.backend == "auto" && launched_by_mpirun());
   const auto corpus = model::ByteCorpus::load(a.data);
+  std::cout << "data: " << a.data << " (" << corpus.size() << " bytes)" << std::endl;
+  // The run folder holds its own configuration: `--config <out>/config.json` repeats the run.
+  auto write_config = [&] {
+    std::filesystem::create_directories(a.out);
+    std::ofstream(a.out + "/config.json") << resolved.dump(2) << "\n";
+    std::cout << "wrote " << a.out << "/config.json\n";
+  };
 
   const auto start = clock::now();
   double last_time = 0;
@@ -151,7 +253,8 @@ int run_train(TrainArgs& a, int* argc, char*** argv) {
     train::write_trace(a.out + "/trace_rank" + std::to_string(r.rank) + ".json", {&r});
     if (r.rank == 0) {
       std::cout << train::final_report(r, c, "mpi");
-      for (const auto& p : train::write_run_outputs(a.out, c, r, "mpi")) std::cout << "wrote " << p << "\n";
+      for (const auto& p : train::write_run_outputs(a.out, c, r, "mpi", resolved.dump())) std::cout << "wrote " << p << "\n";
+      write_config();
       std::cout << "wrote " << a.out << "/trace_rank<r>.json (one per rank; open in https://ui.perfetto.dev)\n";
       std::cout << "sample:\n" << r.sample << "\n";
     }
@@ -169,7 +272,9 @@ int run_train(TrainArgs& a, int* argc, char*** argv) {
   });
   const auto& r0 = results[0];
   std::cout << train::final_report(r0, c, "threads");
-  for (const auto& p : train::write_run_outputs(a.out, c, r0, "threads")) std::cout << "wrote " << p << "\n";
+  for (const auto& p : train::write_run_outputs(a.out, c, r0, "threads", resolved.dump()))
+    std::cout << "wrote " << p << "\n";
+  write_config();
   std::vector<const train::TrainResult*> all;
   for (const auto& r : results) all.push_back(&r);
   train::write_trace(a.out + "/trace.json", all);
@@ -242,6 +347,15 @@ int main(int argc, char** argv) {
                        "Muon momentum storage f32 | bf16 | q8 (default: --state-dtype)")
       ->check(CLI::IsMember({"f32", "bf16", "q8"}));
 
+  std::vector<std::string> compare_dirs;
+  std::string compare_out;
+  auto* compare_cmd = app.add_subcommand("compare", "table and plot of finished runs (train --out folders)");
+  compare_cmd->add_option("RUN_DIRS", compare_dirs, "run folders holding loss.csv and summary.json")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  compare_cmd->add_option("--out", compare_out,
+                          "PNG to write: train/validation loss vs step and vs wall time, every run (gnuplot)");
+
   auto* env_cmd = app.add_subcommand("env", "list the environment variables shardopt reads");
   auto* bench_cmd = app.add_subcommand("bench", "list the benchmark binaries and how to run them");
   auto* ckpt_cmd = app.add_subcommand("ckpt", "checkpoint tools");
@@ -267,7 +381,18 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    if (*train_cmd) return run_train(targs, &argc, &argv);
+    if (*train_cmd) return run_train(targs, *train_cmd, &argc, &argv);
+    if (*compare_cmd) {
+      std::vector<train::RunCurves> runs;
+      for (const auto& d : compare_dirs) runs.push_back(train::read_run(d));
+      std::cout << train::comparison_table(runs);
+      if (!compare_out.empty()) {
+        const std::string why = train::write_comparison_plot(runs, compare_out);
+        if (why.empty()) std::cout << "wrote " << compare_out << "\n";
+        else log::warn("no plot: {} (script: {}.gp)", why, compare_out);
+      }
+      return 0;
+    }
     if (*plan_cmd) {
       std::vector<proto::TensorSpec> specs;
       if (!shapes_file.empty()) {

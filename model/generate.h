@@ -1,5 +1,6 @@
-// Text sampling from the model: greedy (temperature <= 0) or temperature sampling, one byte
-// at a time over a sliding window of the last `context` bytes.
+// Text sampling from the model: greedy (temperature <= 0 or top_k == 1) or temperature sampling
+// restricted to the top_k most likely bytes, one byte at a time over a sliding window of the last
+// `context` bytes.
 #pragma once
 
 #include <cstdint>
@@ -14,6 +15,7 @@ namespace shardopt::model {
 struct GenerateOptions {
   int max_new_tokens = 200;
   float temperature = 0.0f;  // <= 0: greedy argmax
+  int top_k = 0;             // > 0: sample only among the top_k largest logits (ties: lower byte first); 0 = all
   uint64_t seed = 0;         // temperature sampling is a pure function of (weights, prompt, seed)
 };
 
@@ -21,7 +23,9 @@ struct GenerateOptions {
 std::string generate(Transformer& model, std::span<const ParamBinding> params, std::string_view prompt,
                      const GenerateOptions& options);
 
-// The byte a sampler picks from one row of logits (vocab entries), with uniform draw u in [0, 1).
-int pick_token(const float* logits, int vocab, float temperature, double u);
+// The byte a sampler picks from one row of logits (vocab entries), with uniform draw u in [0, 1):
+// the inverse CDF of softmax(logits / temperature) over the top_k largest logits (all when top_k <= 0
+// or >= vocab), walked in byte order. temperature <= 0 or top_k == 1: the argmax (first of equal maxima).
+int pick_token(const float* logits, int vocab, float temperature, double u, int top_k = 0);
 
 }  // namespace shardopt::model

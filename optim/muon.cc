@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -236,18 +237,54 @@ StepResult muon_step(const OptimizerParams& params, const MuonMatrix& mat, float
   return result;
 }
 
-int64_t qk_clip(const QkClipWeights& wts, std::span<const float> max_logits, float tau, float alpha) {
+void qk_clip_factors(std::span<const float> max_logits, float tau, float alpha, std::span<float> q_factors,
+                     std::span<float> k_factors) {
   if (!(tau > 0.0f) || !std::isfinite(tau)) throw ConfigError(fmt::format("qk_clip: tau must be finite and > 0, found {}", tau));
   if (!(alpha >= 0.0f && alpha <= 1.0f)) throw ConfigError(fmt::format("qk_clip: alpha must be in [0, 1], found {}", alpha));
-  if (wts.cols < 0 || wts.q_head_rows < 0 || wts.k_head_rows < 0) {
-    throw ConfigError(fmt::format("qk_clip: sizes must be non-negative, found q_head_rows {} k_head_rows {} cols {}",
-                                  wts.q_head_rows, wts.k_head_rows, wts.cols));
-  }
+  if (q_factors.size() != max_logits.size() || k_factors.size() != max_logits.size())
+    throw ConfigError(fmt::format("qk_clip: {} heads but {} q factors and {} k factors", max_logits.size(),
+                                  q_factors.size(), k_factors.size()));
   for (size_t h = 0; h < max_logits.size(); ++h) {
     if (!std::isfinite(max_logits[h])) {
       throw ConfigError(fmt::format("qk_clip: max logit of head {} must be finite, found {}", h, max_logits[h]));
     }
   }
+  for (size_t h = 0; h < max_logits.size(); ++h) {
+    q_factors[h] = k_factors[h] = 1.0f;
+    if (max_logits[h] <= tau) continue;  // eta = min(1, tau/S) = 1: untouched
+    const double eta = static_cast<double>(tau) / max_logits[h];
+    q_factors[h] = static_cast<float>(std::pow(eta, alpha));
+    k_factors[h] = static_cast<float>(std::pow(eta, 1.0 - alpha));
+  }
+}
+
+void qk_clip_piece(float* values, int64_t flat_offset, int64_t length, int64_t head_rows, int64_t cols,
+                   std::span<const float> head_factors) {
+  if (head_rows <= 0 || cols <= 0 || flat_offset < 0 || length < 0)
+    throw ConfigError(fmt::format("qk_clip_piece: head_rows {} and cols {} must be > 0, offset {} and length {} >= 0",
+                                  head_rows, cols, flat_offset, length));
+  const int64_t head_elems = head_rows * cols;
+  if (length > 0 && (flat_offset + length - 1) / head_elems >= static_cast<int64_t>(head_factors.size()))
+    throw ConfigError(fmt::format("qk_clip_piece: piece [{}, {}) reaches past {} heads of {} elements", flat_offset,
+                                  flat_offset + length, head_factors.size(), head_elems));
+  int64_t i = 0;
+  while (i < length) {
+    const int64_t head = (flat_offset + i) / head_elems;
+    const int64_t end = std::min(length, (head + 1) * head_elems - flat_offset);  // this head's run in the piece
+    const float f = head_factors[static_cast<size_t>(head)];
+    if (f != 1.0f)
+      for (int64_t j = i; j < end; ++j) values[j] *= f;
+    i = end;
+  }
+}
+
+int64_t qk_clip(const QkClipWeights& wts, std::span<const float> max_logits, float tau, float alpha) {
+  if (wts.cols < 0 || wts.q_head_rows < 0 || wts.k_head_rows < 0) {
+    throw ConfigError(fmt::format("qk_clip: sizes must be non-negative, found q_head_rows {} k_head_rows {} cols {}",
+                                  wts.q_head_rows, wts.k_head_rows, wts.cols));
+  }
+  std::vector<float> q(max_logits.size()), k(max_logits.size());
+  qk_clip_factors(max_logits, tau, alpha, q, k);
   auto scale_rows = [&](float* w, bf16* mirror, int64_t head, int64_t head_rows, float factor) {
     if (w == nullptr) return;
     const size_t begin = static_cast<size_t>(head * head_rows * wts.cols);
@@ -259,11 +296,10 @@ int64_t qk_clip(const QkClipWeights& wts, std::span<const float> max_logits, flo
   };
   int64_t clipped = 0;
   for (size_t h = 0; h < max_logits.size(); ++h) {
-    if (max_logits[h] <= tau) continue;  // eta = min(1, tau/S) = 1: untouched
-    const double eta = static_cast<double>(tau) / max_logits[h];
+    if (max_logits[h] <= tau) continue;
     const auto head = static_cast<int64_t>(h);
-    scale_rows(wts.wq, wts.wq_mirror, head, wts.q_head_rows, static_cast<float>(std::pow(eta, alpha)));
-    scale_rows(wts.wk, wts.wk_mirror, head, wts.k_head_rows, static_cast<float>(std::pow(eta, 1.0 - alpha)));
+    scale_rows(wts.wq, wts.wq_mirror, head, wts.q_head_rows, q[h]);
+    scale_rows(wts.wk, wts.wk_mirror, head, wts.k_head_rows, k[h]);
     ++clipped;
   }
   return clipped;

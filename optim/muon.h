@@ -116,4 +116,15 @@ struct QkClipWeights {
 // outside [0, 1].
 int64_t qk_clip(const QkClipWeights& weights, std::span<const float> max_logits, float tau, float alpha);
 
+// The per-head factors qk_clip applies: q[h] = eta_h^alpha, k[h] = eta_h^(1-alpha), eta_h = min(1, tau/S_h)
+// (1 exactly for heads at or below tau). Same validation as qk_clip. For callers that hold only a piece
+// of W_q or W_k (a ZeRO shard): see qk_clip_piece.
+void qk_clip_factors(std::span<const float> max_logits, float tau, float alpha, std::span<float> q_factors,
+                     std::span<float> k_factors);
+
+// Scales a contiguous piece of a head-blocked row-major matrix (head h = rows [h*head_rows, (h+1)*head_rows),
+// `cols` columns): values[i] is element (flat_offset + i) of the matrix; head_factors from qk_clip_factors.
+void qk_clip_piece(float* values, int64_t flat_offset, int64_t length, int64_t head_rows, int64_t cols,
+                   std::span<const float> head_factors);
+
 }  // namespace shardopt::optim

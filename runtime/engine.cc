@@ -421,6 +421,56 @@ void Engine::update_matrices_dim0(float lr_multiplier, PhaseTimes& times) {
   times.dim0_exchange += seconds_since(t0);
 }
 
+void Engine::set_attention_max_logits(size_t tensor_q, size_t tensor_k, std::span<const float> per_head_max) {
+  SHARDOPT_ASSERT(tensor_q < specs_.size() && tensor_k < specs_.size(), "tensor index out of range");
+  for (size_t t : {tensor_q, tensor_k}) {
+    const auto& s = specs_[t];
+    if (s.shape_size() != 2 || per_head_max.empty() || s.shape(0) % static_cast<int64_t>(per_head_max.size()) != 0)
+      throw ConfigError("set_attention_max_logits: tensor '" + s.name() + "' must be 2-D with rows divisible by " +
+                        std::to_string(per_head_max.size()) + " heads");
+  }
+  auto it = std::find_if(qk_pairs_.begin(), qk_pairs_.end(),
+                         [&](const QkPair& p) { return p.tensor_q == tensor_q && p.tensor_k == tensor_k; });
+  if (it == qk_pairs_.end()) {
+    qk_pairs_.push_back({tensor_q, tensor_k, qk_logits_.size(), per_head_max.size(), false});
+    qk_logits_.resize(qk_logits_.size() + per_head_max.size());
+    qk_q_factors_.resize(qk_logits_.size());
+    qk_k_factors_.resize(qk_logits_.size());
+    it = qk_pairs_.end() - 1;
+  }
+  if (it->heads != per_head_max.size())
+    throw ConfigError("set_attention_max_logits: pair ('" + specs_[tensor_q].name() + "', '" + specs_[tensor_k].name() +
+                      "') was registered with " + std::to_string(it->heads) + " heads, now " +
+                      std::to_string(per_head_max.size()));
+  std::copy(per_head_max.begin(), per_head_max.end(), qk_logits_.begin() + static_cast<std::ptrdiff_t>(it->offset));
+  it->set_this_step = true;
+}
+
+// After the optimizer updates, before the parameter gather: the clip scales fp32 master rows, and
+// every rank scales the pieces of W_q / W_k it holds (owned layout: the owner's whole matrix; dim0:
+// each holder's rows, so the owner's update and the clip reach every row without extra traffic).
+void Engine::apply_qk_clip(StepReport& report) {
+  TraceRecorder::Span span(trace_, "qk-clip", "compute");
+  comm_.all_reduce(qk_logits_.data(), qk_logits_.data(), qk_logits_.size(), DType::kF32, comm::ReduceOp::kMax)->wait();
+  report.attention_max_logits = qk_logits_;
+  const auto tau = static_cast<float>(matrix_params_->qk_clip_tau);
+  const auto alpha = static_cast<float>(matrix_params_->qk_clip_alpha);
+  optim::qk_clip_factors(qk_logits_, tau, alpha, qk_q_factors_, qk_k_factors_);
+  for (float s : qk_logits_) report.qk_clipped_heads += s > tau ? 1 : 0;
+  for (const QkPair& pair : qk_pairs_) {
+    const std::span<const float> q_f(qk_q_factors_.data() + pair.offset, pair.heads);
+    const std::span<const float> k_f(qk_k_factors_.data() + pair.offset, pair.heads);
+    for (const LocalPiece& p : state_->my_pieces()) {
+      const auto t = static_cast<size_t>(p.tensor);
+      if (t != pair.tensor_q && t != pair.tensor_k) continue;
+      const int64_t rows = specs_[t].shape(0), cols = specs_[t].shape(1);
+      optim::qk_clip_piece(state_->master_shard(p.bucket) + p.segment_offset, p.tensor_offset, p.length,
+                           rows / static_cast<int64_t>(pair.heads), cols, t == pair.tensor_q ? q_f : k_f);
+    }
+  }
+}
+
+
 comm::WorkPtr Engine::start_param_gather(int b) {
   const auto& seg = state_->my_segment(b);
   float* full = state_->bucket_params(b);
@@ -457,6 +507,15 @@ StepReport Engine::step(float lr_multiplier) {
   t0 = clock::now();
   const bool finite = check_and_clip(report);
   report.times.check = seconds_since(t0);
+  const bool qk_clip = qk_clip_enabled() && !qk_pairs_.empty();
+  if (qk_clip) {
+    for (QkPair& p : qk_pairs_) {
+      if (!p.set_this_step)
+        throw ConfigError("step: QK-clip pair ('" + specs_[p.tensor_q].name() + "', '" + specs_[p.tensor_k].name() +
+                          "') got no set_attention_max_logits since the previous step");
+      p.set_this_step = false;
+    }
+  }
 
   if (finite) {
     ++step_;
@@ -476,6 +535,7 @@ StepReport Engine::step(float lr_multiplier) {
         report.times.matrix = seconds_since(t0);
       }
     }
+    if (qk_clip) apply_qk_clip(report);
     t0 = clock::now();
     refresh_params();
     report.times.gather = seconds_since(t0);

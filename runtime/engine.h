@@ -7,6 +7,10 @@
 //            -> element-wise update of the owned slices (AdamW/Lion/SGD)
 //            -> Muon/NorMuon on owned whole matrices (owned layout: in place; dim0 layout: row shards
 //               travel to the owner by all-to-all and the update comes back the same way)
+//            -> QK-clip (MuonClip, when the matrix optimizer enables it): per-head max attention logits set
+//               by the trainer are max-reduced over ranks (one small all-reduce) and every holder of a
+//               piece of W_q / W_k master rows scales them (owned layout: the owner holds the whole matrix;
+//               dim0: each rank its row shard, so nothing extra travels)
 //            -> all-gather the updated parameters (stages 1-2; stage 3 gathers on demand)
 //
 // Every stage reduce-scatters gradients and all-gathers parameters (2Ψ(N-1)/N per rank per step).
@@ -41,6 +45,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -107,6 +112,10 @@ struct StepReport {
   double grad_norm = 0;                        // global L2 norm before clipping
   int64_t step = 0;                            // optimizer steps applied so far
   PhaseTimes times;
+  // QK-clip (empty when off): per (W_q, W_k) pair in set_attention_max_logits order, the global max
+  // logit of each head (max over ranks) this step's clip used, and how many heads it scaled.
+  std::vector<float> attention_max_logits;
+  int64_t qk_clipped_heads = 0;
   comm::TrafficCounters traffic;  // this rank's traffic since the previous step() returned
 };
 
@@ -164,6 +173,14 @@ class Engine {
   // Applies one optimizer step with learning rates scaled by lr_multiplier (schedules).
   StepReport step(float lr_multiplier = 1.0f);
 
+  // QK-clip input for the coming step(): this rank's per-head max |q.k|/sqrt(d_head) of its forward(s),
+  // head h owning rows [h*rows/H, (h+1)*rows/H) of both W_q (tensor_q) and W_k (tensor_k). Call it once
+  // per step per attention layer, in the same order on every rank (the first step registers the pairs;
+  // step() throws ConfigError if a registered pair was not set again). Used only when the matrix
+  // optimizer's qk_clip is enabled (OptimizerConfig.qk_clip); ignored otherwise.
+  void set_attention_max_logits(size_t tensor_q, size_t tensor_k, std::span<const float> per_head_max);
+  bool qk_clip_enabled() const { return matrix_params_ && matrix_params_->qk_clip; }
+
   // Stage 3: make bucket b's parameters readable through param(t) / drop them again.
   void gather(int bucket);
   void release(int bucket);
@@ -192,6 +209,7 @@ class Engine {
   bool check_and_clip(StepReport& report);
   void update_matrices_owned(float lr_multiplier);
   void update_matrices_dim0(float lr_multiplier, PhaseTimes& times);
+  void apply_qk_clip(StepReport& report);
 
   comm::Communicator& comm_;
   std::vector<proto::TensorSpec> specs_;
@@ -221,6 +239,14 @@ class Engine {
   std::vector<comm::WorkPtr> param_gathers_;  // per bucket, reused by every refresh
   std::vector<float> check_buffer_;         // per-tensor non-finite counts + squared norm
   comm::TrafficCounters traffic_at_last_step_;
+  // QK-clip: registered (W_q, W_k) pairs and their heads' max logits, concatenated in pair order.
+  struct QkPair {
+    size_t tensor_q, tensor_k;
+    size_t offset, heads;  // into qk_logits_
+    bool set_this_step;
+  };
+  std::vector<QkPair> qk_pairs_;
+  std::vector<float> qk_logits_, qk_q_factors_, qk_k_factors_;
   int64_t step_ = 0;
 };
 

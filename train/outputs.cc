@@ -1,11 +1,7 @@
 #include "train/outputs.h"
 
-#include <fcntl.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
+#include <algorithm>
 
-#include <cerrno>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -16,6 +12,7 @@
 #include "base/error.h"
 #include "base/log.h"
 #include "sharding/layout.h"
+#include "train/plot.h"
 
 namespace shardopt::train {
 namespace {
@@ -26,30 +23,6 @@ std::ofstream open_for_write(const std::string& path) {
   std::ofstream out(path);
   if (!out) throw ConfigError("train outputs: cannot write '" + path + "'");
   return out;
-}
-
-constexpr int kNotFound = -1;
-
-// Runs argv[0] (looked up in PATH) with these arguments and no shell, stdout and stderr to /dev/null;
-// returns its exit status, kNotFound when it cannot be started.
-int run_quietly(const std::vector<std::string>& args) {
-  std::vector<char*> argv;
-  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
-  pid_t pid = 0;
-  const int rc = posix_spawnp(&pid, argv[0], &actions, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  if (rc != 0) return kNotFound;
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0) {
-    if (errno != EINTR) return kNotFound;
-  }
-  if (WIFEXITED(status)) return WEXITSTATUS(status) == 127 ? kNotFound : WEXITSTATUS(status);
-  return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
 }
 
 double mean_bytes_per_step(const TrainResult& r) {
@@ -89,7 +62,7 @@ std::string final_report(const TrainResult& r, const TrainConfig& c, const std::
 }
 
 std::vector<std::string> write_run_outputs(const std::string& dir, const TrainConfig& c, const TrainResult& r,
-                                           const std::string& backend) {
+                                           const std::string& backend, const std::string& resolved_config_json) {
   namespace fs = std::filesystem;
   std::error_code ec;
   fs::create_directories(dir, ec);
@@ -99,13 +72,15 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
   const std::string csv_path = dir + "/loss.csv";
   {
     auto csv = open_for_write(csv_path);
-    csv << "step,train_loss,val_loss,lr_multiplier,tokens,bytes_per_rank,seconds,consensus_distance\n";
+    csv << "step,train_loss,val_loss,lr_multiplier,tokens,bytes_per_rank,seconds,consensus_distance,"
+           "max_attention_logit,qk_clipped_heads\n";
     for (const auto& s : r.history) {
       csv << s.step << ',' << fmt::format("{:.6f}", s.train_loss) << ','
           << (std::isnan(s.val_loss) ? std::string() : fmt::format("{:.6f}", s.val_loss)) << ','
           << fmt::format("{:.6f}", s.lr_multiplier) << ',' << s.tokens << ',' << s.bytes_per_rank << ','
           << fmt::format("{:.6f}", s.seconds) << ','
-          << (std::isnan(s.consensus_distance) ? std::string() : fmt::format("{:.6e}", s.consensus_distance)) << '\n';
+          << (std::isnan(s.consensus_distance) ? std::string() : fmt::format("{:.6e}", s.consensus_distance)) << ','
+          << fmt::format("{:.4f}", s.max_attention_logit) << ',' << s.qk_clipped_heads << '\n';
     }
   }
   written.push_back(csv_path);
@@ -132,7 +107,18 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
                  {"layout", sharding::layout_name(c.layout)},
                  {"bucket_bytes", c.bucket_bytes},  {"sync", sync_mode_name(c.sync)},
                  {"seed", c.seed},                  {"replicas", c.replicas},
-                 {"outer_every", c.outer_every},    {"gossip_group", c.gossip_group}};
+                 {"outer_every", c.outer_every},    {"gossip_group", c.gossip_group},
+                 {"qk_clip_tau", c.qk_clip_tau},    {"sample_chars", c.sample_chars},
+                 {"sample_temperature", c.sample_temperature}, {"sample_top_k", c.sample_top_k}};
+  if (!resolved_config_json.empty()) j["resolved_config"] = nlohmann::json::parse(resolved_config_json);
+  double max_logit = 0;
+  int64_t clipped = 0;
+  for (const auto& s : r.history) {
+    max_logit = std::max(max_logit, s.max_attention_logit);
+    clipped += s.qk_clipped_heads;
+  }
+  j["max_attention_logit"] = max_logit;
+  j["qk_clipped_heads_total"] = clipped;
   j["first_step"] = r.first_step;
   j["resumed_from"] = r.resumed_from;
   j["saved_checkpoints"] = r.saved_checkpoints;
@@ -161,6 +147,7 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
                                          {"grad_shard", m.grad_shard_bytes}});
   j["sample"] = r.sample;  // raw bytes: dump() below writes invalid UTF-8 as U+FFFD
   const std::string summary_path = dir + "/summary.json";
+  // Samples may hold any byte: invalid UTF-8 is replaced, not an exception.
   open_for_write(summary_path) << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
   written.push_back(summary_path);
 
@@ -182,13 +169,11 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
        << "'' using 1:($3) with linespoints title 'validation'\n";
   }
   const std::string title = fmt::format("{}, {} ranks, stage {}", c.optimizer, r.world_size, c.zero_stage);
-  const int status = run_quietly({"gnuplot", "-c", script_path, csv_path, png_path, title});
-  if (status == kNotFound) {
-    log::warn("gnuplot not found; skipping loss.png (the curve is in {})", csv_path);
-  } else if (status != 0) {
-    log::warn("gnuplot failed (status {}); no loss.png (script: {})", status, script_path);
-  } else {
+  const std::string why = run_gnuplot(script_path, {csv_path, png_path, title});
+  if (why.empty()) {
     written.push_back(png_path);
+  } else {
+    log::warn("{}; no loss.png (the curve is in {}, the script in {})", why, csv_path, script_path);
   }
   return written;
 }

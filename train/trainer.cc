@@ -1,6 +1,8 @@
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <cmath>
+#include <span>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -92,6 +94,10 @@ runtime::EngineOptions engine_options(const TrainConfig& c) {
     o.matrix_optimizer.set_weight_decay(c.weight_decay);
     o.matrix_optimizer.set_state_dtype(
         optim::parse_state_dtype(c.matrix_state_dtype.empty() ? c.state_dtype : c.matrix_state_dtype));
+    if (c.qk_clip_tau > 0) {
+      o.matrix_optimizer.mutable_qk_clip()->set_enabled(true);
+      o.matrix_optimizer.mutable_qk_clip()->set_tau(c.qk_clip_tau);
+    }
     o.elementwise_optimizer.set_kind(proto::OPTIMIZER_ADAMW);
   } else {
     o.elementwise_optimizer.set_kind(optim::parse_optimizer_kind(c.optimizer));
@@ -160,8 +166,13 @@ void TrainConfig::validate(int world_size) const {
   need(zero_stage >= 1 && zero_stage <= 3, "train: --stage must be 1, 2 or 3, got " + std::to_string(zero_stage));
   need(bucket_bytes > 0, "train: --bucket-bytes must be > 0, got " + std::to_string(bucket_bytes));
   need(eval_every >= 0 && eval_batches >= 1, "train: --eval-every must be >= 0 and --eval-batches >= 1");
-  need(log_every >= 0 && trace_steps >= 0 && sample_tokens >= 0,
-       "train: --log-every, --trace-steps and --sample-tokens must be >= 0");
+  need(log_every >= 0 && trace_steps >= 0 && sample_chars >= 0 && sample_top_k >= 0,
+       "train: --log-every, --trace-steps, --sample-chars and --sample-top-k must be >= 0");
+  need(std::isfinite(sample_temperature), "train: --sample-temperature must be finite");
+  need(qk_clip_tau >= 0 && std::isfinite(qk_clip_tau),
+       "train: --qk-clip-tau must be >= 0 (0 = off), got " + std::to_string(qk_clip_tau));
+  need(qk_clip_tau == 0 || is_matrix_optimizer(optimizer),
+       "train: --qk-clip-tau (MuonClip) needs --optimizer muon or normuon, got '" + optimizer + "'");
   need(replicas >= 1 && world_size % replicas == 0,
        "train: --replicas (" + std::to_string(replicas) + ") must divide the world size (--ranks or mpirun -np, " +
            std::to_string(world_size) + "): world = replicas x shard group");
@@ -299,6 +310,10 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   };
   uint64_t sent_at_last_step = bytes_sent_so_far();
 
+  // Per layer and head, max attention logit over this step's micro-batches (QK-clip input).
+  const int n_layer = config.model.n_layer, n_head = config.model.n_head;
+  std::vector<float> step_max_logits(static_cast<size_t>(n_layer * n_head));
+
   for (int64_t step = first_step; step <= config.steps; ++step) {
     trace.enable(config.trace_steps > 0 && step > config.steps - config.trace_steps);
     const auto step_start = clock::now();
@@ -312,6 +327,9 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
         runtime::TraceRecorder::Span span(trace, "forward", "compute");
         loss_sum += net.forward(bindings, batch.inputs.data(), batch.targets.data(), batch.batch, batch.seq_len);
       }
+      const auto logits = net.max_attn_logits();
+      for (size_t i = 0; i < step_max_logits.size(); ++i)
+        step_max_logits[i] = k == 0 ? logits[i] : std::max(step_max_logits[i], logits[i]);
       runtime::TraceRecorder::Span span(trace, "backward", "compute");
       // Every micro-batch announces its gradients; bucket reductions start while backward continues
       // through earlier layers (full local buffers: in the last micro-batch only). With full
@@ -321,6 +339,14 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     }
     result.compute_seconds += seconds_since(compute_start);
     if (stage3) engine.release_all();
+
+    if (engine.qk_clip_enabled())
+      for (int l = 0; l < n_layer; ++l) {
+        const model::LayerParamIndex li = net.layer_index(l);
+        engine.set_attention_max_logits(li.w_q, li.w_k,
+                                        std::span<const float>(step_max_logits).subspan(static_cast<size_t>(l * n_head),
+                                                                                        static_cast<size_t>(n_head)));
+      }
 
     StepRecord record;
     record.step = step;
@@ -332,6 +358,10 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     comm.all_reduce(&local_loss, &mean_loss, 1, DType::kF32, comm::ReduceOp::kAvg)->wait();
     record.train_loss = mean_loss;
     record.applied = report.applied;
+    const std::vector<float>& max_logits =
+        report.attention_max_logits.empty() ? step_max_logits : report.attention_max_logits;
+    record.max_attention_logit = *std::max_element(max_logits.begin(), max_logits.end());
+    record.qk_clipped_heads = report.qk_clipped_heads;
     record.grad_norm = report.grad_norm;
     const uint64_t sent_now = bytes_sent_so_far();
     record.bytes_per_rank = sent_now - sent_at_last_step;
@@ -397,12 +427,15 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     }
   }
 
-  if (config.sample_tokens > 0 || hooks.keep_params) {
+  if (config.sample_chars > 0 || hooks.keep_params) {
     if (stage3) engine.gather_all();  // collective: every rank takes part even if only rank 0 samples
     bind();
-    if (config.sample_tokens > 0 && rank == 0) {
+    if (config.sample_chars > 0 && rank == 0) {
       model::GenerateOptions go;
-      go.max_new_tokens = config.sample_tokens;
+      go.max_new_tokens = config.sample_chars;
+      go.temperature = config.sample_temperature;
+      go.top_k = config.sample_top_k;
+      go.seed = config.seed;
       result.sample = model::generate(net, bindings, "ROMEO:", go);
     }
     if (hooks.keep_params) {

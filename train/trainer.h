@@ -89,7 +89,12 @@ struct TrainConfig {
   int eval_batches = 4;  // validation batches (of global_batch sequences) per evaluation
   int log_every = 10;    // progress line period (rank 0); 0 = silent
   int trace_steps = 3;   // the last steps recorded in the Chrome trace; 0 = none
-  int sample_tokens = 200;  // generated text at the end (greedy); 0 = none
+  int sample_chars = 500;           // bytes of generated text at the end (prompt "ROMEO:"); 0 = none
+  float sample_temperature = 0.8f;  // <= 0: greedy argmax
+  int sample_top_k = 20;            // sample among the top_k most likely bytes; 0 = all
+  // MuonClip: > 0 clips every layer's W_q/W_k heads whose max attention logit (global over ranks'
+  // batches) exceeds tau, after the Muon step (needs muon/normuon); 0 = off.
+  float qk_clip_tau = 0.0f;
 
   // ConfigError naming the field, what was expected and what was found.
   void validate(int world_size) const;
@@ -112,6 +117,10 @@ struct StepRecord {
   // Consensus distance of the replicas' fast weights just before the outer step (NaN when none ran).
   double consensus_distance = std::numeric_limits<double>::quiet_NaN();
   int64_t skipped_rounds = 0;  // outer rounds skipped so far (this rank)
+  // Max |q.k|/sqrt(d_head) over layers and heads of this step's forward: over all ranks' batches with
+  // QK-clip on (the value the clip used), rank 0's batch otherwise. Before this step's clip.
+  double max_attention_logit = 0;
+  int64_t qk_clipped_heads = 0;  // heads scaled by QK-clip after this step
 };
 
 struct TrainResult {

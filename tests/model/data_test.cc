@@ -257,6 +257,88 @@ TEST(Generate, TemperatureSamplingIsDeterministicPerSeed) {
   EXPECT_NE(a, generate(m, w.bindings, "", opt));
 }
 
+TEST(Generate, TopKRenormalizesOverTheKLargestLogits) {
+  const float logits[3] = {0.0f, std::log(3.0f), std::log(4.0f)};  // 1/8, 3/8, 4/8 at T = 1
+  // top_k = 2 keeps bytes 1 and 2: 3/7 and 4/7, walked in byte order.
+  EXPECT_EQ(pick_token(logits, 3, 1.0f, 3.0 / 7 - 1e-3, 2), 1);
+  EXPECT_EQ(pick_token(logits, 3, 1.0f, 3.0 / 7 + 1e-3, 2), 2);
+  EXPECT_EQ(pick_token(logits, 3, 1.0f, 1e-9, 2), 1);  // byte 0 is never drawn, even at u ~ 0
+  EXPECT_EQ(pick_token(logits, 3, 1.0f, 1e-9, 0), 0);  // ... though it is without top-k
+  // Ties at the k-th place go to the lower byte.
+  const float tied[4] = {1.0f, 2.0f, 1.0f, 0.0f};
+  for (double u : {0.01, 0.5, 0.99}) EXPECT_NE(pick_token(tied, 4, 1.0f, u, 2), 2) << u;
+}
+
+TEST(Generate, TemperatureToZeroIsTheArgmax) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<float> logits(256);
+  for (int trial = 0; trial < 50; ++trial) {
+    for (auto& l : logits) l = normal(rng);
+    const int argmax = static_cast<int>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    for (double u : {1e-6, 0.3, 0.999999}) {
+      EXPECT_EQ(pick_token(logits.data(), 256, 1e-4f, u), argmax);
+      EXPECT_EQ(pick_token(logits.data(), 256, 1e-4f, u, 10), argmax);
+    }
+  }
+}
+
+TEST(Generate, TopKOneIsGreedyDecoding) {
+  Transformer m(tiny_model());
+  Weights w(m, 11);
+  GenerateOptions greedy;
+  greedy.max_new_tokens = 24;
+  GenerateOptions top1 = greedy;
+  top1.temperature = 3.0f;  // hot enough that plain sampling would wander off the argmax
+  top1.top_k = 1;
+  top1.seed = 7;
+  EXPECT_EQ(generate(m, w.bindings, "ROMEO:", top1), generate(m, w.bindings, "ROMEO:", greedy));
+  GenerateOptions hot = top1;
+  hot.top_k = 0;
+  EXPECT_NE(generate(m, w.bindings, "ROMEO:", hot), generate(m, w.bindings, "ROMEO:", greedy));
+  GenerateOptions cold = hot;  // temperature -> 0 limit of the whole decoder
+  cold.temperature = 1e-5f;
+  EXPECT_EQ(generate(m, w.bindings, "ROMEO:", cold), generate(m, w.bindings, "ROMEO:", greedy));
+}
+
+// Every sampled byte is among the k largest logits of the double-precision reference model on the
+// window before it; without top-k, the same temperature does leave that set.
+TEST(Generate, TopKNeverEmitsOutsideTheKMostLikelyOfTheReference) {
+  Transformer m(tiny_model());
+  Weights w(m, 12);
+  const auto& c = m.config();
+  testing::RefConfig rc{c.vocab, c.d_model, c.n_layer, c.n_head, c.context, c.mlp_hidden(), false, c.norm_eps};
+  std::vector<std::vector<double>> wd;
+  for (const auto& v : w.value) wd.emplace_back(v.begin(), v.end());
+  const std::string prompt = "To be, or not to be, that is the";  // longer than the context of 16
+  const int k = 5;
+  auto outside_top_k = [&](const std::string& out) {
+    int outside = 0;
+    for (std::size_t pos = prompt.size(); pos < out.size(); ++pos) {
+      std::vector<uint8_t> window(out.begin() + static_cast<std::ptrdiff_t>(pos - 16), out.begin() + pos);
+      const auto ref = testing::reference_forward(rc, wd, window, {}, 1, 16);
+      std::vector<double> last(ref.logits.begin() + 15 * 256, ref.logits.begin() + 16 * 256);
+      const double chosen = last[static_cast<uint8_t>(out[pos])];
+      // Rank of the chosen byte: how many logits are strictly larger.
+      const auto larger = std::count_if(last.begin(), last.end(), [&](double l) { return l > chosen; });
+      outside += larger >= k ? 1 : 0;
+    }
+    return outside;
+  };
+  GenerateOptions opt;
+  opt.max_new_tokens = 40;
+  opt.temperature = 5.0f;
+  opt.top_k = k;
+  for (uint64_t seed : {1, 2, 3}) {
+    opt.seed = seed;
+    const std::string out = generate(m, w.bindings, prompt, opt);
+    EXPECT_EQ(outside_top_k(out), 0) << "seed " << seed;
+    EXPECT_EQ(out, generate(m, w.bindings, prompt, opt)) << "deterministic for a seed";
+  }
+  opt.top_k = 0;
+  EXPECT_GT(outside_top_k(generate(m, w.bindings, prompt, opt)), 0) << "the check must be able to fail";
+}
+
 }  // namespace
 }  // namespace shardopt::model
 

@@ -33,7 +33,7 @@ inline TrainConfig small_config(const std::string& optimizer, int steps) {
   c.eval_batches = 1;
   c.log_every = 0;
   c.trace_steps = 0;
-  c.sample_tokens = 0;
+  c.sample_chars = 0;
   c.bucket_bytes = 8192;
   return c;
 }

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import re
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
@@ -240,11 +241,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if group["lr"] <= 0:
             raise ValueError(f"param group {gi}: lr must be > 0 at construction (schedules scale it), got {group['lr']}")
         matrix_text = "" if self._matrix is None else _matrix_text(self._matrix, group)
-        engine = _C.Engine(self._comm, specs, stage=stage, layout=layout, bucket_bytes=bucket_bytes,
-                           matrix_optimizer=matrix_text,
-                           elementwise_optimizer=_elementwise_text(self._elementwise, group),
-                           routing="elementwise_only: true" if self._matrix is None else "",
-                           max_grad_norm=float(max_grad_norm), overlap=overlap)
+        try:
+            engine = _C.Engine(self._comm, specs, stage=stage, layout=layout, bucket_bytes=bucket_bytes,
+                               matrix_optimizer=matrix_text,
+                               elementwise_optimizer=_elementwise_text(self._elementwise, group),
+                               routing="elementwise_only: true" if self._matrix is None else "",
+                               max_grad_norm=float(max_grad_norm), overlap=overlap)
+        except ValueError as e:
+            # The engine names tensors by index ("plan_request.params[24].shape[0]"): add their names.
+            names = group["param_names"]
+            indices = sorted({int(i) for i in re.findall(r"params\[(\d+)\]", str(e)) if int(i) < len(names)})
+            if not indices:
+                raise
+            raise ValueError(f"{e} (" + ", ".join(f"params[{i}] is parameter '{names[i]}'" for i in indices) + ")") \
+                from None
         group["initial_lr_"] = group["lr"]
         group["initial_matrix_lr_"] = group["matrix_lr"]
         group["initial_weight_decay_"] = (group["weight_decay"], group["matrix_weight_decay"])
@@ -284,6 +294,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 view.copy_(p.grad)
             p.grad = view
         self._passes[gi][t] += 1
+        if self._passes[gi][t] > self._backward_passes:
+            name = self.param_groups[gi]["param_names"][t]
+            raise RuntimeError(f"ShardedOptimizer: parameter '{name}' got {self._passes[gi][t]} backward passes "
+                               f"before step() (backward_passes_per_step={self._backward_passes}); its gradient "
+                               "was already being reduced")
         if self._passes[gi][t] == self._backward_passes:
             self._engines[gi].grad_ready(t)
 

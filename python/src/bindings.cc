@@ -14,6 +14,7 @@
 #include <nanobind/stl/function.h>
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/string_view.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
@@ -66,7 +67,8 @@ nb::object as_array(const void* ptr, size_t count, DType dtype) {
     case DType::kF16: dt = nb::dtype<uint16_t>(); break;  // reinterpreted on the Python side
     default: throw ConfigError("torch.distributed communicator: unsupported dtype");
   }
-  return nb::cast(nb::ndarray<nb::numpy>(p, 1, shape, nb::handle(), nullptr, dt));
+  // rv_policy::reference: a view (an ownerless ndarray would otherwise be copied into Python).
+  return nb::cast(nb::ndarray<nb::numpy>(p, 1, shape, nb::handle(), nullptr, dt), nb::rv_policy::reference);
 }
 
 class PyWork final : public comm::Work {

@@ -4,6 +4,8 @@ every (stage, layout), each rank on its slice of the global batch, and writes wh
   python dist_worker.py OUT [--save DIR --save-at K] [--resume DIR --resume-at K]
 writes OUT.rank<r>.pt: {config: {"losses": [local losses], "params": {name: tensor}}}.
 --save: the stage-2 owned run also saves a checkpoint after step K (under DIR).
+--mismatch: finally rank 1 constructs an optimizer whose lm_head.weight has another shape and
+prints the error every rank got.
 --resume: one more run "resume" (stage 2, owned) loads DIR, continues from step K to the end.
 """
 import argparse
@@ -16,6 +18,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt_model import GPT, batch  # noqa: E402
 from shardopt.torch import ShardedOptimizer  # noqa: E402
+
+torch.set_num_threads(1)
 
 STEPS = 6
 CONFIGS = [(1, "owned"), (2, "owned"), (1, "dim0"), (2, "dim0")]
@@ -51,6 +55,7 @@ def main():
     ap.add_argument("--save-at", type=int, default=3)
     ap.add_argument("--resume")
     ap.add_argument("--resume-at", type=int, default=3)
+    ap.add_argument("--mismatch", action="store_true", help="then rank 1 gives lm_head.weight another shape")
     a = ap.parse_args()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
@@ -65,6 +70,16 @@ def main():
     if a.resume:
         results["resume"] = train(2, "owned", rank, world, resume=a.resume, resume_at=a.resume_at)
     torch.save(results, f"{a.out}.rank{rank}.pt")
+    if a.mismatch:
+        model = GPT()
+        params = list(model.named_parameters())
+        if rank == 1:
+            params[-1] = ("lm_head.weight", torch.nn.Parameter(torch.zeros(params[-1][1].shape[0] + 1, params[-1][1].shape[1])))
+        try:
+            ShardedOptimizer(params)
+            print(f"rank {rank}: no error", flush=True)
+        except ValueError as e:
+            print(f"rank {rank}: ValueError: {e}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -209,3 +209,27 @@ def test_param_group_after_construction_is_refused():
     opt = ShardedOptimizer([("a", torch.nn.Parameter(torch.randn(3)))], matrix=None)
     with pytest.raises(ValueError, match="cannot be added after construction.*'late'"):
         opt.add_param_group({"params": [("late", torch.nn.Parameter(torch.randn(3)))]})
+
+
+def test_extra_backward_pass_before_step_is_refused():
+    model = GPT()
+    opt = ShardedOptimizer(model.named_parameters(), matrix=None)
+    x, y = batch(0)
+    model(x, y).backward()
+    with pytest.raises(RuntimeError, match="parameter '.*' got 2 backward passes"):
+        model(x, y).backward()
+    opt.zero_grad()
+
+
+def test_gradient_accumulation_over_backward_passes():
+    ours, ref = GPT(), GPT()
+    opt = ShardedOptimizer(ours.named_parameters(), matrix=None, lr=3e-3, backward_passes_per_step=2)
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3)
+    for step in range(3):
+        x, y = batch(step)
+        for model in (ours, ref):
+            (model(x[:3], y[:3]) / 2).backward()
+            (model(x[3:], y[3:]) / 2).backward()
+        opt.step(), torch_opt.step()
+        opt.zero_grad(), torch_opt.zero_grad()
+    assert max_abs_diff(ours, ref) <= 12 * FP32_EPS

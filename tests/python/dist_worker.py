@@ -45,7 +45,8 @@ def train(stage, layout, rank, world, save=None, save_at=None, resume=None, resu
         losses.append(loss.item())
         if save and step + 1 == save_at:
             opt.save(save)
-    return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.named_parameters()}}
+    return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+            "state": opt.state_dict()["state"]}
 
 
 def main():

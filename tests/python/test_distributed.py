@@ -66,6 +66,14 @@ def assert_same_as_one_process(one, ranks, config, first_step=0):
             got = result[config]["params"][name]
             scale = ref.abs().max().item()
             assert (got - ref).abs().max().item() <= REL * scale, f"rank {r}/{world} {config} {name}"
+        # state_dict(): the gathered optimizer state, whatever the world, equals one process's.
+        for name, ref_state in one["state"].items():
+            for key, ref in ref_state.items():
+                got = result[config]["state"][name][key]
+                assert got.shape == ref.shape, f"rank {r}/{world} {config} {name} {key}"
+                scale = ref.abs().max().item()
+                # exp_avg_sq holds squared gradients: twice the gradients' relative rounding.
+                assert (got - ref).abs().max().item() <= 10 * REL * scale, f"rank {r}/{world} {config} {name} {key}"
 
 
 @pytest.mark.parametrize("config", CONFIGS)

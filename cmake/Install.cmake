@@ -37,7 +37,7 @@ foreach(layer base comm optim sharding model checkpoint runtime)
 endforeach()
 install(FILES ${PROJECT_SOURCE_DIR}/proto/dtype_convert.h DESTINATION ${SHARDOPT_INSTALL_INCLUDEDIR}/proto)
 install(DIRECTORY ${PROJECT_BINARY_DIR}/proto/ DESTINATION ${SHARDOPT_INSTALL_INCLUDEDIR}/proto
-  FILES_MATCHING PATTERN "*.pb.h")
+  FILES_MATCHING PATTERN "*.pb.h" PATTERN "CMakeFiles" EXCLUDE)
 
 configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/shardoptConfig.cmake.in
   ${PROJECT_BINARY_DIR}/shardoptConfig.cmake INSTALL_DESTINATION ${SHARDOPT_INSTALL_CMAKEDIR})

@@ -22,7 +22,6 @@ trainer's ranks; launched by mpirun -> the MPI backend; otherwise one rank.
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import re
 from typing import Any, Dict, Iterable, List, Optional
@@ -256,7 +255,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{e} (" + ", ".join(f"params[{i}] is parameter '{names[i]}'" for i in indices) + ")") \
                 from None
         group["initial_lr_"] = group["lr"]
-        group["initial_matrix_lr_"] = group["matrix_lr"]
+        group["initial_matrix_lr_"] = group["matrix_lr_shown_"] = group["matrix_lr"]
         group["initial_weight_decay_"] = (group["weight_decay"], group["matrix_weight_decay"])
         with torch.no_grad():
             values = []
@@ -314,15 +313,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if (group["weight_decay"], group["matrix_weight_decay"]) != group["initial_weight_decay_"]:
                 raise ValueError(f"param group {gi}: weight_decay cannot change after construction "
                                  f"(was {group['initial_weight_decay_']})")
+            if group["matrix_lr"] != group["matrix_lr_shown_"]:
+                raise ValueError(f"param group {gi}: matrix_lr cannot be set on its own; it follows lr "
+                                 "(lr_multiplier = lr / initial lr): schedule 'lr'")
             multiplier = group["lr"] / group["initial_lr_"]
-            if not math.isclose(group["matrix_lr"], group["initial_matrix_lr_"] * multiplier, rel_tol=1e-6) and \
-                    group["matrix_lr"] != group["initial_matrix_lr_"]:
-                raise ValueError(f"param group {gi}: matrix_lr follows lr (lr_multiplier = lr / initial lr); "
-                                 "set 'lr' to schedule both")
             reports.append(self._engines[gi].step(float(multiplier)))
             self._passes[gi] = [0] * len(self._passes[gi])
-        for group in self.param_groups:
-            group["matrix_lr"] = group["initial_matrix_lr_"] * group["lr"] / group["initial_lr_"]
+            # Shows the matrix learning rate this step applied.
+            group["matrix_lr"] = group["matrix_lr_shown_"] = group["initial_matrix_lr_"] * multiplier
         self._last_reports = reports
         return loss
 
@@ -409,6 +407,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             for k, v in saved.items():
                 if k not in ("params", "step", "param_names"):
                     group[k] = v
+            group["matrix_lr_shown_"] = group["matrix_lr"]
             # "lr" as saved (a scheduler's current value); the engine's base stays as constructed.
 
     def save(self, root: str) -> List[str]:

@@ -164,6 +164,21 @@ def test_lr_scheduler_drives_the_step():
     assert max_abs_diff(ours, plain) > 1e-3  # the schedule changed what was applied
 
 
+def test_scheduler_scales_the_matrix_lr_with_lr():
+    # A schedule that changes lr every step: Muon's rate follows it (the step applied it: the
+    # parameters differ from the same run at constant lr).
+    ours, plain = GPT(), GPT()
+    opt = ShardedOptimizer(ours.named_parameters(), matrix="muon", lr=3e-3, matrix_lr=0.02)
+    opt_plain = ShardedOptimizer(plain.named_parameters(), matrix="muon", lr=3e-3, matrix_lr=0.02)
+    run(ours, [opt], 5, [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))])
+    run(plain, [opt_plain], 5)
+    assert opt.param_groups[0]["matrix_lr"] == pytest.approx(0.02 / 5)  # applied at the last step (s=4)
+    assert max_abs_diff(ours, plain) > 1e-3
+    opt.param_groups[0]["matrix_lr"] = 0.5
+    with pytest.raises(ValueError, match="matrix_lr cannot be set on its own"):
+        opt.step()
+
+
 def test_param_groups_have_their_own_lr_and_weight_decay():
     ours, ref = GPT(), GPT()
     decay = lambda m: [(n, p) for n, p in m.named_parameters() if p.ndim == 2]  # noqa: E731

@@ -44,29 +44,6 @@ bool has_row_state(const optim::OptimizerParams* matrix) {
   return matrix != nullptr && optim::state_values_per_row(*matrix) > 0;
 }
 
-// Every state this engine keeps for tensor t (what a save writes and a load needs).
-std::vector<std::string> states_of(Engine& engine, size_t t) {
-  std::vector<std::string> states = {std::string(ckpt::kParamState)};
-  if (engine.plan().tensors(static_cast<int>(t)).muon()) {
-    if (has_momentum(engine.matrix_params())) states.emplace_back(kMomentumState);
-    if (has_row_state(engine.matrix_params())) states.emplace_back(kRowSecondMomentState);
-  } else {
-    for (auto& name : elementwise_state_names(engine.elementwise_params())) states.push_back(std::move(name));
-  }
-  return states;
-}
-
-// One contiguous range of this rank's engine state, in global coordinates of (tensor, state): fp32
-// at `data`, or compact (bf16 / q8, whole q8 blocks from a block boundary) in `compact`.
-struct StateRange {
-  int tensor;
-  std::string state;
-  int64_t global_offset;
-  int64_t length;
-  float* data;
-  optim::CompactState compact = {};
-};
-
 // A q8 state "s" is saved as uint8 codes under "s" and fp32 block absmax under "s.absmax"; the code
 // (signed or unsigned dynamic, optim/quant8.h) follows from the state's name.
 std::string absmax_state(const std::string& state) { return state + ".absmax"; }
@@ -101,42 +78,6 @@ optim::StateDType state_dtype_of(proto::DType stored) {
     case proto::U8: return proto::STATE_Q8;
     default: return proto::STATE_F32;
   }
-}
-
-// Everything this rank holds: master pieces, element-wise slots of its pieces, owned Muon states.
-std::vector<StateRange> my_state_ranges(Engine& engine) {
-  ShardState& st = engine.shard_state();
-  const auto ew_names = elementwise_state_names(engine.elementwise_params());
-  std::vector<StateRange> ranges;
-  size_t slice = 0;  // element-wise slices follow my_pieces order, skipping Muon tensors
-  for (const LocalPiece& lp : st.my_pieces()) {
-    ranges.push_back({lp.tensor, std::string(ckpt::kParamState), lp.tensor_offset, lp.length,
-                      st.master_shard(lp.bucket) + lp.segment_offset});
-    if (engine.plan().tensors(lp.tensor).muon()) continue;
-    const size_t index = slice++;
-    const optim::ElementwiseSlice& s = st.elementwise_slices().at(index);
-    SHARDOPT_ASSERT(static_cast<int64_t>(s.count) == lp.length, "element-wise slice does not match its piece");
-    for (size_t k = 0; k < ew_names.size(); ++k) {
-      if (st.elementwise_state_dtype() == proto::STATE_F32)
-        ranges.push_back({lp.tensor, ew_names[k], lp.tensor_offset, lp.length, s.state[k]});
-      else
-        ranges.push_back({lp.tensor, ew_names[k], lp.tensor_offset, lp.length, nullptr,
-                          st.elementwise_compact().at(index).slot[k]});
-    }
-  }
-  SHARDOPT_ASSERT(slice == st.elementwise_slices().size(), "element-wise slices left over");
-  for (OwnedMatrix& om : st.owned_matrices()) {
-    const optim::MuonMatrix& m = om.matrix;
-    if (has_momentum(engine.matrix_params())) {
-      if (st.matrix_state_dtype() == proto::STATE_F32)
-        ranges.push_back({om.tensor, std::string(kMomentumState), 0, m.rows * m.cols, m.momentum});
-      else
-        ranges.push_back({om.tensor, std::string(kMomentumState), 0, m.rows * m.cols, nullptr, om.momentum});
-    }
-    if (has_row_state(engine.matrix_params()))
-      ranges.push_back({om.tensor, std::string(kRowSecondMomentState), 0, m.rows, m.row_second_moment});
-  }
-  return ranges;
 }
 
 enum FaultKind : int64_t { kNoFault = 0, kConfigFault = 1, kCheckpointFault = 2, kOtherFault = 3 };
@@ -215,6 +156,53 @@ std::vector<std::string> all_gather_strings(comm::Communicator& comm, const std:
 
 }  // namespace
 
+std::vector<std::string> engine_states_of(Engine& engine, size_t t) {
+  std::vector<std::string> states = {std::string(ckpt::kParamState)};
+  if (engine.plan().tensors(static_cast<int>(t)).muon()) {
+    if (has_momentum(engine.matrix_params())) states.emplace_back(kMomentumState);
+    if (has_row_state(engine.matrix_params())) states.emplace_back(kRowSecondMomentState);
+  } else {
+    for (auto& name : elementwise_state_names(engine.elementwise_params())) states.push_back(std::move(name));
+  }
+  return states;
+}
+
+std::vector<StateRange> engine_state_ranges(Engine& engine) {
+  ShardState& st = engine.shard_state();
+  const auto ew_names = elementwise_state_names(engine.elementwise_params());
+  std::vector<StateRange> ranges;
+  size_t slice = 0;  // element-wise slices follow my_pieces order, skipping Muon tensors
+  for (const LocalPiece& lp : st.my_pieces()) {
+    ranges.push_back({lp.tensor, std::string(ckpt::kParamState), lp.tensor_offset, lp.length,
+                      st.master_shard(lp.bucket) + lp.segment_offset});
+    if (engine.plan().tensors(lp.tensor).muon()) continue;
+    const size_t index = slice++;
+    const optim::ElementwiseSlice& s = st.elementwise_slices().at(index);
+    SHARDOPT_ASSERT(static_cast<int64_t>(s.count) == lp.length, "element-wise slice does not match its piece");
+    for (size_t k = 0; k < ew_names.size(); ++k) {
+      if (st.elementwise_state_dtype() == proto::STATE_F32)
+        ranges.push_back({lp.tensor, ew_names[k], lp.tensor_offset, lp.length, s.state[k]});
+      else
+        ranges.push_back({lp.tensor, ew_names[k], lp.tensor_offset, lp.length, nullptr,
+                          st.elementwise_compact().at(index).slot[k]});
+    }
+  }
+  SHARDOPT_ASSERT(slice == st.elementwise_slices().size(), "element-wise slices left over");
+  for (OwnedMatrix& om : st.owned_matrices()) {
+    const optim::MuonMatrix& m = om.matrix;
+    if (has_momentum(engine.matrix_params())) {
+      if (st.matrix_state_dtype() == proto::STATE_F32)
+        ranges.push_back({om.tensor, std::string(kMomentumState), 0, m.rows * m.cols, m.momentum});
+      else
+        ranges.push_back({om.tensor, std::string(kMomentumState), 0, m.rows * m.cols, nullptr, om.momentum});
+    }
+    if (has_row_state(engine.matrix_params()))
+      ranges.push_back({om.tensor, std::string(kRowSecondMomentState), 0, m.rows, m.row_second_moment});
+  }
+  return ranges;
+}
+
+
 namespace {
 
 std::string save_what(const std::filesystem::path& root, int64_t step) {
@@ -238,7 +226,7 @@ std::filesystem::path prepare(Engine& engine, const std::filesystem::path& root,
 
 std::vector<ckpt::SavePiece> save_pieces(Engine& engine) {
   std::vector<ckpt::SavePiece> pieces;
-  for (const StateRange& r : my_state_ranges(engine)) {
+  for (const StateRange& r : engine_state_ranges(engine)) {
     const std::string& name = engine.spec(static_cast<size_t>(r.tensor)).name();
     if (r.data != nullptr) {
       pieces.push_back(ckpt::SavePiece{name, r.state, r.global_offset, r.length, DType::kF32, r.data});
@@ -297,7 +285,7 @@ SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t s
       info.metadata["layout"] = sharding::layout_name(engine.options().layout);
       for (size_t t = 0; t < engine.num_tensors(); ++t) {
         proto::CheckpointTensor entry = ckpt::make_tensor_entry(engine.spec(t));
-        for (const std::string& state : states_of(engine, t)) {
+        for (const std::string& state : engine_states_of(engine, t)) {
           std::vector<int64_t> shape;
           if (state == kRowSecondMomentState) shape = {engine.spec(t).shape(0)};
           const optim::StateDType dtype = engine_state_dtype(engine, t, state);
@@ -397,12 +385,12 @@ TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir) {
   try {
     ckpt::CheckpointReader reader(dir);
     std::vector<ckpt::ExpectedTensor> expected;
-    for (size_t t = 0; t < engine.num_tensors(); ++t) expected.push_back({engine.spec(t), states_of(engine, t)});
+    for (size_t t = 0; t < engine.num_tensors(); ++t) expected.push_back({engine.spec(t), engine_states_of(engine, t)});
     // Extra tensors would mean a different model: refuse rather than silently ignore them.
     ckpt::check_compatible(reader.manifest(), expected, dir.string());
 
     // Plan every read before any I/O: a gap fails here, naming the range.
-    const std::vector<StateRange> ranges = my_state_ranges(engine);
+    const std::vector<StateRange> ranges = engine_state_ranges(engine);
     for (const StateRange& r : ranges) {
       const std::string& name = engine.spec(static_cast<size_t>(r.tensor)).name();
       const auto& info = reader.state_info(name, r.state);

@@ -22,11 +22,32 @@
 #include <filesystem>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "checkpoint/async_saver.h"
+#include "optim/quant8.h"
 #include "runtime/engine.h"
 
 namespace shardopt::runtime {
+
+// Names of the states the engine keeps for tensor t ("param" first), as a checkpoint stores them.
+std::vector<std::string> engine_states_of(Engine& engine, size_t t);
+
+// One contiguous range of this rank's engine state, in global coordinates of (tensor, state): fp32
+// at `data`, or (data == nullptr) compact bf16 / q8 storage in `compact`, a q8 range starting on a
+// block boundary (optim/quant8.h).
+struct StateRange {
+  int tensor;
+  std::string state;
+  int64_t global_offset;
+  int64_t length;
+  float* data;
+  optim::CompactState compact = {};
+};
+
+// Everything this rank holds: master pieces, element-wise slots of its pieces, owned Muon states.
+// Over all ranks every element of every (tensor, state) appears exactly once.
+std::vector<StateRange> engine_state_ranges(Engine& engine);
 
 // Trainer state stored next to the engine's: the RNG seed, the data loader position, anything else.
 struct TrainerState {

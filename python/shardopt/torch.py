@@ -1,0 +1,434 @@
+"""ShardedOptimizer: shardopt's engine as a torch.optim.Optimizer.
+
+    opt = ShardedOptimizer(model.named_parameters(), matrix="muon", elementwise="adamw", lr=3e-4,
+                           matrix_lr=0.02)
+    for batch in data:
+        loss = model(batch).backward()   # each complete bucket's reduce-scatter starts here
+        opt.step()                       # sharded update + all-gather into the model's parameters
+        opt.zero_grad()
+
+What happens:
+  * Each param group becomes one Engine (runtime/engine.h) over the same communicator. At
+    construction rank 0's parameter values are broadcast (like DistributedDataParallel), copied into
+    the engine, and every parameter's storage is replaced by a view of the engine's parameter
+    buffer; its .grad is a view of the engine's gradient buffer. Nothing is copied per step.
+  * A post-accumulate-grad hook per parameter tells the engine the gradient is final; when every
+    tensor of a bucket is final, the bucket's reduce-scatter starts while backward continues.
+  * step() reads each group's "lr" (so torch.optim.lr_scheduler works) and runs the engine's step.
+    Gradients are averaged over ranks, like DDP.
+Communication: torch.distributed initialized -> a process group of its own (gloo) over the
+trainer's ranks; launched by mpirun -> the MPI backend; otherwise one rank.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import re
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+from ._torch_comm import TorchDistributedCollectives
+
+__all__ = ["ShardedOptimizer", "default_communicator"]
+
+_ELEMENTWISE_KINDS = {"adamw": "OPTIMIZER_ADAMW", "lion": "OPTIMIZER_LION", "sgd": "OPTIMIZER_SGD"}
+_MATRIX_KINDS = {"muon": "OPTIMIZER_MUON", "normuon": "OPTIMIZER_NORMUON"}
+_SHAPE_SCALES = {"original": "MUON_SHAPE_SCALE_ORIGINAL", "match_rms_adamw": "MUON_SHAPE_SCALE_MATCH_RMS_ADAMW",
+                 "spectral": "MUON_SHAPE_SCALE_SPECTRAL"}
+# Engine state names -> the names torch's optimizers use in their state_dict.
+_STATE_NAMES = {"adam_m": "exp_avg", "adam_v": "exp_avg_sq", "momentum": "momentum_buffer",
+                "normuon_row_v": "normuon_row_v", "param": "param"}
+_ENGINE_STATE_NAMES = {v: k for k, v in _STATE_NAMES.items()}
+
+_mpi_finalizer_registered = False
+
+
+def _launched_by_mpirun() -> bool:
+    return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
+
+
+def default_communicator(process_group=None):
+    """The communicator a ShardedOptimizer uses: torch.distributed, MPI, or a world of one rank.
+
+    Under torch.distributed the engine gets a gloo group of its own (dist.new_group over the
+    trainer's ranks; collective: every rank of the default group must construct its optimizer), so
+    its collectives never interleave with the trainer's. A process_group given by the caller is used
+    as is and should be reserved for shardopt.
+    """
+    global _mpi_finalizer_registered
+    if dist.is_available() and dist.is_initialized():
+        group = process_group if process_group is not None else dist.new_group(backend="gloo")
+        return _C.python_communicator(TorchDistributedCollectives(group))
+    if process_group is not None:
+        raise ValueError("process_group was given but torch.distributed is not initialized")
+    if _launched_by_mpirun():
+        comm = _C.mpi_world()
+        if not _mpi_finalizer_registered:
+            atexit.register(_C.mpi_finalize)
+            _mpi_finalizer_registered = True
+        return comm
+    return _C.thread_world_of_one()
+
+
+def _fmt(x: float) -> str:
+    return repr(float(x))
+
+
+def _elementwise_text(kind: str, group: Dict[str, Any]) -> str:
+    if kind not in _ELEMENTWISE_KINDS:
+        raise ValueError(f"elementwise must be one of {sorted(_ELEMENTWISE_KINDS)}, got {kind!r}")
+    t = [f"kind: {_ELEMENTWISE_KINDS[kind]}", f"lr: {_fmt(group['lr'])}"]
+    if group["weight_decay"] is not None:
+        t.append(f"weight_decay: {_fmt(group['weight_decay'])}")
+    if kind in ("adamw", "lion") and group["betas"] is not None:
+        b1, b2 = group["betas"]
+        t += [f"beta1: {_fmt(b1)}", f"beta2: {_fmt(b2)}"]
+    if kind == "adamw":
+        t.append(f"eps: {_fmt(group['eps'])}")
+    if kind == "sgd":
+        t += [f"momentum: {_fmt(group['sgd_momentum'])}", f"dampening: {_fmt(group['dampening'])}",
+              f"nesterov: {'true' if group['sgd_nesterov'] else 'false'}"]
+    return " ".join(t)
+
+
+def _matrix_text(kind: str, group: Dict[str, Any]) -> str:
+    if kind not in _MATRIX_KINDS:
+        raise ValueError(f"matrix must be one of {sorted(_MATRIX_KINDS)} or None, got {kind!r}")
+    if group["shape_scale"] not in _SHAPE_SCALES:
+        raise ValueError(f"shape_scale must be one of {sorted(_SHAPE_SCALES)}, got {group['shape_scale']!r}")
+    t = [f"kind: {_MATRIX_KINDS[kind]}", f"lr: {_fmt(group['matrix_lr'])}",
+         f"weight_decay: {_fmt(group['matrix_weight_decay'])}", f"momentum: {_fmt(group['momentum'])}",
+         f"nesterov: {'true' if group['nesterov'] else 'false'}", f"ns_steps: {int(group['ns_steps'])}",
+         f"ns_eps: {_fmt(group['ns_eps'])}", f"shape_scale: {_SHAPE_SCALES[group['shape_scale']]}"]
+    return " ".join(t)
+
+
+def _named(params: Iterable, start: int) -> List[tuple]:
+    """(name, tensor) pairs from named_parameters() output or plain tensors (named 'param.<i>')."""
+    out = []
+    for i, p in enumerate(params):
+        if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
+            out.append(p)
+        elif isinstance(p, torch.Tensor):
+            out.append((f"param.{start + i}", p))
+        else:
+            raise TypeError(f"ShardedOptimizer: expected tensors or (name, tensor) pairs, got {type(p).__name__}")
+    return out
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """A sharded optimizer (ZeRO stage 1 or 2, owned or dim0 layout) with owner-rank Muon.
+
+    Args (torch names and defaults where torch has them):
+      params: model.named_parameters(), tensors, or torch-style param groups (list of dicts whose
+        "params" are either); a group may set any keyword below except matrix/elementwise/stage/layout.
+      matrix: "muon", "normuon" or None (every tensor element-wise: plain ZeRO AdamW/Lion/SGD).
+      elementwise: "adamw", "lion" or "sgd": embeddings, head, norms, biases, every non-2-D tensor.
+      lr: element-wise learning rate (AdamW's 1e-3). matrix_lr: Muon's (None = lr).
+        Both follow the group's "lr" over time: the engine steps with lr_multiplier = lr / lr_at_start.
+      weight_decay: element-wise (None = the kind's torch default: AdamW 0.01, Lion/SGD 0).
+      matrix_weight_decay: Muon's (torch.optim.Muon's 0.1).
+      betas, eps: AdamW/Lion (None = the kind's default: AdamW (0.9, 0.999), Lion (0.9, 0.99)).
+      momentum, nesterov, ns_steps, ns_eps, shape_scale: Muon, as torch.optim.Muon ("original":
+        lr * sqrt(max(1, rows/cols))).
+      sgd_momentum, dampening, sgd_nesterov: element-wise SGD (torch.optim.SGD's).
+      stage: ZeRO stage 1 or 2 (stage 3 needs the trainer to gather parameters: docs/pytorch.md).
+      layout: "owned" (whole tensors per rank) or "dim0" (row shards; Muon travels to its owner).
+      routing: {parameter name: "matrix" | "elementwise"} overrides the engine's routing (2-D hidden
+        matrices -> Muon; names containing embed/head/norm/bias/wte/wpe -> element-wise).
+      max_grad_norm: > 0 clips the global gradient norm (use this, not clip_grad_norm_: gradients
+        are reduced during backward).
+      backward_passes_per_step: backward() calls accumulated into one step (gradient accumulation).
+      bucket_bytes, overlap: the engine's bucket size and whether reductions start during backward.
+      process_group: see default_communicator.
+    Errors (ValueError unless said): non-float32, non-contiguous, non-CPU or duplicated parameters
+    (naming the parameter), param groups added after construction, ranks disagreeing on names,
+    shapes or options (naming the first differing field).
+    """
+
+    def __init__(self, params, *, matrix: Optional[str] = "muon", elementwise: str = "adamw", lr: float = 1e-3,
+                 matrix_lr: Optional[float] = None, weight_decay: Optional[float] = None,
+                 matrix_weight_decay: float = 0.1, betas: Optional[tuple] = None, eps: float = 1e-8,
+                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5, ns_eps: float = 1e-7,
+                 shape_scale: str = "original", sgd_momentum: float = 0.0, dampening: float = 0.0,
+                 sgd_nesterov: bool = False, stage: int = 2, layout: str = "owned",
+                 routing: Optional[Dict[str, str]] = None, max_grad_norm: float = 0.0,
+                 backward_passes_per_step: int = 1, bucket_bytes: int = 4 << 20, overlap: bool = True,
+                 process_group=None):
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2 from PyTorch, got {stage} (stage 3: see docs/pytorch.md)")
+        if backward_passes_per_step < 1:
+            raise ValueError("backward_passes_per_step must be >= 1")
+        if weight_decay is None:
+            weight_decay = 0.01 if elementwise == "adamw" else 0.0
+        defaults = dict(lr=lr, matrix_lr=lr if matrix_lr is None else matrix_lr, weight_decay=weight_decay,
+                        matrix_weight_decay=matrix_weight_decay, betas=betas, eps=eps, momentum=momentum,
+                        nesterov=nesterov, ns_steps=ns_steps, ns_eps=ns_eps, shape_scale=shape_scale,
+                        sgd_momentum=sgd_momentum, dampening=dampening, sgd_nesterov=sgd_nesterov)
+        self._matrix, self._elementwise = matrix, elementwise
+        self._routing = dict(routing or {})
+        for name, route in self._routing.items():
+            if route not in ("matrix", "elementwise"):
+                raise ValueError(f"routing['{name}'] must be 'matrix' or 'elementwise', got {route!r}")
+        self._backward_passes = backward_passes_per_step
+        self._constructing = True
+
+        # Param groups as torch has them, with the names kept in "param_names".
+        params = list(params)
+        if not params:
+            raise ValueError("ShardedOptimizer got an empty parameter list")
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        torch_groups, seen, count = [], set(), 0
+        for g in groups:
+            named = _named(g["params"], count)
+            count += len(named)
+            for name, p in named:
+                self._check_param(name, p, seen)
+            tg = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+            tg["params"] = [p for _, p in named]
+            tg["param_names"] = [n for n, _ in named]
+            torch_groups.append(tg)
+        super().__init__(torch_groups, defaults)
+        self._constructing = False
+
+        self._comm = default_communicator(process_group)
+        self._engines: List[Any] = []
+        self._grad_views: List[List[torch.Tensor]] = []
+        self._passes: List[List[int]] = []
+        self._hooks = []
+        self._last_reports: List[dict] = []
+        self._matrix_names: List[str] = []
+        for gi, group in enumerate(self.param_groups):
+            self._build_engine(gi, group, stage, layout, bucket_bytes, max_grad_norm, overlap)
+
+    # ---------------------------------------------------------------- construction
+    @staticmethod
+    def _check_param(name: str, p: torch.Tensor, seen: set) -> None:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"parameter '{name}' is a {type(p).__name__}, not a tensor")
+        if p.dtype != torch.float32:
+            raise ValueError(f"parameter '{name}' has dtype {p.dtype}; ShardedOptimizer keeps float32 parameters "
+                             "(every parameter must be float32)")
+        if not p.is_contiguous():
+            raise ValueError(f"parameter '{name}' is not contiguous; its storage becomes a view of the engine's "
+                             "buffer, which is contiguous")
+        if p.device.type != "cpu":
+            raise ValueError(f"parameter '{name}' is on {p.device}; the engine's buffers are in host memory")
+        if not p.requires_grad:
+            raise ValueError(f"parameter '{name}' does not require grad")
+        if id(p) in seen:
+            raise ValueError(f"parameter '{name}' appears twice")
+        seen.add(id(p))
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if not getattr(self, "_constructing", False):
+            names = param_group.get("param_names") or [n for n, _ in _named(param_group.get("params", []), 0)
+                                                         if not isinstance(param_group.get("params"), torch.Tensor)]
+            raise ValueError("ShardedOptimizer: param groups cannot be added after construction (the engine's "
+                             f"buffers and shard plan are fixed); parameters: {names}")
+        super().add_param_group(param_group)
+
+    def _build_engine(self, gi, group, stage, layout, bucket_bytes, max_grad_norm, overlap):
+        specs = []
+        for name, p in zip(group["param_names"], group["params"]):
+            route = self._routing.get(name, "")
+            engine_group = {"matrix": "muon", "elementwise": "adamw", "": ""}[route]
+            specs.append((name, list(p.shape), engine_group))
+        if group["lr"] <= 0:
+            raise ValueError(f"param group {gi}: lr must be > 0 at construction (schedules scale it), got {group['lr']}")
+        matrix_text = "" if self._matrix is None else _matrix_text(self._matrix, group)
+        try:
+            engine = _C.Engine(self._comm, specs, stage=stage, layout=layout, bucket_bytes=bucket_bytes,
+                               matrix_optimizer=matrix_text,
+                               elementwise_optimizer=_elementwise_text(self._elementwise, group),
+                               routing="elementwise_only: true" if self._matrix is None else "",
+                               max_grad_norm=float(max_grad_norm), overlap=overlap)
+        except ValueError as e:
+            # The engine names tensors by index ("plan_request.params[24].shape[0]"): add their names.
+            names = group["param_names"]
+            indices = sorted({int(i) for i in re.findall(r"params\[(\d+)\]", str(e)) if int(i) < len(names)})
+            if not indices:
+                raise
+            raise ValueError(f"{e} (" + ", ".join(f"params[{i}] is parameter '{names[i]}'" for i in indices) + ")") \
+                from None
+        group["initial_lr_"] = group["lr"]
+        group["initial_matrix_lr_"] = group["matrix_lr_shown_"] = group["matrix_lr"]
+        group["initial_weight_decay_"] = (group["weight_decay"], group["matrix_weight_decay"])
+        with torch.no_grad():
+            values = []
+            for p in group["params"]:
+                v = p.detach().clone().contiguous().view(-1).numpy()
+                engine.broadcast_(v, 0)  # rank 0's initial values, like DistributedDataParallel
+                values.append(v)
+            engine.set_params(values)
+            views = []
+            for t, p in enumerate(group["params"]):
+                p.data = torch.from_numpy(engine.param(t))
+                g = torch.from_numpy(engine.grad(t))
+                g.zero_()
+                p.grad = g
+                views.append(g)
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(gi, t)))
+        self._matrix_names.extend(n for t, n in enumerate(group["param_names"]) if engine.is_muon(t))
+        self._engines.append(engine)
+        self._grad_views.append(views)
+        self._passes.append([0] * len(views))
+
+    # ---------------------------------------------------------------- backward
+    def _hook(self, gi: int, t: int):
+        def on_grad_accumulated(p: torch.Tensor) -> None:
+            self._gradient_accumulated(gi, t, p)
+        return on_grad_accumulated
+
+    def _gradient_accumulated(self, gi: int, t: int, p: torch.Tensor) -> None:
+        """The one place that hands a gradient to the engine: it lands in engine.grad(t) (autograd
+        accumulates into the view in place; a .grad replaced by the user is copied in), and after the
+        step's last backward pass engine.grad_ready(t) lets a complete bucket's reduction start."""
+        view = self._grad_views[gi][t]
+        if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+            if p.grad is not None:
+                view.copy_(p.grad)
+            p.grad = view
+        self._passes[gi][t] += 1
+        if self._passes[gi][t] > self._backward_passes:
+            name = self.param_groups[gi]["param_names"][t]
+            raise RuntimeError(f"ShardedOptimizer: parameter '{name}' got {self._passes[gi][t]} backward passes "
+                               f"before step() (backward_passes_per_step={self._backward_passes}); its gradient "
+                               "was already being reduced")
+        if self._passes[gi][t] == self._backward_passes:
+            self._engines[gi].grad_ready(t)
+
+    # ---------------------------------------------------------------- torch.optim.Optimizer API
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        reports = []
+        for gi, group in enumerate(self.param_groups):
+            if (group["weight_decay"], group["matrix_weight_decay"]) != group["initial_weight_decay_"]:
+                raise ValueError(f"param group {gi}: weight_decay cannot change after construction "
+                                 f"(was {group['initial_weight_decay_']})")
+            if group["matrix_lr"] != group["matrix_lr_shown_"]:
+                raise ValueError(f"param group {gi}: matrix_lr cannot be set on its own; it follows lr "
+                                 "(lr_multiplier = lr / initial lr): schedule 'lr'")
+            multiplier = group["lr"] / group["initial_lr_"]
+            reports.append(self._engines[gi].step(float(multiplier)))
+            self._passes[gi] = [0] * len(self._passes[gi])
+            # Shows the matrix learning rate this step applied.
+            group["matrix_lr"] = group["matrix_lr_shown_"] = group["initial_matrix_lr_"] * multiplier
+        self._last_reports = reports
+        return loss
+
+    @property
+    def last_step_reports(self) -> List[dict]:
+        """Per param group: applied, nonfinite_tensors, grad_norm, step, seconds, bytes_sent."""
+        return self._last_reports
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the gradients in place: .grad stays a view of the engine's buffer (set_to_none is
+        accepted for compatibility and ignored)."""
+        for gi, group in enumerate(self.param_groups):
+            for p, view in zip(group["params"], self._grad_views[gi]):
+                view.zero_()
+                p.grad = view
+
+    @property
+    def matrix_parameter_names(self) -> List[str]:
+        """Names of the parameters the matrix optimizer (Muon/NorMuon) updates."""
+        return list(self._matrix_names)
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.size
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> Dict[str, Any]:
+        """Collective. The full (gathered) state, identical on every rank, keyed by parameter name:
+        {"format": "shardopt", "param_groups": [...], "state": {name: {"step", "exp_avg", ...}}}.
+        It does not depend on world size, stage or layout, so it loads into any of them."""
+        groups, state = [], {}
+        for gi, group in enumerate(self.param_groups):
+            engine = self._engines[gi]
+            gathered = engine.gather_state()
+            step = engine.optimizer_step
+            for name, p, states in zip(group["param_names"], group["params"], gathered):
+                entry = {"step": torch.tensor(float(step))}
+                for sname, arr in states.items():
+                    if sname == "param":
+                        continue  # the model's own state_dict holds the parameters
+                    t = torch.from_numpy(arr)
+                    entry[_STATE_NAMES[sname]] = t if sname == "normuon_row_v" else t.view(p.shape)
+                state[name] = entry
+            g = {k: v for k, v in group.items() if k != "params" and not k.endswith("_")}
+            g["params"] = list(group["param_names"])
+            g["step"] = step
+            groups.append(g)
+        return {"format": "shardopt", "param_groups": groups, "state": state}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Collective. Loads a state_dict() taken at any world size, stage or layout. The parameters
+        are taken from the model as it is now (load the model's state_dict first)."""
+        if state_dict.get("format") != "shardopt":
+            raise ValueError("load_state_dict: not a ShardedOptimizer state_dict (missing format 'shardopt')")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"load_state_dict: {len(saved_groups)} param groups saved, {len(self.param_groups)} here")
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if list(saved["params"]) != list(group["param_names"]):
+                raise ValueError(f"load_state_dict: param group {gi} has parameters {saved['params']} saved but "
+                                 f"{group['param_names']} here")
+            engine = self._engines[gi]
+            states = []
+            for t, (name, p) in enumerate(zip(group["param_names"], group["params"])):
+                entry = state_dict["state"].get(name)
+                if entry is None:
+                    raise ValueError(f"load_state_dict: no state for parameter '{name}'")
+                s = {"param": p.detach().reshape(-1).numpy()}
+                for sname in engine.states_of(t):
+                    if sname == "param":
+                        continue
+                    key = _STATE_NAMES[sname]
+                    if key not in entry:
+                        raise ValueError(f"load_state_dict: parameter '{name}' lacks state '{key}' (saved with a "
+                                         "different optimizer or routing?)")
+                    value = entry[key].detach().to(torch.float32).contiguous().reshape(-1)
+                    s[sname] = value.numpy()
+                states.append(s)
+            engine.scatter_state(states, int(saved["step"]))
+            for k, v in saved.items():
+                if k not in ("params", "step", "param_names"):
+                    group[k] = v
+            group["matrix_lr_shown_"] = group["matrix_lr"]
+            # "lr" as saved (a scheduler's current value); the engine's base stays as constructed.
+
+    def save(self, root: str) -> List[str]:
+        """Collective. Writes shardopt's resharding checkpoint (runtime/checkpoint_io.h) of every
+        param group: <root>/ckpt-<step> (one group) or <root>/group<i>/ckpt-<step>. Returns the
+        directories; load() takes the same list (or the one path)."""
+        dirs = []
+        for gi, engine in enumerate(self._engines):
+            sub = root if len(self._engines) == 1 else os.path.join(root, f"group{gi}")
+            lrs = {"lr": repr(float(self.param_groups[gi]["lr"]))}
+            dirs.append(engine.save(sub, lrs))
+        return dirs
+
+    def load(self, dirs) -> None:
+        """Collective. Loads checkpoints written by save() at any world size, stage or layout; the
+        parameters (masters) and optimizer states come from the checkpoint."""
+        if isinstance(dirs, (str, os.PathLike)):
+            dirs = [dirs]
+        if len(dirs) != len(self._engines):
+            raise ValueError(f"load: {len(dirs)} checkpoint directories for {len(self._engines)} param groups")
+        for gi, (engine, d) in enumerate(zip(self._engines, dirs)):
+            extra = engine.load(os.fspath(d))
+            if "lr" in extra:
+                self.param_groups[gi]["lr"] = float(extra["lr"])

@@ -1,0 +1,469 @@
+// shardopt._C: the Engine, its checkpoint I/O and the communicators, for Python trainers.
+//
+// Memory crosses the boundary without copies as nanobind ndarrays (the buffer protocol and DLPack):
+// param(t)/grad(t) are views of the engine's buffers that keep the engine alive. Nothing here links
+// against libtorch; the torch integration (python/shardopt/torch.py) wraps these views with
+// torch.from_numpy, so one build works with every torch 2.x.
+//
+// GIL: every call that may communicate releases the GIL. The torch.distributed communicator
+// (PyCommunicator) re-acquires it for each callback, so the engine runs the same code whatever
+// the backend, and a backend's own threads never need Python.
+#include <google/protobuf/text_format.h>
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/function.h>
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/string_view.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "comm/backend_util.h"
+#include "comm/communicator.h"
+#include "comm/mpi_backend.h"
+#include "comm/thread_backend.h"
+#include "runtime/checkpoint_io.h"
+#include "runtime/engine.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace shardopt::python {
+namespace {
+
+using FloatArray = nb::ndarray<nb::numpy, float, nb::c_contig>;
+
+template <typename Message>
+Message parse_text_proto(const std::string& text, const char* what) {
+  Message m;
+  if (!google::protobuf::TextFormat::ParseFromString(text, &m))
+    throw ConfigError(std::string("cannot parse ") + what + " '" + text + "'");
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A Communicator whose collectives are carried out by a Python object (shardopt/_torch_comm.py
+// implements them on torch.distributed). Each call hands the Python side numpy views of the
+// engine's buffers and gets back an object with wait() and is_completed().
+
+nb::object as_array(const void* ptr, size_t count, DType dtype) {
+  void* p = const_cast<void*>(ptr);
+  const size_t shape[1] = {count};
+  nb::dlpack::dtype dt;
+  switch (dtype) {
+    case DType::kF32: dt = nb::dtype<float>(); break;
+    case DType::kI32: dt = nb::dtype<int32_t>(); break;
+    case DType::kI64: dt = nb::dtype<int64_t>(); break;
+    case DType::kU8: dt = nb::dtype<uint8_t>(); break;
+    case DType::kBF16:
+    case DType::kF16: dt = nb::dtype<uint16_t>(); break;  // reinterpreted on the Python side
+    default: throw ConfigError("torch.distributed communicator: unsupported dtype");
+  }
+  // rv_policy::reference: a view (an ownerless ndarray would otherwise be copied into Python).
+  return nb::cast(nb::ndarray<nb::numpy>(p, 1, shape, nb::handle(), nullptr, dt), nb::rv_policy::reference);
+}
+
+class PyWork final : public comm::Work {
+ public:
+  PyWork(nb::object work, uint64_t seq) : work_(std::move(work)), seq_(seq) {}
+  ~PyWork() override {
+    // The engine drops Work handles with the GIL released; Python objects need it to die.
+    if (!Py_IsInitialized()) {
+      (void)work_.release();
+      return;
+    }
+    nb::gil_scoped_acquire gil;
+    work_.reset();
+  }
+  void wait(std::chrono::milliseconds timeout) override {
+    nb::gil_scoped_acquire gil;
+    try {
+      work_.attr("wait")(timeout.count());
+    } catch (nb::python_error& e) {
+      error_ = std::make_exception_ptr(PeerError(std::string("torch.distributed: ") + e.what()));
+      std::rethrow_exception(error_);
+    }
+  }
+  void wait() override { wait(std::chrono::milliseconds(300000)); }
+  bool done() override {
+    nb::gil_scoped_acquire gil;
+    return nb::cast<bool>(work_.attr("is_completed")());
+  }
+  std::exception_ptr error() const override { return error_; }
+  uint64_t seq() const override { return seq_; }
+
+ private:
+  nb::object work_;
+  uint64_t seq_;
+  std::exception_ptr error_;
+};
+
+class PyCommunicator final : public comm::Communicator {
+ public:
+  explicit PyCommunicator(nb::object impl)
+      : Communicator(comm::CommOptions::from_env()),
+        impl_(std::move(impl)),
+        rank_(nb::cast<int>(impl_.attr("rank"))),
+        size_(nb::cast<int>(impl_.attr("size"))) {}
+  ~PyCommunicator() override {
+    if (!Py_IsInitialized()) {
+      (void)impl_.release();
+      return;
+    }
+    nb::gil_scoped_acquire gil;
+    impl_.reset();
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string_view backend() const override { return "torch.distributed"; }
+
+  std::unique_ptr<comm::Communicator> split(int, int) override {
+    throw ConfigError("the torch.distributed communicator does not split; give ShardedOptimizer a process group");
+  }
+
+  comm::WorkPtr all_reduce(const void* send, void* recv, size_t count, DType dtype, comm::ReduceOp op) override {
+    const auto t = comm::detail::all_reduce_traffic(count * dtype_size(dtype), size_);
+    count_traffic(comm::OpKind::kAllReduce, t.sent, t.received);
+    nb::gil_scoped_acquire gil;
+    return issue("all_reduce", as_array(send, count, dtype), as_array(recv, count, dtype), dtype_name(dtype),
+                 comm::reduce_op_name(op));
+  }
+  comm::WorkPtr reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
+                               comm::ReduceOp op) override {
+    comm::detail::check_counts_size(comm::OpKind::kReduceScatter, counts, size_, "counts");
+    const size_t total = comm::detail::sum_counts(counts), own = counts[rank_], esz = dtype_size(dtype);
+    const auto t = comm::detail::reduce_scatter_traffic(total * esz, own * esz, size_);
+    count_traffic(comm::OpKind::kReduceScatter, t.sent, t.received);
+    nb::gil_scoped_acquire gil;
+    return issue("reduce_scatter", as_array(send, total, dtype), as_array(recv, own, dtype),
+                 std::vector<size_t>(counts.begin(), counts.end()), dtype_name(dtype), comm::reduce_op_name(op));
+  }
+  comm::WorkPtr all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
+    comm::detail::check_counts_size(comm::OpKind::kAllGather, counts, size_, "counts");
+    const size_t total = comm::detail::sum_counts(counts), own = counts[rank_], esz = dtype_size(dtype);
+    const auto t = comm::detail::all_gather_traffic(total * esz, own * esz, size_);
+    count_traffic(comm::OpKind::kAllGather, t.sent, t.received);
+    nb::gil_scoped_acquire gil;
+    return issue("all_gather", as_array(send, own, dtype), as_array(recv, total, dtype),
+                 std::vector<size_t>(counts.begin(), counts.end()), dtype_name(dtype));
+  }
+  comm::WorkPtr reduce(const void* send, void* recv, size_t count, DType dtype, comm::ReduceOp op,
+                       int root) override {
+    const auto t = comm::detail::rooted_traffic(count * dtype_size(dtype), size_);
+    count_traffic(comm::OpKind::kReduce, t.sent, t.received);
+    nb::gil_scoped_acquire gil;
+    return issue("reduce", as_array(send, count, dtype), as_array(rank_ == root ? recv : nullptr, rank_ == root ? count : 0, dtype),
+                 dtype_name(dtype), comm::reduce_op_name(op), root);
+  }
+  comm::WorkPtr broadcast(void* buf, size_t count, DType dtype, int root) override {
+    const auto t = comm::detail::rooted_traffic(count * dtype_size(dtype), size_);
+    count_traffic(comm::OpKind::kBroadcast, t.sent, t.received);
+    nb::gil_scoped_acquire gil;
+    return issue("broadcast", as_array(buf, count, dtype), dtype_name(dtype), root);
+  }
+  comm::WorkPtr all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
+                           std::span<const size_t> recv_counts, DType dtype) override {
+    const auto t = comm::detail::all_to_all_traffic(send_counts, recv_counts, dtype_size(dtype), rank_);
+    count_traffic(comm::OpKind::kAllToAll, t.sent, t.received);
+    nb::gil_scoped_acquire gil;
+    return issue("all_to_all", as_array(send, comm::detail::sum_counts(send_counts), dtype),
+                 std::vector<size_t>(send_counts.begin(), send_counts.end()),
+                 as_array(recv, comm::detail::sum_counts(recv_counts), dtype),
+                 std::vector<size_t>(recv_counts.begin(), recv_counts.end()), dtype_name(dtype));
+  }
+  comm::WorkPtr send(const void* buf, size_t count, DType dtype, int peer, int tag) override {
+    count_traffic(comm::OpKind::kSend, peer != rank_ ? count * dtype_size(dtype) : 0, 0);
+    nb::gil_scoped_acquire gil;
+    return issue("send", as_array(buf, count, dtype), dtype_name(dtype), peer, tag);
+  }
+  comm::WorkPtr recv(void* buf, size_t count, DType dtype, int peer, int tag) override {
+    count_traffic(comm::OpKind::kRecv, 0, peer != rank_ ? count * dtype_size(dtype) : 0);
+    nb::gil_scoped_acquire gil;
+    return issue("recv", as_array(buf, count, dtype), dtype_name(dtype), peer, tag);
+  }
+  comm::WorkPtr sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src,
+                         DType dtype, int tag) override {
+    const size_t esz = dtype_size(dtype);
+    count_traffic(comm::OpKind::kSendRecv, dst != rank_ ? send_count * esz : 0, src != rank_ ? recv_count * esz : 0);
+    nb::gil_scoped_acquire gil;
+    return issue("sendrecv", as_array(send, send_count, dtype), dst, as_array(recv, recv_count, dtype), src,
+                 dtype_name(dtype), tag);
+  }
+  comm::WorkPtr barrier() override {
+    count_traffic(comm::OpKind::kBarrier, 0, 0);
+    nb::gil_scoped_acquire gil;
+    return issue("barrier");
+  }
+  void abort(const std::string& reason) override {
+    nb::gil_scoped_acquire gil;
+    impl_.attr("abort")(reason);
+  }
+
+ private:
+  template <typename... Args>
+  comm::WorkPtr issue(const char* method, Args&&... args) {
+    try {
+      return std::make_shared<PyWork>(impl_.attr(method)(std::forward<Args>(args)...), seq_++);
+    } catch (nb::python_error& e) {
+      throw PeerError(std::string("torch.distributed ") + method + ": " + e.what());
+    }
+  }
+
+  nb::object impl_;
+  int rank_, size_;
+  uint64_t seq_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+
+// MPI is initialized once per process, on first use, and finalized by mpi_finalize (atexit).
+std::unique_ptr<comm::MpiRuntime>& mpi_runtime() {
+  static std::unique_ptr<comm::MpiRuntime> runtime;
+  return runtime;
+}
+
+struct PyEngine {
+  std::unique_ptr<runtime::Engine> engine;
+};
+
+FloatArray tensor_view(runtime::Engine& e, size_t t, float* data, nb::handle owner) {
+  const auto& spec = e.spec(t);
+  std::vector<size_t> shape(spec.shape().begin(), spec.shape().end());
+  return FloatArray(data, shape.size(), shape.data(), owner);
+}
+
+nb::dict step_report(const runtime::StepReport& r) {
+  nb::dict d;
+  d["applied"] = r.applied;
+  d["nonfinite_tensors"] = r.nonfinite_tensors;
+  d["grad_norm"] = r.grad_norm;
+  d["step"] = r.step;
+  d["seconds"] = r.times.total;
+  d["bytes_sent"] = r.traffic.total_sent();
+  return d;
+}
+
+}  // namespace
+}  // namespace shardopt::python
+
+using shardopt::python::PyEngine;
+namespace so = shardopt;
+
+NB_MODULE(_C, m) {
+  m.doc() = "shardopt: the sharded optimizer engine (see shardopt.torch for the torch.optim wrapper)";
+  // Engines are kept alive by the tensors viewing their buffers, which a trainer's globals may hold
+  // until the interpreter exits, after nanobind's leak check.
+  nb::set_leak_warnings(false);
+
+  nb::exception<so::Error>(m, "Error");
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const so::ConfigError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const so::CheckpointError& e) {
+      PyErr_SetString(PyExc_OSError, e.what());
+    }
+  });
+
+  nb::class_<so::comm::Communicator>(m, "Communicator")
+      .def_prop_ro("rank", &so::comm::Communicator::rank)
+      .def_prop_ro("size", &so::comm::Communicator::size)
+      .def_prop_ro("backend", [](so::comm::Communicator& c) { return std::string(c.backend()); })
+      .def("bytes_sent", [](so::comm::Communicator& c) { return c.counters().total_sent(); });
+
+  m.def("thread_world_of_one", [] { return std::move(so::comm::make_thread_world(1)[0]); },
+        "A communicator of one rank (the threads backend).");
+  m.def(
+      "mpi_world",
+      [] {
+        auto& rt = shardopt::python::mpi_runtime();
+        if (!rt) rt = std::make_unique<so::comm::MpiRuntime>(nullptr, nullptr);
+        return rt->world();
+      },
+      "A communicator over MPI_COMM_WORLD (initializes MPI on first use).");
+  m.def("mpi_finalize", [] { shardopt::python::mpi_runtime().reset(); });
+  m.def(
+      "python_communicator",
+      [](nb::object impl) -> std::unique_ptr<so::comm::Communicator> {
+        return std::make_unique<shardopt::python::PyCommunicator>(std::move(impl));
+      },
+      "impl"_a, "A communicator whose collectives a Python object implements (shardopt._torch_comm).");
+
+  nb::class_<PyEngine>(m, "Engine")
+      .def(
+          "__init__",
+          [](PyEngine* self, so::comm::Communicator& comm, const std::vector<std::tuple<std::string, std::vector<int64_t>, std::string>>& params,
+             int stage, const std::string& layout, int64_t bucket_bytes, const std::string& matrix_optimizer,
+             const std::string& elementwise_optimizer, const std::string& routing, float max_grad_norm, bool overlap) {
+            std::vector<so::proto::TensorSpec> specs;
+            for (const auto& [name, shape, group] : params) {
+              so::proto::TensorSpec s;
+              s.set_name(name);
+              for (int64_t d : shape) s.add_shape(d);
+              s.set_dtype(so::proto::F32);
+              s.set_group(group);
+              specs.push_back(std::move(s));
+            }
+            so::runtime::EngineOptions o;
+            o.zero_stage = stage;
+            if (layout == "owned") o.layout = so::proto::SHARD_LAYOUT_OWNED;
+            else if (layout == "dim0") o.layout = so::proto::SHARD_LAYOUT_DIM0;
+            else throw so::ConfigError("layout must be 'owned' or 'dim0', got '" + layout + "'");
+            o.bucket_bytes = bucket_bytes;
+            if (!matrix_optimizer.empty())
+              o.matrix_optimizer = shardopt::python::parse_text_proto<so::proto::OptimizerConfig>(matrix_optimizer, "matrix optimizer");
+            o.elementwise_optimizer =
+                shardopt::python::parse_text_proto<so::proto::OptimizerConfig>(elementwise_optimizer, "element-wise optimizer");
+            o.routing = shardopt::python::parse_text_proto<so::proto::RoutingRules>(routing, "routing rules");
+            o.max_grad_norm = max_grad_norm;
+            o.overlap = overlap;
+            nb::gil_scoped_release release;
+            new (self) PyEngine{std::make_unique<so::runtime::Engine>(comm, std::move(specs), std::move(o))};
+          },
+          "comm"_a, "params"_a, "stage"_a, "layout"_a, "bucket_bytes"_a, "matrix_optimizer"_a,
+          "elementwise_optimizer"_a, "routing"_a, "max_grad_norm"_a, "overlap"_a, nb::keep_alive<1, 2>())
+      .def_prop_ro("num_tensors", [](PyEngine& e) { return e.engine->num_tensors(); })
+      .def_prop_ro("rank", [](PyEngine& e) { return e.engine->comm().rank(); })
+      .def_prop_ro("world_size", [](PyEngine& e) { return e.engine->comm().size(); })
+      .def("is_muon", [](PyEngine& e, size_t t) { return e.engine->plan().tensors(static_cast<int>(t)).muon(); })
+      .def(
+          "param",
+          [](nb::handle self, size_t t) {
+            auto& e = *nb::cast<PyEngine&>(self).engine;
+            if (t >= e.num_tensors()) throw nb::index_error();
+            return shardopt::python::tensor_view(e, t, e.param(t), self);
+          },
+          "t"_a, "Tensor t's full parameter: a view of the engine's buffer.")
+      .def(
+          "grad",
+          [](nb::handle self, size_t t) {
+            auto& e = *nb::cast<PyEngine&>(self).engine;
+            if (t >= e.num_tensors()) throw nb::index_error();
+            return shardopt::python::tensor_view(e, t, e.grad(t), self);
+          },
+          "t"_a, "Where tensor t's gradient goes: a view of the engine's buffer.")
+      .def(
+          "set_params",
+          [](PyEngine& e, const std::vector<shardopt::python::FloatArray>& values) {
+            auto& engine = *e.engine;
+            if (values.size() != engine.num_tensors()) throw so::ConfigError("set_params: one array per tensor");
+            for (size_t t = 0; t < values.size(); ++t)
+              if (static_cast<int64_t>(values[t].size()) != engine.plan().tensors(static_cast<int>(t)).numel())
+                throw so::ConfigError("set_params: '" + engine.spec(t).name() + "' has the wrong size");
+            std::vector<const float*> ptrs;
+            for (const auto& v : values) ptrs.push_back(v.data());
+            nb::gil_scoped_release release;
+            engine.set_params([&](size_t t, float* dst) {
+              std::memcpy(dst, ptrs[t], sizeof(float) * values[t].size());
+            });
+          },
+          "values"_a)
+      .def(
+          "broadcast_",
+          [](PyEngine& e, shardopt::python::FloatArray a, int root) {
+            nb::gil_scoped_release release;
+            e.engine->comm().broadcast(a.data(), a.size(), so::DType::kF32, root)->wait();
+          },
+          "array"_a, "root"_a, "Collective: overwrites `array` with root's copy.")
+      .def(
+          "grad_ready", [](PyEngine& e, size_t t) { e.engine->grad_ready(t); }, "t"_a,
+          nb::call_guard<nb::gil_scoped_release>())
+      .def(
+          "step",
+          [](PyEngine& e, float lr_multiplier) {
+            so::runtime::StepReport r;
+            {
+              nb::gil_scoped_release release;
+              r = e.engine->step(lr_multiplier);
+            }
+            return shardopt::python::step_report(r);
+          },
+          "lr_multiplier"_a = 1.0f)
+      .def_prop_rw(
+          "optimizer_step", [](PyEngine& e) { return e.engine->optimizer_step(); },
+          [](PyEngine& e, int64_t s) { e.engine->set_optimizer_step(s); })
+      .def(
+          "save",
+          [](PyEngine& e, const std::string& root, const std::map<std::string, std::string>& extra) {
+            so::runtime::TrainerState ts;
+            ts.extra = extra;
+            nb::gil_scoped_release release;
+            return so::runtime::save_checkpoint(*e.engine, root, ts).dir.string();
+          },
+          "root"_a, "extra"_a, "Collective: writes root/ckpt-<step> and returns its path.")
+      .def(
+          "load",
+          [](PyEngine& e, const std::string& dir) {
+            nb::gil_scoped_release release;
+            return so::runtime::load_checkpoint(*e.engine, dir).extra;
+          },
+          "dir"_a, "Collective: loads a checkpoint written at any world size; returns the saved extras.")
+      .def(
+          "gather_state",
+          [](PyEngine& e) {
+            // Collective: every (tensor, state) in full on every rank. Each element is held by exactly
+            // one rank, so a sum over zero-filled buffers assembles it exactly.
+            auto& engine = *e.engine;
+            std::vector<std::map<std::string, std::vector<float>>> full(engine.num_tensors());
+            {
+              nb::gil_scoped_release release;
+              for (size_t t = 0; t < engine.num_tensors(); ++t) {
+                const auto& tp = engine.plan().tensors(static_cast<int>(t));
+                for (const auto& state : so::runtime::engine_states_of(engine, t)) {
+                  const int64_t n = state == "normuon_row_v" ? engine.spec(t).shape(0) : tp.numel();
+                  full[t][state].assign(static_cast<size_t>(n), 0.0f);
+                }
+              }
+              for (const auto& r : so::runtime::engine_state_ranges(engine))
+                std::memcpy(full[r.tensor].at(r.state).data() + r.global_offset, r.data, sizeof(float) * r.length);
+              for (auto& states : full)
+                for (auto& [name, v] : states)
+                  engine.comm().all_reduce(v.data(), v.data(), v.size(), so::DType::kF32, so::comm::ReduceOp::kSum)->wait();
+            }
+            nb::list out;
+            for (auto& states : full) {
+              nb::dict d;
+              for (auto& [name, v] : states) {
+                auto* heap = new std::vector<float>(std::move(v));
+                nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+                const size_t shape[1] = {heap->size()};
+                d[name.c_str()] = shardopt::python::FloatArray(heap->data(), 1, shape, owner);
+              }
+              out.append(d);
+            }
+            return out;
+          },
+          "Collective: per tensor, a dict state name -> full flat float32 array.")
+      .def(
+          "scatter_state",
+          [](PyEngine& e, const std::vector<std::map<std::string, shardopt::python::FloatArray>>& states, int64_t step) {
+            auto& engine = *e.engine;
+            if (states.size() != engine.num_tensors()) throw so::ConfigError("load_state_dict: one entry per tensor expected");
+            const auto ranges = so::runtime::engine_state_ranges(engine);
+            for (const auto& r : ranges) {
+              auto it = states[r.tensor].find(r.state);
+              if (it == states[r.tensor].end())
+                throw so::ConfigError("load_state_dict: '" + engine.spec(r.tensor).name() + "' lacks state '" + r.state + "'");
+              if (static_cast<int64_t>(it->second.size()) < r.global_offset + r.length)
+                throw so::ConfigError("load_state_dict: state '" + r.state + "' of '" + engine.spec(r.tensor).name() +
+                                      "' has " + std::to_string(it->second.size()) + " values, too few for this tensor");
+            }
+            for (const auto& r : ranges)
+              std::memcpy(r.data, states[r.tensor].at(r.state).data() + r.global_offset, sizeof(float) * r.length);
+            engine.set_optimizer_step(step);
+            nb::gil_scoped_release release;
+            engine.refresh_params();
+          },
+          "states"_a, "step"_a, "Collective: writes this rank's ranges from full states, then refreshes the parameters.")
+      .def("states_of", [](PyEngine& e, size_t t) { return so::runtime::engine_states_of(*e.engine, t); });
+}

@@ -1,0 +1,89 @@
+"""Trains gpt_model.GPT with ShardedOptimizer on one rank of a world (torchrun, mpirun or alone) for
+every (stage, layout), each rank on its slice of the global batch, and writes what it saw.
+
+  python dist_worker.py OUT [--save DIR --save-at K] [--resume DIR --resume-at K]
+writes OUT.rank<r>.pt: {config: {"losses": [local losses], "params": {name: tensor}}}.
+--save: the stage-2 owned run also saves a checkpoint after step K (under DIR).
+--mismatch: finally rank 1 constructs an optimizer whose lm_head.weight has another shape and
+prints the error every rank got.
+--resume: one more run "resume" (stage 2, owned) loads DIR, continues from step K to the end.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpt_model import GPT, batch  # noqa: E402
+from shardopt.torch import ShardedOptimizer  # noqa: E402
+
+torch.set_num_threads(1)
+
+STEPS = 6
+CONFIGS = [(1, "owned"), (2, "owned"), (1, "dim0"), (2, "dim0")]
+
+
+def train(stage, layout, rank, world, save=None, save_at=None, resume=None, resume_at=0):
+    model = GPT()
+    opt = ShardedOptimizer(model.named_parameters(), matrix="muon", elementwise="adamw", lr=3e-3, matrix_lr=0.02,
+                           stage=stage, layout=layout, bucket_bytes=16 << 10)
+    assert opt.world_size == world, (opt.world_size, world)
+    first = 0
+    if resume:
+        opt.load(resume)
+        first = resume_at
+    losses = []
+    for step in range(first, STEPS):
+        x, y = batch(step)
+        n = x.shape[0] // world
+        loss = model(x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        if save and step + 1 == save_at:
+            opt.save(save)
+    return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+            "state": opt.state_dict()["state"]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--save")
+    ap.add_argument("--save-at", type=int, default=3)
+    ap.add_argument("--resume")
+    ap.add_argument("--resume-at", type=int, default=3)
+    ap.add_argument("--mismatch", action="store_true", help="then rank 1 gives lm_head.weight another shape")
+    a = ap.parse_args()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", 0))
+        world = int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1))
+    results = {}
+    for stage, layout in CONFIGS:
+        save = a.save if (stage, layout) == (2, "owned") else None
+        results[f"{stage}-{layout}"] = train(stage, layout, rank, world, save, a.save_at)
+    if a.resume:
+        results["resume"] = train(2, "owned", rank, world, resume=a.resume, resume_at=a.resume_at)
+    torch.save(results, f"{a.out}.rank{rank}.pt")
+    if a.mismatch:
+        model = GPT()
+        params = list(model.named_parameters())
+        if rank == 1:
+            params[-1] = ("lm_head.weight", torch.nn.Parameter(torch.zeros(params[-1][1].shape[0] + 1, params[-1][1].shape[1])))
+        try:
+            ShardedOptimizer(params)
+            print(f"rank {rank}: no error", flush=True)
+        except ValueError as e:
+            print(f"rank {rank}: ValueError: {e}", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

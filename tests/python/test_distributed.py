@@ -1,0 +1,108 @@
+"""N ranks (torchrun/gloo and mpirun/MPI) against one process: same losses and parameters for
+stages 1-2, owned and dim0 layouts; a checkpoint saved at 2 ranks resumes at 3; ranks that disagree
+on a parameter's shape fail with its name."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "dist_worker.py")
+CONFIGS = ["1-owned", "2-owned", "1-dim0", "2-dim0"]
+REL = 1e-5
+
+
+def env():
+    e = dict(os.environ)
+    e.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return e
+
+
+def launch(cmd, timeout=400):
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r.stdout
+
+
+def torchrun(n, *args):
+    return launch([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                   "--master-port", str(29400 + n + os.getpid() % 500), WORKER, *args])
+
+
+def mpirun(n, *args):
+    mpiexec = shutil.which("mpirun")
+    if mpiexec is None:
+        pytest.skip("mpirun not found")
+    return launch([mpiexec, "--oversubscribe", "--mca", "btl", "self,vader", "--bind-to", "none", "-np", str(n),
+                   sys.executable, WORKER, *args])
+
+
+def load(out, n):
+    return [torch.load(f"{out}.rank{r}.pt") for r in range(n)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    launch([sys.executable, WORKER, str(d / "one")])
+    two_out = torchrun(2, str(d / "two"), "--save", str(d / "ckpt"), "--save-at", "3", "--mismatch")
+    torchrun(3, str(d / "three"), "--resume", str(d / "ckpt" / "ckpt-3"), "--resume-at", "3")
+    return {"one": load(d / "one", 1)[0], "two": load(d / "two", 2), "three": load(d / "three", 3), "dir": d,
+            "two_stdout": two_out}
+
+
+def assert_same_as_one_process(one, ranks, config, first_step=0):
+    world = len(ranks)
+    # Each rank's loss is the mean over its equal slice of the global batch: their mean is the loss
+    # one process computes on the whole batch.
+    losses = [sum(r[config]["losses"][i] for r in ranks) / world for i in range(len(ranks[0][config]["losses"]))]
+    assert losses == pytest.approx(one["losses"][first_step:], rel=REL)
+    for r, result in enumerate(ranks):
+        for name, ref in one["params"].items():
+            got = result[config]["params"][name]
+            scale = ref.abs().max().item()
+            assert (got - ref).abs().max().item() <= REL * scale, f"rank {r}/{world} {config} {name}"
+        # state_dict(): the gathered optimizer state, whatever the world, equals one process's.
+        for name, ref_state in one["state"].items():
+            for key, ref in ref_state.items():
+                got = result[config]["state"][name][key]
+                assert got.shape == ref.shape, f"rank {r}/{world} {config} {name} {key}"
+                scale = ref.abs().max().item()
+                # exp_avg_sq holds squared gradients: twice the gradients' relative rounding.
+                assert (got - ref).abs().max().item() <= 10 * REL * scale, f"rank {r}/{world} {config} {name} {key}"
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_torchrun_two_ranks_equal_one_process(runs, config):
+    assert_same_as_one_process(runs["one"][config], runs["two"], config)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_torchrun_three_ranks_equal_one_process(runs, config):
+    assert_same_as_one_process(runs["one"][config], runs["three"], config)
+
+
+def test_saved_at_two_ranks_resumed_at_three_equals_uninterrupted(runs):
+    # Steps 3..5 after loading the 2-rank checkpoint of step 3 at 3 ranks.
+    resumed = [{"resume": r["resume"]} for r in runs["three"]]
+    assert_same_as_one_process(runs["one"]["2-owned"], resumed, "resume", first_step=3)
+
+
+def test_mpirun_two_ranks_equal_one_process(runs):
+    out = runs["dir"] / "mpi"
+    mpirun(2, str(out))
+    ranks = load(out, 2)
+    for config in CONFIGS:
+        assert_same_as_one_process(runs["one"][config], ranks, config)
+
+
+def test_ranks_with_different_shapes_fail_naming_the_parameter(runs):
+    out = runs["two_stdout"]
+    lines = [l for l in out.splitlines() if l.startswith("rank ")]
+    assert len(lines) == 2, out
+    assert all("ValueError: ranks disagree on the engine configuration" in l for l in lines), out
+    assert "parameter 'lm_head.weight'" in next(l for l in lines if l.startswith("rank 1")), out

@@ -126,86 +126,70 @@ class PyCommunicator final : public comm::Communicator {
   int size() const override { return size_; }
   std::string_view backend() const override { return "torch.distributed"; }
 
-  std::unique_ptr<comm::Communicator> split(int, int) override {
+  void abort(const std::string& reason) override {
+    nb::gil_scoped_acquire gil;
+    impl_.attr("abort")(reason);
+  }
+
+ protected:
+  // Checks and traffic accounting happen in comm::Communicator before these run.
+  std::unique_ptr<comm::Communicator> start_split(int, int) override {
     throw ConfigError("the torch.distributed communicator does not split; give ShardedOptimizer a process group");
   }
 
-  comm::WorkPtr all_reduce(const void* send, void* recv, size_t count, DType dtype, comm::ReduceOp op) override {
-    const auto t = comm::detail::all_reduce_traffic(count * dtype_size(dtype), size_);
-    count_traffic(comm::OpKind::kAllReduce, t.sent, t.received);
+  comm::WorkPtr start_all_reduce(const void* send, void* recv, size_t count, DType dtype, comm::ReduceOp op) override {
     nb::gil_scoped_acquire gil;
     return issue("all_reduce", as_array(send, count, dtype), as_array(recv, count, dtype), dtype_name(dtype),
                  comm::reduce_op_name(op));
   }
-  comm::WorkPtr reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
+  comm::WorkPtr start_reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
                                comm::ReduceOp op) override {
-    comm::detail::check_counts_size(comm::OpKind::kReduceScatter, counts, size_, "counts");
-    const size_t total = comm::detail::sum_counts(counts), own = counts[rank_], esz = dtype_size(dtype);
-    const auto t = comm::detail::reduce_scatter_traffic(total * esz, own * esz, size_);
-    count_traffic(comm::OpKind::kReduceScatter, t.sent, t.received);
+    const size_t total = comm::detail::sum_counts(counts), own = counts[rank_];
     nb::gil_scoped_acquire gil;
     return issue("reduce_scatter", as_array(send, total, dtype), as_array(recv, own, dtype),
                  std::vector<size_t>(counts.begin(), counts.end()), dtype_name(dtype), comm::reduce_op_name(op));
   }
-  comm::WorkPtr all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
-    comm::detail::check_counts_size(comm::OpKind::kAllGather, counts, size_, "counts");
-    const size_t total = comm::detail::sum_counts(counts), own = counts[rank_], esz = dtype_size(dtype);
-    const auto t = comm::detail::all_gather_traffic(total * esz, own * esz, size_);
-    count_traffic(comm::OpKind::kAllGather, t.sent, t.received);
+  comm::WorkPtr start_all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
+    const size_t total = comm::detail::sum_counts(counts), own = counts[rank_];
     nb::gil_scoped_acquire gil;
     return issue("all_gather", as_array(send, own, dtype), as_array(recv, total, dtype),
                  std::vector<size_t>(counts.begin(), counts.end()), dtype_name(dtype));
   }
-  comm::WorkPtr reduce(const void* send, void* recv, size_t count, DType dtype, comm::ReduceOp op,
+  comm::WorkPtr start_reduce(const void* send, void* recv, size_t count, DType dtype, comm::ReduceOp op,
                        int root) override {
-    const auto t = comm::detail::rooted_traffic(count * dtype_size(dtype), size_);
-    count_traffic(comm::OpKind::kReduce, t.sent, t.received);
     nb::gil_scoped_acquire gil;
     return issue("reduce", as_array(send, count, dtype), as_array(rank_ == root ? recv : nullptr, rank_ == root ? count : 0, dtype),
                  dtype_name(dtype), comm::reduce_op_name(op), root);
   }
-  comm::WorkPtr broadcast(void* buf, size_t count, DType dtype, int root) override {
-    const auto t = comm::detail::rooted_traffic(count * dtype_size(dtype), size_);
-    count_traffic(comm::OpKind::kBroadcast, t.sent, t.received);
+  comm::WorkPtr start_broadcast(void* buf, size_t count, DType dtype, int root) override {
     nb::gil_scoped_acquire gil;
     return issue("broadcast", as_array(buf, count, dtype), dtype_name(dtype), root);
   }
-  comm::WorkPtr all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
+  comm::WorkPtr start_all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
                            std::span<const size_t> recv_counts, DType dtype) override {
-    const auto t = comm::detail::all_to_all_traffic(send_counts, recv_counts, dtype_size(dtype), rank_);
-    count_traffic(comm::OpKind::kAllToAll, t.sent, t.received);
     nb::gil_scoped_acquire gil;
     return issue("all_to_all", as_array(send, comm::detail::sum_counts(send_counts), dtype),
                  std::vector<size_t>(send_counts.begin(), send_counts.end()),
                  as_array(recv, comm::detail::sum_counts(recv_counts), dtype),
                  std::vector<size_t>(recv_counts.begin(), recv_counts.end()), dtype_name(dtype));
   }
-  comm::WorkPtr send(const void* buf, size_t count, DType dtype, int peer, int tag) override {
-    count_traffic(comm::OpKind::kSend, peer != rank_ ? count * dtype_size(dtype) : 0, 0);
+  comm::WorkPtr start_send(const void* buf, size_t count, DType dtype, int peer, int tag) override {
     nb::gil_scoped_acquire gil;
     return issue("send", as_array(buf, count, dtype), dtype_name(dtype), peer, tag);
   }
-  comm::WorkPtr recv(void* buf, size_t count, DType dtype, int peer, int tag) override {
-    count_traffic(comm::OpKind::kRecv, 0, peer != rank_ ? count * dtype_size(dtype) : 0);
+  comm::WorkPtr start_recv(void* buf, size_t count, DType dtype, int peer, int tag) override {
     nb::gil_scoped_acquire gil;
     return issue("recv", as_array(buf, count, dtype), dtype_name(dtype), peer, tag);
   }
-  comm::WorkPtr sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src,
+  comm::WorkPtr start_sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src,
                          DType dtype, int tag) override {
-    const size_t esz = dtype_size(dtype);
-    count_traffic(comm::OpKind::kSendRecv, dst != rank_ ? send_count * esz : 0, src != rank_ ? recv_count * esz : 0);
     nb::gil_scoped_acquire gil;
     return issue("sendrecv", as_array(send, send_count, dtype), dst, as_array(recv, recv_count, dtype), src,
                  dtype_name(dtype), tag);
   }
-  comm::WorkPtr barrier() override {
-    count_traffic(comm::OpKind::kBarrier, 0, 0);
+  comm::WorkPtr start_barrier() override {
     nb::gil_scoped_acquire gil;
     return issue("barrier");
-  }
-  void abort(const std::string& reason) override {
-    nb::gil_scoped_acquire gil;
-    impl_.attr("abort")(reason);
   }
 
  private:
@@ -327,6 +311,10 @@ NB_MODULE(_C, m) {
             o.routing = shardopt::python::parse_text_proto<so::proto::RoutingRules>(routing, "routing rules");
             o.max_grad_norm = max_grad_norm;
             o.overlap = overlap;
+            // Autograd accumulates into .grad views that persist across backward passes, so the
+            // adapter keeps full-size gradient buffers (GradMemory::kFull, one grad_ready per tensor
+            // per step); ZeRO-2's pooled bucket buffers would need .grad rebound per bucket.
+            o.grad_memory = so::runtime::GradMemory::kFull;
             nb::gil_scoped_release release;
             new (self) PyEngine{std::make_unique<so::runtime::Engine>(comm, std::move(specs), std::move(o))};
           },

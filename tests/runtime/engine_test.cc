@@ -49,6 +49,7 @@ std::string case_name(const testing::TestParamInfo<Case>& info) {
   if (c.accumulation > 1) name += "_acc" + std::to_string(c.accumulation);
   if (c.grad_memory == GradMemory::kFull) name += "_fullgrads";
   if (c.all_buckets_open) name += "_allopen";
+  if (c.state != proto::STATE_F32) name += std::string("_") + optim::state_dtype_name(c.state);
   return name;
 }
 
@@ -250,7 +251,7 @@ std::vector<Case> q8_cases() {
   for (int world : {1, 2, 3, 4})
     for (int stage : {1, 2, 3})
       for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0})
-        for (const char* opt : {"muon", "adamw", "lion"}) cases.push_back({world, stage, layout, opt, proto::STATE_Q8});
+        for (const char* opt : {"muon", "adamw", "lion"}) cases.push_back({.world = world, .stage = stage, .layout = layout, .optimizer = opt, .state = proto::STATE_Q8});
   return cases;
 }
 
@@ -266,7 +267,7 @@ TEST(Engine, CompactStateTracksTheFp32Run) {
     proto::ShardPlan plan;
     const auto f32 = engine_run(specs, {2, 2, proto::SHARD_LAYOUT_OWNED, opt}, 4, &plan)[0];
     for (auto state : {proto::STATE_Q8, proto::STATE_BF16}) {
-      const auto low = engine_run(specs, {2, 2, proto::SHARD_LAYOUT_OWNED, opt, state}, 4)[0];
+      const auto low = engine_run(specs, {.world = 2, .stage = 2, .layout = proto::SHARD_LAYOUT_OWNED, .optimizer = opt, .state = state}, 4)[0];
       for (size_t t = 0; t < specs.size(); ++t) {
         if (plan.tensors(static_cast<int>(t)).muon()) continue;
         double max_move = 0, max_diff = 0;
@@ -292,7 +293,8 @@ TEST(Engine, Q8MomentBytesAreUnderThreeTenthsOfFp32) {
   std::vector<MemoryReport> f32, q8;
   engine_run(specs, {2, 2, proto::SHARD_LAYOUT_OWNED, "muon"}, 1, nullptr, nullptr, &f32);
   proto::ShardPlan plan;
-  engine_run(specs, {2, 2, proto::SHARD_LAYOUT_OWNED, "muon", proto::STATE_Q8}, 1, &plan, nullptr, &q8);
+  engine_run(specs, {.world = 2, .stage = 2, .layout = proto::SHARD_LAYOUT_OWNED, .optimizer = "muon", .state = proto::STATE_Q8}, 1,
+             &plan, nullptr, &q8);
   for (int r = 0; r < 2; ++r) {
     EXPECT_GT(f32[r].moment_bytes, 0);
     EXPECT_LE(static_cast<double>(q8[r].moment_bytes), 0.3 * static_cast<double>(f32[r].moment_bytes)) << r;

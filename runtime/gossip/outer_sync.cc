@@ -102,9 +102,8 @@ OuterSync::OuterSync(Engine& engine, comm::Communicator& cross, GossipOptions op
   momentum_.assign(n, 0.0f);
   read_theta(phi_.data());
   const bool two = options_.mode == SyncMode::kNoLoCo && options_.gamma != options_.alpha;
-  send_.resize(two ? 2 * n : n);
-  recv_.resize(send_.size());
-  acc_.resize(send_.size());
+  exchange_values_ = two ? 2 * n : n;
+  acc_.resize(exchange_values_);
 
   link_broken_.assign(static_cast<size_t>(replicas_), false);
   if (options_.mode == SyncMode::kNoLoCo && options_.private_links && replicas_ > 1) {
@@ -210,12 +209,55 @@ const OuterReport& OuterSync::outer_step() {
   return report_;
 }
 
+void OuterSync::reclaim_released_buffers() {
+  for (auto it = held_.begin(); it != held_.end();) {
+    auto& works = (*it)->works;
+    if (std::all_of(works.begin(), works.end(), [](const comm::WorkPtr& w) { return w->buffers_released(); })) {
+      works.clear();
+      spare_.push_back(std::move(*it));
+      it = held_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+size_t OuterSync::held_exchange_buffers() {
+  reclaim_released_buffers();
+  return held_.size();
+}
+
+OuterSync::ExchangeBuffers& OuterSync::take_exchange_buffers() {
+  if (current_) return *current_;
+  reclaim_released_buffers();
+  if (!spare_.empty()) {
+    current_ = std::move(spare_.back());
+    spare_.pop_back();
+  } else {
+    current_ = std::make_unique<ExchangeBuffers>();
+    current_->send.resize(exchange_values_);
+    current_->recv.resize(exchange_values_);
+  }
+  return *current_;
+}
+
+void OuterSync::return_exchange_buffers(bool abandoned) {
+  if (!current_) return;
+  if (abandoned) {
+    held_.push_back(std::move(current_));
+  } else {
+    current_->works.clear();
+    spare_.push_back(std::move(current_));
+  }
+}
+
 bool OuterSync::exchange(const std::vector<int>& group, size_t values, OuterReport& report) {
   const int n = static_cast<int>(group.size());
   const int pos = static_cast<int>(std::find(group.begin(), group.end(), replica_) - group.begin());
   // Tag by round (mod 2^20) so a late message of an earlier round never matches this one.
   const int tag = static_cast<int>(outer_step_ % kStateTag);
-  std::copy(send_.begin(), send_.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
+  ExchangeBuffers& buf = take_exchange_buffers();
+  std::copy(buf.send.begin(), buf.send.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
   for (int s = 1; s < n; ++s) {  // ring schedule: step s sends to pos+s, receives from pos-s
     const int dst = group[static_cast<size_t>((pos + s) % n)];
     const int src = group[static_cast<size_t>((pos - s + n) % n)];
@@ -228,14 +270,17 @@ bool OuterSync::exchange(const std::vector<int>& group, size_t values, OuterRepo
       int dst_rank = 0, src_rank = 0;
       comm::Communicator& dl = link(dst, dst_rank);
       comm::Communicator& sl = link(src, src_rank);
+      // The handles stay with the buffers: an abandoned exchange is held until they release them.
+      buf.works.clear();
       if (dst == src) {
-        dl.sendrecv(send_.data(), values, dst_rank, recv_.data(), values, src_rank, DType::kF32, tag)
-            ->wait(options_.timeout);
+        buf.works.push_back(
+            dl.sendrecv(buf.send.data(), values, dst_rank, buf.recv.data(), values, src_rank, DType::kF32, tag));
+        buf.works[0]->wait(options_.timeout);
       } else {
-        auto sw = dl.send(send_.data(), values, DType::kF32, dst_rank, tag);
-        auto rw = sl.recv(recv_.data(), values, DType::kF32, src_rank, tag);
-        rw->wait(options_.timeout);
-        sw->wait(options_.timeout);
+        buf.works.push_back(dl.send(buf.send.data(), values, DType::kF32, dst_rank, tag));
+        buf.works.push_back(sl.recv(buf.recv.data(), values, DType::kF32, src_rank, tag));
+        buf.works[1]->wait(options_.timeout);
+        buf.works[0]->wait(options_.timeout);
       }
     } catch (const TimeoutError& e) {
       link_broken_[static_cast<size_t>(dst)] = link_broken_[static_cast<size_t>(src)] = true;
@@ -246,7 +291,7 @@ bool OuterSync::exchange(const std::vector<int>& group, size_t values, OuterRepo
       report.skip_reason = std::string("peer failed: ") + e.what();
       return false;
     }
-    for (size_t i = 0; i < values; ++i) acc_[i] += recv_[i];
+    for (size_t i = 0; i < values; ++i) acc_[i] += buf.recv[i];
   }
   return true;
 }
@@ -258,22 +303,27 @@ void OuterSync::noloco_step(OuterReport& report) {
   const size_t n = static_cast<size_t>(count_);
   const bool one_exchange = options_.gamma == options_.alpha;
   const size_t values = one_exchange ? n : 2 * n;
-  read_theta(send_.data());  // [theta] or [theta | phi]
-  if (!one_exchange) std::copy(phi_.begin(), phi_.end(), send_.begin() + static_cast<ptrdiff_t>(n));
+  ExchangeBuffers& buf = take_exchange_buffers();
+  read_theta(buf.send.data());  // [theta] or [theta | phi]
+  if (!one_exchange) std::copy(phi_.begin(), phi_.end(), buf.send.begin() + static_cast<ptrdiff_t>(n));
+  // Own values, kept here: an abandoned exchange's send buffer is not read again.
+  std::copy(buf.send.begin(), buf.send.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
 
   bool averaged = true;
   if (report.group.size() <= 1) {
     report.skipped = replicas_ > 1;
     if (report.skipped) report.skip_reason = "singleton group";
-    std::copy(send_.begin(), send_.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
+    return_exchange_buffers(false);
   } else {
     const auto t0 = Clock::now();
     averaged = exchange(report.group, values, report);
     report.exchange_seconds = seconds_since(t0);
     if (!averaged) {  // own pseudo-gradient only: G = {self}
       report.skipped = true;
-      std::copy(send_.begin(), send_.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
+      read_theta(acc_.data());
+      if (!one_exchange) std::copy(phi_.begin(), phi_.end(), acc_.begin() + static_cast<ptrdiff_t>(n));
     }
+    return_exchange_buffers(!averaged);
   }
   const double inv = averaged ? 1.0 / static_cast<double>(report.group.size()) : 1.0;
   const double a = options_.alpha, b = options_.beta, c = options_.gamma;
@@ -296,14 +346,21 @@ void OuterSync::diloco_step(OuterReport& report) {
   report.group.resize(static_cast<size_t>(replicas_));
   for (int r = 0; r < replicas_; ++r) report.group[static_cast<size_t>(r)] = r;
   const size_t n = static_cast<size_t>(count_);
-  read_theta(send_.data());
-  for (size_t i = 0; i < n; ++i) send_[i] = phi_[i] - send_[i];  // delta = phi - theta
+  ExchangeBuffers& buf = take_exchange_buffers();
+  float* delta = buf.send.data();
+  read_theta(delta);
+  for (size_t i = 0; i < n; ++i) delta[i] = phi_[i] - delta[i];  // delta = phi - theta
   const auto t0 = Clock::now();
-  if (replicas_ > 1) cross_.all_reduce(send_.data(), send_.data(), n, DType::kF32, comm::ReduceOp::kAvg)->wait();
+  if (replicas_ > 1) {
+    buf.works = {cross_.all_reduce(delta, delta, n, DType::kF32, comm::ReduceOp::kAvg)};
+    buf.works[0]->wait();
+  }
   report.exchange_seconds = seconds_since(t0);
+  std::copy(delta, delta + n, acc_.begin());
+  return_exchange_buffers(false);
   const double lr = options_.diloco_lr, mu = options_.diloco_momentum;
   for (size_t i = 0; i < n; ++i) {
-    const double g = send_[i];
+    const double g = acc_[i];
     const double buf = mu * momentum_[i] + g;
     momentum_[i] = static_cast<float>(buf);
     const double step = options_.diloco_nesterov ? g + mu * buf : buf;
@@ -313,12 +370,13 @@ void OuterSync::diloco_step(OuterReport& report) {
 
 double OuterSync::consensus_distance() {
   const size_t n = static_cast<size_t>(count_);
-  read_theta(recv_.data());
-  std::copy(recv_.begin(), recv_.begin() + static_cast<ptrdiff_t>(n), acc_.begin());
-  cross_.all_reduce(acc_.data(), acc_.data(), n, DType::kF32, comm::ReduceOp::kAvg)->wait();
+  std::vector<float> theta(n), mean(n);  // logging only: its own buffers, never an exchange's
+  read_theta(theta.data());
+  mean = theta;
+  cross_.all_reduce(mean.data(), mean.data(), n, DType::kF32, comm::ReduceOp::kAvg)->wait();
   double local = 0;
   for (size_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(recv_[i]) - acc_[i];
+    const double d = static_cast<double>(theta[i]) - mean[i];
     local += d * d;
   }
   // [sum of squares, numel] summed over replicas and shards.

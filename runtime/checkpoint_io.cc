@@ -60,15 +60,21 @@ struct StateRange {
   float* data;
 };
 
-// Everything this rank holds: master pieces, element-wise slots of its pieces, owned Muon states.
-std::vector<StateRange> my_state_ranges(Engine& engine) {
+// Everything this rank holds: master pieces (and the extra master-like states of the same pieces),
+// element-wise slots of its pieces, owned Muon states.
+std::vector<StateRange> my_state_ranges(Engine& engine, std::span<const MasterLikeState> extra = {}) {
   ShardState& st = engine.shard_state();
   const auto ew_names = elementwise_state_names(engine.elementwise_params());
+  std::vector<int64_t> flat_base(static_cast<size_t>(st.num_buckets()) + 1, 0);  // bucket start in the flat layout
+  for (int b = 0; b < st.num_buckets(); ++b) flat_base[b + 1] = flat_base[b] + st.my_segment(b).count();
   std::vector<StateRange> ranges;
   size_t slice = 0;  // element-wise slices follow my_pieces order, skipping Muon tensors
   for (const LocalPiece& lp : st.my_pieces()) {
     ranges.push_back({lp.tensor, std::string(ckpt::kParamState), lp.tensor_offset, lp.length,
                       st.master_shard(lp.bucket) + lp.segment_offset});
+    for (const MasterLikeState& x : extra)
+      ranges.push_back({lp.tensor, x.name, lp.tensor_offset, lp.length,
+                        x.data + flat_base[static_cast<size_t>(lp.bucket)] + lp.segment_offset});
     if (engine.plan().tensors(lp.tensor).muon()) continue;
     const optim::ElementwiseSlice& s = st.elementwise_slices().at(slice++);
     SHARDOPT_ASSERT(static_cast<int64_t>(s.count) == lp.length, "element-wise slice does not match its piece");
@@ -183,9 +189,9 @@ std::filesystem::path prepare(Engine& engine, const std::filesystem::path& root,
   return tmp;
 }
 
-std::vector<ckpt::SavePiece> save_pieces(Engine& engine) {
+std::vector<ckpt::SavePiece> save_pieces(Engine& engine, std::span<const MasterLikeState> extra = {}) {
   std::vector<ckpt::SavePiece> pieces;
-  for (const StateRange& r : my_state_ranges(engine))
+  for (const StateRange& r : my_state_ranges(engine, extra))
     pieces.push_back(ckpt::SavePiece{engine.spec(static_cast<size_t>(r.tensor)).name(), r.state, r.global_offset,
                                      r.length, DType::kF32, r.data});
   return pieces;
@@ -195,7 +201,7 @@ std::vector<ckpt::SavePiece> save_pieces(Engine& engine) {
 // which writes the manifest and publishes the directory; every rank learns the outcome.
 SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t step, const TrainerState& trainer,
                     const SaveCheckpointOptions& options, std::exception_ptr fault,
-                    const proto::CheckpointShardRecord& record) {
+                    const proto::CheckpointShardRecord& record, std::span<const MasterLikeState> extra = {}) {
   comm::Communicator& comm = engine.comm();
   const std::string what = save_what(root, step);
   SaveResult result;
@@ -235,6 +241,7 @@ SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t s
           if (state == kRowSecondMomentState) shape = {engine.spec(t).shape(0)};
           ckpt::add_state(entry, state, DType::kF32, shape);
         }
+        for (const MasterLikeState& x : extra) ckpt::add_state(entry, x.name, DType::kF32, {});
         info.tensors.push_back(std::move(entry));
       }
       ckpt::finalize_checkpoint(root, info, records, ckpt::FinalizeOptions{options.keep_last});
@@ -250,17 +257,17 @@ SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t s
 }  // namespace
 
 SaveResult save_checkpoint(Engine& engine, const std::filesystem::path& root, const TrainerState& trainer,
-                           const SaveCheckpointOptions& options) {
+                           const SaveCheckpointOptions& options, std::span<const MasterLikeState> extra) {
   const int64_t step = engine.optimizer_step();
   const auto tmp = prepare(engine, root, step);
   std::exception_ptr fault;
   proto::CheckpointShardRecord record;
   try {
-    record = ckpt::save_shard(tmp, engine.comm().rank(), save_pieces(engine));
+    record = ckpt::save_shard(tmp, engine.comm().rank(), save_pieces(engine, extra));
   } catch (...) {
     fault = std::current_exception();
   }
-  return finalize(engine, root, step, trainer, options, fault, record);
+  return finalize(engine, root, step, trainer, options, fault, record, extra);
 }
 
 AsyncCheckpointSaver::AsyncCheckpointSaver(Engine& engine) : engine_(engine) {}
@@ -301,7 +308,17 @@ SaveResult AsyncCheckpointSaver::finish() {
   return finalize(engine_, root_, step_, trainer_, options_, fault, record);
 }
 
-TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir) {
+TrainerState read_trainer_state(const std::filesystem::path& dir) {
+  ckpt::CheckpointReader reader(dir);
+  TrainerState trainer;
+  const auto& rng = reader.manifest().rng();
+  trainer.seed = rng.seed();
+  trainer.data_step = rng.step();
+  for (const auto& [k, v] : rng.extra()) trainer.extra[k] = v;
+  return trainer;
+}
+
+TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir, std::span<const MasterLikeState> extra) {
   struct Commit {
     float* dst;
     size_t staging_offset;
@@ -316,12 +333,16 @@ TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir) {
   try {
     ckpt::CheckpointReader reader(dir);
     std::vector<ckpt::ExpectedTensor> expected;
-    for (size_t t = 0; t < engine.num_tensors(); ++t) expected.push_back({engine.spec(t), states_of(engine, t)});
+    for (size_t t = 0; t < engine.num_tensors(); ++t) {
+      std::vector<std::string> states = states_of(engine, t);
+      for (const MasterLikeState& x : extra) states.push_back(x.name);
+      expected.push_back({engine.spec(t), std::move(states)});
+    }
     // Extra tensors would mean a different model: refuse rather than silently ignore them.
     ckpt::check_compatible(reader.manifest(), expected, dir.string());
 
     // Plan every read before any I/O: a gap fails here, naming the range.
-    const std::vector<StateRange> ranges = my_state_ranges(engine);
+    const std::vector<StateRange> ranges = my_state_ranges(engine, extra);
     size_t total = 0;
     for (const StateRange& r : ranges) {
       const std::string& name = engine.spec(static_cast<size_t>(r.tensor)).name();

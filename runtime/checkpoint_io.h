@@ -5,6 +5,9 @@
 //   "adam_m", "adam_v"         AdamW slots of element-wise tensors
 //   "momentum"                 Lion/SGD slot of element-wise tensors; Muon momentum of matrices
 //   "normuon_row_v"            NorMuon row second moment, shape [rows]
+//   extra states (MasterLikeState)  per-element fp32 states laid out like the master shards, e.g. the
+//                              outer sync's "outer_phi" and "outer_m": saved per tensor in global
+//                              coordinates exactly like "param", so they reshard like it
 // Nothing in a checkpoint depends on world size, stage, layout or buckets: a load reads exactly the
 // ranges its own plan needs, whatever run wrote them.
 //
@@ -16,6 +19,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <span>
 #include <string>
 
 #include "checkpoint/async_saver.h"
@@ -28,6 +32,14 @@ struct TrainerState {
   uint64_t seed = 0;
   int64_t data_step = 0;
   std::map<std::string, std::string> extra;
+};
+
+// A per-element fp32 state kept outside the engine with the master shards' layout: `data` is flat over
+// this rank's master segments in bucket order (ShardState::my_segment(b).count() each, padding
+// included), like OuterSync::phi().
+struct MasterLikeState {
+  std::string name;
+  float* data = nullptr;
 };
 
 struct SaveCheckpointOptions {
@@ -43,8 +55,9 @@ struct SaveResult {
 // Collective. Writes root/ckpt-<optimizer_step>: every rank its own shard file, rank 0 the manifest
 // (world size, plan hash, engine step, trainer state) and the atomic publish. Throws CheckpointError
 // (I/O) or ConfigError on every rank if any rank fails; the previous checkpoint stays the latest.
+// `extra`: states saved next to the engine's (every tensor gets each of them).
 SaveResult save_checkpoint(Engine& engine, const std::filesystem::path& root, const TrainerState& trainer = {},
-                           const SaveCheckpointOptions& options = {});
+                           const SaveCheckpointOptions& options = {}, std::span<const MasterLikeState> extra = {});
 
 // Collective, in two halves so that the file writes overlap training: start() snapshots this rank's
 // state (the only time training waits) and writes the shard file on a background thread; finish()
@@ -79,7 +92,12 @@ class AsyncCheckpointSaver {
 // reads this rank's ranges into staging (CheckpointError on any corrupt or missing byte), and only
 // when every rank has succeeded commits them into the master shards and optimizer states, sets the
 // optimizer step and refreshes the full parameters. On failure no rank's engine state is changed.
-// Returns the trainer state that was saved.
-TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir);
+// Returns the trainer state that was saved. `extra`: states to load as well (ConfigError naming the
+// state when the checkpoint lacks it), committed with the rest.
+TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir,
+                             std::span<const MasterLikeState> extra = {});
+
+// The trainer state of checkpoint `dir` from its manifest alone (not collective, reads no shard).
+TrainerState read_trainer_state(const std::filesystem::path& dir);
 
 }  // namespace shardopt::runtime

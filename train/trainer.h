@@ -135,8 +135,15 @@ struct TrainHooks {
 };
 
 // The checkpoint folder named by --resume: `path` itself when it is a checkpoint, else the latest
-// checkpoint under it; an empty path means the latest under ckpt_dir. ConfigError when none exists.
+// checkpoint under it (for a replicated run's root: the latest of replica-0/); an empty path means the
+// latest under ckpt_dir. ConfigError when none exists.
 std::string resolve_resume_dir(const std::string& path, const std::string& ckpt_dir);
+// Replicated runs (--sync noloco|diloco) save per replica (replicas differ between outer steps):
+// <ckpt-dir>/replica-<r>/ckpt-<step>, with phi and m as extra states and the outer counters.
+std::string replica_checkpoint_root(const std::string& ckpt_dir, int replica);
+// The checkpoint replica `replica` resumes from, given replica 0's (.../replica-0/ckpt-<step>): its
+// sibling .../replica-<replica>/ckpt-<step>; any other folder is shared by every replica.
+std::string replica_checkpoint_dir(const std::string& resume_from, int replica);
 
 // Collective: every rank of `comm` calls it with the same corpus and config.
 TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus, const TrainConfig& config,

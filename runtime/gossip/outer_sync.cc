@@ -159,6 +159,17 @@ void OuterSync::refresh_params() {
   }
 }
 
+void OuterSync::restore_counters(int64_t outer_steps, int64_t inner_steps_since_outer, int64_t skipped_rounds) {
+  if (outer_steps < 0 || skipped_rounds < 0 || inner_steps_since_outer < 0 ||
+      inner_steps_since_outer >= options_.outer_every)
+    throw ConfigError("OuterSync::restore_counters: outer steps " + std::to_string(outer_steps) + ", inner steps " +
+                      std::to_string(inner_steps_since_outer) + " (H = " + std::to_string(options_.outer_every) +
+                      "), skipped " + std::to_string(skipped_rounds) + " are not a saved state");
+  outer_step_ = outer_steps;
+  inner_since_outer_ = inner_steps_since_outer;
+  skipped_ = skipped_rounds;
+}
+
 bool OuterSync::after_inner_step() {
   if (++inner_since_outer_ < options_.outer_every) return false;
   inner_since_outer_ = 0;

@@ -121,6 +121,13 @@ class OuterSync {
   // Flat views over this rank's master shards (bucket order): slow weights and outer momentum.
   float* phi() { return phi_.data(); }
   float* momentum() { return momentum_.data(); }
+  // Checkpoint state names of phi() and momentum() (NoLoCo's m; DiLoCo's momentum buffer).
+  static constexpr const char* kPhiState = "outer_phi";
+  static constexpr const char* kMomentumState = "outer_m";
+  int64_t inner_steps_since_outer() const { return inner_since_outer_; }
+  // Resume: the saved run's counters (its phi and m are loaded into phi() / momentum() separately).
+  // The pairing of the next outer step follows from (seed, outer_steps). Links start unbroken.
+  void restore_counters(int64_t outer_steps, int64_t inner_steps_since_outer, int64_t skipped_rounds);
   // Copies theta (master shards) into dst[shard_numel()] / from src.
   void read_theta(float* dst);
   void write_theta(const float* src);

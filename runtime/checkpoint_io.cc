@@ -308,6 +308,12 @@ SaveResult AsyncCheckpointSaver::finish() {
   return finalize(engine_, root_, step_, trainer_, options_, fault, record);
 }
 
+std::vector<std::span<float>> engine_state_ranges(Engine& engine) {
+  std::vector<std::span<float>> out;
+  for (const StateRange& r : my_state_ranges(engine)) out.emplace_back(r.data, static_cast<size_t>(r.length));
+  return out;
+}
+
 TrainerState read_trainer_state(const std::filesystem::path& dir) {
   ckpt::CheckpointReader reader(dir);
   TrainerState trainer;

@@ -97,6 +97,12 @@ class AsyncCheckpointSaver {
 TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir,
                              std::span<const MasterLikeState> extra = {});
 
+// Every fp32 array of this rank's engine state (master pieces, element-wise optimizer slots, owned Muon
+// states), in the order a save writes them. The list depends only on the plan and this rank's place in
+// it, so two ranks at the same place of two shard groups get matching lists (the outer sync's rejoin
+// copies one onto the other). Not collective.
+std::vector<std::span<float>> engine_state_ranges(Engine& engine);
+
 // The trainer state of checkpoint `dir` from its manifest alone (not collective, reads no shard).
 TrainerState read_trainer_state(const std::filesystem::path& dir);
 

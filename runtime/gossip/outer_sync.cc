@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "base/error.h"
+#include "runtime/checkpoint_io.h"
 
 namespace shardopt::runtime::gossip {
 namespace {
@@ -364,7 +365,23 @@ void OuterSync::diloco_step(OuterReport& report) {
   const auto t0 = Clock::now();
   if (replicas_ > 1) {
     buf.works = {cross_.all_reduce(delta, delta, n, DType::kF32, comm::ReduceOp::kAvg)};
-    buf.works[0]->wait();
+    // A collective cannot be abandoned on MPI (no cancel, no ULFM in OpenMPI 4.1): a failure ends the
+    // job on every replica alike (the cross communicator is aborted, so the others fail fast) with phi,
+    // m and theta untouched; the latest checkpoint is the place to resume from.
+    auto fail = [&](const std::string& what) {
+      return "DiLoCo outer step " + std::to_string(outer_step_) + " stopped: its all-reduce over " +
+             std::to_string(replicas_) + " replicas failed (" + what +
+             "); a collective cannot be abandoned, so the job ends; resume from the latest checkpoint";
+    };
+    try {
+      buf.works[0]->wait(options_.timeout);
+    } catch (const TimeoutError& e) {
+      return_exchange_buffers(true);  // MPI may still write the buffer
+      throw TimeoutError(fail(e.what()));
+    } catch (const PeerError& e) {
+      return_exchange_buffers(true);
+      throw PeerError(fail(e.what()));
+    }
   }
   report.exchange_seconds = seconds_since(t0);
   std::copy(delta, delta + n, acc_.begin());
@@ -398,22 +415,47 @@ double OuterSync::consensus_distance() {
   return numel > 0 ? std::sqrt(sums[0] / (replicas_ * numel)) : 0.0;
 }
 
+namespace {
+// [phi | m | engine state (master pieces and optimizer slots)] of this rank, and the sizes.
+size_t rejoin_values(size_t count, const std::vector<std::span<float>>& engine_state) {
+  size_t n = 2 * count;
+  for (const auto& r : engine_state) n += r.size();
+  return n;
+}
+}  // namespace
+
 void OuterSync::send_state(comm::Communicator& link, int peer, int tag) {
   const size_t n = static_cast<size_t>(count_);
-  std::vector<float> buf(3 * n);  // restart path: not hot
+  const auto engine_state = engine_state_ranges(engine_);
+  std::vector<float> buf(rejoin_values(n, engine_state));  // restart path: not hot
   std::copy(phi_.begin(), phi_.end(), buf.begin());
   std::copy(momentum_.begin(), momentum_.end(), buf.begin() + static_cast<ptrdiff_t>(n));
-  read_theta(buf.data() + 2 * n);
-  link.send(buf.data(), buf.size(), DType::kF32, peer, tag)->wait(options_.timeout);
+  float* dst = buf.data() + 2 * n;
+  for (const auto& r : engine_state) dst = std::copy(r.begin(), r.end(), dst);
+  const int64_t step = engine_.optimizer_step();  // bias corrections and schedules continue from it
+  auto data = link.send(buf.data(), buf.size(), DType::kF32, peer, tag);
+  auto counter = link.send(&step, 1, DType::kI64, peer, tag);
+  data->wait(options_.timeout);
+  counter->wait(options_.timeout);
 }
 
 void OuterSync::receive_state(comm::Communicator& link, int peer, int tag) {
   const size_t n = static_cast<size_t>(count_);
-  std::vector<float> buf(3 * n);
-  link.recv(buf.data(), buf.size(), DType::kF32, peer, tag)->wait(options_.timeout);
+  const auto engine_state = engine_state_ranges(engine_);
+  std::vector<float> buf(rejoin_values(n, engine_state));
+  int64_t step = 0;
+  auto data = link.recv(buf.data(), buf.size(), DType::kF32, peer, tag);
+  auto counter = link.recv(&step, 1, DType::kI64, peer, tag);
+  data->wait(options_.timeout);
+  counter->wait(options_.timeout);
   std::copy(buf.begin(), buf.begin() + static_cast<ptrdiff_t>(n), phi_.begin());
   std::copy(buf.begin() + static_cast<ptrdiff_t>(n), buf.begin() + static_cast<ptrdiff_t>(2 * n), momentum_.begin());
-  write_theta(buf.data() + 2 * n);
+  const float* src = buf.data() + 2 * n;
+  for (const auto& r : engine_state) {
+    std::copy(src, src + r.size(), r.begin());
+    src += r.size();
+  }
+  engine_.set_optimizer_step(step);
   refresh_params();
 }
 

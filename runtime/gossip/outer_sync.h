@@ -138,7 +138,8 @@ class OuterSync {
   // logging: collective on the cross communicator and the shard group (not outer-step traffic).
   double consensus_distance();
 
-  // Restart: the partner sends [phi | m | theta] of its shards, the restarted rank receives them, writes
+  // Restart: the partner sends phi, m and its whole engine state (theta = master shards, the inner
+  // optimizer's moments, the optimizer step) for this shard; the restarted rank receives them, writes
   // them and refreshes its parameters. `link` is any communicator joining the two (peer = its rank there).
   void send_state(comm::Communicator& link, int peer, int tag = 0);
   void receive_state(comm::Communicator& link, int peer, int tag = 0);

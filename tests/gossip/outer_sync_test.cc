@@ -22,6 +22,7 @@
 
 #include "base/error.h"
 #include "comm/thread_backend.h"
+#include "runtime/checkpoint_io.h"
 #include "tests/common/engine_fixture.h"
 #include "tests/gossip/gossip_reference.h"
 
@@ -676,6 +677,8 @@ TEST(FaultTolerance, StalledPartnerThenLateSendLeavesLaterRoundsExact) {
 TEST(FaultTolerance, RejoinCopiesPartnerState) {
   const Model model;
   const int replicas = 2, shards = 2;
+  comm::CommOptions short_waits;
+  short_waits.timeout = std::chrono::milliseconds(20000);  // a failed check on one rank ends the others soon
   comm::run_ranks(replicas * shards, [&](comm::Communicator& world) {
     ReplicaGrid grid = split_replica_grid(world, replicas);
     Engine engine(*grid.shard_group, model.specs, muon_options());
@@ -690,12 +693,30 @@ TEST(FaultTolerance, RejoinCopiesPartnerState) {
       sync.write_theta(theta.data());
       sync.outer_step();
     }
-    // Distinct states on the two replicas: give replica 0 its own momentum/theta drift.
+    // Distinct states on the two replicas: inner steps on replica-dependent gradients (inner moments
+    // and optimizer step differ: replica 0 takes 3 steps, replica 1 one), then its own theta drift.
+    for (int step = 0; step < (grid.replica == 0 ? 3 : 1); ++step) {
+      for (size_t t = 0; t < model.specs.size(); ++t) {
+        for (int64_t i = 0; i < numel(model.specs[t]); ++i)
+          engine.grad(t)[i] = static_cast<float>(std::cos(0.3 * static_cast<double>(i) + grid.replica + step));
+        engine.grad_ready(t);
+      }
+      engine.step();
+    }
     for (size_t i = 0; i < ids.size(); ++i) theta[i] = theta_at(7 + grid.replica, 9, ids[i]);
     sync.write_theta(theta.data());
     sync.refresh_params();
     const int peer = (1 - grid.replica) * shards + grid.shard;  // same shard, other replica (world rank)
+    auto inner_state = [&] {  // every optimizer slot of this rank, concatenated
+      std::vector<float> all;
+      for (const auto& r : engine_state_ranges(engine)) all.insert(all.end(), r.begin(), r.end());
+      return all;
+    };
     if (grid.replica == 0) {
+      const std::vector<float> mine_inner = inner_state();
+      const int64_t step = engine.optimizer_step();
+      world.send(mine_inner.data(), mine_inner.size(), DType::kF32, peer, 5)->wait();
+      world.send(&step, 1, DType::kI64, peer, 6)->wait();
       sync.send_state(world, peer, 3);
       std::vector<float> mine(3 * ids.size());
       std::copy(sync.phi(), sync.phi() + ids.size(), mine.begin());
@@ -703,9 +724,16 @@ TEST(FaultTolerance, RejoinCopiesPartnerState) {
       sync.read_theta(mine.data() + 2 * ids.size());
       world.send(mine.data(), mine.size(), DType::kF32, peer, 4)->wait();
     } else {
+      std::vector<float> partner_inner(inner_state().size());
+      int64_t partner_step = -1;
+      world.recv(partner_inner.data(), partner_inner.size(), DType::kF32, peer, 5)->wait();
+      world.recv(&partner_step, 1, DType::kI64, peer, 6)->wait();
+      ASSERT_NE(inner_state(), partner_inner) << "the replicas' inner states must differ before the rejoin";
       std::fill(sync.phi(), sync.phi() + ids.size(), 0.0f);  // "restarted": state lost
       std::fill(sync.momentum(), sync.momentum() + ids.size(), 0.0f);
       sync.receive_state(world, peer, 3);
+      EXPECT_EQ(inner_state(), partner_inner) << "inner optimizer state (moments) copied";
+      EXPECT_EQ(engine.optimizer_step(), partner_step);
       std::vector<float> expected(3 * ids.size());
       world.recv(expected.data(), expected.size(), DType::kF32, peer, 4)->wait();
       sync.read_theta(theta.data());
@@ -725,7 +753,46 @@ TEST(FaultTolerance, RejoinCopiesPartnerState) {
       world.sendrecv(engine.param(t), n, peer, other.data(), n, peer, DType::kF32, 10 + static_cast<int>(t))->wait();
       for (size_t i = 0; i < n; ++i) ASSERT_EQ(engine.param(t)[i], other[i]) << model.specs[t].name();
     }
+  }, short_waits);
+}
+
+// DiLoCo's all-reduce cannot be abandoned on MPI, so a replica that stalls past the timeout ends the
+// outer step on every replica with a typed error naming DiLoCo and the outer step, within about the
+// timeout, and leaves phi, m and theta as they were (the latest checkpoint stays the resume point).
+TEST(FaultTolerance, DiLoCoTimeoutEndsEveryReplicaWithANamedErrorAndUntouchedState) {
+  const int replicas = 3, victim = 2;
+  GossipOptions o;
+  o.mode = SyncMode::kDiLoCo;
+  o.timeout = std::chrono::milliseconds(150);
+  std::atomic<int> named_errors{0};
+  const auto t0 = std::chrono::steady_clock::now();
+  comm::run_ranks(replicas, [&](comm::Communicator& world) {
+    ReplicaGrid grid = split_replica_grid(world, replicas);
+    const Model model;
+    Engine engine(*grid.shard_group, model.specs, muon_options());
+    OuterSync sync(engine, *grid.cross, o);
+    const auto ids = flat_ids(engine, model);
+    std::vector<float> theta(ids.size()), after(ids.size());
+    for (size_t i = 0; i < ids.size(); ++i) theta[i] = theta_at(grid.replica, 0, ids[i]);
+    sync.write_theta(theta.data());
+    const std::vector<float> phi_before(sync.phi(), sync.phi() + ids.size());
+    if (grid.replica == victim) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    try {
+      sync.outer_step();
+      ADD_FAILURE() << "replica " << grid.replica << ": the outer step should have failed";
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      EXPECT_TRUE(dynamic_cast<const TimeoutError*>(&e) || dynamic_cast<const PeerError*>(&e)) << what;
+      EXPECT_NE(what.find("DiLoCo outer step 0 stopped"), std::string::npos) << what;
+      ++named_errors;
+    }
+    sync.read_theta(after.data());
+    EXPECT_EQ(after, theta) << "theta untouched";
+    EXPECT_EQ(std::vector<float>(sync.phi(), sync.phi() + ids.size()), phi_before) << "phi untouched";
+    for (size_t i = 0; i < ids.size(); ++i) ASSERT_EQ(sync.momentum()[i], 0.0f) << "m untouched";
   });
+  EXPECT_EQ(named_errors.load(), replicas);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
 }
 
 TEST(Config, MismatchedShardsAndBadOptionsAreTypedErrors) {

@@ -1,5 +1,6 @@
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -202,6 +203,8 @@ std::string progress_line(const StepRecord& r, const TrainConfig& c, double toke
                       tokens_per_second / 1e3, r.bytes_per_rank / 1e6);
   if (r.outer_step)
     line += fmt::format("  outer step: consensus {:.3e}, {} skipped rounds", r.consensus_distance, r.skipped_rounds);
+  if (r.slowest_rank >= 0)
+    line += fmt::format("  slowest rank {} ({:.2f}x median)", r.slowest_rank, r.slowest_over_median);
   if (!r.applied) line += "  (skipped: non-finite gradients)";
   return line;
 }
@@ -348,6 +351,9 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     return sent;
   };
   uint64_t sent_at_last_step = bytes_sent_so_far();
+  std::vector<double> my_step_seconds, seconds_by_rank(static_cast<size_t>(world));
+  std::vector<float> loss_and_seconds(2 * static_cast<size_t>(world));
+  const std::vector<size_t> two_per_rank(static_cast<size_t>(world), 2);
 
   for (int64_t step = first_step; step <= config.steps; ++step) {
     trace.enable(config.trace_steps > 0 && step > config.steps - config.trace_steps);
@@ -356,6 +362,7 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     bind();
     double loss_sum = 0;
     const auto compute_start = Clock::now();
+    if (hooks.before_step) hooks.before_step(rank, step);
     for (int k = 0; k < config.grad_accumulation; ++k) {
       sampler.train_batch((step - 1) * config.grad_accumulation + k, batch);
       {
@@ -369,7 +376,8 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
       net.backward(bindings, k == 0 ? model::GradMode::kOverwrite : model::GradMode::kAccumulate,
                    last ? announce : model::GradReadyFn{});
     }
-    result.compute_seconds += seconds_since(compute_start);
+    const double step_compute_seconds = seconds_since(compute_start);
+    result.compute_seconds += step_compute_seconds;
     if (stage3) engine.release_all();
 
     StepRecord record;
@@ -378,9 +386,29 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     const SyncOutcome synced =
         sync_step(config.sync, engine, outer.get(), step, static_cast<float>(record.lr_multiplier));
     const runtime::StepReport& report = synced.report;
-    float local_loss = static_cast<float>(loss_sum / config.grad_accumulation), mean_loss = 0;
-    comm.all_reduce(&local_loss, &mean_loss, 1, DType::kF32, comm::ReduceOp::kAvg)->wait();
-    record.train_loss = mean_loss;
+    // One all-gather of [loss, compute seconds]: the mean loss and the straggler report. The straggler
+    // signal is forward + backward, the part each rank does alone (the others' wait for a straggler
+    // lands in their sync time, which would make every rank look equally slow).
+    const float mine[2] = {static_cast<float>(loss_sum / config.grad_accumulation),
+                           static_cast<float>(step_compute_seconds)};
+    my_step_seconds.push_back(mine[1]);
+    comm.all_gather(mine, loss_and_seconds.data(), two_per_rank, DType::kF32)->wait();
+    double loss_total = 0;
+    for (int r = 0; r < world; ++r) {
+      loss_total += loss_and_seconds[2 * r];
+      seconds_by_rank[r] = loss_and_seconds[2 * r + 1];
+    }
+    record.train_loss = static_cast<float>(loss_total / world);
+    {
+      std::vector<double> sorted = seconds_by_rank;
+      std::sort(sorted.begin(), sorted.end());
+      const double median = 0.5 * (sorted[(world - 1) / 2] + sorted[world / 2]);
+      const auto slowest = std::max_element(seconds_by_rank.begin(), seconds_by_rank.end()) - seconds_by_rank.begin();
+      if (world > 1 && median > 0 && seconds_by_rank[slowest] > 1.2 * median) {
+        record.slowest_rank = static_cast<int>(slowest);
+        record.slowest_over_median = seconds_by_rank[slowest] / median;
+      }
+    }
     record.applied = report.applied;
     record.grad_norm = report.grad_norm;
     const uint64_t sent_now = bytes_sent_so_far();
@@ -430,6 +458,20 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   result.skipped_rounds = outer ? outer->skipped_rounds() : 0;
   result.final_val_loss = result.history.back().val_loss;
   trace.enable(false);
+
+  // Every rank's per-step compute-time percentiles (nearest rank), all-gathered.
+  {
+    std::vector<double> sorted = my_step_seconds;
+    std::sort(sorted.begin(), sorted.end());
+    auto pct = [&](double q) {
+      const auto k = static_cast<size_t>(std::ceil(q * static_cast<double>(sorted.size())));
+      return sorted[std::min(sorted.size() - 1, k == 0 ? 0 : k - 1)];
+    };
+    const float mine[3] = {static_cast<float>(pct(0.5)), static_cast<float>(pct(0.9)), static_cast<float>(sorted.back())};
+    std::vector<float> all(3 * static_cast<size_t>(world));
+    comm.all_gather(mine, all.data(), std::vector<size_t>(static_cast<size_t>(world), 3), DType::kF32)->wait();
+    for (int r = 0; r < world; ++r) result.step_compute_seconds_by_rank.push_back({all[3 * r], all[3 * r + 1], all[3 * r + 2]});
+  }
 
   // Every rank's memory, all-gathered as int64 fields (same layout on every rank).
   result.memory = engine.memory();

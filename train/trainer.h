@@ -96,7 +96,7 @@ struct StepRecord {
   double val_loss = std::numeric_limits<double>::quiet_NaN();  // NaN when not evaluated at this step
   double lr_multiplier = 0;
   int64_t tokens = 0;          // tokens seen so far, all ranks
-  uint64_t bytes_per_rank = 0;  // bytes this rank sent during the step (engine + loss all-reduce)
+  uint64_t bytes_per_rank = 0;  // bytes this rank sent during the step (engine + loss/time all-gather)
   double seconds = 0;           // wall time of the step on this rank
   double grad_norm = 0;
   bool applied = true;
@@ -104,6 +104,16 @@ struct StepRecord {
   // Consensus distance of the replicas' fast weights just before the outer step (NaN when none ran).
   double consensus_distance = std::numeric_limits<double>::quiet_NaN();
   int64_t skipped_rounds = 0;  // outer rounds skipped so far (this rank)
+  // Straggler: the rank whose forward + backward of this step took longest, when that is > 1.2 x the
+  // median rank's (-1: none); and that ratio. (Compute time, not step time: in a synchronous step the
+  // other ranks' wait for a straggler shows as their sync time.)
+  int slowest_rank = -1;
+  double slowest_over_median = 0;
+};
+
+// One rank's per-step forward + backward seconds over the run: percentiles by nearest rank.
+struct StepTimeStats {
+  double p50 = 0, p90 = 0, max = 0;
 };
 
 struct TrainResult {
@@ -115,6 +125,7 @@ struct TrainResult {
   double compute_seconds = 0;         // forward + backward, summed (this rank)
   runtime::MemoryReport memory;       // this rank
   std::vector<runtime::MemoryReport> memory_by_rank;  // every rank's (all-gathered)
+  std::vector<StepTimeStats> step_compute_seconds_by_rank;  // every rank's (all-gathered)
   std::string sample;                                 // generated text (rank 0)
   runtime::TraceRecorder trace;                       // this rank's last trace_steps steps
   std::vector<std::vector<float>> final_params;       // full parameters (only with keep_params)
@@ -131,6 +142,8 @@ struct TrainResult {
 struct TrainHooks {
   // Called on rank 0 after each step (progress display).
   std::function<void(const StepRecord&, const TrainConfig&)> on_step;
+  // Called on every rank before each step's forward pass (tests: inject a straggler).
+  std::function<void(int rank, int64_t step)> before_step;
   bool keep_params = false;  // fill TrainResult::final_params (tests)
 };
 

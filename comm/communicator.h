@@ -69,6 +69,12 @@ class Work {
   virtual void wait() = 0;
   // Non-blocking: true once the operation finished (successfully or not).
   virtual bool done() = 0;
+  // Non-blocking: true once the backend will never read or write this operation's buffers again, so
+  // the caller may reuse or free them. After success this is done(); after a failure (timeout, abort)
+  // a backend that cannot take a started transfer back (MPI) keeps it false until its requests
+  // complete or are cancelled. A caller that abandons a failed operation keeps its buffers (and this
+  // handle) until then.
+  virtual bool buffers_released() { return done(); }
   // The failure of a finished operation, or nullptr.
   virtual std::exception_ptr error() const = 0;
   // Sequence number of the operation on its communicator (0, 1, 2, ... in issue order).

@@ -195,7 +195,22 @@ class Core {
     if (op.state != MpiOp::State::kPending) return;
     op.state = MpiOp::State::kFailed;
     op.error = std::move(error);
+    // A receive that no message matched yet can be taken back: cancel it, so a late message from the
+    // peer never lands in the caller's buffer. (Sends and collectives cannot be cancelled.)
+    if (op.issued && !op.collective && op.kind != OpKind::kSend && !op.data_reqs.empty() &&
+        op.data_reqs.back() != MPI_REQUEST_NULL)
+      MPI_Cancel(&op.data_reqs.back());
     // Requests still inside MPI may write into the scratch buffers: keep them with the op.
+  }
+
+  // True once MPI holds none of the op's buffers: finished, never issued, or every data request
+  // completed or was cancelled (MPI_Testall frees them).
+  bool buffers_released_locked(MpiOp& op) {
+    if (op.state == MpiOp::State::kPending) return false;
+    if (op.state == MpiOp::State::kDone || !op.issued || op.data_reqs.empty()) return true;
+    int flag = 0;
+    MPI_Testall(static_cast<int>(op.data_reqs.size()), op.data_reqs.data(), &flag, MPI_STATUSES_IGNORE);
+    return flag != 0;
   }
 
   void poll_abort_locked() {
@@ -305,6 +320,11 @@ class MpiWork final : public Work {
     std::lock_guard lk(mpi_mutex());
     if (op_->state == MpiOp::State::kPending) core_->progress_locked();
     return op_->state != MpiOp::State::kPending;
+  }
+  bool buffers_released() override {
+    std::lock_guard lk(mpi_mutex());
+    if (op_->state == MpiOp::State::kPending) core_->progress_locked();
+    return core_->buffers_released_locked(*op_);
   }
   std::exception_ptr error() const override {
     std::lock_guard lk(mpi_mutex());

@@ -25,9 +25,12 @@
 // timeouts cannot name the ranks that never arrived (the checked wrapper's can).
 //
 // Failures: a timeout or abort() sends an abort notice to every peer on a control communicator, so
-// their pending and future operations fail fast with PeerError (DesyncError for a desync). MPI
-// cannot cancel a started collective: after a failure, buffers of abandoned operations may still
-// be written by MPI, and the process should give up on the communicator (and normally exit). A rank
+// their pending and future operations fail fast with PeerError (DesyncError for a desync). A failed
+// receive (recv, sendrecv) is cancelled (MPI_Cancel: it succeeds while no message matched it yet).
+// MPI cannot cancel a started collective or a send: after a failure, buffers of abandoned
+// operations may still be read or written by MPI until Work::buffers_released() turns true (their
+// requests completed or were cancelled); keep them until then, or for good. After a failed
+// collective the process should give up on the communicator (and normally exit). A rank
 // that dies under mpirun ends the job (mpirun's default); the timeouts bound the wait otherwise.
 // Errors returned by MPI (MPI_ERRORS_RETURN on the duplicates) raise PeerError.
 #pragma once

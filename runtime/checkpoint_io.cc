@@ -167,14 +167,19 @@ std::vector<std::string> engine_states_of(Engine& engine, size_t t) {
   return states;
 }
 
-std::vector<StateRange> engine_state_ranges(Engine& engine) {
+std::vector<StateRange> engine_state_ranges(Engine& engine, std::span<const MasterLikeState> extra) {
   ShardState& st = engine.shard_state();
   const auto ew_names = elementwise_state_names(engine.elementwise_params());
+  std::vector<int64_t> flat_base(static_cast<size_t>(st.num_buckets()) + 1, 0);  // bucket start in the flat layout
+  for (int b = 0; b < st.num_buckets(); ++b) flat_base[b + 1] = flat_base[b] + st.my_segment(b).count();
   std::vector<StateRange> ranges;
   size_t slice = 0;  // element-wise slices follow my_pieces order, skipping Muon tensors
   for (const LocalPiece& lp : st.my_pieces()) {
     ranges.push_back({lp.tensor, std::string(ckpt::kParamState), lp.tensor_offset, lp.length,
                       st.master_shard(lp.bucket) + lp.segment_offset});
+    for (const MasterLikeState& x : extra)
+      ranges.push_back({lp.tensor, x.name, lp.tensor_offset, lp.length,
+                        x.data + flat_base[static_cast<size_t>(lp.bucket)] + lp.segment_offset});
     if (engine.plan().tensors(lp.tensor).muon()) continue;
     const size_t index = slice++;
     const optim::ElementwiseSlice& s = st.elementwise_slices().at(index);
@@ -224,9 +229,9 @@ std::filesystem::path prepare(Engine& engine, const std::filesystem::path& root,
   return tmp;
 }
 
-std::vector<ckpt::SavePiece> save_pieces(Engine& engine) {
+std::vector<ckpt::SavePiece> save_pieces(Engine& engine, std::span<const MasterLikeState> extra = {}) {
   std::vector<ckpt::SavePiece> pieces;
-  for (const StateRange& r : engine_state_ranges(engine)) {
+  for (const StateRange& r : engine_state_ranges(engine, extra)) {
     const std::string& name = engine.spec(static_cast<size_t>(r.tensor)).name();
     if (r.data != nullptr) {
       pieces.push_back(ckpt::SavePiece{name, r.state, r.global_offset, r.length, DType::kF32, r.data});
@@ -247,7 +252,7 @@ std::vector<ckpt::SavePiece> save_pieces(Engine& engine) {
 // which writes the manifest and publishes the directory; every rank learns the outcome.
 SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t step, const TrainerState& trainer,
                     const SaveCheckpointOptions& options, std::exception_ptr fault,
-                    const proto::CheckpointShardRecord& record) {
+                    const proto::CheckpointShardRecord& record, std::span<const MasterLikeState> extra = {}) {
   comm::Communicator& comm = engine.comm();
   const std::string what = save_what(root, step);
   SaveResult result;
@@ -294,6 +299,7 @@ SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t s
             ckpt::add_state(entry, absmax_state(state), DType::kF32,
                             {optim::q8_num_blocks(sharding::tensor_numel(engine.spec(t)))});
         }
+        for (const MasterLikeState& x : extra) ckpt::add_state(entry, x.name, DType::kF32, {});
         info.tensors.push_back(std::move(entry));
       }
       ckpt::finalize_checkpoint(root, info, records, ckpt::FinalizeOptions{options.keep_last});
@@ -309,17 +315,17 @@ SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t s
 }  // namespace
 
 SaveResult save_checkpoint(Engine& engine, const std::filesystem::path& root, const TrainerState& trainer,
-                           const SaveCheckpointOptions& options) {
+                           const SaveCheckpointOptions& options, std::span<const MasterLikeState> extra) {
   const int64_t step = engine.optimizer_step();
   const auto tmp = prepare(engine, root, step);
   std::exception_ptr fault;
   proto::CheckpointShardRecord record;
   try {
-    record = ckpt::save_shard(tmp, engine.comm().rank(), save_pieces(engine));
+    record = ckpt::save_shard(tmp, engine.comm().rank(), save_pieces(engine, extra));
   } catch (...) {
     fault = std::current_exception();
   }
-  return finalize(engine, root, step, trainer, options, fault, record);
+  return finalize(engine, root, step, trainer, options, fault, record, extra);
 }
 
 AsyncCheckpointSaver::AsyncCheckpointSaver(Engine& engine) : engine_(engine) {}
@@ -360,7 +366,28 @@ SaveResult AsyncCheckpointSaver::finish() {
   return finalize(engine_, root_, step_, trainer_, options_, fault, record);
 }
 
-TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir) {
+std::vector<std::span<float>> engine_state_arrays(Engine& engine) {
+  std::vector<std::span<float>> out;
+  for (const StateRange& r : engine_state_ranges(engine)) {
+    if (r.data == nullptr)
+      throw ConfigError("engine_state_arrays: tensor '" + engine.spec(static_cast<size_t>(r.tensor)).name() +
+                        "' state '" + r.state + "' is stored compact (bf16/q8); only fp32 state travels as arrays");
+    out.emplace_back(r.data, static_cast<size_t>(r.length));
+  }
+  return out;
+}
+
+TrainerState read_trainer_state(const std::filesystem::path& dir) {
+  ckpt::CheckpointReader reader(dir);
+  TrainerState trainer;
+  const auto& rng = reader.manifest().rng();
+  trainer.seed = rng.seed();
+  trainer.data_step = rng.step();
+  for (const auto& [k, v] : rng.extra()) trainer.extra[k] = v;
+  return trainer;
+}
+
+TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir, std::span<const MasterLikeState> extra) {
   // Staging holds, per range, either the engine's own storage bytes (the checkpoint has the same
   // dtype: copied as is, bit-identical) or fp32 values decoded from another dtype (encoded into the
   // engine's storage at commit: the state-dtype conversion).
@@ -385,12 +412,16 @@ TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir) {
   try {
     ckpt::CheckpointReader reader(dir);
     std::vector<ckpt::ExpectedTensor> expected;
-    for (size_t t = 0; t < engine.num_tensors(); ++t) expected.push_back({engine.spec(t), engine_states_of(engine, t)});
+    for (size_t t = 0; t < engine.num_tensors(); ++t) {
+      std::vector<std::string> states = engine_states_of(engine, t);
+      for (const MasterLikeState& x : extra) states.push_back(x.name);
+      expected.push_back({engine.spec(t), std::move(states)});
+    }
     // Extra tensors would mean a different model: refuse rather than silently ignore them.
     ckpt::check_compatible(reader.manifest(), expected, dir.string());
 
     // Plan every read before any I/O: a gap fails here, naming the range.
-    const std::vector<StateRange> ranges = engine_state_ranges(engine);
+    const std::vector<StateRange> ranges = engine_state_ranges(engine, extra);
     for (const StateRange& r : ranges) {
       const std::string& name = engine.spec(static_cast<size_t>(r.tensor)).name();
       const auto& info = reader.state_info(name, r.state);

@@ -10,6 +10,9 @@
 // [ceil(numel/256)]); every piece CRC-checked like the rest. A load into another state dtype decodes
 // the stored one and encodes the engine's (one log line on rank 0 names the conversions); the same
 // dtype is copied byte for byte, so a q8 run resumed at any world size continues bit-identically.
+//   extra states (MasterLikeState)  per-element fp32 states laid out like the master shards, e.g. the
+//                              outer sync's "outer_phi" and "outer_m": saved per tensor in global
+//                              coordinates exactly like "param", so they reshard like it
 // Nothing in a checkpoint depends on world size, stage, layout or buckets: a load reads exactly the
 // ranges its own plan needs, whatever run wrote them.
 //
@@ -21,6 +24,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -45,9 +49,18 @@ struct StateRange {
   optim::CompactState compact = {};
 };
 
-// Everything this rank holds: master pieces, element-wise slots of its pieces, owned Muon states.
-// Over all ranks every element of every (tensor, state) appears exactly once.
-std::vector<StateRange> engine_state_ranges(Engine& engine);
+// A per-element fp32 state kept outside the engine with the master shards' layout: `data` is flat over
+// this rank's master segments in bucket order (ShardState::my_segment(b).count() each, padding
+// included), like OuterSync::phi().
+struct MasterLikeState {
+  std::string name;
+  float* data = nullptr;
+};
+
+// Everything this rank holds: master pieces (and `extra` states laid out like them), element-wise slots
+// of its pieces, owned Muon states. Over all ranks every element of every (tensor, state) appears
+// exactly once.
+std::vector<StateRange> engine_state_ranges(Engine& engine, std::span<const MasterLikeState> extra = {});
 
 // Trainer state stored next to the engine's: the RNG seed, the data loader position, anything else.
 struct TrainerState {
@@ -69,8 +82,9 @@ struct SaveResult {
 // Collective. Writes root/ckpt-<optimizer_step>: every rank its own shard file, rank 0 the manifest
 // (world size, plan hash, engine step, trainer state) and the atomic publish. Throws CheckpointError
 // (I/O) or ConfigError on every rank if any rank fails; the previous checkpoint stays the latest.
+// `extra`: states saved next to the engine's (every tensor gets each of them).
 SaveResult save_checkpoint(Engine& engine, const std::filesystem::path& root, const TrainerState& trainer = {},
-                           const SaveCheckpointOptions& options = {});
+                           const SaveCheckpointOptions& options = {}, std::span<const MasterLikeState> extra = {});
 
 // Collective, in two halves so that the file writes overlap training: start() snapshots this rank's
 // state (the only time training waits) and writes the shard file on a background thread; finish()
@@ -105,7 +119,18 @@ class AsyncCheckpointSaver {
 // reads this rank's ranges into staging (CheckpointError on any corrupt or missing byte), and only
 // when every rank has succeeded commits them into the master shards and optimizer states, sets the
 // optimizer step and refreshes the full parameters. On failure no rank's engine state is changed.
-// Returns the trainer state that was saved.
-TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir);
+// Returns the trainer state that was saved. `extra`: states to load as well (ConfigError naming the
+// state when the checkpoint lacks it), committed with the rest.
+TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir,
+                             std::span<const MasterLikeState> extra = {});
+
+// Every fp32 array of this rank's engine state (master pieces, element-wise optimizer slots, owned Muon
+// states), in the order a save writes them. The list depends only on the plan and this rank's place in
+// it, so two ranks at the same place of two shard groups get matching lists (the outer sync's rejoin
+// copies one onto the other). Not collective. ConfigError when a state is stored compact (bf16/q8).
+std::vector<std::span<float>> engine_state_arrays(Engine& engine);
+
+// The trainer state of checkpoint `dir` from its manifest alone (not collective, reads no shard).
+TrainerState read_trainer_state(const std::filesystem::path& dir);
 
 }  // namespace shardopt::runtime

@@ -145,6 +145,10 @@ std::vector<std::string> write_run_outputs(const std::string& dir, const TrainCo
                                          {"params", m.param_bytes},
                                          {"grad_buffer", m.grad_buffer_bytes},
                                          {"grad_shard", m.grad_shard_bytes}});
+  for (size_t rank = 0; rank < r.step_compute_seconds_by_rank.size(); ++rank) {
+    const StepTimeStats& t = r.step_compute_seconds_by_rank[rank];
+    j["step_compute_seconds_by_rank"].push_back({{"rank", rank}, {"p50", t.p50}, {"p90", t.p90}, {"max", t.max}});
+  }
   j["sample"] = r.sample;  // raw bytes: dump() below writes invalid UTF-8 as U+FFFD
   const std::string summary_path = dir + "/summary.json";
   // Samples may hold any byte: invalid UTF-8 is replaced, not an exception.

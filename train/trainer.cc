@@ -129,11 +129,24 @@ SyncMode parse_sync_mode(const std::string& name) {
   throw ConfigError("--sync: expected one of {zero, noloco, diloco}, got '" + name + "'");
 }
 
+std::string replica_checkpoint_root(const std::string& ckpt_dir, int replica) {
+  return (std::filesystem::path(ckpt_dir) / ("replica-" + std::to_string(replica))).string();
+}
+
+std::string replica_checkpoint_dir(const std::string& resume_from, int replica) {
+  const std::filesystem::path dir(resume_from);
+  const std::string parent = dir.parent_path().filename().string();
+  if (parent.rfind("replica-", 0) != 0) return resume_from;  // one checkpoint for every replica
+  return (dir.parent_path().parent_path() / ("replica-" + std::to_string(replica)) / dir.filename()).string();
+}
+
 std::string resolve_resume_dir(const std::string& path, const std::string& ckpt_dir) {
   const std::string root = path.empty() ? ckpt_dir : path;
   if (root.empty()) throw ConfigError("--resume: no folder given and no --ckpt-dir to take the latest checkpoint from");
   if (std::filesystem::exists(std::filesystem::path(root) / "manifest.pb")) return root;  // a checkpoint itself
   if (auto latest = ckpt::latest_checkpoint(root)) return latest->string();
+  // A replicated run's root: replica 0's latest names the step every replica resumes from.
+  if (auto latest = ckpt::latest_checkpoint(replica_checkpoint_root(root, 0))) return latest->string();
   throw ConfigError("--resume: '" + root + "' is neither a checkpoint folder (no manifest.pb) nor a root holding " +
                     "complete ckpt-<step> checkpoints");
 }
@@ -190,10 +203,6 @@ void TrainConfig::validate(int world_size) const {
   need(keep_last >= 0, "train: --keep-last must be >= 0, got " + std::to_string(keep_last));
   need(save_every == 0 || !ckpt_dir.empty(), "train: --save-every " + std::to_string(save_every) +
                                                  " needs --ckpt-dir (where to write the checkpoints)");
-  need(save_every == 0 || !replicated,
-       "train: --save-every with --sync " + sync_mode_name(sync) +
-           " is refused: checkpoints do not hold the gossip state (slow weights phi, outer momentum m) yet; " +
-           "save with --sync zero (resuming into noloco/diloco from it is allowed: phi := theta, m := 0)");
 }
 
 float lr_multiplier(const TrainConfig& c, int64_t step) {
@@ -212,6 +221,8 @@ std::string progress_line(const StepRecord& r, const TrainConfig& c, double toke
                       tokens_per_second / 1e3, r.bytes_per_rank / 1e6);
   if (r.outer_step)
     line += fmt::format("  outer step: consensus {:.3e}, {} skipped rounds", r.consensus_distance, r.skipped_rounds);
+  if (r.slowest_rank >= 0)
+    line += fmt::format("  slowest rank {} ({:.2f}x median)", r.slowest_rank, r.slowest_over_median);
   if (!r.applied) line += "  (skipped: non-finite gradients)";
   return line;
 }
@@ -246,9 +257,68 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
 
   TrainResult result;
   int64_t first_step = 1;
+  std::unique_ptr<runtime::gossip::OuterSync> outer;
+  auto make_outer = [&] {
+    outer = std::make_unique<runtime::gossip::OuterSync>(engine, *grid.cross, gossip_options(config));
+  };
+  // Per-replica checkpoints (replicas diverge between outer steps): <ckpt-dir>/replica-<r>/ckpt-<step>,
+  // each with the replica's phi and m as extra states and the outer counters in the trainer state.
+  auto outer_states = [&]() -> std::vector<runtime::MasterLikeState> {
+    if (!outer) return {};
+    return {{runtime::gossip::OuterSync::kPhiState, outer->phi()},
+            {runtime::gossip::OuterSync::kMomentumState, outer->momentum()}};
+  };
   if (!config.resume_from.empty()) {
-    // Every replica loads the same checkpoint (each into its own shard group's engine).
-    const runtime::TrainerState saved = runtime::load_checkpoint(engine, config.resume_from);
+    // A failure on one replica must reach every rank (the replicas are joined by the outer step only).
+    auto agree_world = [&](std::exception_ptr fault, const std::string& what) {
+      int32_t mine = fault ? 1 : 0, any = 0;
+      comm.all_reduce(&mine, &any, 1, DType::kI32, comm::ReduceOp::kMax)->wait();
+      if (fault) std::rethrow_exception(fault);
+      if (any) throw CheckpointError("train: " + what + " failed on another replica (see its error)");
+    };
+    const std::string dir = replicated ? replica_checkpoint_dir(config.resume_from, grid.replica) : config.resume_from;
+    runtime::TrainerState meta;
+    std::exception_ptr fault;
+    try {
+      // Replica 0's manifest first: a replica count that differs from the saved one is named as such
+      // rather than as a missing replica-<r> folder.
+      meta = runtime::read_trainer_state(replicated ? replica_checkpoint_dir(config.resume_from, 0) : dir);
+      if (replicated && meta.extra.count("replicas") && meta.extra.at("replicas") != std::to_string(config.replicas))
+        throw ConfigError("train: checkpoint " + config.resume_from + " was written by " + meta.extra.at("replicas") +
+                          " replicas; resume it with --replicas " + meta.extra.at("replicas") + " (got " +
+                          std::to_string(config.replicas) + ")");
+      if (dir != config.resume_from || replicated) meta = runtime::read_trainer_state(dir);
+    } catch (...) {
+      fault = std::current_exception();
+    }
+    agree_world(fault, "reading checkpoint " + dir);
+    // A checkpoint of a replicated run holds phi, m and the outer counters; one of --sync zero does not
+    // (then phi := theta, m := 0 after the load).
+    const bool has_outer = replicated && meta.extra.count("outer_steps") > 0;
+    // The pairing seed is the run's seed: adopt the saved one before the outer sync is built.
+    if (has_outer) {
+      config.seed = meta.seed;
+      make_outer();
+    }
+    runtime::TrainerState saved;
+    try {
+      saved = runtime::load_checkpoint(engine, dir, outer_states());
+    } catch (...) {
+      fault = std::current_exception();
+    }
+    agree_world(fault, "loading checkpoint " + dir);
+    if (replicated) {  // every replica resumes at the same step
+      const int64_t mine[2] = {saved.data_step, -saved.data_step};
+      int64_t ext[2] = {0, 0};
+      comm.all_reduce(mine, ext, 2, DType::kI64, comm::ReduceOp::kMax)->wait();
+      if (ext[0] != -ext[1])
+        throw ConfigError("train: the replicas' checkpoints are at different steps (" + std::to_string(-ext[1]) +
+                          " to " + std::to_string(ext[0]) + "): resume from a step every replica saved");
+    }
+    if (has_outer) {
+      outer->restore_counters(std::stoll(saved.extra.at("outer_steps")), std::stoll(saved.extra.at("outer_inner_steps")),
+                              std::stoll(saved.extra.at("outer_skipped")));
+    }
     if (saved.data_step >= config.steps)
       throw ConfigError("train: checkpoint " + config.resume_from + " is at step " + std::to_string(saved.data_step) +
                         ", nothing left to do for --steps " + std::to_string(config.steps));
@@ -256,9 +326,8 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     first_step = saved.data_step + 1;
     result.resumed_from = config.resume_from;
   }
-  // Constructed after a resume so that phi starts at the loaded theta.
-  std::unique_ptr<runtime::gossip::OuterSync> outer;
-  if (replicated) outer = std::make_unique<runtime::gossip::OuterSync>(engine, *grid.cross, gossip_options(config));
+  // Without saved outer state, constructed after a resume so that phi starts at the loaded theta.
+  if (replicated && !outer) make_outer();
 
   model::SamplerConfig sc;
   sc.global_batch = config.global_batch / config.grad_accumulation;  // one micro-batch over all ranks
@@ -309,6 +378,9 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     return sent;
   };
   uint64_t sent_at_last_step = bytes_sent_so_far();
+  std::vector<double> my_step_seconds, seconds_by_rank(static_cast<size_t>(world));
+  std::vector<float> loss_and_seconds(2 * static_cast<size_t>(world));
+  const std::vector<size_t> two_per_rank(static_cast<size_t>(world), 2);
 
   // Per layer and head, max attention logit over this step's micro-batches (QK-clip input).
   const int n_layer = config.model.n_layer, n_head = config.model.n_head;
@@ -321,6 +393,7 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     bind();
     double loss_sum = 0;
     const auto compute_start = clock::now();
+    if (hooks.before_step) hooks.before_step(rank, step);
     for (int k = 0; k < config.grad_accumulation; ++k) {
       sampler.train_batch((step - 1) * config.grad_accumulation + k, batch);
       {
@@ -337,7 +410,8 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
       const auto mode = engine.grad_accumulates(0) ? model::GradMode::kAccumulate : model::GradMode::kOverwrite;
       net.backward(bindings, mode, announce, grad_buffer);
     }
-    result.compute_seconds += seconds_since(compute_start);
+    const double step_compute_seconds = seconds_since(compute_start);
+    result.compute_seconds += step_compute_seconds;
     if (stage3) engine.release_all();
 
     if (engine.qk_clip_enabled())
@@ -354,9 +428,29 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     const SyncOutcome synced =
         sync_step(config.sync, engine, outer.get(), step, static_cast<float>(record.lr_multiplier));
     const runtime::StepReport& report = synced.report;
-    float local_loss = static_cast<float>(loss_sum / config.grad_accumulation), mean_loss = 0;
-    comm.all_reduce(&local_loss, &mean_loss, 1, DType::kF32, comm::ReduceOp::kAvg)->wait();
-    record.train_loss = mean_loss;
+    // One all-gather of [loss, compute seconds]: the mean loss and the straggler report. The straggler
+    // signal is forward + backward, the part each rank does alone (the others' wait for a straggler
+    // lands in their sync time, which would make every rank look equally slow).
+    const float mine[2] = {static_cast<float>(loss_sum / config.grad_accumulation),
+                           static_cast<float>(step_compute_seconds)};
+    my_step_seconds.push_back(mine[1]);
+    comm.all_gather(mine, loss_and_seconds.data(), two_per_rank, DType::kF32)->wait();
+    double loss_total = 0;
+    for (int r = 0; r < world; ++r) {
+      loss_total += loss_and_seconds[2 * r];
+      seconds_by_rank[r] = loss_and_seconds[2 * r + 1];
+    }
+    record.train_loss = static_cast<float>(loss_total / world);
+    {
+      std::vector<double> sorted = seconds_by_rank;
+      std::sort(sorted.begin(), sorted.end());
+      const double median = 0.5 * (sorted[(world - 1) / 2] + sorted[world / 2]);
+      const auto slowest = std::max_element(seconds_by_rank.begin(), seconds_by_rank.end()) - seconds_by_rank.begin();
+      if (world > 1 && median > 0 && seconds_by_rank[slowest] > 1.2 * median) {
+        record.slowest_rank = static_cast<int>(slowest);
+        record.slowest_over_median = seconds_by_rank[slowest] / median;
+      }
+    }
     record.applied = report.applied;
     const std::vector<float>& max_logits =
         report.attention_max_logits.empty() ? step_max_logits : report.attention_max_logits;
@@ -388,7 +482,16 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
       state.seed = config.seed;
       state.data_step = step;
       state.extra["sync"] = sync_mode_name(config.sync);
-      const auto saved = runtime::save_checkpoint(engine, config.ckpt_dir, state, {.keep_last = config.keep_last});
+      std::string root = config.ckpt_dir;
+      if (outer) {
+        root = replica_checkpoint_root(config.ckpt_dir, grid.replica);
+        state.extra["replicas"] = std::to_string(config.replicas);
+        state.extra["outer_steps"] = std::to_string(outer->outer_steps());
+        state.extra["outer_inner_steps"] = std::to_string(outer->inner_steps_since_outer());
+        state.extra["outer_skipped"] = std::to_string(outer->skipped_rounds());
+      }
+      const auto saved =
+          runtime::save_checkpoint(engine, root, state, {.keep_last = config.keep_last}, outer_states());
       if (rank == 0) result.saved_checkpoints.push_back(saved.dir.string());
     }
     result.history.push_back(record);
@@ -401,6 +504,20 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   result.skipped_rounds = outer ? outer->skipped_rounds() : 0;
   result.final_val_loss = result.history.back().val_loss;
   trace.enable(false);
+
+  // Every rank's per-step compute-time percentiles (nearest rank), all-gathered.
+  {
+    std::vector<double> sorted = my_step_seconds;
+    std::sort(sorted.begin(), sorted.end());
+    auto pct = [&](double q) {
+      const auto k = static_cast<size_t>(std::ceil(q * static_cast<double>(sorted.size())));
+      return sorted[std::min(sorted.size() - 1, k == 0 ? 0 : k - 1)];
+    };
+    const float mine[3] = {static_cast<float>(pct(0.5)), static_cast<float>(pct(0.9)), static_cast<float>(sorted.back())};
+    std::vector<float> all(3 * static_cast<size_t>(world));
+    comm.all_gather(mine, all.data(), std::vector<size_t>(static_cast<size_t>(world), 3), DType::kF32)->wait();
+    for (int r = 0; r < world; ++r) result.step_compute_seconds_by_rank.push_back({all[3 * r], all[3 * r + 1], all[3 * r + 2]});
+  }
 
   // Every rank's memory, all-gathered as int64 fields (same layout on every rank).
   result.memory = engine.memory();

@@ -109,7 +109,7 @@ struct StepRecord {
   double val_loss = std::numeric_limits<double>::quiet_NaN();  // NaN when not evaluated at this step
   double lr_multiplier = 0;
   int64_t tokens = 0;          // tokens seen so far, all ranks
-  uint64_t bytes_per_rank = 0;  // bytes this rank sent during the step (engine + loss all-reduce)
+  uint64_t bytes_per_rank = 0;  // bytes this rank sent during the step (engine + loss/time all-gather)
   double seconds = 0;           // wall time of the step on this rank
   double grad_norm = 0;
   bool applied = true;
@@ -121,6 +121,16 @@ struct StepRecord {
   // QK-clip on (the value the clip used), rank 0's batch otherwise. Before this step's clip.
   double max_attention_logit = 0;
   int64_t qk_clipped_heads = 0;  // heads scaled by QK-clip after this step
+  // Straggler: the rank whose forward + backward of this step took longest, when that is > 1.2 x the
+  // median rank's (-1: none); and that ratio. (Compute time, not step time: in a synchronous step the
+  // other ranks' wait for a straggler shows as their sync time.)
+  int slowest_rank = -1;
+  double slowest_over_median = 0;
+};
+
+// One rank's per-step forward + backward seconds over the run: percentiles by nearest rank.
+struct StepTimeStats {
+  double p50 = 0, p90 = 0, max = 0;
 };
 
 struct TrainResult {
@@ -132,6 +142,7 @@ struct TrainResult {
   double compute_seconds = 0;         // forward + backward, summed (this rank)
   runtime::MemoryReport memory;       // this rank
   std::vector<runtime::MemoryReport> memory_by_rank;  // every rank's (all-gathered)
+  std::vector<StepTimeStats> step_compute_seconds_by_rank;  // every rank's (all-gathered)
   std::string sample;                                 // generated text (rank 0)
   runtime::TraceRecorder trace;                       // this rank's last trace_steps steps
   std::vector<std::vector<float>> final_params;       // full parameters (only with keep_params)
@@ -148,12 +159,21 @@ struct TrainResult {
 struct TrainHooks {
   // Called on rank 0 after each step (progress display).
   std::function<void(const StepRecord&, const TrainConfig&)> on_step;
+  // Called on every rank before each step's forward pass (tests: inject a straggler).
+  std::function<void(int rank, int64_t step)> before_step;
   bool keep_params = false;  // fill TrainResult::final_params (tests)
 };
 
 // The checkpoint folder named by --resume: `path` itself when it is a checkpoint, else the latest
-// checkpoint under it; an empty path means the latest under ckpt_dir. ConfigError when none exists.
+// checkpoint under it (for a replicated run's root: the latest of replica-0/); an empty path means the
+// latest under ckpt_dir. ConfigError when none exists.
 std::string resolve_resume_dir(const std::string& path, const std::string& ckpt_dir);
+// Replicated runs (--sync noloco|diloco) save per replica (replicas differ between outer steps):
+// <ckpt-dir>/replica-<r>/ckpt-<step>, with phi and m as extra states and the outer counters.
+std::string replica_checkpoint_root(const std::string& ckpt_dir, int replica);
+// The checkpoint replica `replica` resumes from, given replica 0's (.../replica-0/ckpt-<step>): its
+// sibling .../replica-<replica>/ckpt-<step>; any other folder is shared by every replica.
+std::string replica_checkpoint_dir(const std::string& resume_from, int replica);
 
 // Collective: every rank of `comm` calls it with the same corpus and config.
 TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus, const TrainConfig& config,

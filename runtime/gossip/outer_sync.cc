@@ -6,6 +6,7 @@
 
 #include "base/clock.h"
 #include "base/error.h"
+#include "runtime/checkpoint_io.h"
 
 namespace shardopt::runtime::gossip {
 namespace {
@@ -101,9 +102,8 @@ OuterSync::OuterSync(Engine& engine, comm::Communicator& cross, GossipOptions op
   momentum_.assign(n, 0.0f);
   read_theta(phi_.data());
   const bool two = options_.mode == SyncMode::kNoLoCo && options_.gamma != options_.alpha;
-  send_.resize(two ? 2 * n : n);
-  recv_.resize(send_.size());
-  acc_.resize(send_.size());
+  exchange_values_ = two ? 2 * n : n;
+  acc_.resize(exchange_values_);
 
   link_broken_.assign(static_cast<size_t>(replicas_), false);
   if (options_.mode == SyncMode::kNoLoCo && options_.private_links && replicas_ > 1) {
@@ -140,6 +140,17 @@ void OuterSync::write_theta(const float* src) {
 }
 
 void OuterSync::refresh_params() { engine_.refresh_params(); }
+
+void OuterSync::restore_counters(int64_t outer_steps, int64_t inner_steps_since_outer, int64_t skipped_rounds) {
+  if (outer_steps < 0 || skipped_rounds < 0 || inner_steps_since_outer < 0 ||
+      inner_steps_since_outer >= options_.outer_every)
+    throw ConfigError("OuterSync::restore_counters: outer steps " + std::to_string(outer_steps) + ", inner steps " +
+                      std::to_string(inner_steps_since_outer) + " (H = " + std::to_string(options_.outer_every) +
+                      "), skipped " + std::to_string(skipped_rounds) + " are not a saved state");
+  outer_step_ = outer_steps;
+  inner_since_outer_ = inner_steps_since_outer;
+  skipped_ = skipped_rounds;
+}
 
 bool OuterSync::after_inner_step() {
   if (++inner_since_outer_ < options_.outer_every) return false;
@@ -191,12 +202,55 @@ const OuterReport& OuterSync::outer_step() {
   return report_;
 }
 
+void OuterSync::reclaim_released_buffers() {
+  for (auto it = held_.begin(); it != held_.end();) {
+    auto& works = (*it)->works;
+    if (std::all_of(works.begin(), works.end(), [](const comm::WorkPtr& w) { return w->buffers_released(); })) {
+      works.clear();
+      spare_.push_back(std::move(*it));
+      it = held_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+size_t OuterSync::held_exchange_buffers() {
+  reclaim_released_buffers();
+  return held_.size();
+}
+
+OuterSync::ExchangeBuffers& OuterSync::take_exchange_buffers() {
+  if (current_) return *current_;
+  reclaim_released_buffers();
+  if (!spare_.empty()) {
+    current_ = std::move(spare_.back());
+    spare_.pop_back();
+  } else {
+    current_ = std::make_unique<ExchangeBuffers>();
+    current_->send.resize(exchange_values_);
+    current_->recv.resize(exchange_values_);
+  }
+  return *current_;
+}
+
+void OuterSync::return_exchange_buffers(bool abandoned) {
+  if (!current_) return;
+  if (abandoned) {
+    held_.push_back(std::move(current_));
+  } else {
+    current_->works.clear();
+    spare_.push_back(std::move(current_));
+  }
+}
+
 bool OuterSync::exchange(const std::vector<int>& group, size_t values, OuterReport& report) {
   const int n = static_cast<int>(group.size());
   const int pos = static_cast<int>(std::find(group.begin(), group.end(), replica_) - group.begin());
   // Tag by round (mod 2^20) so a late message of an earlier round never matches this one.
   const int tag = static_cast<int>(outer_step_ % kStateTag);
-  std::copy(send_.begin(), send_.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
+  ExchangeBuffers& buf = take_exchange_buffers();
+  std::copy(buf.send.begin(), buf.send.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
   for (int s = 1; s < n; ++s) {  // ring schedule: step s sends to pos+s, receives from pos-s
     const int dst = group[static_cast<size_t>((pos + s) % n)];
     const int src = group[static_cast<size_t>((pos - s + n) % n)];
@@ -209,14 +263,17 @@ bool OuterSync::exchange(const std::vector<int>& group, size_t values, OuterRepo
       int dst_rank = 0, src_rank = 0;
       comm::Communicator& dl = link(dst, dst_rank);
       comm::Communicator& sl = link(src, src_rank);
+      // The handles stay with the buffers: an abandoned exchange is held until they release them.
+      buf.works.clear();
       if (dst == src) {
-        dl.sendrecv(send_.data(), values, dst_rank, recv_.data(), values, src_rank, DType::kF32, tag)
-            ->wait(options_.timeout);
+        buf.works.push_back(
+            dl.sendrecv(buf.send.data(), values, dst_rank, buf.recv.data(), values, src_rank, DType::kF32, tag));
+        buf.works[0]->wait(options_.timeout);
       } else {
-        auto sw = dl.send(send_.data(), values, DType::kF32, dst_rank, tag);
-        auto rw = sl.recv(recv_.data(), values, DType::kF32, src_rank, tag);
-        rw->wait(options_.timeout);
-        sw->wait(options_.timeout);
+        buf.works.push_back(dl.send(buf.send.data(), values, DType::kF32, dst_rank, tag));
+        buf.works.push_back(sl.recv(buf.recv.data(), values, DType::kF32, src_rank, tag));
+        buf.works[1]->wait(options_.timeout);
+        buf.works[0]->wait(options_.timeout);
       }
     } catch (const TimeoutError& e) {
       link_broken_[static_cast<size_t>(dst)] = link_broken_[static_cast<size_t>(src)] = true;
@@ -227,7 +284,7 @@ bool OuterSync::exchange(const std::vector<int>& group, size_t values, OuterRepo
       report.skip_reason = std::string("peer failed: ") + e.what();
       return false;
     }
-    for (size_t i = 0; i < values; ++i) acc_[i] += recv_[i];
+    for (size_t i = 0; i < values; ++i) acc_[i] += buf.recv[i];
   }
   return true;
 }
@@ -239,22 +296,27 @@ void OuterSync::noloco_step(OuterReport& report) {
   const size_t n = static_cast<size_t>(count_);
   const bool one_exchange = options_.gamma == options_.alpha;
   const size_t values = one_exchange ? n : 2 * n;
-  read_theta(send_.data());  // [theta] or [theta | phi]
-  if (!one_exchange) std::copy(phi_.begin(), phi_.end(), send_.begin() + static_cast<ptrdiff_t>(n));
+  ExchangeBuffers& buf = take_exchange_buffers();
+  read_theta(buf.send.data());  // [theta] or [theta | phi]
+  if (!one_exchange) std::copy(phi_.begin(), phi_.end(), buf.send.begin() + static_cast<ptrdiff_t>(n));
+  // Own values, kept here: an abandoned exchange's send buffer is not read again.
+  std::copy(buf.send.begin(), buf.send.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
 
   bool averaged = true;
   if (report.group.size() <= 1) {
     report.skipped = replicas_ > 1;
     if (report.skipped) report.skip_reason = "singleton group";
-    std::copy(send_.begin(), send_.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
+    return_exchange_buffers(false);
   } else {
     const auto t0 = clock::now();
     averaged = exchange(report.group, values, report);
     report.exchange_seconds = seconds_since(t0);
     if (!averaged) {  // own pseudo-gradient only: G = {self}
       report.skipped = true;
-      std::copy(send_.begin(), send_.begin() + static_cast<ptrdiff_t>(values), acc_.begin());
+      read_theta(acc_.data());
+      if (!one_exchange) std::copy(phi_.begin(), phi_.end(), acc_.begin() + static_cast<ptrdiff_t>(n));
     }
+    return_exchange_buffers(!averaged);
   }
   const double inv = averaged ? 1.0 / static_cast<double>(report.group.size()) : 1.0;
   const double a = options_.alpha, b = options_.beta, c = options_.gamma;
@@ -277,14 +339,37 @@ void OuterSync::diloco_step(OuterReport& report) {
   report.group.resize(static_cast<size_t>(replicas_));
   for (int r = 0; r < replicas_; ++r) report.group[static_cast<size_t>(r)] = r;
   const size_t n = static_cast<size_t>(count_);
-  read_theta(send_.data());
-  for (size_t i = 0; i < n; ++i) send_[i] = phi_[i] - send_[i];  // delta = phi - theta
+  ExchangeBuffers& buf = take_exchange_buffers();
+  float* delta = buf.send.data();
+  read_theta(delta);
+  for (size_t i = 0; i < n; ++i) delta[i] = phi_[i] - delta[i];  // delta = phi - theta
   const auto t0 = clock::now();
-  if (replicas_ > 1) cross_.all_reduce(send_.data(), send_.data(), n, DType::kF32, comm::ReduceOp::kAvg)->wait();
+  if (replicas_ > 1) {
+    buf.works = {cross_.all_reduce(delta, delta, n, DType::kF32, comm::ReduceOp::kAvg)};
+    // A collective cannot be abandoned on MPI (no cancel, no ULFM in OpenMPI 4.1): a failure ends the
+    // job on every replica alike (the cross communicator is aborted, so the others fail fast) with phi,
+    // m and theta untouched; the latest checkpoint is the place to resume from.
+    auto fail = [&](const std::string& what) {
+      return "DiLoCo outer step " + std::to_string(outer_step_) + " stopped: its all-reduce over " +
+             std::to_string(replicas_) + " replicas failed (" + what +
+             "); a collective cannot be abandoned, so the job ends; resume from the latest checkpoint";
+    };
+    try {
+      buf.works[0]->wait(options_.timeout);
+    } catch (const TimeoutError& e) {
+      return_exchange_buffers(true);  // MPI may still write the buffer
+      throw TimeoutError(fail(e.what()));
+    } catch (const PeerError& e) {
+      return_exchange_buffers(true);
+      throw PeerError(fail(e.what()));
+    }
+  }
   report.exchange_seconds = seconds_since(t0);
+  std::copy(delta, delta + n, acc_.begin());
+  return_exchange_buffers(false);
   const double lr = options_.diloco_lr, mu = options_.diloco_momentum;
   for (size_t i = 0; i < n; ++i) {
-    const double g = send_[i];
+    const double g = acc_[i];
     const double buf = mu * momentum_[i] + g;
     momentum_[i] = static_cast<float>(buf);
     const double step = options_.diloco_nesterov ? g + mu * buf : buf;
@@ -294,12 +379,13 @@ void OuterSync::diloco_step(OuterReport& report) {
 
 double OuterSync::consensus_distance() {
   const size_t n = static_cast<size_t>(count_);
-  read_theta(recv_.data());
-  std::copy(recv_.begin(), recv_.begin() + static_cast<ptrdiff_t>(n), acc_.begin());
-  cross_.all_reduce(acc_.data(), acc_.data(), n, DType::kF32, comm::ReduceOp::kAvg)->wait();
+  std::vector<float> theta(n), mean(n);  // logging only: its own buffers, never an exchange's
+  read_theta(theta.data());
+  mean = theta;
+  cross_.all_reduce(mean.data(), mean.data(), n, DType::kF32, comm::ReduceOp::kAvg)->wait();
   double local = 0;
   for (size_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(recv_[i]) - acc_[i];
+    const double d = static_cast<double>(theta[i]) - mean[i];
     local += d * d;
   }
   // [sum of squares, numel] summed over replicas and shards.
@@ -310,22 +396,47 @@ double OuterSync::consensus_distance() {
   return numel > 0 ? std::sqrt(sums[0] / (replicas_ * numel)) : 0.0;
 }
 
+namespace {
+// [phi | m | engine state (master pieces and optimizer slots)] of this rank, and the sizes.
+size_t rejoin_values(size_t count, const std::vector<std::span<float>>& engine_state) {
+  size_t n = 2 * count;
+  for (const auto& r : engine_state) n += r.size();
+  return n;
+}
+}  // namespace
+
 void OuterSync::send_state(comm::Communicator& link, int peer, int tag) {
   const size_t n = static_cast<size_t>(count_);
-  std::vector<float> buf(3 * n);  // restart path: not hot
+  const auto engine_state = engine_state_arrays(engine_);
+  std::vector<float> buf(rejoin_values(n, engine_state));  // restart path: not hot
   std::copy(phi_.begin(), phi_.end(), buf.begin());
   std::copy(momentum_.begin(), momentum_.end(), buf.begin() + static_cast<ptrdiff_t>(n));
-  read_theta(buf.data() + 2 * n);
-  link.send(buf.data(), buf.size(), DType::kF32, peer, tag)->wait(options_.timeout);
+  float* dst = buf.data() + 2 * n;
+  for (const auto& r : engine_state) dst = std::copy(r.begin(), r.end(), dst);
+  const int64_t step = engine_.optimizer_step();  // bias corrections and schedules continue from it
+  auto data = link.send(buf.data(), buf.size(), DType::kF32, peer, tag);
+  auto counter = link.send(&step, 1, DType::kI64, peer, tag);
+  data->wait(options_.timeout);
+  counter->wait(options_.timeout);
 }
 
 void OuterSync::receive_state(comm::Communicator& link, int peer, int tag) {
   const size_t n = static_cast<size_t>(count_);
-  std::vector<float> buf(3 * n);
-  link.recv(buf.data(), buf.size(), DType::kF32, peer, tag)->wait(options_.timeout);
+  const auto engine_state = engine_state_arrays(engine_);
+  std::vector<float> buf(rejoin_values(n, engine_state));
+  int64_t step = 0;
+  auto data = link.recv(buf.data(), buf.size(), DType::kF32, peer, tag);
+  auto counter = link.recv(&step, 1, DType::kI64, peer, tag);
+  data->wait(options_.timeout);
+  counter->wait(options_.timeout);
   std::copy(buf.begin(), buf.begin() + static_cast<ptrdiff_t>(n), phi_.begin());
   std::copy(buf.begin() + static_cast<ptrdiff_t>(n), buf.begin() + static_cast<ptrdiff_t>(2 * n), momentum_.begin());
-  write_theta(buf.data() + 2 * n);
+  const float* src = buf.data() + 2 * n;
+  for (const auto& r : engine_state) {
+    std::copy(src, src + r.size(), r.begin());
+    src += r.size();
+  }
+  engine_.set_optimizer_step(step);
   refresh_params();
 }
 

@@ -26,6 +26,9 @@
 // TimeoutError, the late side PeerError when it arrives; both skip averaging for this round (apply the
 // update with G = {self}: their own pseudo-gradient, no averaging), record the skip and go on. A broken
 // link makes later rounds with that peer skip at once. No wait is longer than options.timeout.
+// An abandoned exchange keeps its send/receive buffers and Work handles until the backend releases
+// them (Work::buffers_released(): on MPI a late message may still land in a receive buffer that could
+// not be cancelled); later rounds take other buffers (a spare one, or a fresh one while it is held).
 #pragma once
 
 #include <chrono>
@@ -118,6 +121,13 @@ class OuterSync {
   // Flat views over this rank's master shards (bucket order): slow weights and outer momentum.
   float* phi() { return phi_.data(); }
   float* momentum() { return momentum_.data(); }
+  // Checkpoint state names of phi() and momentum() (NoLoCo's m; DiLoCo's momentum buffer).
+  static constexpr const char* kPhiState = "outer_phi";
+  static constexpr const char* kMomentumState = "outer_m";
+  int64_t inner_steps_since_outer() const { return inner_since_outer_; }
+  // Resume: the saved run's counters (its phi and m are loaded into phi() / momentum() separately).
+  // The pairing of the next outer step follows from (seed, outer_steps). Links start unbroken.
+  void restore_counters(int64_t outer_steps, int64_t inner_steps_since_outer, int64_t skipped_rounds);
   // Copies theta (master shards) into dst[shard_numel()] / from src.
   void read_theta(float* dst);
   void write_theta(const float* src);
@@ -128,7 +138,8 @@ class OuterSync {
   // logging: collective on the cross communicator and the shard group (not outer-step traffic).
   double consensus_distance();
 
-  // Restart: the partner sends [phi | m | theta] of its shards, the restarted rank receives them, writes
+  // Restart: the partner sends phi, m and its whole engine state (theta = master shards, the inner
+  // optimizer's moments, the optimizer step) for this shard; the restarted rank receives them, writes
   // them and refreshes its parameters. `link` is any communicator joining the two (peer = its rank there).
   void send_state(comm::Communicator& link, int peer, int tag = 0);
   void receive_state(comm::Communicator& link, int peer, int tag = 0);
@@ -136,10 +147,26 @@ class OuterSync {
   // Summed traffic of the communicators the outer step may use (links and the cross communicator).
   comm::TrafficCounters outer_traffic() const;
 
+  // Exchange buffers still held by abandoned exchanges (the backend may still write them), after
+  // reclaiming those the backend released since.
+  size_t held_exchange_buffers();
+
  private:
+  // Send and receive buffers of one exchange, with the Work handles that use them.
+  struct ExchangeBuffers {
+    std::vector<float> send, recv;
+    std::vector<comm::WorkPtr> works;
+  };
+
   void noloco_step(OuterReport& report);
   void diloco_step(OuterReport& report);
-  // Exchanges `values` floats of send_ with the group; sums received into acc_. False on failure.
+  // This round's buffers: a spare one (after reclaiming held buffers the backend released) or a new one.
+  ExchangeBuffers& take_exchange_buffers();
+  void reclaim_released_buffers();
+  // Ends this round's use of the buffers: back to the spares, or held while `abandoned`.
+  void return_exchange_buffers(bool abandoned);
+  // Exchanges `values` floats of the round's send buffer with the group; sums received into acc_.
+  // False on failure (the buffers are then abandoned).
   bool exchange(const std::vector<int>& group, size_t values, OuterReport& report);
   comm::Communicator& link(int peer_replica, int& peer_rank);
 
@@ -155,7 +182,10 @@ class OuterSync {
   OuterReport report_;
 
   std::vector<float> phi_, momentum_;
-  std::vector<float> send_, recv_, acc_;  // exchange buffers (2 x count for the two-exchange form)
+  size_t exchange_values_ = 0;  // floats per exchange buffer (2 x count for the two-exchange form)
+  std::vector<float> acc_;      // sum over the group (never handed to a communicator)
+  std::unique_ptr<ExchangeBuffers> current_;                 // this round's
+  std::vector<std::unique_ptr<ExchangeBuffers>> spare_, held_;  // reusable / abandoned, still in use
   std::vector<std::unique_ptr<comm::Communicator>> links_;  // by peer replica (private links)
   std::vector<bool> link_broken_;
 };

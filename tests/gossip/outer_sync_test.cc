@@ -23,116 +23,15 @@
 
 #include "base/error.h"
 #include "comm/thread_backend.h"
+#include "runtime/checkpoint_io.h"
 #include "tests/common/engine_fixture.h"
+#include "tests/gossip/gossip_reference.h"
 
 namespace shardopt::runtime::gossip {
 namespace {
 
-using shardopt::test_fixture::spec;
+using namespace test_ref;  // NOLINT: the gossip suites' shared reference
 
-
-std::vector<proto::TensorSpec> mixed_model() {
-  return {spec("tok_embed", {13, 10}), spec("layer0.attn_norm", {10}), spec("layer0.w_q", {10, 10}),
-          spec("layer0.w_up", {24, 10}), spec("layer0.w_down", {10, 24}), spec("layer1.w_k", {7, 10}),
-          spec("lm_head", {13, 10})};
-}
-
-int64_t numel(const proto::TensorSpec& s) {
-  int64_t n = 1;
-  for (int64_t d : s.shape()) n *= d;
-  return n;
-}
-
-EngineOptions muon_options(proto::ShardLayout layout = proto::SHARD_LAYOUT_OWNED, int stage = 2) {
-  EngineOptions o;
-  o.zero_stage = stage;
-  o.layout = layout;
-  o.bucket_bytes = 600;
-  o.matrix_optimizer.set_kind(proto::OPTIMIZER_MUON);
-  o.matrix_optimizer.set_lr(0.02);
-  o.elementwise_optimizer.set_kind(proto::OPTIMIZER_ADAMW);
-  return o;
-}
-
-EngineOptions sgd_options(double lr) {
-  EngineOptions o;
-  o.bucket_bytes = 600;
-  o.elementwise_optimizer.set_kind(proto::OPTIMIZER_SGD);
-  o.elementwise_optimizer.set_lr(lr);
-  o.elementwise_optimizer.set_momentum(0);
-  o.elementwise_optimizer.set_weight_decay(0);
-  return o;
-}
-
-// Global element ids: tensor t's element i is tensor_base[t] + i.
-struct Model {
-  std::vector<proto::TensorSpec> specs = mixed_model();
-  std::vector<int64_t> base;
-  int64_t total = 0;
-  Model() {
-    for (const auto& s : specs) {
-      base.push_back(total);
-      total += numel(s);
-    }
-  }
-};
-
-double init_value(int64_t gid) { return std::sin(0.37 * static_cast<double>(gid)) * 0.5; }
-// "Trained" fast weights of replica r before outer step k (what the inner steps produced).
-float theta_value(int r, int k, int64_t gid) {
-  return static_cast<float>(init_value(gid) + 0.3 * std::sin(1.3 * r + 0.71 * k + 0.11 * static_cast<double>(gid)));
-}
-
-float theta_at(int r, int k, int64_t id) { return id < 0 ? 0.0f : theta_value(r, k, id); }
-
-// Global id of every element of this rank's flat master shard (bucket order).
-std::vector<int64_t> flat_ids(Engine& engine, const Model& model) {
-  ShardState& st = engine.shard_state();
-  std::vector<int64_t> bucket_base(static_cast<size_t>(st.num_buckets()) + 1, 0);
-  for (int b = 0; b < st.num_buckets(); ++b) bucket_base[b + 1] = bucket_base[b] + st.my_segment(b).count();
-  std::vector<int64_t> ids(static_cast<size_t>(bucket_base.back()), -1);
-  for (const LocalPiece& p : st.my_pieces())
-    for (int64_t j = 0; j < p.length; ++j)
-      ids[static_cast<size_t>(bucket_base[p.bucket] + p.segment_offset + j)] = model.base[p.tensor] + p.tensor_offset + j;
-  return ids;  // -1: bucket padding (no tensor; stays 0 through the outer step)
-}
-
-// Double reference: per element, per replica scalars.
-struct RefNoLoCo {
-  double alpha, beta, gamma;
-  std::vector<double> phi, m;
-  void step(const std::vector<double>& theta, const std::vector<std::vector<int>>& groups) {
-    std::vector<double> new_phi = phi;
-    for (const auto& g : groups) {
-      double d = 0, pb = 0;
-      for (int k : g) {
-        d += theta[k] - phi[k];
-        pb += phi[k];
-      }
-      d /= static_cast<double>(g.size());
-      pb /= static_cast<double>(g.size());
-      for (int i : g) {
-        m[i] = beta * m[i] + alpha * d + gamma * (pb - phi[i]);
-        new_phi[i] = phi[i] + m[i];
-      }
-    }
-    phi = new_phi;
-  }
-};
-
-struct RefDiLoCo {
-  double lr, mu;
-  bool nesterov;
-  double phi, buf = 0;
-  void step(const std::vector<double>& theta) {
-    double mean = 0;
-    for (double t : theta) mean += t;
-    mean /= static_cast<double>(theta.size());
-    const double g = phi - mean;
-    buf = mu * buf + g;
-    phi -= lr * (nesterov ? g + mu * buf : buf);
-  }
-};
 
 // Results of a run, keyed by (round, replica, gid).
 struct Collected {
@@ -619,10 +518,209 @@ TEST(FaultTolerance, StalledAndKilledPartnerAreSkipped) {
   });
 }
 
+// What MPI allows after a timeout, made deterministic: a wrapper of the cross communicator (and of the
+// links split from it) on one replica reports its round-0 exchange as timed out while the "backend"
+// keeps the receive buffer (buffers_released() false), then writes a late message (1e6) into that
+// buffer inside the wait of the next round's receive, after the real message arrived. The next
+// rounds must still equal the reference: the abandoned buffer is never reused while held, and is
+// reclaimed once released.
+struct LateWriteScript {
+  std::mutex mu;
+  float* held = nullptr;  // the abandoned receive buffer
+  size_t held_count = 0;
+  bool released = false;
+  int late_writes = 0;
+};
+
+class LateWriteComm final : public comm::Communicator {
+ public:
+  LateWriteComm(std::unique_ptr<comm::Communicator> owned, comm::Communicator* inner,
+                std::shared_ptr<LateWriteScript> script)
+      : Communicator(inner->options()), owned_(std::move(owned)), inner_(inner), script_(std::move(script)) {}
+
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  std::string_view backend() const override { return inner_->backend(); }
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    auto child = inner_->split(color, key);
+    if (!child) return nullptr;
+    comm::Communicator* raw = child.get();
+    return std::make_unique<LateWriteComm>(std::move(child), raw, script_);
+  }
+  comm::WorkPtr all_reduce(const void* s, void* r, size_t c, DType d, comm::ReduceOp op) override {
+    return inner_->all_reduce(s, r, c, d, op);
+  }
+  comm::WorkPtr reduce_scatter(const void* s, void* r, std::span<const size_t> c, DType d, comm::ReduceOp op) override {
+    return inner_->reduce_scatter(s, r, c, d, op);
+  }
+  comm::WorkPtr all_gather(const void* s, void* r, std::span<const size_t> c, DType d) override {
+    return inner_->all_gather(s, r, c, d);
+  }
+  comm::WorkPtr reduce(const void* s, void* r, size_t c, DType d, comm::ReduceOp op, int root) override {
+    return inner_->reduce(s, r, c, d, op, root);
+  }
+  comm::WorkPtr broadcast(void* b, size_t c, DType d, int root) override { return inner_->broadcast(b, c, d, root); }
+  comm::WorkPtr all_to_all(const void* s, std::span<const size_t> sc, void* r, std::span<const size_t> rc,
+                           DType d) override {
+    return inner_->all_to_all(s, sc, r, rc, d);
+  }
+  comm::WorkPtr send(const void* b, size_t c, DType d, int peer, int tag) override {
+    return inner_->send(b, c, d, peer, tag);
+  }
+  comm::WorkPtr recv(void* b, size_t c, DType d, int peer, int tag) override {
+    return receive(b, c, tag, [&] { return inner_->recv(b, c, d, peer, tag); });
+  }
+  comm::WorkPtr sendrecv(const void* s, size_t sc, int dst, void* r, size_t rc, int src, DType d, int tag) override {
+    return receive(r, rc, tag, [&] { return inner_->sendrecv(s, sc, dst, r, rc, src, d, tag); });
+  }
+  comm::WorkPtr barrier() override { return inner_->barrier(); }
+  void abort(const std::string& reason) override { inner_->abort(reason); }
+
+ private:
+  // Round 0 (tag 0): abandoned, never reaches the backend. Round 1: the late message lands after the real one.
+  struct Abandoned final : comm::Work {
+    std::shared_ptr<LateWriteScript> script;
+    void wait(std::chrono::milliseconds) override { throw TimeoutError("late-write wrapper: round 0 timed out"); }
+    void wait() override { wait(std::chrono::milliseconds(0)); }
+    bool done() override { return true; }
+    bool buffers_released() override {
+      std::lock_guard lock(script->mu);
+      return script->released;
+    }
+    std::exception_ptr error() const override { return nullptr; }
+    uint64_t seq() const override { return 0; }
+  };
+  struct LateWrite final : comm::Work {
+    comm::WorkPtr inner;
+    std::shared_ptr<LateWriteScript> script;
+    void wait(std::chrono::milliseconds t) override {
+      inner->wait(t);
+      land();
+    }
+    void wait() override {
+      inner->wait();
+      land();
+    }
+    void land() {
+      std::lock_guard lock(script->mu);
+      if (script->held && !script->released) {
+        std::fill(script->held, script->held + script->held_count, 1e6f);
+        ++script->late_writes;
+      }
+    }
+    bool done() override { return inner->done(); }
+    std::exception_ptr error() const override { return inner->error(); }
+    uint64_t seq() const override { return inner->seq(); }
+  };
+  template <class Issue>
+  comm::WorkPtr receive(void* buf, size_t count, int tag, Issue issue) {
+    if (tag == 0) {
+      std::lock_guard lock(script_->mu);
+      script_->held = static_cast<float*>(buf);
+      script_->held_count = count;
+      auto w = std::make_shared<Abandoned>();
+      w->script = script_;
+      return w;
+    }
+    auto w = std::make_shared<LateWrite>();
+    w->inner = issue();
+    w->script = script_;
+    return w;
+  }
+
+  std::unique_ptr<comm::Communicator> owned_;
+  comm::Communicator* inner_;
+  std::shared_ptr<LateWriteScript> script_;
+};
+
+TEST(FaultTolerance, LateWriteIntoAbandonedBufferCannotChangeLaterRounds) {
+  const int replicas = 4, rounds = 3, victim_side = 0;
+  GossipOptions o;
+  o.timeout = std::chrono::milliseconds(200);
+  // A seed whose round-1 partner of replica 0 differs from its round-0 partner (that link is broken).
+  auto partner = [&](int k) {
+    for (const auto& g : outer_groups(replicas, 2, OddGroupPolicy::kMerge, o.seed, k))
+      if (g[0] == victim_side || g[1] == victim_side) return g[0] == victim_side ? g[1] : g[0];
+    return -1;
+  };
+  while (partner(0) == partner(1) || partner(0) == partner(2)) ++o.seed;
+  const int stalled_link = partner(0);
+  std::map<int, RankRecord> records;
+  std::vector<size_t> held(rounds);
+  auto script = std::make_shared<LateWriteScript>();
+  std::mutex mu;
+  comm::run_ranks(replicas, [&](comm::Communicator& world) {
+    ReplicaGrid grid = split_replica_grid(world, replicas);
+    std::unique_ptr<comm::Communicator> wrapped;
+    if (grid.replica == victim_side) wrapped = std::make_unique<LateWriteComm>(nullptr, grid.cross.get(), script);
+    comm::Communicator& cross = wrapped ? *wrapped : *grid.cross;
+    auto after = [&](int k, OuterSync& sync) {
+      if (grid.replica == victim_side) {
+        held[static_cast<size_t>(k)] = sync.held_exchange_buffers();
+        if (k == 1) {
+          std::lock_guard lock(script->mu);
+          script->released = true;  // the backend gave the buffer back
+        }
+      }
+      world.barrier()->wait();  // no timeout echo into the next round
+    };
+    RankRecord rec = run_rounds(grid, cross, o, rounds, {}, after, sgd_options(0.1));
+    std::lock_guard lock(mu);
+    records[grid.replica] = std::move(rec);
+  });
+  EXPECT_EQ(script->late_writes, 1) << "the late message landed during round 1";
+  EXPECT_EQ(held[0], 1u) << "round 0's buffers are held after the timeout";
+  EXPECT_EQ(held[1], 1u) << "still held while the backend may write them";
+  EXPECT_EQ(held[2], 0u) << "reclaimed once released";
+  std::vector<std::vector<std::vector<int>>> groups;
+  for (int k = 0; k < rounds; ++k)
+    groups.push_back(groups_with_broken_links(outer_groups(replicas, 2, OddGroupPolicy::kMerge, o.seed, k),
+                                              {{victim_side, stalled_link}}));
+  for (int r = 0; r < replicas; ++r) {
+    EXPECT_EQ(records.at(r).reports[0].skipped, r == victim_side || r == stalled_link) << "replica " << r;
+    expect_rank_matches_reference(records.at(r), r, replicas, o, groups);
+  }
+}
+
+// The same with the real threads backend: the partner of replica 0 stalls past the timeout in round 0,
+// then takes its outer step (its late message); every later round equals the reference.
+TEST(FaultTolerance, StalledPartnerThenLateSendLeavesLaterRoundsExact) {
+  const int replicas = 4, rounds = 3;
+  GossipOptions o;
+  o.timeout = std::chrono::milliseconds(200);
+  o.seed = 3;
+  int victim = -1, partner = -1;
+  for (const auto& g : outer_groups(replicas, 2, OddGroupPolicy::kMerge, o.seed, 0))
+    if (g[0] == 0 || g[1] == 0) victim = g[0] == 0 ? g[1] : g[0], partner = 0;
+  std::map<int, RankRecord> records;
+  std::mutex mu;
+  comm::run_ranks(replicas * 2, [&](comm::Communicator& world) {
+    ReplicaGrid grid = split_replica_grid(world, replicas);
+    auto before = [&](int k, OuterSync&) {
+      if (k == 0 && grid.replica == victim) std::this_thread::sleep_for(std::chrono::milliseconds(600));
+    };
+    auto after = [&](int, OuterSync&) { world.barrier()->wait(); };
+    RankRecord rec = run_rounds(grid, *grid.cross, o, rounds, before, after);
+    std::lock_guard lock(mu);
+    records[world.rank()] = std::move(rec);
+  });
+  std::vector<std::vector<std::vector<int>>> groups;
+  for (int k = 0; k < rounds; ++k)
+    groups.push_back(
+        groups_with_broken_links(outer_groups(replicas, 2, OddGroupPolicy::kMerge, o.seed, k), {{victim, partner}}));
+  for (const auto& [w, rec] : records) {
+    const int r = w / 2;
+    EXPECT_EQ(rec.reports[0].skipped, r == victim || r == partner) << "replica " << r;
+    expect_rank_matches_reference(rec, r, replicas, o, groups);
+  }
+}
+
 // A restarted replica takes phi, m and theta from its partner.
 TEST(FaultTolerance, RejoinCopiesPartnerState) {
   const Model model;
   const int replicas = 2, shards = 2;
+  comm::CommOptions short_waits;
+  short_waits.timeout = std::chrono::milliseconds(20000);  // a failed check on one rank ends the others soon
   comm::run_ranks(replicas * shards, [&](comm::Communicator& world) {
     ReplicaGrid grid = split_replica_grid(world, replicas);
     Engine engine(*grid.shard_group, model.specs, muon_options());
@@ -637,12 +735,30 @@ TEST(FaultTolerance, RejoinCopiesPartnerState) {
       sync.write_theta(theta.data());
       sync.outer_step();
     }
-    // Distinct states on the two replicas: give replica 0 its own momentum/theta drift.
+    // Distinct states on the two replicas: inner steps on replica-dependent gradients (inner moments
+    // and optimizer step differ: replica 0 takes 3 steps, replica 1 one), then its own theta drift.
+    for (int step = 0; step < (grid.replica == 0 ? 3 : 1); ++step) {
+      for (size_t t = 0; t < model.specs.size(); ++t) {
+        for (int64_t i = 0; i < numel(model.specs[t]); ++i)
+          engine.grad(t)[i] = static_cast<float>(std::cos(0.3 * static_cast<double>(i) + grid.replica + step));
+        engine.grad_ready(t);
+      }
+      engine.step();
+    }
     for (size_t i = 0; i < ids.size(); ++i) theta[i] = theta_at(7 + grid.replica, 9, ids[i]);
     sync.write_theta(theta.data());
     sync.refresh_params();
     const int peer = (1 - grid.replica) * shards + grid.shard;  // same shard, other replica (world rank)
+    auto inner_state = [&] {  // every optimizer slot of this rank, concatenated
+      std::vector<float> all;
+      for (const auto& r : engine_state_arrays(engine)) all.insert(all.end(), r.begin(), r.end());
+      return all;
+    };
     if (grid.replica == 0) {
+      const std::vector<float> mine_inner = inner_state();
+      const int64_t step = engine.optimizer_step();
+      world.send(mine_inner.data(), mine_inner.size(), DType::kF32, peer, 5)->wait();
+      world.send(&step, 1, DType::kI64, peer, 6)->wait();
       sync.send_state(world, peer, 3);
       std::vector<float> mine(3 * ids.size());
       std::copy(sync.phi(), sync.phi() + ids.size(), mine.begin());
@@ -650,9 +766,16 @@ TEST(FaultTolerance, RejoinCopiesPartnerState) {
       sync.read_theta(mine.data() + 2 * ids.size());
       world.send(mine.data(), mine.size(), DType::kF32, peer, 4)->wait();
     } else {
+      std::vector<float> partner_inner(inner_state().size());
+      int64_t partner_step = -1;
+      world.recv(partner_inner.data(), partner_inner.size(), DType::kF32, peer, 5)->wait();
+      world.recv(&partner_step, 1, DType::kI64, peer, 6)->wait();
+      ASSERT_NE(inner_state(), partner_inner) << "the replicas' inner states must differ before the rejoin";
       std::fill(sync.phi(), sync.phi() + ids.size(), 0.0f);  // "restarted": state lost
       std::fill(sync.momentum(), sync.momentum() + ids.size(), 0.0f);
       sync.receive_state(world, peer, 3);
+      EXPECT_EQ(inner_state(), partner_inner) << "inner optimizer state (moments) copied";
+      EXPECT_EQ(engine.optimizer_step(), partner_step);
       std::vector<float> expected(3 * ids.size());
       world.recv(expected.data(), expected.size(), DType::kF32, peer, 4)->wait();
       sync.read_theta(theta.data());
@@ -672,7 +795,46 @@ TEST(FaultTolerance, RejoinCopiesPartnerState) {
       world.sendrecv(engine.param(t), n, peer, other.data(), n, peer, DType::kF32, 10 + static_cast<int>(t))->wait();
       for (size_t i = 0; i < n; ++i) ASSERT_EQ(engine.param(t)[i], other[i]) << model.specs[t].name();
     }
+  }, short_waits);
+}
+
+// DiLoCo's all-reduce cannot be abandoned on MPI, so a replica that stalls past the timeout ends the
+// outer step on every replica with a typed error naming DiLoCo and the outer step, within about the
+// timeout, and leaves phi, m and theta as they were (the latest checkpoint stays the resume point).
+TEST(FaultTolerance, DiLoCoTimeoutEndsEveryReplicaWithANamedErrorAndUntouchedState) {
+  const int replicas = 3, victim = 2;
+  GossipOptions o;
+  o.mode = SyncMode::kDiLoCo;
+  o.timeout = std::chrono::milliseconds(150);
+  std::atomic<int> named_errors{0};
+  const auto t0 = std::chrono::steady_clock::now();
+  comm::run_ranks(replicas, [&](comm::Communicator& world) {
+    ReplicaGrid grid = split_replica_grid(world, replicas);
+    const Model model;
+    Engine engine(*grid.shard_group, model.specs, muon_options());
+    OuterSync sync(engine, *grid.cross, o);
+    const auto ids = flat_ids(engine, model);
+    std::vector<float> theta(ids.size()), after(ids.size());
+    for (size_t i = 0; i < ids.size(); ++i) theta[i] = theta_at(grid.replica, 0, ids[i]);
+    sync.write_theta(theta.data());
+    const std::vector<float> phi_before(sync.phi(), sync.phi() + ids.size());
+    if (grid.replica == victim) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    try {
+      sync.outer_step();
+      ADD_FAILURE() << "replica " << grid.replica << ": the outer step should have failed";
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      EXPECT_TRUE(dynamic_cast<const TimeoutError*>(&e) || dynamic_cast<const PeerError*>(&e)) << what;
+      EXPECT_NE(what.find("DiLoCo outer step 0 stopped"), std::string::npos) << what;
+      ++named_errors;
+    }
+    sync.read_theta(after.data());
+    EXPECT_EQ(after, theta) << "theta untouched";
+    EXPECT_EQ(std::vector<float>(sync.phi(), sync.phi() + ids.size()), phi_before) << "phi untouched";
+    for (size_t i = 0; i < ids.size(); ++i) ASSERT_EQ(sync.momentum()[i], 0.0f) << "m untouched";
   });
+  EXPECT_EQ(named_errors.load(), replicas);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
 }
 
 TEST(Config, MismatchedShardsAndBadOptionsAreTypedErrors) {

@@ -243,6 +243,14 @@ class CheckedWork final : public Work {
     if (e_->state == Pending::State::kStarted) return !e_->work || e_->work->done();
     return false;
   }
+  // A failed operation that never reached the backend holds no buffers; a started one holds them until
+  // the backend releases them (MPI: requests completed or cancelled).
+  bool buffers_released() override {
+    std::lock_guard lk(shared_->mu);
+    shared_->advance_locked();
+    if (e_->work) return e_->work->buffers_released();
+    return e_->state == Pending::State::kFailed;
+  }
   std::exception_ptr error() const override {
     std::lock_guard lk(shared_->mu);
     if (e_->state == Pending::State::kFailed) return e_->error;

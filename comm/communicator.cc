@@ -95,6 +95,7 @@ class TimedWork final : public Work {
   void wait(std::chrono::milliseconds timeout) override { inner_->wait(timeout); }
   void wait() override { inner_->wait(timeout_); }
   bool done() override { return inner_->done(); }
+  bool buffers_released() override { return inner_->buffers_released(); }
   std::exception_ptr error() const override { return inner_->error(); }
   uint64_t seq() const override { return inner_->seq(); }
 

@@ -132,41 +132,41 @@ WorkPtr FlightRecorder::record(OpKind kind, uint64_t count, DType dtype, int pee
   return std::make_shared<RecordedWork>(std::move(work), log, seq, finish, [log] { return log->dump(); });
 }
 
-std::unique_ptr<Communicator> FlightRecorder::split(int color, int key) {
+std::unique_ptr<Communicator> FlightRecorder::start_split(int color, int key) {
   auto child = inner_->split(color, key);
   if (!child) return nullptr;
   return std::make_unique<FlightRecorder>(std::move(child), log_->capacity);
 }
 
-WorkPtr FlightRecorder::all_reduce(const void* s, void* r, size_t c, DType d, ReduceOp op) {
+WorkPtr FlightRecorder::start_all_reduce(const void* s, void* r, size_t c, DType d, ReduceOp op) {
   return record(OpKind::kAllReduce, c, d, -1, -1, inner_->all_reduce(s, r, c, d, op));
 }
-WorkPtr FlightRecorder::reduce_scatter(const void* s, void* r, std::span<const size_t> c, DType d, ReduceOp op) {
+WorkPtr FlightRecorder::start_reduce_scatter(const void* s, void* r, std::span<const size_t> c, DType d, ReduceOp op) {
   return record(OpKind::kReduceScatter, sum(c), d, -1, -1, inner_->reduce_scatter(s, r, c, d, op));
 }
-WorkPtr FlightRecorder::all_gather(const void* s, void* r, std::span<const size_t> c, DType d) {
+WorkPtr FlightRecorder::start_all_gather(const void* s, void* r, std::span<const size_t> c, DType d) {
   return record(OpKind::kAllGather, sum(c), d, -1, -1, inner_->all_gather(s, r, c, d));
 }
-WorkPtr FlightRecorder::reduce(const void* s, void* r, size_t c, DType d, ReduceOp op, int root) {
+WorkPtr FlightRecorder::start_reduce(const void* s, void* r, size_t c, DType d, ReduceOp op, int root) {
   return record(OpKind::kReduce, c, d, root, -1, inner_->reduce(s, r, c, d, op, root));
 }
-WorkPtr FlightRecorder::broadcast(void* b, size_t c, DType d, int root) {
+WorkPtr FlightRecorder::start_broadcast(void* b, size_t c, DType d, int root) {
   return record(OpKind::kBroadcast, c, d, root, -1, inner_->broadcast(b, c, d, root));
 }
-WorkPtr FlightRecorder::all_to_all(const void* s, std::span<const size_t> sc, void* r, std::span<const size_t> rc,
+WorkPtr FlightRecorder::start_all_to_all(const void* s, std::span<const size_t> sc, void* r, std::span<const size_t> rc,
                                    DType d) {
   return record(OpKind::kAllToAll, sum(sc), d, -1, -1, inner_->all_to_all(s, sc, r, rc, d));
 }
-WorkPtr FlightRecorder::send(const void* b, size_t c, DType d, int peer, int tag) {
+WorkPtr FlightRecorder::start_send(const void* b, size_t c, DType d, int peer, int tag) {
   return record(OpKind::kSend, c, d, peer, tag, inner_->send(b, c, d, peer, tag));
 }
-WorkPtr FlightRecorder::recv(void* b, size_t c, DType d, int peer, int tag) {
+WorkPtr FlightRecorder::start_recv(void* b, size_t c, DType d, int peer, int tag) {
   return record(OpKind::kRecv, c, d, peer, tag, inner_->recv(b, c, d, peer, tag));
 }
-WorkPtr FlightRecorder::sendrecv(const void* s, size_t sc, int dst, void* r, size_t rc, int src, DType d, int tag) {
+WorkPtr FlightRecorder::start_sendrecv(const void* s, size_t sc, int dst, void* r, size_t rc, int src, DType d, int tag) {
   return record(OpKind::kSendRecv, sc, d, dst, tag, inner_->sendrecv(s, sc, dst, r, rc, src, d, tag));
 }
-WorkPtr FlightRecorder::barrier() {
+WorkPtr FlightRecorder::start_barrier() {
   return record(OpKind::kBarrier, 0, DType::kU8, -1, -1, inner_->barrier());
 }
 

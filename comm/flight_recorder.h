@@ -49,21 +49,25 @@ class FlightRecorder final : public Communicator {
   int size() const override { return inner_->size(); }
   std::string_view backend() const override { return inner_->backend(); }
   bool device_buffers() const override { return inner_->device_buffers(); }
-  std::unique_ptr<Communicator> split(int color, int key) override;
-  WorkPtr all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override;
-  WorkPtr reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
-                         ReduceOp op) override;
-  WorkPtr all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override;
-  WorkPtr reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) override;
-  WorkPtr broadcast(void* buf, size_t count, DType dtype, int root) override;
-  WorkPtr all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
-                     std::span<const size_t> recv_counts, DType dtype) override;
-  WorkPtr send(const void* buf, size_t count, DType dtype, int peer, int tag) override;
-  WorkPtr recv(void* buf, size_t count, DType dtype, int peer, int tag) override;
-  WorkPtr sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src,
-                   DType dtype, int tag) override;
-  WorkPtr barrier() override;
+  Capabilities capabilities() const override { return inner_->capabilities(); }
   void abort(const std::string& reason) override { inner_->abort(reason); }
+
+ protected:
+  // Checks and traffic accounting happen in Communicator before these; each forwards and records.
+  std::unique_ptr<Communicator> start_split(int color, int key) override;
+  WorkPtr start_all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override;
+  WorkPtr start_reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
+                         ReduceOp op) override;
+  WorkPtr start_all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override;
+  WorkPtr start_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) override;
+  WorkPtr start_broadcast(void* buf, size_t count, DType dtype, int root) override;
+  WorkPtr start_all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
+                     std::span<const size_t> recv_counts, DType dtype) override;
+  WorkPtr start_send(const void* buf, size_t count, DType dtype, int peer, int tag) override;
+  WorkPtr start_recv(void* buf, size_t count, DType dtype, int peer, int tag) override;
+  WorkPtr start_sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src,
+                   DType dtype, int tag) override;
+  WorkPtr start_barrier() override;
 
  private:
   struct Log;  // the ring, shared with the Work wrappers

@@ -541,40 +541,43 @@ class LateWriteComm final : public comm::Communicator {
   int rank() const override { return inner_->rank(); }
   int size() const override { return inner_->size(); }
   std::string_view backend() const override { return inner_->backend(); }
-  std::unique_ptr<Communicator> split(int color, int key) override {
+  void abort(const std::string& reason) override { inner_->abort(reason); }
+
+ protected:
+  std::unique_ptr<Communicator> start_split(int color, int key) override {
     auto child = inner_->split(color, key);
     if (!child) return nullptr;
     comm::Communicator* raw = child.get();
     return std::make_unique<LateWriteComm>(std::move(child), raw, script_);
   }
-  comm::WorkPtr all_reduce(const void* s, void* r, size_t c, DType d, comm::ReduceOp op) override {
+  comm::WorkPtr start_all_reduce(const void* s, void* r, size_t c, DType d, comm::ReduceOp op) override {
     return inner_->all_reduce(s, r, c, d, op);
   }
-  comm::WorkPtr reduce_scatter(const void* s, void* r, std::span<const size_t> c, DType d, comm::ReduceOp op) override {
+  comm::WorkPtr start_reduce_scatter(const void* s, void* r, std::span<const size_t> c, DType d, comm::ReduceOp op) override {
     return inner_->reduce_scatter(s, r, c, d, op);
   }
-  comm::WorkPtr all_gather(const void* s, void* r, std::span<const size_t> c, DType d) override {
+  comm::WorkPtr start_all_gather(const void* s, void* r, std::span<const size_t> c, DType d) override {
     return inner_->all_gather(s, r, c, d);
   }
-  comm::WorkPtr reduce(const void* s, void* r, size_t c, DType d, comm::ReduceOp op, int root) override {
+  comm::WorkPtr start_reduce(const void* s, void* r, size_t c, DType d, comm::ReduceOp op, int root) override {
     return inner_->reduce(s, r, c, d, op, root);
   }
-  comm::WorkPtr broadcast(void* b, size_t c, DType d, int root) override { return inner_->broadcast(b, c, d, root); }
-  comm::WorkPtr all_to_all(const void* s, std::span<const size_t> sc, void* r, std::span<const size_t> rc,
+  comm::WorkPtr start_broadcast(void* b, size_t c, DType d, int root) override { return inner_->broadcast(b, c, d, root); }
+  comm::WorkPtr start_all_to_all(const void* s, std::span<const size_t> sc, void* r, std::span<const size_t> rc,
                            DType d) override {
     return inner_->all_to_all(s, sc, r, rc, d);
   }
-  comm::WorkPtr send(const void* b, size_t c, DType d, int peer, int tag) override {
+  comm::WorkPtr start_send(const void* b, size_t c, DType d, int peer, int tag) override {
     return inner_->send(b, c, d, peer, tag);
   }
-  comm::WorkPtr recv(void* b, size_t c, DType d, int peer, int tag) override {
+  comm::WorkPtr start_recv(void* b, size_t c, DType d, int peer, int tag) override {
     return receive(b, c, tag, [&] { return inner_->recv(b, c, d, peer, tag); });
   }
-  comm::WorkPtr sendrecv(const void* s, size_t sc, int dst, void* r, size_t rc, int src, DType d, int tag) override {
+  comm::WorkPtr start_sendrecv(const void* s, size_t sc, int dst, void* r, size_t rc, int src, DType d, int tag) override {
     return receive(r, rc, tag, [&] { return inner_->sendrecv(s, sc, dst, r, rc, src, d, tag); });
   }
-  comm::WorkPtr barrier() override { return inner_->barrier(); }
-  void abort(const std::string& reason) override { inner_->abort(reason); }
+  comm::WorkPtr start_barrier() override { return inner_->barrier(); }
+
 
  private:
   // Round 0 (tag 0): abandoned, never reaches the backend. Round 1: the late message lands after the real one.

@@ -273,7 +273,9 @@ void Engine::finish_oldest_reduction() {
   InFlight& f = in_flight_.front();
   {
     TraceRecorder::Span span(trace_, "reduce wait b", f.bucket, "comm");
+    const auto t0 = clock::now();
     f.work->wait();
+    backward_reduce_wait_ += seconds_since(t0);
   }
   if (f.accumulate) {
     float* shard = state_->grad_shard(f.bucket);
@@ -545,6 +547,7 @@ StepReport Engine::step(float lr_multiplier) {
   }
   report.step = step_;
   report.times.total = seconds_since(start);
+  backward_reduce_wait_ = 0;  // step() drained what was in flight; the next backward starts afresh
   report.traffic = comm_.counters() - traffic_at_last_step_;
   traffic_at_last_step_ = comm_.counters();
   return report;

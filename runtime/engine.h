@@ -138,6 +138,10 @@ class Engine {
   size_t num_tensors() const { return specs_.size(); }
   const proto::TensorSpec& spec(size_t t) const { return specs_[t]; }
   int64_t optimizer_step() const { return step_; }
+  // Seconds grad()/grad_ready() blocked on earlier buckets' reductions since the last step() (ZeRO-2:
+  // waiting for a free gradient buffer). Communication, not compute: a trainer subtracts it when it
+  // times its backward (e.g. to compare ranks' compute).
+  double backward_reduce_wait_seconds() const { return backward_reduce_wait_; }
   // Checkpoint restore: the step count the optimizers' bias corrections continue from.
   void set_optimizer_step(int64_t step);
   // Resolved optimizer parameters (the matrix one is null when every tensor is element-wise).
@@ -248,6 +252,7 @@ class Engine {
   std::vector<QkPair> qk_pairs_;
   std::vector<float> qk_logits_, qk_q_factors_, qk_k_factors_;
   int64_t step_ = 0;
+  double backward_reduce_wait_ = 0;  // seconds blocked on reductions outside step() since the last step
 };
 
 }  // namespace shardopt::runtime

@@ -410,7 +410,9 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
       const auto mode = engine.grad_accumulates(0) ? model::GradMode::kAccumulate : model::GradMode::kOverwrite;
       net.backward(bindings, mode, announce, grad_buffer);
     }
-    const double step_compute_seconds = seconds_since(compute_start);
+    // Forward + backward of this rank, less the time backward blocked on earlier buckets' reductions
+    // (ZeRO-2's buffer pool): that wait belongs to the slowest rank, not to this one.
+    const double step_compute_seconds = seconds_since(compute_start) - engine.backward_reduce_wait_seconds();
     result.compute_seconds += step_compute_seconds;
     if (stage3) engine.release_all();
 

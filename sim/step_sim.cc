@@ -338,8 +338,9 @@ int run(int argc, char** argv) {
   std::vector<size_t> ones(n_world, 1);
   world->all_gather(&my_compute, per_rank_compute.data(), ones, DType::kI64)->wait();  // 8 bytes, bit copy
   world->all_gather(&my_step, per_rank_step.data(), ones, DType::kI64)->wait();
-  int64_t sent = static_cast<int64_t>(step_traffic.total_sent()), max_sent = 0;
+  int64_t sent = static_cast<int64_t>(step_traffic.total_sent()), max_sent = 0, sum_sent = 0;
   world->all_reduce(&sent, &max_sent, 1, DType::kI64, comm::ReduceOp::kMax)->wait();
+  world->all_reduce(&sent, &sum_sent, 1, DType::kI64, comm::ReduceOp::kSum)->wait();
   int64_t osent = static_cast<int64_t>(outer_traffic.total_sent()), max_osent = 0;
   world->all_reduce(&osent, &max_osent, 1, DType::kI64, comm::ReduceOp::kMax)->wait();
 
@@ -351,12 +352,16 @@ int run(int argc, char** argv) {
   SMPI_SHARED_FREE(outer_recv);
   if (world->rank() != 0) return 0;
 
-  double total_params = 0;
+  double total_params = 0, bucket_elems = 0;
   for (const auto& t : plan.tensors()) total_params += static_cast<double>(t.numel());
-  // The step's own collectives: stages 1-2 reduce-scatter + all-gather (2Ψ(N-1)/N, fp32 here);
-  // stage 3 only reduce-scatters in step() (Ψ(N-1)/N).
-  const double zero_bytes = o.stage <= 2 ? sharding::zero_traffic_per_rank(o.stage, total_params, n, 4).bytes
-                                         : total_params * 4 * (n - 1) / n;
+  for (const auto& b : plan.buckets()) bucket_elems += static_cast<double>(b.numel());
+  // The step's own collectives on the plan's bucket buffers (Ψ' = parameters + alignment padding):
+  // stages 1-2 reduce-scatter + all-gather (2Ψ'(N-1)/N, fp32 here); stage 3 only reduce-scatters in
+  // step() (Ψ'(N-1)/N). The formula is the mean over ranks: in the owned layout segments differ, and a
+  // rank with a small segment sends more (B - B_own).
+  const double zero_bytes = o.stage <= 2 ? sharding::zero_traffic_per_rank(o.stage, bucket_elems, n, 4).bytes
+                                         : bucket_elems * 4 * (n - 1) / n;
+  const double mean_sent = static_cast<double>(sum_sent) / n_world;
   const auto slowest = std::max_element(per_rank_compute.begin(), per_rank_compute.end()) - per_rank_compute.begin();
   const auto fastest = std::min_element(per_rank_compute.begin(), per_rank_compute.end()) - per_rank_compute.begin();
   nlohmann::ordered_json j;
@@ -379,7 +384,9 @@ int run(int argc, char** argv) {
   j["predicted_dim0_exchange_seconds"] = m.dim0_exchange;
   j["predicted_all_gather_seconds"] = m.all_gather;
   j["predicted_outer_step_seconds"] = m.outer;
-  j["bytes_sent_per_rank"] = max_sent;
+  j["bytes_sent_per_rank_max"] = max_sent;
+  j["bytes_sent_per_rank_mean"] = mean_sent;
+  j["check_allreduce_bytes_per_rank"] = sharding::zero_traffic_per_rank(0, static_cast<double>(specs.size() + 1), n, 4).bytes;
   j["zero_formula_bytes_per_rank"] = zero_bytes;
   j["dim0_extra_formula_bytes_per_rank"] =
       dim0 ? sharding::dim0_muon_extra_traffic_per_rank(static_cast<double>(muon_params), n, 4).bytes : 0.0;
@@ -389,6 +396,10 @@ int run(int argc, char** argv) {
   j["fastest_compute_rank"] = fastest;
   j["fastest_compute_seconds"] = per_rank_compute[fastest];
   j["min_rank_step_seconds"] = *std::min_element(per_rank_step.begin(), per_rank_step.end());
+  if (n_world <= 64) {  // per-rank figures for small runs (slow hosts show here)
+    j["per_rank_compute_seconds"] = per_rank_compute;
+    j["per_rank_step_seconds"] = per_rank_step;
+  }
   j["simulated_seconds_total"] = MPI_Wtime();
   if (o.json) {
     std::printf("%s\n", j.dump().c_str());
@@ -405,7 +416,8 @@ int run(int argc, char** argv) {
     std::printf("  all-gather           %10.4f s\n", m.all_gather);
     if (outer) std::printf("outer step (%s)     %10.4f s, %lld bytes sent per rank\n", o.sync.c_str(), m.outer,
                            static_cast<long long>(max_osent));
-    std::printf("bytes sent per rank    %lld (ZeRO formula %.0f)\n", static_cast<long long>(max_sent), zero_bytes);
+    std::printf("bytes sent per rank    mean %.0f (ZeRO formula %.0f), max %lld\n", mean_sent, zero_bytes,
+                static_cast<long long>(max_sent));
     std::printf("compute per rank       %.4f s (rank %lld) .. %.4f s (rank %lld)\n", per_rank_compute[fastest],
                 static_cast<long long>(fastest), per_rank_compute[slowest], static_cast<long long>(slowest));
   }

@@ -85,8 +85,18 @@ std::shared_ptr<const proto::ShardPlan> shared_plan(const proto::PlanRequest& re
   return slot;
 }
 
-// One SMPI shared block of at least `bytes` for every rank (same call site: same block).
-float* shared_block(size_t bytes) { return static_cast<float*>(SMPI_SHARED_MALLOC(std::max<size_t>(bytes, 64))); }
+// One SMPI shared block per role for the whole process: the first rank allocates it, every other rank
+// uses the same pointer (privatization off), so mappings do not grow with N (each rank's own
+// SMPI_SHARED_MALLOC maps the block again, 1 MiB at a time, and 1024 ranks exhaust vm.max_map_count).
+// `bytes` must be the same on every rank (a maximum over ranks). Never freed: it lives as long as the
+// simulation.
+float* shared_block(int role, size_t bytes) {
+  static std::map<int, std::pair<float*, size_t>> blocks;
+  auto& b = blocks[role];
+  if (b.first == nullptr) b = {static_cast<float*>(SMPI_SHARED_MALLOC(std::max<size_t>(bytes, 64))), bytes};
+  SHARDOPT_ASSERT(b.second >= bytes, "step_sim: shared block requested with different sizes by different ranks");
+  return b.first;
+}
 
 double host_property(const char* name, double fallback) {
   const char* v = sg_host_get_property_value(sg_host_self(), name);
@@ -215,13 +225,16 @@ int run(int argc, char** argv) {
   }
   for (int p = 0; p < n; ++p) dim0_send += a2a_send[p], dim0_recv += a2a_recv[p];
 
-  // Buffers: one shared block per role for all ranks (contents are meaningless).
-  float* bucket_buf = shared_block(sizeof(float) * static_cast<size_t>(max_bucket));
-  float* shard_buf = shared_block(sizeof(float) * static_cast<size_t>(max_segment));
-  float* a2a_send_buf = shared_block(sizeof(float) * static_cast<size_t>(std::max(dim0_send, dim0_recv)));
-  float* a2a_recv_buf = shared_block(sizeof(float) * static_cast<size_t>(std::max(dim0_send, dim0_recv)));
-  float* outer_send = shared_block(sizeof(float) * static_cast<size_t>(owned_elems));
-  float* outer_recv = shared_block(sizeof(float) * static_cast<size_t>(owned_elems));
+  // Buffers: one shared block per role for all ranks (contents are meaningless), sized by the maximum
+  // over ranks.
+  int64_t sizes[3] = {max_segment, std::max(dim0_send, dim0_recv), owned_elems}, max_sizes[3] = {};
+  world->all_reduce(sizes, max_sizes, 3, DType::kI64, comm::ReduceOp::kMax)->wait();
+  float* bucket_buf = shared_block(0, sizeof(float) * static_cast<size_t>(max_bucket));
+  float* shard_buf = shared_block(1, sizeof(float) * static_cast<size_t>(max_sizes[0]));
+  float* a2a_send_buf = shared_block(2, sizeof(float) * static_cast<size_t>(max_sizes[1]));
+  float* a2a_recv_buf = shared_block(3, sizeof(float) * static_cast<size_t>(max_sizes[1]));
+  float* outer_send = shared_block(4, sizeof(float) * static_cast<size_t>(max_sizes[2]));
+  float* outer_recv = shared_block(5, sizeof(float) * static_cast<size_t>(max_sizes[2]));
   std::vector<float> check(specs.size() + 1, 0.0f);
   std::vector<size_t> counts(n);
 
@@ -344,12 +357,6 @@ int run(int argc, char** argv) {
   int64_t osent = static_cast<int64_t>(outer_traffic.total_sent()), max_osent = 0;
   world->all_reduce(&osent, &max_osent, 1, DType::kI64, comm::ReduceOp::kMax)->wait();
 
-  SMPI_SHARED_FREE(bucket_buf);
-  SMPI_SHARED_FREE(shard_buf);
-  SMPI_SHARED_FREE(a2a_send_buf);
-  SMPI_SHARED_FREE(a2a_recv_buf);
-  SMPI_SHARED_FREE(outer_send);
-  SMPI_SHARED_FREE(outer_recv);
   if (world->rank() != 0) return 0;
 
   double total_params = 0, bucket_elems = 0;

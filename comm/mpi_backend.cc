@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/clock.h"
 #include "base/error.h"
 #include "comm/backend_util.h"
 #include "comm/checked_communicator.h"
@@ -18,14 +19,72 @@
 namespace shardopt::comm {
 namespace {
 
-using Clock = std::chrono::steady_clock;
 using detail::Fingerprint;
 
+#ifndef SHARDOPT_SIMGRID
 // Serializes every MPI call of the backend (MPI_THREAD_SERIALIZED).
 std::mutex& mpi_mutex() {
   static std::mutex mu;
   return mu;
 }
+#else
+// SimGrid SMPI (sim/, docs/simulation.md): every simulated rank runs in this one process and shares
+// this function's static, but SMPI never runs two ranks at once, and a rank blocked inside MPI
+// while holding a real mutex would block every other rank (the simulation would hang). A no-op.
+struct SimulatedRanksLock {
+  void lock() {}
+  void unlock() {}
+};
+SimulatedRanksLock& mpi_mutex() {
+  static SimulatedRanksLock mu;
+  return mu;
+}
+
+// SMPI runs nonblocking collectives as linear schedules, not the algorithms its collective selector
+// (smpi/coll-selector:ompi) picks for the blocking ones. The simulation build therefore issues the
+// blocking collective when the operation is issued and hands back a completed request. Collectives
+// are issued in the same order on every rank, so this cannot deadlock; the price is that the
+// simulation never overlaps a collective with compute.
+int blocking_iallreduce(const void* s, void* r, int n, MPI_Datatype t, MPI_Op op, MPI_Comm c, MPI_Request* req) {
+  *req = MPI_REQUEST_NULL;
+  return MPI_Allreduce(s, r, n, t, op, c);
+}
+int blocking_ireduce_scatter(const void* s, void* r, const int* counts, MPI_Datatype t, MPI_Op op, MPI_Comm c,
+                             MPI_Request* req) {
+  *req = MPI_REQUEST_NULL;
+  return MPI_Reduce_scatter(s, r, counts, t, op, c);
+}
+int blocking_iallgatherv(const void* s, int sc, MPI_Datatype st, void* r, const int* rcounts, const int* displs,
+                         MPI_Datatype rt, MPI_Comm c, MPI_Request* req) {
+  *req = MPI_REQUEST_NULL;
+  return MPI_Allgatherv(s, sc, st, r, rcounts, displs, rt, c);
+}
+int blocking_ireduce(const void* s, void* r, int n, MPI_Datatype t, MPI_Op op, int root, MPI_Comm c,
+                     MPI_Request* req) {
+  *req = MPI_REQUEST_NULL;
+  return MPI_Reduce(s, r, n, t, op, root, c);
+}
+int blocking_ibcast(void* b, int n, MPI_Datatype t, int root, MPI_Comm c, MPI_Request* req) {
+  *req = MPI_REQUEST_NULL;
+  return MPI_Bcast(b, n, t, root, c);
+}
+int blocking_ialltoallv(const void* s, const int* sc, const int* sd, MPI_Datatype st, void* r, const int* rc,
+                        const int* rd, MPI_Datatype rt, MPI_Comm c, MPI_Request* req) {
+  *req = MPI_REQUEST_NULL;
+  return MPI_Alltoallv(s, sc, sd, st, r, rc, rd, rt, c);
+}
+int blocking_ibarrier(MPI_Comm c, MPI_Request* req) {
+  *req = MPI_REQUEST_NULL;
+  return MPI_Barrier(c);
+}
+#define MPI_Iallreduce blocking_iallreduce
+#define MPI_Ireduce_scatter blocking_ireduce_scatter
+#define MPI_Iallgatherv blocking_iallgatherv
+#define MPI_Ireduce blocking_ireduce
+#define MPI_Ibcast blocking_ibcast
+#define MPI_Ialltoallv blocking_ialltoallv
+#define MPI_Ibarrier blocking_ibarrier
+#endif
 
 constexpr int kAbortTag = 1;
 constexpr int kAbortText = 480;
@@ -176,6 +235,11 @@ class Core {
       flag = 1;
     }
     if (!flag) return;
+    complete_locked(op, statuses);
+  }
+
+  // The data requests of `op` completed with `statuses` (the last one is the receive's).
+  void complete_locked(MpiOp& op, MPI_Status* statuses) {
     if (op.check_recv_count) {
       int got = 0;
       MPI_Get_count(&statuses[op.data_reqs.size() - 1], op.recv_type, &got);
@@ -294,7 +358,8 @@ class MpiWork final : public Work {
   MpiWork(std::shared_ptr<Core> core, MpiOpPtr op) : core_(std::move(core)), op_(std::move(op)) {}
 
   void wait(std::chrono::milliseconds timeout) override {
-    const auto start = Clock::now();
+    // Timeouts are measured on THE clock (simulated time in the SimGrid build).
+    const auto start = clock::now();
     const auto deadline = start + timeout;
     for (;;) {
       {
@@ -303,7 +368,7 @@ class MpiWork final : public Work {
         core_->progress_locked();
         if (op_->state == MpiOp::State::kDone) return;
         if (op_->state == MpiOp::State::kFailed) std::rethrow_exception(op_->error);
-        if (Clock::now() >= deadline) {
+        if (clock::now() >= deadline) {
           const std::string msg = core_->timeout_message_locked(*op_, timeout.count(), op_->seq);
           local_error_ = std::make_exception_ptr(TimeoutError(msg));
           core_->fail_locked(*op_, local_error_);
@@ -311,8 +376,22 @@ class MpiWork final : public Work {
           std::rethrow_exception(local_error_);
         }
       }
+#ifndef SHARDOPT_SIMGRID
       // Spin briefly like MPI_Wait (latency of small messages), then yield the core between polls.
-      if (Clock::now() - start > std::chrono::microseconds(200)) std::this_thread::yield();
+      if (clock::now() - start > std::chrono::microseconds(200)) std::this_thread::yield();
+#else
+      // Simulated time advances only inside MPI: block on the issued point-to-point requests (a
+      // yield of the real thread would never let the peers run). Unissued operations (checked mode
+      // waiting for fingerprints) are polled by MPI_Test, which SMPI charges simulated time for.
+      std::lock_guard lk(mpi_mutex());
+      if (op_->issued && op_->state == MpiOp::State::kPending && !op_->data_reqs.empty()) {
+        MPI_Status statuses[2];
+        if (MPI_Waitall(static_cast<int>(op_->data_reqs.size()), op_->data_reqs.data(), statuses) != MPI_SUCCESS)
+          core_->fail_locked(*op_, std::make_exception_ptr(PeerError(op_->what + " failed in MPI")));
+        else
+          core_->complete_locked(*op_, statuses);
+      }
+#endif
     }
   }
   void wait() override { wait(core_->options.timeout); }

@@ -1,0 +1,443 @@
+// step_sim: predicts the step time of shardopt's sharded optimizer on a cluster that is not here, by
+// running the engine's step schedule on the real MPI backend (comm/mpi_backend.cc) under SimGrid SMPI
+// (smpirun) with the compute modelled instead of executed. docs/simulation.md has the model and how
+// far it was validated.
+//
+// What runs for real: the ShardPlan (sharding::make_plan, the same request the Engine makes), the MPI
+// backend and its traffic counters, and every collective of Engine::step() in its order with the
+// plan's counts: reduce-scatter per bucket, the check all-reduce (one float per tensor + the squared
+// norm), the dim0 all-to-all to the Muon owners and back, the all-gather per bucket (stages 1-2), and
+// the outer step of runtime/gossip (DiLoCo: all-reduce avg of the master shards on the cross-replica
+// communicator; NoLoCo: one sendrecv of them with the partner of a pairing). SMPI simulates the
+// messages on the platform file's network with the collective algorithms its selector picks.
+// What is modelled (advances simulated time through smpi_execute_flops, nothing is computed):
+//   Newton-Schulz of every owned Muon matrix: optim::newton_schulz_flops (the plain-GEMM count) at the
+//     host's speed (the platform gives each host the NS rate as its speed);
+//   memory-bound passes: bytes × shardopt_flops_per_byte (a host property = NS rate / streaming
+//     bandwidth), with the bytes the kernels move: check scan 4 B per owned gradient element, AdamW
+//     28 B per owned element-wise element, Muon momentum + apply 20 B per owned Muon element.
+// A host with half the speed runs both at half the rate.
+//
+// Why not Engine::step() itself: the engine allocates full-size parameter and gradient buffers per rank
+// and executes its kernels; 1024 simulated ranks of llama-1b share one process here. Buffers are one
+// SMPI shared block for all ranks (SMPI_SHARED_MALLOC: SMPI moves no bytes for them), and every rank
+// uses one ShardPlan shared by the process (smpi/privatization:0 shares globals among ranks). SMPI is
+// told to leave payloads alone (sim/smpi_no_payload.h): the data in the buffers is meaningless.
+// Differences from the engine: collectives are issued blocking in the SimGrid build (no overlap of
+// reduce-scatter with backward); forward/backward is not modelled; stage 3's on-demand gathers happen
+// outside step() and are not counted.
+#include <mpi.h>
+#include <simgrid/host.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "base/clock.h"
+#include "base/error.h"
+#include "comm/mpi_backend.h"
+#include "optim/newton_schulz.h"
+#include "sharding/layout.h"
+#include "sharding/plan_util.h"
+#include "sharding/planner.h"
+#include "sharding/presets.h"
+#include "sharding/zero_math.h"
+#include "sim/smpi_no_payload.h"
+
+namespace {
+
+using namespace shardopt;
+
+// Bytes the memory-bound kernels move per element (as docs/benchmarks.md counts them).
+constexpr double kCheckBytesPerElem = 4;         // read the reduced gradient
+constexpr double kAdamwBytesPerElem = 28;        // read p, g, m, v; write p, m, v
+constexpr double kMuonStreamBytesPerElem = 20;   // momentum (read g, m; write m) + apply (read p, write p)
+constexpr int kNsSteps = 5;
+
+struct Options {
+  std::string preset = "llama-1b";
+  int layers = 0;
+  int stage = 2;
+  std::string layout = "owned";
+  std::string sync = "zero";
+  int replicas = 2;
+  double bucket_mib = 4;  // the Engine's default bucket size (EngineOptions::bucket_bytes)
+  int steps = 1;
+  bool json = false;
+  std::string slow_host;
+  double slow_factor = 1;
+};
+
+// One ShardPlan per request for the whole process: with privatization off every simulated rank sees
+// this cache, so plan memory does not grow with the number of ranks.
+std::shared_ptr<const proto::ShardPlan> shared_plan(const proto::PlanRequest& request) {
+  static std::map<uint64_t, std::shared_ptr<const proto::ShardPlan>> cache;
+  const uint64_t key = sharding::stable_hash(request);
+  auto& slot = cache[key];
+  if (!slot) slot = std::make_shared<const proto::ShardPlan>(sharding::make_plan(request));
+  return slot;
+}
+
+// One SMPI shared block per role for the whole process: the first rank allocates it, every other rank
+// uses the same pointer (privatization off), so mappings do not grow with N (each rank's own
+// SMPI_SHARED_MALLOC maps the block again, 1 MiB at a time, and 1024 ranks exhaust vm.max_map_count).
+// `bytes` must be the same on every rank (a maximum over ranks). Never freed: it lives as long as the
+// simulation.
+float* shared_block(int role, size_t bytes) {
+  static std::map<int, std::pair<float*, size_t>> blocks;
+  auto& b = blocks[role];
+  if (b.first == nullptr) b = {static_cast<float*>(SMPI_SHARED_MALLOC(std::max<size_t>(bytes, 64))), bytes};
+  SHARDOPT_ASSERT(b.second >= bytes, "step_sim: shared block requested with different sizes by different ranks");
+  return b.first;
+}
+
+double host_property(const char* name, double fallback) {
+  const char* v = sg_host_get_property_value(sg_host_self(), name);
+  return v ? std::stod(v) : fallback;
+}
+
+// Modelled compute: advances this rank's simulated time, computes nothing. `slowdown` > 1 on a host
+// that runs slower than the platform says (--slow-host): its compute takes that much longer.
+struct ComputeModel {
+  double flops_per_byte = host_property("shardopt_flops_per_byte", 6.25);
+  double slowdown = 1;
+  void stream(double bytes) const {
+    if (bytes > 0) smpi_execute_flops(bytes * flops_per_byte * slowdown);
+  }
+  void flops(double f) const {
+    if (f > 0) smpi_execute_flops(f * slowdown);
+  }
+};
+
+std::vector<proto::TensorSpec> model_specs(const Options& o) {
+  auto all = sharding::preset_specs(o.preset, proto::F32);
+  if (o.layers <= 0) return all;
+  std::vector<proto::TensorSpec> out;
+  const std::string prefix = "model.layers.";
+  for (auto& s : all) {
+    if (s.name().rfind(prefix, 0) == 0 && std::stoi(s.name().substr(prefix.size())) >= o.layers) continue;
+    out.push_back(s);
+  }
+  return out;
+}
+
+double ns_flops(const proto::TensorPlacement& t) {
+  if (t.block_rows_size() == 0) return optim::newton_schulz_flops(t.rows(), t.cols(), kNsSteps);
+  double f = 0;
+  for (int64_t r : t.block_rows()) f += optim::newton_schulz_flops(r, t.cols(), kNsSteps);
+  return f;
+}
+
+struct Phases {
+  double reduce_scatter = 0, check = 0, elementwise = 0, ns = 0, dim0_exchange = 0, all_gather = 0, outer = 0,
+         step = 0, compute = 0;
+};
+
+double max_over(comm::Communicator& c, double v) {
+  double out = 0;
+  // f32 would round simulated seconds; the check buffer is reused as two floats is not needed here.
+  int64_t ns = static_cast<int64_t>(v * 1e9), m = 0;
+  c.all_reduce(&ns, &m, 1, DType::kI64, comm::ReduceOp::kMax)->wait();
+  out = static_cast<double>(m) * 1e-9;
+  return out;
+}
+
+int run(int argc, char** argv) {
+  Options o;
+  CLI::App app{"step_sim: shardopt's step on a simulated platform (run under smpirun; see docs/simulation.md)"};
+  app.add_option("--preset", o.preset, "model preset (" + [] {
+    std::string s;
+    for (auto& n : sharding::preset_names()) s += (s.empty() ? "" : ", ") + n;
+    return s;
+  }() + ")");
+  app.add_option("--layers", o.layers, "keep only the first K transformer layers (0 = all)");
+  app.add_option("--stage", o.stage, "ZeRO stage 1-3")->check(CLI::Range(1, 3));
+  app.add_option("--layout", o.layout, "owned | dim0");
+  app.add_option("--sync", o.sync, "zero (one ZeRO group) | diloco | noloco (replicas x shard groups)")
+      ->check(CLI::IsMember({"zero", "diloco", "noloco"}));
+  app.add_option("--replicas", o.replicas, "replicas for diloco/noloco (ranks must be a multiple)");
+  app.add_option("--bucket-mib", o.bucket_mib, "bucket size in MiB (the Engine's default: 4)");
+  app.add_option("--steps", o.steps, "steps to simulate (the last one is reported)");
+  app.add_flag("--json", o.json, "one JSON object on stdout");
+  app.add_option("--slow-host", o.slow_host, "platform host whose ranks compute at --slow-factor x speed");
+  app.add_option("--slow-factor", o.slow_factor, "speed factor of --slow-host (e.g. 0.5)")->check(CLI::PositiveNumber);
+  CLI11_PARSE(app, argc, argv);
+
+  comm::MpiRuntime mpi(&argc, &argv);
+  auto world = mpi.world();
+  const int n_world = world->size();
+  const bool outer = o.sync != "zero";
+  const int replicas = outer ? o.replicas : 1;
+  if (replicas < 1 || n_world % replicas != 0)
+    throw ConfigError("--replicas " + std::to_string(replicas) + " must divide the rank count " +
+                      std::to_string(n_world));
+  if (o.sync == "noloco" && replicas % 2 != 0)
+    throw ConfigError("--sync noloco pairs replicas: --replicas must be even, got " + std::to_string(replicas));
+  const int shards = n_world / replicas;
+  const int replica = world->rank() / shards, shard = world->rank() % shards;
+  std::unique_ptr<comm::Communicator> group_owner, cross;
+  comm::Communicator* group = world.get();
+  if (outer) {
+    group_owner = world->split(replica, shard);
+    cross = world->split(shard, replica);
+    group = group_owner.get();
+  }
+  const int n = group->size(), rank = group->rank();
+
+  const auto specs = model_specs(o);
+  const proto::ShardLayout layout = sharding::parse_layout(o.layout);
+  const auto request = sharding::make_plan_request(specs, n, o.stage, layout,
+                                                   static_cast<int64_t>(o.bucket_mib * (1 << 20)));
+  const auto plan_ptr = shared_plan(request);
+  const proto::ShardPlan& plan = *plan_ptr;
+  const bool dim0 = layout == proto::SHARD_LAYOUT_DIM0;
+
+  // What this rank owns, from the plan.
+  int64_t max_bucket = 0, max_segment = 0, owned_elems = 0, owned_ew = 0, owned_muon = 0;
+  for (const auto& b : plan.buckets()) {
+    max_bucket = std::max(max_bucket, b.numel());
+    max_segment = std::max(max_segment, b.segments(rank).count());
+    owned_elems += b.segments(rank).count();
+  }
+  double my_ns_flops = 0;
+  int64_t muon_params = 0, dim0_send = 0, dim0_recv = 0;
+  std::vector<size_t> a2a_send(n, 0), a2a_recv(n, 0);
+  for (const auto& t : plan.tensors()) {
+    if (t.muon()) muon_params += t.numel();
+    if (t.muon() && t.owner() == rank) {
+      my_ns_flops += ns_flops(t);
+      owned_muon += t.numel();
+    }
+    for (const auto& p : t.pieces()) {
+      if (p.rank() != rank) continue;
+      if (!t.muon()) owned_ew += p.length();
+      if (t.muon() && dim0) a2a_send[t.owner()] += static_cast<size_t>(p.length());
+    }
+    if (t.muon() && dim0 && t.owner() == rank)
+      for (const auto& p : t.pieces()) a2a_recv[p.rank()] += static_cast<size_t>(p.length());
+  }
+  for (int p = 0; p < n; ++p) dim0_send += a2a_send[p], dim0_recv += a2a_recv[p];
+
+  // Buffers: one shared block per role for all ranks (contents are meaningless), sized by the maximum
+  // over ranks.
+  int64_t sizes[3] = {max_segment, std::max(dim0_send, dim0_recv), owned_elems}, max_sizes[3] = {};
+  world->all_reduce(sizes, max_sizes, 3, DType::kI64, comm::ReduceOp::kMax)->wait();
+  float* bucket_buf = shared_block(0, sizeof(float) * static_cast<size_t>(max_bucket));
+  float* shard_buf = shared_block(1, sizeof(float) * static_cast<size_t>(max_sizes[0]));
+  float* a2a_send_buf = shared_block(2, sizeof(float) * static_cast<size_t>(max_sizes[1]));
+  float* a2a_recv_buf = shared_block(3, sizeof(float) * static_cast<size_t>(max_sizes[1]));
+  float* outer_send = shared_block(4, sizeof(float) * static_cast<size_t>(max_sizes[2]));
+  float* outer_recv = shared_block(5, sizeof(float) * static_cast<size_t>(max_sizes[2]));
+  std::vector<float> check(specs.size() + 1, 0.0f);
+  std::vector<size_t> counts(n);
+
+  ComputeModel model;
+  if (!o.slow_host.empty() && o.slow_host == sg_host_get_name(sg_host_self())) model.slowdown = 1 / o.slow_factor;
+  Phases ph;
+  comm::TrafficCounters step_traffic, outer_traffic;
+  for (int s = 0; s < o.steps; ++s) {
+    group->barrier()->wait();
+    if (cross) cross->barrier()->wait();
+    ph = Phases{};
+    const auto before = group->counters();
+    const auto start = clock::now();
+    double compute = 0;
+    auto timed_compute = [&](auto&& f) {
+      const auto t0 = clock::now();
+      f();
+      const double dt = clock::seconds_since(t0);
+      compute += dt;
+      return dt;
+    };
+
+    auto t0 = clock::now();
+    std::optional<sim::NoPayload> no_payload(std::in_place);
+    for (int b = 0; b < plan.buckets_size(); ++b) {
+      const auto& bk = plan.buckets(b);
+      for (int r = 0; r < n; ++r) counts[r] = static_cast<size_t>(bk.segments(r).count());
+      group->reduce_scatter(bucket_buf, shard_buf, counts, DType::kF32, comm::ReduceOp::kAvg)->wait();
+    }
+    ph.reduce_scatter = clock::seconds_since(t0);
+
+    t0 = clock::now();
+    timed_compute([&] { model.stream(kCheckBytesPerElem * static_cast<double>(owned_elems)); });
+    group->all_reduce(check.data(), check.data(), check.size(), DType::kF32, comm::ReduceOp::kSum)->wait();
+    ph.check = clock::seconds_since(t0);
+
+    ph.elementwise = timed_compute([&] { model.stream(kAdamwBytesPerElem * static_cast<double>(owned_ew)); });
+
+    if (dim0) {
+      t0 = clock::now();
+      group->all_to_all(a2a_send_buf, a2a_send, a2a_recv_buf, a2a_recv, DType::kF32)->wait();
+      ph.dim0_exchange = clock::seconds_since(t0);
+    }
+    ph.ns = timed_compute([&] {
+      model.flops(my_ns_flops);
+      model.stream(kMuonStreamBytesPerElem * static_cast<double>(owned_muon));
+    });
+    if (dim0) {
+      t0 = clock::now();
+      group->all_to_all(a2a_recv_buf, a2a_recv, a2a_send_buf, a2a_send, DType::kF32)->wait();
+      ph.dim0_exchange += clock::seconds_since(t0);
+    }
+
+    t0 = clock::now();
+    if (o.stage <= 2) {
+      for (int b = 0; b < plan.buckets_size(); ++b) {
+        const auto& bk = plan.buckets(b);
+        for (int r = 0; r < n; ++r) counts[r] = static_cast<size_t>(bk.segments(r).count());
+        float* full = bucket_buf;
+        group->all_gather(full + bk.segments(rank).offset(), full, counts, DType::kF32)->wait();
+      }
+    }
+    ph.all_gather = clock::seconds_since(t0);
+    no_payload.reset();
+    ph.step = clock::seconds_since(start);
+    ph.compute = compute;
+    step_traffic = group->counters() - before;
+
+    // The outer step (runtime/gossip/outer_sync.h), on this rank's master shards.
+    if (outer) {
+      cross->barrier()->wait();
+      const auto cross_before = cross->counters();
+      t0 = clock::now();
+      no_payload.emplace();
+      const size_t count = static_cast<size_t>(owned_elems);
+      if (o.sync == "diloco") {
+        cross->all_reduce(outer_send, outer_send, count, DType::kF32, comm::ReduceOp::kAvg)->wait();
+      } else {
+        // A pairing that changes every outer step, as NoLoCo's permuted groups of two do.
+        const int stride = 1 + (s % std::max(1, replicas / 2));
+        const int base = replica % (2 * stride) < stride ? replica : replica - stride;
+        const int partner = replica % (2 * stride) < stride ? base + stride : base;
+        const int peer = partner < replicas ? partner : replica;
+        if (peer != replica)
+          cross->sendrecv(outer_send, count, peer, outer_recv, count, peer, DType::kF32, 7)->wait();
+      }
+      // Outer update: read theta, phi, m; write phi, m, theta (as in OuterSync).
+      model.stream(24.0 * static_cast<double>(count));
+      if (o.stage <= 2) {
+        for (int b = 0; b < plan.buckets_size(); ++b) {
+          const auto& bk = plan.buckets(b);
+          for (int r = 0; r < n; ++r) counts[r] = static_cast<size_t>(bk.segments(r).count());
+          group->all_gather(bucket_buf + bk.segments(rank).offset(), bucket_buf, counts, DType::kF32)->wait();
+        }
+      }
+      no_payload.reset();
+      ph.outer = clock::seconds_since(t0);
+      outer_traffic = cross->counters() - cross_before;
+    }
+  }
+
+  // The slowest rank sets the step time; per-rank step and compute times show slow hosts.
+  const double my_step = ph.step, my_compute = ph.compute;
+  Phases m;
+  m.reduce_scatter = max_over(*world, ph.reduce_scatter);
+  m.check = max_over(*world, ph.check);
+  m.elementwise = max_over(*world, ph.elementwise);
+  m.ns = max_over(*world, ph.ns);
+  m.dim0_exchange = max_over(*world, ph.dim0_exchange);
+  m.all_gather = max_over(*world, ph.all_gather);
+  m.outer = max_over(*world, ph.outer);
+  m.step = max_over(*world, ph.step);
+  std::vector<double> per_rank_compute(n_world, 0.0), per_rank_step(n_world, 0.0);
+  std::vector<size_t> ones(n_world, 1);
+  world->all_gather(&my_compute, per_rank_compute.data(), ones, DType::kI64)->wait();  // 8 bytes, bit copy
+  world->all_gather(&my_step, per_rank_step.data(), ones, DType::kI64)->wait();
+  int64_t sent = static_cast<int64_t>(step_traffic.total_sent()), max_sent = 0, sum_sent = 0;
+  world->all_reduce(&sent, &max_sent, 1, DType::kI64, comm::ReduceOp::kMax)->wait();
+  world->all_reduce(&sent, &sum_sent, 1, DType::kI64, comm::ReduceOp::kSum)->wait();
+  int64_t osent = static_cast<int64_t>(outer_traffic.total_sent()), max_osent = 0;
+  world->all_reduce(&osent, &max_osent, 1, DType::kI64, comm::ReduceOp::kMax)->wait();
+
+  if (world->rank() != 0) return 0;
+
+  double total_params = 0, bucket_elems = 0;
+  for (const auto& t : plan.tensors()) total_params += static_cast<double>(t.numel());
+  for (const auto& b : plan.buckets()) bucket_elems += static_cast<double>(b.numel());
+  // The step's own collectives on the plan's bucket buffers (Ψ' = parameters + alignment padding):
+  // stages 1-2 reduce-scatter + all-gather (2Ψ'(N-1)/N, fp32 here); stage 3 only reduce-scatters in
+  // step() (Ψ'(N-1)/N). The formula is the mean over ranks: in the owned layout segments differ, and a
+  // rank with a small segment sends more (B - B_own).
+  const double zero_bytes = o.stage <= 2 ? sharding::zero_traffic_per_rank(o.stage, bucket_elems, n, 4).bytes
+                                         : bucket_elems * 4 * (n - 1) / n;
+  const double mean_sent = static_cast<double>(sum_sent) / n_world;
+  const auto slowest = std::max_element(per_rank_compute.begin(), per_rank_compute.end()) - per_rank_compute.begin();
+  const auto fastest = std::min_element(per_rank_compute.begin(), per_rank_compute.end()) - per_rank_compute.begin();
+  nlohmann::ordered_json j;
+  j["preset"] = o.preset;
+  j["layers"] = o.layers;
+  j["ranks"] = n_world;
+  j["replicas"] = replicas;
+  j["shard_group_ranks"] = n;
+  j["stage"] = o.stage;
+  j["layout"] = o.layout;
+  j["sync"] = o.sync;
+  j["bucket_bytes"] = request.bucket_bytes();
+  j["buckets"] = plan.buckets_size();
+  j["total_params"] = total_params;
+  j["predicted_step_seconds"] = m.step;
+  j["predicted_reduce_scatter_seconds"] = m.reduce_scatter;
+  j["predicted_check_seconds"] = m.check;
+  j["predicted_elementwise_seconds"] = m.elementwise;
+  j["predicted_ns_seconds"] = m.ns;
+  j["predicted_dim0_exchange_seconds"] = m.dim0_exchange;
+  j["predicted_all_gather_seconds"] = m.all_gather;
+  j["predicted_outer_step_seconds"] = m.outer;
+  j["bytes_sent_per_rank_max"] = max_sent;
+  j["bytes_sent_per_rank_mean"] = mean_sent;
+  j["check_allreduce_bytes_per_rank"] = sharding::zero_traffic_per_rank(0, static_cast<double>(specs.size() + 1), n, 4).bytes;
+  j["zero_formula_bytes_per_rank"] = zero_bytes;
+  j["dim0_extra_formula_bytes_per_rank"] =
+      dim0 ? sharding::dim0_muon_extra_traffic_per_rank(static_cast<double>(muon_params), n, 4).bytes : 0.0;
+  j["outer_bytes_sent_per_rank"] = max_osent;
+  j["slowest_compute_rank"] = slowest;
+  j["slowest_compute_seconds"] = per_rank_compute[slowest];
+  j["fastest_compute_rank"] = fastest;
+  j["fastest_compute_seconds"] = per_rank_compute[fastest];
+  j["min_rank_step_seconds"] = *std::min_element(per_rank_step.begin(), per_rank_step.end());
+  if (n_world <= 64) {  // per-rank figures for small runs (slow hosts show here)
+    j["per_rank_compute_seconds"] = per_rank_compute;
+    j["per_rank_step_seconds"] = per_rank_step;
+  }
+  j["simulated_seconds_total"] = MPI_Wtime();
+  if (o.json) {
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("%s on %d ranks (%d replicas x %d), stage %d, layout %s, sync %s, %d buckets of %.0f MiB\n",
+                o.preset.c_str(), n_world, replicas, n, o.stage, o.layout.c_str(), o.sync.c_str(),
+                plan.buckets_size(), o.bucket_mib);
+    std::printf("predicted step         %10.4f s\n", m.step);
+    std::printf("  reduce-scatter       %10.4f s\n", m.reduce_scatter);
+    std::printf("  check all-reduce     %10.4f s\n", m.check);
+    std::printf("  element-wise         %10.4f s\n", m.elementwise);
+    std::printf("  NS (Muon)            %10.4f s\n", m.ns);
+    std::printf("  dim0 exchange        %10.4f s\n", m.dim0_exchange);
+    std::printf("  all-gather           %10.4f s\n", m.all_gather);
+    if (outer) std::printf("outer step (%s)     %10.4f s, %lld bytes sent per rank\n", o.sync.c_str(), m.outer,
+                           static_cast<long long>(max_osent));
+    std::printf("bytes sent per rank    mean %.0f (ZeRO formula %.0f), max %lld\n", mean_sent, zero_bytes,
+                static_cast<long long>(max_sent));
+    std::printf("compute per rank       %.4f s (rank %lld) .. %.4f s (rank %lld)\n", per_rank_compute[fastest],
+                static_cast<long long>(fastest), per_rank_compute[slowest], static_cast<long long>(slowest));
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "step_sim: %s\n", e.what());
+    return 2;
+  }
+}

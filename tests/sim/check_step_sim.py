@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""16-rank simulations of sim/step_sim under SimGrid SMPI (scripts/simulate), checked against
+quantities computed independently of the simulator:
+
+1. Bytes: the mean bytes a rank sends in one step equal the ZeRO arithmetic on the plan's bucket
+   buffers (2 Psi'(N-1)/N for stage 2) + the dim0 Muon exchange + the check all-reduce, to the byte.
+2. Bandwidth: going from 2 to 4 transformer layers, reduce-scatter + all-gather grow by the extra
+   bytes a rank sends divided by the link bandwidth read from the platform file (each rank sends and
+   receives at once on its full-duplex link; SMPI's bandwidth/latency correction factors are set to 1
+   and its ACK cross-traffic model is off),
+   within a tolerance derived from the same file: the latency of the extra messages on top, and a
+   relative 5% for the store-and-forward and pipelining of the ompi algorithms.
+3. Slow host: a host at 0.5x speed doubles the modelled compute of its rank exactly and no other's.
+
+usage: check_step_sim.py SCRIPTS_SIMULATE SIM_BUILD_DIR NETWORK_PLATFORM_XML COMPUTE_PLATFORM_XML
+(the first platform has negligible compute, the second the same network with hosts named h0..h15)
+Exit 77 (CTest skip) when smpirun is not installed.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+SKIP = 77
+
+
+def main():
+    simulate, build, platform, compute_platform = sys.argv[1:5]
+    if shutil.which("smpirun") is None:
+        print("SKIPPED: SimGrid (smpirun) is not installed; scripts/setup installs simgrid libsimgrid-dev")
+        return SKIP
+    if not os.access(os.path.join(build, "bin", "step_sim"), os.X_OK):
+        print(f"SKIPPED: {build}/bin/step_sim is not built (the build found no smpicxx when it was configured)")
+        return SKIP
+    root = ET.fromstring(re.sub(r"<!DOCTYPE[^>]*>", "", open(platform).read()))
+    cluster = next(root.iter("cluster"))
+    bw = parse_unit(cluster.get("bw"), {"GBps": 1e9, "MBps": 1e6, "Bps": 1})
+    lat = parse_unit(cluster.get("lat"), {"us": 1e-6, "ms": 1e-3, "s": 1})
+    ranks = 16
+    cfg = ["--cfg=smpi/bw-factor:0:1", "--cfg=smpi/lat-factor:0:1", "--cfg=network/crosstraffic:0"]
+
+    def run(*args, on=platform):
+        cmd = [simulate, "--platform", on, "--ranks", str(ranks), "--sim-build", build, *cfg,
+               "--preset", "llama-125m", "--stage", "2", "--json", *args]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    failures = []
+    small = run("--layout", "dim0", "--layers", "2")
+    large = run("--layout", "dim0", "--layers", "4")
+    for r in (small, large):
+        expected = r["zero_formula_bytes_per_rank"] + r["dim0_extra_formula_bytes_per_rank"] + \
+            r["check_allreduce_bytes_per_rank"]
+        print(f"layers {r['layers']}: mean bytes sent {r['bytes_sent_per_rank_mean']:.0f}, formula {expected:.0f}")
+        if abs(r["bytes_sent_per_rank_mean"] - expected) > 1:
+            failures.append(f"layers {r['layers']}: mean bytes sent {r['bytes_sent_per_rank_mean']} != formula {expected}")
+
+    # Reduce-scatter + all-gather move equal segments (dim0): every rank sends and receives the same
+    # bytes, so the time is bytes / bandwidth. (The dim0 all-to-all is left out: its owner receives
+    # far more than the mean, so the mean bytes do not predict it.)
+    def comm_seconds(r):
+        return r["predicted_reduce_scatter_seconds"] + r["predicted_all_gather_seconds"]
+
+    extra_bytes = large["zero_formula_bytes_per_rank"] - small["zero_formula_bytes_per_rank"]
+    predicted = extra_bytes / bw
+    # Extra messages: ring-type algorithms take N-1 steps per collective, one latency each.
+    extra_buckets = large["buckets"] - small["buckets"]
+    latency_bound = 2 * extra_buckets * (ranks - 1) * lat * 4
+    got = comm_seconds(large) - comm_seconds(small)
+    lo, hi = predicted, predicted * 1.05 + latency_bound
+    print(f"extra communication: {got:.6f} s for {extra_bytes:.0f} extra bytes per rank; "
+          f"bandwidth predicts {predicted:.6f} s, allowed [{lo:.6f}, {hi:.6f}]")
+    if not lo * (1 - 1e-9) <= got <= hi:
+        failures.append(f"extra communication {got} s outside [{lo}, {hi}]")
+
+    base = run("--layout", "owned", "--layers", "2", on=compute_platform)
+    slow = run("--layout", "owned", "--layers", "2", "--slow-host", "h5:0.5", on=compute_platform)
+    print(f"slow host h5 (rank 5): slowest compute rank {slow['slowest_compute_rank']} "
+          f"{slow['slowest_compute_seconds']:.6f} s; without it rank {base['slowest_compute_rank']} "
+          f"{base['slowest_compute_seconds']:.6f} s")
+    per_base, per_slow = base["per_rank_compute_seconds"], slow["per_rank_compute_seconds"]
+    for r in range(ranks):
+        want = per_base[r] * (2 if r == 5 else 1)
+        if abs(per_slow[r] - want) > 1e-6 * want + 1e-9:
+            failures.append(f"rank {r}: compute {per_slow[r]} s with h5 at 0.5x, expected {want} s")
+    if per_base[5] <= 0:
+        failures.append("rank 5 has no modelled compute: the slow-host check would prove nothing")
+
+    for f in failures:
+        print("FAIL:", f)
+    return 1 if failures else 0
+
+
+def parse_unit(text, units):
+    for suffix, scale in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    raise ValueError(f"unknown unit in {text!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,8 @@ find_path(OPENBLAS_CBLAS_INCLUDE_DIR cblas.h PATH_SUFFIXES openblas openblas-pth
 # bf16). OpenMP: oneDNN's threading, set to one thread inside ThreadPool tasks.
 find_package(dnnl CONFIG REQUIRED)
 find_package(OpenMP REQUIRED COMPONENTS CXX)
-if(SHARDOPT_BUILD_APPS)
+# CLI11: the shardopt CLI, the benchmarks and the simulation program (sim/).
+if(SHARDOPT_BUILD_APPS OR SHARDOPT_SIMGRID)
   find_package(CLI11 CONFIG REQUIRED)
 endif()
 find_package(nlohmann_json CONFIG REQUIRED)

@@ -331,6 +331,11 @@ void Engine::wait_reductions() {
   reset_step_bookkeeping();
 }
 
+void Engine::set_max_grad_norm(float max_grad_norm) {
+  if (!(max_grad_norm >= 0)) throw ConfigError("max_grad_norm must be >= 0, got " + std::to_string(max_grad_norm));
+  options_.max_grad_norm = max_grad_norm;
+}
+
 // Counts non-finite values per tensor and the squared norm over my pieces, combines them across
 // ranks with one all-reduce, then clips. Returns false (step skipped everywhere) on NaN/Inf.
 bool Engine::check_and_clip(StepReport& report) {

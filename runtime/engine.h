@@ -134,6 +134,9 @@ class Engine {
 
   const proto::ShardPlan& plan() const { return state_->plan(); }
   const EngineOptions& options() const { return options_; }
+  // Clipping threshold of the coming steps (EngineOptions.max_grad_norm; 0 = off). Local: ranks must
+  // set the same value before the same step (the norm is global, the threshold is not exchanged).
+  void set_max_grad_norm(float max_grad_norm);
   comm::Communicator& comm() { return comm_; }
   size_t num_tensors() const { return specs_.size(); }
   const proto::TensorSpec& spec(size_t t) const { return specs_[t]; }

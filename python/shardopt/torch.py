@@ -22,6 +22,7 @@ trainer's ranks; launched by mpirun -> the MPI backend; otherwise one rank.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import re
 from typing import Any, Dict, Iterable, List, Optional
@@ -139,8 +140,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
       layout: "owned" (whole tensors per rank) or "dim0" (row shards; Muon travels to its owner).
       routing: {parameter name: "matrix" | "elementwise"} overrides the engine's routing (2-D hidden
         matrices -> Muon; names containing embed/head/norm/bias/wte/wpe -> element-wise).
-      max_grad_norm: > 0 clips the global gradient norm (use this, not clip_grad_norm_: gradients
-        are reduced during backward).
+      max_grad_norm: > 0 clips the global gradient norm in every step (or call opt.clip_grad_norm_
+        before a step; torch.nn.utils.clip_grad_norm_ does not apply: gradients are reduced during
+        backward, so .grad holds this rank's unreduced gradient).
       backward_passes_per_step: backward() calls accumulated into one step (gradient accumulation).
       bucket_bytes, overlap: the engine's bucket size and whether reductions start during backward.
       process_group: see default_communicator.
@@ -200,6 +202,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._passes: List[List[int]] = []
         self._hooks = []
         self._last_reports: List[dict] = []
+        self._max_grad_norm = float(max_grad_norm)
+        self._pending_clip: Optional[tuple] = None  # (max_norm, tensor the next step() fills)
         self._matrix_names: List[str] = []
         for gi, group in enumerate(self.param_groups):
             self._build_engine(gi, group, stage, layout, bucket_bytes, max_grad_norm, overlap)
@@ -309,6 +313,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         reports = []
+        clip = self._pending_clip
+        self._pending_clip = None
+        if clip is not None:
+            self._engines[0].max_grad_norm = clip[0]
         for gi, group in enumerate(self.param_groups):
             if (group["weight_decay"], group["matrix_weight_decay"]) != group["initial_weight_decay_"]:
                 raise ValueError(f"param group {gi}: weight_decay cannot change after construction "
@@ -321,8 +329,44 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._passes[gi] = [0] * len(self._passes[gi])
             # Shows the matrix learning rate this step applied.
             group["matrix_lr"] = group["matrix_lr_shown_"] = group["initial_matrix_lr_"] * multiplier
+        if clip is not None:
+            self._engines[0].max_grad_norm = self._max_grad_norm
+            report = reports[0]
+            # A step skipped for NaN/Inf gradients computed no norm: NaN, as torch's would be non-finite.
+            clip[1].fill_(report["grad_norm"] if not report["nonfinite_tensors"] else math.nan)
         self._last_reports = reports
         return loss
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clips the next step's gradient to global L2 norm max_norm; returns that norm, known only in step().
+
+        FSDP's clip_grad_norm_ reads the reduced gradients and returns the norm at once. Here the
+        gradients are reduce-scattered during backward and the global norm exists only inside
+        step(), where the engine computes it (one all-reduce it makes anyway) and clips with torch's
+        rule (scale = max_norm / (norm + 1e-6) when norm > max_norm). So this call schedules the clip
+        for the next step() only, and returns a 0-d float32 tensor that is NaN until that step()
+        writes the global norm of the rank-averaged gradient before clipping (what
+        torch.nn.utils.clip_grad_norm_ returns on the same gradient); read it after step():
+
+            norm = opt.clip_grad_norm_(1.0); opt.step(); log(norm.item())
+
+        It also appears as last_step_reports[0]["grad_norm"]. Collective in effect: call it on every
+        rank with the same max_norm before the same step. Only norm_type=2 and one param group (each
+        group is its own engine, and the norm would have to span them).
+        """
+        if float(norm_type) != 2.0:
+            raise ValueError(f"clip_grad_norm_: only norm_type=2 is supported (the engine's global L2 norm), "
+                             f"got {norm_type}")
+        max_norm = float(max_norm)
+        if not (max_norm > 0 and math.isfinite(max_norm)):
+            raise ValueError(f"clip_grad_norm_: max_norm must be finite and > 0, got {max_norm}")
+        if len(self._engines) != 1:
+            raise ValueError(f"clip_grad_norm_: supported with one param group, this optimizer has "
+                             f"{len(self._engines)} (each group's engine computes its own norm; use "
+                             "max_grad_norm= for a per-group clip)")
+        norm = torch.full((), math.nan, dtype=torch.float32)
+        self._pending_clip = (max_norm, norm)
+        return norm
 
     @property
     def last_step_reports(self) -> List[dict]:

@@ -366,6 +366,10 @@ NB_MODULE(_C, m) {
       .def(
           "grad_ready", [](PyEngine& e, size_t t) { e.engine->grad_ready(t); }, "t"_a,
           nb::call_guard<nb::gil_scoped_release>())
+      .def_prop_rw(
+          "max_grad_norm", [](PyEngine& e) { return e.engine->options().max_grad_norm; },
+          [](PyEngine& e, float v) { e.engine->set_max_grad_norm(v); },
+          "Clipping threshold (global L2 norm) of the coming steps; 0 = off. Set the same on every rank.")
       .def(
           "step",
           [](PyEngine& e, float lr_multiplier) {

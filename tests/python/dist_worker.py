@@ -6,6 +6,8 @@ writes OUT.rank<r>.pt: {config: {"losses": [local losses], "params": {name: tens
 --save: the stage-2 owned run also saves a checkpoint after step K (under DIR).
 --mismatch: finally rank 1 constructs an optimizer whose lm_head.weight has another shape and
 prints the error every rank got.
+Also a run "clip" (stage 2, owned, AdamW only) that calls opt.clip_grad_norm_(CLIP_MAX_NORM) before
+every step and records the norms it returned ("norms").
 --resume: one more run "resume" (stage 2, owned) loads DIR, continues from step K to the end.
 """
 import argparse
@@ -49,6 +51,27 @@ def train(stage, layout, rank, world, save=None, save_at=None, resume=None, resu
             "state": opt.state_dict()["state"]}
 
 
+CLIP_MAX_NORM = 0.5  # below this model's early gradient norms (about 1-3): the clip is active
+
+
+def train_clip(rank, world):
+    model = GPT()
+    opt = ShardedOptimizer(model.named_parameters(), matrix=None, elementwise="adamw", lr=3e-3,
+                           bucket_bytes=16 << 10)
+    losses, norms = [], []
+    for step in range(STEPS):
+        x, y = batch(step)
+        n = x.shape[0] // world
+        loss = model(x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
+        loss.backward()
+        norm = opt.clip_grad_norm_(CLIP_MAX_NORM)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        norms.append(norm.item())
+    return {"losses": losses, "norms": norms, "params": {k: v.detach().clone() for k, v in model.named_parameters()}}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -68,6 +91,7 @@ def main():
     for stage, layout in CONFIGS:
         save = a.save if (stage, layout) == (2, "owned") else None
         results[f"{stage}-{layout}"] = train(stage, layout, rank, world, save, a.save_at)
+    results["clip"] = train_clip(rank, world)
     if a.resume:
         results["resume"] = train(2, "owned", rank, world, resume=a.resume, resume_at=a.resume_at)
     torch.save(results, f"{a.out}.rank{rank}.pt")

@@ -106,3 +106,25 @@ def test_ranks_with_different_shapes_fail_naming_the_parameter(runs):
     assert len(lines) == 2, out
     assert all("ValueError: ranks disagree on the engine configuration" in l for l in lines), out
     assert "parameter 'lm_head.weight'" in next(l for l in lines if l.startswith("rank 1")), out
+
+
+def test_torchrun_two_ranks_clip_grad_norm_equals_torch(runs):
+    """opt.clip_grad_norm_ at 2 ranks (each on half the batch) against torch.nn.utils.clip_grad_norm_ +
+    torch.optim.AdamW in one process on the whole batch: same returned norms, same parameters."""
+    from dist_worker import CLIP_MAX_NORM, STEPS as WORKER_STEPS
+    from gpt_model import GPT, batch
+    ref = GPT()
+    opt = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.01)
+    ref_norms = []
+    for step in range(WORKER_STEPS):
+        x, y = batch(step)
+        ref(x, y).backward()
+        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP_MAX_NORM).item())
+        opt.step()
+        opt.zero_grad()
+    assert max(ref_norms) > CLIP_MAX_NORM  # the clip changes the run
+    for r, result in enumerate(runs["two"]):
+        assert result["clip"]["norms"] == pytest.approx(ref_norms, rel=1e-4), f"rank {r}"
+        for name, p in ref.named_parameters():
+            got = result["clip"]["params"][name]
+            assert (got - p.detach()).abs().max().item() <= 1e-4 * p.abs().max().item(), f"rank {r} {name}"

@@ -265,3 +265,50 @@ def test_gradient_accumulation_over_backward_passes():
         opt.step(), torch_opt.step()
         opt.zero_grad(), torch_opt.zero_grad()
     assert max_abs_diff(ours, ref) <= 12 * FP32_EPS
+
+
+def test_clip_grad_norm_equals_torch_clip_then_adamw():
+    # torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW vs opt.clip_grad_norm_ (norm filled by step()).
+    max_norm = 0.5  # below this model's early gradient norms: the clip is active on most steps
+    ours, ref = GPT(), GPT()
+    opt = ShardedOptimizer(ours.named_parameters(), matrix=None, elementwise="adamw", lr=3e-3)
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3)
+    norms, ref_norms = [], []
+    for step in range(STEPS):
+        x, y = batch(step)
+        ours(x, y).backward()
+        ref(x, y).backward()
+        norm = opt.clip_grad_norm_(max_norm)
+        assert math.isnan(norm.item())  # known only inside step()
+        opt.step()
+        norms.append(norm.item())
+        assert opt.last_step_reports[0]["grad_norm"] == pytest.approx(norms[-1], rel=1e-6)
+        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm).item())
+        torch_opt.step()
+        opt.zero_grad()
+        torch_opt.zero_grad()
+    assert sum(n > max_norm for n in ref_norms) >= STEPS // 2
+    assert norms == pytest.approx(ref_norms, rel=1e-4)
+    scale = max(p.abs().max().item() for p in ref.parameters())
+    assert max_abs_diff(ours, ref) <= 4 * STEPS * FP32_EPS * scale
+    # The clip applies to that step only: the next step runs unclipped, as constructed.
+    x, y = batch(STEPS)
+    ours(x, y).backward()
+    ref(x, y).backward()
+    opt.step()
+    assert opt.last_step_reports[0]["grad_norm"] > max_norm  # a clip left on would have changed it
+    torch_opt.step()
+    assert max_abs_diff(ours, ref) <= 4 * (STEPS + 1) * FP32_EPS * scale
+
+
+def test_clip_grad_norm_refuses_what_it_cannot_do():
+    opt = ShardedOptimizer(GPT().named_parameters(), matrix=None)
+    with pytest.raises(ValueError, match="norm_type=2"):
+        opt.clip_grad_norm_(1.0, norm_type=1.0)
+    with pytest.raises(ValueError, match="max_norm must be finite and > 0"):
+        opt.clip_grad_norm_(0.0)
+    model = GPT()
+    named = list(model.named_parameters())
+    two_groups = ShardedOptimizer([{"params": named[:2]}, {"params": named[2:]}], matrix=None)
+    with pytest.raises(ValueError, match="one param group"):
+        two_groups.clip_grad_norm_(1.0)

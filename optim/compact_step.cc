@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include <fmt/format.h>
 
 #include "base/error.h"
+#include "base/thread_pool.h"
 #include "optim/finite.h"
 
 namespace shardopt::optim {
@@ -30,7 +32,8 @@ void check_compact(const CompactState& s, const char* what, size_t index, int sl
 }  // namespace
 
 StepResult elementwise_step_compact(const OptimizerParams& params, std::span<const ElementwiseSlice> slices,
-                                    std::span<const CompactSlots> states, float lr, int64_t step, FiniteCheck check) {
+                                    std::span<const CompactSlots> states, float lr, int64_t step, FiniteCheck check,
+                                    const KernelOptions& exec) {
   if (slices.size() != states.size())
     throw ConfigError(fmt::format("elementwise_step_compact: {} slices but {} state entries", slices.size(),
                                   states.size()));
@@ -47,28 +50,42 @@ StepResult elementwise_step_compact(const OptimizerParams& params, std::span<con
       return result;
     }
   }
-  if (slots == 0) return elementwise_step(params, slices, lr, step);  // plain SGD: no state to convert
+  if (slots == 0) return elementwise_step(params, slices, lr, step, FiniteCheck::kNone, exec);  // plain SGD: no state to convert
 
-  alignas(64) static thread_local float scratch[2][kCompactChunkElems];
-  for (size_t i = 0; i < slices.size(); ++i) {
+  // One task per chunk of one slice; a chunk's decode, kernel and encode touch only its own blocks,
+  // so chunks run on the pool in any order with the single-threaded result bit for bit.
+  std::vector<int64_t> first_chunk(slices.size() + 1, 0);
+  for (size_t i = 0; i < slices.size(); ++i)
+    first_chunk[i + 1] = first_chunk[i] + (static_cast<int64_t>(slices[i].count) + kCompactChunkElems - 1) /
+                                              kCompactChunkElems;
+  const KernelOptions inner{nullptr, exec.use_avx512};  // the chunk is this task's: no nested split
+  auto run_chunk = [&](int64_t task) {
+    const size_t i = static_cast<size_t>(
+        std::upper_bound(first_chunk.begin(), first_chunk.end(), task) - first_chunk.begin() - 1);
     const ElementwiseSlice& s = slices[i];
+    const int64_t start = (task - first_chunk[i]) * kCompactChunkElems;
+    const int64_t n = std::min<int64_t>(kCompactChunkElems, static_cast<int64_t>(s.count) - start);
+    alignas(64) static thread_local float scratch[2][kCompactChunkElems];
     const size_t gsize = dtype_size(s.grad_dtype);
-    for (int64_t start = 0; start < static_cast<int64_t>(s.count); start += kCompactChunkElems) {
-      const int64_t n = std::min<int64_t>(kCompactChunkElems, static_cast<int64_t>(s.count) - start);
-      ElementwiseSlice chunk = s;
-      chunk.master = s.master + start;
-      chunk.mirror = s.mirror ? s.mirror + start : nullptr;
-      chunk.grad = static_cast<const unsigned char*>(s.grad) + static_cast<size_t>(start) * gsize;
-      chunk.count = static_cast<size_t>(n);
-      CompactState st[2];
-      for (int k = 0; k < slots; ++k) {
-        st[k] = advanced(states[i].slot[k], start);
-        load_compact(st[k], n, scratch[k]);
-        chunk.state[k] = scratch[k];
-      }
-      elementwise_step(params, std::span<const ElementwiseSlice>(&chunk, 1), lr, step);
-      for (int k = 0; k < slots; ++k) store_compact(st[k], n, scratch[k]);
+    ElementwiseSlice chunk = s;
+    chunk.master = s.master + start;
+    chunk.mirror = s.mirror ? s.mirror + start : nullptr;
+    chunk.grad = static_cast<const unsigned char*>(s.grad) + static_cast<size_t>(start) * gsize;
+    chunk.count = static_cast<size_t>(n);
+    CompactState st[2];
+    for (int k = 0; k < slots; ++k) {
+      st[k] = advanced(states[i].slot[k], start);
+      load_compact(st[k], n, scratch[k], exec.use_avx512);
+      chunk.state[k] = scratch[k];
     }
+    elementwise_step(params, std::span<const ElementwiseSlice>(&chunk, 1), lr, step, FiniteCheck::kNone, inner);
+    for (int k = 0; k < slots; ++k) store_compact(st[k], n, scratch[k], exec.use_avx512);
+  };
+  const int64_t tasks = first_chunk.back();
+  if (exec.pool == nullptr || exec.pool->size() == 1 || tasks <= 1) {
+    for (int64_t t = 0; t < tasks; ++t) run_chunk(t);
+  } else {
+    exec.pool->parallel_for(tasks, [&](int64_t t, int) { run_chunk(t); });
   }
   return result;
 }

@@ -8,7 +8,8 @@
 // Muon / NorMuon: the momentum is decoded into matrix.momentum (an fp32 scratch of the matrix's
 // size), muon_step runs, and the new momentum is encoded back. NorMuon's row moment stays fp32.
 //
-// Single-threaded: a caller-side thread pool is the place to split slices across cores.
+// Element-wise chunks run on exec.pool (each chunk is independent: same result at any pool size);
+// the decode/encode loops use AVX-512 where exec allows and the CPU has it.
 #pragma once
 
 #include <cstdint>
@@ -31,7 +32,7 @@ struct CompactSlots {
 // ConfigError when the spans differ in size, a needed slot is not compact or has null storage.
 StepResult elementwise_step_compact(const OptimizerParams& params, std::span<const ElementwiseSlice> slices,
                                     std::span<const CompactSlots> states, float lr, int64_t step,
-                                    FiniteCheck check = FiniteCheck::kNone);
+                                    FiniteCheck check = FiniteCheck::kNone, const KernelOptions& exec = {});
 
 // muon_step with the momentum in `momentum` (rows*cols elements); matrix.momentum must point at an
 // fp32 scratch of rows*cols values (its contents are overwritten).

@@ -138,13 +138,6 @@ __attribute__((flatten, target("avx512f,avx512bw,avx512vl,avx512dq,fma,prefer-ve
   dispatch<Kernel>(s, b, n, k);
 }
 
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("fma");
-  return has;
-}
-
 // Elements per task: large enough that scheduling costs nothing next to the memory traffic
 // (~100 µs of work), small enough that two threads split a mid-sized parameter.
 constexpr size_t kChunkElements = size_t{1} << 15;

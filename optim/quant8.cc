@@ -1,6 +1,9 @@
 #include "optim/quant8.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <cstddef>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -83,43 +86,114 @@ double q8_error_bound(Q8CodeKind kind, bool is_signed, double y) {
   return 0.5 * (top - top / 10.0) / static_cast<double>(cells_in_decade(decade, is_signed));
 }
 
-void q8_quantize(const float* x, int64_t n, bool nonnegative, uint8_t* codes, float* absmax, Q8CodeKind kind) {
-  const Q8Codebook& book = q8_codebook(kind, !nonnegative);
+namespace {
+
+// Absmax of a block (NaN if any element is NaN, see header); the max loop vectorizes.
+inline float block_absmax(const float* xb, int64_t len) {
+  float a = 0.0f;
+  bool nan = false;
+  for (int64_t i = 0; i < len; ++i) {
+    const float v = std::fabs(xb[i]);
+    a = v > a ? v : a;
+    nan |= v != v;
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : a;
+}
+
+// Divide (not multiply by 1/a): 1/a overflows for subnormal a and loses bits for huge a.
+void encode_block_portable(const Q8Codebook& book, const float* xb, int64_t len, float a, uint8_t* cb) {
+  for (int64_t i = 0; i < len; ++i) cb[i] = book.encode_fast(xb[i] / a);
+}
+
+void decode_block_portable(const Q8Codebook& book, const uint8_t* cb, int64_t len, float a, float* out) {
+  for (int64_t i = 0; i < len; ++i) out[i] = book.values[cb[i]] * a;
+}
+
+#define SHARDOPT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+// encode_fast on 16 lanes: the start table is gathered as bytes (a 4-byte gather, low byte kept;
+// Q8Codebook::gather_pad keeps the last read inside the struct), then the two threshold compares.
+SHARDOPT_AVX512 void encode_block_avx512(const Q8Codebook& book, const float* xb, int64_t len, float a,
+                                         uint8_t* cb) {
+  const __m512 va = _mm512_set1_ps(a);
+  const auto* base = reinterpret_cast<const char*>(&book);
+  const __m512i pos_off = _mm512_set1_epi32(static_cast<int>(offsetof(Q8Codebook, start_positive)));
+  const __m512i neg_off = _mm512_set1_epi32(static_cast<int>(offsetof(Q8Codebook, start_negative)));
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), last_key = _mm512_set1_epi32(Q8Codebook::kKeys - 1);
+  const __m512i byte = _mm512_set1_epi32(0xff), one = _mm512_set1_epi32(1);
+  const float* above = book.midpoints.data() + 1;  // midpoints[c + 1]
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 y = _mm512_div_ps(_mm512_loadu_ps(xb + i), va);
+    const __m512i bits = _mm512_castps_si512(y);
+    const __m512i key = _mm512_min_epu32(_mm512_srli_epi32(_mm512_and_si512(bits, abs_mask), 16), last_key);
+    const __mmask16 negative = _mm512_movepi32_mask(bits);
+    const __m512i index = _mm512_add_epi32(key, _mm512_mask_blend_epi32(negative, pos_off, neg_off));
+    __m512i c = _mm512_and_si512(_mm512_i32gather_epi32(index, base, 1), byte);
+    for (int step = 0; step < 2; ++step) {
+      const __m512 m = _mm512_i32gather_ps(c, above, 4);
+      c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(m, y, _CMP_LT_OQ), c, one);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(cb + i), _mm512_cvtepi32_epi8(c));
+  }
+  encode_block_portable(book, xb + i, len - i, a, cb + i);
+}
+
+SHARDOPT_AVX512 void decode_block_avx512(const Q8Codebook& book, const uint8_t* cb, int64_t len, float a,
+                                         float* out) {
+  const __m512 va = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cb + i)));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_i32gather_ps(c, book.values.data(), 4), va));
+  }
+  decode_block_portable(book, cb + i, len - i, a, out + i);
+}
+
+template <bool kAvx512>
+inline void quantize_blocks(const Q8Codebook& book, const float* x, int64_t n, uint8_t* codes, float* absmax) {
   for (int64_t start = 0, j = 0; start < n; start += kQ8BlockElems, ++j) {
     const int64_t len = std::min(kQ8BlockElems, n - start);
-    const float* xb = x + start;
-    // A NaN anywhere makes the absmax NaN (poisons the block, see header); max itself vectorizes.
-    float a = 0.0f;
-    bool nan = false;
-    for (int64_t i = 0; i < len; ++i) {
-      const float v = std::fabs(xb[i]);
-      a = v > a ? v : a;
-      nan |= v != v;
-    }
-    if (nan) a = std::numeric_limits<float>::quiet_NaN();
+    const float a = block_absmax(x + start, len);
     absmax[j] = a;
     uint8_t* cb = codes + start;
     if (a > 0.0f) {
-      // Divide (not multiply by 1/a): 1/a overflows for subnormal a and loses bits for huge a.
-      for (int64_t i = 0; i < len; ++i) cb[i] = book.encode_fast(xb[i] / a);
+      if constexpr (kAvx512) encode_block_avx512(book, x + start, len, a, cb);
+      else encode_block_portable(book, x + start, len, a, cb);
     } else {
       const uint8_t zero = book.encode(0.0f);  // decodes to 0 x a = 0 whatever the code's value
-      for (int64_t i = 0; i < len; ++i) cb[i] = zero;
+      std::memset(cb, zero, static_cast<size_t>(len));
     }
   }
 }
 
-void q8_dequantize(const uint8_t* codes, const float* absmax, int64_t n, bool nonnegative, float* out,
-                   Q8CodeKind kind) {
+// flatten: the absmax loop is compiled (vectorized) for the wrapper's target.
+SHARDOPT_AVX512 __attribute__((flatten)) void quantize_blocks_avx512(const Q8Codebook& book, const float* x,
+                                                                      int64_t n, uint8_t* codes, float* absmax) {
+  quantize_blocks<true>(book, x, n, codes, absmax);
+}
+
+}  // namespace
+
+void q8_quantize(const float* x, int64_t n, bool nonnegative, uint8_t* codes, float* absmax, Q8CodeKind kind,
+                 bool use_avx512) {
   const Q8Codebook& book = q8_codebook(kind, !nonnegative);
+  if (use_avx512 && cpu_has_avx512()) quantize_blocks_avx512(book, x, n, codes, absmax);
+  else quantize_blocks<false>(book, x, n, codes, absmax);
+}
+
+void q8_dequantize(const uint8_t* codes, const float* absmax, int64_t n, bool nonnegative, float* out,
+                   Q8CodeKind kind, bool use_avx512) {
+  const Q8Codebook& book = q8_codebook(kind, !nonnegative);
+  const bool avx512 = use_avx512 && cpu_has_avx512();
   for (int64_t start = 0, j = 0; start < n; start += kQ8BlockElems, ++j) {
     const int64_t len = std::min(kQ8BlockElems, n - start);
-    const float a = absmax[j];
-    for (int64_t i = 0; i < len; ++i) out[start + i] = book.values[codes[start + i]] * a;
+    if (avx512) decode_block_avx512(book, codes + start, len, absmax[j], out + start);
+    else decode_block_portable(book, codes + start, len, absmax[j], out + start);
   }
 }
 
-void load_compact(const CompactState& state, int64_t n, float* out) {
+void load_compact(const CompactState& state, int64_t n, float* out, bool use_avx512) {
   switch (state.dtype) {
     case proto::STATE_BF16: {
       const auto* v = static_cast<const bf16*>(state.values);
@@ -127,13 +201,14 @@ void load_compact(const CompactState& state, int64_t n, float* out) {
       break;
     }
     case proto::STATE_Q8:
-      q8_dequantize(static_cast<const uint8_t*>(state.values), state.absmax, n, state.nonnegative, out);
+      q8_dequantize(static_cast<const uint8_t*>(state.values), state.absmax, n, state.nonnegative, out,
+                    Q8CodeKind::kDynamic, use_avx512);
       break;
     default: throw ConfigError("load_compact: state dtype " + state_dtype_name(state.dtype) + " is not compact");
   }
 }
 
-void store_compact(const CompactState& state, int64_t n, const float* in) {
+void store_compact(const CompactState& state, int64_t n, const float* in, bool use_avx512) {
   switch (state.dtype) {
     case proto::STATE_BF16: {
       auto* v = static_cast<bf16*>(state.values);
@@ -141,7 +216,8 @@ void store_compact(const CompactState& state, int64_t n, const float* in) {
       break;
     }
     case proto::STATE_Q8:
-      q8_quantize(in, n, state.nonnegative, static_cast<uint8_t*>(state.values), state.absmax);
+      q8_quantize(in, n, state.nonnegative, static_cast<uint8_t*>(state.values), state.absmax, Q8CodeKind::kDynamic,
+                  use_avx512);
       break;
     default: throw ConfigError("store_compact: state dtype " + state_dtype_name(state.dtype) + " is not compact");
   }

@@ -71,6 +71,7 @@ struct Q8Codebook {
 
   static constexpr uint32_t kKeys = 0x3f80u + 1;  // keys of |y| in [0, 1]
   std::array<uint8_t, kKeys> start_positive{}, start_negative{};
+  uint8_t gather_pad[4]{};  // the vector encoder reads 4 bytes at start_negative[kKeys - 1]
 };
 
 // The codebook of a kind; is_signed = false gives the unsigned code (for values known to be >= 0).
@@ -95,14 +96,16 @@ inline bool q8_slot_is_nonnegative(OptimizerKind kind, int slot) {
 }
 
 // Quantizes x[0..n) as consecutive blocks (starting at a block boundary) with the dynamic code.
+// use_avx512: take the AVX-512 loops where the CPU has them (checked at run time); they give the
+// same codes and values bit for bit as the portable loops (encode_fast per element).
 void q8_quantize(const float* x, int64_t n, bool nonnegative, uint8_t* codes, float* absmax,
-                 Q8CodeKind kind = Q8CodeKind::kDynamic);
+                 Q8CodeKind kind = Q8CodeKind::kDynamic, bool use_avx512 = true);
 void q8_dequantize(const uint8_t* codes, const float* absmax, int64_t n, bool nonnegative, float* out,
-                   Q8CodeKind kind = Q8CodeKind::kDynamic);
+                   Q8CodeKind kind = Q8CodeKind::kDynamic, bool use_avx512 = true);
 
 // Elements [0, n) of a compact state <-> fp32 (bf16: exact widening / round to nearest even).
-void load_compact(const CompactState& state, int64_t n, float* out);
-void store_compact(const CompactState& state, int64_t n, const float* in);
+void load_compact(const CompactState& state, int64_t n, float* out, bool use_avx512 = true);
+void store_compact(const CompactState& state, int64_t n, const float* in, bool use_avx512 = true);
 // Bytes of n elements of compact state (q8: codes and absmax).
 int64_t compact_bytes(StateDType dtype, int64_t n);
 

@@ -24,4 +24,12 @@ inline bf16 to_bf16_rne(float f) {
   return bf16{static_cast<uint16_t>(is_nan ? quiet_nan : rounded)};
 }
 
+// Whether the CPU runs the AVX-512 loops (F, BW, VL, DQ and FMA), checked once at run time.
+inline bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("fma");
+  return has;
+}
+
 }  // namespace shardopt::optim

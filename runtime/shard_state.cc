@@ -400,10 +400,10 @@ void ShardState::dim0_apply_updates(float lr, float weight_decay) {
 
 optim::StepResult ShardState::elementwise_step(const optim::OptimizerParams& params, float lr, int64_t step,
                                                const optim::KernelOptions& exec) {
-  // The compact (bf16/q8) path is single-threaded for now; the fp32 kernels use the pool.
   if (ew_dtype_ == proto::STATE_F32)
     return optim::elementwise_step(params, elementwise_slices_, lr, step, optim::FiniteCheck::kNone, exec);
-  return optim::elementwise_step_compact(params, elementwise_slices_, elementwise_compact_, lr, step);
+  return optim::elementwise_step_compact(params, elementwise_slices_, elementwise_compact_, lr, step,
+                                         optim::FiniteCheck::kNone, exec);
 }
 
 optim::StepResult ShardState::muon_step(const optim::OptimizerParams& params, OwnedMatrix& om, float lr) {

@@ -2,7 +2,9 @@
 //   q8_memory     moment bytes per rank (max over ranks) with q8 vs fp32 moments, absmax included,
 //                 and the total optimizer bytes (fp32 master + moments) beside them, from the plans
 //                 the Engine builds for the llama presets (AdamW everywhere, and Muon + AdamW);
-//   q8_kernel     AdamW step time with q8 / bf16 moments vs the fp32 kernel on the same arrays;
+//   q8_codec      q8 encode and decode time alone (portable and AVX-512 loops);
+//   q8_kernel     AdamW step time with q8 / bf16 moments vs the fp32 kernel on the same arrays, at 1
+//                 and 2 threads (the same pool for both);
 //   q8_code_error the error of the dynamic and linear 8-bit codes on AdamW moments of a synthetic
 //                 heavy-tailed gradient stream (the measurement behind optim/quant8.h's choice).
 // Kernel times are the best of --reps (the machine is shared). --json: one JSON object per line.
@@ -18,6 +20,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "base/thread_pool.h"
 #include "optim/compact_step.h"
 #include "optim/config.h"
 #include "optim/elementwise.h"
@@ -101,6 +104,8 @@ void bench_memory(const std::string& preset, int world, bool muon) {
                    max_total[0] / 1048576, max_total[1] / 1048576, max_total[1] / max_total[0]));
 }
 
+// AdamW step time at 1 and 2 threads: fp32 moments, then q8 / bf16 moments on the same arrays with the
+// same pool. At 1 thread the q8 step is also timed with the portable codec loops (avx512 false).
 void bench_kernel(int64_t n, int reps) {
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -115,28 +120,73 @@ void bench_kernel(int64_t n, int reps) {
   s.count = static_cast<size_t>(n);
   s.state[0] = m.data();
   s.state[1] = v.data();
-  int64_t step = 1;
-  const double f32 = best_seconds(reps, [&] { so::elementwise_step(p, std::span(&s, 1), 1e-3f, step++); });
-  for (auto dtype : {sp::STATE_Q8, sp::STATE_BF16}) {
-    std::vector<unsigned char> values[2];
-    std::vector<float> absmax[2];
-    so::CompactSlots slots;
-    for (int k = 0; k < 2; ++k) {
-      values[k].assign(static_cast<size_t>(n * (dtype == sp::STATE_BF16 ? 2 : 1)), 0);
-      absmax[k].assign(static_cast<size_t>(so::q8_num_blocks(n)), 0.0f);
-      slots.slot[k] = {dtype, values[k].data(), dtype == sp::STATE_Q8 ? absmax[k].data() : nullptr, k == 1};
+  for (int threads : {1, 2}) {
+    shardopt::ThreadPool pool(threads);
+    int64_t step = 1;
+    const so::KernelOptions exec{&pool};
+    const double f32 = best_seconds(
+        reps, [&] { so::elementwise_step(p, std::span(&s, 1), 1e-3f, step++, so::FiniteCheck::kNone, exec); });
+    struct Variant {
+      sp::StateDType dtype;
+      bool avx512;
+    };
+    std::vector<Variant> variants = {{sp::STATE_Q8, true}, {sp::STATE_BF16, true}};
+    if (threads == 1) variants.push_back({sp::STATE_Q8, false});
+    for (const Variant& variant : variants) {
+      const auto dtype = variant.dtype;
+      std::vector<unsigned char> values[2];
+      std::vector<float> absmax[2];
+      so::CompactSlots slots;
+      for (int k = 0; k < 2; ++k) {
+        values[k].assign(static_cast<size_t>(n * (dtype == sp::STATE_BF16 ? 2 : 1)), 0);
+        absmax[k].assign(static_cast<size_t>(so::q8_num_blocks(n)), 0.0f);
+        slots.slot[k] = {dtype, values[k].data(), dtype == sp::STATE_Q8 ? absmax[k].data() : nullptr, k == 1};
+      }
+      so::ElementwiseSlice c = s;
+      c.state[0] = c.state[1] = nullptr;
+      int64_t cstep = 1;
+      const so::KernelOptions cexec{&pool, variant.avx512};
+      const double t = best_seconds(reps, [&] {
+        so::elementwise_step_compact(p, std::span(&c, 1), std::span(&slots, 1), 1e-3f, cstep++, so::FiniteCheck::kNone,
+                                     cexec);
+      });
+      const std::string name = so::state_dtype_name(dtype);
+      emit({{"bench", "q8_kernel"}, {"kernel", "adamw"}, {"state", name}, {"avx512", variant.avx512},
+            {"elements", n}, {"threads", threads}, {"f32_ns_per_elem", 1e9 * f32 / static_cast<double>(n)},
+            {"ns_per_elem", 1e9 * t / static_cast<double>(n)}, {"time_over_f32", t / f32}},
+           fmt::format("kernel adamw {:<5}{} n={} threads={}  f32 {:.3f} ns/elem  {} {:.3f} ns/elem  ({:.2f}x the "
+                       "f32 time)",
+                       name, variant.avx512 ? "" : " (portable codec)", n, threads, 1e9 * f32 / static_cast<double>(n),
+                       name, 1e9 * t / static_cast<double>(n), t / f32));
     }
-    so::ElementwiseSlice c = s;
-    c.state[0] = c.state[1] = nullptr;
-    int64_t cstep = 1;
-    const double t = best_seconds(
-        reps, [&] { so::elementwise_step_compact(p, std::span(&c, 1), std::span(&slots, 1), 1e-3f, cstep++); });
-    const std::string name = so::state_dtype_name(dtype);
-    emit({{"bench", "q8_kernel"}, {"kernel", "adamw"}, {"state", name}, {"elements", n}, {"threads", 1},
-          {"f32_ns_per_elem", 1e9 * f32 / static_cast<double>(n)}, {"ns_per_elem", 1e9 * t / static_cast<double>(n)},
-          {"time_over_f32", t / f32}},
-         fmt::format("kernel adamw {:<5} n={}  f32 {:.3f} ns/elem  {} {:.3f} ns/elem  ({:.2f}x the f32 time)", name, n,
-                     1e9 * f32 / static_cast<double>(n), name, 1e9 * t / static_cast<double>(n), t / f32));
+  }
+}
+
+// Where q8 time goes: decode and encode alone (one thread, signed and unsigned code, portable and
+// AVX-512 loops), on moments of a realistic spread.
+void bench_codec(int64_t n, int reps) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(n)), out(x.size());
+  for (float& e : x) e = normal(rng) * std::exp(2.0f * normal(rng)) * 1e-3f;
+  std::vector<uint8_t> codes(x.size());
+  std::vector<float> absmax(static_cast<size_t>(so::q8_num_blocks(n)));
+  for (bool nonnegative : {false, true}) {
+    if (nonnegative)
+      for (float& e : x) e = e * e;
+    for (bool avx512 : {false, true}) {
+      const double enc = best_seconds(reps, [&] {
+        so::q8_quantize(x.data(), n, nonnegative, codes.data(), absmax.data(), so::Q8CodeKind::kDynamic, avx512);
+      });
+      const double dec = best_seconds(reps, [&] {
+        so::q8_dequantize(codes.data(), absmax.data(), n, nonnegative, out.data(), so::Q8CodeKind::kDynamic, avx512);
+      });
+      const double en = 1e9 * enc / static_cast<double>(n), de = 1e9 * dec / static_cast<double>(n);
+      emit({{"bench", "q8_codec"}, {"code", nonnegative ? "unsigned" : "signed"}, {"avx512", avx512},
+            {"elements", n}, {"threads", 1}, {"encode_ns_per_elem", en}, {"decode_ns_per_elem", de}},
+           fmt::format("codec {:<8} {:<8} n={}  encode {:.3f} ns/elem  decode {:.3f} ns/elem",
+                       nonnegative ? "unsigned" : "signed", avx512 ? "avx512" : "portable", n, en, de));
+    }
   }
 }
 
@@ -197,6 +247,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   for (const char* preset : {"llama-125m", "llama-1b"})
     for (bool muon : {false, true}) bench_memory(preset, world, muon);
+  bench_codec(elements, reps);
   bench_kernel(elements, reps);
   bench_code_error(1 << 16, 300);
   return 0;

@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include "base/error.h"
+#include "base/thread_pool.h"
 
 namespace shardopt::optim {
 namespace {
@@ -116,6 +117,38 @@ TEST_P(CompactAdamW, MatchesTheDoubleReferenceOnTheDecodedState) {
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CompactAdamW, testing::Values(proto::STATE_Q8, proto::STATE_BF16),
                          [](const auto& info) { return state_dtype_name(info.param); });
+
+// Chunks on a pool of 3 threads, several slices (one spanning many chunks, one shorter than a
+// block), three steps: the same master, codes and absmax bit for bit as one thread with the same
+// loops (the invariant N threads == 1 thread); the steps did move the weights.
+TEST(CompactStep, PoolAndVectorLoopsGiveTheSingleThreadResultBitForBit) {
+  proto::OptimizerConfig cfg;
+  cfg.set_kind(proto::OPTIMIZER_ADAMW);
+  cfg.set_weight_decay(0.1);
+  const OptimizerParams p = resolve_optimizer_config(cfg);
+  const size_t sizes[] = {9000, 40000, 100};
+  auto run = [&](const KernelOptions& exec) {
+    std::vector<CompactCase> cases;
+    for (size_t i = 0; i < 3; ++i) cases.push_back(make_case(sizes[i], proto::STATE_Q8, true, 40 + static_cast<uint32_t>(i)));
+    std::vector<ElementwiseSlice> slices;
+    std::vector<CompactSlots> slots;
+    for (CompactCase& c : cases) slices.push_back(c.slice), slots.push_back(c.slots);
+    for (int64_t step = 1; step <= 3; ++step) elementwise_step_compact(p, slices, slots, 0.01f, step, FiniteCheck::kNone, exec);
+    return cases;
+  };
+  ThreadPool pool(3);
+  for (bool avx512 : {false, true}) {  // the fp32 kernel itself differs between the two (FMA)
+    const auto want = run(KernelOptions{nullptr, avx512}), got = run(KernelOptions{&pool, avx512});
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(got[i].master, want[i].master) << "slice " << i << " avx512 " << avx512;
+      for (int k = 0; k < 2; ++k) {
+        ASSERT_EQ(got[i].bytes[k], want[i].bytes[k]) << "slice " << i << " slot " << k;
+        ASSERT_EQ(got[i].absmax[k], want[i].absmax[k]) << "slice " << i << " slot " << k;
+      }
+      ASSERT_NE(want[i].master[0], make_case(sizes[i], proto::STATE_Q8, true, 40 + static_cast<uint32_t>(i)).master[0]);
+    }
+  }
+}
 
 TEST(CompactLion, MatchesTheDoubleReferenceOnTheDecodedState) {
   proto::OptimizerConfig cfg;

@@ -9,6 +9,8 @@
 
 #include <gtest/gtest.h>
 
+#include "optim/simd_util.h"
+
 namespace shardopt::optim {
 namespace {
 
@@ -43,6 +45,56 @@ TEST(Q8Codebook, FastEncoderAgreesWithTheBinarySearchEverywhereInMinusOneToOne) 
         if (!is_signed && y < 0) continue;
         if (std::fabs(y) > 1.0f) continue;
         ASSERT_EQ(book.encode_fast(y), book.encode(y)) << "y " << y << " signed " << is_signed;
+      }
+    }
+}
+
+// The AVX-512 loops (run-time dispatch) against the portable ones and against the plain binary
+// search: every threshold and its float neighbours (in blocks whose absmax is 1, so x / absmax is
+// the probe exactly), then heavy-tailed random blocks over many scales, with a short last block.
+TEST(Q8Quantize, VectorLoopsGiveTheBinarySearchCodesBitForBit) {
+  if (!cpu_has_avx512()) GTEST_SKIP() << "this CPU has no AVX-512: only the portable loops run";
+  std::mt19937 rng(17);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (auto kind : {Q8CodeKind::kDynamic, Q8CodeKind::kLinear})
+    for (bool is_signed : {true, false}) {
+      const Q8Codebook& book = q8_codebook(kind, is_signed);
+      std::vector<float> x;
+      auto push = [&](float y) {
+        if (x.size() % kQ8BlockElems == 0) x.push_back(1.0f);  // the block's absmax
+        x.push_back(y);
+      };
+      for (size_t k = 1; k < 256; ++k) {
+        const float m = book.midpoints[k];
+        for (float y : {m, std::nextafter(m, 2.0f), std::nextafter(m, -2.0f)})
+          if ((is_signed || y >= 0.0f) && std::fabs(y) <= 1.0f) push(y);
+      }
+      while (x.size() % kQ8BlockElems != 0) push(0.0f);
+      for (int block = 0; block < 200; ++block) {
+        const float scale = std::pow(10.0f, static_cast<float>(block % 20) - 10.0f);  // no overflow when squared
+        for (int64_t i = 0; i < kQ8BlockElems; ++i) {
+          const float v = normal(rng) * std::exp(2.0f * normal(rng)) * scale;
+          x.push_back(is_signed ? v : v * v);
+        }
+      }
+      for (int i = 0; i < 77; ++i) x.push_back(is_signed ? normal(rng) : std::fabs(normal(rng)));
+      const auto n = static_cast<int64_t>(x.size());
+      std::vector<uint8_t> codes_vec(x.size()), codes_port(x.size());
+      std::vector<float> absmax_vec(static_cast<size_t>(q8_num_blocks(n))), absmax_port(absmax_vec.size());
+      q8_quantize(x.data(), n, !is_signed, codes_vec.data(), absmax_vec.data(), kind, true);
+      q8_quantize(x.data(), n, !is_signed, codes_port.data(), absmax_port.data(), kind, false);
+      for (size_t i = 0; i < x.size(); ++i) {
+        const float a = absmax_port[i / kQ8BlockElems];
+        ASSERT_EQ(absmax_vec[i / kQ8BlockElems], a);
+        ASSERT_EQ(codes_port[i], book.encode(x[i] / a)) << "x " << x[i] << " signed " << is_signed;
+        ASSERT_EQ(codes_vec[i], codes_port[i]) << "x " << x[i] << " signed " << is_signed;
+      }
+      std::vector<float> out_vec(x.size()), out_port(x.size());
+      q8_dequantize(codes_vec.data(), absmax_vec.data(), n, !is_signed, out_vec.data(), kind, true);
+      q8_dequantize(codes_vec.data(), absmax_vec.data(), n, !is_signed, out_port.data(), kind, false);
+      for (size_t i = 0; i < x.size(); ++i) {
+        ASSERT_EQ(out_port[i], book.values[codes_vec[i]] * absmax_vec[i / kQ8BlockElems]);
+        ASSERT_EQ(out_vec[i], out_port[i]) << "element " << i;
       }
     }
 }

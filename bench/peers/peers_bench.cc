@@ -261,13 +261,14 @@ int main(int argc, char** argv) {
   }
 
   if (!no_muon && mpi_ranks > 0) {
+    // One thread per rank: OpenBLAS and oneDNN's OpenMP both default to every core otherwise.
     // step_bench builds the llama-125m preset's tensors: the same model only at these sizes.
     if (d != 768 || ffn != 2048 || vocab != 32000) {
       fmt::print(stderr, "peers_bench: --mpi-ranks needs --d-model 768 --ffn 2048 --vocab 32000 (llama-125m)\n");
       return 2;
     }
     const std::string cmd = fmt::format(
-        "mpirun --oversubscribe --mca btl self,vader --bind-to none -x OPENBLAS_NUM_THREADS=1 -np {} '{}' --json "
+        "mpirun --oversubscribe --mca btl self,vader --bind-to none -x OPENBLAS_NUM_THREADS=1 -x OMP_NUM_THREADS=1 -np {} '{}' --json "
         "--shapes llama-125m --layers {} --stages 2 --layouts owned --ns-dtype bf16 --no-baselines --steps {}",
         mpi_ranks, SHARDOPT_STEP_BENCH, layers, reps + 1);
     for (const nlohmann::json& step : json_rows_of(cmd, "mpirun")) {

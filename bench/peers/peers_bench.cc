@@ -6,6 +6,10 @@
 //     threads, NS in f32 and bf16), AdamW over all parameters at each --adamw-threads, and the
 //     read-modify-write stream ceiling (m += g; v += g; w += g: AdamW's bytes, trivial math) at
 //     the same threads.
+//   with --mpi-ranks N: bench/step's step_bench under mpirun (N ranks x 1 thread, ZeRO-2, owner-rank
+//     Muon, bf16 NS) on the same model (preset llama-125m): its matrix phase (muon_phase, against
+//     torch.optim.Muon in 1 process) and its whole Engine::step (optimizer_step, against torch's
+//     N-rank peer: round-robin torch.optim.Muon owners + ZeroRedundancyOptimizer(AdamW), gloo).
 // Ratios are torch_seconds / shardopt_seconds (> 1: shardopt faster) and rmw_seconds /
 // adamw_seconds (fraction of the stream ceiling reached). Every figure is the best of --reps.
 #include <cblas.h>
@@ -94,21 +98,11 @@ Model llama(int64_t d, int64_t ffn, int layers, int64_t vocab) {
   return m;
 }
 
-// Runs the torch peers; returns their rows (empty with a message when torch is not there).
-std::vector<nlohmann::json> torch_rows(const std::string& python, const std::string& script, const Model& m,
-                                       int64_t d, int64_t ffn, int layers, int muon_threads,
-                                       const std::string& adamw_threads, int reps, bool skip_muon) {
-  if (!std::filesystem::exists(python)) {
-    fmt::print(stderr, "peers_bench: {} not found: torch rows skipped (set SHARDOPT_VENV or --python)\n", python);
-    return {};
-  }
-  const std::string cmd = fmt::format("'{}' '{}' --d-model {} --ffn {} --layers {} --elements {} --muon-threads {} "
-                                      "--adamw-threads {} --reps {}{}",
-                                      python, script, d, ffn, layers, m.elements, muon_threads, adamw_threads, reps,
-                                      skip_muon ? " --skip-muon" : "");
+// Runs a command printing JSON lines; returns the rows (those with "error" reported and dropped).
+std::vector<nlohmann::json> json_rows_of(const std::string& cmd, const std::string& what) {
   FILE* pipe = popen(cmd.c_str(), "r");
   if (pipe == nullptr) {
-    fmt::print(stderr, "peers_bench: cannot run {}: torch rows skipped\n", cmd);
+    fmt::print(stderr, "peers_bench: cannot run {}: {} rows skipped\n", cmd, what);
     return {};
   }
   std::vector<nlohmann::json> rows;
@@ -118,13 +112,28 @@ std::vector<nlohmann::json> torch_rows(const std::string& python, const std::str
     nlohmann::json row = nlohmann::json::parse(line, nullptr, false);
     if (row.is_discarded()) continue;
     if (row.contains("error")) {
-      fmt::print(stderr, "peers_bench: {}: torch rows skipped\n", row["error"].get<std::string>());
+      fmt::print(stderr, "peers_bench: {}: {} rows skipped\n", row["error"].get<std::string>(), what);
       continue;
     }
     rows.push_back(row);
   }
-  pclose(pipe);
+  if (pclose(pipe) != 0) fmt::print(stderr, "peers_bench: {} failed\n", cmd);
   return rows;
+}
+
+// Runs the torch peers; returns their rows (empty with a message when torch is not there).
+std::vector<nlohmann::json> torch_rows(const std::string& python, const std::string& script, const Model& m,
+                                       int64_t d, int64_t ffn, int layers, int muon_threads,
+                                       const std::string& adamw_threads, int reps, int dist_ranks, bool skip_muon) {
+  if (!std::filesystem::exists(python)) {
+    fmt::print(stderr, "peers_bench: {} not found: torch rows skipped (set SHARDOPT_VENV or --python)\n", python);
+    return {};
+  }
+  const std::string cmd = fmt::format("'{}' '{}' --d-model {} --ffn {} --layers {} --elements {} --muon-threads {} "
+                                      "--adamw-threads {} --reps {} --dist-ranks {}{}",
+                                      python, script, d, ffn, layers, m.elements, muon_threads, adamw_threads, reps,
+                                      dist_ranks, skip_muon ? " --skip-muon" : "");
+  return json_rows_of(cmd, "torch");
 }
 
 // m += g; v += g; w += g over the elements: AdamW's bytes (read 4 arrays, write 3) with no math.
@@ -169,7 +178,7 @@ void rmw_stream(ThreadPool* pool, const float* g, float* m, float* v, float* w, 
 int main(int argc, char** argv) {
   CLI::App app{"shardopt vs torch optimizer peers on Llama-style shapes"};
   int64_t d = 768, ffn = 2048, vocab = 32000;
-  int layers = 12, threads = 2, reps = 2;
+  int layers = 12, threads = 2, reps = 2, mpi_ranks = 0;
   std::string adamw_threads_list = "1,2";
   const char* venv = std::getenv("SHARDOPT_VENV");
   const char* home = std::getenv("HOME");
@@ -190,6 +199,9 @@ int main(int argc, char** argv) {
   app.add_option("--python", python, "python with torch (default: $SHARDOPT_VENV/bin/python)")->capture_default_str();
   app.add_flag("--no-peers", no_peers, "shardopt rows only");
   app.add_flag("--no-muon", no_muon, "AdamW and RMW rows only");
+  app.add_option("--mpi-ranks", mpi_ranks,
+                 "also N ranks x 1 thread under mpirun (step_bench) and torch's N-rank gloo peer (0: none)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   std::vector<int> adamw_threads;
@@ -203,7 +215,7 @@ int main(int argc, char** argv) {
   std::map<std::string, double> peer;  // "torch_muon", "torch_muon_f32", "torch_adamw_fused/<threads>"
   if (!no_peers) {
     for (nlohmann::json row : torch_rows(python, script, model, d, ffn, layers, threads, adamw_threads_list, reps,
-                                         no_muon)) {
+                                         no_muon ? 0 : mpi_ranks, no_muon)) {
       const std::string name = row["peer"];
       const double s = row["seconds"];
       peer[name == "torch_adamw_fused" ? name + "/" + std::to_string(row["threads"].get<int>()) : name] = s;
@@ -244,6 +256,40 @@ int main(int argc, char** argv) {
                             {"grad_dtype", "f32"},      {"matrices", n},          {"seconds", s}};
       if (peer.count("torch_muon")) row["ratio_vs_torch_muon"] = peer["torch_muon"] / s;
       if (peer.count("torch_muon_f32")) row["ratio_vs_torch_muon_f32"] = peer["torch_muon_f32"] / s;
+      emit(row);
+    }
+  }
+
+  if (!no_muon && mpi_ranks > 0) {
+    // One thread per rank: OpenBLAS and oneDNN's OpenMP both default to every core otherwise.
+    // step_bench builds the llama-125m preset's tensors: the same model only at these sizes.
+    if (d != 768 || ffn != 2048 || vocab != 32000) {
+      fmt::print(stderr, "peers_bench: --mpi-ranks needs --d-model 768 --ffn 2048 --vocab 32000 (llama-125m)\n");
+      return 2;
+    }
+    const std::string cmd = fmt::format(
+        "mpirun --oversubscribe --mca btl self,vader --bind-to none -x OPENBLAS_NUM_THREADS=1 -x OMP_NUM_THREADS=1 -np {} '{}' --json "
+        "--shapes llama-125m --layers {} --stages 2 --layouts owned --ns-dtype bf16 --no-baselines --steps {}",
+        mpi_ranks, SHARDOPT_STEP_BENCH, layers, reps + 1);
+    for (const nlohmann::json& step : json_rows_of(cmd, "mpirun")) {
+      if (step.value("mode", "") != "step") continue;
+      const double matrix = step["matrix_seconds"], whole = step["step_seconds"];
+      nlohmann::json common = {{"impl", "shardopt"}, {"ranks", mpi_ranks}, {"threads", 1}, {"dtype", "bf16"},
+                               {"grad_dtype", "f32"}, {"matrices", step["muon_matrices"]}};
+      nlohmann::json muon = common;
+      muon["kernel"] = "muon_phase";
+      muon["seconds"] = matrix;
+      if (peer.count("torch_muon")) muon["ratio_vs_torch_muon"] = peer["torch_muon"] / matrix;
+      if (peer.count("torch_muon_dist")) muon["ratio_vs_torch_muon_dist"] = peer["torch_muon_dist"] / matrix;
+      emit(muon);
+      nlohmann::json row = common;
+      row["kernel"] = "optimizer_step";
+      row["elements"] = step["total_params"];
+      row["seconds"] = whole;
+      row["reduce_wait_seconds"] = step["reduce_wait_seconds"];
+      row["elementwise_seconds"] = step["elementwise_seconds"];
+      row["gather_seconds"] = step["gather_seconds"];
+      if (peer.count("torch_step_dist")) row["ratio_vs_torch_step_dist"] = peer["torch_step_dist"] / whole;
       emit(row);
     }
   }

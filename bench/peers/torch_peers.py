@@ -5,6 +5,12 @@ Rows (each the best of --reps timed repetitions after one warm-up, on torch.set_
   torch_muon         torch.optim.Muon.step over the Llama-style hidden matrices (bf16 Newton-Schulz)
   torch_muon_f32     the same step with torch's NS5 in fp32 (its algorithm, without the bf16 cast)
   torch_adamw_fused  torch.optim.AdamW(fused=True).step over `--elements` fp32 parameters
+  torch_muon_dist    with --dist-ranks N: N processes (gloo, 1 thread each), the hidden matrices owned
+                     round-robin: each rank's torch.optim.Muon.step over its own, then every matrix
+                     broadcast from its owner (max over ranks)
+  torch_step_dist    the same plus ZeroRedundancyOptimizer(AdamW) over the other tensors (embedding,
+                     norms, head): the whole optimizer step of N ranks (max over ranks). Gradients are
+                     taken as already averaged: no gradient reduction is timed.
 Shapes: per layer 4 x (d, d) attention and (ffn, d), (ffn, d), (d, ffn) MLP matrices.
 """
 import argparse
@@ -59,6 +65,75 @@ def muon_f32_step(params, bufs, lr=1e-3, wd=0.1, momentum=0.95):
             p.add_(o, alpha=-lr * scale)
 
 
+def dist_rank(rank, world, port, d, ffn, vocab, layers, reps, results):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    gen = torch.Generator().manual_seed(0)
+
+    def param(*shape):
+        p = torch.nn.Parameter(torch.randn(*shape, generator=gen) * 0.02)
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        return p
+
+    hidden = [param(*s) for s in hidden_shapes(d, ffn, layers)]
+    others = [param(vocab, d)] + [param(d) for _ in range(2 * layers + 1)] + [param(vocab, d)]
+    muon = torch.optim.Muon([p for i, p in enumerate(hidden) if i % world == rank], lr=1e-3)
+    zero = ZeroRedundancyOptimizer(others, optimizer_class=torch.optim.AdamW, lr=1e-4)
+
+    def muon_phase():
+        muon.step()
+        for i, p in enumerate(hidden):  # owners send their updated matrices
+            dist.broadcast(p.data, src=i % world)
+
+    def whole_step():
+        muon_phase()
+        zero.step()  # AdamW on this rank's shard, then the shards broadcast
+
+    def max_over_ranks_best(fn):
+        best = float("inf")
+        fn()  # warm-up
+        for _ in range(reps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            best = min(best, t.item())
+        return best
+
+    muon_s = max_over_ranks_best(muon_phase)
+    step_s = max_over_ranks_best(whole_step)
+    if rank == 0:
+        results.put((muon_s, step_s, len(hidden), sum(p.numel() for p in hidden + others)))
+    dist.destroy_process_group()
+
+
+def run_dist(a):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free port for the gloo rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=dist_rank, args=(r, a.dist_ranks, port, a.d_model, a.ffn, a.vocab, a.layers,
+                                                 a.reps, results)) for r in range(a.dist_ranks)]
+    for p in procs:
+        p.start()
+    muon_s, step_s, matrices, elements = results.get()
+    for p in procs:
+        p.join()
+    common = {"ranks": a.dist_ranks, "threads": 1, "dtype": "bf16", "grad_dtype": "f32", "matrices": matrices}
+    print(json.dumps({"peer": "torch_muon_dist", **common, "seconds": muon_s}), flush=True)
+    print(json.dumps({"peer": "torch_step_dist", **common, "elements": elements, "seconds": step_s}), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--d-model", type=int, default=768)
@@ -69,6 +144,8 @@ def main():
     ap.add_argument("--adamw-threads", default="1,2")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--skip-muon", action="store_true")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--dist-ranks", type=int, default=0, help="also the N-rank rows (gloo, 1 thread each)")
     a = ap.parse_args()
     try:
         import torch
@@ -76,6 +153,8 @@ def main():
         print(json.dumps({"peer": "torch", "error": f"torch not importable: {e}"}))
         return 0
 
+    if a.dist_ranks > 0:
+        run_dist(a)
     shapes = hidden_shapes(a.d_model, a.ffn, a.layers)
     if not a.skip_muon:
         torch.set_num_threads(a.muon_threads)

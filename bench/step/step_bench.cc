@@ -67,12 +67,14 @@ std::vector<proto::TensorSpec> shape_set(const std::string& preset, int layers) 
   return out;
 }
 
-runtime::EngineOptions engine_options(int stage, proto::ShardLayout layout) {
+runtime::EngineOptions engine_options(int stage, proto::ShardLayout layout,
+                                      proto::NsDtype ns_dtype = proto::NS_DTYPE_F32) {
   runtime::EngineOptions o;
   o.zero_stage = stage;
   o.layout = layout;
   o.matrix_optimizer.set_kind(proto::OPTIMIZER_MUON);
   o.matrix_optimizer.set_lr(0.02f);
+  o.matrix_optimizer.set_ns_dtype(ns_dtype);
   o.elementwise_optimizer.set_kind(proto::OPTIMIZER_ADAMW);
   o.elementwise_optimizer.set_lr(1e-3f);
   return o;
@@ -189,7 +191,8 @@ bench::Row plan_figures(const proto::ShardPlan& plan, int stage, int world) {
 int main(int argc, char** argv) {
   comm::MpiRuntime mpi(&argc, &argv);
   CLI::App app{"shardopt ZeRO step benchmark (run under mpirun)"};
-  bool json = false, plan_only = false;
+  bool json = false, plan_only = false, no_baselines = false;
+  std::string ns_dtype = "f32";
   std::string shapes = "llama-125m", stages = "2", layouts = "owned", plan_worlds = "8,64,512,4096";
   int layers = 0, steps = 2;
   bench::add_json_flag(app, json);
@@ -198,6 +201,10 @@ int main(int argc, char** argv) {
   app.add_option("--stages", stages, "comma-separated ZeRO stages");
   app.add_option("--layouts", layouts, "comma-separated layouts (owned, dim0)");
   bench::add_repeat_option(app, steps, "--steps");
+  app.add_option("--ns-dtype", ns_dtype, "precision of the Muon Newton-Schulz products (f32, bf16)")
+      ->check(CLI::IsMember({"f32", "bf16"}));
+  app.add_flag("--no-baselines", no_baselines,
+               "skip the 1-rank and naive all-matrices baselines (and their ratios)");
   app.add_flag("--plan-only", plan_only, "plan and formula figures only, for --plan-worlds (no buffers)");
   app.add_option("--plan-worlds", plan_worlds, "world sizes for --plan-only");
   try {
@@ -233,11 +240,13 @@ int main(int argc, char** argv) {
   for (const auto& preset : split_list(shapes)) {
     const auto specs = shape_set(preset, layers);
     const std::string shape_name = layers > 0 ? fmt::format("{}:{} layers", preset, layers) : preset;
-    const Baselines base = measure_baselines(*comm, specs);
+    const Baselines base = no_baselines ? Baselines{} : measure_baselines(*comm, specs);
     for (const auto& st : split_list(stages)) {
       for (const auto& lay : split_list(layouts)) {
         const int stage = std::stoi(st);
-        runtime::Engine engine(*comm, specs, engine_options(stage, parse_layout(lay)));
+        runtime::Engine engine(*comm, specs,
+                               engine_options(stage, parse_layout(lay),
+                                              ns_dtype == "bf16" ? proto::NS_DTYPE_BF16 : proto::NS_DTYPE_F32));
         engine.set_params([&](size_t t, float* dst) {
           const int64_t n = sharding::tensor_numel(specs[t]);
           const int64_t tt = static_cast<int64_t>(t);  // signed: size_t operands would wrap "% 97 - 48"
@@ -275,6 +284,9 @@ int main(int argc, char** argv) {
                           {"ranks", world},
                           {"stage", stage},
                           {"layout", lay},
+                          {"threads", 1},
+                          {"dtype", ns_dtype},
+                          {"grad_dtype", "f32"},
                           {"step_seconds", best.times.total},
                           {"reduce_wait_seconds", best.times.reduce_wait},
                           {"check_seconds", best.times.check},
@@ -284,12 +296,14 @@ int main(int argc, char** argv) {
                           {"gather_seconds", best.times.gather},
                           {"bytes_sent_per_rank", max_bytes_over_ranks(*comm, static_cast<double>(best.traffic.total_sent()))},
                           {"optimizer_bytes_per_rank", max_bytes_over_ranks(*comm, static_cast<double>(mem.optimizer_bytes()))},
-                          {"optimizer_formula_bytes_per_rank", max_bytes_over_ranks(*comm, mem.formula_optimizer_bytes)},
-                          {"one_rank_all_matrices_seconds", base.one_rank_seconds},
-                          {"naive_all_matrices_seconds", base.naive_seconds},
-                          {"naive_cpu_share_min_over_ranks", base.naive_cpu_share},
-                          {"ns_phase_speedup_vs_1rank", base.one_rank_seconds / best.times.matrix},
-                          {"speedup_vs_naive_distributed_muon", base.naive_seconds / best.times.matrix}};
+                          {"optimizer_formula_bytes_per_rank", max_bytes_over_ranks(*comm, mem.formula_optimizer_bytes)}};
+        if (!no_baselines) {
+          row["one_rank_all_matrices_seconds"] = base.one_rank_seconds;
+          row["naive_all_matrices_seconds"] = base.naive_seconds;
+          row["naive_cpu_share_min_over_ranks"] = base.naive_cpu_share;
+          row["ns_phase_speedup_vs_1rank"] = base.one_rank_seconds / best.times.matrix;
+          row["speedup_vs_naive_distributed_muon"] = base.naive_seconds / best.times.matrix;
+        }
         const auto figures = plan_figures(engine.plan(), stage, world);
         row["total_params"] = figures["total_params"];
         row["muon_matrices"] = figures["muon_matrices"];

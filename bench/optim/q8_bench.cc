@@ -20,6 +20,8 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "bench/common/bench_util.h"
+
 #include "base/thread_pool.h"
 #include "optim/compact_step.h"
 #include "optim/config.h"
@@ -41,15 +43,7 @@ void emit(const nlohmann::json& row, const std::string& text) {
   std::fflush(stdout);
 }
 
-double best_seconds(int reps, const std::function<void()>& fn) {
-  double best = 1e300;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return best;
-}
+using shardopt::bench::best_seconds;
 
 // Per rank: moment bytes and master bytes under `plan` (the ShardState layout: per element-wise
 // piece 2 AdamW moments; per owned matrix 1 Muon momentum; q8 = codes + one fp32 absmax per block).

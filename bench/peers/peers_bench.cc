@@ -30,6 +30,8 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "bench/common/bench_util.h"
+
 #include "base/thread_pool.h"
 #include "optim/config.h"
 #include "optim/elementwise.h"
@@ -44,13 +46,7 @@ bool g_json = false;
 
 double best_seconds(int reps, const std::function<void()>& fn) {
   fn();  // warm-up: page faults, primitive and BLAS initialization
-  double best = 1e300;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return best;
+  return shardopt::bench::best_seconds(reps, fn);
 }
 
 void emit(const nlohmann::json& row) {

@@ -39,7 +39,6 @@ class AsyncShardSaver {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::thread worker_;
   bool stop_ = false;
   bool has_job_ = false;   // job submitted, not yet finished
   bool pending_ = false;   // started and not yet collected by wait()
@@ -49,6 +48,9 @@ class AsyncShardSaver {
   std::vector<unsigned char> snapshot_;  // grows to the largest save, then reused: no per-save allocation
   std::optional<proto::CheckpointShardRecord> result_;
   std::exception_ptr error_;
+  // Declared last: members are initialized in declaration order, and the worker reads stop_/has_job_
+  // as soon as it starts, so every other member must exist before the thread does.
+  std::thread worker_;
 };
 
 }  // namespace shardopt::ckpt

@@ -11,9 +11,14 @@ What happens:
   * Each param group becomes one Engine (runtime/engine.h) over the same communicator. At
     construction rank 0's parameter values are broadcast (like DistributedDataParallel), copied into
     the engine, and every parameter's storage is replaced by a view of the engine's parameter
-    buffer; its .grad is a view of the engine's gradient buffer. Nothing is copied per step.
-  * A post-accumulate-grad hook per parameter tells the engine the gradient is final; when every
-    tensor of a bucket is final, the bucket's reduce-scatter starts while backward continues.
+    buffer, so step() needs no copy into the model.
+  * A post-accumulate-grad hook per parameter hands the gradient to the engine; when every tensor of
+    a bucket has one, the bucket's reduce-scatter starts while backward continues.
+    grad_memory="sharded" (ZeRO-2, the default at stage 2): the hook copies autograd's gradient into
+    the engine's pooled bucket buffer and drops .grad (None), so no full-size gradient stays
+    resident; every micro-batch is reduce-scattered into this rank's gradient shard.
+    grad_memory="full" (and stage 1): .grad is a persistent view of a full-size engine buffer that
+    autograd accumulates into; one reduce-scatter per step, after the last micro-batch.
   * step() reads each group's "lr" (so torch.optim.lr_scheduler works) and runs the engine's step.
     Gradients are averaged over ranks, like DDP.
 Communication: torch.distributed initialized -> a process group of its own (gloo) over the
@@ -144,6 +149,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         before a step; torch.nn.utils.clip_grad_norm_ does not apply: gradients are reduced during
         backward, so .grad holds this rank's unreduced gradient).
       backward_passes_per_step: backward() calls accumulated into one step (gradient accumulation).
+        The step uses the sum of their gradients (what .grad accumulates in torch; divide the loss
+        by the number of micro-batches for their mean, as usual).
+      grad_memory: "sharded" (ZeRO-2: pooled bucket buffers + this rank's gradient shard; each
+        micro-batch is reduce-scattered as backward produces it; .grad is None after backward) or
+        "full" (full-size gradient buffers that .grad views and autograd accumulates into; one
+        reduction per step, fewer collectives with accumulation). Stage 1 always keeps full buffers.
       bucket_bytes, overlap: the engine's bucket size and whether reductions start during backward.
       process_group: see default_communicator.
     Errors (ValueError unless said): non-float32, non-contiguous, non-CPU or duplicated parameters
@@ -158,12 +169,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
                  shape_scale: str = "original", sgd_momentum: float = 0.0, dampening: float = 0.0,
                  sgd_nesterov: bool = False, stage: int = 2, layout: str = "owned",
                  routing: Optional[Dict[str, str]] = None, max_grad_norm: float = 0.0,
-                 backward_passes_per_step: int = 1, bucket_bytes: int = 4 << 20, overlap: bool = True,
-                 process_group=None):
+                 backward_passes_per_step: int = 1, grad_memory: str = "sharded", bucket_bytes: int = 4 << 20,
+                 overlap: bool = True, process_group=None):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2 from PyTorch, got {stage} (stage 3: see docs/pytorch.md)")
         if backward_passes_per_step < 1:
             raise ValueError("backward_passes_per_step must be >= 1")
+        if grad_memory not in ("sharded", "full"):
+            raise ValueError(f"grad_memory must be 'sharded' or 'full', got {grad_memory!r}")
         if weight_decay is None:
             weight_decay = 0.01 if elementwise == "adamw" else 0.0
         defaults = dict(lr=lr, matrix_lr=lr if matrix_lr is None else matrix_lr, weight_decay=weight_decay,
@@ -176,6 +189,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if route not in ("matrix", "elementwise"):
                 raise ValueError(f"routing['{name}'] must be 'matrix' or 'elementwise', got {route!r}")
         self._backward_passes = backward_passes_per_step
+        # Stage 1 keeps full gradient buffers whatever grad_memory says (runtime/engine.h).
+        self._sharded_grads = grad_memory == "sharded" and stage >= 2
         self._constructing = True
 
         # Param groups as torch has them, with the names kept in "param_names".
@@ -198,7 +213,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
         self._comm = default_communicator(process_group)
         self._engines: List[Any] = []
-        self._grad_views: List[List[torch.Tensor]] = []
+        self._grad_views: List[List[torch.Tensor]] = []  # full gradient buffers only
         self._passes: List[List[int]] = []
         self._hooks = []
         self._last_reports: List[dict] = []
@@ -244,12 +259,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if group["lr"] <= 0:
             raise ValueError(f"param group {gi}: lr must be > 0 at construction (schedules scale it), got {group['lr']}")
         matrix_text = "" if self._matrix is None else _matrix_text(self._matrix, group)
+        # Sharded gradients: every micro-batch is handed over (accept_grad) and reduce-scattered, and
+        # the engine averages its micro-batches; full buffers: autograd sums them locally and the
+        # engine sees one gradient per step.
+        accumulation = self._backward_passes if self._sharded_grads else 1
         try:
             engine = _C.Engine(self._comm, specs, stage=stage, layout=layout, bucket_bytes=bucket_bytes,
                                matrix_optimizer=matrix_text,
                                elementwise_optimizer=_elementwise_text(self._elementwise, group),
                                routing="elementwise_only: true" if self._matrix is None else "",
-                               max_grad_norm=float(max_grad_norm), overlap=overlap)
+                               max_grad_norm=float(max_grad_norm), overlap=overlap,
+                               grad_memory="sharded" if self._sharded_grads else "full",
+                               grad_accumulation_steps=accumulation)
         except ValueError as e:
             # The engine names tensors by index ("plan_request.params[24].shape[0]"): add their names.
             names = group["param_names"]
@@ -268,20 +289,48 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 engine.broadcast_(v, 0)  # rank 0's initial values, like DistributedDataParallel
                 values.append(v)
             engine.set_params(values)
+            assert engine.sharded_grads == self._sharded_grads
             views = []
-            for t, p in enumerate(group["params"]):
+            for t, (name, p) in enumerate(zip(group["param_names"], group["params"])):
                 p.data = torch.from_numpy(engine.param(t))
-                g = torch.from_numpy(engine.grad(t))
-                g.zero_()
-                p.grad = g
-                views.append(g)
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(gi, t)))
+                if self._sharded_grads:
+                    p.grad = None
+                    hook = self._sharded_grad_hook(engine, t, name)
+                else:
+                    g = torch.from_numpy(engine.grad(t))
+                    g.zero_()
+                    p.grad = g
+                    views.append(g)
+                    hook = self._hook(gi, t)
+                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
         self._matrix_names.extend(n for t, n in enumerate(group["param_names"]) if engine.is_muon(t))
         self._engines.append(engine)
         self._grad_views.append(views)
-        self._passes.append([0] * len(views))
+        self._passes.append([0] * len(group["params"]))
 
     # ---------------------------------------------------------------- backward
+    def _sharded_grad_hook(self, engine, t: int, name: str):
+        """ZeRO-2: the hook copies autograd's gradient into the engine's bucket buffer (scaled by the
+        number of micro-batches: the engine averages them, the step uses their sum, as torch does)
+        and drops .grad, so the model keeps no full-size gradient. One C++ call per tensor per
+        micro-batch; the address skips a DLPack conversion (autograd's gradient has the parameter's
+        shape, dtype and device; contiguity is checked)."""
+        accept = engine.accept_grad_at
+        scale = float(self._backward_passes)
+        passes = self._backward_passes
+
+        def on_grad_accumulated(p: torch.Tensor) -> None:
+            g = p.grad
+            p.grad = None
+            if not g.is_contiguous():
+                g = g.contiguous()
+            try:
+                accept(t, g.data_ptr(), scale)
+            except ValueError as e:
+                raise RuntimeError(f"ShardedOptimizer: parameter '{name}' got more than backward_passes_per_step="
+                                   f"{passes} backward passes before step() ({e})") from None
+        return on_grad_accumulated
+
     def _hook(self, gi: int, t: int):
         def on_grad_accumulated(p: torch.Tensor) -> None:
             self._gradient_accumulated(gi, t, p)
@@ -299,9 +348,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._passes[gi][t] += 1
         if self._passes[gi][t] > self._backward_passes:
             name = self.param_groups[gi]["param_names"][t]
-            raise RuntimeError(f"ShardedOptimizer: parameter '{name}' got {self._passes[gi][t]} backward passes "
-                               f"before step() (backward_passes_per_step={self._backward_passes}); its gradient "
-                               "was already being reduced")
+            raise RuntimeError(f"ShardedOptimizer: parameter '{name}' got more than backward_passes_per_step="
+                               f"{self._backward_passes} backward passes before step() (its gradient was already "
+                               "being reduced)")
         if self._passes[gi][t] == self._backward_passes:
             self._engines[gi].grad_ready(t)
 
@@ -317,6 +366,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._pending_clip = None
         if clip is not None:
             self._engines[0].max_grad_norm = clip[0]
+        if self._sharded_grads:
+            self._hand_over_assigned_grads()
         for gi, group in enumerate(self.param_groups):
             if (group["weight_decay"], group["matrix_weight_decay"]) != group["initial_weight_decay_"]:
                 raise ValueError(f"param group {gi}: weight_decay cannot change after construction "
@@ -326,7 +377,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                  "(lr_multiplier = lr / initial lr): schedule 'lr'")
             multiplier = group["lr"] / group["initial_lr_"]
             reports.append(self._engines[gi].step(float(multiplier)))
-            self._passes[gi] = [0] * len(self._passes[gi])
+            if not self._sharded_grads:
+                self._passes[gi] = [0] * len(self._passes[gi])
             # Shows the matrix learning rate this step applied.
             group["matrix_lr"] = group["matrix_lr_shown_"] = group["initial_matrix_lr_"] * multiplier
         if clip is not None:
@@ -373,13 +425,34 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Per param group: applied, nonfinite_tensors, grad_norm, step, seconds, bytes_sent."""
         return self._last_reports
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zeroes the gradients in place: .grad stays a view of the engine's buffer (set_to_none is
-        accepted for compatibility and ignored)."""
+    def _hand_over_assigned_grads(self) -> None:
+        """Sharded gradients: a .grad that no backward hook took (assigned by hand) goes to the engine
+        now, in parameter order (the same on every rank)."""
         for gi, group in enumerate(self.param_groups):
+            for t, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    g = p.grad.detach().to(torch.float32).contiguous()
+                    p.grad = None
+                    self._engines[gi].accept_grad(t, g.view(-1), float(self._backward_passes))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Sharded gradients: .grad is already None after backward (the engine holds the gradient);
+        any .grad assigned by hand is dropped. Full buffers: zeroes them in place, so .grad stays a
+        view of the engine's buffer (set_to_none is accepted for compatibility and ignored)."""
+        for gi, group in enumerate(self.param_groups):
+            if self._sharded_grads:
+                for p in group["params"]:
+                    p.grad = None
+                continue
+            self._engines[gi].zero_grads()
             for p, view in zip(group["params"], self._grad_views[gi]):
-                view.zero_()
                 p.grad = view
+
+    def memory(self) -> List[dict]:
+        """Per param group, the bytes this rank's engine holds by kind (runtime::MemoryReport):
+        param_bytes, grad_buffer_bytes (full buffers, or the ZeRO-2 pool of grad_slots bucket
+        buffers), grad_shard_bytes (the reduced gradient shard), master_bytes, state_bytes, ..."""
+        return [e.memory() for e in self._engines]
 
     @property
     def matrix_parameter_names(self) -> List[str]:

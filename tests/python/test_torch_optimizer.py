@@ -370,3 +370,24 @@ def test_clip_grad_norm_refuses_what_it_cannot_do():
     two_groups = ShardedOptimizer([{"params": named[:2]}, {"params": named[2:]}], matrix=None)
     with pytest.raises(ValueError, match="one param group"):
         two_groups.clip_grad_norm_(1.0)
+
+
+def test_step_hooks_and_profiler_label_as_torch_optimizers_have_them():
+    # step() skips torch.optim.Optimizer's wrapper when nothing needs it; hooks and the profiler must
+    # still see every step.
+    model = GPT()
+    opt = ShardedOptimizer(model.named_parameters(), matrix=None, lr=3e-3)
+    calls = []
+
+    def steps_done(o):
+        return o.last_step_reports[0]["step"] if o.last_step_reports else 0
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", steps_done(o))))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", steps_done(o))))
+    run(model, [opt], 2)
+    assert calls == [("pre", 0), ("post", 1), ("pre", 1), ("post", 2)]
+    pre.remove(), post.remove()
+    run(model, [opt], 1)
+    assert len(calls) == 4
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(model, [opt], 1)
+    assert any(e.name == "Optimizer.step#ShardedOptimizer.step" for e in prof.events())

@@ -27,6 +27,7 @@ trainer's ranks; launched by mpirun -> the MPI backend; otherwise one rank.
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import os
 import re
@@ -560,6 +561,88 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     group[k] = v
             group["matrix_lr_shown_"] = group["matrix_lr"]
             # "lr" as saved (a scheduler's current value); the engine's base stays as constructed.
+
+    def sharded_state_dict(self) -> Dict[str, Any]:
+        """Collective (torch.distributed). The state as this rank holds it, for
+        torch.distributed.checkpoint (DCP): {"format": "shardopt-sharded", "param_groups": JSON text,
+        "state": {name: {"step", "param", "exp_avg", ...}}} where every state is a 1-D ShardedTensor
+        over the default group (the flattened tensor; NorMuon's row state has one value per row)
+        whose local shards are views of this rank's engine buffers at their global offsets ("param"
+        is the fp32 master). No copy is made and nothing is gathered; DCP reshards on load, so
+        a checkpoint written at one world size, stage or layout loads at another:
+
+            dcp.save({"model": model.state_dict(), "optim": opt.sharded_state_dict()}, checkpoint_id=d)
+            sd = {"model": model.state_dict(), "optim": opt.sharded_state_dict()}
+            dcp.load(sd, checkpoint_id=d)          # writes into the engine's buffers in place
+            model.load_state_dict(sd["model"]); opt.load_sharded_state_dict(sd["optim"])
+
+        ShardedTensor, not DTensor: a DTensor shards along tensor dimensions in equal blocks, while the
+        engine's pieces are arbitrary ranges of the flattened tensor (whole tensors per owner, bucket
+        segments cutting rows); ShardedTensor states each piece's offset and DCP reads it."""
+        from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("sharded_state_dict needs torch.distributed (ShardedTensors over the default group); "
+                               "without it use save()/load() or state_dict()")
+        if self.world_size != dist.get_world_size():
+            raise ValueError(f"sharded_state_dict: the optimizer's process group has {self.world_size} ranks, the "
+                             f"default group {dist.get_world_size()}; DCP shards over the default group")
+        rank = dist.get_rank()
+        groups, state = [], {}
+        for gi, group in enumerate(self.param_groups):
+            engine = self._engines[gi]
+            pieces: Dict[tuple, list] = {}
+            for t, sname, offset, _, view in engine.state_ranges():
+                meta = ShardMetadata(shard_offsets=[offset], shard_sizes=[view.shape[0]], placement=f"rank:{rank}/cpu")
+                pieces.setdefault((t, sname), []).append(Shard(torch.from_numpy(view), meta))
+            step = engine.optimizer_step
+            for t, (name, p) in enumerate(zip(group["param_names"], group["params"])):
+                entry = {"step": torch.tensor(float(step))}
+                for sname in engine.states_of(t):  # the same order on every rank: the tensors are collective
+                    size = p.shape[0] if sname == "normuon_row_v" else p.numel()
+                    entry[_STATE_NAMES[sname]] = init_from_local_shards(pieces.get((t, sname), []), [size])
+                state[name] = entry
+            g = {k: v for k, v in group.items() if k != "params" and not k.endswith("_")}
+            g["params"] = list(group["param_names"])
+            g["step"] = step
+            groups.append(g)
+        # param_groups as one JSON string: DCP's loader flattens tensor-free containers differently from
+        # its saver when it reads the checkpoint as an older format ("Missing key ... param_groups").
+        return {"format": "shardopt-sharded", "param_groups": json.dumps(groups), "state": state}
+
+    def load_sharded_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Collective. After dcp.load into sharded_state_dict()'s tensors (which view the engine's
+        buffers): takes the step and hyperparameters, copies any shard that is not already a view
+        of this optimizer's buffers, and all-gathers the parameters from the loaded masters."""
+        if state_dict.get("format") != "shardopt-sharded":
+            raise ValueError("load_sharded_state_dict: not a sharded_state_dict() (missing format 'shardopt-sharded')")
+        saved_groups = json.loads(state_dict["param_groups"])
+        for g in saved_groups:
+            if g.get("betas") is not None:
+                g["betas"] = tuple(g["betas"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"load_sharded_state_dict: {len(saved_groups)} param groups saved, "
+                             f"{len(self.param_groups)} here")
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if list(saved["params"]) != list(group["param_names"]):
+                raise ValueError(f"load_sharded_state_dict: param group {gi} has parameters {saved['params']} saved "
+                                 f"but {group['param_names']} here")
+            engine = self._engines[gi]
+            names = group["param_names"]
+            for t, sname, offset, _, view in engine.state_ranges():
+                entry = state_dict["state"].get(names[t], {})
+                key = _STATE_NAMES[sname]
+                if key not in entry:
+                    raise ValueError(f"load_sharded_state_dict: parameter '{names[t]}' lacks state '{key}'")
+                mine = torch.from_numpy(view)
+                for shard in entry[key].local_shards():
+                    if shard.metadata.shard_offsets[0] == offset and shard.tensor.data_ptr() != mine.data_ptr():
+                        mine.copy_(shard.tensor.reshape(-1))
+            engine.optimizer_step = int(saved["step"])
+            for k, v in saved.items():
+                if k not in ("params", "step", "param_names"):
+                    group[k] = v
+            group["matrix_lr_shown_"] = group["matrix_lr"]
+            engine.refresh_params()
 
     def save(self, root: str) -> List[str]:
         """Collective. Writes shardopt's resharding checkpoint (runtime/checkpoint_io.h) of every

@@ -549,5 +549,30 @@ NB_MODULE(_C, m) {
             engine.refresh_params();
           },
           "states"_a, "step"_a, "Collective: writes this rank's ranges from full states, then refreshes the parameters.")
-      .def("states_of", [](PyEngine& e, size_t t) { return so::runtime::engine_states_of(*e.engine, t); });
+      .def("states_of", [](PyEngine& e, size_t t) { return so::runtime::engine_states_of(*e.engine, t); })
+      .def(
+          "state_ranges",
+          [](nb::handle self) {
+            // Views of everything this rank holds (runtime::engine_state_ranges): over all ranks every
+            // element of every (tensor, state) appears once, so they are the shards of a sharded
+            // state dict (torch.distributed.checkpoint) that any world size can read back.
+            auto& engine = *nb::cast<PyEngine&>(self).engine;
+            nb::list out;
+            for (const auto& r : so::runtime::engine_state_ranges(engine)) {
+              if (r.data == nullptr)
+                throw so::ConfigError("state '" + r.state + "' of '" + engine.spec(r.tensor).name() +
+                                      "' is stored compact (bf16/q8): no fp32 view to share");
+              const int64_t global = r.state == "normuon_row_v" ? engine.spec(r.tensor).shape(0)
+                                                                : engine.plan().tensors(r.tensor).numel();
+              const size_t shape[1] = {static_cast<size_t>(r.length)};
+              out.append(nb::make_tuple(r.tensor, r.state, r.global_offset, global,
+                                        shardopt::python::FloatArray(r.data, 1, shape, self)));
+            }
+            return out;
+          },
+          "This rank's state: (tensor, state, global offset, global length, view of the values) per range.")
+      .def(
+          "refresh_params", [](PyEngine& e) { e.engine->refresh_params(); },
+          nb::call_guard<nb::gil_scoped_release>(),
+          "Collective: the parameters from the master shards (after the shards were written).");
 }

@@ -12,6 +12,9 @@ prints the error every rank got.
 Also a run "clip" (stage 2, owned, AdamW only) that calls opt.clip_grad_norm_(CLIP_MAX_NORM) before
 every step and records the norms it returned ("norms").
 --resume: one more run "resume" (stage 2, owned) loads DIR, continues from step K to the end.
+--save under torch.distributed also writes DIR/dcp with torch.distributed.checkpoint (model state_dict
++ opt.sharded_state_dict()); --resume-dcp DIR/dcp: a run "resume_dcp" (stage 2, dim0, another initial
+seed) loads it and continues from step K.
 """
 import argparse
 import os
@@ -40,8 +43,8 @@ def config_name(stage, layout, grad_memory, accumulation):
 
 
 def train(stage, layout, rank, world, save=None, save_at=None, resume=None, resume_at=0, grad_memory="sharded",
-          accumulation=1):
-    model = GPT()
+          accumulation=1, layout_seed=0, dcp_resume=None):
+    model = GPT(seed=layout_seed)
     opt = ShardedOptimizer(model.named_parameters(), matrix="muon", elementwise="adamw", lr=3e-3, matrix_lr=0.02,
                            stage=stage, layout=layout, bucket_bytes=16 << 10, grad_memory=grad_memory,
                            backward_passes_per_step=accumulation)
@@ -49,6 +52,13 @@ def train(stage, layout, rank, world, save=None, save_at=None, resume=None, resu
     first = 0
     if resume:
         opt.load(resume)
+        first = resume_at
+    if dcp_resume:  # torch.distributed.checkpoint: the model and the optimizer's sharded state dict
+        import torch.distributed.checkpoint as dcp
+        sd = {"model": model.state_dict(), "optim": opt.sharded_state_dict()}
+        dcp.load(sd, checkpoint_id=dcp_resume)
+        model.load_state_dict(sd["model"])
+        opt.load_sharded_state_dict(sd["optim"])
         first = resume_at
     losses = []
     for step in range(first, STEPS):
@@ -65,6 +75,10 @@ def train(stage, layout, rank, world, save=None, save_at=None, resume=None, resu
         losses.append(loss)
         if save and step + 1 == save_at:
             opt.save(save)
+            if dist.is_initialized():
+                import torch.distributed.checkpoint as dcp
+                dcp.save({"model": model.state_dict(), "optim": opt.sharded_state_dict()},
+                         checkpoint_id=os.path.join(save, "dcp"))
     return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.named_parameters()},
             "state": opt.state_dict()["state"], "memory": opt.memory()[0], "buckets": opt._engines[0].buckets(),
             "numels": [p.numel() for p in model.parameters()]}
@@ -98,6 +112,7 @@ def main():
     ap.add_argument("--save-at", type=int, default=3)
     ap.add_argument("--resume")
     ap.add_argument("--resume-at", type=int, default=3)
+    ap.add_argument("--resume-dcp", help="also a run that loads this torch.distributed.checkpoint (dim0 layout)")
     ap.add_argument("--mismatch", action="store_true", help="then rank 1 gives lm_head.weight another shape")
     a = ap.parse_args()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -115,6 +130,9 @@ def main():
     results["clip"] = train_clip(rank, world)
     if a.resume:
         results["resume"] = train(2, "owned", rank, world, resume=a.resume, resume_at=a.resume_at)
+    if a.resume_dcp:  # another seed: everything must come from the checkpoint; dim0 here (saved owned)
+        results["resume_dcp"] = train(2, "dim0", rank, world, resume_at=a.resume_at, layout_seed=7,
+                                      dcp_resume=a.resume_dcp)
     torch.save(results, f"{a.out}.rank{rank}.pt")
     if a.mismatch:
         model = GPT()

@@ -56,7 +56,8 @@ def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     launch([sys.executable, WORKER, str(d / "one")])
     two_out = torchrun(2, str(d / "two"), "--save", str(d / "ckpt"), "--save-at", "3", "--mismatch")
-    torchrun(3, str(d / "three"), "--resume", str(d / "ckpt" / "ckpt-3"), "--resume-at", "3")
+    torchrun(3, str(d / "three"), "--resume", str(d / "ckpt" / "ckpt-3"), "--resume-at", "3",
+             "--resume-dcp", str(d / "ckpt" / "dcp"))
     return {"one": load(d / "one", 1)[0], "two": load(d / "two", 2), "three": load(d / "three", 3), "dir": d,
             "two_stdout": two_out}
 
@@ -112,6 +113,13 @@ def test_saved_at_two_ranks_resumed_at_three_equals_uninterrupted(runs):
     # Steps 3..5 after loading the 2-rank checkpoint of step 3 at 3 ranks.
     resumed = [{"resume": r["resume"]} for r in runs["three"]]
     assert_same_as_one_process(runs["one"]["2-owned"], resumed, "resume", first_step=3)
+
+
+def test_dcp_saved_at_two_ranks_resumed_at_three_in_another_layout_equals_uninterrupted(runs):
+    # torch.distributed.checkpoint of model.state_dict() + opt.sharded_state_dict() at 2 ranks (owned
+    # layout), loaded at 3 ranks into a dim0 optimizer built from another seed: steps 3..5 as uninterrupted.
+    resumed = [{"resume_dcp": r["resume_dcp"]} for r in runs["three"]]
+    assert_same_as_one_process(runs["one"]["2-dim0"], resumed, "resume_dcp", first_step=3)
 
 
 def test_mpirun_two_ranks_equal_one_process(runs):

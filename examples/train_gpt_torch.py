@@ -70,6 +70,7 @@ def main():
     ap.add_argument("--matrix", default="muon", help="muon, normuon or none")
     ap.add_argument("--stage", type=int, default=2)
     ap.add_argument("--layout", default="owned")
+    ap.add_argument("--grad-memory", default="sharded", help="sharded (ZeRO-2) or full (local accumulation)")
     ap.add_argument("--save", help="checkpoint root written at the end (shardopt's resharding format)")
     a = ap.parse_args()
 
@@ -82,7 +83,8 @@ def main():
 
     # The change from a plain torch trainer: this line instead of torch.optim.AdamW(...).
     opt = ShardedOptimizer(model.named_parameters(), matrix=None if a.matrix == "none" else a.matrix,
-                           elementwise="adamw", lr=a.lr, matrix_lr=a.matrix_lr, stage=a.stage, layout=a.layout)
+                           elementwise="adamw", lr=a.lr, matrix_lr=a.matrix_lr, stage=a.stage, layout=a.layout,
+                           grad_memory=a.grad_memory)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps)))
     rank, world = opt.rank, opt.world_size
     if a.batch % world:

@@ -11,9 +11,14 @@ What happens:
   * Each param group becomes one Engine (runtime/engine.h) over the same communicator. At
     construction rank 0's parameter values are broadcast (like DistributedDataParallel), copied into
     the engine, and every parameter's storage is replaced by a view of the engine's parameter
-    buffer; its .grad is a view of the engine's gradient buffer. Nothing is copied per step.
-  * A post-accumulate-grad hook per parameter tells the engine the gradient is final; when every
-    tensor of a bucket is final, the bucket's reduce-scatter starts while backward continues.
+    buffer, so step() needs no copy into the model.
+  * A post-accumulate-grad hook per parameter hands the gradient to the engine; when every tensor of
+    a bucket has one, the bucket's reduce-scatter starts while backward continues.
+    grad_memory="sharded" (ZeRO-2, the default at stage 2): the hook copies autograd's gradient into
+    the engine's pooled bucket buffer and drops .grad (None), so no full-size gradient stays
+    resident; every micro-batch is reduce-scattered into this rank's gradient shard.
+    grad_memory="full" (and stage 1): .grad is a persistent view of a full-size engine buffer that
+    autograd accumulates into; one reduce-scatter per step, after the last micro-batch.
   * step() reads each group's "lr" (so torch.optim.lr_scheduler works) and runs the engine's step.
     Gradients are averaged over ranks, like DDP.
 Communication: torch.distributed initialized -> a process group of its own (gloo) over the
@@ -22,6 +27,7 @@ trainer's ranks; launched by mpirun -> the MPI backend; otherwise one rank.
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import os
 import re
@@ -29,6 +35,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.optim import optimizer as torch_optimizer
 
 from . import _C
 from ._torch_comm import TorchDistributedCollectives
@@ -72,6 +79,16 @@ def default_communicator(process_group=None):
             _mpi_finalizer_registered = True
         return comm
     return _C.thread_world_of_one()
+
+
+def _step_hooks_or_profiler(opt) -> bool:
+    """Whether step() must go through torch.optim.Optimizer's hook/profiler wrapper. The globals are
+    torch's private ones; if a torch version lacks them, always take the wrapper."""
+    global_pre = getattr(torch_optimizer, "_global_optimizer_pre_hooks", None)
+    global_post = getattr(torch_optimizer, "_global_optimizer_post_hooks", None)
+    profiler = getattr(torch.autograd.profiler, "_is_profiler_enabled", True)
+    return bool(profiler or global_pre is None or global_post is None or global_pre or global_post
+                or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks)
 
 
 def _fmt(x: float) -> str:
@@ -144,6 +161,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         before a step; torch.nn.utils.clip_grad_norm_ does not apply: gradients are reduced during
         backward, so .grad holds this rank's unreduced gradient).
       backward_passes_per_step: backward() calls accumulated into one step (gradient accumulation).
+        The step uses the sum of their gradients (what .grad accumulates in torch; divide the loss
+        by the number of micro-batches for their mean, as usual).
+      grad_memory: "sharded" (ZeRO-2: pooled bucket buffers + this rank's gradient shard; each
+        micro-batch is reduce-scattered as backward produces it; .grad is None after backward) or
+        "full" (full-size gradient buffers that .grad views and autograd accumulates into; one
+        reduction per step, fewer collectives with accumulation). Stage 1 always keeps full buffers.
       bucket_bytes, overlap: the engine's bucket size and whether reductions start during backward.
       process_group: see default_communicator.
     Errors (ValueError unless said): non-float32, non-contiguous, non-CPU or duplicated parameters
@@ -158,12 +181,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
                  shape_scale: str = "original", sgd_momentum: float = 0.0, dampening: float = 0.0,
                  sgd_nesterov: bool = False, stage: int = 2, layout: str = "owned",
                  routing: Optional[Dict[str, str]] = None, max_grad_norm: float = 0.0,
-                 backward_passes_per_step: int = 1, bucket_bytes: int = 4 << 20, overlap: bool = True,
-                 process_group=None):
+                 backward_passes_per_step: int = 1, grad_memory: str = "sharded", bucket_bytes: int = 4 << 20,
+                 overlap: bool = True, process_group=None):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2 from PyTorch, got {stage} (stage 3: see docs/pytorch.md)")
         if backward_passes_per_step < 1:
             raise ValueError("backward_passes_per_step must be >= 1")
+        if grad_memory not in ("sharded", "full"):
+            raise ValueError(f"grad_memory must be 'sharded' or 'full', got {grad_memory!r}")
         if weight_decay is None:
             weight_decay = 0.01 if elementwise == "adamw" else 0.0
         defaults = dict(lr=lr, matrix_lr=lr if matrix_lr is None else matrix_lr, weight_decay=weight_decay,
@@ -176,6 +201,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if route not in ("matrix", "elementwise"):
                 raise ValueError(f"routing['{name}'] must be 'matrix' or 'elementwise', got {route!r}")
         self._backward_passes = backward_passes_per_step
+        # Stage 1 keeps full gradient buffers whatever grad_memory says (runtime/engine.h).
+        self._sharded_grads = grad_memory == "sharded" and stage >= 2
         self._constructing = True
 
         # Param groups as torch has them, with the names kept in "param_names".
@@ -198,7 +225,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
         self._comm = default_communicator(process_group)
         self._engines: List[Any] = []
-        self._grad_views: List[List[torch.Tensor]] = []
+        # Sharded gradients: gradients the hooks handed over since the last step (a list cell the
+        # hooks share); step() looks for hand-assigned .grad only when some are missing.
+        self._handed_over = [0]
+        self._expected_handovers = sum(len(g["params"]) for g in self.param_groups) * backward_passes_per_step
+        self._grad_views: List[List[torch.Tensor]] = []  # full gradient buffers only
         self._passes: List[List[int]] = []
         self._hooks = []
         self._last_reports: List[dict] = []
@@ -244,12 +275,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if group["lr"] <= 0:
             raise ValueError(f"param group {gi}: lr must be > 0 at construction (schedules scale it), got {group['lr']}")
         matrix_text = "" if self._matrix is None else _matrix_text(self._matrix, group)
+        # Sharded gradients: every micro-batch is handed over (accept_grad) and reduce-scattered, and
+        # the engine averages its micro-batches; full buffers: autograd sums them locally and the
+        # engine sees one gradient per step.
+        accumulation = self._backward_passes if self._sharded_grads else 1
         try:
             engine = _C.Engine(self._comm, specs, stage=stage, layout=layout, bucket_bytes=bucket_bytes,
                                matrix_optimizer=matrix_text,
                                elementwise_optimizer=_elementwise_text(self._elementwise, group),
                                routing="elementwise_only: true" if self._matrix is None else "",
-                               max_grad_norm=float(max_grad_norm), overlap=overlap)
+                               max_grad_norm=float(max_grad_norm), overlap=overlap,
+                               grad_memory="sharded" if self._sharded_grads else "full",
+                               grad_accumulation_steps=accumulation)
         except ValueError as e:
             # The engine names tensors by index ("plan_request.params[24].shape[0]"): add their names.
             names = group["param_names"]
@@ -268,20 +305,50 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 engine.broadcast_(v, 0)  # rank 0's initial values, like DistributedDataParallel
                 values.append(v)
             engine.set_params(values)
+            assert engine.sharded_grads == self._sharded_grads
             views = []
-            for t, p in enumerate(group["params"]):
+            for t, (name, p) in enumerate(zip(group["param_names"], group["params"])):
                 p.data = torch.from_numpy(engine.param(t))
-                g = torch.from_numpy(engine.grad(t))
-                g.zero_()
-                p.grad = g
-                views.append(g)
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(gi, t)))
+                if self._sharded_grads:
+                    p.grad = None
+                    hook = self._sharded_grad_hook(engine, t, name)
+                else:
+                    g = torch.from_numpy(engine.grad(t))
+                    g.zero_()
+                    p.grad = g
+                    views.append(g)
+                    hook = self._hook(gi, t)
+                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
         self._matrix_names.extend(n for t, n in enumerate(group["param_names"]) if engine.is_muon(t))
         self._engines.append(engine)
         self._grad_views.append(views)
-        self._passes.append([0] * len(views))
+        self._passes.append([0] * len(group["params"]))
 
     # ---------------------------------------------------------------- backward
+    def _sharded_grad_hook(self, engine, t: int, name: str):
+        """ZeRO-2: the hook copies autograd's gradient into the engine's bucket buffer (scaled by the
+        number of micro-batches: the engine averages them, the step uses their sum, as torch does)
+        and drops .grad, so the model keeps no full-size gradient. One C++ call per tensor per
+        micro-batch; the address skips a DLPack conversion (autograd's gradient has the parameter's
+        shape, dtype and device; contiguity is checked)."""
+        accept = engine.accept_grad_at
+        scale = float(self._backward_passes)
+        passes = self._backward_passes
+        handed_over = self._handed_over
+
+        def on_grad_accumulated(p: torch.Tensor) -> None:
+            g = p.grad
+            p.grad = None
+            if not g.is_contiguous():
+                g = g.contiguous()
+            try:
+                accept(t, g.data_ptr(), scale)
+                handed_over[0] += 1
+            except ValueError as e:
+                raise RuntimeError(f"ShardedOptimizer: parameter '{name}' got more than backward_passes_per_step="
+                                   f"{passes} backward passes before step() ({e})") from None
+        return on_grad_accumulated
+
     def _hook(self, gi: int, t: int):
         def on_grad_accumulated(p: torch.Tensor) -> None:
             self._gradient_accumulated(gi, t, p)
@@ -299,15 +366,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._passes[gi][t] += 1
         if self._passes[gi][t] > self._backward_passes:
             name = self.param_groups[gi]["param_names"][t]
-            raise RuntimeError(f"ShardedOptimizer: parameter '{name}' got {self._passes[gi][t]} backward passes "
-                               f"before step() (backward_passes_per_step={self._backward_passes}); its gradient "
-                               "was already being reduced")
+            raise RuntimeError(f"ShardedOptimizer: parameter '{name}' got more than backward_passes_per_step="
+                               f"{self._backward_passes} backward passes before step() (its gradient was already "
+                               "being reduced)")
         if self._passes[gi][t] == self._backward_passes:
             self._engines[gi].grad_ready(t)
 
     # ---------------------------------------------------------------- torch.optim.Optimizer API
-    @torch.no_grad()
     def step(self, closure=None):
+        """torch.optim.Optimizer.step: reads each group's lr, runs the engines' steps (gradients are
+        final once every backward pass handed them over) and leaves the updated parameters in the
+        model. Step pre/post hooks run and a profiler sees "Optimizer.step#ShardedOptimizer.step" as
+        with torch's optimizers; when neither is in use the step skips torch's wrapper, which costs
+        ~100 us per call (record_function), a tenth of a small model's whole step."""
+        if _step_hooks_or_profiler(self):
+            return self._profiled_step(closure)
+        return self._step(closure)
+
+    step.hooked = True  # torch.optim.Optimizer must not wrap it (it would on construction)
+
+    def _step(self, closure=None):
+        # No torch.no_grad needed: the engine writes the parameters through its own buffers, and
+        # nothing here records autograd operations.
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -317,6 +397,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._pending_clip = None
         if clip is not None:
             self._engines[0].max_grad_norm = clip[0]
+        if self._sharded_grads:
+            if self._handed_over[0] != self._expected_handovers:
+                self._hand_over_assigned_grads()
+            self._handed_over[0] = 0
         for gi, group in enumerate(self.param_groups):
             if (group["weight_decay"], group["matrix_weight_decay"]) != group["initial_weight_decay_"]:
                 raise ValueError(f"param group {gi}: weight_decay cannot change after construction "
@@ -326,7 +410,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                  "(lr_multiplier = lr / initial lr): schedule 'lr'")
             multiplier = group["lr"] / group["initial_lr_"]
             reports.append(self._engines[gi].step(float(multiplier)))
-            self._passes[gi] = [0] * len(self._passes[gi])
+            if not self._sharded_grads:
+                self._passes[gi] = [0] * len(self._passes[gi])
             # Shows the matrix learning rate this step applied.
             group["matrix_lr"] = group["matrix_lr_shown_"] = group["initial_matrix_lr_"] * multiplier
         if clip is not None:
@@ -336,6 +421,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             clip[1].fill_(report["grad_norm"] if not report["nonfinite_tensors"] else math.nan)
         self._last_reports = reports
         return loss
+
+    _profiled_step = torch.optim.Optimizer.profile_hook_step(_step)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clips the next step's gradient to global L2 norm max_norm; returns that norm, known only in step().
@@ -373,13 +460,34 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Per param group: applied, nonfinite_tensors, grad_norm, step, seconds, bytes_sent."""
         return self._last_reports
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zeroes the gradients in place: .grad stays a view of the engine's buffer (set_to_none is
-        accepted for compatibility and ignored)."""
+    def _hand_over_assigned_grads(self) -> None:
+        """Sharded gradients: a .grad that no backward hook took (assigned by hand) goes to the engine
+        now, in parameter order (the same on every rank)."""
         for gi, group in enumerate(self.param_groups):
+            for t, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    g = p.grad.detach().to(torch.float32).contiguous()
+                    p.grad = None
+                    self._engines[gi].accept_grad(t, g.view(-1), float(self._backward_passes))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Sharded gradients: .grad is already None after backward (the engine holds the gradient);
+        any .grad assigned by hand is dropped. Full buffers: zeroes them in place, so .grad stays a
+        view of the engine's buffer (set_to_none is accepted for compatibility and ignored)."""
+        for gi, group in enumerate(self.param_groups):
+            if self._sharded_grads:
+                for p in group["params"]:
+                    p.grad = None
+                continue
+            self._engines[gi].zero_grads()
             for p, view in zip(group["params"], self._grad_views[gi]):
-                view.zero_()
                 p.grad = view
+
+    def memory(self) -> List[dict]:
+        """Per param group, the bytes this rank's engine holds by kind (runtime::MemoryReport):
+        param_bytes, grad_buffer_bytes (full buffers, or the ZeRO-2 pool of grad_slots bucket
+        buffers), grad_shard_bytes (the reduced gradient shard), master_bytes, state_bytes, ..."""
+        return [e.memory() for e in self._engines]
 
     @property
     def matrix_parameter_names(self) -> List[str]:
@@ -453,6 +561,88 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     group[k] = v
             group["matrix_lr_shown_"] = group["matrix_lr"]
             # "lr" as saved (a scheduler's current value); the engine's base stays as constructed.
+
+    def sharded_state_dict(self) -> Dict[str, Any]:
+        """Collective (torch.distributed). The state as this rank holds it, for
+        torch.distributed.checkpoint (DCP): {"format": "shardopt-sharded", "param_groups": JSON text,
+        "state": {name: {"step", "param", "exp_avg", ...}}} where every state is a 1-D ShardedTensor
+        over the default group (the flattened tensor; NorMuon's row state has one value per row)
+        whose local shards are views of this rank's engine buffers at their global offsets ("param"
+        is the fp32 master). No copy is made and nothing is gathered; DCP reshards on load, so
+        a checkpoint written at one world size, stage or layout loads at another:
+
+            dcp.save({"model": model.state_dict(), "optim": opt.sharded_state_dict()}, checkpoint_id=d)
+            sd = {"model": model.state_dict(), "optim": opt.sharded_state_dict()}
+            dcp.load(sd, checkpoint_id=d)          # writes into the engine's buffers in place
+            model.load_state_dict(sd["model"]); opt.load_sharded_state_dict(sd["optim"])
+
+        ShardedTensor, not DTensor: a DTensor shards along tensor dimensions in equal blocks, while the
+        engine's pieces are arbitrary ranges of the flattened tensor (whole tensors per owner, bucket
+        segments cutting rows); ShardedTensor states each piece's offset and DCP reads it."""
+        from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("sharded_state_dict needs torch.distributed (ShardedTensors over the default group); "
+                               "without it use save()/load() or state_dict()")
+        if self.world_size != dist.get_world_size():
+            raise ValueError(f"sharded_state_dict: the optimizer's process group has {self.world_size} ranks, the "
+                             f"default group {dist.get_world_size()}; DCP shards over the default group")
+        rank = dist.get_rank()
+        groups, state = [], {}
+        for gi, group in enumerate(self.param_groups):
+            engine = self._engines[gi]
+            pieces: Dict[tuple, list] = {}
+            for t, sname, offset, _, view in engine.state_ranges():
+                meta = ShardMetadata(shard_offsets=[offset], shard_sizes=[view.shape[0]], placement=f"rank:{rank}/cpu")
+                pieces.setdefault((t, sname), []).append(Shard(torch.from_numpy(view), meta))
+            step = engine.optimizer_step
+            for t, (name, p) in enumerate(zip(group["param_names"], group["params"])):
+                entry = {"step": torch.tensor(float(step))}
+                for sname in engine.states_of(t):  # the same order on every rank: the tensors are collective
+                    size = p.shape[0] if sname == "normuon_row_v" else p.numel()
+                    entry[_STATE_NAMES[sname]] = init_from_local_shards(pieces.get((t, sname), []), [size])
+                state[name] = entry
+            g = {k: v for k, v in group.items() if k != "params" and not k.endswith("_")}
+            g["params"] = list(group["param_names"])
+            g["step"] = step
+            groups.append(g)
+        # param_groups as one JSON string: DCP's loader flattens tensor-free containers differently from
+        # its saver when it reads the checkpoint as an older format ("Missing key ... param_groups").
+        return {"format": "shardopt-sharded", "param_groups": json.dumps(groups), "state": state}
+
+    def load_sharded_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Collective. After dcp.load into sharded_state_dict()'s tensors (which view the engine's
+        buffers): takes the step and hyperparameters, copies any shard that is not already a view
+        of this optimizer's buffers, and all-gathers the parameters from the loaded masters."""
+        if state_dict.get("format") != "shardopt-sharded":
+            raise ValueError("load_sharded_state_dict: not a sharded_state_dict() (missing format 'shardopt-sharded')")
+        saved_groups = json.loads(state_dict["param_groups"])
+        for g in saved_groups:
+            if g.get("betas") is not None:
+                g["betas"] = tuple(g["betas"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"load_sharded_state_dict: {len(saved_groups)} param groups saved, "
+                             f"{len(self.param_groups)} here")
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if list(saved["params"]) != list(group["param_names"]):
+                raise ValueError(f"load_sharded_state_dict: param group {gi} has parameters {saved['params']} saved "
+                                 f"but {group['param_names']} here")
+            engine = self._engines[gi]
+            names = group["param_names"]
+            for t, sname, offset, _, view in engine.state_ranges():
+                entry = state_dict["state"].get(names[t], {})
+                key = _STATE_NAMES[sname]
+                if key not in entry:
+                    raise ValueError(f"load_sharded_state_dict: parameter '{names[t]}' lacks state '{key}'")
+                mine = torch.from_numpy(view)
+                for shard in entry[key].local_shards():
+                    if shard.metadata.shard_offsets[0] == offset and shard.tensor.data_ptr() != mine.data_ptr():
+                        mine.copy_(shard.tensor.reshape(-1))
+            engine.optimizer_step = int(saved["step"])
+            for k, v in saved.items():
+                if k not in ("params", "step", "param_names"):
+                    group[k] = v
+            group["matrix_lr_shown_"] = group["matrix_lr"]
+            engine.refresh_params()
 
     def save(self, root: str) -> List[str]:
         """Collective. Writes shardopt's resharding checkpoint (runtime/checkpoint_io.h) of every

@@ -40,6 +40,8 @@ namespace shardopt::python {
 namespace {
 
 using FloatArray = nb::ndarray<nb::numpy, float, nb::c_contig>;
+// Any framework's contiguous host float32 array (torch tensors arrive through DLPack).
+using CpuFloatTensor = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
 
 template <typename Message>
 Message parse_text_proto(const std::string& text, const char* what) {
@@ -225,6 +227,21 @@ FloatArray tensor_view(runtime::Engine& e, size_t t, float* data, nb::handle own
   return FloatArray(data, shape.size(), shape.data(), owner);
 }
 
+// Tensor t's gradient of this micro-batch from `src` (numel(t) floats), times `scale`, then
+// grad_ready(t). Adds when the engine accumulates locally (full buffers after the first micro-batch).
+void accept_grad(runtime::Engine& engine, size_t t, const float* src, float scale) {
+  const auto n = static_cast<size_t>(engine.plan().tensors(static_cast<int>(t)).numel());
+  float* dst = engine.grad(t);  // ZeRO-2: opens t's bucket buffer (zero-filled)
+  if (engine.grad_accumulates(t)) {
+    for (size_t i = 0; i < n; ++i) dst[i] += scale * src[i];
+  } else if (scale == 1.0f) {
+    std::memcpy(dst, src, sizeof(float) * n);
+  } else {
+    for (size_t i = 0; i < n; ++i) dst[i] = scale * src[i];
+  }
+  engine.grad_ready(t);
+}
+
 nb::dict step_report(const runtime::StepReport& r) {
   nb::dict d;
   d["applied"] = r.applied;
@@ -239,6 +256,7 @@ nb::dict step_report(const runtime::StepReport& r) {
 }  // namespace
 }  // namespace shardopt::python
 
+using shardopt::python::CpuFloatTensor;
 using shardopt::python::PyEngine;
 namespace so = shardopt;
 
@@ -288,7 +306,8 @@ NB_MODULE(_C, m) {
           "__init__",
           [](PyEngine* self, so::comm::Communicator& comm, const std::vector<std::tuple<std::string, std::vector<int64_t>, std::string>>& params,
              int stage, const std::string& layout, int64_t bucket_bytes, const std::string& matrix_optimizer,
-             const std::string& elementwise_optimizer, const std::string& routing, float max_grad_norm, bool overlap) {
+             const std::string& elementwise_optimizer, const std::string& routing, float max_grad_norm, bool overlap,
+             const std::string& grad_memory, int grad_accumulation_steps) {
             std::vector<so::proto::TensorSpec> specs;
             for (const auto& [name, shape, group] : params) {
               so::proto::TensorSpec s;
@@ -311,15 +330,19 @@ NB_MODULE(_C, m) {
             o.routing = shardopt::python::parse_text_proto<so::proto::RoutingRules>(routing, "routing rules");
             o.max_grad_norm = max_grad_norm;
             o.overlap = overlap;
-            // Autograd accumulates into .grad views that persist across backward passes, so the
-            // adapter keeps full-size gradient buffers (GradMemory::kFull, one grad_ready per tensor
-            // per step); ZeRO-2's pooled bucket buffers would need .grad rebound per bucket.
-            o.grad_memory = so::runtime::GradMemory::kFull;
+            // "sharded": ZeRO-2 pooled bucket buffers, each micro-batch reduce-scattered into the shard
+            // (the adapter hands every gradient over with accept_grad). "full": persistent full-size
+            // buffers that autograd accumulates into (local accumulation, one reduction per step).
+            if (grad_memory == "sharded") o.grad_memory = so::runtime::GradMemory::kSharded;
+            else if (grad_memory == "full") o.grad_memory = so::runtime::GradMemory::kFull;
+            else throw so::ConfigError("grad_memory must be 'sharded' or 'full', got '" + grad_memory + "'");
+            o.grad_accumulation_steps = grad_accumulation_steps;
             nb::gil_scoped_release release;
             new (self) PyEngine{std::make_unique<so::runtime::Engine>(comm, std::move(specs), std::move(o))};
           },
           "comm"_a, "params"_a, "stage"_a, "layout"_a, "bucket_bytes"_a, "matrix_optimizer"_a,
-          "elementwise_optimizer"_a, "routing"_a, "max_grad_norm"_a, "overlap"_a, nb::keep_alive<1, 2>())
+          "elementwise_optimizer"_a, "routing"_a, "max_grad_norm"_a, "overlap"_a, "grad_memory"_a = "full",
+          "grad_accumulation_steps"_a = 1, nb::keep_alive<1, 2>())
       .def_prop_ro("num_tensors", [](PyEngine& e) { return e.engine->num_tensors(); })
       .def_prop_ro("rank", [](PyEngine& e) { return e.engine->comm().rank(); })
       .def_prop_ro("world_size", [](PyEngine& e) { return e.engine->comm().size(); })
@@ -366,6 +389,75 @@ NB_MODULE(_C, m) {
       .def(
           "grad_ready", [](PyEngine& e, size_t t) { e.engine->grad_ready(t); }, "t"_a,
           nb::call_guard<nb::gil_scoped_release>())
+      .def_prop_ro("sharded_grads", [](PyEngine& e) { return e.engine->sharded_grads(); },
+                   "True: gradients live in pooled bucket buffers (ZeRO-2); hand them over with accept_grad.")
+      .def(
+          "accept_grad",
+          [](PyEngine& e, size_t t, CpuFloatTensor g, float scale) {
+            auto& engine = *e.engine;
+            if (t >= engine.num_tensors()) throw nb::index_error();
+            const auto n = static_cast<size_t>(engine.plan().tensors(static_cast<int>(t)).numel());
+            if (g.size() != n)
+              throw so::ConfigError("gradient of '" + engine.spec(t).name() + "' has " + std::to_string(g.size()) +
+                                    " values, the parameter " + std::to_string(n));
+            const float* src = g.data();
+            nb::gil_scoped_release release;
+            shardopt::python::accept_grad(engine, t, src, scale);
+          },
+          "t"_a, "grad"_a, "scale"_a = 1.0f,
+          "Writes scale * grad (any contiguous host float32 array) as tensor t's gradient of this micro-batch "
+          "(adds when the engine accumulates locally), then grad_ready(t): a complete bucket's reduction starts.")
+      .def(
+          "accept_grad_at",
+          [](PyEngine& e, size_t t, uintptr_t address, float scale) {
+            if (t >= e.engine->num_tensors()) throw nb::index_error();
+            nb::gil_scoped_release release;
+            shardopt::python::accept_grad(*e.engine, t, reinterpret_cast<const float*>(address), scale);
+          },
+          "t"_a, "address"_a, "scale"_a = 1.0f,
+          "accept_grad from a raw address (torch's tensor.data_ptr()): the caller guarantees numel(t) contiguous "
+          "host float32 values there (autograd's gradient of the parameter). The autograd hook's fast path: "
+          "converting a torch tensor through DLPack costs ~10 us per call.")
+      .def(
+          "zero_grads",
+          [](PyEngine& e) {
+            auto& engine = *e.engine;
+            if (engine.sharded_grads()) return;  // pooled buffers start zeroed each micro-batch
+            for (size_t t = 0; t < engine.num_tensors(); ++t)
+              std::memset(engine.grad(t), 0,
+                          sizeof(float) * static_cast<size_t>(engine.plan().tensors(static_cast<int>(t)).numel()));
+          },
+          "Full gradient buffers: zero every tensor's gradient (one call instead of one per tensor).")
+      .def(
+          "memory",
+          [](PyEngine& e) {
+            const auto m = e.engine->memory();
+            nb::dict d;
+            d["param_bytes"] = m.param_bytes;
+            d["grad_buffer_bytes"] = m.grad_buffer_bytes;
+            d["grad_shard_bytes"] = m.grad_shard_bytes;
+            d["grad_slots"] = m.grad_slots;
+            d["master_bytes"] = m.master_bytes;
+            d["state_bytes"] = m.state_bytes;
+            d["exchange_bytes"] = m.exchange_bytes;
+            d["workspace_bytes"] = m.workspace_bytes;
+            d["formula_optimizer_bytes"] = m.formula_optimizer_bytes;
+            return d;
+          },
+          "Bytes this rank holds, by kind (runtime::MemoryReport).")
+      .def(
+          "buckets",
+          [](PyEngine& e) {
+            // Per bucket: (numel with padding, this rank's segment count, its tensors): the plan's
+            // figures that the memory formulas use.
+            const auto& plan = e.engine->plan();
+            const int rank = e.engine->comm().rank();
+            std::vector<std::tuple<int64_t, int64_t, std::vector<int>>> out;
+            for (const auto& b : plan.buckets())
+              out.emplace_back(b.numel(), b.segments(rank).count(), std::vector<int>(b.tensors().begin(), b.tensors().end()));
+            return out;
+          },
+          "Per bucket: (elements incl. padding, this rank's segment elements, tensor indices).")
       .def_prop_rw(
           "max_grad_norm", [](PyEngine& e) { return e.engine->options().max_grad_norm; },
           [](PyEngine& e, float v) { e.engine->set_max_grad_norm(v); },
@@ -457,5 +549,30 @@ NB_MODULE(_C, m) {
             engine.refresh_params();
           },
           "states"_a, "step"_a, "Collective: writes this rank's ranges from full states, then refreshes the parameters.")
-      .def("states_of", [](PyEngine& e, size_t t) { return so::runtime::engine_states_of(*e.engine, t); });
+      .def("states_of", [](PyEngine& e, size_t t) { return so::runtime::engine_states_of(*e.engine, t); })
+      .def(
+          "state_ranges",
+          [](nb::handle self) {
+            // Views of everything this rank holds (runtime::engine_state_ranges): over all ranks every
+            // element of every (tensor, state) appears once, so they are the shards of a sharded
+            // state dict (torch.distributed.checkpoint) that any world size can read back.
+            auto& engine = *nb::cast<PyEngine&>(self).engine;
+            nb::list out;
+            for (const auto& r : so::runtime::engine_state_ranges(engine)) {
+              if (r.data == nullptr)
+                throw so::ConfigError("state '" + r.state + "' of '" + engine.spec(r.tensor).name() +
+                                      "' is stored compact (bf16/q8): no fp32 view to share");
+              const int64_t global = r.state == "normuon_row_v" ? engine.spec(r.tensor).shape(0)
+                                                                : engine.plan().tensors(r.tensor).numel();
+              const size_t shape[1] = {static_cast<size_t>(r.length)};
+              out.append(nb::make_tuple(r.tensor, r.state, r.global_offset, global,
+                                        shardopt::python::FloatArray(r.data, 1, shape, self)));
+            }
+            return out;
+          },
+          "This rank's state: (tensor, state, global offset, global length, view of the values) per range.")
+      .def(
+          "refresh_params", [](PyEngine& e) { e.engine->refresh_params(); },
+          nb::call_guard<nb::gil_scoped_release>(),
+          "Collective: the parameters from the master shards (after the shards were written).");
 }

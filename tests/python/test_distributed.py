@@ -1,6 +1,7 @@
 """N ranks (torchrun/gloo and mpirun/MPI) against one process: same losses and parameters for
-stages 1-2, owned and dim0 layouts; a checkpoint saved at 2 ranks resumes at 3; ranks that disagree
-on a parameter's shape fail with its name."""
+stages 1-2, owned and dim0 layouts, sharded (ZeRO-2) and full gradient memory, 2 micro-batches per
+step against one big batch; gradient memory per rank as each mode's formula says; a checkpoint saved
+at 2 ranks resumes at 3; ranks that disagree on a parameter's shape fail with its name."""
 import os
 import shutil
 import subprocess
@@ -11,7 +12,12 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
-CONFIGS = ["1-owned", "2-owned", "1-dim0", "2-dim0"]
+from dist_worker import CONFIGS as WORKER_CONFIGS, config_name  # noqa: E402
+from memory_formula import check_grad_memory  # noqa: E402
+
+CONFIGS = [config_name(*c) for c in WORKER_CONFIGS]
+# Micro-batched runs equal the one-process run on whole batches of the same stage, layout and mode.
+REFERENCE = {c: c.replace("-accum2", "") for c in CONFIGS}
 REL = 1e-5
 
 
@@ -50,7 +56,8 @@ def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     launch([sys.executable, WORKER, str(d / "one")])
     two_out = torchrun(2, str(d / "two"), "--save", str(d / "ckpt"), "--save-at", "3", "--mismatch")
-    torchrun(3, str(d / "three"), "--resume", str(d / "ckpt" / "ckpt-3"), "--resume-at", "3")
+    torchrun(3, str(d / "three"), "--resume", str(d / "ckpt" / "ckpt-3"), "--resume-at", "3",
+             "--resume-dcp", str(d / "ckpt" / "dcp"))
     return {"one": load(d / "one", 1)[0], "two": load(d / "two", 2), "three": load(d / "three", 3), "dir": d,
             "two_stdout": two_out}
 
@@ -78,12 +85,28 @@ def assert_same_as_one_process(one, ranks, config, first_step=0):
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_torchrun_two_ranks_equal_one_process(runs, config):
-    assert_same_as_one_process(runs["one"][config], runs["two"], config)
+    assert_same_as_one_process(runs["one"][REFERENCE[config]], runs["two"], config)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_torchrun_three_ranks_equal_one_process(runs, config):
-    assert_same_as_one_process(runs["one"][config], runs["three"], config)
+    assert_same_as_one_process(runs["one"][REFERENCE[config]], runs["three"], config)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gradient_memory_per_rank_matches_each_modes_formula(runs, config):
+    stage, layout, grad_memory, accumulation = WORKER_CONFIGS[CONFIGS.index(config)]
+    sharded = stage >= 2 and grad_memory == "sharded"
+    for world in ("one", "two", "three"):
+        ranks = [runs[world]] if world == "one" else runs[world]
+        shard_elems = 0
+        for r, result in enumerate(ranks):
+            res = result[config]
+            check_grad_memory(res["memory"], res["buckets"], res["numels"], sharded, layout == "dim0", accumulation,
+                              f"{world} rank {r} {config}")
+            shard_elems += res["memory"]["grad_shard_bytes"] // 4
+        # Each gradient element is reduced onto exactly one rank: the shards add up to the buckets.
+        assert shard_elems == sum(n for n, _, _ in ranks[0][config]["buckets"])
 
 
 def test_saved_at_two_ranks_resumed_at_three_equals_uninterrupted(runs):
@@ -92,12 +115,19 @@ def test_saved_at_two_ranks_resumed_at_three_equals_uninterrupted(runs):
     assert_same_as_one_process(runs["one"]["2-owned"], resumed, "resume", first_step=3)
 
 
+def test_dcp_saved_at_two_ranks_resumed_at_three_in_another_layout_equals_uninterrupted(runs):
+    # torch.distributed.checkpoint of model.state_dict() + opt.sharded_state_dict() at 2 ranks (owned
+    # layout), loaded at 3 ranks into a dim0 optimizer built from another seed: steps 3..5 as uninterrupted.
+    resumed = [{"resume_dcp": r["resume_dcp"]} for r in runs["three"]]
+    assert_same_as_one_process(runs["one"]["2-dim0"], resumed, "resume_dcp", first_step=3)
+
+
 def test_mpirun_two_ranks_equal_one_process(runs):
     out = runs["dir"] / "mpi"
     mpirun(2, str(out))
     ranks = load(out, 2)
     for config in CONFIGS:
-        assert_same_as_one_process(runs["one"][config], ranks, config)
+        assert_same_as_one_process(runs["one"][REFERENCE[config]], ranks, config)
 
 
 def test_ranks_with_different_shapes_fail_naming_the_parameter(runs):

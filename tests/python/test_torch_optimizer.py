@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gpt_model import GPT, batch
+from memory_formula import check_grad_memory
 from shardopt.torch import ShardedOptimizer
 
 STEPS = 20
@@ -34,9 +35,11 @@ def max_abs_diff(a, b):
     return max((pa[k] - pb[k]).abs().max().item() for k in pa)
 
 
-def test_adamw_equals_torch_adamw():
+@pytest.mark.parametrize("grad_memory", ["sharded", "full"])
+def test_adamw_equals_torch_adamw(grad_memory):
     ours, ref = GPT(), GPT()
-    opt = ShardedOptimizer(ours.named_parameters(), matrix=None, elementwise="adamw", lr=3e-3, weight_decay=0.05)
+    opt = ShardedOptimizer(ours.named_parameters(), matrix=None, elementwise="adamw", lr=3e-3, weight_decay=0.05,
+                           grad_memory=grad_memory)
     torch_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.05)
     assert opt.matrix_parameter_names == []
     l_ours, l_ref = run(ours, [opt]), run(ref, [torch_opt])
@@ -211,10 +214,42 @@ def test_state_dict_round_trip_continues_exactly(matrix):
 
 def test_parameters_are_views_of_the_engine_buffers():
     model = GPT()
-    opt = ShardedOptimizer(model.named_parameters(), matrix="muon", lr=3e-3)
+    opt = ShardedOptimizer(model.named_parameters(), matrix="muon", lr=3e-3, grad_memory="full")
     ptrs = {n: (p.data_ptr(), p.grad.data_ptr()) for n, p in model.named_parameters()}
     run(model, [opt], 2)
     assert ptrs == {n: (p.data_ptr(), p.grad.data_ptr()) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("layout", ["owned", "dim0"])
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("grad_memory", ["sharded", "full"])
+def test_gradient_memory_matches_each_modes_formula(grad_memory, accumulation, layout):
+    """ZeRO-2 from PyTorch: the engine holds the pooled bucket buffers + the shard (not full-size
+    buffers) and the model keeps no .grad after backward; full buffers: .grad views the engine's."""
+    model = GPT()
+    opt = ShardedOptimizer(model.named_parameters(), matrix="muon", lr=3e-3, grad_memory=grad_memory,
+                           backward_passes_per_step=accumulation, layout=layout, bucket_bytes=16 << 10)
+    params = dict(model.named_parameters())
+    ptrs = {n: p.data_ptr() for n, p in params.items()}
+    for step in range(2):
+        x, y = batch(step)
+        for m in range(accumulation):
+            model(x[m::accumulation], y[m::accumulation]).backward()
+            held = sum(p.grad.numel() for p in params.values() if p.grad is not None)
+            # ZeRO-2: every gradient went into the engine's bucket buffers; full: .grad is the engine's buffer.
+            assert held == (0 if grad_memory == "sharded" else sum(p.numel() for p in params.values()))
+        opt.step()
+        opt.zero_grad()
+    assert ptrs == {n: p.data_ptr() for n, p in params.items()}  # parameters stay views of the engine
+    [report] = opt.memory()
+    numels = [p.numel() for p in params.values()]
+    check_grad_memory(report, opt._engines[0].buckets(), numels, grad_memory == "sharded", layout == "dim0",
+                      accumulation, f"{grad_memory} x{accumulation} {layout}")
+    if grad_memory == "sharded" and layout == "owned" and accumulation == 1:
+        full = ShardedOptimizer(GPT().named_parameters(), matrix="muon", grad_memory="full", bucket_bytes=16 << 10)
+        # One rank: the shard is the whole model, so ZeRO-2 saves the full buffer minus the pool.
+        saved = full.memory()[0]["grad_buffer_bytes"] - report["grad_buffer_bytes"]
+        assert saved >= 4 * sum(numels) - 4 * 2 * max(n for n, _, _ in opt._engines[0].buckets())
 
 
 def test_routing_override_by_name():
@@ -243,28 +278,51 @@ def test_param_group_after_construction_is_refused():
         opt.add_param_group({"params": [("late", torch.nn.Parameter(torch.randn(3)))]})
 
 
-def test_extra_backward_pass_before_step_is_refused():
+@pytest.mark.parametrize("grad_memory", ["sharded", "full"])
+def test_extra_backward_pass_before_step_is_refused(grad_memory):
     model = GPT()
-    opt = ShardedOptimizer(model.named_parameters(), matrix=None)
+    opt = ShardedOptimizer(model.named_parameters(), matrix=None, grad_memory=grad_memory)
     x, y = batch(0)
     model(x, y).backward()
-    with pytest.raises(RuntimeError, match="parameter '.*' got 2 backward passes"):
+    with pytest.raises(RuntimeError, match="parameter '.*' got more than backward_passes_per_step=1 backward passes"):
         model(x, y).backward()
-    opt.zero_grad()
 
 
-def test_gradient_accumulation_over_backward_passes():
-    ours, ref = GPT(), GPT()
-    opt = ShardedOptimizer(ours.named_parameters(), matrix=None, lr=3e-3, backward_passes_per_step=2)
+@pytest.mark.parametrize("grad_memory", ["sharded", "full"])
+def test_gradient_accumulation_over_backward_passes(grad_memory):
+    # Two micro-batches of 3 sequences, each loss halved (the usual convention: the step uses the sum
+    # of the passes' gradients) == torch.optim.AdamW on the same passes == one backward on all 6.
+    ours, ref, big = GPT(), GPT(), GPT()
+    opt = ShardedOptimizer(ours.named_parameters(), matrix=None, lr=3e-3, backward_passes_per_step=2,
+                           grad_memory=grad_memory)
     torch_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3)
+    big_opt = ShardedOptimizer(big.named_parameters(), matrix=None, lr=3e-3, grad_memory=grad_memory)
     for step in range(3):
         x, y = batch(step)
         for model in (ours, ref):
             (model(x[:3], y[:3]) / 2).backward()
             (model(x[3:], y[3:]) / 2).backward()
-        opt.step(), torch_opt.step()
-        opt.zero_grad(), torch_opt.zero_grad()
+        big(x, y).backward()
+        for o in (opt, torch_opt, big_opt):
+            o.step()
+            o.zero_grad()
     assert max_abs_diff(ours, ref) <= 12 * FP32_EPS
+    assert max_abs_diff(ours, big) <= 12 * FP32_EPS
+    assert max_abs_diff(ours, GPT()) > 1e-3  # it moved
+
+
+def test_hand_assigned_gradient_reaches_the_engine():
+    # Sharded gradients come through backward's hooks; a .grad assigned by hand is handed over in step().
+    ours, ref = GPT(), GPT()
+    opt = ShardedOptimizer(ours.named_parameters(), matrix=None, lr=3e-3)
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(5)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = p.grad.clone()
+    opt.step(), torch_opt.step()
+    assert all(p.grad is None for p in ours.parameters())
+    assert max_abs_diff(ours, ref) <= 4 * FP32_EPS
 
 
 def test_clip_grad_norm_equals_torch_clip_then_adamw():
@@ -312,3 +370,24 @@ def test_clip_grad_norm_refuses_what_it_cannot_do():
     two_groups = ShardedOptimizer([{"params": named[:2]}, {"params": named[2:]}], matrix=None)
     with pytest.raises(ValueError, match="one param group"):
         two_groups.clip_grad_norm_(1.0)
+
+
+def test_step_hooks_and_profiler_label_as_torch_optimizers_have_them():
+    # step() skips torch.optim.Optimizer's wrapper when nothing needs it; hooks and the profiler must
+    # still see every step.
+    model = GPT()
+    opt = ShardedOptimizer(model.named_parameters(), matrix=None, lr=3e-3)
+    calls = []
+
+    def steps_done(o):
+        return o.last_step_reports[0]["step"] if o.last_step_reports else 0
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", steps_done(o))))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", steps_done(o))))
+    run(model, [opt], 2)
+    assert calls == [("pre", 0), ("post", 1), ("pre", 1), ("post", 2)]
+    pre.remove(), post.remove()
+    run(model, [opt], 1)
+    assert len(calls) == 4
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(model, [opt], 1)
+    assert any(e.name == "Optimizer.step#ShardedOptimizer.step" for e in prof.events())

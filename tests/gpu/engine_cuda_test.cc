@@ -40,6 +40,10 @@ struct DeviceCase {
   std::string optimizer;  // adamw, lion, sgd (momentum 0.9, Nesterov), muon (AdamW elsewhere)
 };
 
+void PrintTo(const DeviceCase& c, std::ostream* os) {
+  *os << "N" << c.world << " stage " << c.stage << " " << sharding::layout_name(c.layout) << " " << c.optimizer;
+}
+
 std::string case_name(const ::testing::TestParamInfo<DeviceCase>& info) {
   const DeviceCase& c = info.param;
   return "N" + std::to_string(c.world) + "_stage" + std::to_string(c.stage) + "_" + sharding::layout_name(c.layout) +

@@ -11,17 +11,27 @@
 // synchronized the stream that wrote them).
 #pragma once
 
+#include <cstddef>
 #include <memory>
 
 #include "comm/communicator.h"
 
 namespace shardopt::comm {
 
+// How bytes cross between the caller's (device) buffers and the host staging buffers. The default is
+// cudaMemcpy; tests on machines without a GPU pass plain memcpy to check the staging logic.
+struct StagingCopies {
+  void (*to_host)(void* host, const void* device, size_t bytes);
+  void (*to_device)(void* device, const void* host, size_t bytes);
+};
+StagingCopies cuda_staging_copies();
+
 class HostStagedCommunicator final : public Communicator {
  public:
   // `inner` must move host memory (ConfigError otherwise); it outlives this communicator.
-  explicit HostStagedCommunicator(Communicator& inner);
-  explicit HostStagedCommunicator(std::unique_ptr<Communicator> inner);  // owns it (split children)
+  explicit HostStagedCommunicator(Communicator& inner, StagingCopies copies = cuda_staging_copies());
+  // Owns `inner` (split children).
+  explicit HostStagedCommunicator(std::unique_ptr<Communicator> inner, StagingCopies copies = cuda_staging_copies());
 
   int rank() const override { return inner_->rank(); }
   int size() const override { return inner_->size(); }
@@ -49,6 +59,7 @@ class HostStagedCommunicator final : public Communicator {
  private:
   std::unique_ptr<Communicator> owned_;
   Communicator* inner_;
+  StagingCopies copies_;
 };
 
 }  // namespace shardopt::comm

@@ -79,8 +79,6 @@ class StepBackend {
   // say: owned layout in my segment, dim0 the assembled buffers).
   virtual void matrix_step(ShardState& state, const optim::OptimizerParams& params, float lr,
                            TraceRecorder& trace) = 0;
-  // Bytes of backend workspace (NS, tables) for MemoryReport.
-  virtual int64_t workspace_bytes() const { return 0; }
 };
 
 // The backend of `space` (CUDA: device `device`, < 0 = the current one). Throws ConfigError when

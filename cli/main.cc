@@ -19,6 +19,7 @@
 #include "checkpoint/inspect.h"
 #include "comm/mpi_backend.h"
 #include "comm/thread_backend.h"
+#include "runtime/step_backend.h"
 #include "sharding/layout.h"
 #include "optim/config.h"
 #include "optim/quant8.h"
@@ -42,6 +43,7 @@ struct TrainArgs {
   train::TrainConfig config;
   int ranks = 4;
   std::string backend = "auto";
+  std::string device = "cpu";
   std::string data;  // empty: default_data_path()
   std::string out = "runs/latest";
   std::string layout = "owned";
@@ -65,6 +67,10 @@ void add_train_options(CLI::App& cmd, TrainArgs& a) {
   cmd.add_option("--backend", a.backend, "auto (mpi when launched by mpirun, else threads) | threads | mpi")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "threads", "mpi"}));
+  cmd.add_option("--device", a.device,
+                 "cpu | cuda. The reference model trains on the CPU only; cuda explains the GPU path and exits")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd.add_option("--d-model", c.model.d_model, "model width")->capture_default_str();
   cmd.add_option("--layers", c.model.n_layer, "transformer layers")->capture_default_str();
   cmd.add_option("--heads", c.model.n_head, "attention heads")->capture_default_str();
@@ -210,9 +216,21 @@ std::string default_data_path() {
   throw ConfigError("train: no --data given and the default corpus was not found; looked in:" + tried);
 }
 
+// `train --device cuda`: the reference model's forward/backward is CPU code (model/), so it cannot
+// train on a GPU. Says whether this build and machine have the Engine's CUDA memory space (the
+// typed error of the first thing missing: the backend, then the device) and where the GPU path is.
+[[noreturn]] void require_reference_model_device_cuda() {
+  (void)runtime::make_step_backend(runtime::MemorySpace::kCuda);  // ConfigError / DeviceError when missing
+  throw ConfigError(
+      "train --device cuda: the reference model's forward/backward runs on the CPU only. The GPU path is the "
+      "Engine's CUDA memory space (EngineOptions::memory_space = cuda, with an NCCL communicator) under a "
+      "trainer whose model runs on the GPU; see README, 'GPU'");
+}
+
 int run_train(TrainArgs& a, CLI::App& cmd, int* argc, char*** argv) {
   auto& c = a.config;
   if (!a.config_file.empty()) apply_config_file(cmd, a.config_file);
+  if (a.device == "cuda") require_reference_model_device_cuda();
   if (a.data.empty()) a.data = default_data_path();
   nlohmann::json resolved = resolved_config(cmd);
   resolved["data"] = a.data;  // the corpus actually used, also when found by default

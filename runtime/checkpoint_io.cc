@@ -168,6 +168,7 @@ std::vector<std::string> engine_states_of(Engine& engine, size_t t) {
 }
 
 std::vector<StateRange> engine_state_ranges(Engine& engine, std::span<const MasterLikeState> extra) {
+  engine.require_host_memory("checkpoint save/load");
   ShardState& st = engine.shard_state();
   const auto ew_names = elementwise_state_names(engine.elementwise_params());
   std::vector<int64_t> flat_base(static_cast<size_t>(st.num_buckets()) + 1, 0);  // bucket start in the flat layout

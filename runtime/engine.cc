@@ -87,6 +87,12 @@ Engine::Engine(comm::Communicator& comm, std::vector<proto::TensorSpec> params, 
     if (kind != proto::OPTIMIZER_MUON && kind != proto::OPTIMIZER_NORMUON)
       throw ConfigError("matrix_optimizer must be muon or normuon, got " + optim::optimizer_kind_name(kind));
   }
+  backend_ = make_step_backend(options_.memory_space, options_.device);
+  if (comm_.device_buffers() != (backend_->space() != MemorySpace::kHost))
+    throw ConfigError("Engine: memory space " + std::string(memory_space_name(backend_->space())) +
+                      " needs a communicator on " + (comm_.device_buffers() ? "host" : "device") +
+                      " buffers, but the '" + std::string(comm_.backend()) + "' communicator moves " +
+                      (comm_.device_buffers() ? "device" : "host") + " memory");
   verify_same_config_on_all_ranks();
 
   const proto::PlanRequest request = make_engine_plan_request(specs_, comm_.size(), options_);
@@ -104,23 +110,14 @@ Engine::Engine(comm::Communicator& comm, std::vector<proto::TensorSpec> params, 
   grad_buffers.slots = options_.grad_buckets_in_flight;
   grad_buffers.reduce_scratch = options_.grad_accumulation_steps > 1;
   state_ = std::make_unique<ShardState>(std::move(plan), comm_.rank(), matrix_params_ ? &*matrix_params_ : nullptr,
-                                        elementwise_params_, grad_buffers);
+                                        elementwise_params_, grad_buffers, *backend_);
   if (options_.threads < 0) {
     throw ConfigError("EngineOptions.threads must be >= 0 (0 = default_thread_count()), found " +
                       std::to_string(options_.threads));
   }
   const int threads = options_.threads == 0 ? default_thread_count() : options_.threads;
   if (threads > 1) pool_ = std::make_unique<ThreadPool>(threads);
-  if (matrix_params_) {
-    std::vector<std::pair<int64_t, int64_t>> shapes;
-    std::vector<std::span<const int64_t>> blocks;
-    for (const OwnedMatrix& om : state_->owned_matrices()) {
-      shapes.emplace_back(om.matrix.rows, om.matrix.cols);
-      blocks.push_back(om.matrix.block_rows);
-      owned_matrices_.push_back(&om.matrix);
-    }
-    parallel_muon_ = std::make_unique<optim::ParallelMuon>(pool_.get(), shapes, blocks, matrix_params_->ns.precision);
-  }
+  backend_->bind(*state_, elementwise_params_, matrix_params_ ? &*matrix_params_ : nullptr, pool_.get());
 
   const int nb = state_->num_buckets();
   pending_in_bucket_.assign(nb, 0);
@@ -158,6 +155,18 @@ void Engine::reset_step_bookkeeping() {
   std::fill(ready_count_.begin(), ready_count_.end(), 0);
 }
 
+template <typename Issue>
+void Engine::on_comm_memory(void* host, size_t bytes, Issue&& issue) {
+  if (!comm_.device_buffers()) {
+    issue(host)->wait();
+    return;
+  }
+  void* staged = backend_->staging(bytes);
+  backend_->upload(staged, host, bytes);
+  issue(staged)->wait();
+  backend_->download(host, staged, bytes);
+}
+
 void Engine::verify_same_config_on_all_ranks() {
   const proto::PlanRequest request = make_engine_plan_request(specs_, comm_.size(), options_);
   const proto::EngineConfig mine = engine_config(request, options_);
@@ -165,16 +174,20 @@ void Engine::verify_same_config_on_all_ranks() {
   const int n = comm_.size();
   std::vector<int64_t> hashes(n, 0);
   std::vector<size_t> ones(n, 1);
-  comm_.all_gather(&hash, hashes.data(), ones, DType::kI64)->wait();
+  hashes[static_cast<size_t>(comm_.rank())] = hash;
+  on_comm_memory(hashes.data(), sizeof(int64_t) * hashes.size(), [&](void* p) {
+    auto* h = static_cast<int64_t*>(p);
+    return comm_.all_gather(h + comm_.rank(), h, ones, DType::kI64);
+  });
   if (std::all_of(hashes.begin(), hashes.end(), [&](int64_t h) { return h == hashes[0]; })) return;
 
   // Show the difference against rank 0's configuration on every rank.
   std::string bytes = sharding::deterministic_bytes(mine);
   int64_t size = static_cast<int64_t>(bytes.size());
-  comm_.broadcast(&size, 1, DType::kI64, 0)->wait();
+  on_comm_memory(&size, sizeof(size), [&](void* p) { return comm_.broadcast(p, 1, DType::kI64, 0); });
   std::string root(static_cast<size_t>(size), '\0');
   if (comm_.rank() == 0) root = bytes;
-  comm_.broadcast(root.data(), root.size(), DType::kU8, 0)->wait();
+  on_comm_memory(root.data(), root.size(), [&](void* p) { return comm_.broadcast(p, root.size(), DType::kU8, 0); });
   proto::EngineConfig theirs;
   theirs.ParseFromString(root);
   std::string differing;
@@ -215,17 +228,17 @@ void Engine::set_params(const std::function<void(size_t, float*)>& fill) {
     for (const auto& p : plan().tensors(static_cast<int>(t)).pieces()) {
       if (p.rank() != comm_.rank()) continue;
       const int64_t seg_off = p.bucket_offset() - state_->my_segment(p.bucket()).offset();
-      std::memcpy(state_->master_shard(p.bucket()) + seg_off, full.data() + p.tensor_offset(),
-                  sizeof(float) * static_cast<size_t>(p.length()));
+      backend_->upload(state_->master_shard(p.bucket()) + seg_off, full.data() + p.tensor_offset(),
+                       sizeof(float) * static_cast<size_t>(p.length()));
     }
     if (resident) {
       if (state_->dim0()) {
-        std::memcpy(state_->param(t), full.data(), sizeof(float) * static_cast<size_t>(plan().tensors(t).numel()));
+        backend_->upload(state_->param(t), full.data(), sizeof(float) * static_cast<size_t>(plan().tensors(t).numel()));
         for (const auto& p : plan().tensors(static_cast<int>(t)).pieces())
-          std::memcpy(state_->bucket_params(p.bucket()) + p.bucket_offset(), full.data() + p.tensor_offset(),
-                      sizeof(float) * static_cast<size_t>(p.length()));
+          backend_->upload(state_->bucket_params(p.bucket()) + p.bucket_offset(), full.data() + p.tensor_offset(),
+                           sizeof(float) * static_cast<size_t>(p.length()));
       } else {
-        std::memcpy(state_->param(t), full.data(), sizeof(float) * static_cast<size_t>(plan().tensors(t).numel()));
+        backend_->upload(state_->param(t), full.data(), sizeof(float) * static_cast<size_t>(plan().tensors(t).numel()));
       }
     }
   }
@@ -278,10 +291,8 @@ void Engine::finish_oldest_reduction() {
     backward_reduce_wait_ += seconds_since(t0);
   }
   if (f.accumulate) {
-    float* shard = state_->grad_shard(f.bucket);
-    const float* reduced = state_->slot_reduced(f.slot);
-    const int64_t n = state_->my_segment(f.bucket).count();
-    for (int64_t i = 0; i < n; ++i) shard[i] += reduced[i];
+    backend_->add(state_->grad_shard(f.bucket), state_->slot_reduced(f.slot),
+                  static_cast<size_t>(state_->my_segment(f.bucket).count()));
   }
   state_->free_grad_slot(f.slot);
   in_flight_.erase(in_flight_.begin());
@@ -331,6 +342,12 @@ void Engine::wait_reductions() {
   reset_step_bookkeeping();
 }
 
+void Engine::require_host_memory(const char* what) const {
+  if (backend_->space() != MemorySpace::kHost)
+    throw ConfigError(std::string(what) + " reads the engine's buffers from host memory; this engine's memory space is " +
+                      std::string(memory_space_name(backend_->space())));
+}
+
 void Engine::set_max_grad_norm(float max_grad_norm) {
   if (!(max_grad_norm >= 0)) throw ConfigError("max_grad_norm must be >= 0, got " + std::to_string(max_grad_norm));
   options_.max_grad_norm = max_grad_norm;
@@ -341,23 +358,10 @@ void Engine::set_max_grad_norm(float max_grad_norm) {
 bool Engine::check_and_clip(StepReport& report) {
   TraceRecorder::Span span(trace_, "check+clip", "compute");
   std::fill(check_buffer_.begin(), check_buffer_.end(), 0.0f);
-  double sumsq = 0;
-  bool any_bad = false;
-  for (const LocalPiece& p : state_->my_pieces()) {
-    const float* g = state_->grad_shard(p.bucket) + p.segment_offset;
-    if (optim::count_nonfinite(g, static_cast<size_t>(p.length)) != 0) {
-      check_buffer_[static_cast<size_t>(p.tensor)] += 1.0f;
-      any_bad = true;
-    }
-    if (any_bad) continue;  // the step is skipped everywhere: no norm needed
-    double s = 0;
-    for (int64_t i = 0; i < p.length; ++i) s += static_cast<double>(g[i]) * g[i];
-    sumsq += s;
-  }
-  check_buffer_.back() = static_cast<float>(sumsq);
-  comm_.all_reduce(check_buffer_.data(), check_buffer_.data(), check_buffer_.size(), DType::kF32,
-                   comm::ReduceOp::kSum)
-      ->wait();
+  backend_->check_gradients(*state_, check_buffer_);
+  on_comm_memory(check_buffer_.data(), sizeof(float) * check_buffer_.size(), [&](void* p) {
+    return comm_.all_reduce(p, p, check_buffer_.size(), DType::kF32, comm::ReduceOp::kSum);
+  });
   for (size_t t = 0; t < specs_.size(); ++t)
     if (check_buffer_[t] != 0.0f) report.nonfinite_tensors.push_back(specs_[t].name());
   if (!report.nonfinite_tensors.empty()) return false;
@@ -369,28 +373,15 @@ bool Engine::check_and_clip(StepReport& report) {
     scale *= options_.max_grad_norm / (report.grad_norm + 1e-6);
   if (scale != 1.0) {
     const auto s = static_cast<float>(scale);
-    for (int b = 0; b < state_->num_buckets(); ++b) {
-      float* g = state_->grad_shard(b);
-      const int64_t n = state_->my_segment(b).count();
-      for (int64_t i = 0; i < n; ++i) g[i] *= s;
-    }
+    for (int b = 0; b < state_->num_buckets(); ++b)
+      backend_->scale(state_->grad_shard(b), s, static_cast<size_t>(state_->my_segment(b).count()));
   }
   return true;
 }
 
 void Engine::update_matrices_owned(float lr_multiplier) {
   const optim::OptimizerParams& mx = *matrix_params_;
-  // fp32 momentum: the owned matrices run concurrently on the pool. Compact (bf16/q8) momentum is
-  // decoded into one fp32 scratch that the matrices share, so they run one after another.
-  if (state_->matrix_state_dtype() == proto::STATE_F32) {
-    TraceRecorder::Span span(trace_, "muon owned matrices", "compute");
-    parallel_muon_->step(mx, owned_matrices_, mx.lr * lr_multiplier);
-  } else {
-    for (OwnedMatrix& om : state_->owned_matrices()) {
-      TraceRecorder::Span span(trace_, "muon ", specs_[static_cast<size_t>(om.tensor)].name(), "compute");
-      state_->muon_step(mx, om, mx.lr * lr_multiplier);
-    }
-  }
+  backend_->matrix_step(*state_, mx, static_cast<float>(mx.lr * lr_multiplier), trace_);
 }
 
 // Row shards of every Muon gradient go to the owner (all-to-all); the owner computes the update
@@ -410,15 +401,7 @@ void Engine::update_matrices_dim0(float lr_multiplier, PhaseTimes& times) {
   times.dim0_exchange += seconds_since(t0);
 
   t0 = clock::now();
-  if (state_->matrix_state_dtype() == proto::STATE_F32) {
-    TraceRecorder::Span span(trace_, "muon owned matrices", "compute");
-    parallel_muon_->step(mx, owned_matrices_, lr);
-  } else {
-    for (OwnedMatrix& om : state_->owned_matrices()) {
-      TraceRecorder::Span span(trace_, "muon ", specs_[static_cast<size_t>(om.tensor)].name(), "compute");
-      state_->muon_step(mx, om, lr);
-    }
-  }
+  backend_->matrix_step(*state_, mx, lr, trace_);
   times.matrix += seconds_since(t0);
 
   t0 = clock::now();
@@ -458,7 +441,9 @@ void Engine::set_attention_max_logits(size_t tensor_q, size_t tensor_k, std::spa
 // each holder's rows, so the owner's update and the clip reach every row without extra traffic).
 void Engine::apply_qk_clip(StepReport& report) {
   TraceRecorder::Span span(trace_, "qk-clip", "compute");
-  comm_.all_reduce(qk_logits_.data(), qk_logits_.data(), qk_logits_.size(), DType::kF32, comm::ReduceOp::kMax)->wait();
+  on_comm_memory(qk_logits_.data(), sizeof(float) * qk_logits_.size(), [&](void* p) {
+    return comm_.all_reduce(p, p, qk_logits_.size(), DType::kF32, comm::ReduceOp::kMax);
+  });
   report.attention_max_logits = qk_logits_;
   const auto tau = static_cast<float>(matrix_params_->qk_clip_tau);
   const auto alpha = static_cast<float>(matrix_params_->qk_clip_alpha);
@@ -481,7 +466,7 @@ void Engine::apply_qk_clip(StepReport& report) {
 comm::WorkPtr Engine::start_param_gather(int b) {
   const auto& seg = state_->my_segment(b);
   float* full = state_->bucket_params(b);
-  std::memcpy(full + seg.offset(), state_->master_shard(b), sizeof(float) * static_cast<size_t>(seg.count()));
+  backend_->copy(full + seg.offset(), state_->master_shard(b), static_cast<size_t>(seg.count()));
   return comm_.all_gather(full + seg.offset(), full, state_->segment_counts(b), DType::kF32);
 }
 
@@ -529,8 +514,8 @@ StepReport Engine::step(float lr_multiplier) {
     t0 = clock::now();
     {
       TraceRecorder::Span span(trace_, "elementwise update", "compute");
-      state_->elementwise_step(elementwise_params_, elementwise_params_.lr * lr_multiplier, step_,
-                               optim::KernelOptions{pool_.get()});
+      backend_->elementwise_step(*state_, elementwise_params_,
+                                 static_cast<float>(elementwise_params_.lr * lr_multiplier), step_);
     }
     report.times.elementwise = seconds_since(t0);
     if (uses_matrix_optimizer(options_)) {

@@ -38,6 +38,14 @@
 // grad_ready of that micro-batch); ask grad(t) again in the next micro-batch. Tensors may come in
 // any order; ranks must announce them in the same order (bucket launches are collectives).
 // Buffers are allocated at construction (the pool grows only as described); step() allocates nothing.
+//
+// Memory space (EngineOptions::memory_space, runtime/step_backend.h): every buffer above lives in
+// host memory (kHost, the CPU kernels of optim/) or in one CUDA device's memory (kCuda, the kernels
+// of optim/cuda); param(t) and grad(t) then return pointers into that space. One code path: the
+// Engine and ShardState reach memory and step arithmetic only through the StepBackend. The
+// communicator must move buffers of the same space (kCuda: NCCL; kHost: threads or MPI); a mismatch
+// is a ConfigError at construction. Host-side parts of a step (the skip decision, clipping scale, the
+// configuration check) read small values back from the device.
 #pragma once
 
 #include <chrono>
@@ -56,6 +64,7 @@
 #include "proto/plan.pb.h"
 #include "proto/types.pb.h"
 #include "runtime/shard_state.h"
+#include "runtime/step_backend.h"
 #include "runtime/trace.h"
 
 namespace shardopt::runtime {
@@ -93,6 +102,11 @@ struct EngineOptions {
   // OpenBLAS threads as OPENBLAS_NUM_THREADS says; 0 = default_thread_count() (the affinity mask's
   // CPUs divided by the ranks on this host, or SHARDOPT_NUM_THREADS). Results do not depend on it.
   int threads = 1;
+  // Where the buffers live and which kernels run the step (see the file comment). kCuda needs a
+  // program linked with shardopt_runtime_cuda, a CUDA device and a communicator on device buffers.
+  MemorySpace memory_space = MemorySpace::kHost;
+  // kCuda: the CUDA device (< 0: the current device, e.g. the one the NCCL communicator uses).
+  int device = -1;
 };
 
 // Seconds spent in each phase of the last step, as seen by this rank.
@@ -134,6 +148,11 @@ class Engine {
 
   const proto::ShardPlan& plan() const { return state_->plan(); }
   const EngineOptions& options() const { return options_; }
+  MemorySpace memory_space() const { return backend_->space(); }
+  StepBackend& step_backend() { return *backend_; }
+  // ConfigError naming `what` unless the buffers are in host memory (for code that reads them from
+  // the host directly: checkpoint I/O, gossip's outer sync).
+  void require_host_memory(const char* what) const;
   // Clipping threshold of the coming steps (EngineOptions.max_grad_norm; 0 = off). Local: ranks must
   // set the same value before the same step (the norm is global, the threshold is not exchanged).
   void set_max_grad_norm(float max_grad_norm);
@@ -217,6 +236,10 @@ class Engine {
   void update_matrices_owned(float lr_multiplier);
   void update_matrices_dim0(float lr_multiplier, PhaseTimes& times);
   void apply_qk_clip(StepReport& report);
+  // Runs a collective on `bytes` of host memory: in place on a host communicator, staged through the
+  // backend's scratch when the communicator moves device memory. issue(p) starts it on p.
+  template <typename Issue>
+  void on_comm_memory(void* host, size_t bytes, Issue&& issue);
 
   comm::Communicator& comm_;
   std::vector<proto::TensorSpec> specs_;
@@ -225,11 +248,10 @@ class Engine {
   std::optional<optim::OptimizerParams> matrix_params_;  // empty: no matrix optimizer
   // dim0: the owner computes the update without weight decay (the shard holders apply it).
   std::optional<optim::OptimizerParams> matrix_params_owner_dim0_;
+  std::unique_ptr<StepBackend> backend_;  // before state_: its buffers are the backend's memory
   std::unique_ptr<ShardState> state_;
   TraceRecorder trace_;
   std::unique_ptr<ThreadPool> pool_;                     // null when options_.threads resolves to 1
-  std::unique_ptr<optim::ParallelMuon> parallel_muon_;   // this rank's owned matrices
-  std::vector<const optim::MuonMatrix*> owned_matrices_;  // ParallelMuon's order of the matrices
 
   // Step bookkeeping, reset by step().
   std::vector<int> pending_in_bucket_;  // grad_ready calls missing before the bucket's next launch

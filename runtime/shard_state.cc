@@ -14,8 +14,9 @@ int64_t numel_of(const proto::TensorPlacement& t) { return t.numel(); }
 }  // namespace
 
 ShardState::ShardState(proto::ShardPlan plan, int rank, const optim::OptimizerParams* matrix_optimizer,
-                       const optim::OptimizerParams& elementwise_optimizer, GradBuffers grad_buffers)
-    : plan_(std::move(plan)), rank_(rank), grad_buffers_(grad_buffers) {
+                       const optim::OptimizerParams& elementwise_optimizer, GradBuffers grad_buffers,
+                       StepBackend& memory)
+    : plan_(std::move(plan)), rank_(rank), grad_buffers_(grad_buffers), memory_(&memory) {
   const int nb = num_buckets();
   const size_t nt = static_cast<size_t>(plan_.tensors_size());
   grads_.resize(grad_buffers_.pooled ? 0 : nb);
@@ -25,11 +26,11 @@ ShardState::ShardState(proto::ShardPlan plan, int rank, const optim::OptimizerPa
   segment_counts_.resize(nb);
   for (int b = 0; b < nb; ++b) {
     const auto& bucket = plan_.buckets(b);
-    if (!grad_buffers_.pooled) grads_[b].assign(static_cast<size_t>(bucket.numel()), 0.0f);
+    if (!grad_buffers_.pooled) grads_[b] = SpaceArray(*memory_, static_cast<size_t>(bucket.numel()));
     const auto count = static_cast<size_t>(my_segment(b).count());
-    master_[b].assign(count, 0.0f);
-    grad_shards_[b].assign(count, 0.0f);
-    if (stage() <= 2) params_[b].assign(static_cast<size_t>(bucket.numel()), 0.0f);
+    master_[b] = SpaceArray(*memory_, count);
+    grad_shards_[b] = SpaceArray(*memory_, count);
+    if (stage() <= 2) params_[b] = SpaceArray(*memory_, static_cast<size_t>(bucket.numel()));
     for (const auto& seg : bucket.segments()) segment_counts_[b].push_back(static_cast<size_t>(seg.count()));
     largest_bucket_ = std::max(largest_bucket_, bucket.numel());
     largest_segment_ = std::max(largest_segment_, my_segment(b).count());
@@ -40,8 +41,8 @@ ShardState::ShardState(proto::ShardPlan plan, int rank, const optim::OptimizerPa
     user_params_.resize(nt);
     if (!grad_buffers_.pooled) user_grads_.resize(nt);
     for (size_t t = 0; t < nt; ++t) {
-      user_params_[t].assign(static_cast<size_t>(numel_of(plan_.tensors(static_cast<int>(t)))), 0.0f);
-      if (!grad_buffers_.pooled) user_grads_[t].assign(user_params_[t].size(), 0.0f);
+      user_params_[t] = SpaceArray(*memory_, static_cast<size_t>(numel_of(plan_.tensors(static_cast<int>(t)))));
+      if (!grad_buffers_.pooled) user_grads_[t] = SpaceArray(*memory_, user_params_[t].size());
     }
   }
   if (grad_buffers_.pooled) {
@@ -64,13 +65,13 @@ ShardState::ShardState(proto::ShardPlan plan, int rank, const optim::OptimizerPa
 
 ShardState::GradSlot ShardState::make_grad_slot() const {
   GradSlot s;
-  s.reduce_input.assign(static_cast<size_t>(largest_bucket_), 0.0f);
+  s.reduce_input = SpaceArray(*memory_, static_cast<size_t>(largest_bucket_));
   if (dim0()) {
     int64_t largest = 0;
     for (int64_t n : tensor_major_numel_) largest = std::max(largest, n);
-    s.tensor_major.assign(static_cast<size_t>(largest), 0.0f);
+    s.tensor_major = SpaceArray(*memory_, static_cast<size_t>(largest));
   }
-  if (grad_buffers_.reduce_scratch) s.reduced.assign(static_cast<size_t>(largest_segment_), 0.0f);
+  if (grad_buffers_.reduce_scratch) s.reduced = SpaceArray(*memory_, static_cast<size_t>(largest_segment_));
   return s;
 }
 
@@ -90,8 +91,8 @@ bool ShardState::open_grad_slot(int b) {
   open_slot_[b] = slot;
   // A fresh micro-batch: tensors (and padding) start from zero, so writers may overwrite or add.
   GradSlot& s = slots_[static_cast<size_t>(slot)];
-  std::fill_n(s.reduce_input.begin(), plan_.buckets(b).numel(), 0.0f);
-  if (dim0()) std::fill_n(s.tensor_major.begin(), tensor_major_numel_[static_cast<size_t>(b)], 0.0f);
+  memory_->zero(s.reduce_input.data(), static_cast<size_t>(plan_.buckets(b).numel()));
+  if (dim0()) memory_->zero(s.tensor_major.data(), static_cast<size_t>(tensor_major_numel_[static_cast<size_t>(b)]));
   return true;
 }
 
@@ -117,11 +118,11 @@ void ShardState::acquire_params(int b) {
     if (param_pool_[i].capacity() >= n) {
       params_[b] = std::move(param_pool_[i]);
       param_pool_.erase(param_pool_.begin() + static_cast<std::ptrdiff_t>(i));
-      params_[b].resize(n);
+      params_[b].resize_within_capacity(n);
       return;
     }
   }
-  params_[b].assign(n, 0.0f);
+  params_[b] = SpaceArray(*memory_, n);
 }
 
 void ShardState::drop_params(int b) {
@@ -165,7 +166,7 @@ void ShardState::copy_in_grads(int b) {
     const auto& placement = plan_.tensors(t);
     const float* src = tensor_grad_source(t, b);
     for (const auto& p : placement.pieces())
-      std::memcpy(dst + p.bucket_offset(), src + p.tensor_offset(), sizeof(float) * static_cast<size_t>(p.length()));
+      memory_->copy(dst + p.bucket_offset(), src + p.tensor_offset(), static_cast<size_t>(p.length()));
   }
 }
 
@@ -173,8 +174,8 @@ void ShardState::copy_out_params(int b) {
   for (int t : plan_.buckets(b).tensors()) {
     const auto& placement = plan_.tensors(t);
     for (const auto& p : placement.pieces())
-      std::memcpy(user_params_[t].data() + p.tensor_offset(), params_[b].data() + p.bucket_offset(),
-                  sizeof(float) * static_cast<size_t>(p.length()));
+      memory_->copy(user_params_[t].data() + p.tensor_offset(), params_[b].data() + p.bucket_offset(),
+                    static_cast<size_t>(p.length()));
   }
 }
 
@@ -244,9 +245,10 @@ void ShardState::build_views(const optim::OptimizerParams* matrix_optimizer,
     return c;
   };
 
-  elementwise_state_.assign(static_cast<size_t>(ew_compact ? 0 : ew_elems * ew_slots), 0.0f);
-  muon_state_.assign(static_cast<size_t>((mx_compact ? 0 : mx_elems * mx_slots) + mx_rows * mx_row_slots), 0.0f);
-  dim0_assembled_.assign(static_cast<size_t>(2 * assembled), 0.0f);
+  elementwise_state_ = SpaceArray(*memory_, static_cast<size_t>(ew_compact ? 0 : ew_elems * ew_slots));
+  muon_state_ =
+      SpaceArray(*memory_, static_cast<size_t>((mx_compact ? 0 : mx_elems * mx_slots) + mx_rows * mx_row_slots));
+  dim0_assembled_ = SpaceArray(*memory_, static_cast<size_t>(2 * assembled));
 
   int64_t ew_cursor = 0;
   for (const LocalPiece& lp : my_pieces_) {
@@ -304,7 +306,8 @@ void ShardState::build_views(const optim::OptimizerParams* matrix_optimizer,
       m.grad = grad_shard(p.bucket()) + seg_off;
     }
     m.grad_dtype = DType::kF32;
-    workspace_.reserve(m.rows, m.cols);
+    // The CPU Newton-Schulz scratch; a device backend keeps its own workspace.
+    if (memory_->space() == MemorySpace::kHost) workspace_.reserve(m.rows, m.cols);
     owned_.push_back(std::move(om));
   }
   // block_rows spans point into the vectors now that owned_ no longer moves.
@@ -331,8 +334,8 @@ void ShardState::build_dim0_exchange() {
     send_total += dim0_send_counts_[p];
     recv_total += dim0_recv_counts_[p];
   }
-  dim0_send_.assign(send_total, 0.0f);
-  dim0_recv_.assign(recv_total, 0.0f);
+  dim0_send_ = SpaceArray(*memory_, send_total);
+  dim0_recv_ = SpaceArray(*memory_, recv_total);
   dim0_cursor_.assign(static_cast<size_t>(n), 0);
 }
 
@@ -343,8 +346,8 @@ void ShardState::dim0_pack_grads() {
   cursor[0] = 0;
   for (int p = 1; p < n; ++p) cursor[p] = cursor[p - 1] + dim0_send_counts_[p - 1];
   for (const Dim0Shard& s : dim0_my_shards_) {
-    std::memcpy(dim0_send_.data() + cursor[s.owner], grad_shard(s.bucket) + s.segment_offset,
-                sizeof(float) * static_cast<size_t>(s.length));
+    memory_->copy(dim0_send_.data() + cursor[s.owner], grad_shard(s.bucket) + s.segment_offset,
+                  static_cast<size_t>(s.length));
     cursor[s.owner] += static_cast<size_t>(s.length);
   }
 }
@@ -359,12 +362,11 @@ void ShardState::dim0_unpack_to_owned() {
     const auto& placement = plan_.tensors(om.tensor);
     auto* grad = const_cast<float*>(static_cast<const float*>(om.matrix.grad));
     for (const auto& p : placement.pieces()) {
-      std::memcpy(grad + p.tensor_offset(), dim0_recv_.data() + cursor[p.rank()],
-                  sizeof(float) * static_cast<size_t>(p.length()));
+      memory_->copy(grad + p.tensor_offset(), dim0_recv_.data() + cursor[p.rank()], static_cast<size_t>(p.length()));
       cursor[p.rank()] += static_cast<size_t>(p.length());
     }
     // The update lands in matrix.master: start from zero so muon_step leaves exactly -lr*s*O there.
-    std::fill(om.matrix.master, om.matrix.master + placement.numel(), 0.0f);
+    memory_->zero(om.matrix.master, static_cast<size_t>(placement.numel()));
   }
 }
 
@@ -377,8 +379,8 @@ void ShardState::dim0_pack_updates() {
   for (OwnedMatrix& om : owned_) {
     const auto& placement = plan_.tensors(om.tensor);
     for (const auto& p : placement.pieces()) {
-      std::memcpy(dim0_recv_.data() + cursor[p.rank()], om.matrix.master + p.tensor_offset(),
-                  sizeof(float) * static_cast<size_t>(p.length()));
+      memory_->copy(dim0_recv_.data() + cursor[p.rank()], om.matrix.master + p.tensor_offset(),
+                    static_cast<size_t>(p.length()));
       cursor[p.rank()] += static_cast<size_t>(p.length());
     }
   }
@@ -393,7 +395,7 @@ void ShardState::dim0_apply_updates(float lr, float weight_decay) {
   for (const Dim0Shard& s : dim0_my_shards_) {
     float* w = master_[s.bucket].data() + s.segment_offset;
     const float* delta = dim0_send_.data() + cursor[s.owner];
-    for (int64_t i = 0; i < s.length; ++i) w[i] = w[i] * decay + delta[i];
+    memory_->decay_add(w, delta, decay, static_cast<size_t>(s.length));
     cursor[s.owner] += static_cast<size_t>(s.length);
   }
 }
@@ -413,7 +415,7 @@ optim::StepResult ShardState::muon_step(const optim::OptimizerParams& params, Ow
 
 MemoryReport ShardState::memory() const {
   MemoryReport r;
-  auto bytes = [](const std::vector<std::vector<float>>& v) {
+  auto bytes = [](const std::vector<SpaceArray>& v) {
     int64_t b = 0;
     for (const auto& x : v) b += static_cast<int64_t>(x.size() * sizeof(float));
     return b;

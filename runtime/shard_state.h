@@ -1,5 +1,7 @@
 // ShardState: one rank's buffers under a ShardPlan, allocated once, and the optimizer views over
 // them (element-wise slices, owned Muon matrices) built once. No communication here.
+// The fp32 buffers are SpaceArrays of one StepBackend's memory space (host or device); every copy or
+// fill of them goes through that backend, so the same code lays out host and device state.
 //
 // Per bucket b (plan.buckets(b)), with my segment [seg.offset, seg.offset + seg.count):
 //   bucket_grads(b)   full bucket buffer the trainer's gradients land in (reduction input)
@@ -26,6 +28,7 @@
 #include "optim/elementwise.h"
 #include "optim/muon.h"
 #include "proto/plan.pb.h"
+#include "runtime/step_backend.h"
 
 namespace shardopt::runtime {
 
@@ -73,7 +76,8 @@ struct OwnedMatrix {
 class ShardState {
  public:
   ShardState(proto::ShardPlan plan, int rank, const optim::OptimizerParams* matrix_optimizer,
-             const optim::OptimizerParams& elementwise_optimizer, GradBuffers grad_buffers = {});
+             const optim::OptimizerParams& elementwise_optimizer, GradBuffers grad_buffers = {},
+             StepBackend& memory = host_memory());
 
   const proto::ShardPlan& plan() const { return plan_; }
   int rank() const { return rank_; }
@@ -82,6 +86,8 @@ class ShardState {
   int num_buckets() const { return plan_.buckets_size(); }
   const proto::Segment& my_segment(int b) const { return plan_.buckets(b).segments(rank_); }
   const std::vector<size_t>& segment_counts(int b) const { return segment_counts_[b]; }
+  // The backend whose memory space holds the buffers below.
+  StepBackend& memory_space() const { return *memory_; }
 
   // Reduction input of bucket b: its full buffer, or (pooled) its open slot's, nullptr when none.
   float* bucket_grads(int b);
@@ -150,9 +156,9 @@ class ShardState {
   void build_dim0_exchange();
 
   struct GradSlot {
-    std::vector<float> reduce_input;  // bucket layout, sized for the largest bucket
-    std::vector<float> tensor_major;  // dim0: the bucket's tensors back to back (where grad(t) points)
-    std::vector<float> reduced;       // reduce_scratch: my segment of a later micro-batch
+    SpaceArray reduce_input;  // bucket layout, sized for the largest bucket
+    SpaceArray tensor_major;  // dim0: the bucket's tensors back to back (where grad(t) points)
+    SpaceArray reduced;       // reduce_scratch: my segment of a later micro-batch
   };
   GradSlot make_grad_slot() const;
   // Dim0: tensor t's gradient, where copy_in_grads reads it.
@@ -161,28 +167,30 @@ class ShardState {
   proto::ShardPlan plan_;
   int rank_;
   GradBuffers grad_buffers_;
+  StepBackend* memory_;
   std::vector<std::vector<size_t>> segment_counts_;
-  std::vector<std::vector<float>> grads_, grad_shards_, master_, params_;  // grads_: full buffers only
+  std::vector<SpaceArray> grads_, grad_shards_, master_, params_;  // grads_: full buffers only
   std::vector<GradSlot> slots_;
   std::vector<int> free_slots_;         // stack of free slot indices
   std::vector<int> open_slot_;          // per bucket: its open slot, or -1
   std::vector<int64_t> tensor_major_offset_;  // dim0 pooled: tensor's offset in its bucket's tensor_major
   std::vector<int64_t> tensor_major_numel_;   // dim0 pooled: per bucket, sum of its tensors' numel
   int64_t largest_bucket_ = 0, largest_segment_ = 0;
-  std::vector<std::vector<float>> param_pool_;  // stage 3: free bucket-sized buffers
-  std::vector<std::vector<float>> user_params_, user_grads_;  // dim0 only
+  std::vector<SpaceArray> param_pool_;  // stage 3: free bucket-sized buffers
+  std::vector<SpaceArray> user_params_, user_grads_;  // dim0 only
   std::vector<float*> param_view_, grad_view_;  // owned layout: offsets into bucket buffers
   std::vector<int64_t> tensor_bucket_offset_;
 
   std::vector<LocalPiece> my_pieces_;
-  std::vector<float> elementwise_state_;  // slots laid out slot-major
+  SpaceArray elementwise_state_;  // slots laid out slot-major
   optim::StateDType ew_dtype_ = proto::STATE_F32, mx_dtype_ = proto::STATE_F32;
+  // Compact state stays in host memory (the CUDA backend refuses compact state dtypes).
   std::vector<unsigned char> compact_values_;  // bf16 values / q8 codes: element-wise slots, then momenta
   std::vector<float> compact_absmax_;          // q8 absmax, same order
   std::vector<optim::CompactSlots> elementwise_compact_;
   std::vector<float> momentum_scratch_;        // compact Muon momentum, decoded for one matrix at a time
-  std::vector<float> muon_state_;         // momentum of owned matrices, then NorMuon row states
-  std::vector<float> dim0_assembled_;     // dim0 owner: gradients then updates of owned matrices
+  SpaceArray muon_state_;         // momentum of owned matrices, then NorMuon row states
+  SpaceArray dim0_assembled_;     // dim0 owner: gradients then updates of owned matrices
   std::vector<optim::ElementwiseSlice> elementwise_slices_;
   std::vector<OwnedMatrix> owned_;
   optim::MuonWorkspace workspace_;
@@ -198,7 +206,7 @@ class ShardState {
   std::vector<Dim0Shard> dim0_my_shards_;  // tensor order
   std::vector<size_t> dim0_send_counts_, dim0_recv_counts_;
   std::vector<size_t> dim0_cursor_;  // per-peer cursor of the pack/unpack loops (kept: step() allocates nothing)
-  std::vector<float> dim0_send_, dim0_recv_;
+  SpaceArray dim0_send_, dim0_recv_;
 };
 
 }  // namespace shardopt::runtime

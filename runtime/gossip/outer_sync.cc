@@ -85,6 +85,7 @@ std::vector<std::vector<int>> outer_groups(int replicas, int group_size, OddGrou
 OuterSync::OuterSync(Engine& engine, comm::Communicator& cross, GossipOptions options)
     : engine_(engine), cross_(cross), options_(options), replica_(cross.rank()), replicas_(cross.size()) {
   validate_gossip_options(options_, replicas_);
+  engine_.require_host_memory("the outer sync (gossip)");
   ShardState& st = engine_.shard_state();
   for (int b = 0; b < st.num_buckets(); ++b) count_ += st.my_segment(b).count();
   for (const LocalPiece& p : st.my_pieces()) tensor_elems_ += p.length;  // segments minus padding

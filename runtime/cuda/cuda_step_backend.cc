@@ -1,0 +1,255 @@
+#include "runtime/cuda/cuda_step_backend.h"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "base/error.h"
+#include "optim/cuda/cuda_check.h"
+#include "optim/cuda/elementwise.h"
+#include "optim/cuda/muon.h"
+#include "runtime/cuda/step_kernels.h"
+#include "runtime/shard_state.h"
+#include "runtime/trace.h"
+
+namespace shardopt::runtime {
+
+namespace {
+
+cuda::ElementwiseAlgorithm elementwise_algorithm(const optim::OptimizerParams& p) {
+  switch (p.kind) {
+    case proto::OPTIMIZER_ADAMW: return cuda::ElementwiseAlgorithm::kAdamW;
+    case proto::OPTIMIZER_LION: return cuda::ElementwiseAlgorithm::kLion;
+    case proto::OPTIMIZER_SGD: return cuda::ElementwiseAlgorithm::kSgd;
+    default: break;
+  }
+  throw ConfigError("memory space cuda: element-wise optimizer " + optim::optimizer_kind_name(p.kind) +
+                    " has no CUDA kernel");
+}
+
+cuda::ShapeScale shape_scale(proto::MuonShapeScale s) {
+  switch (s) {
+    case proto::MUON_SHAPE_SCALE_MATCH_RMS_ADAMW: return cuda::ShapeScale::kMatchRmsAdamW;
+    case proto::MUON_SHAPE_SCALE_SPECTRAL: return cuda::ShapeScale::kSpectral;
+    default: return cuda::ShapeScale::kOriginal;
+  }
+}
+
+class CudaStepBackend final : public StepBackend {
+ public:
+  explicit CudaStepBackend(int device) {
+    const int count = cuda::device_count();
+    if (count == 0)
+      throw DeviceError("memory space cuda: no CUDA device (cudaGetDeviceCount found none or failed)");
+    if (device >= count)
+      throw ConfigError("memory space cuda: device " + std::to_string(device) + " requested, " +
+                        std::to_string(count) + " visible");
+    if (device >= 0) SHARDOPT_CUDA_CHECK(cudaSetDevice(device));
+    SHARDOPT_CUDA_CHECK(cudaGetDevice(&device_));
+    SHARDOPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  }
+  ~CudaStepBackend() override {
+    // Owned objects holding device memory go before the stream.
+    elementwise_.reset();
+    muon_.clear();
+    if (pieces_ != nullptr) cudaFree(pieces_);
+    if (counters_ != nullptr) cudaFree(counters_);
+    if (staging_ != nullptr) cudaFree(staging_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  MemorySpace space() const override { return MemorySpace::kCuda; }
+
+  float* allocate(size_t n) override {
+    void* p = nullptr;
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&p, sizeof(float) * n));
+    SHARDOPT_CUDA_CHECK(cudaMemsetAsync(p, 0, sizeof(float) * n, stream_));
+    sync();
+    return static_cast<float*>(p);
+  }
+  void release(float* p, size_t) noexcept override { cudaFree(p); }
+  void copy(float* dst, const float* src, size_t n) override {
+    if (n == 0) return;
+    SHARDOPT_CUDA_CHECK(cudaMemcpyAsync(dst, src, sizeof(float) * n, cudaMemcpyDeviceToDevice, stream_));
+    sync();
+  }
+  void zero(float* dst, size_t n) override {
+    if (n == 0) return;
+    SHARDOPT_CUDA_CHECK(cudaMemsetAsync(dst, 0, sizeof(float) * n, stream_));
+    sync();
+  }
+  void upload(void* dst, const void* host_src, size_t bytes) override {
+    if (bytes == 0) return;
+    SHARDOPT_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
+    sync();
+  }
+  void download(void* host_dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return;
+    SHARDOPT_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    sync();
+  }
+  void* staging(size_t bytes) override {
+    if (bytes > staging_bytes_) {
+      sync();
+      if (staging_ != nullptr) SHARDOPT_CUDA_CHECK(cudaFree(staging_));
+      staging_ = nullptr;
+      SHARDOPT_CUDA_CHECK(cudaMalloc(&staging_, bytes));
+      staging_bytes_ = bytes;
+    }
+    return staging_;
+  }
+
+  void add(float* dst, const float* src, size_t n) override {
+    cuda_detail::launch_add(dst, src, n, stream_);
+    SHARDOPT_CUDA_CHECK_LAUNCH();
+    sync();
+  }
+  void scale(float* x, float s, size_t n) override {
+    cuda_detail::launch_scale(x, s, n, stream_);
+    SHARDOPT_CUDA_CHECK_LAUNCH();
+    sync();
+  }
+  void decay_add(float* w, const float* delta, float decay, size_t n) override {
+    cuda_detail::launch_decay_add(w, delta, decay, n, stream_);
+    SHARDOPT_CUDA_CHECK_LAUNCH();
+    sync();
+  }
+
+  void bind(ShardState& state, const optim::OptimizerParams& elementwise, const optim::OptimizerParams* matrix,
+            ThreadPool*) override {
+    if (state.elementwise_state_dtype() != proto::STATE_F32 || state.matrix_state_dtype() != proto::STATE_F32)
+      throw ConfigError("memory space cuda: optimizer state must be f32 (compact bf16/q8 state runs on the host only)");
+    elementwise_ = std::make_unique<cuda::ElementwiseOptimizerCuda>(elementwise_algorithm(elementwise), DType::kF32);
+    std::vector<cuda::DeviceSlice> slices;
+    for (const optim::ElementwiseSlice& s : state.elementwise_slices()) {
+      cuda::DeviceSlice d;
+      d.param = s.master;
+      d.grad = s.grad;
+      d.exp_avg = s.state[0];
+      d.exp_avg_sq = s.state[1];
+      d.count = s.count;
+      slices.push_back(d);
+    }
+    elementwise_->set_slices(slices);
+
+    if (matrix != nullptr) {
+      if (matrix->kind != proto::OPTIMIZER_MUON)
+        throw ConfigError("memory space cuda: matrix optimizer " + optim::optimizer_kind_name(matrix->kind) +
+                          " has no CUDA kernel (muon has)");
+      if (matrix->qk_clip) throw ConfigError("memory space cuda: QK-clip runs on the host only");
+      if (matrix->ns.norm_scale != 1.0f || matrix->ns.norm_add != 0.0f)
+        throw ConfigError(
+            "memory space cuda: the Newton-Schulz input normalization must be G / max(||G||_F, eps) "
+            "(the Polar Express schedule runs on the host only)");
+      for (const auto& t : state.plan().tensors())
+        if (t.muon() && t.block_rows_size() > 0)
+          throw ConfigError("memory space cuda: Muon matrix '" + t.name() +
+                            "' is orthogonalized per row block (fused QKV); per-block NS runs on the host only");
+      cuda::NsOptions ns;
+      ns.coefficients.clear();
+      for (const auto& c : matrix->ns.coefficients) ns.coefficients.push_back({c[0], c[1], c[2]});
+      ns.eps = matrix->ns.norm_floor;
+      for (const OwnedMatrix& om : state.owned_matrices()) {
+        const std::pair<int64_t, int64_t> shape{om.matrix.rows, om.matrix.cols};
+        if (!muon_.count(shape)) muon_.emplace(shape, std::make_unique<cuda::MuonCuda>(shape.first, shape.second, 1, ns));
+      }
+    }
+
+    std::vector<cuda_detail::CheckPiece> pieces;
+    for (const LocalPiece& p : state.my_pieces()) {
+      pieces.push_back({state.grad_shard(p.bucket) + p.segment_offset, p.length, p.tensor, 0});
+      longest_piece_ = std::max(longest_piece_, p.length);
+    }
+    piece_count_ = static_cast<int>(pieces.size());
+    num_tensors_ = static_cast<size_t>(state.plan().tensors_size());
+    if (!pieces.empty()) {
+      SHARDOPT_CUDA_CHECK(cudaMalloc(&pieces_, sizeof(cuda_detail::CheckPiece) * pieces.size()));
+      upload(pieces_, pieces.data(), sizeof(cuda_detail::CheckPiece) * pieces.size());
+    }
+    // Counters: one per tensor, then the fp64 Σg² (8 bytes, like the counters).
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&counters_, sizeof(unsigned long long) * (num_tensors_ + 1)));
+    host_counters_.assign(num_tensors_ + 1, 0);
+  }
+
+  void check_gradients(ShardState&, std::span<float> result) override {
+    const size_t bytes = sizeof(unsigned long long) * (num_tensors_ + 1);
+    SHARDOPT_CUDA_CHECK(cudaMemsetAsync(counters_, 0, bytes, stream_));
+    auto* sumsq = reinterpret_cast<double*>(counters_ + num_tensors_);
+    cuda_detail::launch_check_pieces(static_cast<const cuda_detail::CheckPiece*>(pieces_), piece_count_,
+                                     longest_piece_, counters_, sumsq, stream_);
+    SHARDOPT_CUDA_CHECK_LAUNCH();
+    download(host_counters_.data(), counters_, bytes);
+    bool any_bad = false;
+    for (size_t t = 0; t < num_tensors_; ++t)
+      if (host_counters_[t] != 0) {
+        result[t] = 1.0f;
+        any_bad = true;
+      }
+    double s = 0;
+    std::memcpy(&s, &host_counters_[num_tensors_], sizeof(double));
+    result.back() = any_bad ? 0.0f : static_cast<float>(s);
+  }
+
+  void elementwise_step(ShardState&, const optim::OptimizerParams& p, float lr, int64_t step) override {
+    switch (p.kind) {
+      case proto::OPTIMIZER_ADAMW:
+        elementwise_->step(cuda::AdamWHyper{lr, float(p.beta1), float(p.beta2), float(p.eps), float(p.weight_decay)},
+                           step, stream_);
+        break;
+      case proto::OPTIMIZER_LION:
+        elementwise_->step(cuda::LionHyper{lr, float(p.beta1), float(p.beta2), float(p.weight_decay)}, step, stream_);
+        break;
+      default:
+        elementwise_->step(
+            cuda::SgdHyper{lr, float(p.momentum), float(p.dampening), float(p.weight_decay), p.nesterov}, step,
+            stream_);
+        break;
+    }
+    sync();
+  }
+
+  void matrix_step(ShardState& state, const optim::OptimizerParams& p, float lr, TraceRecorder& trace) override {
+    TraceRecorder::Span span(trace, "muon owned matrices", "compute");
+    cuda::MuonHyper h;
+    h.lr = lr;
+    h.weight_decay = float(p.weight_decay);
+    h.momentum = float(p.momentum);
+    h.nesterov = p.nesterov;
+    h.convention = p.muon_momentum == proto::MUON_MOMENTUM_SUMMED ? cuda::MomentumConvention::kSummed
+                                                                   : cuda::MomentumConvention::kAveraged;
+    h.shape_scale = shape_scale(p.shape_scale);
+    for (OwnedMatrix& om : state.owned_matrices()) {
+      const optim::MuonMatrix& m = om.matrix;
+      muon_.at({m.rows, m.cols})->step(m.master, m.grad, DType::kF32, m.momentum, nullptr, 1, h, stream_);
+    }
+    sync();
+  }
+
+ private:
+  void sync() { SHARDOPT_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+  int device_ = 0;
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<cuda::ElementwiseOptimizerCuda> elementwise_;
+  std::map<std::pair<int64_t, int64_t>, std::unique_ptr<cuda::MuonCuda>> muon_;  // NS workspace per shape
+  void* pieces_ = nullptr;                    // CheckPiece table of my pieces
+  unsigned long long* counters_ = nullptr;    // per-tensor non-finite counts, then Σg² as fp64
+  std::vector<unsigned long long> host_counters_;
+  int piece_count_ = 0;
+  int64_t longest_piece_ = 0;
+  size_t num_tensors_ = 0;
+  void* staging_ = nullptr;
+  size_t staging_bytes_ = 0;
+};
+
+// Linked as an object library: this runs whenever a program links shardopt_runtime_cuda.
+[[maybe_unused]] const bool registered = (detail::register_cuda_step_backend(&make_cuda_step_backend), true);
+
+}  // namespace
+
+std::unique_ptr<StepBackend> make_cuda_step_backend(int device) { return std::make_unique<CudaStepBackend>(device); }
+
+}  // namespace shardopt::runtime

@@ -1,0 +1,38 @@
+// The CUDA StepBackend (MemorySpace::kCuda): the Engine's buffers in one device's memory, its step
+// on the kernels of optim/cuda. Programs get it by linking the shardopt_runtime_cuda object library
+// (built when the CUDA toolkit is found), which registers it with make_step_backend().
+//
+// What runs where:
+//   - every persistent buffer: cudaMalloc'd, zero-filled (cudaMemset)
+//   - element-wise optimizer (AdamW/Lion/SGD): ElementwiseOptimizerCuda over the owned slices, one
+//     launch for all of them (its chunk table is built once, in bind())
+//   - Muon: MuonCuda per owned matrix (bf16 NS5 on cuBLAS with fp32 accumulation), one NS
+//     workspace per distinct shape; matrices run one after another (batch 1: same-shape owned
+//     matrices are not adjacent in the shard, so strided-batched NS over them needs a gather first)
+//   - non-finite count + Σg² over my pieces, clipping scale, accumulation and dim0's update
+//     application: this backend's kernels (step_kernels.cu)
+// Ordering: the backend runs on its own non-blocking compute stream and every call returns with that
+// stream drained (cudaStreamSynchronize). Communication runs on the communicator's stream and its
+// Work::wait() returns once the operation finished, so host order is stream order. This costs a host
+// synchronization at each hand-over (a few per step); event-based ordering between the compute and
+// communication streams is not implemented yet.
+// Host round trips that stay by design: the check results (num_tensors + 1 values) are read back for
+// the skip decision and the clipping scale, which the host computes.
+//
+// Not supported (ConfigError from bind(), naming it): compact state dtypes (bf16/q8), NorMuon, QK-clip,
+// per-block NS (fused matrices with block_rows), Newton-Schulz schedules whose input normalization
+// is not G / max(||G||_F, eps) (Polar Express). The NS always runs with bf16 operands here, whatever
+// OptimizerParams::ns.precision says.
+#pragma once
+
+#include <memory>
+
+#include "runtime/step_backend.h"
+
+namespace shardopt::runtime {
+
+// device < 0: the current device. DeviceError when there is no CUDA device; ConfigError for a
+// device index out of range.
+std::unique_ptr<StepBackend> make_cuda_step_backend(int device);
+
+}  // namespace shardopt::runtime

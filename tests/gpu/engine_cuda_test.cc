@@ -1,0 +1,325 @@
+// The Engine on device memory (EngineOptions::memory_space = cuda) against the host engine and a
+// plain double-precision reference, for every element-wise optimizer, Muon, ZeRO stage, layout and
+// N in {1, 2, 4} ranks sharing one GPU (threads ranks, device buffers moved by HostStagedCommunicator).
+// Skips with a message without a CUDA device.
+//
+// Tolerances (3 steps of the model of tests/common/engine_fixture.h):
+//   element-wise tensors: the CUDA kernels evaluate the same fp32 formulas as the CPU ones, in another
+//     order: |a - b| <= 1e-5 max(|b|, 1e-3) (per-step relative error a few ulp, 3 steps);
+//   Muon matrices: the device NS runs with bf16 operands (8 significant bits, measured 1.1e-2 to
+//     1.9e-2 relative error of NS5 against a double NS, tests/gpu/optim_cuda_test.cc), the host one in
+//     fp32 by default: |a - b| <= 0.05 D, D = the largest displacement of the tensor over the run
+//     (the update's size), leaving room for 3 steps at 1.9e-2.
+#include <cuda_runtime.h>
+
+#include <Eigen/Dense>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "comm/host_staged_communicator.h"
+#include "comm/thread_backend.h"
+#include "runtime/engine.h"
+#include "sharding/layout.h"
+#include "tests/common/engine_reference.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace shardopt::runtime {
+namespace {
+
+using namespace shardopt::test_fixture;  // NOLINT: the shared fixture of the runtime suites
+using Params = std::vector<std::vector<float>>;
+
+struct DeviceCase {
+  int world;
+  int stage;
+  proto::ShardLayout layout;
+  std::string optimizer;  // adamw, lion, sgd (momentum 0.9, Nesterov), muon (AdamW elsewhere)
+};
+
+void PrintTo(const DeviceCase& c, std::ostream* os) {
+  *os << "N" << c.world << " stage " << c.stage << " " << sharding::layout_name(c.layout) << " " << c.optimizer;
+}
+
+std::string case_name(const ::testing::TestParamInfo<DeviceCase>& info) {
+  const DeviceCase& c = info.param;
+  return "N" + std::to_string(c.world) + "_stage" + std::to_string(c.stage) + "_" + sharding::layout_name(c.layout) +
+         "_" + c.optimizer;
+}
+
+EngineOptions options_for(const DeviceCase& c, MemorySpace space) {
+  EngineOptions o = engine_options(c.stage, c.layout, c.optimizer == "sgd" ? "adamw" : c.optimizer);
+  if (c.optimizer == "sgd") {
+    o.elementwise_optimizer.set_kind(proto::OPTIMIZER_SGD);
+    o.elementwise_optimizer.set_momentum(0.9);
+    o.elementwise_optimizer.set_nesterov(true);
+    o.elementwise_optimizer.set_weight_decay(0.01);
+  }
+  o.memory_space = space;
+  return o;
+}
+
+// Every rank's full parameters after `steps` steps (the gradients of engine_fixture.h, written into
+// grad(t) with cudaMemcpy for a device engine).
+std::vector<Params> run(const std::vector<proto::TensorSpec>& specs, const DeviceCase& c, MemorySpace space,
+                        int steps) {
+  std::vector<Params> result(static_cast<size_t>(c.world));
+  std::mutex mu;
+  comm::CommOptions copts;
+  copts.checked = true;
+  copts.timeout = std::chrono::milliseconds(120000);
+  const bool device = space == MemorySpace::kCuda;
+  auto to_engine = [&](float* dst, const float* src, size_t n) {
+    if (device) {
+      ASSERT_EQ(cudaMemcpy(dst, src, n * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+    } else {
+      std::memcpy(dst, src, n * sizeof(float));
+    }
+  };
+  comm::run_ranks(
+      c.world,
+      [&](comm::Communicator& host_comm) {
+        std::unique_ptr<comm::Communicator> staged;
+        if (device) staged = std::make_unique<comm::HostStagedCommunicator>(host_comm);
+        comm::Communicator& comm = device ? *staged : host_comm;
+        Engine engine(comm, specs, options_for(c, space));
+        ASSERT_EQ(engine.memory_space(), space);
+        engine.set_params([&](size_t t, float* dst) {
+          for (int64_t i = 0; i < numel(specs[t]); ++i) dst[i] = initial_value(t, i);
+        });
+        std::vector<float> g;
+        for (int step = 1; step <= steps; ++step) {
+          for (size_t k = specs.size(); k-- > 0;) {
+            g.resize(static_cast<size_t>(numel(specs[k])));
+            for (int64_t i = 0; i < numel(specs[k]); ++i)
+              g[i] = common_grad(step, k, i) + rank_offset(comm.rank(), c.world, k, i);
+            to_engine(engine.grad(k), g.data(), g.size());
+            engine.grad_ready(k);
+          }
+          EXPECT_TRUE(engine.step().applied);
+        }
+        engine.gather_all();
+        Params mine(specs.size());
+        for (size_t t = 0; t < specs.size(); ++t) {
+          mine[t].resize(static_cast<size_t>(numel(specs[t])));
+          if (device) {
+            ASSERT_EQ(cudaMemcpy(mine[t].data(), engine.param(t), mine[t].size() * sizeof(float),
+                                 cudaMemcpyDeviceToHost),
+                      cudaSuccess);
+          } else {
+            std::memcpy(mine[t].data(), engine.param(t), mine[t].size() * sizeof(float));
+          }
+        }
+        engine.release_all();
+        std::lock_guard<std::mutex> lock(mu);
+        result[static_cast<size_t>(comm.rank())] = std::move(mine);
+      },
+      copts);
+  return result;
+}
+
+using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// NS5 in double on the wide orientation, X0 = U / max(||U||_F, eps).
+MatD ns_double(MatD x, const optim::NsSchedule& ns) {
+  const bool tall = x.rows() > x.cols();
+  if (tall) x.transposeInPlace();
+  x /= std::max(x.norm(), double(ns.norm_floor));
+  for (const auto& c : ns.coefficients) {
+    const MatD a = x * x.transpose();
+    const MatD b = double(c[1]) * a + double(c[2]) * a * a;
+    x = double(c[0]) * x + b * x;
+  }
+  if (tall) x.transposeInPlace();
+  return x;
+}
+
+// The formulas of docs/algorithms.md on whole tensors in double, fed the averaged gradient.
+std::vector<std::vector<double>> double_reference(const std::vector<proto::TensorSpec>& specs, const EngineOptions& o,
+                                                  int steps) {
+  const auto ew = optim::resolve_optimizer_config(o.elementwise_optimizer);
+  std::optional<optim::OptimizerParams> mx;
+  if (o.matrix_optimizer.kind() != proto::OPTIMIZER_KIND_UNSPECIFIED)
+    mx = optim::resolve_optimizer_config(o.matrix_optimizer);
+  std::vector<std::vector<double>> w(specs.size()), m(specs.size()), v(specs.size());
+  for (size_t t = 0; t < specs.size(); ++t) {
+    const auto n = static_cast<size_t>(numel(specs[t]));
+    w[t].resize(n);
+    for (size_t i = 0; i < n; ++i) w[t][i] = initial_value(t, static_cast<int64_t>(i));
+    m[t].assign(n, 0.0);
+    v[t].assign(n, 0.0);
+  }
+  for (int step = 1; step <= steps; ++step) {
+    for (size_t t = 0; t < specs.size(); ++t) {
+      const auto n = static_cast<int64_t>(w[t].size());
+      std::vector<double> g(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) g[i] = common_grad(step, t, i);
+      if (reference_uses_muon(specs[t], o)) {
+        const int64_t rows = specs[t].shape(0), cols = specs[t].shape(1);
+        const double mu = mx->momentum;
+        MatD u(rows, cols);
+        for (int64_t i = 0; i < n; ++i) {
+          m[t][i] = mu * m[t][i] + (1 - mu) * g[i];  // averaged momentum (the default)
+          u.data()[i] = mx->nesterov ? (1 - mu) * g[i] + mu * m[t][i] : m[t][i];
+        }
+        const MatD out = ns_double(u, mx->ns);
+        const double s = std::sqrt(std::max(1.0, double(rows) / double(cols)));  // shape scale "original"
+        for (int64_t i = 0; i < n; ++i) w[t][i] = w[t][i] * (1 - mx->lr * mx->weight_decay) - mx->lr * s * out.data()[i];
+        continue;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        double& p = w[t][i];
+        switch (ew.kind) {
+          case proto::OPTIMIZER_ADAMW: {
+            m[t][i] = ew.beta1 * m[t][i] + (1 - ew.beta1) * g[i];
+            v[t][i] = ew.beta2 * v[t][i] + (1 - ew.beta2) * g[i] * g[i];
+            const double bc1 = 1 - std::pow(ew.beta1, step), bc2 = 1 - std::pow(ew.beta2, step);
+            p = p * (1 - ew.lr * ew.weight_decay) - ew.lr / bc1 * m[t][i] / (std::sqrt(v[t][i]) / std::sqrt(bc2) + ew.eps);
+            break;
+          }
+          case proto::OPTIMIZER_LION: {
+            const double c = ew.beta1 * m[t][i] + (1 - ew.beta1) * g[i];
+            p = p * (1 - ew.lr * ew.weight_decay) - ew.lr * double((c > 0) - (c < 0));
+            m[t][i] = ew.beta2 * m[t][i] + (1 - ew.beta2) * g[i];
+            break;
+          }
+          default: {  // SGD as torch.optim.SGD
+            double d = g[i] + ew.weight_decay * p;
+            m[t][i] = step == 1 ? d : ew.momentum * m[t][i] + (1 - ew.dampening) * d;
+            d = ew.nesterov ? d + ew.momentum * m[t][i] : m[t][i];
+            p -= ew.lr * d;
+            break;
+          }
+        }
+      }
+    }
+  }
+  return w;
+}
+
+class DeviceEngine : public ::testing::TestWithParam<DeviceCase> {};
+
+TEST_P(DeviceEngine, MatchesTheHostEngineAndTheDoubleReference) {
+  SHARDOPT_REQUIRE_GPU();
+  const DeviceCase& c = GetParam();
+  const auto specs = mixed_model();
+  const int steps = 3;
+  const auto dev = run(specs, c, MemorySpace::kCuda, steps);
+  const auto host = run(specs, c, MemorySpace::kHost, steps);
+  const EngineOptions o = options_for(c, MemorySpace::kHost);
+  const auto ref = double_reference(specs, o, steps);
+  for (size_t t = 0; t < specs.size(); ++t) {
+    const bool muon = reference_uses_muon(specs[t], o);
+    double displacement = 0;
+    for (size_t i = 0; i < ref[t].size(); ++i)
+      displacement = std::max(displacement, std::abs(ref[t][i] - initial_value(t, static_cast<int64_t>(i))));
+    ASSERT_GT(displacement, 0.0) << "the reference did not move " << specs[t].name();
+    auto within = [&](double a, double b) {
+      return muon ? std::abs(a - b) <= 0.05 * displacement : std::abs(a - b) <= 1e-5 * std::max(std::abs(b), 1e-3);
+    };
+    for (int r = 0; r < c.world; ++r) {
+      int bad_ref = 0, bad_host = 0, bad_host_ref = 0;
+      double worst = 0;
+      for (size_t i = 0; i < ref[t].size(); ++i) {
+        const double d = dev[r][t][i], h = host[r][t][i], b = ref[t][i];
+        bad_ref += !within(d, b);
+        bad_host += !within(d, h);
+        bad_host_ref += !within(h, b);
+        worst = std::max(worst, std::abs(d - b));
+      }
+      EXPECT_EQ(bad_ref, 0) << "device vs double reference, rank " << r << " " << specs[t].name() << " (worst |diff| "
+                            << worst << ", displacement " << displacement << ")";
+      EXPECT_EQ(bad_host, 0) << "device vs host engine, rank " << r << " " << specs[t].name();
+      EXPECT_EQ(bad_host_ref, 0) << "host engine vs double reference, rank " << r << " " << specs[t].name();
+    }
+  }
+}
+
+// The host half of the comparison runs everywhere: it checks the double reference and the tolerances
+// the device engine is held to, on machines without a GPU too.
+TEST_P(DeviceEngine, HostEngineMatchesTheDoubleReference) {
+  const DeviceCase& c = GetParam();
+  const auto specs = mixed_model();
+  const int steps = 3;
+  const auto host = run(specs, c, MemorySpace::kHost, steps);
+  const EngineOptions o = options_for(c, MemorySpace::kHost);
+  const auto ref = double_reference(specs, o, steps);
+  for (size_t t = 0; t < specs.size(); ++t) {
+    const bool muon = reference_uses_muon(specs[t], o);
+    double displacement = 0;
+    for (size_t i = 0; i < ref[t].size(); ++i)
+      displacement = std::max(displacement, std::abs(ref[t][i] - initial_value(t, static_cast<int64_t>(i))));
+    ASSERT_GT(displacement, 0.0) << "the reference did not move " << specs[t].name();
+    for (int r = 0; r < c.world; ++r) {
+      double worst = 0;
+      int bad = 0;
+      for (size_t i = 0; i < ref[t].size(); ++i) {
+        const double h = host[r][t][i], b = ref[t][i];
+        const double diff = std::abs(h - b);
+        bad += muon ? diff > 0.05 * displacement : diff > 1e-5 * std::max(std::abs(b), 1e-3);
+        worst = std::max(worst, muon ? diff / displacement : diff / std::max(std::abs(b), 1e-3));
+      }
+      EXPECT_EQ(bad, 0) << "host engine vs double reference, rank " << r << " " << specs[t].name()
+                        << " (worst relative difference " << worst << ")";
+    }
+  }
+}
+
+std::vector<DeviceCase> all_cases() {
+  std::vector<DeviceCase> cases;
+  for (int world : {1, 2, 4})
+    for (int stage : {1, 2, 3})
+      for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0})
+        for (const char* opt : {"adamw", "lion", "sgd", "muon"}) cases.push_back({world, stage, layout, opt});
+  return cases;
+}
+INSTANTIATE_TEST_SUITE_P(AllConfigurations, DeviceEngine, ::testing::ValuesIn(all_cases()), case_name);
+
+TEST(DeviceEngine, NonFiniteGradientSkipsTheStepAndNamesTheTensor) {
+  SHARDOPT_REQUIRE_GPU();
+  const auto specs = mixed_model();
+  comm::run_ranks(2, [&](comm::Communicator& host_comm) {
+    comm::HostStagedCommunicator comm(host_comm);
+    Engine engine(comm, specs, options_for({2, 2, proto::SHARD_LAYOUT_OWNED, "muon"}, MemorySpace::kCuda));
+    engine.set_params([&](size_t t, float* dst) {
+      for (int64_t i = 0; i < numel(specs[t]); ++i) dst[i] = initial_value(t, i);
+    });
+    std::vector<float> before(static_cast<size_t>(numel(specs[3])));
+    ASSERT_EQ(cudaMemcpy(before.data(), engine.param(3), before.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    for (size_t k = specs.size(); k-- > 0;) {
+      std::vector<float> g(static_cast<size_t>(numel(specs[k])), 0.25f);
+      if (k == 3 && comm.rank() == 1) g[5] = std::nanf("");
+      ASSERT_EQ(cudaMemcpy(engine.grad(k), g.data(), g.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      engine.grad_ready(k);
+    }
+    const StepReport report = engine.step();
+    EXPECT_FALSE(report.applied);
+    ASSERT_EQ(report.nonfinite_tensors.size(), 1u);
+    EXPECT_EQ(report.nonfinite_tensors[0], specs[3].name());
+    std::vector<float> after(before.size());
+    ASSERT_EQ(cudaMemcpy(after.data(), engine.param(3), after.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(after, before);
+  });
+}
+
+TEST(DeviceEngine, HostOnlyFeaturesAreRefusedByName) {
+  SHARDOPT_REQUIRE_GPU();
+  comm::run_ranks(1, [&](comm::Communicator& host_comm) {
+    comm::HostStagedCommunicator comm(host_comm);
+    EngineOptions o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "muon"}, MemorySpace::kCuda);
+    o.matrix_optimizer.set_kind(proto::OPTIMIZER_NORMUON);
+    EXPECT_THROW({ Engine e(comm, mixed_model(), o); }, ConfigError);
+    o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "adamw"}, MemorySpace::kCuda);
+    o.elementwise_optimizer.set_state_dtype(proto::STATE_Q8);
+    EXPECT_THROW({ Engine e(comm, mixed_model(), o); }, ConfigError);
+    // The host engine's communicator cannot carry a device engine, nor the reverse.
+    o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "adamw"}, MemorySpace::kCuda);
+    EXPECT_THROW({ Engine e(host_comm, mixed_model(), o); }, ConfigError);
+  });
+}
+
+}  // namespace
+}  // namespace shardopt::runtime

@@ -1,0 +1,251 @@
+// The Engine's device code path, exercised without a GPU. A stand-in "device" backend registers as
+// the CUDA memory space: its memory is host memory handed out as poisoned pointers (bit 62 flipped,
+// never a valid host address), which only the backend and the staging copies translate back. So any
+// code in the Engine or ShardState that reads or writes a buffer directly instead of through the
+// StepBackend crashes here, and the communicator must be one on "device" buffers
+// (HostStagedCommunicator over the threads backend, its copies translating the pointers). Its step
+// arithmetic is the host kernels', so the device path must equal the host engine bit for bit; the
+// real CUDA backend and its kernels are checked in tests/gpu/engine_cuda_test.cc.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "base/error.h"
+#include "comm/host_staged_communicator.h"
+#include "comm/thread_backend.h"
+#include "optim/elementwise.h"
+#include "optim/finite.h"
+#include "optim/muon.h"
+#include "runtime/engine.h"
+#include "runtime/shard_state.h"
+#include "runtime/step_backend.h"
+#include "runtime/trace.h"
+#include "sharding/layout.h"
+#include "tests/common/engine_reference.h"
+
+namespace shardopt::runtime {
+namespace {
+
+using namespace shardopt::test_fixture;  // NOLINT: the shared fixture of the runtime suites
+
+constexpr uintptr_t kPoison = uintptr_t{1} << 62;
+
+template <typename T>
+T* real(T* p) {
+  return p == nullptr ? nullptr : reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(p) ^ kPoison);
+}
+template <typename T>
+T* poisoned(T* p) {
+  return real(p);  // the same flip
+}
+
+class PoisonedDeviceBackend final : public StepBackend {
+ public:
+  MemorySpace space() const override { return MemorySpace::kCuda; }
+  float* allocate(size_t n) override { return poisoned(new float[n]()); }
+  void release(float* p, size_t) noexcept override { delete[] real(p); }
+  void copy(float* dst, const float* src, size_t n) override { std::memcpy(real(dst), real(src), 4 * n); }
+  void zero(float* dst, size_t n) override { std::memset(real(dst), 0, 4 * n); }
+  void upload(void* dst, const void* host, size_t bytes) override { std::memcpy(real(dst), host, bytes); }
+  void download(void* host, const void* src, size_t bytes) override { std::memcpy(host, real(src), bytes); }
+  void* staging(size_t bytes) override {
+    if (staging_.size() < bytes) staging_.resize(bytes);
+    return poisoned(staging_.data());
+  }
+  void add(float* dst, const float* src, size_t n) override {
+    for (size_t i = 0; i < n; ++i) real(dst)[i] += real(src)[i];
+  }
+  void scale(float* x, float s, size_t n) override {
+    for (size_t i = 0; i < n; ++i) real(x)[i] *= s;
+  }
+  void decay_add(float* w, const float* delta, float decay, size_t n) override {
+    for (size_t i = 0; i < n; ++i) real(w)[i] = real(w)[i] * decay + real(delta)[i];
+  }
+  void bind(ShardState& state, const optim::OptimizerParams&, const optim::OptimizerParams* matrix,
+            ThreadPool*) override {
+    if (state.elementwise_state_dtype() != proto::STATE_F32 || state.matrix_state_dtype() != proto::STATE_F32)
+      throw ConfigError("poisoned device backend: f32 state only");
+    for (optim::ElementwiseSlice s : state.elementwise_slices()) {
+      s.master = real(s.master);
+      s.grad = real(s.grad);
+      s.state[0] = real(s.state[0]);
+      s.state[1] = real(s.state[1]);
+      slices_.push_back(s);
+    }
+    for (const OwnedMatrix& om : state.owned_matrices()) {
+      optim::MuonMatrix m = om.matrix;
+      m.master = real(m.master);
+      m.grad = real(m.grad);
+      m.momentum = real(m.momentum);
+      m.row_second_moment = real(m.row_second_moment);
+      matrices_.push_back(m);
+    }
+    if (matrix == nullptr) return;
+    std::vector<std::pair<int64_t, int64_t>> shapes;
+    std::vector<std::span<const int64_t>> blocks;
+    for (const auto& m : matrices_) {
+      shapes.emplace_back(m.rows, m.cols);
+      blocks.push_back(m.block_rows);
+      matrix_ptrs_.push_back(&m);
+    }
+    muon_.emplace(nullptr, shapes, blocks, matrix->ns.precision);
+  }
+  void check_gradients(ShardState& state, std::span<float> result) override {
+    double sumsq = 0;
+    bool any_bad = false;
+    for (const LocalPiece& p : state.my_pieces()) {
+      const float* g = real(state.grad_shard(p.bucket)) + p.segment_offset;
+      if (optim::count_nonfinite(g, static_cast<size_t>(p.length)) != 0) {
+        result[static_cast<size_t>(p.tensor)] += 1.0f;
+        any_bad = true;
+      }
+      if (any_bad) continue;
+      double s = 0;
+      for (int64_t i = 0; i < p.length; ++i) s += static_cast<double>(g[i]) * g[i];
+      sumsq += s;
+    }
+    result.back() = static_cast<float>(sumsq);
+  }
+  void elementwise_step(ShardState&, const optim::OptimizerParams& params, float lr, int64_t step) override {
+    optim::elementwise_step(params, slices_, lr, step);
+  }
+  void matrix_step(ShardState&, const optim::OptimizerParams& params, float lr, TraceRecorder&) override {
+    muon_->step(params, matrix_ptrs_, lr);
+  }
+
+ private:
+  std::vector<unsigned char> staging_;
+  std::vector<optim::ElementwiseSlice> slices_;
+  std::vector<optim::MuonMatrix> matrices_;
+  std::vector<const optim::MuonMatrix*> matrix_ptrs_;
+  std::optional<optim::ParallelMuon> muon_;
+};
+
+comm::StagingCopies poisoned_copies() {
+  return {[](void* host, const void* device, size_t bytes) { std::memcpy(host, real(device), bytes); },
+          [](void* device, const void* host, size_t bytes) { std::memcpy(real(device), host, bytes); }};
+}
+
+struct Case {
+  int world;
+  int stage;
+  proto::ShardLayout layout;
+  std::string optimizer;
+  int accumulation = 1;
+  GradMemory grad_memory = GradMemory::kSharded;
+};
+
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << "N" << c.world << " stage " << c.stage << " " << sharding::layout_name(c.layout) << " " << c.optimizer
+      << " acc " << c.accumulation << (c.grad_memory == GradMemory::kFull ? " full grads" : "");
+}
+
+// Every rank's parameters after 3 steps; `device`: the poisoned backend behind a host-staged communicator.
+std::vector<std::vector<std::vector<float>>> run(const Case& c, bool device) {
+  const auto specs = mixed_model();
+  std::vector<std::vector<std::vector<float>>> out(static_cast<size_t>(c.world));
+  std::mutex mu;
+  EngineOptions o = engine_options(c.stage, c.layout, c.optimizer);
+  o.grad_accumulation_steps = c.accumulation;
+  o.grad_memory = c.grad_memory;
+  o.max_grad_norm = 4.0f;  // clipping scales the shard through the backend
+  if (device) o.memory_space = MemorySpace::kCuda;
+  comm::CommOptions copts;
+  copts.checked = true;
+  comm::run_ranks(
+      c.world,
+      [&](comm::Communicator& host) {
+        std::optional<comm::HostStagedCommunicator> staged;
+        if (device) staged.emplace(host, poisoned_copies());
+        comm::Communicator& comm = device ? static_cast<comm::Communicator&>(*staged) : host;
+        Engine engine(comm, specs, o);
+        auto mem = [&](float* p) { return device ? real(p) : p; };
+        engine.set_params([&](size_t t, float* dst) {
+          for (int64_t i = 0; i < numel(specs[t]); ++i) dst[i] = initial_value(t, i);
+        });
+        for (int step = 1; step <= 3; ++step) {
+          for (int micro = 0; micro < c.accumulation; ++micro) {
+            for (size_t k = specs.size(); k-- > 0;) {
+              const bool add = engine.grad_accumulates(k);
+              float* g = mem(engine.grad(k));
+              for (int64_t i = 0; i < numel(specs[k]); ++i) {
+                const float v = common_grad(step, k, i) + rank_offset(comm.rank(), c.world, k, i) +
+                                micro_offset(micro, c.accumulation, k, i);
+                g[i] = add ? g[i] + v : v;
+              }
+              engine.grad_ready(k);
+            }
+          }
+          EXPECT_TRUE(engine.step().applied);
+        }
+        engine.gather_all();
+        std::vector<std::vector<float>> mine(specs.size());
+        for (size_t t = 0; t < specs.size(); ++t) {
+          const float* p = mem(engine.param(t));
+          mine[t].assign(p, p + numel(specs[t]));
+        }
+        engine.release_all();
+        std::lock_guard<std::mutex> lock(mu);
+        out[static_cast<size_t>(comm.rank())] = std::move(mine);
+      },
+      copts);
+  return out;
+}
+
+class DevicePath : public ::testing::TestWithParam<Case> {};
+
+TEST_P(DevicePath, EqualsTheHostEngineBitForBit) {
+  const Case& c = GetParam();
+  const auto dev = run(c, true);
+  const auto host = run(c, false);
+  const auto specs = mixed_model();
+  for (int r = 0; r < c.world; ++r)
+    for (size_t t = 0; t < specs.size(); ++t) {
+      ASSERT_EQ(dev[r][t].size(), host[r][t].size());
+      EXPECT_EQ(std::memcmp(dev[r][t].data(), host[r][t].data(), 4 * host[r][t].size()), 0)
+          << "rank " << r << " " << specs[t].name();
+    }
+  EXPECT_NE(host[0][2][0], initial_value(2, 0));  // the run moved
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> out;
+  for (int world : {1, 2, 4})
+    for (int stage : {1, 2, 3})
+      for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0})
+        for (const char* opt : {"adamw", "muon"}) out.push_back({world, stage, layout, opt});
+  // Later micro-batches accumulate in the shard through the backend (ZeRO-2), or locally (full grads).
+  out.push_back({2, 2, proto::SHARD_LAYOUT_OWNED, "muon", 2});
+  out.push_back({2, 2, proto::SHARD_LAYOUT_DIM0, "lion", 2});
+  out.push_back({2, 2, proto::SHARD_LAYOUT_OWNED, "adamw", 2, GradMemory::kFull});
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(AllConfigurations, DevicePath, ::testing::ValuesIn(cases()));
+
+TEST(DevicePath, CheckpointsAndGossipRefuseADeviceEngine) {
+  comm::run_ranks(1, [&](comm::Communicator& host) {
+    comm::HostStagedCommunicator comm(host, poisoned_copies());
+    EngineOptions o = engine_options(2, proto::SHARD_LAYOUT_OWNED, "adamw");
+    o.memory_space = MemorySpace::kCuda;
+    Engine engine(comm, mixed_model(), o);
+    try {
+      engine.require_host_memory("checkpoint save/load");
+      FAIL() << "a device engine passed require_host_memory";
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find("memory space is cuda"), std::string::npos) << e.what();
+    }
+  });
+}
+
+}  // namespace
+
+// Registered before main: this program's "CUDA" memory space is the poisoned stand-in.
+[[maybe_unused]] const bool kRegistered = (detail::register_cuda_step_backend([](int) -> std::unique_ptr<StepBackend> {
+  return std::make_unique<PoisonedDeviceBackend>();
+}), true);
+
+}  // namespace shardopt::runtime

@@ -1,4 +1,5 @@
-// A stalled replica under mpirun (MPI backend, 4 replicas x 1 shard, NoLoCo pairs): one rank stops
+// A stalled replica under mpirun (MPI backend, 4 replicas x 1 shard, NoLoCo pairs): one rank (or the
+// ranks named by SHARDOPT_TEST_STALL_RANKS, e.g. a whole node of the namespace harness) stops
 // itself with SIGSTOP before a step, for several times the gossip timeout, and a helper process sends
 // SIGCONT. The other replicas must keep training while it is stopped (no per-step collective joins the
 // replicas), its partner of the first outer round after the stop must record that round as skipped,
@@ -15,6 +16,10 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <map>
+#include <set>
+#include <sstream>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -78,17 +83,33 @@ TEST(StalledReplica, OthersSkipAndKeepTrainingTheStalledOneCatchesUp) {
   c.outer_every = 3;
   c.gossip_group = 2;
   c.outer_timeout_ms = 2000;
-  const int stalled = replicas - 1, stop_step = 5, stop_seconds = 8;
-  // The first outer round after the stop, at step 6 (outer round index 1), and the stalled rank's partner in it.
+  // The stalled ranks: the last one, or those listed in SHARDOPT_TEST_STALL_RANKS ("2,3": a whole
+  // node of the 2-node namespace run). They stop before stop_step for stop_seconds.
+  std::set<int> stalled;
+  if (const char* list = std::getenv("SHARDOPT_TEST_STALL_RANKS")) {
+    std::stringstream ss(list);
+    for (std::string item; std::getline(ss, item, ',');) stalled.insert(std::stoi(item));
+  } else {
+    stalled.insert(replicas - 1);
+  }
+  for (int r : stalled) ASSERT_TRUE(r >= 0 && r < replicas) << "SHARDOPT_TEST_STALL_RANKS names rank " << r;
+  const bool i_stall = stalled.count(world.rank()) > 0;
+  const int stop_step = 5, stop_seconds = 8;
+  // The first outer round after the stop (at step 6: round index 1). A seed whose pairing of that round
+  // joins a stalled rank with one that keeps running (same seed on every rank: a pure function).
   const int first_round_step = ((stop_step + c.outer_every - 1) / c.outer_every) * c.outer_every;
   const int64_t first_round = first_round_step / c.outer_every - 1;
-  int partner = -1;
-  for (const auto& g : runtime::gossip::outer_groups(replicas, 2, runtime::gossip::OddGroupPolicy::kMerge, c.seed,
-                                                     first_round))
-    for (int r : g)
-      if (r == stalled) partner = g[0] == stalled ? g[1] : g[0];
-  ASSERT_GE(partner, 0) << "the stalled replica must have a partner in round " << first_round;
-
+  std::map<int, int> partner;  // this round's partner of every replica
+  for (;; ++c.seed) {
+    partner.clear();
+    for (const auto& g : runtime::gossip::outer_groups(replicas, 2, runtime::gossip::OddGroupPolicy::kMerge, c.seed,
+                                                       first_round))
+      if (g.size() == 2) partner[g[0]] = g[1], partner[g[1]] = g[0];
+    bool mixed = false;
+    for (int r : stalled)
+      if (partner.count(r) && !stalled.count(partner[r])) mixed = true;
+    if (mixed) break;
+  }
   // One folder for every rank's progress file: rank 0's pid names it.
   int64_t tag = ::getpid();
   world.broadcast(&tag, 1, DType::kI64, 0)->wait();
@@ -103,10 +124,10 @@ TEST(StalledReplica, OthersSkipAndKeepTrainingTheStalledOneCatchesUp) {
       std::ofstream(tmp) << step << "\n";
       std::filesystem::rename(tmp, dir / ("rank" + std::to_string(rank)));
     }
-    if (rank != stalled || step != stop_step) return;
+    if (!i_stall || step != stop_step) return;
     stop_for(stop_seconds);
     for (int r = 0; r < replicas; ++r)
-      if (r != stalled) others_at_wake.push_back(read_step(dir / ("rank" + std::to_string(r))));
+      if (!stalled.count(r)) others_at_wake.push_back(read_step(dir / ("rank" + std::to_string(r))));
   };
   const TrainResult result = train_rank(world, corpus(), c, hooks);
   world.barrier()->wait();
@@ -123,18 +144,20 @@ TEST(StalledReplica, OthersSkipAndKeepTrainingTheStalledOneCatchesUp) {
       skipped_in_round.push_back(static_cast<int>(s.skipped_rounds - before));
       before = s.skipped_rounds;
     }
-  std::printf("rank %d: %lld skipped rounds of %zu\n", rank, static_cast<long long>(result.skipped_rounds),
+  std::printf("rank %d%s: %lld skipped rounds of %zu\n", rank, i_stall ? " (stalled)" : "", static_cast<long long>(result.skipped_rounds),
               skipped_in_round.size());
-  if (rank == stalled) {
-    ASSERT_EQ(others_at_wake.size(), static_cast<size_t>(replicas - 1));
+  const bool partner_stalled = partner.count(rank) && stalled.count(partner[rank]);
+  if (i_stall) {
+    ASSERT_EQ(others_at_wake.size(), static_cast<size_t>(replicas) - stalled.size());
     for (int step : others_at_wake)
       EXPECT_GT(step, first_round_step) << "another replica was still at step " << step
                                         << " when the stalled rank woke up: something joined it to the stalled one";
-    EXPECT_GE(result.skipped_rounds, 1) << "its partner abandoned round " << first_round;
-  }
-  if (rank == partner) {
+    if (partner.count(rank) && !partner_stalled) {
+      EXPECT_GE(result.skipped_rounds, 1) << "its partner abandoned round " << first_round;
+    }
+  } else if (partner_stalled) {
     EXPECT_EQ(skipped_in_round.at(static_cast<size_t>(first_round)), 1)
-        << "the stalled rank's partner must skip round " << first_round;
+        << "the partner of stalled rank " << partner[rank] << " must skip round " << first_round;
   }
 }
 

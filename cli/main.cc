@@ -33,9 +33,11 @@ namespace {
 
 using namespace shardopt;
 
-// mpirun (OpenMPI, or a PMI launcher) sets these in every process it starts.
+// A launcher sets these in every process it starts: OpenMPI's mpirun OMPI_COMM_WORLD_SIZE, PMI
+// launchers PMI_SIZE, a PMIx launcher (srun --mpi=pmix) only PMIX_RANK before MPI_Init.
 bool launched_by_mpirun() {
-  return std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr;
+  return std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr ||
+         std::getenv("PMIX_RANK") != nullptr;
 }
 
 struct TrainArgs {

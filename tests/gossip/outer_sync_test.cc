@@ -107,6 +107,31 @@ void check_noloco_against_reference(const RunSpec& rs, Collected& c, double tol 
     // Reports from every shard of a replica agree on the group.
     for (const auto& [key, rep] : c.reports)
       if (key.first == k) { ASSERT_EQ(rep.group, c.groups.at({k, key.second / rs.shards})); }
+    // The replica's distance to its group's mean (summed over its shards' reports) against the same sum
+    // in double over the injected theta.
+    for (int r = 0; r < rs.replicas; ++r) {
+      const auto& g = c.groups.at({k, r});
+      double got_sq = 0, want_sq = 0;
+      int64_t got_numel = 0;
+      for (int s = 0; s < rs.shards; ++s) {
+        const OuterReport& rep = c.reports.at({k, r * rs.shards + s});
+        got_sq += rep.group_distance_sq;
+        got_numel += rep.group_distance_numel;
+      }
+      if (g.size() < 2) {
+        EXPECT_EQ(got_numel, 0) << "a singleton measures no group distance, round " << k;
+        continue;
+      }
+      for (int64_t gid = 0; gid < model.total; ++gid) {
+        double mean = 0;
+        for (int member : g) mean += static_cast<double>(theta_at(member, k, gid));
+        mean /= static_cast<double>(g.size());
+        const double d = static_cast<double>(theta_at(r, k, gid)) - mean;
+        want_sq += d * d;
+      }
+      EXPECT_EQ(got_numel, model.total) << "round " << k << " replica " << r;
+      EXPECT_NEAR(got_sq, want_sq, 1e-5 * want_sq + 1e-12) << "round " << k << " replica " << r;
+    }
   }
   for (int64_t gid = 0; gid < model.total; ++gid) {
     RefNoLoCo ref{rs.options.alpha, rs.options.beta, rs.options.gamma,

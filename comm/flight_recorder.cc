@@ -78,7 +78,8 @@ struct FlightRecorder::Tree {
 
 namespace {
 
-// Completes the record on success; appends the dump to a failure, keeping its type.
+// Completes the record on success; appends the dump to a failure, keeping its type. (A template over
+// the log type: FlightRecorder::Log is private to the recorder.)
 template <class LogT>
 class RecordedWork final : public Work {
  public:

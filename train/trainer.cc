@@ -38,6 +38,7 @@ struct SyncOutcome {
   runtime::StepReport report;
   bool outer_step = false;
   double consensus_distance = std::numeric_limits<double>::quiet_NaN();
+  uint64_t logging_bytes_sent = 0;  // sent to measure the consensus distance: not training traffic
 };
 
 // One function per sync mode; sync_step dispatches. Gossip modes keep their state in OuterSync.
@@ -53,15 +54,20 @@ SyncOutcome sync_outer(runtime::Engine& engine, runtime::gossip::OuterSync& oute
   SyncOutcome out{engine.step(lr_multiplier)};
   if (step % outer.options().outer_every != 0) return out;
   out.outer_step = true;
+  const uint64_t sent_before = engine.comm().counters().total_sent() + outer.outer_traffic().total_sent();
   if (outer.options().mode == runtime::gossip::SyncMode::kDiLoCo) {
     out.consensus_distance = outer.consensus_distance();
+    out.logging_bytes_sent =
+        engine.comm().counters().total_sent() + outer.outer_traffic().total_sent() - sent_before;
     outer.outer_step();
     return out;
   }
   const runtime::gossip::OuterReport& report = outer.outer_step();
+  const uint64_t sent_before_distance = engine.comm().counters().total_sent();
   float sums[2] = {static_cast<float>(report.group_distance_sq), static_cast<float>(report.group_distance_numel)};
   engine.comm().all_reduce(sums, sums, 2, DType::kF32, comm::ReduceOp::kSum)->wait();
   if (sums[1] > 0) out.consensus_distance = std::sqrt(sums[0] / sums[1]);
+  out.logging_bytes_sent = engine.comm().counters().total_sent() - sent_before_distance;
   return out;
 }
 
@@ -432,11 +438,13 @@ TrainResult train_recorded(comm::FlightRecorder& comm, const model::ByteCorpus& 
 
   // Bytes this rank sent: the engine's communicator plus, with replicas, the outer step's (cross
   // communicator and links). Counted from step end to step end, so the outer step's parameter refresh
-  // (an all-gather in the shard group) belongs to the outer step, not to the next step.
+  // (an all-gather in the shard group) belongs to the outer step, not to the next step. The consensus
+  // distance's collectives are logging, not training traffic: left out.
+  uint64_t logging_bytes_sent = 0;
   auto bytes_sent_so_far = [&] {
     uint64_t sent = engine_comm.counters().total_sent();
     if (outer) sent += outer->outer_traffic().total_sent();
-    return sent;
+    return sent - logging_bytes_sent;
   };
   uint64_t sent_at_last_step = bytes_sent_so_far();
   std::vector<double> my_step_seconds, seconds_by_rank(static_cast<size_t>(step_ranks));
@@ -521,6 +529,7 @@ TrainResult train_recorded(comm::FlightRecorder& comm, const model::ByteCorpus& 
     record.max_attention_logit = *std::max_element(max_logits.begin(), max_logits.end());
     record.qk_clipped_heads = report.qk_clipped_heads;
     record.grad_norm = report.grad_norm;
+    logging_bytes_sent += synced.logging_bytes_sent;
     const uint64_t sent_now = bytes_sent_so_far();
     record.bytes_per_rank = sent_now - sent_at_last_step;
     sent_at_last_step = sent_now;

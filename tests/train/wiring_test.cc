@@ -249,6 +249,23 @@ TEST(Replicas, NoLoCoWholeGroupAveragesToOneModel) {
   expect_replicas_agree_and_learn(run(4, c), c);
 }
 
+// bytes_per_rank counts training traffic only. With 2 replicas, DiLoCo's ring all-reduce sends
+// 2 B (N-1)/N = B per rank, the size of NoLoCo's single exchange (gamma = alpha: theta only), and the
+// parameter refresh is the same: every step of the two runs sends the same bytes. The consensus
+// distance (a cross-replica all-reduce of the shard for DiLoCo, a 2-float sum for NoLoCo) is logging
+// and must not be in it.
+TEST(Replicas, OuterStepBytesAreTheExchangeAloneInBothModes) {
+  const TrainConfig diloco = replica_config(SyncMode::kDiLoCo);
+  const TrainConfig noloco = replica_config(SyncMode::kNoLoCo);
+  const auto d = run(4, diloco), n = run(4, noloco);
+  for (int r = 0; r < 4; ++r) {
+    ASSERT_EQ(d[r].history.size(), n[r].history.size());
+    for (size_t k = 0; k < d[r].history.size(); ++k)
+      EXPECT_EQ(d[r].history[k].bytes_per_rank, n[r].history[k].bytes_per_rank)
+          << "rank " << r << " step " << d[r].history[k].step << (d[r].history[k].outer_step ? " (outer)" : "");
+  }
+}
+
 TEST(Replicas, NoLoCoDefaultsLearn) {
   TrainConfig c = replica_config(SyncMode::kNoLoCo);
   const auto got = run(4, c);

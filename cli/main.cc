@@ -34,9 +34,11 @@ namespace {
 
 using namespace shardopt;
 
-// mpirun (OpenMPI, or a PMI launcher) sets these in every process it starts.
+// A launcher sets these in every process it starts: OpenMPI's mpirun OMPI_COMM_WORLD_SIZE, PMI
+// launchers PMI_SIZE, a PMIx launcher (srun --mpi=pmix) only PMIX_RANK before MPI_Init.
 bool launched_by_mpirun() {
-  return std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr;
+  return std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr ||
+         std::getenv("PMIX_RANK") != nullptr;
 }
 
 struct TrainArgs {
@@ -118,6 +120,9 @@ void add_train_options(CLI::App& cmd, TrainArgs& a) {
                  "outer momentum: NoLoCo beta (default 0.5) / DiLoCo Nesterov momentum (default 0.9)");
   cmd.add_option("--outer-gamma", c.outer_gamma, "NoLoCo gamma (pull toward the group's slow weights; default alpha)");
   cmd.add_option("--gossip-group", c.gossip_group, "NoLoCo group size n")->capture_default_str();
+  cmd.add_option("--outer-timeout-ms", c.outer_timeout_ms,
+                 "longest wait for a gossip partner (NoLoCo skips the round) or for DiLoCo's all-reduce (the run ends)")
+      ->capture_default_str();
   cmd.add_option("--save-every", c.save_every, "steps between checkpoints (0 = never; needs --ckpt-dir)")
       ->capture_default_str();
   cmd.add_option("--ckpt-dir", c.ckpt_dir, "root folder of the ckpt-<step> checkpoints");
@@ -260,6 +265,7 @@ int run_train(TrainArgs& a, CLI::App& cmd, int* argc, char*** argv) {
     std::cout << train::progress_line(r, cfg, rate) << std::endl;
   };
 
+  hooks.flight_record_dir = a.out;  // flight_recorder_rank<r>.txt when a communication error ends the run
   if (mpi) {
     comm::MpiRuntime runtime(argc, argv);
     auto world = runtime.world();

@@ -3,14 +3,20 @@
 // completion time) and, when a wait fails with TimeoutError, DesyncError or PeerError, rethrows the
 // same error type with the record appended, so a failure report says where this rank stopped:
 //
-//   flight recorder (rank 1 of 4, last 3 ops, oldest first; t in ms since the recorder started):
+//   flight recorder world (rank 1 of 4, last 3 ops, oldest first; t in ms since the recorder started):
 //     seq 7  all_reduce     count 1024  4096 B  t 12.1 -> 12.9
 //     seq 8  send           count 64  256 B  peer/root 2  tag 5  t 13.0 -> 13.0
 //     seq 9  all_reduce     count 1024  4096 B  t 13.1 -> (failed)
 //
-// It wraps any backend and depends on nothing but the Communicator interface. Splits are recorded
-// by their children's own recorders (same capacity). Thread-safety: like the wrapped communicator
-// (one thread at a time); the record is guarded so a Work may be waited on from another thread.
+// Splits: the children of a recorder's split are recorders too (same capacity), named after their
+// parent ("world/split 2": this recorder's third split; rename() gives them their role), and belong to the root's tree: write_report() on any
+// recorder of the tree writes every live communicator's record, each headed by the op where it
+// stopped (its oldest op that failed or is still pending), into one file per rank. The trainer wraps
+// its world in one and writes the report into the run folder when a communication error ends the run.
+//
+// It wraps any backend and depends on nothing but the Communicator interface. Thread-safety: like the
+// wrapped communicator (one issuing thread at a time); the record is guarded so a Work may be waited
+// on from another thread.
 #pragma once
 
 #include <chrono>
@@ -20,7 +26,7 @@
 #include <mutex>
 #include <string>
 
-#include "comm/communicator.h"
+#include "comm/forwarding_communicator.h"
 
 namespace shardopt::comm {
 
@@ -35,47 +41,40 @@ struct FlightRecord {
   bool failed = false;
 };
 
-class FlightRecorder final : public Communicator {
+class FlightRecorder final : public ForwardingCommunicator {
  public:
-  // Wraps `inner` (not owned when `owned` is null, e.g. a world the caller keeps).
-  FlightRecorder(Communicator& inner, size_t capacity = 64);
-  FlightRecorder(std::unique_ptr<Communicator> owned, size_t capacity = 64);
+  // Wraps `inner` (not owned, e.g. a world the caller keeps); `name` labels it in reports.
+  explicit FlightRecorder(Communicator& inner, size_t capacity = 64, std::string name = "world");
+  explicit FlightRecorder(std::unique_ptr<Communicator> owned, size_t capacity = 64, std::string name = "world");
+  ~FlightRecorder() override;
 
-  // The last `capacity` operations, formatted as above.
+  // This communicator's last `capacity` operations, formatted as above.
   std::string dump() const;
   std::deque<FlightRecord> records() const;
+  std::string name() const;
+  // Relabels this communicator in reports (e.g. a split's role: "shard group of replica 1").
+  void rename(std::string name);
 
-  int rank() const override { return inner_->rank(); }
-  int size() const override { return inner_->size(); }
-  std::string_view backend() const override { return inner_->backend(); }
-  bool device_buffers() const override { return inner_->device_buffers(); }
-  Capabilities capabilities() const override { return inner_->capabilities(); }
-  void abort(const std::string& reason) override { inner_->abort(reason); }
+  // Every live recorder of this tree (the root and its splits, in creation order): where each stopped,
+  // then its dump.
+  std::string dump_tree() const;
+  // Writes `headline` (e.g. the error that ended the run) and dump_tree() to `path` (folders created).
+  // Never throws: a report that cannot be written is named on stderr instead.
+  void write_report(const std::string& path, const std::string& headline) const noexcept;
 
  protected:
-  // Checks and traffic accounting happen in Communicator before these; each forwards and records.
-  std::unique_ptr<Communicator> start_split(int color, int key) override;
-  WorkPtr start_all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override;
-  WorkPtr start_reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
-                         ReduceOp op) override;
-  WorkPtr start_all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override;
-  WorkPtr start_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op, int root) override;
-  WorkPtr start_broadcast(void* buf, size_t count, DType dtype, int root) override;
-  WorkPtr start_all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
-                     std::span<const size_t> recv_counts, DType dtype) override;
-  WorkPtr start_send(const void* buf, size_t count, DType dtype, int peer, int tag) override;
-  WorkPtr start_recv(void* buf, size_t count, DType dtype, int peer, int tag) override;
-  WorkPtr start_sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src,
-                   DType dtype, int tag) override;
-  WorkPtr start_barrier() override;
+  WorkPtr forward(const ForwardedOp& op, IssueRef issue) override;
+  std::unique_ptr<Communicator> wrap_child(std::unique_ptr<Communicator> child) override;
 
  private:
-  struct Log;  // the ring, shared with the Work wrappers
-  WorkPtr record(OpKind kind, uint64_t count, DType dtype, int peer, int tag, WorkPtr work);
+  struct Log;   // the ring, shared with the Work wrappers
+  struct Tree;  // the logs of a root recorder and its splits
+  FlightRecorder(std::unique_ptr<Communicator> owned, size_t capacity, std::string name, std::shared_ptr<Tree> tree);
+  void init(size_t capacity, std::string name, std::shared_ptr<Tree> tree);
 
-  std::unique_ptr<Communicator> owned_;
-  Communicator* inner_;
   std::shared_ptr<Log> log_;
+  std::shared_ptr<Tree> tree_;
+  int splits_ = 0;
 };
 
 }  // namespace shardopt::comm

@@ -16,6 +16,7 @@
 #include "base/clock.h"
 #include "base/error.h"
 #include "base/thread_pool.h"
+#include "comm/flight_recorder.h"
 #include "checkpoint/writer.h"
 #include "model/generate.h"
 #include "runtime/checkpoint_io.h"
@@ -37,6 +38,7 @@ struct SyncOutcome {
   runtime::StepReport report;
   bool outer_step = false;
   double consensus_distance = std::numeric_limits<double>::quiet_NaN();
+  uint64_t logging_bytes_sent = 0;  // sent to measure the consensus distance: not training traffic
 };
 
 // One function per sync mode; sync_step dispatches. Gossip modes keep their state in OuterSync.
@@ -44,13 +46,28 @@ SyncOutcome sync_zero(runtime::Engine& engine, float lr_multiplier) { return {en
 
 // Inner ZeRO step in the shard group; every H steps, measure the replicas' consensus distance (before
 // averaging: how far the replicas drifted in H inner steps) and run the outer step.
+// DiLoCo measures the global consensus distance (a collective across replicas, as its all-reduce is).
+// NoLoCo must not join the replicas: it reports this replica's distance to its group's mean, measured
+// by the exchange itself and summed over the shard group only (NaN when this round was skipped).
 SyncOutcome sync_outer(runtime::Engine& engine, runtime::gossip::OuterSync& outer, int64_t step,
                        float lr_multiplier) {
   SyncOutcome out{engine.step(lr_multiplier)};
   if (step % outer.options().outer_every != 0) return out;
   out.outer_step = true;
-  out.consensus_distance = outer.consensus_distance();
-  outer.outer_step();
+  const uint64_t sent_before = engine.comm().counters().total_sent() + outer.outer_traffic().total_sent();
+  if (outer.options().mode == runtime::gossip::SyncMode::kDiLoCo) {
+    out.consensus_distance = outer.consensus_distance();
+    out.logging_bytes_sent =
+        engine.comm().counters().total_sent() + outer.outer_traffic().total_sent() - sent_before;
+    outer.outer_step();
+    return out;
+  }
+  const runtime::gossip::OuterReport& report = outer.outer_step();
+  const uint64_t sent_before_distance = engine.comm().counters().total_sent();
+  float sums[2] = {static_cast<float>(report.group_distance_sq), static_cast<float>(report.group_distance_numel)};
+  engine.comm().all_reduce(sums, sums, 2, DType::kF32, comm::ReduceOp::kSum)->wait();
+  if (sums[1] > 0) out.consensus_distance = std::sqrt(sums[0] / sums[1]);
+  out.logging_bytes_sent = engine.comm().counters().total_sent() - sent_before_distance;
   return out;
 }
 
@@ -71,6 +88,7 @@ runtime::gossip::GossipOptions gossip_options(const TrainConfig& c) {
   o.mode = c.sync == SyncMode::kDiLoCo ? runtime::gossip::SyncMode::kDiLoCo : runtime::gossip::SyncMode::kNoLoCo;
   o.outer_every = c.outer_every;
   o.group_size = c.gossip_group;
+  o.timeout = std::chrono::milliseconds(c.outer_timeout_ms);
   o.seed = c.seed;
   if (c.outer_lr >= 0) o.alpha = o.diloco_lr = c.outer_lr;
   o.gamma = c.outer_gamma >= 0 ? c.outer_gamma : o.alpha;
@@ -227,8 +245,43 @@ std::string progress_line(const StepRecord& r, const TrainConfig& c, double toke
   return line;
 }
 
-TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus, const TrainConfig& config_in,
+namespace {
+constexpr size_t kFlightRecords = 64;  // operations each communicator of the run remembers
+TrainResult train_recorded(comm::FlightRecorder& comm, const model::ByteCorpus& corpus, const TrainConfig& config_in,
+                           const TrainHooks& hooks);
+}  // namespace
+
+TrainResult train_rank(comm::Communicator& world_comm, const model::ByteCorpus& corpus, const TrainConfig& config,
                        const TrainHooks& hooks) {
+  // Every communicator of the run (world, shard group, cross, gossip links) keeps its last 64
+  // operations; a communication error writes them all into the run folder, then ends the run.
+  comm::FlightRecorder comm(world_comm, kFlightRecords, "world");
+  auto report = [&](const std::exception& e) {
+    if (hooks.flight_record_dir.empty()) return std::string();
+    const std::string path = flight_record_path(hooks.flight_record_dir, comm.rank());
+    comm.write_report(path, "rank " + std::to_string(comm.rank()) + " of " + std::to_string(comm.size()) +
+                                " ended the run: " + e.what());
+    return "\nflight records of every communicator of rank " + std::to_string(comm.rank()) + ": " + path;
+  };
+  try {
+    return train_recorded(comm, corpus, config, hooks);
+  } catch (const TimeoutError& e) {
+    throw TimeoutError(e.what() + report(e));
+  } catch (const DesyncError& e) {
+    throw DesyncError(e.what() + report(e));
+  } catch (const PeerError& e) {
+    throw PeerError(e.what() + report(e));
+  }
+}
+
+std::string flight_record_path(const std::string& dir, int rank) {
+  return (std::filesystem::path(dir) / ("flight_recorder_rank" + std::to_string(rank) + ".txt")).string();
+}
+
+namespace {
+
+TrainResult train_recorded(comm::FlightRecorder& comm, const model::ByteCorpus& corpus, const TrainConfig& config_in,
+                           const TrainHooks& hooks) {
   const int world = comm.size();
   const int rank = comm.rank();
   config_in.validate(world);
@@ -237,8 +290,19 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   // Replicas: the engine runs on this replica's shard group, the outer sync on the cross communicator.
   runtime::gossip::ReplicaGrid grid;
   const bool replicated = is_replicated(config.sync);
-  if (replicated) grid = runtime::gossip::split_replica_grid(comm, config.replicas);
+  if (replicated) {
+    grid = runtime::gossip::split_replica_grid(comm, config.replicas);
+    // Named before OuterSync splits its links from the cross communicator (they inherit the name).
+    dynamic_cast<comm::FlightRecorder&>(*grid.shard_group).rename("shard group of replica " + std::to_string(grid.replica));
+    dynamic_cast<comm::FlightRecorder&>(*grid.cross).rename("cross of shard " + std::to_string(grid.shard));
+  }
   comm::Communicator& engine_comm = replicated ? *grid.shard_group : comm;
+  // Per-step reporting (loss, validation, straggler) joins the ranks of one replica only: replicas meet
+  // at outer steps alone, so a stalled replica cannot hold the others back. The world means are formed
+  // once at the end of the run.
+  comm::Communicator& step_comm = engine_comm;
+  const int step_ranks = step_comm.size();
+  const int first_world_rank = replicated ? grid.replica * grid.shards : 0;  // of step_comm's rank 0
 
   model::Transformer net(config.model);
   std::optional<ThreadPool> model_pool;
@@ -349,14 +413,17 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   const model::GradReadyFn announce = [&engine](size_t t) { engine.grad_ready(t); };
   const model::GradBufferFn grad_buffer = [&engine](size_t t) { return engine.grad(t); };
 
+  std::vector<float> my_losses, my_val_losses;  // this rank's own values, for the world means at the end
   auto evaluate = [&]() -> double {
     if (stage3) engine.gather_all();
     bind();
     const double local = model::validation_loss(net, bindings, sampler, config.eval_batches, val_batch);
     if (stage3) engine.release_all();
-    // Every rank scores the same number of tokens, so the mean of rank means is the global mean.
+    // Every rank scores the same number of tokens, so the mean of rank means is the global mean
+    // (here over step_comm: this replica's mean with replicas; the world mean is formed at the end).
     float send = static_cast<float>(local), recv = 0;
-    comm.all_reduce(&send, &recv, 1, DType::kF32, comm::ReduceOp::kAvg)->wait();
+    my_val_losses.push_back(send);
+    step_comm.all_reduce(&send, &recv, 1, DType::kF32, comm::ReduceOp::kAvg)->wait();
     return recv;
   };
 
@@ -371,16 +438,18 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
 
   // Bytes this rank sent: the engine's communicator plus, with replicas, the outer step's (cross
   // communicator and links). Counted from step end to step end, so the outer step's parameter refresh
-  // (an all-gather in the shard group) belongs to the outer step, not to the next step.
+  // (an all-gather in the shard group) belongs to the outer step, not to the next step. The consensus
+  // distance's collectives are logging, not training traffic: left out.
+  uint64_t logging_bytes_sent = 0;
   auto bytes_sent_so_far = [&] {
     uint64_t sent = engine_comm.counters().total_sent();
     if (outer) sent += outer->outer_traffic().total_sent();
-    return sent;
+    return sent - logging_bytes_sent;
   };
   uint64_t sent_at_last_step = bytes_sent_so_far();
-  std::vector<double> my_step_seconds, seconds_by_rank(static_cast<size_t>(world));
-  std::vector<float> loss_and_seconds(2 * static_cast<size_t>(world));
-  const std::vector<size_t> two_per_rank(static_cast<size_t>(world), 2);
+  std::vector<double> my_step_seconds, seconds_by_rank(static_cast<size_t>(step_ranks));
+  std::vector<float> loss_and_seconds(2 * static_cast<size_t>(step_ranks));
+  const std::vector<size_t> two_per_rank(static_cast<size_t>(step_ranks), 2);
 
   // Per layer and head, max attention logit over this step's micro-batches (QK-clip input).
   const int n_layer = config.model.n_layer, n_head = config.model.n_head;
@@ -436,20 +505,21 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     const float mine[2] = {static_cast<float>(loss_sum / config.grad_accumulation),
                            static_cast<float>(step_compute_seconds)};
     my_step_seconds.push_back(mine[1]);
-    comm.all_gather(mine, loss_and_seconds.data(), two_per_rank, DType::kF32)->wait();
+    my_losses.push_back(mine[0]);
+    step_comm.all_gather(mine, loss_and_seconds.data(), two_per_rank, DType::kF32)->wait();
     double loss_total = 0;
-    for (int r = 0; r < world; ++r) {
+    for (int r = 0; r < step_ranks; ++r) {
       loss_total += loss_and_seconds[2 * r];
       seconds_by_rank[r] = loss_and_seconds[2 * r + 1];
     }
-    record.train_loss = static_cast<float>(loss_total / world);
+    record.train_loss = static_cast<float>(loss_total / step_ranks);
     {
       std::vector<double> sorted = seconds_by_rank;
       std::sort(sorted.begin(), sorted.end());
-      const double median = 0.5 * (sorted[(world - 1) / 2] + sorted[world / 2]);
+      const double median = 0.5 * (sorted[(step_ranks - 1) / 2] + sorted[step_ranks / 2]);
       const auto slowest = std::max_element(seconds_by_rank.begin(), seconds_by_rank.end()) - seconds_by_rank.begin();
-      if (world > 1 && median > 0 && seconds_by_rank[slowest] > 1.2 * median) {
-        record.slowest_rank = static_cast<int>(slowest);
+      if (step_ranks > 1 && median > 0 && seconds_by_rank[slowest] > 1.2 * median) {
+        record.slowest_rank = first_world_rank + static_cast<int>(slowest);
         record.slowest_over_median = seconds_by_rank[slowest] / median;
       }
     }
@@ -459,6 +529,7 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
     record.max_attention_logit = *std::max_element(max_logits.begin(), max_logits.end());
     record.qk_clipped_heads = report.qk_clipped_heads;
     record.grad_norm = report.grad_norm;
+    logging_bytes_sent += synced.logging_bytes_sent;
     const uint64_t sent_now = bytes_sent_so_far();
     record.bytes_per_rank = sent_now - sent_at_last_step;
     sent_at_last_step = sent_now;
@@ -504,6 +575,32 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   result.tokens_per_second =
       static_cast<double>((config.steps - first_step + 1) * tokens_per_step) / result.total_seconds;
   result.skipped_rounds = outer ? outer->skipped_rounds() : 0;
+  if (replicated) {
+    // The world means of the per-step losses (each record holds its replica's mean until here): one
+    // all-gather of every rank's own train losses and validation losses over the run.
+    const size_t steps_run = my_losses.size(), evals = my_val_losses.size();
+    std::vector<float> mine(my_losses);
+    mine.insert(mine.end(), my_val_losses.begin(), my_val_losses.end());
+    std::vector<float> all(mine.size() * static_cast<size_t>(world));
+    comm.all_gather(mine.data(), all.data(), std::vector<size_t>(static_cast<size_t>(world), mine.size()), DType::kF32)
+        ->wait();
+    size_t eval_index = 0;
+    for (size_t k = 0; k < steps_run; ++k) {
+      StepRecord& rec = result.history[k];
+      double total = 0;
+      for (int r = 0; r < world; ++r) total += all[static_cast<size_t>(r) * mine.size() + k];
+      rec.train_loss = static_cast<float>(total / world);
+      if (std::isnan(rec.val_loss)) continue;
+      double val = 0;
+      for (int r = 0; r < world; ++r) val += all[static_cast<size_t>(r) * mine.size() + steps_run + eval_index];
+      rec.val_loss = static_cast<float>(val / world);
+      ++eval_index;
+    }
+    if (eval_index != evals) throw Error("train: validation losses do not match the evaluated steps");
+    // NoLoCo's per-round distances are to each group's mean; the run ends with the global one.
+    if (outer->options().mode == runtime::gossip::SyncMode::kNoLoCo)
+      result.final_consensus_distance = outer->consensus_distance();
+  }
   result.final_val_loss = result.history.back().val_loss;
   trace.enable(false);
 
@@ -568,4 +665,5 @@ TrainResult train_rank(comm::Communicator& comm, const model::ByteCorpus& corpus
   return result;
 }
 
+}  // namespace
 }  // namespace shardopt::train

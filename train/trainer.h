@@ -15,13 +15,22 @@
 // replica's Engine runs on its shard-group communicator, OuterSync on the cross-replica one. The global
 // batch is still split across ALL world ranks (each rank its own slice), so each replica trains on its
 // own data and gradients are averaged only inside the shard group; replicas meet only at outer steps.
-// Reported train/val losses are means over all world ranks (= over replicas).
+// Reported train/val losses are means over all world ranks (= over replicas). During the run, per-step
+// reporting (the loss/step-time all-gather, validation, the straggler report) stays inside the replica's
+// shard group, so that a stalled replica holds back only its own shard group and its gossip partners
+// (TrainHooks::on_step sees replica 0's means); the history's world means are formed by one all-gather
+// at the end. NoLoCo's per-outer-step consensus distance is this replica's distance to its group's mean
+// (from the exchange; NaN when the round was skipped) and final_consensus_distance the global one at
+// the end; DiLoCo measures the global one at every outer step (its all-reduce joins every replica anyway).
+//
+// Flight recorder: every communicator of the run keeps its last 64 operations (comm/flight_recorder.h);
+// a communication error writes them into TrainHooks::flight_record_dir and names the file in the error.
 //
 // Checkpoints: save_every / ckpt_dir save the engine (fp32 masters + optimizer states) and the trainer
 // state (seed, data step) through runtime/checkpoint_io.h; resume_from loads one at any world size,
-// stage or layout and continues at the next step with the saved seed. Gossip state (phi, m) is not
-// saved: saving with noloco/diloco is refused (ConfigError). Resuming INTO noloco/diloco from a
-// checkpoint is allowed and starts the outer loop afresh (phi := theta, m := 0).
+// stage or layout and continues at the next step with the saved seed. Replicated runs save per replica
+// with phi, m and the outer counters (replica_checkpoint_root). Resuming INTO noloco/diloco from a
+// checkpoint of --sync zero starts the outer loop afresh (phi := theta, m := 0).
 #pragma once
 
 #include <cstdint>
@@ -80,6 +89,7 @@ struct TrainConfig {
   double outer_momentum = -1;   // beta (NoLoCo, default 0.5) / outer momentum (DiLoCo, default 0.9); < 0: default
   double outer_gamma = -1;      // NoLoCo gamma (pull toward the group's phi); < 0: = alpha
   int gossip_group = 2;         // NoLoCo group size n
+  int64_t outer_timeout_ms = 60000;  // longest wait in an outer step (GossipOptions::timeout)
   // Checkpoints (runtime/checkpoint_io.h).
   int save_every = 0;           // steps between saves into ckpt_dir (0 = never)
   std::string ckpt_dir;         // root of ckpt-<step> folders
@@ -122,7 +132,8 @@ struct StepRecord {
   double max_attention_logit = 0;
   int64_t qk_clipped_heads = 0;  // heads scaled by QK-clip after this step
   // Straggler: the rank whose forward + backward of this step took longest, when that is > 1.2 x the
-  // median rank's (-1: none); and that ratio. (Compute time, not step time: in a synchronous step the
+  // median rank's (-1: none); and that ratio. World ranks; with replicas, among this replica's shard
+  // group only (the per-step report does not join replicas). (Compute time, not step time: in a synchronous step the
   // other ranks' wait for a straggler shows as their sync time.)
   int slowest_rank = -1;
   double slowest_over_median = 0;
@@ -162,7 +173,15 @@ struct TrainHooks {
   // Called on every rank before each step's forward pass (tests: inject a straggler).
   std::function<void(int rank, int64_t step)> before_step;
   bool keep_params = false;  // fill TrainResult::final_params (tests)
+  // Where each rank writes its flight record (flight_record_path) when a communication error
+  // (TimeoutError, DesyncError, PeerError) ends the run; "" = nowhere (the error still carries the
+  // failing communicator's record). The CLI passes the run folder.
+  std::string flight_record_dir;
 };
+
+// <dir>/flight_recorder_rank<rank>.txt: every communicator of the rank (world, shard group, cross,
+// gossip links) with its last 64 operations, headed by the error and by where each one stopped.
+std::string flight_record_path(const std::string& dir, int rank);
 
 // The checkpoint folder named by --resume: `path` itself when it is a checkpoint, else the latest
 // checkpoint under it (for a replicated run's root: the latest of replica-0/); an empty path means the

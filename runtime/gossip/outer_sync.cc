@@ -317,6 +317,16 @@ void OuterSync::noloco_step(OuterReport& report) {
       read_theta(acc_.data());
       if (!one_exchange) std::copy(phi_.begin(), phi_.end(), acc_.begin() + static_cast<ptrdiff_t>(n));
     }
+    if (averaged) {  // own theta is still in the send buffer; the group's sum in acc_
+      const double inv_g = 1.0 / static_cast<double>(report.group.size());
+      double sq = 0;
+      for (size_t i = 0; i < n; ++i) {
+        const double d = static_cast<double>(buf.send[i]) - acc_[i] * inv_g;
+        sq += d * d;
+      }
+      report.group_distance_sq = sq;
+      report.group_distance_numel = tensor_elems_;
+    }
     return_exchange_buffers(!averaged);
   }
   const double inv = averaged ? 1.0 / static_cast<double>(report.group.size()) : 1.0;

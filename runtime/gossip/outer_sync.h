@@ -93,6 +93,12 @@ struct OuterReport {
   uint64_t bytes_sent = 0, bytes_received = 0;  // this rank's outer-step traffic
   double seconds = 0;                           // outer step wall time (exchange + update + gather)
   double exchange_seconds = 0;                  // of which: waiting for the exchange / all-reduce
+  // NoLoCo, when averaged: sum over this rank's master elements of (theta - mean_G theta)^2 before the
+  // update, and the tensor elements it covers (0 when skipped). The trainer sums both over the shard
+  // group for the replica's distance to its group's mean: a consensus measure that needs no collective
+  // across replicas (the global consensus_distance() does).
+  double group_distance_sq = 0;
+  int64_t group_distance_numel = 0;
 };
 
 class OuterSync {

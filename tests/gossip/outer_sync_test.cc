@@ -22,6 +22,7 @@
 #include <gtest/gtest.h>
 
 #include "base/error.h"
+#include "comm/forwarding_communicator.h"
 #include "comm/thread_backend.h"
 #include "runtime/checkpoint_io.h"
 #include "tests/common/engine_fixture.h"
@@ -106,6 +107,31 @@ void check_noloco_against_reference(const RunSpec& rs, Collected& c, double tol 
     // Reports from every shard of a replica agree on the group.
     for (const auto& [key, rep] : c.reports)
       if (key.first == k) { ASSERT_EQ(rep.group, c.groups.at({k, key.second / rs.shards})); }
+    // The replica's distance to its group's mean (summed over its shards' reports) against the same sum
+    // in double over the injected theta.
+    for (int r = 0; r < rs.replicas; ++r) {
+      const auto& g = c.groups.at({k, r});
+      double got_sq = 0, want_sq = 0;
+      int64_t got_numel = 0;
+      for (int s = 0; s < rs.shards; ++s) {
+        const OuterReport& rep = c.reports.at({k, r * rs.shards + s});
+        got_sq += rep.group_distance_sq;
+        got_numel += rep.group_distance_numel;
+      }
+      if (g.size() < 2) {
+        EXPECT_EQ(got_numel, 0) << "a singleton measures no group distance, round " << k;
+        continue;
+      }
+      for (int64_t gid = 0; gid < model.total; ++gid) {
+        double mean = 0;
+        for (int member : g) mean += static_cast<double>(theta_at(member, k, gid));
+        mean /= static_cast<double>(g.size());
+        const double d = static_cast<double>(theta_at(r, k, gid)) - mean;
+        want_sq += d * d;
+      }
+      EXPECT_EQ(got_numel, model.total) << "round " << k << " replica " << r;
+      EXPECT_NEAR(got_sq, want_sq, 1e-5 * want_sq + 1e-12) << "round " << k << " replica " << r;
+    }
   }
   for (int64_t gid = 0; gid < model.total; ++gid) {
     RefNoLoCo ref{rs.options.alpha, rs.options.beta, rs.options.gamma,
@@ -532,43 +558,16 @@ struct LateWriteScript {
   int late_writes = 0;
 };
 
-class LateWriteComm final : public comm::Communicator {
+class LateWriteComm final : public comm::ForwardingCommunicator {
  public:
-  LateWriteComm(std::unique_ptr<comm::Communicator> owned, comm::Communicator* inner,
-                std::shared_ptr<LateWriteScript> script)
-      : Communicator(inner->options()), owned_(std::move(owned)), inner_(inner), script_(std::move(script)) {}
-
-  int rank() const override { return inner_->rank(); }
-  int size() const override { return inner_->size(); }
-  std::string_view backend() const override { return inner_->backend(); }
-  void abort(const std::string& reason) override { inner_->abort(reason); }
+  LateWriteComm(std::unique_ptr<comm::Communicator> owned, std::shared_ptr<LateWriteScript> script)
+      : ForwardingCommunicator(std::move(owned)), inner_(&inner()), script_(std::move(script)) {}
+  LateWriteComm(comm::Communicator& inner, std::shared_ptr<LateWriteScript> script)
+      : ForwardingCommunicator(inner), inner_(&inner), script_(std::move(script)) {}
 
  protected:
-  std::unique_ptr<Communicator> start_split(int color, int key) override {
-    auto child = inner_->split(color, key);
-    if (!child) return nullptr;
-    comm::Communicator* raw = child.get();
-    return std::make_unique<LateWriteComm>(std::move(child), raw, script_);
-  }
-  comm::WorkPtr start_all_reduce(const void* s, void* r, size_t c, DType d, comm::ReduceOp op) override {
-    return inner_->all_reduce(s, r, c, d, op);
-  }
-  comm::WorkPtr start_reduce_scatter(const void* s, void* r, std::span<const size_t> c, DType d, comm::ReduceOp op) override {
-    return inner_->reduce_scatter(s, r, c, d, op);
-  }
-  comm::WorkPtr start_all_gather(const void* s, void* r, std::span<const size_t> c, DType d) override {
-    return inner_->all_gather(s, r, c, d);
-  }
-  comm::WorkPtr start_reduce(const void* s, void* r, size_t c, DType d, comm::ReduceOp op, int root) override {
-    return inner_->reduce(s, r, c, d, op, root);
-  }
-  comm::WorkPtr start_broadcast(void* b, size_t c, DType d, int root) override { return inner_->broadcast(b, c, d, root); }
-  comm::WorkPtr start_all_to_all(const void* s, std::span<const size_t> sc, void* r, std::span<const size_t> rc,
-                           DType d) override {
-    return inner_->all_to_all(s, sc, r, rc, d);
-  }
-  comm::WorkPtr start_send(const void* b, size_t c, DType d, int peer, int tag) override {
-    return inner_->send(b, c, d, peer, tag);
+  std::unique_ptr<Communicator> wrap_child(std::unique_ptr<Communicator> child) override {
+    return std::make_unique<LateWriteComm>(std::move(child), script_);
   }
   comm::WorkPtr start_recv(void* b, size_t c, DType d, int peer, int tag) override {
     return receive(b, c, tag, [&] { return inner_->recv(b, c, d, peer, tag); });
@@ -576,7 +575,6 @@ class LateWriteComm final : public comm::Communicator {
   comm::WorkPtr start_sendrecv(const void* s, size_t sc, int dst, void* r, size_t rc, int src, DType d, int tag) override {
     return receive(r, rc, tag, [&] { return inner_->sendrecv(s, sc, dst, r, rc, src, d, tag); });
   }
-  comm::WorkPtr start_barrier() override { return inner_->barrier(); }
 
 
  private:
@@ -631,7 +629,6 @@ class LateWriteComm final : public comm::Communicator {
     return w;
   }
 
-  std::unique_ptr<comm::Communicator> owned_;
   comm::Communicator* inner_;
   std::shared_ptr<LateWriteScript> script_;
 };
@@ -655,7 +652,7 @@ TEST(FaultTolerance, LateWriteIntoAbandonedBufferCannotChangeLaterRounds) {
   comm::run_ranks(replicas, [&](comm::Communicator& world) {
     ReplicaGrid grid = split_replica_grid(world, replicas);
     std::unique_ptr<comm::Communicator> wrapped;
-    if (grid.replica == victim_side) wrapped = std::make_unique<LateWriteComm>(nullptr, grid.cross.get(), script);
+    if (grid.replica == victim_side) wrapped = std::make_unique<LateWriteComm>(*grid.cross, script);
     comm::Communicator& cross = wrapped ? *wrapped : *grid.cross;
     auto after = [&](int k, OuterSync& sync) {
       if (grid.replica == victim_side) {

@@ -10,6 +10,7 @@
 
 #include <gtest/gtest.h>
 
+#include "comm/forwarding_communicator.h"
 #include "comm/thread_backend.h"
 #include "runtime/engine.h"
 #include "tests/common/counting_new.h"
@@ -46,67 +47,20 @@ class PausingWork : public comm::Work {
 };
 
 // Forwards to a communicator with allocation counting suspended inside it.
-class PausingComm : public comm::Communicator {
+class PausingComm : public comm::ForwardingCommunicator {
  public:
-  explicit PausingComm(comm::Communicator& inner) : Communicator(inner.options()), inner_(inner) {}
-  int rank() const override { return inner_.rank(); }
-  int size() const override { return inner_.size(); }
-  std::string_view backend() const override { return inner_.backend(); }
-  void abort(const std::string& reason) override { inner_.abort(reason); }
+  explicit PausingComm(comm::Communicator& inner) : ForwardingCommunicator(inner) {}
 
  protected:
   // The base class's argument checks and traffic counting run before these (no allocation there).
+  comm::WorkPtr forward(const comm::ForwardedOp&, comm::IssueRef issue) override {
+    PauseCounting p;
+    return std::make_shared<PausingWork>(issue());
+  }
   std::unique_ptr<Communicator> start_split(int color, int key) override {
     PauseCounting p;
-    return inner_.split(color, key);
+    return ForwardingCommunicator::start_split(color, key);
   }
-  comm::WorkPtr start_all_reduce(const void* send, void* recv, size_t count, DType dtype, comm::ReduceOp op) override {
-    PauseCounting p;
-    return wrap(inner_.all_reduce(send, recv, count, dtype, op));
-  }
-  comm::WorkPtr start_reduce_scatter(const void* send, void* recv, std::span<const size_t> counts, DType dtype,
-                               comm::ReduceOp op) override {
-    PauseCounting p;
-    return wrap(inner_.reduce_scatter(send, recv, counts, dtype, op));
-  }
-  comm::WorkPtr start_all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
-    PauseCounting p;
-    return wrap(inner_.all_gather(send, recv, counts, dtype));
-  }
-  comm::WorkPtr start_reduce(const void* send, void* recv, size_t count, DType dtype, comm::ReduceOp op, int root) override {
-    PauseCounting p;
-    return wrap(inner_.reduce(send, recv, count, dtype, op, root));
-  }
-  comm::WorkPtr start_broadcast(void* buf, size_t count, DType dtype, int root) override {
-    PauseCounting p;
-    return wrap(inner_.broadcast(buf, count, dtype, root));
-  }
-  comm::WorkPtr start_all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
-                           std::span<const size_t> recv_counts, DType dtype) override {
-    PauseCounting p;
-    return wrap(inner_.all_to_all(send, send_counts, recv, recv_counts, dtype));
-  }
-  comm::WorkPtr start_send(const void* buf, size_t count, DType dtype, int peer, int tag) override {
-    PauseCounting p;
-    return wrap(inner_.send(buf, count, dtype, peer, tag));
-  }
-  comm::WorkPtr start_recv(void* buf, size_t count, DType dtype, int peer, int tag) override {
-    PauseCounting p;
-    return wrap(inner_.recv(buf, count, dtype, peer, tag));
-  }
-  comm::WorkPtr start_sendrecv(const void* send, size_t send_count, int dst, void* recv, size_t recv_count, int src,
-                         DType dtype, int tag) override {
-    PauseCounting p;
-    return wrap(inner_.sendrecv(send, send_count, dst, recv, recv_count, src, dtype, tag));
-  }
-  comm::WorkPtr start_barrier() override {
-    PauseCounting p;
-    return wrap(inner_.barrier());
-  }
-
- private:
-  static comm::WorkPtr wrap(comm::WorkPtr w) { return std::make_shared<PausingWork>(std::move(w)); }
-  comm::Communicator& inner_;
 };
 
 struct Case {

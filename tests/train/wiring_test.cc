@@ -13,10 +13,13 @@
 // apart (consensus distance > 0); the outer traffic is counted in bytes_per_rank.
 #include <cmath>
 #include <filesystem>
+#include <sstream>
+#include <fstream>
 #include <mutex>
 #include <thread>
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include "base/error.h"
 #include "comm/thread_backend.h"
@@ -246,6 +249,23 @@ TEST(Replicas, NoLoCoWholeGroupAveragesToOneModel) {
   expect_replicas_agree_and_learn(run(4, c), c);
 }
 
+// bytes_per_rank counts training traffic only. With 2 replicas, DiLoCo's ring all-reduce sends
+// 2 B (N-1)/N = B per rank, the size of NoLoCo's single exchange (gamma = alpha: theta only), and the
+// parameter refresh is the same: every step of the two runs sends the same bytes. The consensus
+// distance (a cross-replica all-reduce of the shard for DiLoCo, a 2-float sum for NoLoCo) is logging
+// and must not be in it.
+TEST(Replicas, OuterStepBytesAreTheExchangeAloneInBothModes) {
+  const TrainConfig diloco = replica_config(SyncMode::kDiLoCo);
+  const TrainConfig noloco = replica_config(SyncMode::kNoLoCo);
+  const auto d = run(4, diloco), n = run(4, noloco);
+  for (int r = 0; r < 4; ++r) {
+    ASSERT_EQ(d[r].history.size(), n[r].history.size());
+    for (size_t k = 0; k < d[r].history.size(); ++k)
+      EXPECT_EQ(d[r].history[k].bytes_per_rank, n[r].history[k].bytes_per_rank)
+          << "rank " << r << " step " << d[r].history[k].step << (d[r].history[k].outer_step ? " (outer)" : "");
+  }
+}
+
 TEST(Replicas, NoLoCoDefaultsLearn) {
   TrainConfig c = replica_config(SyncMode::kNoLoCo);
   const auto got = run(4, c);
@@ -272,6 +292,55 @@ TEST(Replicas, ValidationNamesTheProblem) {
   EXPECT_NO_THROW(c.validate(4));
   c.ckpt_dir.clear();
   EXPECT_THROW(c.validate(4), ConfigError);  // --save-every without --ckpt-dir
+}
+
+
+// A communication error ends the run with every rank's flight record in the run folder: rank 1
+// stalls at step 3 for longer than the 400 ms communicator timeout, so rank 0's first collective of
+// step 3 (a gradient reduction inside Engine::step) times out. Rank 0's error names its file, and the
+// file says where each of its communicators stopped: the world stopped at an op it issued in step 3,
+// after the steps 1-2 operations completed.
+TEST(FlightRecords, TimeoutWritesEveryRanksRecordIntoTheRunFolder) {
+  const auto dir = std::filesystem::temp_directory_path() / ("flight_records_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  TrainConfig c = test_fixture::small_config("adamw", 4);
+  TrainHooks hooks;
+  hooks.flight_record_dir = dir.string();
+  hooks.before_step = [](int rank, int64_t step) {
+    if (rank == 1 && step == 3) std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  };
+  std::mutex mu;
+  std::vector<std::string> errors(2);
+  comm::CommOptions options;
+  options.timeout = std::chrono::milliseconds(400);
+  comm::run_ranks(
+      2,
+      [&](comm::Communicator& world) {
+        try {
+          train_rank(world, test_fixture::corpus(), c, hooks);
+        } catch (const Error& e) {
+          std::lock_guard lock(mu);
+          errors[static_cast<size_t>(world.rank())] = e.what();
+        }
+      },
+      options);
+  const std::string path0 = flight_record_path(dir.string(), 0);
+  ASSERT_FALSE(errors[0].empty()) << "rank 0 must fail: its partner stalled past the timeout";
+  EXPECT_NE(errors[0].find("flight records of every communicator of rank 0: " + path0), std::string::npos) << errors[0];
+  std::ifstream in(path0);
+  ASSERT_TRUE(in.good()) << "no flight record at " << path0;
+  std::stringstream text;
+  text << in.rdbuf();
+  const std::string report = text.str();
+  EXPECT_EQ(report.rfind("rank 0 of 2 ended the run: ", 0), 0u) << report;
+  // Where the world stopped: the first gradient reduce-scatter of step 3, which rank 1 never joined.
+  const size_t at = report.find("world (rank 0 of 2): stopped at seq ");
+  ASSERT_NE(at, std::string::npos) << report;
+  const std::string stop_line = report.substr(at, report.find('\n', at) - at);
+  EXPECT_NE(stop_line.find("reduce_scatter"), std::string::npos) << stop_line;
+  EXPECT_NE(stop_line.find("(failed)"), std::string::npos) << stop_line;
+  EXPECT_NE(report.find("flight recorder world (rank 0 of 2, last "), std::string::npos) << report;
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -81,8 +81,17 @@ struct DnnlNsState {
     return gemms.back();
   }
 
-  // Runs a prepared GEMM without allocating (the C API takes the argument array as is).
+  // Runs a GEMM. fp32 goes through oneDNN's sgemm: no primitive, and no C++ allocation per call
+  // (oneDNN 2.6's primitive execute builds an argument map on the heap each time; its sgemm takes
+  // one aligned packing buffer from posix_memalign per call instead). bf16 runs the prepared matmul.
   void run(const GemmShape& sh, const void* a, const void* b, float* c) {
+    if (sh.operand == dnnl::memory::data_type::f32) {
+      if (dnnl_sgemm('N', sh.b_transposed ? 'T' : 'N', sh.m, sh.n, sh.k, 1.0f, static_cast<const float*>(a), sh.lda,
+                     static_cast<const float*>(b), sh.ldb, 0.0f, c, sh.ldc) != dnnl_success) {
+        throw Error(fmt::format("newton_schulz: oneDNN sgemm {}x{}x{} failed", sh.m, sh.n, sh.k));
+      }
+      return;
+    }
     DnnlGemm& g = gemm(sh);
     g.a.set_data_handle(const_cast<void*>(a));
     g.b.set_data_handle(const_cast<void*>(b));
@@ -171,8 +180,7 @@ void NsWorkspace::reserve(int64_t rows, int64_t cols, NsPrecision precision) {
   }
   if (elements != 0) {
     const int64_t p = small_dim, q = std::max(rows, cols);
-    if (in_bf16) prepare_gemms<bf16>(*dnnl_, p, q);
-    else prepare_gemms<float>(*dnnl_, p, q);
+    if (in_bf16) prepare_gemms<bf16>(*dnnl_, p, q);  // fp32 runs oneDNN's sgemm: nothing to prepare
   }
 }
 

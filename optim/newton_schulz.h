@@ -7,8 +7,8 @@
 //   per iteration (a, b, c):  A = X X^T;  B = b A + c A A;  X = a X + B X
 // The symmetric algorithms use that A and B are symmetric: X X^T and A A = A A^T computed once per
 // triangle, (aI + B) X as one product (3p^2 q + p^3 FLOPs per iteration instead of 4p^2 q + 2p^3).
-//   kSymmetric (default): oneDNN matmul, which picks its kernels from the CPU's ISA itself. oneDNN
-//     has no SYRK: X X^T and A A are the GEMMs of the upper-triangle blocks (192 rows), mirrored to
+//   kSymmetric (default): oneDNN (sgemm for fp32, the matmul primitive for bf16), which picks its
+//     kernels from the CPU's ISA itself. oneDNN has no SYRK: X X^T and A A are the GEMMs of the upper-triangle blocks (192 rows), mirrored to
 //     the lower triangle. A tall input is transposed in and out (O(pq) next to the O(p^2 q) products).
 //     With NsPrecision::kBF16, X, A and B stay fp32 but are rounded to bf16 as GEMM operands (fp32
 //     accumulation), as torch.optim.Muon does.
@@ -49,8 +49,8 @@ class FloatBuffer {
 
 struct DnnlNsState;  // oneDNN primitives, the second iterate, bf16 operand buffers (newton_schulz.cc)
 
-// Scratch for newton_schulz(): two m x n fp32 buffers, two p x p buffers and the oneDNN matmul
-// primitives of each shape in the reserved precision (kBF16 adds bf16 operand copies). Size it once
+// Scratch for newton_schulz(): two m x n fp32 buffers, two p x p buffers; kBF16 adds bf16 operand
+// copies and the oneDNN matmul primitives of each shape. Size it once
 // for every matrix shape the caller will orthogonalize; newton_schulz() then never allocates and
 // throws ConfigError if a matrix does not fit. One workspace serves one thread at a time.
 class NsWorkspace {
@@ -60,8 +60,8 @@ class NsWorkspace {
   ~NsWorkspace();
   NsWorkspace(NsWorkspace&&) noexcept;
   NsWorkspace& operator=(NsWorkspace&&) noexcept;
-  // Grows (never shrinks) so that a rows x cols matrix fits and builds that shape's matmul
-  // primitives in `precision`. Allocates: call at setup only.
+  // Grows (never shrinks) so that a rows x cols matrix fits; with kBF16 also builds that shape's
+  // matmul primitives. Allocates: call at setup only.
   void reserve(int64_t rows, int64_t cols, NsPrecision precision = NsPrecision::kF32);
   bool fits(int64_t rows, int64_t cols, NsPrecision precision = NsPrecision::kF32) const;
   size_t bytes() const;

@@ -17,8 +17,8 @@ using MuonShapeScale = proto::MuonShapeScale;
 using NsScheduleKind = proto::NsSchedule;
 using StateDType = proto::StateDType;
 
-// Precision of the Newton-Schulz matrix products: fp32 throughout (OpenBLAS SSYRK/SSYMM), or bf16
-// operands with fp32 accumulation and fp32 iterates (oneDNN), as torch.optim.Muon's bf16 NS does.
+// Precision of the Newton-Schulz matrix products (oneDNN matmul): fp32 throughout, or bf16 operands
+// with fp32 accumulation and fp32 iterates, as torch.optim.Muon's bf16 NS does.
 enum class NsPrecision { kF32, kBF16 };
 
 // A resolved Newton-Schulz schedule: one (a, b, c) per iteration and the input normalization

@@ -74,7 +74,8 @@ StepResult muon_step(const OptimizerParams& params, const MuonMatrix& matrix, fl
 // its own workspace and single-threaded BLAS (OpenBLAS and oneDNN/OpenMP are set to 1 thread for
 // the duration of a parallel step and restored after). So one process with T pool threads gets
 // the throughput of T single-threaded ranks. With no pool (or size 1) the matrices run in order
-// on the calling thread with the BLAS threads as configured (OPENBLAS_NUM_THREADS).
+// on the calling thread with the BLAS threads as configured (OMP_NUM_THREADS for oneDNN's products,
+// OPENBLAS_NUM_THREADS for the OpenBLAS algorithms).
 // Results do not depend on the pool size. step() allocates nothing: workspaces (one per pool
 // thread, each fitting every shape) and the order are built in the constructor.
 class ParallelMuon {

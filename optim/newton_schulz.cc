@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <fmt/format.h>
@@ -26,7 +27,7 @@ FloatBuffer::FloatBuffer(size_t count) : size_(count) {
 
 void FloatBuffer::Free::operator()(float* p) const { std::free(p); }
 
-// ---- bf16 products (oneDNN) ----------------------------------------------------------------
+// ---- oneDNN products (fp32 or bf16 operands, fp32 accumulation) ----------------------------
 
 namespace {
 
@@ -35,15 +36,23 @@ dnnl::engine& cpu_engine() {
   return engine;
 }
 
-// C (M x N, row stride ldc, fp32) = A (M x K, row stride lda, bf16) * B, where B (K x N, bf16) is
-// either row-major with row stride ldb or the transpose of an N x K row-major matrix (ldb).
+template <class T>
+constexpr dnnl::memory::data_type dnnl_type() {
+  if constexpr (std::is_same_v<T, bf16>) return dnnl::memory::data_type::bf16;
+  else return dnnl::memory::data_type::f32;
+}
+
+// C (M x N, row stride ldc, fp32) = A (M x K, row stride lda) * B, where B (K x N) is either
+// row-major with row stride ldb or the transpose of an N x K row-major matrix (ldb); A and B of
+// type `operand`.
 struct GemmShape {
   int64_t m, n, k, lda, ldb, ldc;
   bool b_transposed;
+  dnnl::memory::data_type operand;
   bool operator==(const GemmShape&) const = default;
 };
 
-struct Bf16Gemm {
+struct DnnlGemm {
   GemmShape shape;
   dnnl::matmul primitive;
   dnnl::memory a, b, c;  // descriptors only; data handles are set per call
@@ -51,20 +60,20 @@ struct Bf16Gemm {
 
 }  // namespace
 
-struct Bf16NsState {
+struct DnnlNsState {
   dnnl::stream stream{cpu_engine()};
-  std::vector<bf16> x;  // X rounded to bf16, max_elements
-  std::vector<bf16> s;  // A, then B + aI... rounded to bf16, max_small_dim^2
   FloatBuffer y;        // second fp32 iterate, max_elements
-  std::vector<Bf16Gemm> gemms;
+  std::vector<bf16> x;  // kBF16: X rounded to bf16, max_elements
+  std::vector<bf16> s;  // kBF16: A, then a I + B rounded to bf16, max_small_dim^2
+  std::vector<DnnlGemm> gemms;
 
-  Bf16Gemm& gemm(const GemmShape& sh) {
-    for (Bf16Gemm& g : gemms)
+  DnnlGemm& gemm(const GemmShape& sh) {
+    for (DnnlGemm& g : gemms)
       if (g.shape == sh) return g;
     using dt = dnnl::memory::data_type;
-    const dnnl::memory::desc a({sh.m, sh.k}, dt::bf16, {sh.lda, 1});
-    const dnnl::memory::desc b({sh.k, sh.n}, dt::bf16, sh.b_transposed ? dnnl::memory::dims{1, sh.ldb}
-                                                                        : dnnl::memory::dims{sh.ldb, 1});
+    const dnnl::memory::desc a({sh.m, sh.k}, sh.operand, {sh.lda, 1});
+    const dnnl::memory::desc b({sh.k, sh.n}, sh.operand, sh.b_transposed ? dnnl::memory::dims{1, sh.ldb}
+                                                                         : dnnl::memory::dims{sh.ldb, 1});
     const dnnl::memory::desc c({sh.m, sh.n}, dt::f32, {sh.ldc, 1});
     dnnl::matmul primitive(dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, b, c), cpu_engine()));
     gemms.push_back({sh, primitive, dnnl::memory(a, cpu_engine(), DNNL_MEMORY_NONE),
@@ -72,15 +81,24 @@ struct Bf16NsState {
     return gemms.back();
   }
 
-  // Runs a prepared GEMM without allocating (the C API takes the argument array as is).
-  void run(const GemmShape& sh, const bf16* a, const bf16* b, float* c) {
-    Bf16Gemm& g = gemm(sh);
-    g.a.set_data_handle(const_cast<bf16*>(a));
-    g.b.set_data_handle(const_cast<bf16*>(b));
+  // Runs a GEMM. fp32 goes through oneDNN's sgemm: no primitive, and no C++ allocation per call
+  // (oneDNN 2.6's primitive execute builds an argument map on the heap each time; its sgemm takes
+  // one aligned packing buffer from posix_memalign per call instead). bf16 runs the prepared matmul.
+  void run(const GemmShape& sh, const void* a, const void* b, float* c) {
+    if (sh.operand == dnnl::memory::data_type::f32) {
+      if (dnnl_sgemm('N', sh.b_transposed ? 'T' : 'N', sh.m, sh.n, sh.k, 1.0f, static_cast<const float*>(a), sh.lda,
+                     static_cast<const float*>(b), sh.ldb, 0.0f, c, sh.ldc) != dnnl_success) {
+        throw Error(fmt::format("newton_schulz: oneDNN sgemm {}x{}x{} failed", sh.m, sh.n, sh.k));
+      }
+      return;
+    }
+    DnnlGemm& g = gemm(sh);
+    g.a.set_data_handle(const_cast<void*>(a));
+    g.b.set_data_handle(const_cast<void*>(b));
     g.c.set_data_handle(c);
     const dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, g.a.get()}, {DNNL_ARG_WEIGHTS, g.b.get()}, {DNNL_ARG_DST, g.c.get()}};
     if (dnnl_primitive_execute(g.primitive.get(), stream.get(), 3, args) != dnnl_success) {
-      throw Error(fmt::format("newton_schulz: oneDNN bf16 matmul {}x{}x{} failed", sh.m, sh.n, sh.k));
+      throw Error(fmt::format("newton_schulz: oneDNN matmul {}x{}x{} failed", sh.m, sh.n, sh.k));
     }
   }
 };
@@ -98,16 +116,26 @@ void for_each_upper_block(int64_t p, Fn&& fn) {
     for (int64_t j = i; j < p; j += block) fn(i, std::min(block, p - i), j, std::min(block, p - j));
 }
 
-// Upper triangle (and the diagonal blocks whole) of C = S S^T, S p x k row-major bf16, C p x p.
-void gram_upper(Bf16NsState& st, const bf16* s, int64_t p, int64_t k, float* c, bool prepare_only) {
+// Upper triangle (and the diagonal blocks whole) of C = S S^T, S p x k row-major, C p x p fp32.
+// With s == nullptr only prepares the primitives.
+template <class T>
+void gram_upper(DnnlNsState& st, const T* s, int64_t p, int64_t k, float* c) {
   for_each_upper_block(p, [&](int64_t i, int64_t bi, int64_t j, int64_t bj) {
-    const GemmShape sh{bi, bj, k, k, k, p, true};
-    if (prepare_only) st.gemm(sh);
+    const GemmShape sh{bi, bj, k, k, k, p, true, dnnl_type<T>()};
+    if (s == nullptr) st.gemm(sh);
     else st.run(sh, s + i * k, s + j * k, c + i * p + j);
   });
 }
 
-GemmShape update_shape(int64_t p, int64_t q) { return {p, q, p, p, q, q, false}; }
+template <class T>
+GemmShape update_shape(int64_t p, int64_t q) { return {p, q, p, p, q, q, false, dnnl_type<T>()}; }
+
+template <class T>
+void prepare_gemms(DnnlNsState& st, int64_t p, int64_t q) {
+  gram_upper<T>(st, nullptr, p, q, nullptr);
+  gram_upper<T>(st, nullptr, p, p, nullptr);
+  st.gemm(update_shape<T>(p, q));
+}
 
 void round_to_bf16(const float* src, bf16* dst, size_t n) {
   for (size_t i = 0; i < n; ++i) dst[i] = to_bf16_rne(src[i]);
@@ -123,7 +151,7 @@ NsWorkspace& NsWorkspace::operator=(NsWorkspace&&) noexcept = default;
 
 size_t NsWorkspace::bytes() const {
   size_t b = 4 * (x_.size() + a_.size() + b_.size());
-  if (bf16_) b += 4 * bf16_->y.size() + 2 * (bf16_->x.size() + bf16_->s.size());
+  if (dnnl_) b += 4 * dnnl_->y.size() + 2 * (dnnl_->x.size() + dnnl_->s.size());
   return b;
 }
 
@@ -143,32 +171,30 @@ void NsWorkspace::reserve(int64_t rows, int64_t cols, NsPrecision precision) {
     b_ = FloatBuffer(square);
     max_small_dim_ = small_dim;
   }
-  if (precision == NsPrecision::kBF16) {
-    if (!bf16_) bf16_ = std::make_unique<Bf16NsState>();
-    if (bf16_->y.size() < max_elements_) {
-      bf16_->y = FloatBuffer(max_elements_);
-      bf16_->x.resize(max_elements_);
-    }
-    bf16_->s.resize(std::max(bf16_->s.size(), static_cast<size_t>(max_small_dim_ * max_small_dim_)));
-    if (elements != 0) {
-      const int64_t p = small_dim, q = std::max(rows, cols);
-      gram_upper(*bf16_, nullptr, p, q, nullptr, true);
-      gram_upper(*bf16_, nullptr, p, p, nullptr, true);
-      bf16_->gemm(update_shape(p, q));
-    }
+  if (!dnnl_) dnnl_ = std::make_unique<DnnlNsState>();
+  if (dnnl_->y.size() < max_elements_) dnnl_->y = FloatBuffer(max_elements_);
+  const bool in_bf16 = precision == NsPrecision::kBF16;
+  if (in_bf16) {
+    dnnl_->x.resize(std::max(dnnl_->x.size(), max_elements_));
+    dnnl_->s.resize(std::max(dnnl_->s.size(), static_cast<size_t>(max_small_dim_ * max_small_dim_)));
+  }
+  if (elements != 0) {
+    const int64_t p = small_dim, q = std::max(rows, cols);
+    if (in_bf16) prepare_gemms<bf16>(*dnnl_, p, q);  // fp32 runs oneDNN's sgemm: nothing to prepare
   }
 }
 
 bool NsWorkspace::fits(int64_t rows, int64_t cols, NsPrecision precision) const {
   return rows >= 0 && cols >= 0 && static_cast<size_t>(rows) * static_cast<size_t>(cols) <= max_elements_ &&
-         std::min(rows, cols) <= max_small_dim_ && (precision == NsPrecision::kF32 || bf16_ != nullptr);
+         std::min(rows, cols) <= max_small_dim_ && dnnl_ != nullptr && dnnl_->y.size() >= max_elements_ &&
+         (precision == NsPrecision::kF32 || dnnl_->x.size() >= max_elements_);
 }
 
 struct NsAccess {
   static float* x(NsWorkspace& w) { return w.x_.data(); }
   static float* a(NsWorkspace& w) { return w.a_.data(); }
   static float* b(NsWorkspace& w) { return w.b_.data(); }
-  static Bf16NsState& bf16(NsWorkspace& w) { return *w.bf16_; }
+  static DnnlNsState& dnnl(NsWorkspace& w) { return *w.dnnl_; }
 };
 
 namespace {
@@ -235,30 +261,36 @@ void iterate_plain(const float* src, float* dst, int64_t p, int64_t q, bool wide
   }
 }
 
-// The bf16 iteration on the wide orientation (X p x q). X0 (fp32) is in `cur`; the result ends in
-// the returned buffer (cur or nxt). Products take bf16 copies of X, A and a I + B; sums and
-// iterates stay fp32.
-float* iterate_bf16(Bf16NsState& st, float* cur, float* nxt, int64_t p, int64_t q, const NsSchedule& schedule,
+// The oneDNN iteration on the wide orientation (X p x q). X0 (fp32) is in `cur`; the result ends in
+// the returned buffer (cur or nxt). T = float: fp32 products. T = bf16: the products take bf16
+// copies of X, A and a I + B; sums and iterates stay fp32.
+template <class T>
+float* iterate_dnnl(DnnlNsState& st, float* cur, float* nxt, int64_t p, int64_t q, const NsSchedule& schedule,
                     float* a, float* b) {
   const size_t pq = static_cast<size_t>(p * q), pp = static_cast<size_t>(p * p);
-  bf16* xb = st.x.data();
-  bf16* sb = st.s.data();
-  round_to_bf16(cur, xb, pq);
+  // The GEMM operand of an fp32 matrix: itself, or its bf16 rounding in `copy`.
+  auto operand = [](const float* m, std::vector<bf16>& copy, size_t n) -> const T* {
+    if constexpr (std::is_same_v<T, bf16>) {
+      round_to_bf16(m, copy.data(), n);
+      return copy.data();
+    } else {
+      return m;
+    }
+  };
+  const T* x = operand(cur, st.x, pq);
   for (const auto& k : schedule.coefficients) {
-    gram_upper(st, xb, p, q, a, false);  // A = X X^T
+    gram_upper(st, x, p, q, a);  // A = X X^T
     symmetrize_upper_to_lower(a, p);
-    round_to_bf16(a, sb, pp);
-    gram_upper(st, sb, p, p, b, false);  // A A (= A A^T)
+    gram_upper(st, operand(a, st.s, pp), p, p, b);  // A A (= A A^T)
     for (int64_t i = 0; i < p; ++i)
       for (int64_t j = i; j < p; ++j) b[i * p + j] = k[1] * a[i * p + j] + k[2] * b[i * p + j];
-    // a I is added before rounding, as in the fp32 path: rounding B alone and adding a X after
-    // would cost bf16's relative error on |B|, which cancels against a (1x1: a + B = 0.70 from
-    // 3.44 - 2.74), i.e. ~4x the error of rounding a I + B.
+    // a I is added before rounding: rounding B alone and adding a X after would cost bf16's
+    // relative error on |B|, which cancels against a (1x1: a + B = 0.70 from 3.44 - 2.74), i.e.
+    // ~4x the error of rounding a I + B. One product then gives a X + B X.
     for (int64_t i = 0; i < p; ++i) b[i * p + i] += k[0];
     symmetrize_upper_to_lower(b, p);
-    round_to_bf16(b, sb, pp);
-    st.run(update_shape(p, q), sb, xb, nxt);  // (a I + B) X
-    round_to_bf16(nxt, xb, pq);
+    st.run(update_shape<T>(p, q), operand(b, st.s, pp), x, nxt);  // (a I + B) X
+    x = operand(nxt, st.x, pq);
     std::swap(cur, nxt);
   }
   st.stream.wait();
@@ -290,8 +322,9 @@ void newton_schulz(const float* input, int64_t rows, int64_t cols, float* output
   const bool wide = rows <= cols;
   const size_t count = static_cast<size_t>(rows) * static_cast<size_t>(cols);
 
-  if (schedule.precision == NsPrecision::kBF16) {
-    Bf16NsState& st = NsAccess::bf16(workspace);
+  const bool in_bf16 = schedule.precision == NsPrecision::kBF16;
+  if (in_bf16 || algorithm == NsAlgorithm::kSymmetric) {
+    DnnlNsState& st = NsAccess::dnnl(workspace);
     double sum_sq = 0.0;
     for (size_t i = 0; i < count; ++i) sum_sq += static_cast<double>(input[i]) * input[i];
     const double denom = std::max(static_cast<double>(schedule.norm_scale) * std::sqrt(sum_sq) + schedule.norm_add,
@@ -307,7 +340,10 @@ void newton_schulz(const float* input, int64_t rows, int64_t cols, float* output
       for (int64_t r = 0; r < q; ++r)
         for (int64_t c = 0; c < p; ++c) cur[c * q + r] = input[r * p + c] * inv;
     }
-    const float* result = iterate_bf16(st, cur, nxt, p, q, schedule, NsAccess::a(workspace), NsAccess::b(workspace));
+    float* a = NsAccess::a(workspace);
+    float* b = NsAccess::b(workspace);
+    const float* result = in_bf16 ? iterate_dnnl<bf16>(st, cur, nxt, p, q, schedule, a, b)
+                               : iterate_dnnl<float>(st, cur, nxt, p, q, schedule, a, b);
     if (wide) {
       std::memcpy(output, result, sizeof(float) * count);
     } else {
@@ -317,7 +353,7 @@ void newton_schulz(const float* input, int64_t rows, int64_t cols, float* output
     return;
   }
 
-  // Ping-pong between `output` and the workspace so that the last iteration lands in `output`.
+  // OpenBLAS: ping-pong between `output` and the workspace so that the last iteration lands in `output`.
   float* other = NsAccess::x(workspace);
   float* src = (steps % 2 == 1) ? other : output;
   float* dst = (steps % 2 == 1) ? output : other;

@@ -1,18 +1,23 @@
-// Newton-Schulz orthogonalization (Muon's NS5) on CPU: fp32 with OpenBLAS, or bf16 products with
-// oneDNN (schedule.precision).
+// Newton-Schulz orthogonalization (Muon's NS5) on CPU: the matrix products on oneDNN (fp32, or
+// bf16 operands with schedule.precision), or on OpenBLAS (NsAlgorithm::kBlasSymmetric, kPlainGemm).
 //
 // For an m x n row-major G with p = min(m, n), q = max(m, n), iterating on the wide orientation
-// X (p x q; X = G^T when m > n, never materialized: the BLAS calls take the transpose flags):
+// X (p x q; X = G^T when m > n):
 //   X0 = G / max(norm_scale*||G||_F + norm_add, norm_floor)
 //   per iteration (a, b, c):  A = X X^T;  B = b A + c A A;  X = a X + B X
-// kSymmetric uses that A and B are symmetric: A by SSYRK, A A = A A^T by SSYRK, (aI + B) X by SSYMM
-// (3p^2 q + p^3 FLOPs per iteration instead of 4p^2 q + 2p^3). kPlainGemm is the SGEMM-only
-// baseline the benchmarks compare against.
-// NsPrecision::kBF16 keeps X, A and B in fp32 but rounds them to bf16 as GEMM operands (fp32
-// accumulation, oneDNN matmul). oneDNN has no SYRK: the symmetric products X X^T and A A are
-// computed as the GEMMs of the upper-triangle blocks (192 rows; measured faster than one full
-// GEMM at p = 768), mirrored to the lower triangle. Its thread count is OpenMP's for the calling
-// thread (omp_set_num_threads / OMP_NUM_THREADS).
+// The symmetric algorithms use that A and B are symmetric: X X^T and A A = A A^T computed once per
+// triangle, (aI + B) X as one product (3p^2 q + p^3 FLOPs per iteration instead of 4p^2 q + 2p^3).
+//   kSymmetric (default): oneDNN (sgemm for fp32, the matmul primitive for bf16), which picks its
+//     kernels from the CPU's ISA itself. oneDNN has no SYRK: X X^T and A A are the GEMMs of the upper-triangle blocks (192 rows), mirrored to
+//     the lower triangle. A tall input is transposed in and out (O(pq) next to the O(p^2 q) products).
+//     With NsPrecision::kBF16, X, A and B stay fp32 but are rounded to bf16 as GEMM operands (fp32
+//     accumulation), as torch.optim.Muon does.
+//   kBlasSymmetric: OpenBLAS SSYRK / SSYMM (fp32). Its speed depends on the kernels OpenBLAS detects at
+//     load (Debian's 0.3.21 falls back to generic SSE3 kernels on some AVX-512 CPUs unless the user
+//     sets OPENBLAS_CORETYPE), hence not the default.
+//   kPlainGemm: OpenBLAS SGEMM only, the baseline the benchmarks compare against.
+// Threads: oneDNN's products use OpenMP's thread count for the calling thread (omp_set_num_threads /
+// OMP_NUM_THREADS); OpenBLAS's use OPENBLAS_NUM_THREADS.
 #pragma once
 
 #include <cstddef>
@@ -42,10 +47,10 @@ class FloatBuffer {
   size_t size_ = 0;
 };
 
-struct Bf16NsState;  // oneDNN primitives and bf16 operand buffers (newton_schulz.cc)
+struct DnnlNsState;  // oneDNN primitives, the second iterate, bf16 operand buffers (newton_schulz.cc)
 
-// Scratch for newton_schulz(): one m x n buffer and two p x p buffers (kBF16 adds a second m x n
-// fp32 buffer, bf16 operand copies and the oneDNN matmul primitives of each shape). Size it once
+// Scratch for newton_schulz(): two m x n fp32 buffers, two p x p buffers; kBF16 adds bf16 operand
+// copies and the oneDNN matmul primitives of each shape. Size it once
 // for every matrix shape the caller will orthogonalize; newton_schulz() then never allocates and
 // throws ConfigError if a matrix does not fit. One workspace serves one thread at a time.
 class NsWorkspace {
@@ -63,21 +68,22 @@ class NsWorkspace {
 
  private:
   friend struct NsAccess;
-  FloatBuffer x_;  // ping-pong partner of the output, max_elements
+  FloatBuffer x_;  // an iterate (OpenBLAS: the ping-pong partner of the output), max_elements
   FloatBuffer a_;  // A = X X^T, max_small_dim^2
   FloatBuffer b_;  // B = b A + c A A (+ a I), max_small_dim^2
   size_t max_elements_ = 0;
   int64_t max_small_dim_ = 0;
-  std::unique_ptr<Bf16NsState> bf16_;  // only after a kBF16 reserve()
+  std::unique_ptr<DnnlNsState> dnnl_;
 };
 
 enum class NsAlgorithm {
-  kSymmetric,  // SSYRK / SSYMM (default)
-  kPlainGemm,  // SGEMM only: the baseline
+  kSymmetric,      // oneDNN, symmetric products (default)
+  kBlasSymmetric,  // OpenBLAS SSYRK / SSYMM, fp32 only
+  kPlainGemm,      // OpenBLAS SGEMM only, fp32 only: the baseline
 };
 
 // Orthogonalizes the rows x cols row-major `input` into `output` (which may alias `input`), in
-// schedule.precision (kBF16 ignores `algorithm`). An empty matrix (rows or cols 0) is a no-op.
+// schedule.precision (kBF16 always runs kSymmetric). An empty matrix (rows or cols 0) is a no-op.
 // Throws ConfigError for negative sizes, an empty schedule, or a workspace too small (or not
 // reserved for kBF16).
 void newton_schulz(const float* input, int64_t rows, int64_t cols, float* output, const NsSchedule& schedule,

@@ -99,7 +99,7 @@ struct EngineOptions {
   bool overlap = true;
   // Compute threads of this rank's optimizer step (a ThreadPool: element-wise kernels in chunks,
   // owned Muon matrices concurrently with one BLAS thread each). 1 = the calling thread only, with
-  // OpenBLAS threads as OPENBLAS_NUM_THREADS says; 0 = default_thread_count() (the affinity mask's
+  // NS products' threads as OMP_NUM_THREADS says (oneDNN); 0 = default_thread_count() (the affinity mask's
   // CPUs divided by the ranks on this host, or SHARDOPT_NUM_THREADS). Results do not depend on it.
   int threads = 1;
   // Where the buffers live and which kernels run the step (see the file comment). kCuda needs a

@@ -1,8 +1,11 @@
-// Optimizer kernel figures: SGEMM rate, Newton-Schulz (SYRK/SYMM vs plain-SGEMM baseline), and the
-// element-wise optimizers' bandwidth against memcpy, all measured in one run with the same threads.
+// Optimizer kernel figures: SGEMM rate, fp32 Newton-Schulz (the default oneDNN symmetric products vs
+// OpenBLAS SSYRK/SSYMM and the plain-SGEMM baseline), and the element-wise optimizers' bandwidth
+// against memcpy, all measured in one run with the same threads (OPENBLAS_NUM_THREADS; oneDNN's
+// OpenMP is set to the same count).
 // Every figure is the best of --reps repetitions (the machine is shared; the best is the least
 // disturbed). Prints a table, or with --json one JSON object per result line.
 #include <cblas.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -58,10 +61,13 @@ void bench_ns(int64_t m, int64_t n, int reps, double machine_sgemm) {
   auto g = random_floats(static_cast<size_t>(m * n), 3);
   std::vector<float> out(g.size());
   so::NsWorkspace ws(m, n);
-  so::newton_schulz(g.data(), m, n, out.data(), schedule, ws);  // warm-up: page faults, BLAS init
-  const double t_sym = best_seconds(reps, [&] { so::newton_schulz(g.data(), m, n, out.data(), schedule, ws); });
-  const double t_plain = best_seconds(
-      reps, [&] { so::newton_schulz(g.data(), m, n, out.data(), schedule, ws, so::NsAlgorithm::kPlainGemm); });
+  auto time_ns = [&](so::NsAlgorithm alg) {
+    so::newton_schulz(g.data(), m, n, out.data(), schedule, ws, alg);  // warm-up: page faults, BLAS init
+    return best_seconds(reps, [&] { so::newton_schulz(g.data(), m, n, out.data(), schedule, ws, alg); });
+  };
+  const double t_sym = time_ns(so::NsAlgorithm::kSymmetric);
+  const double t_blas = time_ns(so::NsAlgorithm::kBlasSymmetric);
+  const double t_plain = time_ns(so::NsAlgorithm::kPlainGemm);
   const double flops = so::newton_schulz_flops(m, n, schedule.steps());
   const int64_t p = std::min(m, n), q = std::max(m, n);
   // The SGEMM shape that dominates NS: (p x p) times (p x q).
@@ -71,18 +77,21 @@ void bench_ns(int64_t m, int64_t n, int reps, double machine_sgemm) {
                               {"n", n},
                               {"dtype", "f32"},
                               {"threads", threads()},
+                              {"openblas_core", openblas_get_corename()},
                               {"seconds", t_sym},
                               {"gflops_gemm_count", flops / t_sym / 1e9},
                               {"sgemm_gflops", machine_sgemm},
                               {"sgemm_same_shape_gflops", sgemm_same_shape},
                               {"ratio_vs_sgemm", flops / t_sym / 1e9 / machine_sgemm},
+                              {"blas_symmetric_seconds", t_blas},
+                              {"speedup_vs_blas_symmetric_ns", t_blas / t_sym},
                               {"plain_gemm_seconds", t_plain},
                               {"plain_gemm_gflops_gemm_count", flops / t_plain / 1e9},
                               {"speedup_vs_plain_gemm_ns", t_plain / t_sym}};
-  emit(row, fmt::format("ns5 {:>5}x{:<5} {:8.4f} s  {:7.1f} GFLOP/s (gemm count) = {:5.2f} x SGEMM   plain-SGEMM NS "
-                        "{:8.4f} s  speedup {:4.2f}x",
-                        m, n, t_sym, flops / t_sym / 1e9, flops / t_sym / 1e9 / machine_sgemm, t_plain,
-                        t_plain / t_sym));
+  emit(row, fmt::format("ns5 {:>5}x{:<5} oneDNN {:8.4f} s  {:7.1f} GFLOP/s (gemm count) = {:5.2f} x SGEMM   OpenBLAS "
+                        "SSYRK/SSYMM {:8.4f} s ({:4.2f}x)   plain-SGEMM {:8.4f} s ({:4.2f}x)",
+                        m, n, t_sym, flops / t_sym / 1e9, flops / t_sym / 1e9 / machine_sgemm, t_blas,
+                        t_blas / t_sym, t_plain, t_plain / t_sym));
 }
 
 double memcpy_gbytes_per_s(size_t bytes, int reps) {
@@ -145,15 +154,19 @@ void bench_elementwise(so::OptimizerKind kind, bool bf16_grads, bool mirror, siz
 
 int main(int argc, char** argv) {
   CLI::App app{"shardopt optimizer kernel benchmark"};
-  bool large = false, quick = false;
+  bool large = false, quick = false, ns_only = false;
+  std::string ns_shapes;
   int reps = 3;
   bool json = false;
   shardopt::bench::add_json_flag(app, json);
   app.add_flag("--large", large, "add the 4096x4096 NS (minutes on 2 cores)");
   app.add_flag("--quick", quick, "small shapes only (smoke run)");
+  app.add_option("--ns-shapes", ns_shapes, "NS shapes instead of the defaults, e.g. 768x768,768x2048,2048x768");
+  app.add_flag("--ns-only", ns_only, "SGEMM and NS rows only");
   shardopt::bench::add_repeat_option(app, reps, "--reps")->check(CLI::Range(1, 100));
   CLI11_PARSE(app, argc, argv);
   emit = shardopt::bench::Emitter(json);
+  omp_set_num_threads(threads());  // oneDNN's products with the same threads as OpenBLAS's
 
   const double machine_sgemm = sgemm_gflops(quick ? 512 : 2048, quick ? 512 : 2048, quick ? 512 : 2048, reps);
   emit({{"kernel", "sgemm"}, {"m", quick ? 512 : 2048}, {"n", quick ? 512 : 2048}, {"k", quick ? 512 : 2048},
@@ -165,8 +178,23 @@ int main(int argc, char** argv) {
     shapes.insert(shapes.end(), {{2048, 2048}, {1024, 4096}, {4096, 1024}});
   }
   if (large) shapes.push_back({4096, 4096});
+  if (!ns_shapes.empty()) {
+    shapes.clear();
+    for (size_t pos = 0; pos < ns_shapes.size();) {
+      const size_t comma = std::min(ns_shapes.find(',', pos), ns_shapes.size());
+      const std::string item = ns_shapes.substr(pos, comma - pos);
+      const size_t x = item.find('x');
+      if (x == std::string::npos) {
+        fmt::print(stderr, "optim_bench: --ns-shapes expects ROWSxCOLS items, found '{}'\n", item);
+        return 2;
+      }
+      shapes.emplace_back(std::stoll(item.substr(0, x)), std::stoll(item.substr(x + 1)));
+      pos = comma + 1;
+    }
+  }
   for (const auto& [m, n] : shapes) bench_ns(m, n, m * n >= (int64_t{2048} * 2048) ? std::min(reps, 2) : reps, machine_sgemm);
 
+  if (ns_only) return 0;
   const size_t elements = quick ? (size_t{1} << 20) : (size_t{1} << 24);
   const double memcpy_gbs = memcpy_gbytes_per_s(elements * 4 * 4, reps + 2);
   emit({{"kernel", "memcpy"}, {"bytes", elements * 16}, {"threads", 1}, {"gbytes_per_s", memcpy_gbs}},

@@ -7,9 +7,10 @@
 //     read-modify-write stream ceiling (m += g; v += g; w += g: AdamW's bytes, trivial math) at
 //     the same threads.
 //   with --mpi-ranks N: bench/step's step_bench under mpirun (N ranks x 1 thread, ZeRO-2, owner-rank
-//     Muon, bf16 NS) on the same model (preset llama-125m): its matrix phase (muon_phase, against
-//     torch.optim.Muon in 1 process) and its whole Engine::step (optimizer_step, against torch's
-//     N-rank peer: round-robin torch.optim.Muon owners + ZeroRedundancyOptimizer(AdamW), gloo).
+//     Muon, NS in each of --mpi-ns-dtypes) on the same model (preset llama-125m): its matrix phase
+//     (muon_phase, against torch.optim.Muon in 1 process and torch's N-rank Muon phase) and its whole
+//     Engine::step (optimizer_step, against torch's N-rank peer of the same NS precision: round-robin
+//     Muon owners + ZeroRedundancyOptimizer(AdamW), gloo, 1 thread each).
 // Ratios are torch_seconds / shardopt_seconds (> 1: shardopt faster) and rmw_seconds /
 // adamw_seconds (fraction of the stream ceiling reached). Every figure is the best of --reps.
 #include <cblas.h>
@@ -120,15 +121,16 @@ std::vector<nlohmann::json> json_rows_of(const std::string& cmd, const std::stri
 // Runs the torch peers; returns their rows (empty with a message when torch is not there).
 std::vector<nlohmann::json> torch_rows(const std::string& python, const std::string& script, const Model& m,
                                        int64_t d, int64_t ffn, int layers, int muon_threads,
-                                       const std::string& adamw_threads, int reps, int dist_ranks, bool skip_muon) {
+                                       const std::string& adamw_threads, int reps, int dist_ranks,
+                                       const std::string& dist_dtypes, bool skip_muon) {
   if (!std::filesystem::exists(python)) {
     fmt::print(stderr, "peers_bench: {} not found: torch rows skipped (set SHARDOPT_VENV or --python)\n", python);
     return {};
   }
   const std::string cmd = fmt::format("'{}' '{}' --d-model {} --ffn {} --layers {} --elements {} --muon-threads {} "
-                                      "--adamw-threads {} --reps {} --dist-ranks {}{}",
+                                      "--adamw-threads {} --reps {} --dist-ranks {} --dist-dtypes {}{}",
                                       python, script, d, ffn, layers, m.elements, muon_threads, adamw_threads, reps,
-                                      dist_ranks, skip_muon ? " --skip-muon" : "");
+                                      dist_ranks, dist_dtypes, skip_muon ? " --skip-muon" : "");
   return json_rows_of(cmd, "torch");
 }
 
@@ -175,7 +177,7 @@ int main(int argc, char** argv) {
   CLI::App app{"shardopt vs torch optimizer peers on Llama-style shapes"};
   int64_t d = 768, ffn = 2048, vocab = 32000;
   int layers = 12, threads = 2, reps = 2, mpi_ranks = 0;
-  std::string adamw_threads_list = "1,2";
+  std::string adamw_threads_list = "1,2", mpi_ns_dtypes = "bf16,f32";
   const char* venv = std::getenv("SHARDOPT_VENV");
   const char* home = std::getenv("HOME");
   std::string python = venv ? std::string(venv) + "/bin/python"
@@ -198,6 +200,8 @@ int main(int argc, char** argv) {
   app.add_option("--mpi-ranks", mpi_ranks,
                  "also N ranks x 1 thread under mpirun (step_bench) and torch's N-rank gloo peer (0: none)")
       ->capture_default_str();
+  app.add_option("--mpi-ns-dtypes", mpi_ns_dtypes, "NS precisions of the N-rank rows, each against torch's of the same")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   std::vector<int> adamw_threads;
@@ -208,13 +212,17 @@ int main(int argc, char** argv) {
   }
 
   const Model model = llama(d, ffn, layers, vocab);
-  std::map<std::string, double> peer;  // "torch_muon", "torch_muon_f32", "torch_adamw_fused/<threads>"
+  // "torch_muon", "torch_muon_f32", "torch_adamw_fused/<threads>", "torch_{muon,step}_dist/<dtype>"
+  std::map<std::string, double> peer;
   if (!no_peers) {
     for (nlohmann::json row : torch_rows(python, script, model, d, ffn, layers, threads, adamw_threads_list, reps,
-                                         no_muon ? 0 : mpi_ranks, no_muon)) {
+                                         no_muon ? 0 : mpi_ranks, mpi_ns_dtypes, no_muon)) {
       const std::string name = row["peer"];
       const double s = row["seconds"];
-      peer[name == "torch_adamw_fused" ? name + "/" + std::to_string(row["threads"].get<int>()) : name] = s;
+      std::string key = name;
+      if (name == "torch_adamw_fused") key += "/" + std::to_string(row["threads"].get<int>());
+      if (row["ranks"].get<int>() > 1) key += "/" + row["dtype"].get<std::string>();
+      peer[key] = s;
       row["impl"] = "torch";
       emit(row);
     }
@@ -263,30 +271,37 @@ int main(int argc, char** argv) {
       fmt::print(stderr, "peers_bench: --mpi-ranks needs --d-model 768 --ffn 2048 --vocab 32000 (llama-125m)\n");
       return 2;
     }
-    const std::string cmd = fmt::format(
-        "mpirun --oversubscribe --mca btl self,vader --bind-to none -x OPENBLAS_NUM_THREADS=1 -x OMP_NUM_THREADS=1 -np {} '{}' --json "
-        "--shapes llama-125m --layers {} --stages 2 --layouts owned --ns-dtype bf16 --no-baselines --steps {}",
-        mpi_ranks, SHARDOPT_STEP_BENCH, layers, reps + 1);
-    for (const nlohmann::json& step : json_rows_of(cmd, "mpirun")) {
-      if (step.value("mode", "") != "step") continue;
-      const double matrix = step["matrix_seconds"], whole = step["step_seconds"];
-      nlohmann::json common = {{"impl", "shardopt"}, {"ranks", mpi_ranks}, {"threads", 1}, {"dtype", "bf16"},
-                               {"grad_dtype", "f32"}, {"matrices", step["muon_matrices"]}};
-      nlohmann::json muon = common;
-      muon["kernel"] = "muon_phase";
-      muon["seconds"] = matrix;
-      if (peer.count("torch_muon")) muon["ratio_vs_torch_muon"] = peer["torch_muon"] / matrix;
-      if (peer.count("torch_muon_dist")) muon["ratio_vs_torch_muon_dist"] = peer["torch_muon_dist"] / matrix;
-      emit(muon);
-      nlohmann::json row = common;
-      row["kernel"] = "optimizer_step";
-      row["elements"] = step["total_params"];
-      row["seconds"] = whole;
-      row["reduce_wait_seconds"] = step["reduce_wait_seconds"];
-      row["elementwise_seconds"] = step["elementwise_seconds"];
-      row["gather_seconds"] = step["gather_seconds"];
-      if (peer.count("torch_step_dist")) row["ratio_vs_torch_step_dist"] = peer["torch_step_dist"] / whole;
-      emit(row);
+    for (size_t pos = 0; pos < mpi_ns_dtypes.size();) {
+      const size_t comma = std::min(mpi_ns_dtypes.find(',', pos), mpi_ns_dtypes.size());
+      const std::string dtype = mpi_ns_dtypes.substr(pos, comma - pos);
+      pos = comma + 1;
+      const std::string cmd = fmt::format(
+          "mpirun --oversubscribe --mca btl self,vader --bind-to none -x OPENBLAS_NUM_THREADS=1 -x OMP_NUM_THREADS=1 -np {} '{}' --json "
+          "--shapes llama-125m --layers {} --stages 2 --layouts owned --ns-dtype {} --no-baselines --steps {}",
+          mpi_ranks, SHARDOPT_STEP_BENCH, layers, dtype, reps + 1);
+      for (const nlohmann::json& step : json_rows_of(cmd, "mpirun")) {
+        if (step.value("mode", "") != "step") continue;
+        const double matrix = step["matrix_seconds"], whole = step["step_seconds"];
+        nlohmann::json common = {{"impl", "shardopt"}, {"ranks", mpi_ranks}, {"threads", 1}, {"dtype", dtype},
+                                 {"grad_dtype", "f32"}, {"matrices", step["muon_matrices"]}};
+        const std::string dist = "/" + dtype;  // torch's N-rank peers of the same NS precision
+        nlohmann::json muon = common;
+        muon["kernel"] = "muon_phase";
+        muon["seconds"] = matrix;
+        if (peer.count("torch_muon")) muon["ratio_vs_torch_muon"] = peer["torch_muon"] / matrix;
+        if (dtype == "f32" && peer.count("torch_muon_f32")) muon["ratio_vs_torch_muon_f32"] = peer["torch_muon_f32"] / matrix;
+        if (peer.count("torch_muon_dist" + dist)) muon["ratio_vs_torch_muon_dist"] = peer["torch_muon_dist" + dist] / matrix;
+        emit(muon);
+        nlohmann::json row = common;
+        row["kernel"] = "optimizer_step";
+        row["elements"] = step["total_params"];
+        row["seconds"] = whole;
+        row["reduce_wait_seconds"] = step["reduce_wait_seconds"];
+        row["elementwise_seconds"] = step["elementwise_seconds"];
+        row["gather_seconds"] = step["gather_seconds"];
+        if (peer.count("torch_step_dist" + dist)) row["ratio_vs_torch_step_dist"] = peer["torch_step_dist" + dist] / whole;
+        emit(row);
+      }
     }
   }
 

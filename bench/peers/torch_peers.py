@@ -6,11 +6,13 @@ Rows (each the best of --reps timed repetitions after one warm-up, on torch.set_
   torch_muon_f32     the same step with torch's NS5 in fp32 (its algorithm, without the bf16 cast)
   torch_adamw_fused  torch.optim.AdamW(fused=True).step over `--elements` fp32 parameters
   torch_muon_dist    with --dist-ranks N: N processes (gloo, 1 thread each), the hidden matrices owned
-                     round-robin: each rank's torch.optim.Muon.step over its own, then every matrix
-                     broadcast from its owner (max over ranks)
+                     round-robin: each rank's torch.optim.Muon.step over its own (dtype bf16), or the
+                     same step with the fp32 NS5 above (dtype f32, with --dist-dtypes bf16,f32), then
+                     every matrix broadcast from its owner (max over ranks)
   torch_step_dist    the same plus ZeroRedundancyOptimizer(AdamW) over the other tensors (embedding,
                      norms, head): the whole optimizer step of N ranks (max over ranks). Gradients are
-                     taken as already averaged: no gradient reduction is timed.
+                     taken as already averaged: no gradient reduction is timed. Both N-rank figures
+                     come from the same --reps whole steps (the Muon phase timed inside each).
 Shapes: per layer 4 x (d, d) attention and (ffn, d), (ffn, d), (d, ffn) MLP matrices.
 """
 import argparse
@@ -65,7 +67,7 @@ def muon_f32_step(params, bufs, lr=1e-3, wd=0.1, momentum=0.95):
             p.add_(o, alpha=-lr * scale)
 
 
-def dist_rank(rank, world, port, d, ffn, vocab, layers, reps, results):
+def dist_rank(rank, world, port, d, ffn, vocab, layers, reps, dtypes, results):
     import torch
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -81,34 +83,38 @@ def dist_rank(rank, world, port, d, ffn, vocab, layers, reps, results):
 
     hidden = [param(*s) for s in hidden_shapes(d, ffn, layers)]
     others = [param(vocab, d)] + [param(d) for _ in range(2 * layers + 1)] + [param(vocab, d)]
-    muon = torch.optim.Muon([p for i, p in enumerate(hidden) if i % world == rank], lr=1e-3)
+    owned = [p for i, p in enumerate(hidden) if i % world == rank]
+    muon = torch.optim.Muon(owned, lr=1e-3)
+    bufs = [torch.zeros_like(p) for p in owned]
     zero = ZeroRedundancyOptimizer(others, optimizer_class=torch.optim.AdamW, lr=1e-4)
 
-    def muon_phase():
-        muon.step()
-        for i, p in enumerate(hidden):  # owners send their updated matrices
-            dist.broadcast(p.data, src=i % world)
+    for dtype in dtypes:
+        def muon_phase():
+            if dtype == "bf16":
+                muon.step()
+            else:
+                muon_f32_step(owned, bufs)
+            for i, p in enumerate(hidden):  # owners send their updated matrices
+                dist.broadcast(p.data, src=i % world)
 
-    def whole_step():
-        muon_phase()
-        zero.step()  # AdamW on this rank's shard, then the shards broadcast
-
-    def max_over_ranks_best(fn):
-        best = float("inf")
-        fn()  # warm-up
+        # One set of whole steps gives both figures: the Muon phase (ends with the owners'
+        # broadcasts, which synchronize the ranks) and the whole step (then
+        # ZeroRedundancyOptimizer(AdamW): AdamW on this rank's shard, the shards broadcast). Each the
+        # best over reps of the max over ranks.
+        muon_phase()  # warm-up: momentum buffers, gloo connections
+        zero.step()
+        muon_s = step_s = float("inf")
         for _ in range(reps):
             dist.barrier()
             t0 = time.perf_counter()
-            fn()
-            t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            muon_phase()
+            t1 = time.perf_counter()
+            zero.step()
+            t = torch.tensor([t1 - t0, time.perf_counter() - t0], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            best = min(best, t.item())
-        return best
-
-    muon_s = max_over_ranks_best(muon_phase)
-    step_s = max_over_ranks_best(whole_step)
-    if rank == 0:
-        results.put((muon_s, step_s, len(hidden), sum(p.numel() for p in hidden + others)))
+            muon_s, step_s = min(muon_s, t[0].item()), min(step_s, t[1].item())
+        if rank == 0:
+            results.put((dtype, muon_s, step_s, len(hidden), sum(p.numel() for p in hidden + others)))
     dist.destroy_process_group()
 
 
@@ -122,16 +128,18 @@ def run_dist(a):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
+    dtypes = [x for x in a.dist_dtypes.split(",") if x]
     procs = [ctx.Process(target=dist_rank, args=(r, a.dist_ranks, port, a.d_model, a.ffn, a.vocab, a.layers,
-                                                 a.reps, results)) for r in range(a.dist_ranks)]
+                                                 a.reps, dtypes, results)) for r in range(a.dist_ranks)]
     for p in procs:
         p.start()
-    muon_s, step_s, matrices, elements = results.get()
+    for _ in dtypes:
+        dtype, muon_s, step_s, matrices, elements = results.get()
+        common = {"ranks": a.dist_ranks, "threads": 1, "dtype": dtype, "grad_dtype": "f32", "matrices": matrices}
+        print(json.dumps({"peer": "torch_muon_dist", **common, "seconds": muon_s}), flush=True)
+        print(json.dumps({"peer": "torch_step_dist", **common, "elements": elements, "seconds": step_s}), flush=True)
     for p in procs:
         p.join()
-    common = {"ranks": a.dist_ranks, "threads": 1, "dtype": "bf16", "grad_dtype": "f32", "matrices": matrices}
-    print(json.dumps({"peer": "torch_muon_dist", **common, "seconds": muon_s}), flush=True)
-    print(json.dumps({"peer": "torch_step_dist", **common, "elements": elements, "seconds": step_s}), flush=True)
 
 
 def main():
@@ -146,6 +154,7 @@ def main():
     ap.add_argument("--skip-muon", action="store_true")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dist-ranks", type=int, default=0, help="also the N-rank rows (gloo, 1 thread each)")
+    ap.add_argument("--dist-dtypes", default="bf16", help="NS precisions of the N-rank rows (bf16, f32)")
     a = ap.parse_args()
     try:
         import torch

@@ -97,6 +97,8 @@ struct Shape {
 // 1 x n, n x 1, tall, wide, square, odd both ways, and empty.
 const std::vector<Shape> kShapes = {{1, 37}, {37, 1}, {48, 16}, {16, 48}, {32, 32}, {17, 29}, {29, 17}, {0, 5}, {5, 0}};
 
+const NsAlgorithm kAlgorithms[] = {NsAlgorithm::kSymmetric, NsAlgorithm::kBlasSymmetric, NsAlgorithm::kPlainGemm};
+
 TEST(NewtonSchulz, MatchesDoubleReference) {
   std::mt19937 rng(7);
   struct Sched {
@@ -116,9 +118,9 @@ TEST(NewtonSchulz, MatchesDoubleReference) {
     NsWorkspace ws(s.rows, s.cols);
     for (const Sched& sc : schedules) {
       const Mat expect = ref_ns(gd, s.rows, s.cols, sc.triples, sc.norm);
-      for (NsAlgorithm alg : {NsAlgorithm::kSymmetric, NsAlgorithm::kPlainGemm}) {
-        SCOPED_TRACE(testing::Message() << s.rows << "x" << s.cols << " " << sc.name << " plain "
-                                        << (alg == NsAlgorithm::kPlainGemm));
+      for (NsAlgorithm alg : kAlgorithms) {
+        SCOPED_TRACE(testing::Message() << s.rows << "x" << s.cols << " " << sc.name << " algorithm "
+                                        << static_cast<int>(alg));
         std::vector<float> out(g.size(), -7.0f);
         newton_schulz(g.data(), s.rows, s.cols, out.data(), sc.schedule, ws, alg);
         // In place (output aliases input) gives the same.
@@ -130,6 +132,43 @@ TEST(NewtonSchulz, MatchesDoubleReference) {
           ASSERT_NEAR(inplace[i], expect[i], tol) << "element " << i;
         }
       }
+    }
+  }
+}
+
+// p > 384: the symmetric products are several upper-triangle block GEMMs (oneDNN), mirrored; wide
+// and tall. The default quintic in double with Eigen's products (independent of optim/); same bound
+// as above (fp32 products; measured ~1e-6 of the largest element).
+TEST(NewtonSchulz, LargeMatricesMatchDoubleReference) {
+  using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  std::mt19937 rng(9);
+  for (const Shape s : {Shape{400, 500}, Shape{520, 400}}) {
+    const auto g = random_matrix(s.rows, s.cols, rng);
+    MatD x(s.rows, s.cols);
+    for (size_t i = 0; i < g.size(); ++i) x.data()[i] = g[i];
+    if (s.rows > s.cols) x.transposeInPlace();  // wide orientation
+    x /= std::max(x.norm(), 1e-7);
+    for (const Triple& k : kDefaultTriples) {
+      const MatD a = x * x.transpose();
+      const MatD b = k[1] * a + k[2] * a * a;
+      x = k[0] * x + b * x;
+    }
+    if (s.rows > s.cols) x.transposeInPlace();
+    const double tol = 2e-3 * x.cwiseAbs().maxCoeff();
+    NsWorkspace ws(s.rows, s.cols);
+    for (NsAlgorithm alg : kAlgorithms) {
+      SCOPED_TRACE(testing::Message() << s.rows << "x" << s.cols << " algorithm " << static_cast<int>(alg));
+      std::vector<float> out(g.size(), -7.0f);
+      newton_schulz(g.data(), s.rows, s.cols, out.data(), NsSchedule::default_quintic(), ws, alg);
+      double worst = 0;
+      for (size_t i = 0; i < out.size(); ++i) {
+        const double err = std::abs(out[i] - x.data()[i]);
+        if (!(err <= worst)) worst = err;  // NaN propagates (std::max would drop it)
+      }
+      EXPECT_LT(worst, tol);
+      std::printf("[ns f32] %lldx%lld algorithm %d max error %.3e of max element %.3e\n",
+                  static_cast<long long>(s.rows), static_cast<long long>(s.cols), static_cast<int>(alg), worst,
+                  x.cwiseAbs().maxCoeff());
     }
   }
 }

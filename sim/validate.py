@@ -109,6 +109,12 @@ def main():
                 row[f"measured_{sim_phase}_seconds"] = m
                 row[f"predicted_{sim_phase}_seconds"] = p
                 row[f"predicted_over_measured_{sim_phase}"] = p / m if m > 0 else None
+            # The target: 0.8-1.25 for the step and for every phase that is >= 10% of the measured step.
+            judged = [ph for ph, _ in PHASES if ph == "step" or
+                      row[f"measured_{ph}_seconds"] >= 0.1 * row["measured_step_seconds"]]
+            row["judged_phases"] = judged
+            row["within_0_8_1_25"] = all(row[f"predicted_over_measured_{ph}"] is not None and
+                                         0.8 <= row[f"predicted_over_measured_{ph}"] <= 1.25 for ph in judged)
             row["measured_bytes_sent_per_rank"] = measured["bytes_sent_per_rank"]
             row["predicted_bytes_sent_per_rank_max"] = predicted["bytes_sent_per_rank_max"]
             print(json.dumps(row), flush=True)

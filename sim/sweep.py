@@ -33,6 +33,9 @@ def main():
     ap.add_argument("--bucket-mib", default="auto")
     ap.add_argument("--replicas", default="8,16,32,64,128")
     ap.add_argument("--outer-ranks-per-replica", type=int, default=1)
+    ap.add_argument("--outer-preset", default="tiny",
+                    help="model of the outer-step rows (one rank per replica holds the whole model: DiLoCo's "
+                         "all-reduce of llama-1b per rank does not fit in memory here)")
     ap.add_argument("--layouts", default="owned,dim0")
     ap.add_argument("--straggler", default="", help="HOST:FACTOR: also simulate --straggler-ranks with that host slow")
     ap.add_argument("--straggler-ranks", type=int, default=16)
@@ -51,8 +54,9 @@ def main():
                 print(f"N={n} {layout}: step {r['predicted_step_seconds']:.3f} s", file=sys.stderr)
         for rep in [int(x) for x in a.replicas.split(",")]:
             for sync in ("diloco", "noloco"):
-                r = simulate(a.platform, rep * a.outer_ranks_per_replica, *common, "--layout", "dim0", "--sync", sync,
-                             "--replicas", str(rep))
+                outer_common = ["--preset", a.outer_preset, "--stage", "2", "--bucket-mib", a.bucket_mib]
+                r = simulate(a.platform, rep * a.outer_ranks_per_replica, *outer_common, "--layout", "dim0",
+                             "--sync", sync, "--replicas", str(rep))
                 outer_rows.append(r)
                 log.write(json.dumps(r) + "\n")
                 log.flush()

@@ -15,6 +15,9 @@ const std::vector<Variable>& registry() {
        "1 = every collective exchanges a fingerprint (op, dtype, counts, reduce op, root, index) first and a "
        "desync raises DesyncError at wait() naming both sides (comm/checked_communicator.h)."},
       {"SHARDOPT_LOG_LEVEL", "info", "Log verbosity: debug, info, warn, error."},
+      {"SHARDOPT_SIM_BUILD_DIR", "",
+       "SimGrid build holding bin/step_sim for `shardopt simulate` and scripts/simulate (default: the "
+       "sim-build next to this build, then <source>/build-sim; docs/simulation.md)."},
       {"SHARDOPT_NUM_THREADS", "0",
        "Compute threads per process (optimizer kernels, matrices in parallel); 0 = the CPUs in this process's "
        "affinity mask divided by the ranks on this host (OMPI_COMM_WORLD_LOCAL_SIZE)."},

@@ -1,13 +1,16 @@
-// shardopt: the command-line program. Subcommands: train, compare, plan, env, bench, ckpt inspect.
+// shardopt: the command-line program. Subcommands: train, compare, plan, simulate, env, bench, ckpt inspect.
 // Normal output (progress lines, reports, tables, --help) goes to stdout; diagnostics go through
 // base/log.h to stderr.
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
 #include <mutex>
 #include <sstream>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -232,6 +235,97 @@ std::string default_data_path() {
       "trainer whose model runs on the GPU; see README, 'GPU'");
 }
 
+// `shardopt simulate`: the SimGrid simulation of the step (docs/simulation.md). The simulation program
+// is a separate build (compiler smpicxx) run by smpirun; this subcommand finds scripts/simulate and that
+// build and hands over to the script, which assembles the smpirun command line.
+struct SimulateArgs {
+  std::string platform, preset = "llama-1b", layout = "owned", sync = "zero", bucket_mib = "auto", slow_host,
+                        sim_build;
+  int ranks = 0, layers = 0, stage = 2, replicas = 2, steps = 1;
+  bool json = false, timing = false;
+  std::vector<std::string> cfg;
+};
+
+void add_simulate_options(CLI::App& cmd, SimulateArgs& a) {
+  cmd.add_option("--platform", a.platform, "SimGrid platform file (sim/platforms/ has examples)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  cmd.add_option("--ranks", a.ranks, "simulated ranks (one per platform host, in file order)")
+      ->required()
+      ->check(CLI::PositiveNumber);
+  cmd.add_option("--preset", a.preset, "model preset (llama-125m, llama-1b, tiny)")->capture_default_str();
+  cmd.add_option("--layers", a.layers, "keep only the first K transformer layers (0 = all)")->capture_default_str();
+  cmd.add_option("--stage", a.stage, "ZeRO stage 1|2|3")->capture_default_str()->check(CLI::Range(1, 3));
+  cmd.add_option("--layout", a.layout, "owned | dim0")->capture_default_str()->check(CLI::IsMember({"owned", "dim0"}));
+  cmd.add_option("--sync", a.sync, "zero | diloco | noloco")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"zero", "diloco", "noloco"}));
+  cmd.add_option("--replicas", a.replicas, "replicas for diloco/noloco (must divide --ranks)")->capture_default_str();
+  cmd.add_option("--bucket-mib", a.bucket_mib, "bucket size in MiB, or auto: max(40M, 1M x ranks) fp32 elements")
+      ->capture_default_str();
+  cmd.add_option("--steps", a.steps, "steps to simulate (the last is reported)")->capture_default_str();
+  cmd.add_option("--slow-host", a.slow_host, "HOST:FACTOR: that platform host computes at FACTOR x its speed");
+  cmd.add_flag("--json", a.json, "one JSON object (predicted_step_seconds, predicted_<phase>_seconds, bytes)");
+  cmd.add_flag("--timing", a.timing, "report the simulation's own wall time and peak memory (stderr)");
+  cmd.add_option("--sim-build", a.sim_build, "SimGrid build holding bin/step_sim (default: $SHARDOPT_SIM_BUILD_DIR, "
+                                             "this build's sim-build, <source>/build-sim)");
+  cmd.add_option("--cfg", a.cfg, "extra SimGrid setting NAME:VALUE (repeatable)");
+}
+
+int run_simulate(const SimulateArgs& a, const char* argv0) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (ec) exe = fs::weakly_canonical(fs::path(argv0));
+  const fs::path bin_dir = exe.parent_path(), prefix = bin_dir.parent_path();
+  const fs::path source(SHARDOPT_SOURCE_DIR);
+  // The script: installed next to the binary, else the source tree this binary was built from.
+  fs::path script;
+  for (const fs::path& p : {prefix / "libexec" / "shardopt" / "simulate", source / "scripts" / "simulate"})
+    if (fs::exists(p)) {
+      script = p;
+      break;
+    }
+  if (script.empty())
+    throw ConfigError("simulate: scripts/simulate not found (looked in " + (prefix / "libexec/shardopt").string() +
+                      " and " + (source / "scripts").string() + ")");
+  // The SimGrid build: --sim-build, $SHARDOPT_SIM_BUILD_DIR, <build>/sim-build (the sub-build the normal
+  // build makes when smpicxx is installed), <source>/build-sim (docs/simulation.md's manual build).
+  std::vector<fs::path> candidates;
+  if (!a.sim_build.empty()) candidates.push_back(a.sim_build);
+  else if (const std::string env_dir = env::get_string("SHARDOPT_SIM_BUILD_DIR"); !env_dir.empty())
+    candidates.push_back(env_dir);
+  else candidates = {prefix / "sim-build", source / "build-sim", source / "build" / "sim-build"};
+  fs::path sim_build;
+  for (const auto& c : candidates)
+    if (fs::exists(c / "bin" / "step_sim")) {
+      sim_build = c;
+      break;
+    }
+  if (sim_build.empty()) {
+    std::string tried;
+    for (const auto& c : candidates) tried += "\n  " + (c / "bin" / "step_sim").string();
+    throw ConfigError("simulate: the SimGrid build of the simulation program is absent; looked for:" + tried +
+                      "\nInstall SimGrid (apt-get install simgrid libsimgrid-dev, or scripts/setup) and rebuild: the "
+                      "normal build then makes <build>/sim-build; or build it by hand as docs/simulation.md says");
+  }
+  std::vector<std::string> args = {script.string(), "--platform", a.platform, "--ranks", std::to_string(a.ranks),
+                                   "--sim-build", sim_build.string(), "--preset", a.preset,
+                                   "--layers", std::to_string(a.layers), "--stage", std::to_string(a.stage),
+                                   "--layout", a.layout, "--sync", a.sync, "--replicas", std::to_string(a.replicas),
+                                   "--bucket-mib", a.bucket_mib, "--steps", std::to_string(a.steps)};
+  if (!a.slow_host.empty()) args.insert(args.end(), {"--slow-host", a.slow_host});
+  if (a.json) args.push_back("--json");
+  if (a.timing) args.push_back("--timing");
+  for (const auto& c : a.cfg) args.push_back("--cfg=" + c);
+  std::vector<char*> cargs;
+  for (auto& s : args) cargs.push_back(s.data());
+  cargs.push_back(nullptr);
+  std::cout.flush();
+  ::execv(cargs[0], cargs.data());
+  throw ConfigError("simulate: could not run " + script.string() + ": " + std::strerror(errno));
+}
+
 int run_train(TrainArgs& a, CLI::App& cmd, int* argc, char*** argv) {
   auto& c = a.config;
   if (!a.config_file.empty()) apply_config_file(cmd, a.config_file);
@@ -380,6 +474,11 @@ int main(int argc, char** argv) {
   compare_cmd->add_option("--out", compare_out,
                           "PNG to write: train/validation loss vs step and vs wall time, every run (gnuplot)");
 
+  SimulateArgs sargs;
+  auto* simulate_cmd = app.add_subcommand(
+      "simulate", "predicted step time on a simulated cluster (SimGrid SMPI platform file; docs/simulation.md)");
+  add_simulate_options(*simulate_cmd, sargs);
+
   auto* env_cmd = app.add_subcommand("env", "list the environment variables shardopt reads");
   auto* bench_cmd = app.add_subcommand("bench", "list the benchmark binaries and how to run them");
   auto* ckpt_cmd = app.add_subcommand("ckpt", "checkpoint tools");
@@ -446,6 +545,7 @@ int main(int argc, char** argv) {
       std::cout << sharding::plan_summary(plan, max_buckets);
       return 0;
     }
+    if (*simulate_cmd) return run_simulate(sargs, argv[0]);
     if (*env_cmd) {
       for (const auto& v : env::registry())
         std::cout << v.name << " (default '" << v.default_value << "'): " << v.meaning << "\n";

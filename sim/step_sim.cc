@@ -31,6 +31,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -68,12 +69,28 @@ struct Options {
   std::string layout = "owned";
   std::string sync = "zero";
   int replicas = 2;
-  double bucket_mib = 4;  // the Engine's default bucket size (EngineOptions::bucket_bytes)
+  std::string bucket_mib = "auto";  // MiB, or "auto": bucket_bytes_for_ranks()
   int steps = 1;
   bool json = false;
   std::string slow_host;
   double slow_factor = 1;
 };
+
+// The bucket size a large data-parallel job chooses: Megatron-LM's default for its distributed optimizer,
+// max(40M, 1M x data-parallel ranks) elements, so that each rank's segment of a bucket stays >= 1M
+// elements (bandwidth-bound ring steps) however many ranks share it. Fixed-size buckets at 1024 ranks
+// would mean 25 KiB ring steps and, for llama-1b, ~100 buckets of N^2 simulated messages each.
+int64_t bucket_bytes_for_ranks(const std::string& bucket_mib, int ranks) {
+  if (bucket_mib == "auto") return 4 * std::max<int64_t>(40'000'000, int64_t{1'000'000} * ranks);
+  double mib = 0;
+  try {
+    mib = std::stod(bucket_mib);
+  } catch (const std::exception&) {
+    throw ConfigError("--bucket-mib: expected a number of MiB or auto, got '" + bucket_mib + "'");
+  }
+  if (!(mib > 0)) throw ConfigError("--bucket-mib must be > 0, got '" + bucket_mib + "'");
+  return static_cast<int64_t>(mib * (1 << 20));
+}
 
 // One ShardPlan per request for the whole process: with privatization off every simulated rank sees
 // this cache, so plan memory does not grow with the number of ranks.
@@ -137,6 +154,7 @@ double ns_flops(const proto::TensorPlacement& t) {
 
 struct Phases {
   double reduce_scatter = 0, check = 0, elementwise = 0, ns = 0, dim0_exchange = 0, all_gather = 0, outer = 0,
+         outer_exchange = 0, outer_all_gather = 0,
          step = 0, compute = 0;
 };
 
@@ -148,6 +166,9 @@ double max_over(comm::Communicator& c, double v) {
   out = static_cast<double>(m) * 1e-9;
   return out;
 }
+
+// Wall time of the simulation itself (real time, not simulated: the cost of running it here).
+const auto simulation_started = std::chrono::steady_clock::now();
 
 int run(int argc, char** argv) {
   Options o;
@@ -163,7 +184,9 @@ int run(int argc, char** argv) {
   app.add_option("--sync", o.sync, "zero (one ZeRO group) | diloco | noloco (replicas x shard groups)")
       ->check(CLI::IsMember({"zero", "diloco", "noloco"}));
   app.add_option("--replicas", o.replicas, "replicas for diloco/noloco (ranks must be a multiple)");
-  app.add_option("--bucket-mib", o.bucket_mib, "bucket size in MiB (the Engine's default: 4)");
+  app.add_option("--bucket-mib", o.bucket_mib,
+                 "bucket size in MiB, or auto (default): max(40M, 1M x ranks) fp32 elements, as Megatron-LM sizes "
+                 "its data-parallel buckets");
   app.add_option("--steps", o.steps, "steps to simulate (the last one is reported)");
   app.add_flag("--json", o.json, "one JSON object on stdout");
   app.add_option("--slow-host", o.slow_host, "platform host whose ranks compute at --slow-factor x speed");
@@ -193,8 +216,7 @@ int run(int argc, char** argv) {
 
   const auto specs = model_specs(o);
   const proto::ShardLayout layout = sharding::parse_layout(o.layout);
-  const auto request = sharding::make_plan_request(specs, n, o.stage, layout,
-                                                   static_cast<int64_t>(o.bucket_mib * (1 << 20)));
+  const auto request = sharding::make_plan_request(specs, n, o.stage, layout, bucket_bytes_for_ranks(o.bucket_mib, n));
   const auto plan_ptr = shared_plan(request);
   const proto::ShardPlan& plan = *plan_ptr;
   const bool dim0 = layout == proto::SHARD_LAYOUT_DIM0;
@@ -256,13 +278,14 @@ int run(int argc, char** argv) {
       compute += dt;
       return dt;
     };
-
     auto t0 = clock::now();
     std::optional<sim::NoPayload> no_payload(std::in_place);
     for (int b = 0; b < plan.buckets_size(); ++b) {
       const auto& bk = plan.buckets(b);
       for (int r = 0; r < n; ++r) counts[r] = static_cast<size_t>(bk.segments(r).count());
-      group->reduce_scatter(bucket_buf, shard_buf, counts, DType::kF32, comm::ReduceOp::kAvg)->wait();
+      // kSum, not the engine's kAvg: the same MPI_SUM on the wire, without the backend's real division
+      // pass over the (meaningless) shard in this process.
+      group->reduce_scatter(bucket_buf, shard_buf, counts, DType::kF32, comm::ReduceOp::kSum)->wait();
     }
     ph.reduce_scatter = clock::seconds_since(t0);
 
@@ -311,9 +334,12 @@ int run(int argc, char** argv) {
       no_payload.emplace();
       const size_t count = static_cast<size_t>(owned_elems);
       if (o.sync == "diloco") {
-        cross->all_reduce(outer_send, outer_send, count, DType::kF32, comm::ReduceOp::kAvg)->wait();
+        cross->all_reduce(outer_send, outer_send, count, DType::kF32, comm::ReduceOp::kSum)->wait();  // see kSum above
       } else {
-        // A pairing that changes every outer step, as NoLoCo's permuted groups of two do.
+        // A pairing that changes every outer step, as NoLoCo's permuted groups of two do (a stride pattern,
+        // not outer_groups' seeded permutation: on a non-blocking network any pairing of disjoint pairs
+        // costs the same). One sendrecv on the shared cross-replica communicator, as OuterSync does with
+        // GossipOptions::private_links off: no per-pair communicators at any scale.
         const int stride = 1 + (s % std::max(1, replicas / 2));
         const int base = replica % (2 * stride) < stride ? replica : replica - stride;
         const int partner = replica % (2 * stride) < stride ? base + stride : base;
@@ -321,8 +347,10 @@ int run(int argc, char** argv) {
         if (peer != replica)
           cross->sendrecv(outer_send, count, peer, outer_recv, count, peer, DType::kF32, 7)->wait();
       }
+      ph.outer_exchange = clock::seconds_since(t0);
       // Outer update: read theta, phi, m; write phi, m, theta (as in OuterSync).
       model.stream(24.0 * static_cast<double>(count));
+      const auto t_gather = clock::now();
       if (o.stage <= 2) {
         for (int b = 0; b < plan.buckets_size(); ++b) {
           const auto& bk = plan.buckets(b);
@@ -331,6 +359,7 @@ int run(int argc, char** argv) {
         }
       }
       no_payload.reset();
+      ph.outer_all_gather = clock::seconds_since(t_gather);
       ph.outer = clock::seconds_since(t0);
       outer_traffic = cross->counters() - cross_before;
     }
@@ -346,6 +375,8 @@ int run(int argc, char** argv) {
   m.dim0_exchange = max_over(*world, ph.dim0_exchange);
   m.all_gather = max_over(*world, ph.all_gather);
   m.outer = max_over(*world, ph.outer);
+  m.outer_exchange = max_over(*world, ph.outer_exchange);
+  m.outer_all_gather = max_over(*world, ph.outer_all_gather);
   m.step = max_over(*world, ph.step);
   std::vector<double> per_rank_compute(n_world, 0.0), per_rank_step(n_world, 0.0);
   std::vector<size_t> ones(n_world, 1);
@@ -391,6 +422,8 @@ int run(int argc, char** argv) {
   j["predicted_dim0_exchange_seconds"] = m.dim0_exchange;
   j["predicted_all_gather_seconds"] = m.all_gather;
   j["predicted_outer_step_seconds"] = m.outer;
+  j["predicted_outer_exchange_seconds"] = m.outer_exchange;      // DiLoCo all-reduce / NoLoCo sendrecv
+  j["predicted_outer_all_gather_seconds"] = m.outer_all_gather;  // parameter refresh in the shard group
   j["bytes_sent_per_rank_max"] = max_sent;
   j["bytes_sent_per_rank_mean"] = mean_sent;
   j["check_allreduce_bytes_per_rank"] = sharding::zero_traffic_per_rank(0, static_cast<double>(specs.size() + 1), n, 4).bytes;
@@ -408,12 +441,14 @@ int run(int argc, char** argv) {
     j["per_rank_step_seconds"] = per_rank_step;
   }
   j["simulated_seconds_total"] = MPI_Wtime();
+  j["simulation_wall_seconds"] =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - simulation_started).count();
   if (o.json) {
     std::printf("%s\n", j.dump().c_str());
   } else {
-    std::printf("%s on %d ranks (%d replicas x %d), stage %d, layout %s, sync %s, %d buckets of %.0f MiB\n",
+    std::printf("%s on %d ranks (%d replicas x %d), stage %d, layout %s, sync %s, %d buckets of <= %.0f MiB\n",
                 o.preset.c_str(), n_world, replicas, n, o.stage, o.layout.c_str(), o.sync.c_str(),
-                plan.buckets_size(), o.bucket_mib);
+                plan.buckets_size(), static_cast<double>(request.bucket_bytes()) / (1 << 20));
     std::printf("predicted step         %10.4f s\n", m.step);
     std::printf("  reduce-scatter       %10.4f s\n", m.reduce_scatter);
     std::printf("  check all-reduce     %10.4f s\n", m.check);
@@ -421,8 +456,12 @@ int run(int argc, char** argv) {
     std::printf("  NS (Muon)            %10.4f s\n", m.ns);
     std::printf("  dim0 exchange        %10.4f s\n", m.dim0_exchange);
     std::printf("  all-gather           %10.4f s\n", m.all_gather);
-    if (outer) std::printf("outer step (%s)     %10.4f s, %lld bytes sent per rank\n", o.sync.c_str(), m.outer,
-                           static_cast<long long>(max_osent));
+    if (outer) {
+      std::printf("outer step (%s)     %10.4f s, %lld bytes sent per rank\n", o.sync.c_str(), m.outer,
+                  static_cast<long long>(max_osent));
+      std::printf("  %-20s %10.4f s\n", o.sync == "diloco" ? "all-reduce" : "pair exchange", m.outer_exchange);
+      std::printf("  all-gather           %10.4f s\n", m.outer_all_gather);
+    }
     std::printf("bytes sent per rank    mean %.0f (ZeRO formula %.0f), max %lld\n", mean_sent, zero_bytes,
                 static_cast<long long>(max_sent));
     std::printf("compute per rank       %.4f s (rank %lld) .. %.4f s (rank %lld)\n", per_rank_compute[fastest],

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Scaling sweep with scripts/simulate: step time and phases over rank counts (owned vs dim0), and the
-outer-step latency of NoLoCo vs DiLoCo over replica counts. Writes a markdown table and JSON lines
-into OUT_DIR and, when gnuplot is installed, OUT_DIR/sim_scaling.png.
+"""Scaling sweep with scripts/simulate: step time and phases over rank counts (owned vs dim0), the
+outer-step latency of NoLoCo vs DiLoCo over replica counts, and a straggler (one slow host) per phase.
+Writes a markdown table and JSON lines into OUT_DIR and, when gnuplot is installed,
+OUT_DIR/sim_scaling.png. Each row records the simulation's own wall time (simulation_wall_seconds).
 
 usage: sim/sweep.py --platform sim/platforms/cpu-cluster.xml --preset llama-1b --ranks 2,4,...,1024
-                    [--bucket-mib 25] [--outer-ranks-per-replica 8] [--replicas 2,4,...] [--out docs/img]
+                    [--bucket-mib auto] [--outer-ranks-per-replica 1] [--replicas 8,...,1024]
+                    [--straggler cpu-5:0.5 --straggler-ranks 16] [--out docs/img]
 """
 import argparse
 import json
@@ -28,9 +30,15 @@ def main():
     ap.add_argument("--preset", default="llama-1b")
     ap.add_argument("--layers", default="0")
     ap.add_argument("--ranks", default="2,4,8,16,32,64,128,256")
-    ap.add_argument("--bucket-mib", default="25")
-    ap.add_argument("--replicas", default="2,4,8,16,32")
-    ap.add_argument("--outer-ranks-per-replica", type=int, default=8)
+    ap.add_argument("--bucket-mib", default="auto")
+    ap.add_argument("--replicas", default="8,16,32,64,128")
+    ap.add_argument("--outer-ranks-per-replica", type=int, default=1)
+    ap.add_argument("--outer-preset", default="tiny",
+                    help="model of the outer-step rows (one rank per replica holds the whole model: DiLoCo's "
+                         "all-reduce of llama-1b per rank does not fit in memory here)")
+    ap.add_argument("--layouts", default="owned,dim0")
+    ap.add_argument("--straggler", default="", help="HOST:FACTOR: also simulate --straggler-ranks with that host slow")
+    ap.add_argument("--straggler-ranks", type=int, default=16)
     ap.add_argument("--out", default=os.path.join(ROOT, "docs/img"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -38,7 +46,7 @@ def main():
     step_rows, outer_rows = [], []
     with open(os.path.join(a.out, "sim_scaling.jsonl"), "w") as log:
         for n in [int(x) for x in a.ranks.split(",")]:
-            for layout in ("owned", "dim0"):
+            for layout in a.layouts.split(","):
                 r = simulate(a.platform, n, *common, "--layout", layout)
                 step_rows.append(r)
                 log.write(json.dumps(r) + "\n")
@@ -46,24 +54,45 @@ def main():
                 print(f"N={n} {layout}: step {r['predicted_step_seconds']:.3f} s", file=sys.stderr)
         for rep in [int(x) for x in a.replicas.split(",")]:
             for sync in ("diloco", "noloco"):
-                r = simulate(a.platform, rep * a.outer_ranks_per_replica, *common, "--layout", "dim0", "--sync", sync,
-                             "--replicas", str(rep))
+                outer_common = ["--preset", a.outer_preset, "--stage", "2", "--bucket-mib", a.bucket_mib]
+                r = simulate(a.platform, rep * a.outer_ranks_per_replica, *outer_common, "--layout", "dim0",
+                             "--sync", sync, "--replicas", str(rep))
                 outer_rows.append(r)
                 log.write(json.dumps(r) + "\n")
                 log.flush()
                 print(f"R={rep} {sync}: outer {r['predicted_outer_step_seconds']:.3f} s", file=sys.stderr)
 
-    phases = ["reduce_scatter", "ns", "elementwise", "dim0_exchange", "all_gather"]
-    lines = ["| N | layout | step s | " + " | ".join(f"{p} s" for p in phases) + " | bytes sent/rank (mean) |",
-             "|" + "---|" * (len(phases) + 4)]
+        straggler_rows = []
+        if a.straggler:
+            for slow in ("", a.straggler):
+                extra = ["--slow-host", slow] if slow else []
+                r = simulate(a.platform, a.straggler_ranks, *common, "--layout", "dim0", *extra)
+                r["straggler"] = slow or "none"
+                straggler_rows.append(r)
+                log.write(json.dumps(r) + "\n")
+                log.flush()
+
+    phases = ["reduce_scatter", "check", "elementwise", "ns", "dim0_exchange", "all_gather"]
+    lines = ["| N | layout | buckets | step s | " + " | ".join(f"{p} s" for p in phases) +
+             " | bytes sent/rank (mean) | simulation wall s |", "|" + "---|" * (len(phases) + 6)]
     for r in step_rows:
-        lines.append(f"| {r['ranks']} | {r['layout']} | {r['predicted_step_seconds']:.3f} | " +
+        lines.append(f"| {r['ranks']} | {r['layout']} | {r['buckets']} | {r['predicted_step_seconds']:.3f} | " +
                      " | ".join(f"{r[f'predicted_{p}_seconds']:.3f}" for p in phases) +
-                     f" | {r['bytes_sent_per_rank_mean']:,.0f} |")
-    lines += ["", "| replicas | ranks | sync | outer step s | outer bytes sent/rank |", "|---|---|---|---|---|"]
+                     f" | {r['bytes_sent_per_rank_mean']:,.0f} | {r['simulation_wall_seconds']:.1f} |")
+    lines += ["", "| replicas | ranks | sync | outer step s | exchange s | all-gather s | outer bytes sent/rank | "
+              "simulation wall s |", "|---|---|---|---|---|---|---|---|"]
     for r in outer_rows:
-        lines.append(f"| {r['replicas']} | {r['ranks']} | {r['sync']} | {r['predicted_outer_step_seconds']:.3f} | "
-                     f"{r['outer_bytes_sent_per_rank']:,} |")
+        lines.append(f"| {r['replicas']} | {r['ranks']} | {r['sync']} | {r['predicted_outer_step_seconds']:.4f} | "
+                     f"{r['predicted_outer_exchange_seconds']:.4f} | {r['predicted_outer_all_gather_seconds']:.4f} | "
+                     f"{r['outer_bytes_sent_per_rank']:,} | {r['simulation_wall_seconds']:.1f} |")
+    if straggler_rows:
+        lines += ["", "| slow host | step s | " + " | ".join(f"{p} s" for p in phases) +
+                  " | slowest compute rank (s) | fastest compute rank (s) |", "|" + "---|" * (len(phases) + 4)]
+        for r in straggler_rows:
+            lines.append(f"| {r['straggler']} | {r['predicted_step_seconds']:.3f} | " +
+                         " | ".join(f"{r[f'predicted_{p}_seconds']:.3f}" for p in phases) +
+                         f" | {r['slowest_compute_rank']} ({r['slowest_compute_seconds']:.3f}) | "
+                         f"{r['fastest_compute_rank']} ({r['fastest_compute_seconds']:.3f}) |")
     with open(os.path.join(a.out, "sim_scaling.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -11,8 +11,13 @@ quantities computed independently of the simulator:
    within a tolerance derived from the same file: the latency of the extra messages on top, and a
    relative 5% for the store-and-forward and pipelining of the ompi algorithms.
 3. Slow host: a host at 0.5x speed doubles the modelled compute of its rank exactly and no other's.
+5. `shardopt simulate` (when its path is given) prints the same prediction as scripts/simulate for the
+   same options, as text and as JSON.
+4. NoLoCo's pairwise exchange: with 2, 8 and 16 replicas on the same 16 hosts (disjoint pairs on a
+   non-blocking switch), the exchange takes the bytes a rank sends / the link bandwidth, within 2% and
+   a few latencies, whatever the number of pairs (SMPI's injected MPI_Test time once made it grow).
 
-usage: check_step_sim.py SCRIPTS_SIMULATE SIM_BUILD_DIR NETWORK_PLATFORM_XML COMPUTE_PLATFORM_XML
+usage: check_step_sim.py SCRIPTS_SIMULATE SIM_BUILD_DIR NETWORK_PLATFORM_XML COMPUTE_PLATFORM_XML [SHARDOPT]
 (the first platform has negligible compute, the second the same network with hosts named h0..h15)
 Exit 77 (CTest skip) when smpirun is not installed.
 """
@@ -22,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 
 SKIP = 77
@@ -29,6 +35,7 @@ SKIP = 77
 
 def main():
     simulate, build, platform, compute_platform = sys.argv[1:5]
+    shardopt = sys.argv[5] if len(sys.argv) > 5 else None
     if shutil.which("smpirun") is None:
         print("SKIPPED: SimGrid (smpirun) is not installed; scripts/setup installs simgrid libsimgrid-dev")
         return SKIP
@@ -49,6 +56,7 @@ def main():
         return json.loads(out.strip().splitlines()[-1])
 
     failures = []
+    tmp = tempfile.TemporaryDirectory()
     small = run("--layout", "dim0", "--layers", "2")
     large = run("--layout", "dim0", "--layers", "4")
     for r in (small, large):
@@ -88,6 +96,41 @@ def main():
             failures.append(f"rank {r}: compute {per_slow[r]} s with h5 at 0.5x, expected {want} s")
     if per_base[5] <= 0:
         failures.append("rank 5 has no modelled compute: the slow-host check would prove nothing")
+
+    # On a 100 Gb/s copy of the network platform: the exchange lasts milliseconds, so simulated time
+    # that does not come from the bytes (100 us per injected MPI_Test) shows.
+    fast_bw, fast = 12.5e9, os.path.join(tmp.name, "fast16.xml")
+    with open(fast, "w") as f:
+        f.write(re.sub(r'bw="[^"]*"', 'bw="12.5GBps"', open(platform).read(), count=1))
+    for replicas in (2, 8, 16):
+        r = run("--layout", "dim0", "--layers", "2", "--sync", "noloco", "--replicas", str(replicas), on=fast)
+        want = r["outer_bytes_sent_per_rank"] / fast_bw
+        got = r["predicted_outer_exchange_seconds"]
+        lo, hi = want, want * 1.02 + 10 * lat
+        print(f"noloco {replicas} replicas: exchange {got:.6f} s for {r['outer_bytes_sent_per_rank']} bytes per rank; "
+              f"bandwidth predicts {want:.6f} s, allowed [{lo:.6f}, {hi:.6f}]")
+        if want <= 0 or not lo * (1 - 1e-9) <= got <= hi:
+            failures.append(f"noloco {replicas} replicas: exchange {got} s outside [{lo}, {hi}]")
+
+    if shardopt:
+        opts = ["--preset", "llama-125m", "--layers", "2", "--stage", "2", "--layout", "dim0", "--sync", "diloco",
+                "--replicas", "4"]
+        script = run("--layers", "2", "--layout", "dim0", "--sync", "diloco", "--replicas", "4")
+        cli_cmd = [shardopt, "simulate", "--platform", platform, "--ranks", str(ranks), "--sim-build", build,
+                   *[c for cfg_opt in cfg for c in ("--cfg", cfg_opt.removeprefix("--cfg="))], *opts]
+        cli = json.loads(subprocess.run(cli_cmd + ["--json"], check=True, capture_output=True,
+                                        text=True).stdout.strip().splitlines()[-1])
+        text = subprocess.run(cli_cmd, check=True, capture_output=True, text=True).stdout
+        keys = [k for k in script if k.startswith("predicted_") or k.startswith("bytes_") or k in ("layout", "sync", "replicas")]
+        diff = [k for k in keys if cli.get(k) != script[k]]
+        print(f"shardopt simulate vs scripts/simulate: {len(keys) - len(diff)}/{len(keys)} fields equal; "
+              f"step {cli['predicted_step_seconds']} s")
+        if diff:
+            failures.append("shardopt simulate differs from scripts/simulate in " +
+                            ", ".join(f"{k} ({cli.get(k)} vs {script[k]})" for k in diff))
+        step_line = f"predicted step         {script['predicted_step_seconds']:10.4f} s"
+        if step_line not in text:
+            failures.append(f"shardopt simulate's text output lacks '{step_line}':\n{text}")
 
     for f in failures:
         print("FAIL:", f)

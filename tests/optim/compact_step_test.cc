@@ -71,7 +71,7 @@ void expect_encoded(const CompactState& s, const std::vector<double>& want, cons
     for (size_t i = start; i < end; ++i) a = std::max(a, std::fabs(want[i]));
     for (size_t i = start; i < end; ++i) {
       const double bound = s.dtype == proto::STATE_Q8
-                               ? a * q8_error_bound(Q8CodeKind::kDynamic, !s.nonnegative, want[i] / a) + 1e-5 * a
+                               ? a * q8_error_bound(Q8CodeKind::kFloat8, !s.nonnegative, want[i] / a) + 1e-5 * a
                                : std::fabs(want[i]) * 0x1p-8 + 1e-30;
       ASSERT_LE(std::fabs(got[i] - want[i]), bound) << what << " element " << i;
     }

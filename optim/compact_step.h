@@ -1,10 +1,12 @@
 // Optimizer steps over compact (bf16 or q8, optim/quant8.h) moment storage.
 //
-// Element-wise (AdamW, Lion, SGD momentum): each slice is processed in tiles of 8 q8 blocks: decode
-// the tile's state slots to fp32 scratch in L1, run the fp32 update loops of optim/elementwise.h on
-// the tile, encode the new state (q8: new absmax and float8 codes per block), all in one function
-// compiled per instruction set. One pass over memory; the update arithmetic is exactly the fp32
-// path's, applied to the decoded state. AdamW's v is stored with the unsigned (sqrt-domain) code.
+// Element-wise (AdamW, Lion, SGD momentum), q8: one pass over memory per q8 block, in one function
+// compiled per instruction set: each element's state is decoded from its code inside the update
+// loop, the update is the fp32 one (the per-element functions elementwise_step uses), the new state
+// waits in an L1 scratch while the loop keeps the block's new absmax, then the block is encoded
+// (float8; AdamW's v in the unsigned sqrt-domain code, from the sqrt(v) the update computed). The
+// result is bit for bit decode + elementwise_step + q8_quantize (tests/optim/compact_step_test.cc).
+// bf16: tiles of 2048 elements are decoded to an L1 scratch, updated by the fp32 loops, re-encoded.
 // Muon / NorMuon: the momentum is decoded into matrix.momentum (an fp32 scratch of the matrix's
 // size), muon_step runs, and the new momentum is encoded back. NorMuon's row moment stays fp32.
 //

@@ -15,23 +15,25 @@
 //     signed (sign + 7 bits; m, momentum): |y| rounded to 3 mantissa bits over 15.75 binades, codes
 //       1..127 = 2^-16 * 1.25 .. 1.0, code 0 = 0. Bound: |y - q(y)| <= |y| / 16 for
 //       |y| >= t_s = 2^-16 * 1.1875; below t_s, y decodes to 0 (error |y| < t_s).
-//     unsigned (8 bits; AdamW v, a second moment): stored in the sqrt domain, s = sqrt(y) rounded to
-//       4 mantissa bits, codes 0..255 = s in 2^-16 * 1.0625 .. 1.0, decoded as s^2. Bound on s:
+//     unsigned (8 bits; AdamW v, a second moment): stored in the sqrt domain, s = sqrt(y) (computed as
+//       sqrt(x) * (1 / sqrt(A)), which AdamW has at hand: it computes sqrt(v)) rounded to 4 mantissa bits, codes 0..255 = s in 2^-16 * 1.0625 .. 1.0, decoded as s^2. Bound on s:
 //       |s - q| <= s / 32 for s >= t_u = 2^-16 * 1.09375, else <= t_u; so on y:
 //       |y - q^2| <= y (1/16 + 1/1024) for y >= t_u^2, else <= t_u^2. Code 0 is not 0: a second moment
 //       decoded to 0 would turn m / (sqrt(v) + eps) into m / eps (the "zero-point problem", Li et al.
 //       2023, "Memory Efficient Optimizers with 4-bit States"); an all-zero block still decodes to 0.
-//     The scaling is y = x * (1/A) when 1/A is a normal float, else x / A; decoding is code value * A.
+//     Signed scaling: y = x * (1/A) when 1/A is a normal float, else x / A; decoding is code value * A.
 //   dynamic (kDynamic, the "dynamic tree" code of the paper; the q8 checkpoints written before the
 //     float8 code, which load_checkpoint converts): 256 sorted values, nearest by binary search;
 //     decade i = 0..6 covers (1e-7 * 10^i, 1e-6 * 10^i] with 2^i (signed) or 2^(i+1) (unsigned)
 //     equal cells whose centers are the codes, plus 0 (signed) or 0.5e-7 (unsigned) and 1.
 //   linear (kLinear): uniform levels (k - 127) / 127 or k / 255; error <= 1/254 or 1/510.
 // float8 was chosen by measurement (bench/optim q8_bench, "q8_code_error" and "q8_kernel" records;
-// docs/benchmarks.md): on AdamW moments of a heavy-tailed gradient stream it has the dynamic code's m
-// and v error and a third of its error on the update m / sqrt(v) (relative precision is the same
-// at every scale, where the dynamic code has 0.7% at the top decade but 56% at 1e-4), and the fused
-// step runs at the fp32 step's speed, which the table codes' search and gathers could not. The
+// docs/benchmarks.md): on AdamW moments of a heavy-tailed gradient stream its error on the update
+// m / sqrt(v) is a third of the dynamic code's (relative RMS 0.030 vs 0.099: its relative precision
+// is the same at every scale, where the dynamic code's falls from 0.7% at the top decade to 56% at
+// 1e-4), for 1.5x the m and 3x the v error (0.016 / 0.0036 vs 0.010 / 0.0011, errors dominated by
+// the largest elements, which the dynamic code holds more finely); and the fused q8 step runs at
+// about the fp32 step's time, where the table codes' search and gathers made it 7-14x slower. The
 // linear code flushes most of a second moment block to zero.
 //
 // Non-finite values: a block holding NaN or +-Inf gets a non-finite absmax, and every element of it

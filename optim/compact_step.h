@@ -1,15 +1,17 @@
 // Optimizer steps over compact (bf16 or q8, optim/quant8.h) moment storage.
 //
-// Element-wise (AdamW, Lion, SGD momentum): each slice is processed in chunks of kCompactChunkElems
-// (a whole number of q8 blocks, sized to stay in L2): decode the chunk's state slots to fp32
-// scratch, run the unchanged fp32 kernel of optim/elementwise.h on the chunk, encode the new state
-// (q8: new absmax and codes per block). One pass over memory per chunk; the update arithmetic is
-// exactly the fp32 path's, applied to the decoded state. AdamW's v is stored with the unsigned code.
+// Element-wise (AdamW, Lion, SGD momentum), q8: one pass over memory per q8 block, in one function
+// compiled per instruction set: each element's state is decoded from its code inside the update
+// loop, the update is the fp32 one (the per-element functions elementwise_step uses), the new state
+// waits in an L1 scratch while the loop keeps the block's new absmax, then the block is encoded
+// (float8; AdamW's v in the unsigned sqrt-domain code, from the sqrt(v) the update computed). The
+// result is bit for bit decode + elementwise_step + q8_quantize (tests/optim/compact_step_test.cc).
+// bf16: tiles of 2048 elements are decoded to an L1 scratch, updated by the fp32 loops, re-encoded.
 // Muon / NorMuon: the momentum is decoded into matrix.momentum (an fp32 scratch of the matrix's
 // size), muon_step runs, and the new momentum is encoded back. NorMuon's row moment stays fp32.
 //
-// Element-wise chunks run on exec.pool (each chunk is independent: same result at any pool size);
-// the decode/encode loops use AVX-512 where exec allows and the CPU has it.
+// Element-wise tasks of kCompactChunkElems run on exec.pool (each is independent: same result at any
+// pool size); the loops use AVX-512 where exec allows and the CPU has it.
 #pragma once
 
 #include <cstdint>
@@ -21,7 +23,7 @@
 
 namespace shardopt::optim {
 
-inline constexpr int64_t kCompactChunkElems = 32 * kQ8BlockElems;
+inline constexpr int64_t kCompactChunkElems = 128 * kQ8BlockElems;  // elements per pool task
 
 // The compact state slots of one ElementwiseSlice (its `state` pointers are ignored).
 struct CompactSlots {

@@ -44,9 +44,17 @@ bool has_row_state(const optim::OptimizerParams* matrix) {
   return matrix != nullptr && optim::state_values_per_row(*matrix) > 0;
 }
 
-// A q8 state "s" is saved as uint8 codes under "s" and fp32 block absmax under "s.absmax"; the code
-// (signed or unsigned dynamic, optim/quant8.h) follows from the state's name.
+// A q8 state "s" is saved as uint8 codes under "s" and fp32 block absmax under "s.absmax"; signed or
+// unsigned follows from the state's name. The manifest's metadata "q8_code" names the code
+// (optim/quant8.h: "float8"); a checkpoint without it was written with the dynamic table code, and
+// loading it converts its q8 states (decoded with that code, encoded in float8).
 std::string absmax_state(const std::string& state) { return state + ".absmax"; }
+constexpr std::string_view kQ8CodeKey = "q8_code";
+
+optim::Q8CodeKind stored_q8_code(const proto::CheckpointManifest& manifest) {
+  const auto it = manifest.metadata().find(std::string(kQ8CodeKey));
+  return it == manifest.metadata().end() ? optim::Q8CodeKind::kDynamic : optim::q8_code_from_name(it->second);
+}
 
 // Whether a q8 state of the element-wise optimizer uses the unsigned code (the checkpoint's states
 // have this engine's names: check_compatible has matched them).
@@ -287,6 +295,7 @@ SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t s
       info.metadata["elementwise_state_dtype"] =
           optim::state_dtype_name(engine.shard_state().elementwise_state_dtype());
       info.metadata["matrix_state_dtype"] = optim::state_dtype_name(engine.shard_state().matrix_state_dtype());
+      info.metadata[std::string(kQ8CodeKey)] = optim::q8_code_name(optim::Q8CodeKind::kFloat8);
       info.metadata["zero_stage"] = std::to_string(engine.options().zero_stage);
       info.metadata["layout"] = sharding::layout_name(engine.options().layout);
       for (size_t t = 0; t < engine.num_tensors(); ++t) {
@@ -420,6 +429,7 @@ TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir, s
     }
     // Extra tensors would mean a different model: refuse rather than silently ignore them.
     ckpt::check_compatible(reader.manifest(), expected, dir.string());
+    const optim::Q8CodeKind q8_code = stored_q8_code(reader.manifest());
 
     // Plan every read before any I/O: a gap fails here, naming the range.
     const std::vector<StateRange> ranges = engine_state_ranges(engine, extra);
@@ -438,9 +448,13 @@ TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir, s
         const int64_t last = (r.global_offset + r.length - 1) / optim::kQ8BlockElems;
         reader.plan_reads(name, absmax_state(r.state), first, last - first + 1);
       }
-      Commit c{r, from != to, 0, 0};
-      if (c.convert) conversions.insert("'" + r.state + "' " + optim::state_dtype_name(from) + " -> " +
-                                        optim::state_dtype_name(to));
+      // Same dtype is copied byte for byte, except q8 codes of an older code (re-encoded).
+      const bool old_code = from == proto::STATE_Q8 && q8_code != optim::Q8CodeKind::kFloat8;
+      Commit c{r, from != to || old_code, 0, 0};
+      if (c.convert)
+        conversions.insert("'" + r.state + "' " + optim::state_dtype_name(from) +
+                           (old_code ? " (" + optim::q8_code_name(q8_code) + " code)" : "") + " -> " +
+                           optim::state_dtype_name(to));
       const size_t value_bytes = static_cast<size_t>(r.length) * (c.convert ? 4 : dtype_size(storage_dtype(to)));
       c.values_offset = reserve(value_bytes);
       if (!c.convert && to == proto::STATE_Q8)
@@ -474,9 +488,9 @@ TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir, s
         std::vector<float> absmax(static_cast<size_t>(last - first + 1));
         reader.read(name, r.state, r.global_offset, r.length, codes.data());
         reader.read(name, absmax_state(r.state), first, last - first + 1, absmax.data());
-        const auto& book = optim::q8_codebook(optim::Q8CodeKind::kDynamic, !nonnegative_state(engine, r.state));
+        const bool is_signed = !nonnegative_state(engine, r.state);
         for (int64_t i = 0; i < r.length; ++i)
-          out[i] = book.values[codes[static_cast<size_t>(i)]] *
+          out[i] = optim::q8_code_value(q8_code, is_signed, codes[static_cast<size_t>(i)]) *
                    absmax[static_cast<size_t>((r.global_offset + i) / optim::kQ8BlockElems - first)];
       }
     }

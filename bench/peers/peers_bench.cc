@@ -43,24 +43,11 @@ using shardopt::ThreadPool;
 
 namespace {
 
-bool g_json = false;
+shardopt::bench::Emitter emit(false);  // set from --json in main
 
 double best_seconds(int reps, const std::function<void()>& fn) {
   fn();  // warm-up: page faults, primitive and BLAS initialization
   return shardopt::bench::best_seconds(reps, fn);
-}
-
-void emit(const nlohmann::json& row) {
-  if (g_json) {
-    fmt::print("{}\n", row.dump());
-  } else {
-    std::string line;
-    for (auto it = row.begin(); it != row.end(); ++it) {
-      line += it.key() + "=" + (it->is_number_float() ? fmt::format("{:.4g}", it->get<double>()) : it->dump()) + " ";
-    }
-    fmt::print("{}\n", line);
-  }
-  std::fflush(stdout);
 }
 
 std::vector<float> random_floats(size_t n, unsigned seed, float sd) {
@@ -184,7 +171,8 @@ int main(int argc, char** argv) {
                             : std::string(home ? home : "") + "/.cache/shardopt/venv/bin/python";
   std::string script = SHARDOPT_TORCH_PEERS_SCRIPT;
   bool no_peers = false, no_muon = false;
-  app.add_flag("--json", g_json, "one JSON object per result line");
+  bool json = false;
+  shardopt::bench::add_json_flag(app, json);
   app.add_option("--d-model", d)->capture_default_str();
   app.add_option("--ffn", ffn)->capture_default_str();
   app.add_option("--vocab", vocab)->capture_default_str();
@@ -203,6 +191,7 @@ int main(int argc, char** argv) {
   app.add_option("--mpi-ns-dtypes", mpi_ns_dtypes, "NS precisions of the N-rank rows, each against torch's of the same")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  emit = shardopt::bench::Emitter(json);
 
   std::vector<int> adamw_threads;
   for (size_t pos = 0; pos < adamw_threads_list.size();) {

@@ -392,6 +392,59 @@ TEST(RuntimeCheckpoint, LoadingIntoAnotherStateDtypeConverts) {
   fs::remove_all(root);
 }
 
+// A q8 checkpoint whose manifest names no code was written with the dynamic table code (before
+// float8): loading it decodes the codes with that table and encodes the values in float8. The
+// checkpoint here is a float8 one with the "q8_code" entry removed, so its bytes are read as dynamic
+// codes: the loaded state must be exactly float8(dynamic-decode(codes)), not the float8 reading.
+TEST(RuntimeCheckpoint, Q8CheckpointWithoutACodeNameIsReadAsTheDynamicCodeAndConverted) {
+  const auto specs = q8_model();
+  const fs::path root = test_root("q8legacy");
+  const auto opts = with_state(options(2, proto::SHARD_LAYOUT_OWNED), proto::STATE_Q8);
+  const fs::path dir = on_ranks<fs::path>(2, [&](comm::Communicator& c) {
+    Engine e(c, specs, opts);
+    init(e, specs);
+    train(e, specs, 0, kSteps);
+    return save_checkpoint(e, root / "float8").dir;
+  });
+  proto::CheckpointManifest manifest = ckpt::read_manifest(dir);
+  ASSERT_EQ(manifest.metadata().at("q8_code"), "float8");
+  manifest.mutable_metadata()->erase("q8_code");
+  {
+    std::ofstream out(dir / ckpt::kManifestFileName, std::ios::binary | std::ios::trunc);
+    const std::string bytes = ckpt::encode_manifest(manifest);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  const fs::path loaded = on_ranks<fs::path>(3, [&](comm::Communicator& c) {
+    Engine e(c, specs, opts);
+    init(e, specs);
+    load_checkpoint(e, dir);
+    return save_checkpoint(e, root / "loaded").dir;
+  });
+  ckpt::CheckpointReader reader(dir);
+  int checked = 0;
+  for (const char* state : {"adam_m", "adam_v", "momentum"}) {
+    const bool nonneg = std::string(state) == "adam_v";
+    const auto got = decoded_state(loaded, state);
+    for (const auto& [name, values] : got) {
+      const auto n = static_cast<int64_t>(values.size());
+      std::vector<uint8_t> codes(values.size());
+      std::vector<float> absmax(static_cast<size_t>(optim::q8_num_blocks(n))), legacy(values.size()),
+          want(values.size()), as_float8(values.size());
+      reader.read(name, state, 0, n, codes.data());
+      reader.read(name, std::string(state) + ".absmax", 0, static_cast<int64_t>(absmax.size()), absmax.data());
+      optim::q8_dequantize(codes.data(), absmax.data(), n, nonneg, legacy.data(), optim::Q8CodeKind::kDynamic);
+      optim::q8_dequantize(codes.data(), absmax.data(), n, nonneg, as_float8.data());
+      optim::q8_quantize(legacy.data(), n, nonneg, codes.data(), absmax.data());
+      optim::q8_dequantize(codes.data(), absmax.data(), n, nonneg, want.data());
+      EXPECT_EQ(0, std::memcmp(want.data(), values.data(), want.size() * sizeof(float))) << name << " " << state;
+      EXPECT_NE(0, std::memcmp(as_float8.data(), values.data(), want.size() * sizeof(float))) << name << " " << state;
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 2 * 4 + 5);
+  fs::remove_all(root);
+}
+
 // The background save captures the state at start(): training on before finish() changes nothing in it.
 TEST(RuntimeCheckpoint, AsyncSaveHoldsTheStateAtStart) {
   const auto specs = mixed_model();

@@ -1,6 +1,7 @@
 // shardopt: the command-line program. Subcommands: train, compare, plan, simulate, env, bench, ckpt inspect.
 // Normal output (progress lines, reports, tables, --help) goes to stdout; diagnostics go through
 // base/log.h to stderr.
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -13,12 +14,14 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <omp.h>
 #include <nlohmann/json.hpp>
 
 #include "base/clock.h"
 #include "base/env.h"
 #include "base/error.h"
 #include "base/log.h"
+#include "base/thread_pool.h"
 #include "checkpoint/inspect.h"
 #include "comm/mpi_backend.h"
 #include "comm/thread_backend.h"
@@ -34,6 +37,14 @@
 #include "train/trainer.h"
 
 namespace {
+
+// oneDNN's products (the model's GEMMs, Muon's Newton-Schulz) run with the calling thread's OpenMP
+// thread count, which defaults to every CPU: the ranks sharing this process's cores each get their
+// share instead, unless OMP_NUM_THREADS says otherwise.
+void set_onednn_threads(int ranks_in_process) {
+  if (!shardopt::env::get_string("OMP_NUM_THREADS").empty()) return;
+  omp_set_num_threads(std::max(1, shardopt::default_thread_count() / ranks_in_process));
+}
 
 using namespace shardopt;
 
@@ -365,6 +376,7 @@ int run_train(TrainArgs& a, CLI::App& cmd, int* argc, char*** argv) {
     auto world = runtime.world();
     log::set_process_rank(world->rank());
     c.validate(world->size());
+    set_onednn_threads(1);
     train::TrainResult r = train::train_rank(*world, corpus, c, hooks);
     std::filesystem::create_directories(a.out);
     // One trace file per rank: MPI ranks have separate clocks and memories.
@@ -384,6 +396,7 @@ int run_train(TrainArgs& a, CLI::App& cmd, int* argc, char*** argv) {
   std::mutex mu;
   comm::run_ranks(a.ranks, [&](comm::Communicator& comm) {
     log::ScopedRank log_rank(comm.rank());
+    set_onednn_threads(a.ranks);
     auto r = train::train_rank(comm, corpus, c, hooks);
     std::lock_guard<std::mutex> lock(mu);
     results[comm.rank()] = std::move(r);

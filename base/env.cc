@@ -22,7 +22,8 @@ const std::vector<Variable>& registry() {
        "Compute threads per process (optimizer kernels, matrices in parallel); 0 = the CPUs in this process's "
        "affinity mask divided by the ranks on this host (OMPI_COMM_WORLD_LOCAL_SIZE)."},
       {"OMP_NUM_THREADS", "",
-       "Read by OpenMP: threads of each oneDNN product (the model's GEMMs, Newton-Schulz). Unset: `shardopt "
+       "Read by OpenMP: threads of each oneDNN product in Newton-Schulz (the model's run one thread each; its "
+       "parallelism is --model-threads). Unset: `shardopt "
        "train` gives each rank its share of the cores (SHARDOPT_NUM_THREADS's rule, divided by --ranks on the "
        "threads backend)."},
   };

@@ -38,7 +38,7 @@
 
 namespace {
 
-// oneDNN's products (the model's GEMMs, Muon's Newton-Schulz) run with the calling thread's OpenMP
+// oneDNN's products in Muon's Newton-Schulz run with the calling thread's OpenMP
 // thread count, which defaults to every CPU: the ranks sharing this process's cores each get their
 // share instead, unless OMP_NUM_THREADS says otherwise.
 void set_onednn_threads(int ranks_in_process) {

@@ -21,8 +21,14 @@ namespace {
 void sgemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
            int ldb, float beta, float* c, int ldc) {
   if (m == 0 || n == 0) return;
-  if (dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) !=
-      dnnl_success) {
+  // One oneDNN thread per product: the model's parallelism is its thread pool (--model-threads), and
+  // oneDNN's multi-threaded sgemm allocates on every call. OpenMP's thread count is per calling thread.
+  const int omp_threads = omp_get_max_threads();
+  if (omp_threads != 1) omp_set_num_threads(1);
+  const dnnl_status_t status =
+      dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (omp_threads != 1) omp_set_num_threads(omp_threads);
+  if (status != dnnl_success) {
     throw Error("model: oneDNN sgemm " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) +
                 " failed");
   }
@@ -37,15 +43,7 @@ void for_chunks(ThreadPool* pool, int64_t n, F&& fn) {
     fn(int64_t{0}, n);
     return;
   }
-  // The pool's threads are the parallelism: one oneDNN thread per chunk (OpenMP's count is per thread;
-  // the caller's is restored afterwards).
-  const int caller_omp_threads = omp_get_max_threads();
-  omp_set_num_threads(1);
-  pool->parallel_for(chunks, [&](int64_t c, int) {
-    omp_set_num_threads(1);
-    fn(n * c / chunks, n * (c + 1) / chunks);
-  });
-  omp_set_num_threads(caller_omp_threads);
+  pool->parallel_for(chunks, [&](int64_t c, int) { fn(n * c / chunks, n * (c + 1) / chunks); });
 }
 
 // y[N,out] = x[N,in] · Wᵀ  (W is [out,in] row-major); token rows split over the pool.

@@ -175,8 +175,10 @@ TEST(Resume, ReplicatedRunsResumeExactlyAtEqualAndOtherShardCount) {
   }
 }
 
-// Straggler report: rank 2 spends 60 ms more in every step's compute. Every step names it as the
-// slowest (> 1.2 x the median), and its compute-time percentiles are above every other rank's.
+// Straggler report: rank 2 spends 200 ms more in every step's compute. Every step after the first names
+// it as the slowest (> 1.2 x the median), and its compute-time percentiles are above every other rank's.
+// The first step is left out of the per-step check: every rank generates its GEMM kernels there (oneDNN's
+// JIT), which can take as long as the delay on a loaded machine.
 TEST(Straggler, SlowRankIsNamedAndItsPercentilesStandOut) {
   TrainConfig c = small_config();
   c.steps = 4;
@@ -185,7 +187,7 @@ TEST(Straggler, SlowRankIsNamedAndItsPercentilesStandOut) {
   std::mutex mu;
   TrainHooks hooks;
   hooks.before_step = [&](int rank, int64_t) {
-    if (rank == slow) std::this_thread::sleep_for(std::chrono::milliseconds(60));
+    if (rank == slow) std::this_thread::sleep_for(std::chrono::milliseconds(200));
   };
   comm::run_ranks(ranks, [&](comm::Communicator& comm) {
     auto r = train_rank(comm, test_fixture::corpus(), c, hooks);
@@ -193,6 +195,7 @@ TEST(Straggler, SlowRankIsNamedAndItsPercentilesStandOut) {
     out[comm.rank()] = std::move(r);
   });
   for (const StepRecord& r : out[0].history) {
+    if (r.step == 1) continue;
     EXPECT_EQ(r.slowest_rank, slow) << "step " << r.step;
     EXPECT_GT(r.slowest_over_median, 1.2) << "step " << r.step;
   }
@@ -204,7 +207,7 @@ TEST(Straggler, SlowRankIsNamedAndItsPercentilesStandOut) {
     EXPECT_LE(t[r].p90, t[r].max);
     if (r != slow) { EXPECT_LT(t[r].max, t[slow].p50) << "rank " << r; }
   }
-  EXPECT_GE(t[slow].p50, 0.06);
+  EXPECT_GE(t[slow].p50, 0.2);
   // Independent percentiles of rank 2's own compute times would need its history; rank 0's p50 is
   // bounded by its summed compute time.
   EXPECT_LE(t[0].p50 * 2, out[0].compute_seconds + 1e-6);

@@ -90,20 +90,24 @@ StagingCopies cuda_staging_copies() {
           }};
 }
 
-HostStagedCommunicator::HostStagedCommunicator(Communicator& inner, StagingCopies copies)
-    : Communicator(inner.options()), inner_(&inner), copies_(copies) {
+namespace {
+// The wrapped communicator must move host memory: staging onto a device communicator would be wrong.
+Communicator& require_host_buffers(Communicator& inner) {
   if (inner.device_buffers())
     throw ConfigError("HostStagedCommunicator: the wrapped '" + std::string(inner.backend()) +
                       "' communicator already moves device memory");
+  return inner;
 }
+}  // namespace
+
+HostStagedCommunicator::HostStagedCommunicator(Communicator& inner, StagingCopies copies)
+    : ForwardingCommunicator(require_host_buffers(inner)), copies_(copies) {}
 
 HostStagedCommunicator::HostStagedCommunicator(std::unique_ptr<Communicator> inner, StagingCopies copies)
-    : HostStagedCommunicator(*inner, copies) {
-  owned_ = std::move(inner);
-}
+    : ForwardingCommunicator((require_host_buffers(*inner), std::move(inner))), copies_(copies) {}
 
 std::unique_ptr<Communicator> HostStagedCommunicator::start_split(int color, int key) {
-  auto child = inner_->split(color, key);
+  auto child = inner().split(color, key);
   if (!child) return nullptr;
   return std::make_unique<HostStagedCommunicator>(std::move(child), copies_);
 }
@@ -111,21 +115,21 @@ std::unique_ptr<Communicator> HostStagedCommunicator::start_split(int color, int
 WorkPtr HostStagedCommunicator::start_all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) {
   const size_t bytes = count * dtype_size(dtype);
   return staged(copies_, send, bytes, recv, bytes,
-                [&](std::byte* in, std::byte* out) { return inner_->all_reduce(in, out, count, dtype, op); });
+                [&](std::byte* in, std::byte* out) { return inner().all_reduce(in, out, count, dtype, op); });
 }
 
 WorkPtr HostStagedCommunicator::start_reduce_scatter(const void* send, void* recv, std::span<const size_t> counts,
                                                      DType dtype, ReduceOp op) {
   const size_t e = dtype_size(dtype);
   return staged(copies_, send, total(counts) * e, recv, counts[static_cast<size_t>(rank())] * e,
-                [&](std::byte* in, std::byte* out) { return inner_->reduce_scatter(in, out, counts, dtype, op); });
+                [&](std::byte* in, std::byte* out) { return inner().reduce_scatter(in, out, counts, dtype, op); });
 }
 
 WorkPtr HostStagedCommunicator::start_all_gather(const void* send, void* recv, std::span<const size_t> counts,
                                                  DType dtype) {
   const size_t e = dtype_size(dtype);
   return staged(copies_, send, counts[static_cast<size_t>(rank())] * e, recv, total(counts) * e,
-                [&](std::byte* in, std::byte* out) { return inner_->all_gather(in, out, counts, dtype); });
+                [&](std::byte* in, std::byte* out) { return inner().all_gather(in, out, counts, dtype); });
 }
 
 WorkPtr HostStagedCommunicator::start_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op,
@@ -133,7 +137,7 @@ WorkPtr HostStagedCommunicator::start_reduce(const void* send, void* recv, size_
   const size_t bytes = count * dtype_size(dtype);
   const bool is_root = rank() == root;
   return staged(copies_, send, bytes, is_root ? recv : nullptr, is_root ? bytes : 0, [&](std::byte* in, std::byte* out) {
-    return inner_->reduce(in, is_root ? out : nullptr, count, dtype, op, root);
+    return inner().reduce(in, is_root ? out : nullptr, count, dtype, op, root);
   });
 }
 
@@ -141,7 +145,7 @@ WorkPtr HostStagedCommunicator::start_broadcast(void* buf, size_t count, DType d
   const size_t bytes = count * dtype_size(dtype);
   // In place on the host copy: the input buffer doubles as the output.
   auto work = std::make_shared<StagedWork>(copies_, std::vector<std::byte>{}, stage_in(copies_, buf, bytes), buf);
-  work->start(inner_->broadcast(work->out(), count, dtype, root));
+  work->start(inner().broadcast(work->out(), count, dtype, root));
   return work;
 }
 
@@ -149,30 +153,30 @@ WorkPtr HostStagedCommunicator::start_all_to_all(const void* send, std::span<con
                                                  std::span<const size_t> recv_counts, DType dtype) {
   const size_t e = dtype_size(dtype);
   return staged(copies_, send, total(send_counts) * e, recv, total(recv_counts) * e, [&](std::byte* in, std::byte* out) {
-    return inner_->all_to_all(in, send_counts, out, recv_counts, dtype);
+    return inner().all_to_all(in, send_counts, out, recv_counts, dtype);
   });
 }
 
 WorkPtr HostStagedCommunicator::start_send(const void* buf, size_t count, DType dtype, int peer, int tag) {
   return staged(copies_, buf, count * dtype_size(dtype), nullptr, 0,
-                [&](std::byte* in, std::byte*) { return inner_->send(in, count, dtype, peer, tag); });
+                [&](std::byte* in, std::byte*) { return inner().send(in, count, dtype, peer, tag); });
 }
 
 WorkPtr HostStagedCommunicator::start_recv(void* buf, size_t count, DType dtype, int peer, int tag) {
   return staged(copies_, nullptr, 0, buf, count * dtype_size(dtype),
-                [&](std::byte*, std::byte* out) { return inner_->recv(out, count, dtype, peer, tag); });
+                [&](std::byte*, std::byte* out) { return inner().recv(out, count, dtype, peer, tag); });
 }
 
 WorkPtr HostStagedCommunicator::start_sendrecv(const void* send, size_t send_count, int dst, void* recv,
                                                size_t recv_count, int src, DType dtype, int tag) {
   const size_t e = dtype_size(dtype);
   return staged(copies_, send, send_count * e, recv, recv_count * e, [&](std::byte* in, std::byte* out) {
-    return inner_->sendrecv(in, send_count, dst, out, recv_count, src, dtype, tag);
+    return inner().sendrecv(in, send_count, dst, out, recv_count, src, dtype, tag);
   });
 }
 
 WorkPtr HostStagedCommunicator::start_barrier() {
-  return staged(copies_, nullptr, 0, nullptr, 0, [&](std::byte*, std::byte*) { return inner_->barrier(); });
+  return staged(copies_, nullptr, 0, nullptr, 0, [&](std::byte*, std::byte*) { return inner().barrier(); });
 }
 
 }  // namespace shardopt::comm

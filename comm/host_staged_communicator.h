@@ -14,7 +14,7 @@
 #include <cstddef>
 #include <memory>
 
-#include "comm/communicator.h"
+#include "comm/forwarding_communicator.h"
 
 namespace shardopt::comm {
 
@@ -26,19 +26,17 @@ struct StagingCopies {
 };
 StagingCopies cuda_staging_copies();
 
-class HostStagedCommunicator final : public Communicator {
+// Derives from ForwardingCommunicator for the wrapper plumbing (ownership, rank/size/abort); it stages
+// the buffers of every operation, so it overrides every start_* rather than forward().
+class HostStagedCommunicator final : public ForwardingCommunicator {
  public:
   // `inner` must move host memory (ConfigError otherwise); it outlives this communicator.
   explicit HostStagedCommunicator(Communicator& inner, StagingCopies copies = cuda_staging_copies());
   // Owns `inner` (split children).
   explicit HostStagedCommunicator(std::unique_ptr<Communicator> inner, StagingCopies copies = cuda_staging_copies());
 
-  int rank() const override { return inner_->rank(); }
-  int size() const override { return inner_->size(); }
   std::string_view backend() const override { return "host-staged"; }
   bool device_buffers() const override { return true; }
-  Capabilities capabilities() const override { return inner_->capabilities(); }
-  void abort(const std::string& reason) override { inner_->abort(reason); }
 
  protected:
   std::unique_ptr<Communicator> start_split(int color, int key) override;
@@ -57,8 +55,6 @@ class HostStagedCommunicator final : public Communicator {
   WorkPtr start_barrier() override;
 
  private:
-  std::unique_ptr<Communicator> owned_;
-  Communicator* inner_;
   StagingCopies copies_;
 };
 

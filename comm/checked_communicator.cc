@@ -5,6 +5,7 @@
 #include <functional>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -29,6 +30,23 @@ WireFingerprint to_wire(const Fingerprint& f) {
   w.index = f.index, w.count = f.count, w.counts_hash = f.counts_hash, w.root = f.root;
   w.kind = static_cast<uint8_t>(f.kind), w.dtype = static_cast<uint8_t>(f.dtype), w.op = static_cast<uint8_t>(f.op);
   return w;
+}
+
+// The text of a desync verdict; rank 0 aborts the communicator with it right after broadcasting the verdict.
+constexpr std::string_view kDesyncText = "checked communicator desync: ";
+
+// Rank 0 broadcasts a desync verdict and then aborts. On a backend whose broadcast root completes before
+// the data is delivered (MPI, eager), another rank may see that abort before the verdict: its broadcast
+// fails with a PeerError that carries the verdict's text. That is the same desync, reported as one.
+std::exception_ptr desync_carried_by_abort(std::exception_ptr error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const PeerError& e) {
+    const std::string_view msg = e.what();
+    if (msg.find(kDesyncText) != std::string_view::npos) return std::make_exception_ptr(DesyncError(e.what()));
+  } catch (...) {
+  }
+  return error;
 }
 
 Fingerprint from_wire(const WireFingerprint& w) {
@@ -142,12 +160,12 @@ struct Shared {
     }
     if (!e.verdict_work->done()) return false;
     if (auto err = e.verdict_work->error()) {
-      fail_locked(e, err);
+      fail_locked(e, rank == 0 ? err : desync_carried_by_abort(err));
       abort_locked("fingerprint exchange failed for " + e.what);
       return true;
     }
     if (e.verdict.mismatch_rank >= 0) {
-      const std::string msg = "checked communicator desync: rank 0 issued " + from_wire(e.verdict.root_fp).describe() +
+      const std::string msg = std::string(kDesyncText) + "rank 0 issued " + from_wire(e.verdict.root_fp).describe() +
                               " but rank " + std::to_string(e.verdict.mismatch_rank) + " issued " +
                               from_wire(e.verdict.theirs).describe();
       fail_locked(e, std::make_exception_ptr(DesyncError(msg)));

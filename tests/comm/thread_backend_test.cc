@@ -7,6 +7,8 @@
 #include <thread>
 
 #include "base/error.h"
+#include "comm/checked_communicator.h"
+#include "comm/forwarding_communicator.h"
 #include "comm/thread_backend.h"
 #include "tests/comm/collective_checks.h"
 
@@ -88,6 +90,34 @@ TEST(ThreadBackend, ReduceScatterCountsMismatchIsDesync) {
     auto w = c.reduce_scatter(send.data(), recv.data(), counts, DType::kF32, ReduceOp::kSum);
     EXPECT_THROW(w->wait(), DesyncError);
   }, checked_options());
+}
+
+// A side channel that delivers rank 0's verdict only after rank 0's abort has arrived, as MPI may
+// (the root's eager broadcast completes at once; the abort that follows can overtake it). The rank
+// must still report the desync, not a lost peer.
+class VerdictAfterAbortSide final : public ForwardingCommunicator {
+ public:
+  using ForwardingCommunicator::ForwardingCommunicator;
+
+ protected:
+  WorkPtr forward(const ForwardedOp& op, IssueRef issue) override {
+    if (op.kind != OpKind::kBroadcast) return issue();
+    issue()->wait();                      // the verdict is here...
+    WorkPtr aborted = inner().barrier();  // ...but what this rank sees is rank 0's abort that follows it
+    while (!aborted->done()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return aborted;
+  }
+};
+
+TEST(ThreadBackend, DesyncIsReportedWhenTheAbortOvertakesTheVerdict) {
+  auto inner = make_thread_world(2), side = make_thread_world(2);
+  std::vector<std::unique_ptr<Communicator>> comms;
+  comms.push_back(make_checked_communicator(std::move(inner[0]), std::move(side[0])));
+  comms.push_back(make_checked_communicator(std::move(inner[1]),
+                                            std::make_unique<VerdictAfterAbortSide>(std::move(side[1]))));
+  std::vector<std::thread> ranks;
+  for (auto& comm : comms) ranks.emplace_back([&c = *comm] { testing::check_desync_count(c); });
+  for (auto& t : ranks) t.join();
 }
 
 TEST(ThreadBackend, AllToAllPairMismatchIsDesync) {

@@ -1,19 +1,30 @@
 // engine_step_bench: the Engine's optimizer step on device memory (EngineOptions::memory_space =
 // cuda) for a Llama preset on one GPU, one rank. Phase times of the best of --steps steps (the
 // element-wise and Muon phases end with the backend's stream synchronized, so they are device
-// times), the element-wise phase against the device's copy bandwidth measured in the same run (AdamW
-// moves 7 fp32 values per element: reads param, grad, m, v; writes param, m, v), and the device
-// memory the engine took (cudaMemGetInfo before/after construction) against its own MemoryReport and
-// the ZeRO formula.
+// times); the element-wise phase against the device's copy bandwidth and its AdamW-shaped in-place
+// RMW stream, both measured in the same run over the same bytes (AdamW moves 7 fp32 values per
+// element: reads param, grad, m, v; writes param, m, v); the device memory the engine took
+// (cudaMemGetInfo before/after construction, and after the steps, when the Newton–Schulz workspaces
+// exist) against its own MemoryReport and the ZeRO formula; and the Muon time one rank would spend
+// at --owner-ranks ranks (the plan's owner assignment at that world size, each owned matrix's step
+// timed on this GPU).
+//
+// --shapes-out FILE writes the preset's tensors (name, shape, routed to Muon or not) as JSON, so a
+// peer benchmark (bench/gpu/torch_step_reference.py) builds the same parameters.
 //
 // One rank runs on a threads world of size 1 through HostStagedCommunicator: the reduce-scatter and
 // all-gather go through host copies, so reduce_wait/gather figures measure that staging, not NCCL.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <fstream>
 #include <iostream>
+#include <map>
 
 #include "base/error.h"
 #include "bench/common/bench_util.h"
+#include "bench/gpu/device_ceilings.h"
+#include "optim/cuda/muon.h"
 #include "comm/host_staged_communicator.h"
 #include "comm/thread_backend.h"
 #include "runtime/engine.h"
@@ -24,19 +35,38 @@ using namespace shardopt;
 
 namespace {
 
-// Seconds of one cudaMemcpy D2D of `bytes` (best of 5): reads and writes `bytes` each.
-double copy_seconds(size_t bytes) {
-  void *a = nullptr, *b = nullptr;
-  if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess)
-    throw DeviceError("engine_step_bench: cudaMalloc of the copy ceiling's buffers failed");
-  cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
-  const double s = bench::best_seconds(5, [&] {
-    cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
-    cudaDeviceSynchronize();
-  });
-  cudaFree(a);
-  cudaFree(b);
-  return s;
+// Seconds of one Muon step (momentum, NS5, update) on a rows x cols fp32 matrix: median of 5 after a
+// warm-up, CUDA events on the default stream.
+double muon_step_seconds(int64_t rows, int64_t cols) {
+  const size_t n = static_cast<size_t>(rows * cols);
+  float *p = nullptr, *g = nullptr, *m = nullptr;
+  for (float** b : {&p, &g, &m}) {
+    if (cudaMalloc(b, n * sizeof(float)) != cudaSuccess) throw DeviceError("engine_step_bench: cudaMalloc failed");
+    cudaMemset(*b, 0, n * sizeof(float));
+  }
+  std::vector<float> host(n);
+  for (size_t i = 0; i < n; ++i) host[i] = static_cast<float>((i * 29) % 61) / 1024.0f - 0.03f;
+  cudaMemcpy(g, host.data(), n * sizeof(float), cudaMemcpyHostToDevice);
+  cuda::MuonCuda muon(rows, cols, 1);
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  muon.step(p, g, DType::kF32, m, nullptr, 1, cuda::MuonHyper{}, nullptr);
+  std::vector<float> t;
+  for (int i = 0; i < 5; ++i) {
+    cudaEventRecord(start);
+    muon.step(p, g, DType::kF32, m, nullptr, 1, cuda::MuonHyper{}, nullptr);
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    t.push_back(ms);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  for (float* b : {p, g, m}) cudaFree(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2] * 1e-3;
 }
 
 }  // namespace
@@ -45,11 +75,14 @@ int main(int argc, char** argv) {
   CLI::App app{"shardopt device Engine step benchmark (one GPU)"};
   bool json = false;
   std::string preset = "llama-1b";
-  int steps = 3, stage = 2;
+  int steps = 3, stage = 2, owner_ranks = 8;
+  std::string shapes_out;
   bench::add_json_flag(app, json);
   app.add_option("--preset", preset, "model preset (llama-125m, llama-1b, tiny)")->capture_default_str();
   app.add_option("--steps", steps, "steps; the fastest is reported")->capture_default_str();
   app.add_option("--stage", stage, "ZeRO stage")->capture_default_str();
+  app.add_option("--owner-ranks", owner_ranks, "world size for the per-rank Muon time (0: skip)")->capture_default_str();
+  app.add_option("--shapes-out", shapes_out, "write the preset's tensors (name, shape, muon) as JSON to this file");
   CLI11_PARSE(app, argc, argv);
   bench::Emitter emit(json);
   int devices = 0;
@@ -77,6 +110,13 @@ int main(int argc, char** argv) {
       const int64_t n = sharding::tensor_numel(specs[t]);
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>((i * 13 + int64_t(t)) % 97 - 48) / 2048.0f;
     });
+    if (!shapes_out.empty()) {
+      nlohmann::json tensors = nlohmann::json::array();
+      for (const auto& t : engine.plan().tensors())
+        tensors.push_back({{"name", t.name()}, {"shape", std::vector<int64_t>(t.shape().begin(), t.shape().end())},
+                           {"muon", t.muon()}});
+      std::ofstream(shapes_out) << tensors.dump() << "\n";
+    }
     std::vector<float> g;
     runtime::PhaseTimes best;
     best.total = 1e30;
@@ -95,8 +135,10 @@ int main(int argc, char** argv) {
       if (!rep.applied) throw NumericError("engine_step_bench: step skipped (non-finite gradients)");
       if (rep.times.elementwise + rep.times.matrix < best.elementwise + best.matrix || s == 1) best = rep.times;
     }
-    const double adamw_bytes = 7.0 * 4.0 * static_cast<double>(elementwise_elems);
-    const double ceiling = copy_seconds(static_cast<size_t>(adamw_bytes / 2));  // a copy reads + writes its size
+    size_t free_after_steps = 0;
+    cudaMemGetInfo(&free_after_steps, &total);
+    const auto copy = bench::device_copy_bandwidth(static_cast<size_t>(7 * 4 * elementwise_elems / 2), 5);
+    const auto rmw = bench::device_rmw_bandwidth(static_cast<size_t>(elementwise_elems), 5);
     const auto mem = engine.memory();
     const int64_t reported = mem.param_bytes + mem.grad_bytes() + mem.optimizer_bytes() + mem.exchange_bytes;
     cudaDeviceProp prop{};
@@ -114,13 +156,43 @@ int main(int argc, char** argv) {
                       {"matrix_seconds", best.matrix},
                       {"staged_reduce_wait_seconds", best.reduce_wait},
                       {"staged_gather_seconds", best.gather},
-                      {"elementwise_copy_ceiling_seconds", ceiling},
-                      {"elementwise_fraction_of_copy_ceiling", ceiling / best.elementwise},
+                      {"elementwise_copy_ceiling_seconds", copy.seconds},
+                      {"elementwise_rmw_ceiling_seconds", rmw.seconds},
+                      {"elementwise_fraction_of_copy_ceiling", copy.seconds / best.elementwise},
+                      {"elementwise_fraction_of_rmw_ceiling", rmw.seconds / best.elementwise},
                       {"device_bytes_taken_by_engine", static_cast<int64_t>(free_before - free_after)},
+                      {"device_bytes_taken_after_steps", static_cast<int64_t>(free_before - free_after_steps)},
                       {"engine_reported_buffer_bytes", reported},
                       {"optimizer_bytes", mem.optimizer_bytes()},
                       {"optimizer_formula_bytes", mem.formula_optimizer_bytes}};
     emit(row);
+
+    // The Muon phase of one rank at owner_ranks ranks: the plan's owner assignment at that world size,
+    // each owned matrix's step timed once per distinct shape on this GPU (what each GPU would do).
+    if (owner_ranks > 0) {
+      const auto plan = sharding::make_plan(sharding::make_plan_request(specs, owner_ranks, stage));
+      std::map<std::pair<int64_t, int64_t>, double> seconds_of_shape;
+      std::vector<double> rank_seconds(static_cast<size_t>(owner_ranks), 0.0);
+      for (const auto& t : plan.tensors()) {
+        if (!t.muon()) continue;
+        auto [it, fresh] = seconds_of_shape.try_emplace({t.rows(), t.cols()}, 0.0);
+        if (fresh) it->second = muon_step_seconds(t.rows(), t.cols());
+        rank_seconds[static_cast<size_t>(t.owner())] += it->second;
+      }
+      double sum = 0;
+      for (double s : rank_seconds) sum += s;
+      const double slowest = *std::max_element(rank_seconds.begin(), rank_seconds.end());
+      const double fastest = *std::min_element(rank_seconds.begin(), rank_seconds.end());
+      emit({{"bench", "device_muon_per_rank"},
+            {"preset", preset},
+            {"ranks", owner_ranks},
+            {"distinct_shapes", seconds_of_shape.size()},
+            {"all_matrices_seconds", sum},
+            {"slowest_rank_seconds", slowest},
+            {"fastest_rank_seconds", fastest},
+            {"speedup_vs_one_rank", sum / slowest},
+            {"load_balance_min_over_max", fastest / slowest}});
+    }
   });
   return 0;
 }

@@ -1,6 +1,7 @@
 // GPU figures: Newton–Schulz (NS5) on cuBLAS bf16 for single and batched matrices, the device's
-// own bf16 GEMM rate and copy bandwidth measured in the same run, the fused AdamW step's
-// bandwidth and one full Muon step. Prints figures, never passes or fails on time.
+// own bf16 GEMM rate, copy bandwidth and AdamW-shaped in-place RMW bandwidth measured in the same
+// run, the fused AdamW step's bandwidth against both, and one full Muon step. Prints figures, never
+// passes or fails on time.
 // Usage: gpu_bench [--json] [--quick]
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "bench/common/bench_util.h"
+#include "bench/gpu/device_ceilings.h"
 #include "optim/cuda/cuda_check.h"
 #include "optim/cuda/elementwise.h"
 #include "optim/cuda/muon.h"
@@ -88,21 +90,12 @@ int main(int argc, char** argv) {
         {"memory_gib", double(prop.totalGlobalMem) / (1 << 30)}});
   const int reps = quick ? 5 : 20;
 
-  // Device copy bandwidth, counting bytes read + written.
-  double copy_gbps = 0;
-  {
-    const size_t bytes = size_t(1) << 31;
-    void *a, *b;
-    SHARDOPT_CUDA_CHECK(cudaMalloc(&a, bytes));
-    SHARDOPT_CUDA_CHECK(cudaMalloc(&b, bytes));
-    SHARDOPT_CUDA_CHECK(cudaMemset(a, 1, bytes));
-    const double s = time_median([&] { SHARDOPT_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); },
-                                 3, reps);
-    copy_gbps = 2.0 * bytes / s / 1e9;
-    emit({{"bench", "memcpy_d2d"}, {"bytes", bytes}, {"seconds", s}, {"gbytes_per_s_read_plus_write", copy_gbps}});
-    cudaFree(a);
-    cudaFree(b);
-  }
+  // Device copy bandwidth and the AdamW-shaped in-place stream, counting bytes read + written.
+  const double copy_gbps = bench::device_copy_bandwidth(size_t(1) << 31, reps).gbytes_per_s;
+  emit({{"bench", "memcpy_d2d"}, {"bytes", size_t(1) << 31}, {"gbytes_per_s_read_plus_write", copy_gbps}});
+  const auto rmw = bench::device_rmw_bandwidth(size_t(64) << 20, reps);
+  emit({{"bench", "rmw_stream"}, {"elements", size_t(64) << 20}, {"seconds", rmw.seconds},
+        {"gbytes_per_s_read_plus_write", rmw.gbytes_per_s}, {"ratio_vs_memcpy", rmw.gbytes_per_s / copy_gbps}});
 
   // The device's bf16 GEMM rate through cuBLAS (fp32 accumulation), 8192³.
   double gemm_tflops = 0;
@@ -172,7 +165,8 @@ int main(int argc, char** argv) {
     const double s = time_median([&] { opt.step(AdamWHyper{}, t++, nullptr); }, 3, reps);
     const double bytes = double(total) * (16 + 12 + (mirror ? 2 : 0));  // read p,g,m,v; write p,m,v(,bf16)
     emit({{"bench", "adamw_fused"}, {"elements", total}, {"slices", slices}, {"bf16_mirror", mirror},
-          {"seconds", s}, {"gbytes_per_s", bytes / s / 1e9}, {"ratio_vs_memcpy", bytes / s / 1e9 / copy_gbps}});
+          {"seconds", s}, {"gbytes_per_s", bytes / s / 1e9}, {"ratio_vs_memcpy", bytes / s / 1e9 / copy_gbps},
+          {"ratio_vs_rmw_ceiling", bytes / s / 1e9 / rmw.gbytes_per_s}});
     cudaFree(p);
     cudaFree(g);
     cudaFree(m);

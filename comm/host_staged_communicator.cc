@@ -87,6 +87,11 @@ StagingCopies cuda_staging_copies() {
           },
           [](void* device, const void* host, size_t bytes) {
             check(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), "copy of an output to device");
+          },
+          [](void* to, const void* from, size_t bytes) {
+            // Synchronized: the caller's non-blocking streams do not wait for the legacy stream.
+            check(cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, cudaStreamLegacy), "device copy");
+            check(cudaStreamSynchronize(cudaStreamLegacy), "device copy");
           }};
 }
 
@@ -106,6 +111,14 @@ HostStagedCommunicator::HostStagedCommunicator(Communicator& inner, StagingCopie
 HostStagedCommunicator::HostStagedCommunicator(std::unique_ptr<Communicator> inner, StagingCopies copies)
     : ForwardingCommunicator((require_host_buffers(*inner), std::move(inner))), copies_(copies) {}
 
+template <typename IssueEmpty>
+WorkPtr HostStagedCommunicator::local(const void* send, void* recv, size_t bytes, IssueEmpty&& empty) {
+  if (bytes > 0 && send != recv) copies_.on_device(recv, send, bytes);
+  auto work = std::make_shared<StagedWork>(copies_, std::vector<std::byte>{}, std::vector<std::byte>{}, nullptr);
+  work->start(empty(dummy_));
+  return work;
+}
+
 std::unique_ptr<Communicator> HostStagedCommunicator::start_split(int color, int key) {
   auto child = inner().split(color, key);
   if (!child) return nullptr;
@@ -114,6 +127,8 @@ std::unique_ptr<Communicator> HostStagedCommunicator::start_split(int color, int
 
 WorkPtr HostStagedCommunicator::start_all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) {
   const size_t bytes = count * dtype_size(dtype);
+  if (size() == 1)
+    return local(send, recv, bytes, [&](std::byte* d) { return inner().all_reduce(d, d, 0, dtype, op); });
   return staged(copies_, send, bytes, recv, bytes,
                 [&](std::byte* in, std::byte* out) { return inner().all_reduce(in, out, count, dtype, op); });
 }
@@ -121,6 +136,10 @@ WorkPtr HostStagedCommunicator::start_all_reduce(const void* send, void* recv, s
 WorkPtr HostStagedCommunicator::start_reduce_scatter(const void* send, void* recv, std::span<const size_t> counts,
                                                      DType dtype, ReduceOp op) {
   const size_t e = dtype_size(dtype);
+  static constexpr size_t kNone[1] = {0};
+  if (size() == 1)
+    return local(send, recv, counts[0] * e,
+                 [&](std::byte* d) { return inner().reduce_scatter(d, d, kNone, dtype, op); });
   return staged(copies_, send, total(counts) * e, recv, counts[static_cast<size_t>(rank())] * e,
                 [&](std::byte* in, std::byte* out) { return inner().reduce_scatter(in, out, counts, dtype, op); });
 }
@@ -128,6 +147,9 @@ WorkPtr HostStagedCommunicator::start_reduce_scatter(const void* send, void* rec
 WorkPtr HostStagedCommunicator::start_all_gather(const void* send, void* recv, std::span<const size_t> counts,
                                                  DType dtype) {
   const size_t e = dtype_size(dtype);
+  static constexpr size_t kNone[1] = {0};
+  if (size() == 1)
+    return local(send, recv, counts[0] * e, [&](std::byte* d) { return inner().all_gather(d, d, kNone, dtype); });
   return staged(copies_, send, counts[static_cast<size_t>(rank())] * e, recv, total(counts) * e,
                 [&](std::byte* in, std::byte* out) { return inner().all_gather(in, out, counts, dtype); });
 }
@@ -136,6 +158,8 @@ WorkPtr HostStagedCommunicator::start_reduce(const void* send, void* recv, size_
                                              int root) {
   const size_t bytes = count * dtype_size(dtype);
   const bool is_root = rank() == root;
+  if (size() == 1)
+    return local(send, recv, bytes, [&](std::byte* d) { return inner().reduce(d, d, 0, dtype, op, root); });
   return staged(copies_, send, bytes, is_root ? recv : nullptr, is_root ? bytes : 0, [&](std::byte* in, std::byte* out) {
     return inner().reduce(in, is_root ? out : nullptr, count, dtype, op, root);
   });
@@ -143,6 +167,7 @@ WorkPtr HostStagedCommunicator::start_reduce(const void* send, void* recv, size_
 
 WorkPtr HostStagedCommunicator::start_broadcast(void* buf, size_t count, DType dtype, int root) {
   const size_t bytes = count * dtype_size(dtype);
+  if (size() == 1) return local(buf, buf, 0, [&](std::byte* d) { return inner().broadcast(d, 0, dtype, root); });
   // In place on the host copy: the input buffer doubles as the output.
   auto work = std::make_shared<StagedWork>(copies_, std::vector<std::byte>{}, stage_in(copies_, buf, bytes), buf);
   work->start(inner().broadcast(work->out(), count, dtype, root));
@@ -152,6 +177,10 @@ WorkPtr HostStagedCommunicator::start_broadcast(void* buf, size_t count, DType d
 WorkPtr HostStagedCommunicator::start_all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
                                                  std::span<const size_t> recv_counts, DType dtype) {
   const size_t e = dtype_size(dtype);
+  static constexpr size_t kNone[1] = {0};
+  if (size() == 1)
+    return local(send, recv, send_counts[0] * e,
+                 [&](std::byte* d) { return inner().all_to_all(d, kNone, d, kNone, dtype); });
   return staged(copies_, send, total(send_counts) * e, recv, total(recv_counts) * e, [&](std::byte* in, std::byte* out) {
     return inner().all_to_all(in, send_counts, out, recv_counts, dtype);
   });

@@ -7,6 +7,9 @@
 // device Engine (EngineOptions::memory_space = cuda), so the N-rank = 1-rank suites run on one GPU.
 // NCCL cannot put two ranks on one device; one GPU per rank stays NCCL's job. Each operation costs a
 // synchronous cudaMemcpy each way and host staging buffers allocated per operation.
+// One rank (size() == 1): a collective's result is its input, so the bytes move device to device and
+// never visit the host; the inner communicator still sees the operation, with no elements, so its
+// sequence numbers, checks and flight recorder stay as with more ranks.
 // Device buffers must hold their final values when an operation is issued (the caller has
 // synchronized the stream that wrote them).
 #pragma once
@@ -23,6 +26,7 @@ namespace shardopt::comm {
 struct StagingCopies {
   void (*to_host)(void* host, const void* device, size_t bytes);
   void (*to_device)(void* device, const void* host, size_t bytes);
+  void (*on_device)(void* to, const void* from, size_t bytes);  // one rank: send buffer -> recv buffer
 };
 StagingCopies cuda_staging_copies();
 
@@ -55,7 +59,13 @@ class HostStagedCommunicator final : public ForwardingCommunicator {
   WorkPtr start_barrier() override;
 
  private:
+  // One rank: copies `bytes` from send to recv on the device, then issues `empty` (the inner operation
+  // with no elements) for its Work.
+  template <typename IssueEmpty>
+  WorkPtr local(const void* send, void* recv, size_t bytes, IssueEmpty&& empty);
+
   StagingCopies copies_;
+  std::byte dummy_[8] = {};  // the buffers of the empty inner operations
 };
 
 }  // namespace shardopt::comm

@@ -134,13 +134,20 @@ int main(int argc, char** argv) {
     auto* in = random_device<uint16_t>(n, 3);
     uint16_t* out = nullptr;
     SHARDOPT_CUDA_CHECK(cudaMalloc(&out, n * 2));
-    NewtonSchulzCuda ns(sh.rows, sh.cols, sh.batch);
-    const double s = time_median(
-        [&] { ns.orthogonalize(in, DType::kBF16, reinterpret_cast<bf16*>(out), sh.batch, nullptr); }, 2, reps);
-    const double flops = ns.plain_gemm_flops() * double(sh.batch);
-    emit({{"bench", "ns5"}, {"impl", "shardopt_cublas"}, {"rows", sh.rows}, {"cols", sh.cols}, {"batch", sh.batch},
-          {"seconds", s}, {"tflops_plain_gemm_count", flops / s / 1e12},
-          {"ratio_vs_gemm_bf16", flops / s / 1e12 / gemm_tflops}});
+    // Full GEMMs (the default), then the blocked symmetric products with 4 blocks, measured against them.
+    for (int blocks : {1, 4}) {
+      if (blocks > 1 && (quick || std::min(sh.rows, sh.cols) % blocks != 0)) continue;
+      NsOptions options;
+      options.symmetric_blocks = blocks;
+      NewtonSchulzCuda ns(sh.rows, sh.cols, sh.batch, options);
+      const double s = time_median(
+          [&] { ns.orthogonalize(in, DType::kBF16, reinterpret_cast<bf16*>(out), sh.batch, nullptr); }, 2, reps);
+      const double flops = ns.plain_gemm_flops() * double(sh.batch);
+      emit({{"bench", "ns5"}, {"impl", blocks == 1 ? "shardopt_cublas" : "shardopt_cublas_symmetric_blocks"},
+            {"rows", sh.rows}, {"cols", sh.cols}, {"batch", sh.batch}, {"symmetric_blocks", blocks},
+            {"seconds", s}, {"tflops_plain_gemm_count", flops / s / 1e12},
+            {"ratio_vs_gemm_bf16", flops / s / 1e12 / gemm_tflops}});
+    }
     cudaFree(in);
     cudaFree(out);
   }

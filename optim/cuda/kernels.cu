@@ -154,30 +154,68 @@ __global__ void normalize_kernel(uint16_t* x, const float* sumsq, float eps, siz
     x[offset + i] = float_to_bf16_bits(bf16_bits_to_float(x[offset + i]) * inv);
 }
 
-__global__ void ns_combine_kernel(uint16_t* b_buf, const uint16_t* a_buf, float a, float b, int p) {
+// B ← B + b·A + a·I on a symmetric p×p matrix of which B holds the blocks on and below the block
+// diagonal (block = p: all of it). Each such element also writes its mirror, so B is whole after.
+__global__ void ns_combine_kernel(uint16_t* b_buf, const uint16_t* a_buf, float a, float b, int p, int block) {
   const size_t per = size_t(p) * p;
   const size_t offset = blockIdx.y * per;
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < per; i += size_t{gridDim.x} * blockDim.x) {
+    const size_t r = i % p, c = i / p;  // column-major (row r, column c)
+    if (r / block < c / block) continue;  // above the block diagonal: written by its mirror
     float v = bf16_bits_to_float(b_buf[offset + i]) + b * bf16_bits_to_float(a_buf[offset + i]);
-    if (i / p == i % p) v += a;
-    b_buf[offset + i] = float_to_bf16_bits(v);
+    if (r == c) v += a;
+    const uint16_t bits = float_to_bf16_bits(v);
+    b_buf[offset + i] = bits;
+    if (r / block > c / block) b_buf[offset + c + r * p] = bits;
   }
 }
 
+// Copies the blocks below the block diagonal of a symmetric p×p matrix to their mirrors above it.
+__global__ void mirror_lower_blocks_kernel(uint16_t* a_buf, int p, int block) {
+  const size_t per = size_t(p) * p;
+  const size_t offset = blockIdx.y * per;
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < per; i += size_t{gridDim.x} * blockDim.x) {
+    const size_t r = i % p, c = i / p;
+    if (r / block > c / block) a_buf[offset + c + r * p] = a_buf[offset + i];
+  }
+}
+
+// Where matrix blockIdx.y of a Muon batch lives: back to back in one buffer each, or anywhere (a
+// table of MuonMatrixRefs, one per matrix).
+struct ContiguousMatrices {
+  const void* grad;
+  float* momentum;
+  float* param;
+  uint16_t* mirror;
+  size_t per_matrix;
+  __device__ MuonMatrixRefs at(unsigned m) const {
+    const size_t o = m * per_matrix;
+    return {grad, momentum == nullptr ? nullptr : momentum + o, param == nullptr ? nullptr : param + o,
+            mirror == nullptr ? nullptr : mirror + o, o};
+  }
+};
+struct TabledMatrices {
+  const MuonMatrixRefs* refs;
+  __device__ MuonMatrixRefs at(unsigned m) const { return refs[m]; }
+};
+
 template <bool kGradBf16>
-__global__ void muon_momentum_kernel(const void* grad, float* momentum, uint16_t* x, float* sumsq, MuonScalars s,
-                                     size_t per_matrix) {
-  const size_t offset = blockIdx.y * per_matrix;
+__device__ float load_grad(const MuonMatrixRefs& r, size_t i) {
+  if constexpr (kGradBf16) {
+    return bf16_bits_to_float(static_cast<const uint16_t*>(r.grad)[r.grad_offset + i]);
+  } else {
+    return static_cast<const float*>(r.grad)[r.grad_offset + i];
+  }
+}
+
+template <bool kGradBf16, class Matrices>
+__global__ void muon_momentum_kernel(Matrices mats, uint16_t* x, float* sumsq, MuonScalars s, size_t per_matrix) {
+  const MuonMatrixRefs r = mats.at(blockIdx.y);
+  uint16_t* xm = x + blockIdx.y * per_matrix;
   float local = 0.0f;
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < per_matrix; i += size_t{gridDim.x} * blockDim.x) {
-    const size_t j = offset + i;
-    float g;
-    if constexpr (kGradBf16) {
-      g = bf16_bits_to_float(static_cast<const uint16_t*>(grad)[j]);
-    } else {
-      g = static_cast<const float*>(grad)[j];
-    }
-    float m = momentum[j];
+    const float g = load_grad<kGradBf16>(r, i);
+    float m = r.momentum[i];
     float u;
     if (s.averaged) {
       m = s.momentum * m + (1.0f - s.momentum) * g;
@@ -186,21 +224,23 @@ __global__ void muon_momentum_kernel(const void* grad, float* momentum, uint16_t
       m = s.momentum * m + g;
       u = s.nesterov ? g + s.momentum * m : m;
     }
-    momentum[j] = m;
+    r.momentum[i] = m;
     const uint16_t bits = float_to_bf16_bits(u);
-    x[j] = bits;
+    xm[i] = bits;
     const float f = bf16_bits_to_float(bits);
     local += f * f;
   }
   block_add_float(local, sumsq + blockIdx.y);
 }
 
-__global__ void muon_apply_kernel(float* param, uint16_t* mirror, const uint16_t* ortho, float decay, float step,
-                                  size_t n) {
-  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
-    const float w = param[i] * decay - step * bf16_bits_to_float(ortho[i]);
-    param[i] = w;
-    if (mirror != nullptr) mirror[i] = float_to_bf16_bits(w);
+template <class Matrices>
+__global__ void muon_apply_kernel(Matrices mats, const uint16_t* ortho, float decay, float step, size_t per_matrix) {
+  const MuonMatrixRefs r = mats.at(blockIdx.y);
+  const uint16_t* om = ortho + blockIdx.y * per_matrix;
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < per_matrix; i += size_t{gridDim.x} * blockDim.x) {
+    const float w = r.param[i] * decay - step * bf16_bits_to_float(om[i]);
+    r.param[i] = w;
+    if (r.mirror != nullptr) r.mirror[i] = float_to_bf16_bits(w);
   }
 }
 
@@ -261,24 +301,48 @@ void launch_normalize(uint16_t* x, const float* sumsq, float eps, size_t per_mat
   normalize_kernel<<<batched_grid(per_matrix, batch), kThreads, 0, stream>>>(x, sumsq, eps, per_matrix);
 }
 
-void launch_ns_combine(uint16_t* b_buf, const uint16_t* a_buf, float a, float b, int p, int batch,
+void launch_ns_combine(uint16_t* b_buf, const uint16_t* a_buf, float a, float b, int p, int block, int batch,
                        cudaStream_t stream) {
-  ns_combine_kernel<<<batched_grid(size_t(p) * p, batch), kThreads, 0, stream>>>(b_buf, a_buf, a, b, p);
+  ns_combine_kernel<<<batched_grid(size_t(p) * p, batch), kThreads, 0, stream>>>(b_buf, a_buf, a, b, p, block);
+}
+
+void launch_mirror_lower_blocks(uint16_t* a_buf, int p, int block, int batch, cudaStream_t stream) {
+  mirror_lower_blocks_kernel<<<batched_grid(size_t(p) * p, batch), kThreads, 0, stream>>>(a_buf, p, block);
 }
 
 void launch_muon_momentum(const void* grad, bool grad_bf16, float* momentum, uint16_t* x, float* sumsq,
                           const MuonScalars& s, size_t per_matrix, int batch, cudaStream_t stream) {
+  // The param fields are unused by the momentum kernel.
+  const ContiguousMatrices mats{grad, momentum, nullptr, nullptr, per_matrix};
   const dim3 grid = batched_grid(per_matrix, batch);
   if (grad_bf16)
-    muon_momentum_kernel<true><<<grid, kThreads, 0, stream>>>(grad, momentum, x, sumsq, s, per_matrix);
+    muon_momentum_kernel<true><<<grid, kThreads, 0, stream>>>(mats, x, sumsq, s, per_matrix);
   else
-    muon_momentum_kernel<false><<<grid, kThreads, 0, stream>>>(grad, momentum, x, sumsq, s, per_matrix);
+    muon_momentum_kernel<false><<<grid, kThreads, 0, stream>>>(mats, x, sumsq, s, per_matrix);
 }
 
-void launch_muon_apply(float* param, uint16_t* mirror, const uint16_t* ortho, float decay, float step, size_t n,
-                       cudaStream_t stream) {
-  if (n == 0) return;
-  muon_apply_kernel<<<blocks_for(n), kThreads, 0, stream>>>(param, mirror, ortho, decay, step, n);
+void launch_muon_momentum(const MuonMatrixRefs* refs, bool grad_bf16, uint16_t* x, float* sumsq, const MuonScalars& s,
+                          size_t per_matrix, int batch, cudaStream_t stream) {
+  const TabledMatrices mats{refs};
+  const dim3 grid = batched_grid(per_matrix, batch);
+  if (grad_bf16)
+    muon_momentum_kernel<true><<<grid, kThreads, 0, stream>>>(mats, x, sumsq, s, per_matrix);
+  else
+    muon_momentum_kernel<false><<<grid, kThreads, 0, stream>>>(mats, x, sumsq, s, per_matrix);
+}
+
+void launch_muon_apply(float* param, uint16_t* mirror, const uint16_t* ortho, float decay, float step,
+                       size_t per_matrix, int batch, cudaStream_t stream) {
+  if (per_matrix == 0) return;
+  const ContiguousMatrices mats{nullptr, nullptr, param, mirror, per_matrix};
+  muon_apply_kernel<<<batched_grid(per_matrix, batch), kThreads, 0, stream>>>(mats, ortho, decay, step, per_matrix);
+}
+
+void launch_muon_apply(const MuonMatrixRefs* refs, const uint16_t* ortho, float decay, float step, size_t per_matrix,
+                       int batch, cudaStream_t stream) {
+  if (per_matrix == 0) return;
+  const TabledMatrices mats{refs};
+  muon_apply_kernel<<<batched_grid(per_matrix, batch), kThreads, 0, stream>>>(mats, ortho, decay, step, per_matrix);
 }
 
 }  // namespace shardopt::cuda::detail

@@ -50,9 +50,12 @@ void launch_to_bf16_sumsq(const void* in, bool in_bf16, uint16_t* x, float* sums
                           cudaStream_t stream);
 // x[i] = bf16(x[i] / max(sqrt(sumsq[b]), eps)).
 void launch_normalize(uint16_t* x, const float* sumsq, float eps, size_t per_matrix, int batch, cudaStream_t stream);
-// b_buf = b_buf + b·a_buf + a·I over p×p matrices (b_buf holds c·A·A on entry).
-void launch_ns_combine(uint16_t* b_buf, const uint16_t* a_buf, float a, float b, int p, int batch,
+// b_buf = b_buf + b·a_buf + a·I over symmetric p×p matrices (b_buf holds c·A·A on entry, in the
+// blocks of `block` rows on and below the block diagonal; block = p: all of it); b_buf is whole after.
+void launch_ns_combine(uint16_t* b_buf, const uint16_t* a_buf, float a, float b, int p, int block, int batch,
                        cudaStream_t stream);
+// Symmetric p×p matrices whose blocks on and below the block diagonal are computed: fills the rest.
+void launch_mirror_lower_blocks(uint16_t* a_buf, int p, int block, int batch, cudaStream_t stream);
 
 // Muon: momentum update, update U written as bf16 into x with Σx² per matrix into sumsq.
 struct MuonScalars {
@@ -60,10 +63,24 @@ struct MuonScalars {
   int averaged;   // 1: M ← μM + (1−μ)G; 0: M ← μM + G
   int nesterov;
 };
+// One matrix of a Muon batch wherever it lives (device pointers): grad (F32 or BF16, read from
+// element grad_offset), momentum and param fp32 (in place), mirror bf16 (optional).
+struct MuonMatrixRefs {
+  const void* grad;
+  float* momentum;
+  float* param;
+  uint16_t* mirror;
+  size_t grad_offset;
+};
+// Matrices back to back in each buffer, or named by a device array of `batch` MuonMatrixRefs.
 void launch_muon_momentum(const void* grad, bool grad_bf16, float* momentum, uint16_t* x, float* sumsq,
                           const MuonScalars& s, size_t per_matrix, int batch, cudaStream_t stream);
-// W ← W·decay − step·O (+ bf16 mirror).
-void launch_muon_apply(float* param, uint16_t* mirror, const uint16_t* ortho, float decay, float step, size_t n,
-                       cudaStream_t stream);
+void launch_muon_momentum(const MuonMatrixRefs* refs, bool grad_bf16, uint16_t* x, float* sumsq, const MuonScalars& s,
+                          size_t per_matrix, int batch, cudaStream_t stream);
+// W ← W·decay − step·O (+ bf16 mirror), O the batch's NS outputs back to back.
+void launch_muon_apply(float* param, uint16_t* mirror, const uint16_t* ortho, float decay, float step,
+                       size_t per_matrix, int batch, cudaStream_t stream);
+void launch_muon_apply(const MuonMatrixRefs* refs, const uint16_t* ortho, float decay, float step, size_t per_matrix,
+                       int batch, cudaStream_t stream);
 
 }  // namespace shardopt::cuda::detail

@@ -23,30 +23,60 @@ double muon_shape_scale(ShapeScale scale, int64_t rows, int64_t cols) {
 MuonCuda::MuonCuda(int64_t rows, int64_t cols, int64_t max_batch, NsOptions ns_options)
     : ns_(rows, cols, max_batch, std::move(ns_options)) {}
 
-void MuonCuda::step(float* param, const void* grad, DType grad_dtype, float* momentum, bf16* param_bf16,
-                    int64_t batch, const MuonHyper& h, cudaStream_t stream) {
+namespace {
+void check_grad_dtype(DType grad_dtype) {
   if (grad_dtype != DType::kF32 && grad_dtype != DType::kBF16)
     throw ConfigError("MuonCuda::step: gradient dtype must be f32 or bf16, got " +
                       std::string(dtype_name(grad_dtype)));
-  if (param == nullptr || grad == nullptr || momentum == nullptr)
-    throw ConfigError("MuonCuda::step: param, grad and momentum pointers are required, found null");
+}
+void check_hyper(const MuonHyper& h) {
   if (h.nesterov && h.momentum <= 0.0f)
     throw ConfigError("MuonHyper: Nesterov needs momentum > 0, got " + std::to_string(h.momentum));
-  const size_t per_matrix = size_t(ns_.rows()) * size_t(ns_.cols());
-  ns_.begin_prepared(batch, stream);
+}
+detail::MuonScalars scalars(const MuonHyper& h) {
   detail::MuonScalars s{};
   s.momentum = h.momentum;
   s.averaged = h.convention == MomentumConvention::kAveraged;
   s.nesterov = h.nesterov;
+  return s;
+}
+}  // namespace
+
+void MuonCuda::step(float* param, const void* grad, DType grad_dtype, float* momentum, bf16* param_bf16,
+                    int64_t batch, const MuonHyper& h, cudaStream_t stream) {
+  check_grad_dtype(grad_dtype);
+  if (param == nullptr || grad == nullptr || momentum == nullptr)
+    throw ConfigError("MuonCuda::step: param, grad and momentum pointers are required, found null");
+  check_hyper(h);
+  const size_t per_matrix = size_t(ns_.rows()) * size_t(ns_.cols());
+  ns_.begin_prepared(batch, stream);
   detail::launch_muon_momentum(grad, grad_dtype == DType::kBF16, momentum, ns_.prepared_input(), ns_.prepared_sumsq(),
-                               s, per_matrix, int(batch), stream);
+                               scalars(h), per_matrix, int(batch), stream);
   SHARDOPT_CUDA_CHECK_LAUNCH();
   const uint16_t* ortho = ns_.run_prepared(batch, stream);
   const double scale = muon_shape_scale(h.shape_scale, ns_.rows(), ns_.cols());
   const float decay = static_cast<float>(1.0 - double(h.lr) * h.weight_decay);
   const float step = static_cast<float>(double(h.lr) * scale);
-  detail::launch_muon_apply(param, reinterpret_cast<uint16_t*>(param_bf16), ortho, decay, step,
-                            per_matrix * size_t(batch), stream);
+  detail::launch_muon_apply(param, reinterpret_cast<uint16_t*>(param_bf16), ortho, decay, step, per_matrix,
+                            int(batch), stream);
+  SHARDOPT_CUDA_CHECK_LAUNCH();
+}
+
+void MuonCuda::step(const MatrixRefs* device_refs, DType grad_dtype, int64_t batch, const MuonHyper& h,
+                    cudaStream_t stream) {
+  check_grad_dtype(grad_dtype);
+  if (device_refs == nullptr) throw ConfigError("MuonCuda::step: no matrix table");
+  check_hyper(h);
+  const size_t per_matrix = size_t(ns_.rows()) * size_t(ns_.cols());
+  ns_.begin_prepared(batch, stream);
+  detail::launch_muon_momentum(device_refs, grad_dtype == DType::kBF16, ns_.prepared_input(), ns_.prepared_sumsq(),
+                               scalars(h), per_matrix, int(batch), stream);
+  SHARDOPT_CUDA_CHECK_LAUNCH();
+  const uint16_t* ortho = ns_.run_prepared(batch, stream);
+  const double scale = muon_shape_scale(h.shape_scale, ns_.rows(), ns_.cols());
+  const float decay = static_cast<float>(1.0 - double(h.lr) * h.weight_decay);
+  const float step = static_cast<float>(double(h.lr) * scale);
+  detail::launch_muon_apply(device_refs, ortho, decay, step, per_matrix, int(batch), stream);
   SHARDOPT_CUDA_CHECK_LAUNCH();
 }
 

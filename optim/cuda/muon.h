@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "base/dtype.h"
+#include "optim/cuda/kernels.h"
 #include "optim/cuda/newton_schulz.h"
 
 namespace shardopt::cuda {
@@ -40,6 +41,13 @@ class MuonCuda {
   // param fp32 (in place), grad F32 or BF16, momentum fp32 (in place), param_bf16 optional.
   void step(float* param, const void* grad, DType grad_dtype, float* momentum, bf16* param_bf16, int64_t batch,
             const MuonHyper& hyper, cudaStream_t stream);
+
+  // The same step on `batch` matrices that live anywhere (an owner rank's matrices in its shard
+  // buffers): `device_refs` is a device array of `batch` refs, built once by the caller. The NS runs
+  // on the whole batch at once (strided-batched GEMMs on the workspace); nothing is gathered.
+  using MatrixRefs = detail::MuonMatrixRefs;
+  void step(const MatrixRefs* device_refs, DType grad_dtype, int64_t batch, const MuonHyper& hyper,
+            cudaStream_t stream);
 
   NewtonSchulzCuda& newton_schulz() { return ns_; }
 

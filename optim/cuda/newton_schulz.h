@@ -7,7 +7,15 @@
 // matrix Xᵀ (m ≤ n) or the wide matrix X itself (m > n); only the GEMM operand flags differ.
 // Each iteration is three GEMMs (X·Xᵀ, c·A·A, B·X) plus one p×p element-wise pass that forms
 // B + a·I (so a·X + B·X = (aI + B)·X needs no copy of X).
-// Workspace (2 X-sized + 2 p×p bf16 buffers per matrix) is allocated once, in the constructor.
+// Symmetric products (an option, off by default): A = X·Xᵀ and A·A are symmetric, so with k
+// blocks of p/k rows only the k(k+1)/2 blocks on and below the block diagonal need computing (one
+// pointer-array batched GEMM over every block of every matrix), and a p×p pass fills the rest; X·Xᵀ
+// and A·A then cost (k+1)/2k of the full products (k = 4: 62.5%). Measured on an H200
+// (docs/benchmarks.md), the pointer-array GEMMs run so far below cuBLAS's strided GEMMs that the
+// saving is lost up to p = 4096 (0.68-0.85x the speed of full GEMMs at k = 4) and gains 3-4% only at
+// 4096×11008, so full GEMMs stay the default.
+// Workspace (2 X-sized + 2 p×p bf16 buffers per matrix, and the pointer arrays) is allocated once,
+// in the constructor.
 #pragma once
 
 #include <cublas_v2.h>
@@ -29,6 +37,8 @@ struct NsOptions {
   // One (a, b, c) triple per iteration; the default is 5 × (3.4445, −4.7750, 2.0315).
   std::vector<NsCoefficients> coefficients = std::vector<NsCoefficients>(5, NsCoefficients{3.4445f, -4.7750f, 2.0315f});
   float eps = 1e-7f;  // the Frobenius norm is clamped at eps before dividing
+  // Blocks k of the symmetric products: 1 = full GEMMs; k > 1 must divide p = min(rows, cols).
+  int symmetric_blocks = 1;
 };
 
 class NewtonSchulzCuda {
@@ -55,15 +65,28 @@ class NewtonSchulzCuda {
   int64_t cols() const { return cols_; }
   int64_t max_batch() const { return max_batch_; }
   const NsOptions& options() const { return options_; }
-  // FLOPs of one matrix with plain GEMMs: steps·(4p²q + 2p³).
+  // FLOPs of one matrix with plain GEMMs: steps·(4p²q + 2p³) (the conventional count; rates quoted
+  // against it show the symmetric products' savings as speed).
   double plain_gemm_flops() const;
+  // The k in use (1: full GEMMs).
+  int symmetric_blocks() const { return blocks_; }
 
  private:
   void check_batch(int64_t batch, const char* where) const;
+  void build_block_pointers();
   void release();
 
   int64_t rows_, cols_, max_batch_, p_, q_;
   NsOptions options_;
+  int blocks_ = 1;
+  // Device pointer arrays of the blocked products, max_batch·k(k+1)/2 entries each, matrix-major:
+  // X·Xᵀ reading x_[0] or x_[1] (operands, output) and A·A (operands, output).
+  void** pointer_arrays_ = nullptr;  // the one allocation behind the arrays below
+  const void** xx_in_[2][2] = {};     // [x buffer][left, right]
+  void** xx_out_ = nullptr;
+  const void** aa_left_ = nullptr;
+  const void** aa_right_ = nullptr;
+  void** aa_out_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   uint16_t* x_[2] = {nullptr, nullptr};
   uint16_t* a_ = nullptr;

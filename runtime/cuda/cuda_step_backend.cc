@@ -4,6 +4,7 @@
 #include <cstring>
 #include <map>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -54,8 +55,10 @@ class CudaStepBackend final : public StepBackend {
   ~CudaStepBackend() override {
     // Owned objects holding device memory go before the stream.
     elementwise_.reset();
-    muon_.clear();
+    batches_.clear();
+    muon_by_shape_.clear();
     if (pieces_ != nullptr) cudaFree(pieces_);
+    if (device_refs_ != nullptr) cudaFree(device_refs_);
     if (counters_ != nullptr) cudaFree(counters_);
     if (staging_ != nullptr) cudaFree(staging_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
@@ -152,10 +155,7 @@ class CudaStepBackend final : public StepBackend {
       ns.coefficients.clear();
       for (const auto& c : matrix->ns.coefficients) ns.coefficients.push_back({c[0], c[1], c[2]});
       ns.eps = matrix->ns.norm_floor;
-      for (const OwnedMatrix& om : state.owned_matrices()) {
-        const std::pair<int64_t, int64_t> shape{om.matrix.rows, om.matrix.cols};
-        if (!muon_.count(shape)) muon_.emplace(shape, std::make_unique<cuda::MuonCuda>(shape.first, shape.second, 1, ns));
-      }
+      build_muon_batches(state, ns);
     }
 
     std::vector<cuda_detail::CheckPiece> pieces;
@@ -221,10 +221,12 @@ class CudaStepBackend final : public StepBackend {
     h.convention = p.muon_momentum == proto::MUON_MOMENTUM_SUMMED ? cuda::MomentumConvention::kSummed
                                                                    : cuda::MomentumConvention::kAveraged;
     h.shape_scale = shape_scale(p.shape_scale);
-    for (OwnedMatrix& om : state.owned_matrices()) {
-      const optim::MuonMatrix& m = om.matrix;
-      muon_.at({m.rows, m.cols})->step(m.master, m.grad, DType::kF32, m.momentum, nullptr, 1, h, stream_);
+    if (refs_moved(state)) {  // the shard buffers moved (not expected): new tables
+      host_refs_ = matrix_refs(state);
+      upload(device_refs_, host_refs_.data(), host_refs_.size() * sizeof(MatrixRefs));
     }
+    for (const MuonBatch& b : batches_)
+      b.muon->step(device_refs_ + b.first, b.grad_dtype, static_cast<int64_t>(b.count), h, stream_);
     sync();
   }
 
@@ -234,7 +236,75 @@ class CudaStepBackend final : public StepBackend {
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<cuda::ElementwiseOptimizerCuda> elementwise_;
-  std::map<std::pair<int64_t, int64_t>, std::unique_ptr<cuda::MuonCuda>> muon_;  // NS workspace per shape
+  using MatrixRefs = cuda::MuonCuda::MatrixRefs;
+  // Owned matrices of one shape (and gradient dtype), run as one batch: refs
+  // device_refs_[first, first + count). The batches of a shape run one after another on one NS
+  // workspace (muon_by_shape_), sized for the largest of them.
+  struct MuonBatch {
+    size_t first = 0, count = 0;
+    DType grad_dtype = DType::kF32;
+    cuda::MuonCuda* muon = nullptr;
+  };
+  // At most this many elements of matrices per batch: a shape's NS workspace holds two bf16 copies of
+  // a batch (plus p×p buffers), 256 MiB at this cap; larger groups run as several batches.
+  static constexpr size_t kMaxBatchElements = size_t{64} << 20;
+
+  // The refs of every owned matrix, in batch order (order_ holds owned-matrix indices).
+  std::vector<MatrixRefs> matrix_refs(ShardState& state) const {
+    std::vector<MatrixRefs> refs;
+    refs.reserve(order_.size());
+    for (size_t i : order_) {
+      const optim::MuonMatrix& m = state.owned_matrices()[i].matrix;
+      refs.push_back({m.grad, m.momentum, m.master, reinterpret_cast<uint16_t*>(m.mirror), 0});
+    }
+    return refs;
+  }
+
+  bool refs_moved(ShardState& state) const {
+    for (size_t k = 0; k < order_.size(); ++k) {
+      const optim::MuonMatrix& m = state.owned_matrices()[order_[k]].matrix;
+      const MatrixRefs& r = host_refs_[k];
+      if (r.grad != m.grad || r.momentum != m.momentum || r.param != m.master ||
+          r.mirror != reinterpret_cast<uint16_t*>(m.mirror))
+        return true;
+    }
+    return false;
+  }
+
+  void build_muon_batches(ShardState& state, const cuda::NsOptions& ns) {
+    auto& owned = state.owned_matrices();
+    std::map<std::tuple<int64_t, int64_t, DType>, std::vector<size_t>> groups;
+    for (size_t i = 0; i < owned.size(); ++i)
+      groups[{owned[i].matrix.rows, owned[i].matrix.cols, owned[i].matrix.grad_dtype}].push_back(i);
+    for (const auto& [key, members] : groups) {
+      const auto [rows, cols, dtype] = key;
+      const size_t per = static_cast<size_t>(rows * cols);
+      const size_t cap = std::max<size_t>(1, kMaxBatchElements / per);
+      auto& muon = muon_by_shape_[key];
+      muon = std::make_unique<cuda::MuonCuda>(rows, cols, static_cast<int64_t>(std::min(cap, members.size())), ns);
+      for (size_t at = 0; at < members.size(); at += cap) {
+        MuonBatch b;
+        b.first = order_.size();
+        b.count = std::min(cap, members.size() - at);
+        b.grad_dtype = dtype;
+        b.muon = muon.get();
+        order_.insert(order_.end(), members.begin() + static_cast<std::ptrdiff_t>(at),
+                      members.begin() + static_cast<std::ptrdiff_t>(at + b.count));
+        batches_.push_back(std::move(b));
+      }
+    }
+    host_refs_ = matrix_refs(state);
+    if (!host_refs_.empty()) {
+      SHARDOPT_CUDA_CHECK(cudaMalloc(&device_refs_, host_refs_.size() * sizeof(MatrixRefs)));
+      upload(device_refs_, host_refs_.data(), host_refs_.size() * sizeof(MatrixRefs));
+    }
+  }
+
+  std::map<std::tuple<int64_t, int64_t, DType>, std::unique_ptr<cuda::MuonCuda>> muon_by_shape_;
+  std::vector<MuonBatch> batches_;
+  std::vector<size_t> order_;          // owned-matrix indices, batch by batch
+  std::vector<MatrixRefs> host_refs_;  // what device_refs_ holds
+  MatrixRefs* device_refs_ = nullptr;
   void* pieces_ = nullptr;                    // CheckPiece table of my pieces
   unsigned long long* counters_ = nullptr;    // per-tensor non-finite counts, then Σg² as fp64
   std::vector<unsigned long long> host_counters_;

@@ -17,7 +17,8 @@ namespace {
 
 StagingCopies memcpy_copies() {
   return {[](void* host, const void* device, size_t bytes) { std::memcpy(host, device, bytes); },
-          [](void* device, const void* host, size_t bytes) { std::memcpy(device, host, bytes); }};
+          [](void* device, const void* host, size_t bytes) { std::memcpy(device, host, bytes); },
+          [](void* to, const void* from, size_t bytes) { std::memmove(to, from, bytes); }};
 }
 
 void staged(int world, void (*check)(Communicator&, size_t), size_t count) {

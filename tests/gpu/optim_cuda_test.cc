@@ -257,6 +257,7 @@ MatD matrix_with_spectrum(int64_t rows, int64_t cols, uint32_t seed, double scal
 
 struct NsShape {
   int64_t rows, cols, batch;
+  int symmetric_blocks = 1;  // NsOptions::symmetric_blocks
 };
 
 class NewtonSchulzTest : public ::testing::TestWithParam<NsShape> {};
@@ -269,7 +270,9 @@ TEST_P(NewtonSchulzTest, Bf16MatchesDoubleReferenceAndLandsInTheSingularValueBan
   const NsShape sh = GetParam();
   const size_t per = size_t(sh.rows * sh.cols);
   NsOptions options;
+  options.symmetric_blocks = sh.symmetric_blocks;
   NewtonSchulzCuda ns(sh.rows, sh.cols, sh.batch, options);
+  EXPECT_EQ(ns.symmetric_blocks(), sh.symmetric_blocks);
   std::vector<float> input(per * sh.batch);
   std::vector<MatD> mats;
   for (int64_t b = 0; b < sh.batch; ++b) {
@@ -302,11 +305,16 @@ TEST_P(NewtonSchulzTest, Bf16MatchesDoubleReferenceAndLandsInTheSingularValueBan
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, NewtonSchulzTest,
+                         // Full GEMMs, then the blocked symmetric products (k blocks) on wide and tall shapes,
+                         // single and batched, and larger shapes (blocks of 256 and 192 rows).
                          ::testing::Values(NsShape{64, 64, 1}, NsShape{96, 256, 1}, NsShape{300, 128, 1},
-                                           NsShape{128, 192, 3}, NsShape{160, 80, 2}),
+                                           NsShape{128, 192, 3}, NsShape{160, 80, 2}, NsShape{64, 64, 1, 4},
+                                           NsShape{96, 256, 1, 3}, NsShape{300, 128, 1, 4}, NsShape{128, 192, 3, 2},
+                                           NsShape{160, 80, 2, 4}, NsShape{512, 768, 1, 2}, NsShape{768, 512, 2, 4}),
                          [](const ::testing::TestParamInfo<NsShape>& info) {
                            return std::to_string(info.param.rows) + "x" + std::to_string(info.param.cols) + "_batch" +
-                                  std::to_string(info.param.batch);
+                                  std::to_string(info.param.batch) + "_blocks" +
+                                  std::to_string(info.param.symmetric_blocks);
                          });
 
 TEST(NewtonSchulz, CustomCoefficientsAndBf16InputInPlace) {
@@ -443,7 +451,13 @@ TEST(MuonErrors, ShapeScaleFormulasNeedNoDevice) {
 TEST(NewtonSchulzErrors, RejectsEmptyShapesBeforeTouchingTheDevice) {
   EXPECT_THROW(NewtonSchulzCuda(0, 10, 1), ConfigError);
   EXPECT_THROW(NewtonSchulzCuda(10, 10, 0), ConfigError);
+  NsOptions blocks;
+  blocks.symmetric_blocks = 3;  // does not divide min(rows, cols) = 10
+  EXPECT_THROW(NewtonSchulzCuda(10, 20, 1, blocks), ConfigError);
+  blocks.symmetric_blocks = -1;
+  EXPECT_THROW(NewtonSchulzCuda(10, 20, 1, blocks), ConfigError);
 }
+
 
 }  // namespace
 }  // namespace shardopt::cuda

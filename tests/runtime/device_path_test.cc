@@ -127,7 +127,8 @@ class PoisonedDeviceBackend final : public StepBackend {
 
 comm::StagingCopies poisoned_copies() {
   return {[](void* host, const void* device, size_t bytes) { std::memcpy(host, real(device), bytes); },
-          [](void* device, const void* host, size_t bytes) { std::memcpy(real(device), host, bytes); }};
+          [](void* device, const void* host, size_t bytes) { std::memcpy(real(device), host, bytes); },
+          [](void* to, const void* from, size_t bytes) { std::memmove(real(to), real(from), bytes); }};
 }
 
 struct Case {

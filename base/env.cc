@@ -21,6 +21,9 @@ const std::vector<Variable>& registry() {
       {"SHARDOPT_NUM_THREADS", "0",
        "Compute threads per process (optimizer kernels, matrices in parallel); 0 = the CPUs in this process's "
        "affinity mask divided by the ranks on this host (OMPI_COMM_WORLD_LOCAL_SIZE)."},
+      {"SHARDOPT_CUDA_NS_SYMMETRIC_BLOCKS", "1",
+       "Device engine: blocks k of Newton-Schulz's symmetric products (X·Xᵀ, A·A computed on the k(k+1)/2 blocks "
+       "on and below the diagonal) for matrices whose smaller side k divides; 1 = full GEMMs (docs/gpu.md)."},
       {"OMP_NUM_THREADS", "",
        "Read by OpenMP: threads of each oneDNN product in Newton-Schulz (the model's run one thread each; its "
        "parallelism is --model-threads). Unset: `shardopt "

@@ -191,7 +191,7 @@ struct ContiguousMatrices {
   __device__ MuonMatrixRefs at(unsigned m) const {
     const size_t o = m * per_matrix;
     return {grad, momentum == nullptr ? nullptr : momentum + o, param == nullptr ? nullptr : param + o,
-            mirror == nullptr ? nullptr : mirror + o, o};
+            mirror == nullptr ? nullptr : mirror + o, o, nullptr};
   }
 };
 struct TabledMatrices {
@@ -241,6 +241,47 @@ __global__ void muon_apply_kernel(Matrices mats, const uint16_t* ortho, float de
     const float w = r.param[i] * decay - step * bf16_bits_to_float(om[i]);
     r.param[i] = w;
     if (r.mirror != nullptr) r.mirror[i] = float_to_bf16_bits(w);
+  }
+}
+
+// One block per row (blockIdx.x) of matrix blockIdx.y: the row's Σ O², its second moment and r_i.
+__global__ void normuon_rows_kernel(const MuonMatrixRefs* refs, const uint16_t* ortho, int64_t rows, int64_t cols,
+                                    float beta2, float eps, float* r, double* sums) {
+  const int64_t row = blockIdx.x;
+  const uint16_t* o = ortho + (size_t(blockIdx.y) * rows + row) * cols;
+  float local = 0.0f;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const float x = bf16_bits_to_float(o[j]);
+    local += x * x;
+  }
+  __shared__ float warp_sums[kThreads / 32];
+  for (int offset = 16; offset > 0; offset /= 2) local += __shfl_down_sync(0xffffffffu, local, offset);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x / 32] = local;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  double s = 0.0;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) s += warp_sums[w];
+  float* v = refs[blockIdx.y].row_moment + row;
+  *v = beta2 * *v + (1.0f - beta2) * static_cast<float>(s / double(cols));
+  const double ri = 1.0 / (sqrt(double(*v)) + double(eps));
+  r[size_t(blockIdx.y) * rows + row] = static_cast<float>(ri);
+  atomicAdd(sums + 2 * blockIdx.y, s);
+  atomicAdd(sums + 2 * blockIdx.y + 1, ri * ri * s);
+}
+
+__global__ void normuon_apply_kernel(const MuonMatrixRefs* refs, const uint16_t* ortho, int64_t rows, int64_t cols,
+                                     float decay, float step, const float* r, const double* sums) {
+  const MuonMatrixRefs ref = refs[blockIdx.y];
+  const size_t per = size_t(rows) * size_t(cols);
+  const uint16_t* om = ortho + blockIdx.y * per;
+  const double norm_sq = sums[2 * blockIdx.y], normalized_sq = sums[2 * blockIdx.y + 1];
+  const double rescale = normalized_sq > 0.0 ? sqrt(norm_sq / normalized_sq) : 0.0;
+  const float* rm = r + size_t(blockIdx.y) * rows;
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < per; i += size_t{gridDim.x} * blockDim.x) {
+    const float row_step = static_cast<float>(double(step) * rescale * double(rm[i / cols]));
+    const float w = ref.param[i] * decay - row_step * bf16_bits_to_float(om[i]);
+    ref.param[i] = w;
+    if (ref.mirror != nullptr) ref.mirror[i] = float_to_bf16_bits(w);
   }
 }
 
@@ -343,6 +384,20 @@ void launch_muon_apply(const MuonMatrixRefs* refs, const uint16_t* ortho, float 
   if (per_matrix == 0) return;
   const TabledMatrices mats{refs};
   muon_apply_kernel<<<batched_grid(per_matrix, batch), kThreads, 0, stream>>>(mats, ortho, decay, step, per_matrix);
+}
+
+void launch_normuon_rows(const MuonMatrixRefs* refs, const uint16_t* ortho, int64_t rows, int64_t cols, float beta2,
+                         float eps, float* r, double* sums, int batch, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  normuon_rows_kernel<<<dim3(unsigned(rows), unsigned(batch)), kThreads, 0, stream>>>(refs, ortho, rows, cols, beta2,
+                                                                                     eps, r, sums);
+}
+
+void launch_normuon_apply(const MuonMatrixRefs* refs, const uint16_t* ortho, int64_t rows, int64_t cols, float decay,
+                          float step, const float* r, const double* sums, int batch, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  normuon_apply_kernel<<<batched_grid(size_t(rows) * size_t(cols), batch), kThreads, 0, stream>>>(
+      refs, ortho, rows, cols, decay, step, r, sums);
 }
 
 }  // namespace shardopt::cuda::detail

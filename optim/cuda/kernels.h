@@ -64,13 +64,15 @@ struct MuonScalars {
   int nesterov;
 };
 // One matrix of a Muon batch wherever it lives (device pointers): grad (F32 or BF16, read from
-// element grad_offset), momentum and param fp32 (in place), mirror bf16 (optional).
+// element grad_offset), momentum and param fp32 (in place), mirror bf16 (optional), NorMuon's
+// per-row second moment (in place).
 struct MuonMatrixRefs {
   const void* grad;
   float* momentum;
   float* param;
   uint16_t* mirror;
   size_t grad_offset;
+  float* row_moment;  // NorMuon: the matrix's per-row second moment (rows values); else null
 };
 // Matrices back to back in each buffer, or named by a device array of `batch` MuonMatrixRefs.
 void launch_muon_momentum(const void* grad, bool grad_bf16, float* momentum, uint16_t* x, float* sumsq,
@@ -82,5 +84,13 @@ void launch_muon_apply(float* param, uint16_t* mirror, const uint16_t* ortho, fl
                        size_t per_matrix, int batch, cudaStream_t stream);
 void launch_muon_apply(const MuonMatrixRefs* refs, const uint16_t* ortho, float decay, float step, size_t per_matrix,
                        int batch, cudaStream_t stream);
+// NorMuon (docs/algorithms.md), per matrix of `rows`×`cols` with NS output O: s_i = Σ_j O_ij²,
+// v_i ← β₂v_i + (1−β₂)s_i/cols, r_i = 1/(√v_i + eps); sums[2m] += Σ s_i, sums[2m+1] += Σ r_i² s_i
+// (fp64; zero them first); r holds r_i (batch·rows floats). Then apply:
+// W ← W·decay − step·√(sums[2m]/sums[2m+1])·r_i·O_ij (0 when the second sum is 0).
+void launch_normuon_rows(const MuonMatrixRefs* refs, const uint16_t* ortho, int64_t rows, int64_t cols, float beta2,
+                         float eps, float* r, double* sums, int batch, cudaStream_t stream);
+void launch_normuon_apply(const MuonMatrixRefs* refs, const uint16_t* ortho, int64_t rows, int64_t cols, float decay,
+                          float step, const float* r, const double* sums, int batch, cudaStream_t stream);
 
 }  // namespace shardopt::cuda::detail

@@ -21,7 +21,20 @@ double muon_shape_scale(ShapeScale scale, int64_t rows, int64_t cols) {
 }
 
 MuonCuda::MuonCuda(int64_t rows, int64_t cols, int64_t max_batch, NsOptions ns_options)
-    : ns_(rows, cols, max_batch, std::move(ns_options)) {}
+    : ns_(rows, cols, max_batch, std::move(ns_options)) {
+  try {
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&row_scale_, size_t(max_batch) * size_t(rows) * sizeof(float)));
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&norm_sums_, size_t(max_batch) * 2 * sizeof(double)));
+  } catch (...) {
+    if (row_scale_ != nullptr) cudaFree(row_scale_);
+    throw;
+  }
+}
+
+MuonCuda::~MuonCuda() {
+  cudaFree(row_scale_);
+  cudaFree(norm_sums_);
+}
 
 namespace {
 void check_grad_dtype(DType grad_dtype) {
@@ -48,6 +61,7 @@ void MuonCuda::step(float* param, const void* grad, DType grad_dtype, float* mom
   if (param == nullptr || grad == nullptr || momentum == nullptr)
     throw ConfigError("MuonCuda::step: param, grad and momentum pointers are required, found null");
   check_hyper(h);
+  if (h.normuon) throw ConfigError("MuonCuda::step: NorMuon needs the row moments of the table step");
   const size_t per_matrix = size_t(ns_.rows()) * size_t(ns_.cols());
   ns_.begin_prepared(batch, stream);
   detail::launch_muon_momentum(grad, grad_dtype == DType::kBF16, momentum, ns_.prepared_input(), ns_.prepared_sumsq(),
@@ -76,7 +90,17 @@ void MuonCuda::step(const MatrixRefs* device_refs, DType grad_dtype, int64_t bat
   const double scale = muon_shape_scale(h.shape_scale, ns_.rows(), ns_.cols());
   const float decay = static_cast<float>(1.0 - double(h.lr) * h.weight_decay);
   const float step = static_cast<float>(double(h.lr) * scale);
-  detail::launch_muon_apply(device_refs, ortho, decay, step, per_matrix, int(batch), stream);
+  if (!h.normuon) {
+    detail::launch_muon_apply(device_refs, ortho, decay, step, per_matrix, int(batch), stream);
+    SHARDOPT_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  SHARDOPT_CUDA_CHECK(cudaMemsetAsync(norm_sums_, 0, size_t(batch) * 2 * sizeof(double), stream));
+  detail::launch_normuon_rows(device_refs, ortho, ns_.rows(), ns_.cols(), h.normuon_beta2, h.normuon_eps, row_scale_,
+                              norm_sums_, int(batch), stream);
+  SHARDOPT_CUDA_CHECK_LAUNCH();
+  detail::launch_normuon_apply(device_refs, ortho, ns_.rows(), ns_.cols(), decay, step, row_scale_, norm_sums_,
+                               int(batch), stream);
   SHARDOPT_CUDA_CHECK_LAUNCH();
 }
 

@@ -27,6 +27,11 @@ struct MuonHyper {
   bool nesterov = true;
   MomentumConvention convention = MomentumConvention::kAveraged;
   ShapeScale shape_scale = ShapeScale::kOriginal;
+  // NorMuon (the table step only): rows of the NS output normalized by their second moment
+  // (beta2, eps), then rescaled to the output's Frobenius norm; each MatrixRefs names its row moments.
+  bool normuon = false;
+  float normuon_beta2 = 0.95f;
+  float normuon_eps = 1e-10f;
 };
 
 // s(m, n) for an m×n (rows×cols) matrix: original √max(1, m/n); match_rms_adamw 0.2·√max(m,n);
@@ -36,6 +41,9 @@ double muon_shape_scale(ShapeScale scale, int64_t rows, int64_t cols);
 class MuonCuda {
  public:
   MuonCuda(int64_t rows, int64_t cols, int64_t max_batch, NsOptions ns_options = {});
+  ~MuonCuda();
+  MuonCuda(const MuonCuda&) = delete;
+  MuonCuda& operator=(const MuonCuda&) = delete;
 
   // `batch` row-major rows×cols matrices back to back in each buffer (device pointers):
   // param fp32 (in place), grad F32 or BF16, momentum fp32 (in place), param_bf16 optional.
@@ -53,6 +61,8 @@ class MuonCuda {
 
  private:
   NewtonSchulzCuda ns_;
+  float* row_scale_ = nullptr;     // NorMuon: r_i of every row of a batch
+  double* norm_sums_ = nullptr;    // NorMuon: per matrix Σ s_i and Σ r_i² s_i
 };
 
 }  // namespace shardopt::cuda

@@ -35,7 +35,6 @@ NewtonSchulzCuda::NewtonSchulzCuda(int64_t rows, int64_t cols, int64_t max_batch
     SHARDOPT_CUDA_CHECK(cudaMalloc(&sumsq_, size_t(max_batch) * sizeof(float)));
     SHARDOPT_CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
     SHARDOPT_CUBLAS_CHECK(cublasSetWorkspace(handle_, cublas_workspace_, kCublasWorkspaceBytes));
-    if (blocks_ > 1) build_block_pointers();
   } catch (...) {
     release();
     throw;
@@ -44,59 +43,13 @@ NewtonSchulzCuda::NewtonSchulzCuda(int64_t rows, int64_t cols, int64_t max_batch
 
 NewtonSchulzCuda::~NewtonSchulzCuda() { release(); }
 
-// Pointer arrays of the blocked symmetric products (column-major views, b = p/k rows per block).
-// The wide matrix W (p×q) is, in the X buffer, either Wᵀ column-major (q×p, ld q: rows <= cols) or W
-// column-major (p×q, ld p); its row block i starts at element i·b·q or i·b. A (p×p, ld p) block (i, j)
-// starts at i·b + j·b·p; row block i of A at i·b, column block j at j·b·p.
-void NewtonSchulzCuda::build_block_pointers() {
-  const size_t b = size_t(p_ / blocks_), p = size_t(p_), q = size_t(q_);
-  const size_t x_per = p * q, pp = p * p;
-  const bool wide = rows_ <= cols_;
-  const size_t row_block = wide ? b * q : b;
-  std::vector<const void*> xx_left[2], xx_right[2], aa_left, aa_right;
-  std::vector<void*> xx_out, aa_out;
-  for (int64_t m = 0; m < max_batch_; ++m)
-    for (int i = 0; i < blocks_; ++i)
-      for (int j = 0; j <= i; ++j) {
-        for (int buf = 0; buf < 2; ++buf) {
-          const uint16_t* x = x_[buf] + size_t(m) * x_per;
-          xx_left[buf].push_back(x + size_t(i) * row_block);
-          xx_right[buf].push_back(x + size_t(j) * row_block);
-        }
-        uint16_t* a = a_ + size_t(m) * pp;
-        uint16_t* bb = b_ + size_t(m) * pp;
-        xx_out.push_back(a + size_t(i) * b + size_t(j) * b * p);
-        aa_left.push_back(a + size_t(i) * b);
-        aa_right.push_back(a + size_t(j) * b * p);
-        aa_out.push_back(bb + size_t(i) * b + size_t(j) * b * p);
-      }
-  // One allocation: left/right for x_[0], x_[1], the X·Xᵀ outputs, A·A left/right/outputs.
-  const size_t n = xx_out.size();
-  void** all = nullptr;
-  SHARDOPT_CUDA_CHECK(cudaMalloc(&all, 8 * n * sizeof(void*)));
-  pointer_arrays_ = all;
-  std::vector<const void*> host;
-  for (const auto* v : {&xx_left[0], &xx_right[0], &xx_left[1], &xx_right[1], &aa_left, &aa_right})
-    host.insert(host.end(), v->begin(), v->end());
-  host.insert(host.end(), xx_out.begin(), xx_out.end());
-  host.insert(host.end(), aa_out.begin(), aa_out.end());
-  SHARDOPT_CUDA_CHECK(cudaMemcpy(all, host.data(), host.size() * sizeof(void*), cudaMemcpyHostToDevice));
-  const auto at = [&](size_t k) { return const_cast<const void**>(all + k * n); };
-  xx_in_[0][0] = at(0), xx_in_[0][1] = at(1), xx_in_[1][0] = at(2), xx_in_[1][1] = at(3);
-  aa_left_ = at(4), aa_right_ = at(5);
-  xx_out_ = all + 6 * n;
-  aa_out_ = all + 7 * n;
-}
-
 void NewtonSchulzCuda::release() {
   for (void* ptr : {static_cast<void*>(x_[0]), static_cast<void*>(x_[1]), static_cast<void*>(a_),
-                    static_cast<void*>(b_), static_cast<void*>(sumsq_), cublas_workspace_,
-                    static_cast<void*>(pointer_arrays_)})
+                    static_cast<void*>(b_), static_cast<void*>(sumsq_), cublas_workspace_})
     if (ptr != nullptr) cudaFree(ptr);
   x_[0] = x_[1] = a_ = b_ = nullptr;
   sumsq_ = nullptr;
   cublas_workspace_ = nullptr;
-  pointer_arrays_ = nullptr;
   if (handle_ != nullptr) cublasDestroy(handle_);
   handle_ = nullptr;
 }
@@ -133,18 +86,33 @@ const uint16_t* NewtonSchulzCuda::run_prepared(int64_t batch, cudaStream_t strea
     const NsCoefficients& k = options_.coefficients[it];
     uint16_t* next = (it + 1 == steps && final_output != nullptr) ? final_output : (cur == x_[0] ? x_[1] : x_[0]);
     if (blocks_ > 1) {
-      // A = X·Xᵀ, blocks on and below the block diagonal, then mirrored; B = c·A·A likewise.
-      const int b = int(p_ / blocks_), blocks = nb * blocks_ * (blocks_ + 1) / 2;
-      const int buf = cur == x_[0] ? 0 : 1;
-      SHARDOPT_CUBLAS_CHECK(cublasGemmBatchedEx(handle_, wide ? CUBLAS_OP_T : CUBLAS_OP_N, wide ? CUBLAS_OP_N : CUBLAS_OP_T,
-                                                b, b, q, &one, xx_in_[buf][0], CUDA_R_16BF, wide ? q : p,
-                                                xx_in_[buf][1], CUDA_R_16BF, wide ? q : p, &zero, xx_out_, CUDA_R_16BF,
-                                                p, blocks, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      // A = X·Xᵀ, then B = c·A·A, on the k(k+1)/2 blocks on and below the block diagonal: for each
+      // diagonal offset d, blocks (j + d, j), j = 0..k−d−1, are one strided batch (operands step
+      // one row block, the output one block down and right), per matrix. A is mirrored whole before
+      // A·A reads it; the combine pass mirrors B.
+      const int b = p / blocks_;
+      const long long row_block = wide ? static_cast<long long>(b) * q : b, diag = static_cast<long long>(b) * (p + 1);
+      const int ldx = wide ? q : p;
+      for (int m = 0; m < nb; ++m) {
+        const uint16_t* x = cur + size_t(m) * x_per;
+        uint16_t* a = a_ + size_t(m) * pp;
+        for (int d = 0; d < blocks_; ++d)
+          SHARDOPT_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+              handle_, wide ? CUBLAS_OP_T : CUBLAS_OP_N, wide ? CUBLAS_OP_N : CUBLAS_OP_T, b, b, q, &one,
+              x + size_t(d) * size_t(row_block), CUDA_R_16BF, ldx, row_block, x, CUDA_R_16BF, ldx, row_block, &zero,
+              a + size_t(d) * b, CUDA_R_16BF, p, diag, blocks_ - d, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      }
       detail::launch_mirror_lower_blocks(a_, p, b, nb, stream);
       SHARDOPT_CUDA_CHECK_LAUNCH();
-      SHARDOPT_CUBLAS_CHECK(cublasGemmBatchedEx(handle_, CUBLAS_OP_N, CUBLAS_OP_N, b, b, p, &k.c, aa_left_,
-                                                CUDA_R_16BF, p, aa_right_, CUDA_R_16BF, p, &zero, aa_out_,
-                                                CUDA_R_16BF, p, blocks, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      for (int m = 0; m < nb; ++m) {
+        const uint16_t* a = a_ + size_t(m) * pp;
+        uint16_t* bb = b_ + size_t(m) * pp;
+        for (int d = 0; d < blocks_; ++d)
+          SHARDOPT_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+              handle_, CUBLAS_OP_N, CUBLAS_OP_N, b, b, p, &k.c, a + size_t(d) * b, CUDA_R_16BF, p, b, a, CUDA_R_16BF, p,
+              static_cast<long long>(b) * p, &zero, bb + size_t(d) * b, CUDA_R_16BF, p, diag, blocks_ - d,
+              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      }
       detail::launch_ns_combine(b_, a_, k.a, k.b, p, b, nb, stream);
       SHARDOPT_CUDA_CHECK_LAUNCH();
     } else {

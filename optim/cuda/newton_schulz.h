@@ -8,14 +8,12 @@
 // Each iteration is three GEMMs (X·Xᵀ, c·A·A, B·X) plus one p×p element-wise pass that forms
 // B + a·I (so a·X + B·X = (aI + B)·X needs no copy of X).
 // Symmetric products (an option, off by default): A = X·Xᵀ and A·A are symmetric, so with k
-// blocks of p/k rows only the k(k+1)/2 blocks on and below the block diagonal need computing (one
-// pointer-array batched GEMM over every block of every matrix), and a p×p pass fills the rest; X·Xᵀ
-// and A·A then cost (k+1)/2k of the full products (k = 4: 62.5%). Measured on an H200
-// (docs/benchmarks.md), the pointer-array GEMMs run so far below cuBLAS's strided GEMMs that the
-// saving is lost up to p = 4096 (0.68-0.85x the speed of full GEMMs at k = 4) and gains 3-4% only at
-// 4096×11008, so full GEMMs stay the default.
-// Workspace (2 X-sized + 2 p×p bf16 buffers per matrix, and the pointer arrays) is allocated once,
-// in the constructor.
+// blocks of p/k rows only the k(k+1)/2 blocks on and below the block diagonal need computing, and
+// a p×p pass fills the rest; X·Xᵀ and A·A then cost (k+1)/2k of the full products (k = 2: 75%,
+// k = 4: 62.5%). The blocks of one diagonal (offset d) are one strided-batched GEMM (k calls per
+// product and matrix). Whether that beats one full GEMM depends on the shape; docs/benchmarks.md
+// has the H200 measurements, and full GEMMs stay the default.
+// Workspace (2 X-sized + 2 p×p bf16 buffers per matrix) is allocated once, in the constructor.
 #pragma once
 
 #include <cublas_v2.h>
@@ -73,20 +71,11 @@ class NewtonSchulzCuda {
 
  private:
   void check_batch(int64_t batch, const char* where) const;
-  void build_block_pointers();
   void release();
 
   int64_t rows_, cols_, max_batch_, p_, q_;
   NsOptions options_;
   int blocks_ = 1;
-  // Device pointer arrays of the blocked products, max_batch·k(k+1)/2 entries each, matrix-major:
-  // X·Xᵀ reading x_[0] or x_[1] (operands, output) and A·A (operands, output).
-  void** pointer_arrays_ = nullptr;  // the one allocation behind the arrays below
-  const void** xx_in_[2][2] = {};     // [x buffer][left, right]
-  void** xx_out_ = nullptr;
-  const void** aa_left_ = nullptr;
-  const void** aa_right_ = nullptr;
-  void** aa_out_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   uint16_t* x_[2] = {nullptr, nullptr};
   uint16_t* a_ = nullptr;

@@ -3,11 +3,13 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <span>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include "base/env.h"
 #include "base/error.h"
 #include "optim/cuda/cuda_check.h"
 #include "optim/cuda/elementwise.h"
@@ -139,18 +141,14 @@ class CudaStepBackend final : public StepBackend {
     elementwise_->set_slices(slices);
 
     if (matrix != nullptr) {
-      if (matrix->kind != proto::OPTIMIZER_MUON)
+      if (matrix->kind != proto::OPTIMIZER_MUON && matrix->kind != proto::OPTIMIZER_NORMUON)
         throw ConfigError("memory space cuda: matrix optimizer " + optim::optimizer_kind_name(matrix->kind) +
-                          " has no CUDA kernel (muon has)");
+                          " has no CUDA kernel (muon and normuon have)");
       if (matrix->qk_clip) throw ConfigError("memory space cuda: QK-clip runs on the host only");
       if (matrix->ns.norm_scale != 1.0f || matrix->ns.norm_add != 0.0f)
         throw ConfigError(
             "memory space cuda: the Newton-Schulz input normalization must be G / max(||G||_F, eps) "
             "(the Polar Express schedule runs on the host only)");
-      for (const auto& t : state.plan().tensors())
-        if (t.muon() && t.block_rows_size() > 0)
-          throw ConfigError("memory space cuda: Muon matrix '" + t.name() +
-                            "' is orthogonalized per row block (fused QKV); per-block NS runs on the host only");
       cuda::NsOptions ns;
       ns.coefficients.clear();
       for (const auto& c : matrix->ns.coefficients) ns.coefficients.push_back({c[0], c[1], c[2]});
@@ -221,6 +219,9 @@ class CudaStepBackend final : public StepBackend {
     h.convention = p.muon_momentum == proto::MUON_MOMENTUM_SUMMED ? cuda::MomentumConvention::kSummed
                                                                    : cuda::MomentumConvention::kAveraged;
     h.shape_scale = shape_scale(p.shape_scale);
+    h.normuon = p.kind == proto::OPTIMIZER_NORMUON;
+    h.normuon_beta2 = float(p.normuon_beta2);
+    h.normuon_eps = float(p.normuon_eps);
     if (refs_moved(state)) {  // the shard buffers moved (not expected): new tables
       host_refs_ = matrix_refs(state);
       upload(device_refs_, host_refs_.data(), host_refs_.size() * sizeof(MatrixRefs));
@@ -237,35 +238,46 @@ class CudaStepBackend final : public StepBackend {
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<cuda::ElementwiseOptimizerCuda> elementwise_;
   using MatrixRefs = cuda::MuonCuda::MatrixRefs;
-  // Owned matrices of one shape (and gradient dtype), run as one batch: refs
-  // device_refs_[first, first + count). The batches of a shape run one after another on one NS
-  // workspace (muon_by_shape_), sized for the largest of them.
+  // Matrices of one shape (and gradient dtype), run as one batch: refs device_refs_[first, first +
+  // count). A matrix orthogonalized per row block (fused QKV: OwnedMatrix block_rows) contributes
+  // each block as a matrix of its own shape: its rows are contiguous, the momentum is element-wise,
+  // and the host step scales each block by its own shape too. The batches of a shape run one after
+  // another on one NS workspace (muon_by_shape_), sized for the largest of them.
   struct MuonBatch {
     size_t first = 0, count = 0;
     DType grad_dtype = DType::kF32;
     cuda::MuonCuda* muon = nullptr;
   };
+  // A matrix of a batch: rows [row0, row0 + rows) of owned matrix `owned`.
+  struct MatrixPiece {
+    size_t owned = 0;
+    int64_t row0 = 0, rows = 0;
+  };
   // At most this many elements of matrices per batch: a shape's NS workspace holds two bf16 copies of
   // a batch (plus p×p buffers), 256 MiB at this cap; larger groups run as several batches.
   static constexpr size_t kMaxBatchElements = size_t{64} << 20;
 
-  // The refs of every owned matrix, in batch order (order_ holds owned-matrix indices).
+  static MatrixRefs refs_of(const optim::MuonMatrix& m, const MatrixPiece& piece) {
+    const size_t at = static_cast<size_t>(piece.row0 * m.cols);
+    return {m.grad, m.momentum + at, m.master + at,
+            m.mirror == nullptr ? nullptr : reinterpret_cast<uint16_t*>(m.mirror) + at, at,
+            m.row_second_moment == nullptr ? nullptr : m.row_second_moment + piece.row0};
+  }
+
+  // The refs of every matrix piece, in batch order.
   std::vector<MatrixRefs> matrix_refs(ShardState& state) const {
     std::vector<MatrixRefs> refs;
     refs.reserve(order_.size());
-    for (size_t i : order_) {
-      const optim::MuonMatrix& m = state.owned_matrices()[i].matrix;
-      refs.push_back({m.grad, m.momentum, m.master, reinterpret_cast<uint16_t*>(m.mirror), 0});
-    }
+    for (const MatrixPiece& piece : order_) refs.push_back(refs_of(state.owned_matrices()[piece.owned].matrix, piece));
     return refs;
   }
 
   bool refs_moved(ShardState& state) const {
     for (size_t k = 0; k < order_.size(); ++k) {
-      const optim::MuonMatrix& m = state.owned_matrices()[order_[k]].matrix;
-      const MatrixRefs& r = host_refs_[k];
-      if (r.grad != m.grad || r.momentum != m.momentum || r.param != m.master ||
-          r.mirror != reinterpret_cast<uint16_t*>(m.mirror))
+      const MatrixRefs r = refs_of(state.owned_matrices()[order_[k].owned].matrix, order_[k]);
+      const MatrixRefs& h = host_refs_[k];
+      if (r.grad != h.grad || r.momentum != h.momentum || r.param != h.param || r.mirror != h.mirror ||
+          r.row_moment != h.row_moment)
         return true;
     }
     return false;
@@ -273,15 +285,28 @@ class CudaStepBackend final : public StepBackend {
 
   void build_muon_batches(ShardState& state, const cuda::NsOptions& ns) {
     auto& owned = state.owned_matrices();
-    std::map<std::tuple<int64_t, int64_t, DType>, std::vector<size_t>> groups;
-    for (size_t i = 0; i < owned.size(); ++i)
-      groups[{owned[i].matrix.rows, owned[i].matrix.cols, owned[i].matrix.grad_dtype}].push_back(i);
+    const int64_t symmetric_blocks = env::get_int("SHARDOPT_CUDA_NS_SYMMETRIC_BLOCKS");
+    if (symmetric_blocks < 1)
+      throw ConfigError("SHARDOPT_CUDA_NS_SYMMETRIC_BLOCKS must be >= 1, got " + std::to_string(symmetric_blocks));
+    std::map<std::tuple<int64_t, int64_t, DType>, std::vector<MatrixPiece>> groups;
+    for (size_t i = 0; i < owned.size(); ++i) {
+      const optim::MuonMatrix& m = owned[i].matrix;
+      const std::vector<int64_t> whole{m.rows};
+      int64_t row0 = 0;
+      for (int64_t rows : m.block_rows.empty() ? std::span<const int64_t>(whole) : m.block_rows) {
+        if (rows > 0) groups[{rows, m.cols, m.grad_dtype}].push_back({i, row0, rows});
+        row0 += rows;
+      }
+    }
     for (const auto& [key, members] : groups) {
       const auto [rows, cols, dtype] = key;
       const size_t per = static_cast<size_t>(rows * cols);
       const size_t cap = std::max<size_t>(1, kMaxBatchElements / per);
+      cuda::NsOptions shape_ns = ns;
+      if (std::min(rows, cols) % symmetric_blocks == 0) shape_ns.symmetric_blocks = static_cast<int>(symmetric_blocks);
       auto& muon = muon_by_shape_[key];
-      muon = std::make_unique<cuda::MuonCuda>(rows, cols, static_cast<int64_t>(std::min(cap, members.size())), ns);
+      muon = std::make_unique<cuda::MuonCuda>(rows, cols, static_cast<int64_t>(std::min(cap, members.size())),
+                                              shape_ns);
       for (size_t at = 0; at < members.size(); at += cap) {
         MuonBatch b;
         b.first = order_.size();
@@ -302,7 +327,7 @@ class CudaStepBackend final : public StepBackend {
 
   std::map<std::tuple<int64_t, int64_t, DType>, std::unique_ptr<cuda::MuonCuda>> muon_by_shape_;
   std::vector<MuonBatch> batches_;
-  std::vector<size_t> order_;          // owned-matrix indices, batch by batch
+  std::vector<MatrixPiece> order_;     // the matrices of the batches, batch by batch
   std::vector<MatrixRefs> host_refs_;  // what device_refs_ holds
   MatrixRefs* device_refs_ = nullptr;
   void* pieces_ = nullptr;                    // CheckPiece table of my pieces

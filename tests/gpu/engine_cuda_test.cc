@@ -1,5 +1,5 @@
 // The Engine on device memory (EngineOptions::memory_space = cuda) against the host engine and a
-// plain double-precision reference, for every element-wise optimizer, Muon, ZeRO stage, layout and
+// plain double-precision reference, for every element-wise optimizer, Muon, NorMuon, ZeRO stage, layout and
 // N in {1, 2, 4} ranks sharing one GPU (threads ranks, device buffers moved by HostStagedCommunicator).
 // Skips with a message without a CUDA device.
 //
@@ -45,7 +45,7 @@ struct DeviceCase {
   int world;
   int stage;
   proto::ShardLayout layout;
-  std::string optimizer;  // adamw, lion, sgd (momentum 0.9, Nesterov), muon (AdamW elsewhere)
+  std::string optimizer;  // adamw, lion, sgd (momentum 0.9, Nesterov), muon or normuon (AdamW elsewhere)
 };
 
 void PrintTo(const DeviceCase& c, std::ostream* os) {
@@ -73,7 +73,8 @@ EngineOptions options_for(const DeviceCase& c, MemorySpace space) {
 // Every rank's full parameters after `steps` steps (the gradients of engine_fixture.h, written into
 // grad(t) with cudaMemcpy for a device engine).
 // The fixture's mixed model with layer1.w_o full rank (see the tolerances above), plus a layer of
-// matrices shaped like earlier ones, so an owner runs same-shape matrices as one NS batch.
+// matrices shaped like earlier ones, so an owner runs same-shape matrices as one NS batch, and a
+// fused QKV matrix orthogonalized per row block.
 std::vector<proto::TensorSpec> device_model() {
   auto specs = mixed_model();
   for (auto& s : specs)
@@ -93,6 +94,10 @@ std::vector<proto::TensorSpec> device_model() {
     t.set_name(name);
     specs.push_back(t);
   }
+  // A fused QKV matrix orthogonalized per row block (6 + 4 + 4 rows; the two 4-row blocks share a batch).
+  proto::TensorSpec qkv = spec("layer3.w_qkv", {14, 10});
+  for (int64_t rows : {6, 4, 4}) qkv.add_block_rows(rows);
+  specs.push_back(qkv);
   specs.push_back(head);
   return specs;
 }
@@ -198,9 +203,34 @@ std::vector<std::vector<double>> double_reference(const std::vector<proto::Tenso
           m[t][i] = mu * m[t][i] + (1 - mu) * g[i];  // averaged momentum (the default)
           u.data()[i] = mx->nesterov ? (1 - mu) * g[i] + mu * m[t][i] : m[t][i];
         }
-        const MatD out = ns_double(u, mx->ns);
-        const double s = std::sqrt(std::max(1.0, double(rows) / double(cols)));  // shape scale "original"
-        for (int64_t i = 0; i < n; ++i) w[t][i] = w[t][i] * (1 - mx->lr * mx->weight_decay) - mx->lr * s * out.data()[i];
+        // Each row block (the whole matrix unless the spec lists blocks) is orthogonalized and scaled on its own.
+        std::vector<int64_t> blocks(specs[t].block_rows().begin(), specs[t].block_rows().end());
+        if (blocks.empty()) blocks.push_back(rows);
+        int64_t row0 = 0;
+        for (int64_t b : blocks) {
+          const MatD out = ns_double(u.middleRows(row0, b), mx->ns);
+          const double s = std::sqrt(std::max(1.0, double(b) / double(cols)));  // shape scale "original"
+          // NorMuon: each row of the output divided by √(its second moment) + eps, then all rescaled to
+          // the output's Frobenius norm; v[t] holds the row moments.
+          std::vector<double> row_step(static_cast<size_t>(b), 1.0);
+          if (mx->kind == proto::OPTIMIZER_NORMUON) {
+            double norm_sq = 0, normalized_sq = 0;
+            for (int64_t i = 0; i < b; ++i) {
+              const double row_sq = out.row(i).squaredNorm();
+              double& vi = v[t][static_cast<size_t>(row0 + i)];
+              vi = mx->normuon_beta2 * vi + (1 - mx->normuon_beta2) * row_sq / double(cols);
+              row_step[i] = 1.0 / (std::sqrt(vi) + mx->normuon_eps);
+              norm_sq += row_sq;
+              normalized_sq += row_step[i] * row_step[i] * row_sq;
+            }
+            for (double& r : row_step) r *= normalized_sq > 0 ? std::sqrt(norm_sq / normalized_sq) : 0.0;
+          }
+          for (int64_t i = 0; i < b * cols; ++i) {
+            double& p = w[t][static_cast<size_t>(row0 * cols + i)];
+            p = p * (1 - mx->lr * mx->weight_decay) - mx->lr * s * row_step[i / cols] * out.data()[i];
+          }
+          row0 += b;
+        }
         continue;
       }
       for (int64_t i = 0; i < n; ++i) {
@@ -306,7 +336,7 @@ std::vector<DeviceCase> all_cases() {
   for (int world : {1, 2, 4})
     for (int stage : {1, 2, 3})
       for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0})
-        for (const char* opt : {"adamw", "lion", "sgd", "muon"}) cases.push_back({world, stage, layout, opt});
+        for (const char* opt : {"adamw", "lion", "sgd", "muon", "normuon"}) cases.push_back({world, stage, layout, opt});
   return cases;
 }
 INSTANTIATE_TEST_SUITE_P(AllConfigurations, DeviceEngine, ::testing::ValuesIn(all_cases()), case_name);
@@ -343,7 +373,7 @@ TEST(DeviceEngine, HostOnlyFeaturesAreRefusedByName) {
   comm::run_ranks(1, [&](comm::Communicator& host_comm) {
     comm::HostStagedCommunicator comm(host_comm);
     EngineOptions o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "muon"}, MemorySpace::kCuda);
-    o.matrix_optimizer.set_kind(proto::OPTIMIZER_NORMUON);
+    o.matrix_optimizer.set_ns_schedule(proto::NS_SCHEDULE_POLAR_EXPRESS);
     EXPECT_THROW({ Engine e(comm, mixed_model(), o); }, ConfigError);
     o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "adamw"}, MemorySpace::kCuda);
     o.elementwise_optimizer.set_state_dtype(proto::STATE_Q8);

@@ -19,7 +19,7 @@
 
 #include "comm/mpi_backend.h"
 #include "runtime/gossip/outer_sync.h"
-#include "tests/common/mpi_failure_printer.h"
+#include "tests/common/mpi_suite_main.h"
 #include "tests/gossip/gossip_reference.h"
 
 namespace shardopt::runtime::gossip {
@@ -230,23 +230,9 @@ TEST(GossipMpi, LatePartnerSkipsExactlyItsRounds) {
 }  // namespace shardopt::runtime::gossip
 
 int main(int argc, char** argv) {
-  using namespace shardopt;
-  comm::MpiRuntime mpi(&argc, &argv);
-  testing::InitGoogleTest(&argc, argv);
-  const int rank = mpi.world_rank();
-  test_fixture::quiet_gtest_on_other_ranks(rank);
-  int failed = 0;
-  {
-    comm::CommOptions options = comm::CommOptions::from_env();
-    options.checked = true;  // a desync names both sides instead of hanging
-    options.timeout = std::chrono::milliseconds(60000);
-    auto world = mpi.world(options);
-    runtime::gossip::g_world = world.get();
-    failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
-    runtime::gossip::g_world = nullptr;
-  }
-  int any_failed = 0;
-  MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  if (rank == 0 && any_failed && !failed) std::fprintf(stderr, "gossip MPI suite: another rank failed (see above)\n");
-  return any_failed;
+  shardopt::comm::CommOptions options = shardopt::comm::CommOptions::from_env();
+  options.checked = true;  // a desync names both sides instead of hanging
+  options.timeout = std::chrono::milliseconds(60000);
+  return shardopt::test_fixture::run_mpi_suite(argc, argv, "gossip MPI suite", options,
+                                               &shardopt::runtime::gossip::g_world);
 }

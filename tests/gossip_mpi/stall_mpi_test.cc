@@ -28,7 +28,7 @@
 #include "comm/mpi_backend.h"
 #include "model/data.h"
 #include "runtime/gossip/outer_sync.h"
-#include "tests/common/mpi_failure_printer.h"
+#include "tests/common/mpi_suite_main.h"
 #include "train/trainer.h"
 
 extern char** environ;
@@ -165,22 +165,7 @@ TEST(StalledReplica, OthersSkipAndKeepTrainingTheStalledOneCatchesUp) {
 }  // namespace shardopt::train
 
 int main(int argc, char** argv) {
-  using namespace shardopt;
-  comm::MpiRuntime mpi(&argc, &argv);
-  testing::InitGoogleTest(&argc, argv);
-  const int rank = mpi.world_rank();
-  test_fixture::quiet_gtest_on_other_ranks(rank);
-  int failed = 0;
-  {
-    comm::CommOptions options = comm::CommOptions::from_env();
-    options.timeout = std::chrono::milliseconds(300000);  // the end-of-run collectives wait for the stalled rank
-    auto world = mpi.world(options);
-    train::g_world = world.get();
-    failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
-    train::g_world = nullptr;
-  }
-  int any_failed = 0;
-  MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  if (rank == 0 && any_failed && !failed) std::fprintf(stderr, "stall MPI suite: another rank failed (see above)\n");
-  return any_failed;
+  shardopt::comm::CommOptions options = shardopt::comm::CommOptions::from_env();
+  options.timeout = std::chrono::milliseconds(300000);  // the end-of-run collectives wait for the stalled rank
+  return shardopt::test_fixture::run_mpi_suite(argc, argv, "stall MPI suite", options, &shardopt::train::g_world);
 }

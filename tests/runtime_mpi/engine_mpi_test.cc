@@ -24,7 +24,7 @@
 #include "optim/muon.h"
 #include "runtime/engine.h"
 #include "tests/common/engine_reference.h"
-#include "tests/common/mpi_failure_printer.h"
+#include "tests/common/mpi_suite_main.h"
 
 namespace shardopt::runtime {
 namespace {
@@ -233,26 +233,9 @@ TEST(EngineMpi, AllRanksHoldIdenticalParameters) {
 }  // namespace
 }  // namespace shardopt::runtime
 
-// gtest output on rank 0 only (other ranks print their failures, tagged with the rank); every rank
-// exits non-zero when any rank failed.
 int main(int argc, char** argv) {
-  using namespace shardopt;
-  comm::MpiRuntime mpi(&argc, &argv);
-  testing::InitGoogleTest(&argc, argv);
-  const int rank = mpi.world_rank();
-  test_fixture::quiet_gtest_on_other_ranks(rank);
-  int failed = 0;
-  {
-    comm::CommOptions options = comm::CommOptions::from_env();
-    options.checked = true;  // a desync names both sides instead of hanging
-    options.timeout = std::chrono::milliseconds(60000);
-    auto world = mpi.world(options);
-    runtime::g_world = world.get();
-    failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
-    runtime::g_world = nullptr;
-  }
-  int any_failed = 0;
-  MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  if (rank == 0 && any_failed && !failed) std::fprintf(stderr, "engine MPI suite: another rank failed (see above)\n");
-  return any_failed;
+  shardopt::comm::CommOptions options = shardopt::comm::CommOptions::from_env();
+  options.checked = true;  // a desync names both sides instead of hanging
+  options.timeout = std::chrono::milliseconds(60000);
+  return shardopt::test_fixture::run_mpi_suite(argc, argv, "engine MPI suite", options, &shardopt::runtime::g_world);
 }

@@ -1,5 +1,7 @@
 #include "sharding/presets.h"
 
+#include <algorithm>
+
 #include "base/error.h"
 
 namespace shardopt::sharding {
@@ -55,8 +57,10 @@ LlamaShape preset_shape(std::string_view name) {
   throw ConfigError("unknown model preset '" + std::string(name) + "': expected one of " + known);
 }
 
-std::vector<proto::TensorSpec> preset_specs(std::string_view name, proto::DType dtype) {
-  return llama_specs(preset_shape(name), dtype);
+std::vector<proto::TensorSpec> preset_specs(std::string_view name, proto::DType dtype, int layers) {
+  LlamaShape shape = preset_shape(name);
+  if (layers > 0) shape.n_layers = std::min<int64_t>(shape.n_layers, layers);
+  return llama_specs(shape, dtype);
 }
 
 }  // namespace shardopt::sharding

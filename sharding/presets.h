@@ -31,6 +31,8 @@ std::vector<proto::TensorSpec> llama_specs(const LlamaShape& shape, proto::DType
 // "tiny" (d 64, 2 layers, ffn 176, vocab 1000, 4 heads / 2 KV heads: a small model for tests and demos).
 const std::vector<std::string>& preset_names();
 LlamaShape preset_shape(std::string_view name);  // ConfigError for unknown names
-std::vector<proto::TensorSpec> preset_specs(std::string_view name, proto::DType dtype = proto::BF16);
+// `layers` > 0 keeps only the first `layers` transformer layers (benchmarks and simulations of a slice
+// of a model); 0 = all of them.
+std::vector<proto::TensorSpec> preset_specs(std::string_view name, proto::DType dtype = proto::BF16, int layers = 0);
 
 }  // namespace shardopt::sharding

@@ -133,18 +133,6 @@ struct ComputeModel {
   }
 };
 
-std::vector<proto::TensorSpec> model_specs(const Options& o) {
-  auto all = sharding::preset_specs(o.preset, proto::F32);
-  if (o.layers <= 0) return all;
-  std::vector<proto::TensorSpec> out;
-  const std::string prefix = "model.layers.";
-  for (auto& s : all) {
-    if (s.name().rfind(prefix, 0) == 0 && std::stoi(s.name().substr(prefix.size())) >= o.layers) continue;
-    out.push_back(s);
-  }
-  return out;
-}
-
 double ns_flops(const proto::TensorPlacement& t) {
   if (t.block_rows_size() == 0) return optim::newton_schulz_flops(t.rows(), t.cols(), kNsSteps);
   double f = 0;
@@ -214,7 +202,7 @@ int run(int argc, char** argv) {
   }
   const int n = group->size(), rank = group->rank();
 
-  const auto specs = model_specs(o);
+  const auto specs = sharding::preset_specs(o.preset, proto::F32, o.layers);
   const proto::ShardLayout layout = sharding::parse_layout(o.layout);
   const auto request = sharding::make_plan_request(specs, n, o.stage, layout, bucket_bytes_for_ranks(o.bucket_mib, n));
   const auto plan_ptr = shared_plan(request);

@@ -54,19 +54,6 @@ std::vector<std::string> split_list(const std::string& s) {
   return out;
 }
 
-// The preset's tensors, keeping only the first `layers` transformer layers (0 = all).
-std::vector<proto::TensorSpec> shape_set(const std::string& preset, int layers) {
-  auto all = sharding::preset_specs(preset, proto::F32);
-  if (layers <= 0) return all;
-  std::vector<proto::TensorSpec> out;
-  for (auto& s : all) {
-    const std::string prefix = "model.layers.";
-    if (s.name().rfind(prefix, 0) == 0 && std::stoi(s.name().substr(prefix.size())) >= layers) continue;
-    out.push_back(s);
-  }
-  return out;
-}
-
 runtime::EngineOptions engine_options(int stage, proto::ShardLayout layout,
                                       proto::NsDtype ns_dtype = proto::NS_DTYPE_F32) {
   runtime::EngineOptions o;
@@ -218,7 +205,7 @@ int main(int argc, char** argv) {
 
   if (plan_only) {
     for (const auto& preset : split_list(shapes)) {
-      const auto specs = shape_set(preset, layers);
+      const auto specs = sharding::preset_specs(preset, proto::F32, layers);
       for (const auto& n : split_list(plan_worlds)) {
         const int w = std::stoi(n);
         for (const auto& st : split_list(stages)) {
@@ -238,7 +225,7 @@ int main(int argc, char** argv) {
   }
 
   for (const auto& preset : split_list(shapes)) {
-    const auto specs = shape_set(preset, layers);
+    const auto specs = sharding::preset_specs(preset, proto::F32, layers);
     const std::string shape_name = layers > 0 ? fmt::format("{}:{} layers", preset, layers) : preset;
     const Baselines base = no_baselines ? Baselines{} : measure_baselines(*comm, specs);
     for (const auto& st : split_list(stages)) {

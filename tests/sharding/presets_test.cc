@@ -31,6 +31,25 @@ TEST(Presets, ParameterCounts) {
   EXPECT_THROW(preset_specs("gpt-5"), ConfigError);
 }
 
+// A slice of the first layers: the full list without the later layers' tensors, in the same order.
+TEST(Presets, FirstLayersAreTheFullListWithoutTheLaterLayers) {
+  const auto all = preset_specs("llama-1b", proto::F32);
+  for (int layers : {1, 2, 21}) {
+    std::vector<std::string> want;
+    for (const auto& s : all) {
+      const std::string prefix = "model.layers.";
+      if (s.name().rfind(prefix, 0) == 0 && std::stoi(s.name().substr(prefix.size())) >= layers) continue;
+      want.push_back(s.name());
+    }
+    std::vector<std::string> got;
+    for (const auto& s : preset_specs("llama-1b", proto::F32, layers)) got.push_back(s.name());
+    EXPECT_EQ(got, want) << layers << " layers";
+  }
+  EXPECT_EQ(preset_specs("llama-1b", proto::F32, 0).size(), all.size());
+  EXPECT_EQ(preset_specs("llama-1b", proto::F32, 99).size(), all.size());  // more than the model has: all
+  EXPECT_EQ(count(preset_specs("llama-125m", proto::BF16, 3)), llama_count(768, 3, 2048, 32000, 768));
+}
+
 TEST(Presets, RoutingSendsSevenMatricesPerLayerToMuon) {
   for (const char* name : {"llama-125m", "llama-1b"}) {
     const auto specs = preset_specs(name);

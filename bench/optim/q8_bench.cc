@@ -126,9 +126,15 @@ void bench_kernel(int64_t n, int reps) {
     for (int threads : {1, 2}) {
       shardopt::ThreadPool pool(threads);
       std::vector<Variant> variants;
-      variants.push_back({sp::STATE_Q8, true});
-      variants.push_back({sp::STATE_BF16, true});
-      if (threads == 1 && cfg.kind() == sp::OPTIMIZER_ADAMW) variants.push_back({sp::STATE_Q8, false});
+      const auto variant = [](sp::StateDType dtype, bool avx512) {
+        Variant v;
+        v.dtype = dtype;
+        v.avx512 = avx512;
+        return v;
+      };
+      variants.push_back(variant(sp::STATE_Q8, true));
+      variants.push_back(variant(sp::STATE_BF16, true));
+      if (threads == 1 && cfg.kind() == sp::OPTIMIZER_ADAMW) variants.push_back(variant(sp::STATE_Q8, false));
       for (Variant& var : variants)
         for (int k = 0; k < slots; ++k) {
           var.values[k].assign(static_cast<size_t>(n * (var.dtype == sp::STATE_BF16 ? 2 : 1)), 0);

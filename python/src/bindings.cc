@@ -32,6 +32,7 @@
 #include "comm/thread_backend.h"
 #include "runtime/checkpoint_io.h"
 #include "runtime/engine.h"
+#include "sharding/layout.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -319,9 +320,7 @@ NB_MODULE(_C, m) {
             }
             so::runtime::EngineOptions o;
             o.zero_stage = stage;
-            if (layout == "owned") o.layout = so::proto::SHARD_LAYOUT_OWNED;
-            else if (layout == "dim0") o.layout = so::proto::SHARD_LAYOUT_DIM0;
-            else throw so::ConfigError("layout must be 'owned' or 'dim0', got '" + layout + "'");
+            o.layout = so::sharding::parse_layout(layout);
             o.bucket_bytes = bucket_bytes;
             if (!matrix_optimizer.empty())
               o.matrix_optimizer = shardopt::python::parse_text_proto<so::proto::OptimizerConfig>(matrix_optimizer, "matrix optimizer");

@@ -152,6 +152,47 @@ int main(int argc, char** argv) {
     cudaFree(out);
   }
 
+  // The GEMM shapes of NS on llama-1b's matrices, in every operand layout cuBLAS offers: which layout
+  // runs fastest for X·Xᵀ (p×p×q) and B·X (p×q×p), the two products that dominate the Muon phase.
+  if (!quick) {
+    cublasHandle_t h;
+    SHARDOPT_CUBLAS_CHECK(cublasCreate(&h));
+    struct Gemm {
+      const char* product;
+      int m, n, k;
+    };
+    const Gemm gemms[] = {{"x_xt", 2048, 2048, 5632}, {"b_x", 5632, 2048, 2048}, {"x_xt", 2048, 2048, 2048},
+                          {"b_x", 2048, 2048, 2048}, {"x_xt", 256, 256, 2048}, {"b_x", 2048, 256, 256}};
+    for (const Gemm& g : gemms) {
+      const size_t biggest = size_t(std::max({g.m, g.n, g.k})) * size_t(std::max({g.m, g.n, g.k}));
+      auto* a = random_device<uint16_t>(biggest, 11);
+      auto* b = random_device<uint16_t>(biggest, 12);
+      uint16_t* c = nullptr;
+      SHARDOPT_CUDA_CHECK(cudaMalloc(&c, size_t(g.m) * g.n * 2));
+      const float one = 1, zero = 0;
+      for (int ta : {0, 1})
+        for (int tb : {0, 1}) {
+          const cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+          const int lda = ta ? g.k : g.m, ldb = tb ? g.n : g.k;
+          const double s = time_median(
+              [&] {
+                SHARDOPT_CUBLAS_CHECK(cublasGemmEx(h, oa, ob, g.m, g.n, g.k, &one, a, CUDA_R_16BF, lda, b, CUDA_R_16BF,
+                                                   ldb, &zero, c, CUDA_R_16BF, g.m, CUBLAS_COMPUTE_32F,
+                                                   CUBLAS_GEMM_DEFAULT));
+              },
+              3, reps);
+          const double tflops = 2.0 * g.m * double(g.n) * g.k / s / 1e12;
+          emit({{"bench", "gemm_layout"}, {"product", g.product}, {"m", g.m}, {"n", g.n}, {"k", g.k},
+                {"layout", std::string(ta ? "T" : "N") + (tb ? "T" : "N")}, {"seconds", s}, {"tflops", tflops},
+                {"ratio_vs_gemm_bf16", tflops / gemm_tflops}});
+        }
+      cudaFree(a);
+      cudaFree(b);
+      cudaFree(c);
+    }
+    cublasDestroy(h);
+  }
+
   // Fused AdamW over 64 Mi elements in 16 slices: fp32 grads, with and without the bf16 mirror.
   for (bool mirror : {false, true}) {
     const size_t total = size_t(64) << 20, slices = 16, per = total / slices;

@@ -184,9 +184,11 @@ class ShardState {
   std::vector<LocalPiece> my_pieces_;
   SpaceArray elementwise_state_;  // slots laid out slot-major
   optim::StateDType ew_dtype_ = proto::STATE_F32, mx_dtype_ = proto::STATE_F32;
-  // Compact state stays in host memory (the CUDA backend refuses compact state dtypes).
-  std::vector<unsigned char> compact_values_;  // bf16 values / q8 codes: element-wise slots, then momenta
-  std::vector<float> compact_absmax_;          // q8 absmax, same order
+  // Compact state lives in the backend's memory space like the fp32 state (the CUDA backend steps
+  // compact element-wise state on the device; compact Muon momentum runs on the host only).
+  SpaceArray compact_values_;           // bf16 values / q8 codes (bytes): element-wise slots, then momenta
+  int64_t compact_value_bytes_ = 0;     // bytes of compact_values_ in use
+  SpaceArray compact_absmax_;           // q8 absmax, same order
   std::vector<optim::CompactSlots> elementwise_compact_;
   std::vector<float> momentum_scratch_;        // compact Muon momentum, decoded for one matrix at a time
   SpaceArray muon_state_;         // momentum of owned matrices, then NorMuon row states

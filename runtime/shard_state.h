@@ -124,7 +124,8 @@ class ShardState {
 
   const std::vector<LocalPiece>& my_pieces() const { return my_pieces_; }
   std::vector<optim::ElementwiseSlice>& elementwise_slices() { return elementwise_slices_; }
-  // One per element-wise slice when the element-wise state is compact (bf16 / q8); else empty.
+  // One per element-wise slice when the element-wise state is compact (bf16 / q8); else empty. Its
+  // pointers are in the backend's memory space (device memory for MemorySpace::kCuda).
   const std::vector<optim::CompactSlots>& elementwise_compact() const { return elementwise_compact_; }
   optim::StateDType elementwise_state_dtype() const { return ew_dtype_; }
   optim::StateDType matrix_state_dtype() const { return mx_dtype_; }

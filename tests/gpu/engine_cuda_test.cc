@@ -29,6 +29,7 @@
 
 #include "base/error.h"
 #include "comm/host_staged_communicator.h"
+#include "optim/quant8.h"
 #include "comm/thread_backend.h"
 #include "runtime/engine.h"
 #include "sharding/layout.h"
@@ -100,9 +101,40 @@ std::vector<proto::TensorSpec> device_model() {
   return specs;
 }
 
+// Rank r's compact element-wise state after the run, decoded to fp32 (slot-major over its slices),
+// read from device memory for a device engine.
+std::vector<float> decoded_compact_state(Engine& engine, bool device) {
+  ShardState& st = engine.shard_state();
+  std::vector<float> out;
+  if (st.elementwise_state_dtype() == proto::STATE_F32) return out;
+  for (int k = 0; k < 2; ++k)
+    for (size_t i = 0; i < st.elementwise_slices().size(); ++i) {
+      const optim::CompactState& c = st.elementwise_compact()[i].slot[k];
+      if (c.values == nullptr) continue;
+      const auto n = static_cast<int64_t>(st.elementwise_slices()[i].count);
+      std::vector<unsigned char> values(static_cast<size_t>(n) * (c.dtype == proto::STATE_BF16 ? 2 : 1));
+      std::vector<float> absmax(c.dtype == proto::STATE_Q8 ? static_cast<size_t>(optim::q8_num_blocks(n)) : 0);
+      if (device) {
+        EXPECT_EQ(cudaMemcpy(values.data(), c.values, values.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+        EXPECT_EQ(cudaMemcpy(absmax.data(), c.absmax, absmax.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      } else {
+        std::memcpy(values.data(), c.values, values.size());
+        std::memcpy(absmax.data(), c.absmax, absmax.size() * 4);
+      }
+      optim::CompactState host = c;
+      host.values = values.data();
+      host.absmax = absmax.data();
+      const size_t at = out.size();
+      out.resize(at + static_cast<size_t>(n));
+      optim::load_compact(host, n, out.data() + at);
+    }
+  return out;
+}
+
 std::vector<Params> run(const std::vector<proto::TensorSpec>& specs, const DeviceCase& c, MemorySpace space,
-                        int steps) {
+                        int steps, std::vector<std::vector<float>>* compact_states = nullptr) {
   std::vector<Params> result(static_cast<size_t>(c.world));
+  if (compact_states != nullptr) compact_states->assign(static_cast<size_t>(c.world), {});
   std::mutex mu;
   comm::CommOptions copts;
   copts.checked = true;
@@ -137,6 +169,7 @@ std::vector<Params> run(const std::vector<proto::TensorSpec>& specs, const Devic
           }
           EXPECT_TRUE(engine.step().applied);
         }
+        std::vector<float> state = decoded_compact_state(engine, device);
         engine.gather_all();
         Params mine(specs.size());
         for (size_t t = 0; t < specs.size(); ++t) {
@@ -152,6 +185,7 @@ std::vector<Params> run(const std::vector<proto::TensorSpec>& specs, const Devic
         engine.release_all();
         std::lock_guard<std::mutex> lock(mu);
         result[static_cast<size_t>(comm.rank())] = std::move(mine);
+        if (compact_states != nullptr) (*compact_states)[static_cast<size_t>(comm.rank())] = std::move(state);
       },
       copts);
   return result;
@@ -335,10 +369,33 @@ TEST_P(DeviceEngineCompact, MatchesTheHostEngineWithTheSameState) {
   const DeviceCase& c = GetParam();
   const auto specs = q8_model();
   const int steps = 4;
-  const auto dev = run(specs, c, MemorySpace::kCuda, steps);
-  const auto host = run(specs, c, MemorySpace::kHost, steps);
+  std::vector<std::vector<float>> dev_state, host_state;
+  const auto dev = run(specs, c, MemorySpace::kCuda, steps, &dev_state);
+  const auto host = run(specs, c, MemorySpace::kHost, steps, &host_state);
   const EngineOptions o = options_for(c, MemorySpace::kHost);
   const double lr = optim::resolve_optimizer_config(o.elementwise_optimizer).lr;
+  // The state itself (the device engine's, read from device memory, decoded with the host's
+  // decoder): same layout and code, so equal up to the same rounding effects: every element within
+  // 2^-20 |h| (a few ulp of the absmax) + max(|d|, |h|) / 8 (one code step: m's 3 mantissa bits;
+  // v's, 4 bits in the sqrt domain, moves v by at most 0.114 of the larger value), and
+  // elements beyond 2^-20 |h| (a flipped code or bf16 rounding) at most max(2, 1%) per rank.
+  size_t state_elements = 0;
+  for (const auto& x : host_state) state_elements += x.size();
+  ASSERT_GT(state_elements, 0u) << "no rank holds compact state";
+  for (int r = 0; r < c.world; ++r) {
+    ASSERT_EQ(dev_state[r].size(), host_state[r].size()) << "rank " << r;
+    size_t beyond = 0, bad = 0;
+    for (size_t i = 0; i < host_state[r].size(); ++i) {
+      const double d = dev_state[r][i], h = host_state[r][i], diff = std::abs(d - h);
+      const double close = 0x1p-20 * std::abs(h) + 1e-30;
+      beyond += !(diff <= close);
+      bad += !(diff <= close + std::max(std::abs(d), std::abs(h)) / 8);
+    }
+    std::printf("[ %s rank %d ] decoded state elements beyond 2^-20 relative: %zu of %zu\n", case_name({c, 0}).c_str(),
+                r, beyond, host_state[r].size());
+    EXPECT_EQ(bad, 0u) << "device vs host engine state, rank " << r;
+    EXPECT_LE(beyond, std::max<size_t>(2, host_state[r].size() / 100)) << "device vs host engine state, rank " << r;
+  }
   size_t beyond_total = 0, elements_total = 0;
   for (size_t t = 0; t < specs.size(); ++t) {
     if (reference_uses_muon(specs[t], o)) continue;  // Muon keeps f32 state; its device bound is tested above

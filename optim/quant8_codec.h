@@ -2,7 +2,9 @@
 // own per-instruction-set wrapper (quant8.cc: quantize/dequantize; compact_step.cc: fused into the
 // optimizer step). Internal to optim/. Every step is an IEEE-exact float operation (multiply,
 // divide, sqrt) or integer arithmetic on the bits, so the portable and the AVX-512 builds of these
-// loops give the same codes and values bit for bit.
+// loops give the same codes and values bit for bit. The per-element functions (bits_of to
+// decode_unsigned) also compile as device functions under nvcc: the CUDA q8 step
+// (optim/cuda/compact_kernels.cu) encodes and decodes with these same functions.
 #pragma once
 
 #include <cmath>
@@ -12,6 +14,11 @@
 namespace shardopt::optim::codec {
 
 #define SHARDOPT_CODEC inline __attribute__((always_inline))
+#if defined(__CUDACC__)
+#define SHARDOPT_CODEC_ELEMENT __host__ __device__ __forceinline__
+#else
+#define SHARDOPT_CODEC_ELEMENT SHARDOPT_CODEC
+#endif
 
 // Signed: |y| rounded to 3 mantissa bits; code k in 1..127 <-> float bits (k + kSignedOffset) << 20,
 // so k = 127 is 1.0 and k = 1 is 2^-16 * 1.25; k = 0 is 0. Bit 7 is the sign.
@@ -23,41 +30,49 @@ inline constexpr int32_t kSignedOffset = (127 << 3) - 127;  // 889
 inline constexpr uint32_t kUnsignedShift = 19;
 inline constexpr int32_t kUnsignedOffset = (127 << 4) - 255;  // 1777
 
-SHARDOPT_CODEC uint32_t bits_of(float f) {
+SHARDOPT_CODEC_ELEMENT uint32_t bits_of(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
+#endif
 }
-SHARDOPT_CODEC float float_of(uint32_t u) {
+SHARDOPT_CODEC_ELEMENT float float_of(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+#endif
 }
 
 // Magnitude bits of y rounded to the code's grid (half up in bit space = nearest on the grid,
 // carrying into the exponent), as a code clamped to [0, top]. NaN bits exceed every code: top.
 template <uint32_t kShift, int32_t kOffset, int32_t kTop>
-SHARDOPT_CODEC int32_t magnitude_code(uint32_t magnitude_bits) {
+SHARDOPT_CODEC_ELEMENT int32_t magnitude_code(uint32_t magnitude_bits) {
   const int32_t k = static_cast<int32_t>((magnitude_bits + (1u << (kShift - 1))) >> kShift) - kOffset;
   return k < 0 ? 0 : (k > kTop ? kTop : k);
 }
 
-SHARDOPT_CODEC uint8_t encode_signed(float y) {
+SHARDOPT_CODEC_ELEMENT uint8_t encode_signed(float y) {
   const uint32_t u = bits_of(y);
   const int32_t k = magnitude_code<kSignedShift, kSignedOffset, 127>(u & 0x7fffffffu);
   return static_cast<uint8_t>(static_cast<uint32_t>(k) | ((u >> 24) & 0x80u));
 }
-SHARDOPT_CODEC float decode_signed(uint8_t code) {
+SHARDOPT_CODEC_ELEMENT float decode_signed(uint8_t code) {
   const uint32_t k = code & 0x7fu;
   const uint32_t magnitude = k == 0 ? 0u : (k + kSignedOffset) << kSignedShift;
   return float_of(magnitude | (static_cast<uint32_t>(code & 0x80u) << 24));
 }
 // s = sqrt(x / A) >= 0, computed by the caller as sqrt(x) * (1 / sqrt(A)) (a NaN gives the top code;
 // its block's absmax is NaN anyway).
-SHARDOPT_CODEC uint8_t encode_unsigned(float s) {
+SHARDOPT_CODEC_ELEMENT uint8_t encode_unsigned(float s) {
   return static_cast<uint8_t>(magnitude_code<kUnsignedShift, kUnsignedOffset, 255>(bits_of(s) & 0x7fffffffu));
 }
-SHARDOPT_CODEC float decode_unsigned(uint8_t code) {
+SHARDOPT_CODEC_ELEMENT float decode_unsigned(uint8_t code) {
   const float s = float_of((static_cast<uint32_t>(code) + kUnsignedOffset) << kUnsignedShift);
   return s * s;
 }

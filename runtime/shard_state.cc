@@ -230,14 +230,16 @@ void ShardState::build_views(const optim::OptimizerParams* matrix_optimizer,
       compact_absmax += absmax_count(mx_dtype_, placement.numel());
       largest_matrix = std::max(largest_matrix, placement.numel());
     }
-  compact_values_.assign(static_cast<size_t>(compact_values), 0);
-  compact_absmax_.assign(static_cast<size_t>(compact_absmax), 0.0f);  // all-zero codes + absmax 0 decode to 0
+  // Zero-filled: all-zero codes with absmax 0 decode to 0 (bf16: +0).
+  compact_value_bytes_ = compact_values;
+  compact_values_ = SpaceArray(*memory_, static_cast<size_t>((compact_values + 3) / 4));
+  compact_absmax_ = SpaceArray(*memory_, static_cast<size_t>(compact_absmax));
   momentum_scratch_.assign(static_cast<size_t>(largest_matrix), 0.0f);
   int64_t value_cursor = 0, absmax_cursor = 0;
   auto take_compact = [&](optim::StateDType d, int64_t n, bool nonnegative) {
     optim::CompactState c;
     c.dtype = d;
-    c.values = compact_values_.data() + value_cursor;
+    c.values = reinterpret_cast<unsigned char*>(compact_values_.data()) + value_cursor;
     c.absmax = d == proto::STATE_Q8 ? compact_absmax_.data() + absmax_cursor : nullptr;
     c.nonnegative = nonnegative;
     value_cursor += n * value_bytes(d);
@@ -429,7 +431,7 @@ MemoryReport ShardState::memory() const {
   r.grad_shard_bytes = bytes(grad_shards_);
   r.master_bytes = bytes(master_);
   r.state_bytes = static_cast<int64_t>((elementwise_state_.size() + muon_state_.size() + compact_absmax_.size()) *
-                                       sizeof(float) + compact_values_.size());
+                                       sizeof(float) + compact_value_bytes_);
   int64_t row_state = 0;
   for (const auto& om : owned_) row_state += om.matrix.row_second_moment ? om.matrix.rows : 0;
   r.moment_bytes = r.state_bytes - row_state * static_cast<int64_t>(sizeof(float));

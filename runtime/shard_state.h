@@ -124,7 +124,8 @@ class ShardState {
 
   const std::vector<LocalPiece>& my_pieces() const { return my_pieces_; }
   std::vector<optim::ElementwiseSlice>& elementwise_slices() { return elementwise_slices_; }
-  // One per element-wise slice when the element-wise state is compact (bf16 / q8); else empty.
+  // One per element-wise slice when the element-wise state is compact (bf16 / q8); else empty. Its
+  // pointers are in the backend's memory space (device memory for MemorySpace::kCuda).
   const std::vector<optim::CompactSlots>& elementwise_compact() const { return elementwise_compact_; }
   optim::StateDType elementwise_state_dtype() const { return ew_dtype_; }
   optim::StateDType matrix_state_dtype() const { return mx_dtype_; }
@@ -184,9 +185,11 @@ class ShardState {
   std::vector<LocalPiece> my_pieces_;
   SpaceArray elementwise_state_;  // slots laid out slot-major
   optim::StateDType ew_dtype_ = proto::STATE_F32, mx_dtype_ = proto::STATE_F32;
-  // Compact state stays in host memory (the CUDA backend refuses compact state dtypes).
-  std::vector<unsigned char> compact_values_;  // bf16 values / q8 codes: element-wise slots, then momenta
-  std::vector<float> compact_absmax_;          // q8 absmax, same order
+  // Compact state lives in the backend's memory space like the fp32 state (the CUDA backend steps
+  // compact element-wise state on the device; compact Muon momentum runs on the host only).
+  SpaceArray compact_values_;           // bf16 values / q8 codes (bytes): element-wise slots, then momenta
+  int64_t compact_value_bytes_ = 0;     // bytes of compact_values_ in use
+  SpaceArray compact_absmax_;           // q8 absmax, same order
   std::vector<optim::CompactSlots> elementwise_compact_;
   std::vector<float> momentum_scratch_;        // compact Muon momentum, decoded for one matrix at a time
   SpaceArray muon_state_;         // momentum of owned matrices, then NorMuon row states

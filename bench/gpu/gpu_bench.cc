@@ -1,6 +1,7 @@
 // GPU figures: Newton–Schulz (NS5) on cuBLAS bf16 for single and batched matrices, the device's
 // own bf16 GEMM rate, copy bandwidth and AdamW-shaped in-place RMW bandwidth measured in the same
-// run, the fused AdamW step's bandwidth against both, and one full Muon step. Prints figures, never
+// run, the fused AdamW step's bandwidth against both, the AdamW step with q8 state (against the fp32
+// step and the RMW ceiling), and one full Muon step. Prints figures, never
 // passes or fails on time.
 // Usage: gpu_bench [--json] [--quick]
 #include <cublas_v2.h>
@@ -16,6 +17,8 @@
 
 #include "bench/common/bench_util.h"
 #include "bench/gpu/device_ceilings.h"
+#include "optim/config.h"
+#include "optim/cuda/compact_elementwise.h"
 #include "optim/cuda/cuda_check.h"
 #include "optim/cuda/elementwise.h"
 #include "optim/cuda/muon.h"
@@ -194,6 +197,7 @@ int main(int argc, char** argv) {
   }
 
   // Fused AdamW over 64 Mi elements in 16 slices: fp32 grads, with and without the bf16 mirror.
+  double adamw_f32_seconds = 0;  // without the mirror, for the q8 row
   for (bool mirror : {false, true}) {
     const size_t total = size_t(64) << 20, slices = 16, per = total / slices;
     float* p = random_device<float>(total, 4);
@@ -212,6 +216,7 @@ int main(int argc, char** argv) {
     int64_t t = 1;
     const double s = time_median([&] { opt.step(AdamWHyper{}, t++, nullptr); }, 3, reps);
     const double bytes = double(total) * (16 + 12 + (mirror ? 2 : 0));  // read p,g,m,v; write p,m,v(,bf16)
+    if (!mirror) adamw_f32_seconds = s;
     emit({{"bench", "adamw_fused"}, {"elements", total}, {"slices", slices}, {"bf16_mirror", mirror},
           {"seconds", s}, {"gbytes_per_s", bytes / s / 1e9}, {"ratio_vs_memcpy", bytes / s / 1e9 / copy_gbps},
           {"ratio_vs_rmw_ceiling", bytes / s / 1e9 / rmw.gbytes_per_s}});
@@ -220,6 +225,48 @@ int main(int argc, char** argv) {
     cudaFree(m);
     cudaFree(v);
     if (mir) cudaFree(mir);
+  }
+
+  // AdamW with q8 state (optim/cuda/compact_elementwise.h) over the same 64 Mi elements in 16 slices,
+  // fp32 grads, no mirror: bytes are p, g read, p written (12 B), m and v codes read and written
+  // (4 B), and each 256-element block's two absmax read and written (16 B per block).
+  {
+    const size_t total = size_t(64) << 20, slices = 16, per = total / slices, blocks = total / 256;
+    float* p = random_device<float>(total, 4);
+    float* g = random_device<float>(total, 5);
+    uint8_t* codes = nullptr;
+    float* absmax = random_device<float>(2 * blocks, 6);
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&codes, 2 * total));
+    SHARDOPT_CUDA_CHECK(cudaMemset(codes, 0x55, 2 * total));  // mid-range codes, decoded against |absmax|
+    std::vector<DeviceCompactSlice> sl;
+    for (size_t i = 0; i < slices; ++i) {
+      DeviceCompactSlice d;
+      d.param = p + i * per;
+      d.grad = g + i * per;
+      d.count = per;
+      for (int k = 0; k < 2; ++k) {
+        d.state[k].dtype = proto::STATE_Q8;
+        d.state[k].nonnegative = k == 1;
+        d.state[k].values = codes + k * total + i * per;
+        d.state[k].absmax = absmax + k * blocks + i * per / 256;
+      }
+      sl.push_back(d);
+    }
+    const optim::OptimizerParams params =
+        optim::resolve_optimizer_config(optim::default_optimizer_config(proto::OPTIMIZER_ADAMW));
+    CompactElementwiseOptimizerCuda opt(params, proto::STATE_Q8, DType::kF32);
+    opt.set_slices(sl);
+    int64_t t = 1;
+    const double s = time_median([&] { opt.step(params, float(params.lr), t++, nullptr); }, 3, reps);
+    const double bytes = double(total) * (12 + 4) + double(blocks) * 16;
+    emit({{"bench", "adamw_q8_state"}, {"elements", total}, {"slices", slices}, {"seconds", s},
+          {"bytes_moved", bytes}, {"gbytes_per_s", bytes / s / 1e9},
+          {"time_ratio_vs_f32_adamw", s / adamw_f32_seconds},
+          {"ratio_vs_rmw_ceiling", bytes / s / 1e9 / rmw.gbytes_per_s}});
+    cudaFree(p);
+    cudaFree(g);
+    cudaFree(codes);
+    cudaFree(absmax);
   }
 
   // One full Muon step (momentum + NS5 + apply) on 4096×4096 fp32 params and grads.

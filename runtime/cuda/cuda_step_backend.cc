@@ -12,6 +12,7 @@
 #include "base/env.h"
 #include "base/error.h"
 #include "optim/cuda/cuda_check.h"
+#include "optim/cuda/compact_elementwise.h"
 #include "optim/cuda/elementwise.h"
 #include "optim/cuda/muon.h"
 #include "runtime/cuda/step_kernels.h"
@@ -57,6 +58,7 @@ class CudaStepBackend final : public StepBackend {
   ~CudaStepBackend() override {
     // Owned objects holding device memory go before the stream.
     elementwise_.reset();
+    compact_.reset();
     batches_.clear();
     muon_by_shape_.clear();
     if (pieces_ != nullptr) cudaFree(pieces_);
@@ -125,20 +127,40 @@ class CudaStepBackend final : public StepBackend {
 
   void bind(ShardState& state, const optim::OptimizerParams& elementwise, const optim::OptimizerParams* matrix,
             ThreadPool*) override {
-    if (state.elementwise_state_dtype() != proto::STATE_F32 || state.matrix_state_dtype() != proto::STATE_F32)
-      throw ConfigError("memory space cuda: optimizer state must be f32 (compact bf16/q8 state runs on the host only)");
-    elementwise_ = std::make_unique<cuda::ElementwiseOptimizerCuda>(elementwise_algorithm(elementwise), DType::kF32);
-    std::vector<cuda::DeviceSlice> slices;
-    for (const optim::ElementwiseSlice& s : state.elementwise_slices()) {
-      cuda::DeviceSlice d;
-      d.param = s.master;
-      d.grad = s.grad;
-      d.exp_avg = s.state[0];
-      d.exp_avg_sq = s.state[1];
-      d.count = s.count;
-      slices.push_back(d);
+    if (state.matrix_state_dtype() != proto::STATE_F32)
+      throw ConfigError("memory space cuda: the Muon momentum must be f32 (compact " +
+                        optim::state_dtype_name(state.matrix_state_dtype()) +
+                        " matrix state runs on the host only; compact element-wise state runs here)");
+    if (state.elementwise_state_dtype() != proto::STATE_F32) {
+      (void)elementwise_algorithm(elementwise);  // names an optimizer without a CUDA kernel
+      compact_ = std::make_unique<cuda::CompactElementwiseOptimizerCuda>(elementwise, state.elementwise_state_dtype(),
+                                                                          DType::kF32);
+      std::vector<cuda::DeviceCompactSlice> slices;
+      for (size_t i = 0; i < state.elementwise_slices().size(); ++i) {
+        const optim::ElementwiseSlice& s = state.elementwise_slices()[i];
+        cuda::DeviceCompactSlice d;
+        d.param = s.master;
+        d.grad = s.grad;
+        d.state[0] = state.elementwise_compact()[i].slot[0];
+        d.state[1] = state.elementwise_compact()[i].slot[1];
+        d.count = s.count;
+        slices.push_back(d);
+      }
+      compact_->set_slices(slices);
+    } else {
+      elementwise_ = std::make_unique<cuda::ElementwiseOptimizerCuda>(elementwise_algorithm(elementwise), DType::kF32);
+      std::vector<cuda::DeviceSlice> slices;
+      for (const optim::ElementwiseSlice& s : state.elementwise_slices()) {
+        cuda::DeviceSlice d;
+        d.param = s.master;
+        d.grad = s.grad;
+        d.exp_avg = s.state[0];
+        d.exp_avg_sq = s.state[1];
+        d.count = s.count;
+        slices.push_back(d);
+      }
+      elementwise_->set_slices(slices);
     }
-    elementwise_->set_slices(slices);
 
     if (matrix != nullptr) {
       if (matrix->kind != proto::OPTIMIZER_MUON && matrix->kind != proto::OPTIMIZER_NORMUON)
@@ -192,6 +214,11 @@ class CudaStepBackend final : public StepBackend {
   }
 
   void elementwise_step(ShardState&, const optim::OptimizerParams& p, float lr, int64_t step) override {
+    if (compact_) {
+      compact_->step(p, lr, step, stream_);
+      sync();
+      return;
+    }
     switch (p.kind) {
       case proto::OPTIMIZER_ADAMW:
         elementwise_->step(cuda::AdamWHyper{lr, float(p.beta1), float(p.beta2), float(p.eps), float(p.weight_decay)},
@@ -236,7 +263,8 @@ class CudaStepBackend final : public StepBackend {
 
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
-  std::unique_ptr<cuda::ElementwiseOptimizerCuda> elementwise_;
+  std::unique_ptr<cuda::ElementwiseOptimizerCuda> elementwise_;       // f32 element-wise state
+  std::unique_ptr<cuda::CompactElementwiseOptimizerCuda> compact_;    // bf16 / q8 element-wise state
   using MatrixRefs = cuda::MuonCuda::MatrixRefs;
   // Matrices of one shape (and gradient dtype), run as one batch: refs device_refs_[first, first +
   // count). A matrix orthogonalized per row block (fused QKV: OwnedMatrix block_rows) contributes

@@ -5,7 +5,9 @@
 // What runs where:
 //   - every persistent buffer: cudaMalloc'd, zero-filled (cudaMemset)
 //   - element-wise optimizer (AdamW/Lion/SGD): ElementwiseOptimizerCuda over the owned slices, one
-//     launch for all of them (its chunk table is built once, in bind())
+//     launch for all of them (its chunk table is built once, in bind()); with compact state (bf16 /
+//     q8) CompactElementwiseOptimizerCuda, in the host step's format and arithmetic
+//     (optim/cuda/compact_elementwise.h): the state buffers are ShardState's, in device memory
 //   - Muon: MuonCuda per owned matrix (bf16 NS5 on cuBLAS with fp32 accumulation), one NS
 //     workspace per distinct shape; matrices run one after another (batch 1: same-shape owned
 //     matrices are not adjacent in the shard, so strided-batched NS over them needs a gather first)
@@ -19,7 +21,7 @@
 // Host round trips that stay by design: the check results (num_tensors + 1 values) are read back for
 // the skip decision and the clipping scale, which the host computes.
 //
-// Not supported (ConfigError from bind(), naming it): compact state dtypes (bf16/q8), NorMuon, QK-clip,
+// Not supported (ConfigError from bind(), naming it): compact (bf16/q8) Muon momentum, NorMuon, QK-clip,
 // per-block NS (fused matrices with block_rows), Newton-Schulz schedules whose input normalization
 // is not G / max(||G||_F, eps) (Polar Express). The NS always runs with bf16 operands here, whatever
 // OptimizerParams::ns.precision says.

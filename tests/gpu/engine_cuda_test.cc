@@ -29,6 +29,7 @@
 
 #include "base/error.h"
 #include "comm/host_staged_communicator.h"
+#include "optim/quant8.h"
 #include "comm/thread_backend.h"
 #include "runtime/engine.h"
 #include "sharding/layout.h"
@@ -46,16 +47,18 @@ struct DeviceCase {
   int stage;
   proto::ShardLayout layout;
   std::string optimizer;  // adamw, lion, sgd (momentum 0.9, Nesterov), muon or normuon (AdamW elsewhere)
+  optim::StateDType state = proto::STATE_F32;  // the element-wise group's state dtype
 };
 
 void PrintTo(const DeviceCase& c, std::ostream* os) {
-  *os << "N" << c.world << " stage " << c.stage << " " << sharding::layout_name(c.layout) << " " << c.optimizer;
+  *os << "N" << c.world << " stage " << c.stage << " " << sharding::layout_name(c.layout) << " " << c.optimizer << " "
+      << optim::state_dtype_name(c.state);
 }
 
 std::string case_name(const ::testing::TestParamInfo<DeviceCase>& info) {
   const DeviceCase& c = info.param;
   return "N" + std::to_string(c.world) + "_stage" + std::to_string(c.stage) + "_" + sharding::layout_name(c.layout) +
-         "_" + c.optimizer;
+         "_" + c.optimizer + (c.state == proto::STATE_F32 ? "" : "_" + optim::state_dtype_name(c.state));
 }
 
 EngineOptions options_for(const DeviceCase& c, MemorySpace space) {
@@ -66,6 +69,7 @@ EngineOptions options_for(const DeviceCase& c, MemorySpace space) {
     o.elementwise_optimizer.set_nesterov(true);
     o.elementwise_optimizer.set_weight_decay(0.01);
   }
+  o.elementwise_optimizer.set_state_dtype(c.state);
   o.memory_space = space;
   return o;
 }
@@ -102,9 +106,40 @@ std::vector<proto::TensorSpec> device_model() {
   return specs;
 }
 
+// Rank r's compact element-wise state after the run, decoded to fp32 (slot-major over its slices),
+// read from device memory for a device engine.
+std::vector<float> decoded_compact_state(Engine& engine, bool device) {
+  ShardState& st = engine.shard_state();
+  std::vector<float> out;
+  if (st.elementwise_state_dtype() == proto::STATE_F32) return out;
+  for (int k = 0; k < 2; ++k)
+    for (size_t i = 0; i < st.elementwise_slices().size(); ++i) {
+      const optim::CompactState& c = st.elementwise_compact()[i].slot[k];
+      if (c.values == nullptr) continue;
+      const auto n = static_cast<int64_t>(st.elementwise_slices()[i].count);
+      std::vector<unsigned char> values(static_cast<size_t>(n) * (c.dtype == proto::STATE_BF16 ? 2 : 1));
+      std::vector<float> absmax(c.dtype == proto::STATE_Q8 ? static_cast<size_t>(optim::q8_num_blocks(n)) : 0);
+      if (device) {
+        EXPECT_EQ(cudaMemcpy(values.data(), c.values, values.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+        EXPECT_EQ(cudaMemcpy(absmax.data(), c.absmax, absmax.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      } else {
+        std::memcpy(values.data(), c.values, values.size());
+        std::memcpy(absmax.data(), c.absmax, absmax.size() * 4);
+      }
+      optim::CompactState host = c;
+      host.values = values.data();
+      host.absmax = absmax.data();
+      const size_t at = out.size();
+      out.resize(at + static_cast<size_t>(n));
+      optim::load_compact(host, n, out.data() + at);
+    }
+  return out;
+}
+
 std::vector<Params> run(const std::vector<proto::TensorSpec>& specs, const DeviceCase& c, MemorySpace space,
-                        int steps) {
+                        int steps, std::vector<std::vector<float>>* compact_states = nullptr) {
   std::vector<Params> result(static_cast<size_t>(c.world));
+  if (compact_states != nullptr) compact_states->assign(static_cast<size_t>(c.world), {});
   std::mutex mu;
   comm::CommOptions copts;
   copts.checked = true;
@@ -139,6 +174,7 @@ std::vector<Params> run(const std::vector<proto::TensorSpec>& specs, const Devic
           }
           EXPECT_TRUE(engine.step().applied);
         }
+        std::vector<float> state = decoded_compact_state(engine, device);
         engine.gather_all();
         Params mine(specs.size());
         for (size_t t = 0; t < specs.size(); ++t) {
@@ -154,6 +190,7 @@ std::vector<Params> run(const std::vector<proto::TensorSpec>& specs, const Devic
         engine.release_all();
         std::lock_guard<std::mutex> lock(mu);
         result[static_cast<size_t>(comm.rank())] = std::move(mine);
+        if (compact_states != nullptr) (*compact_states)[static_cast<size_t>(comm.rank())] = std::move(state);
       },
       copts);
   return result;
@@ -341,6 +378,95 @@ std::vector<DeviceCase> all_cases() {
 }
 INSTANTIATE_TEST_SUITE_P(AllConfigurations, DeviceEngine, ::testing::ValuesIn(all_cases()), case_name);
 
+// Compact (q8 / bf16) element-wise state on the device against the host engine with the same state,
+// on q8_model() (element-wise tensors of several 256-element blocks, cut across ranks, short last
+// blocks), 4 steps. The host q8 engine is tested against its references in tests/runtime.
+//
+// Tolerances. The device kernel equals the host's portable (non-FMA) build bit for bit
+// (tests/gpu/optim_cuda_compact_test.cc); the host engine runs the AVX-512 build where the CPU has
+// it, whose fused multiply-adds move an update by an ulp. Where that moves a q8 code across a
+// rounding boundary, the element's decoded moment differs by one code step (<= 1/8 of it for m,
+// <= 1/16 for v, <= 1/32 for sqrt v) in the later steps, and so its later updates:
+//   every element: |d - h| <= 1e-5 max(|h|, 1e-3) (the fp32 device-vs-host bound above) + 0.25 D, D
+//     = the tensor's largest displacement over the run (AdamW: an update changes by <= 1/8 + 1/32 of
+//     itself per flip); Lion: + 2 lr (steps - 1), as a flipped m can flip sign(c) near c = 0;
+//   elements beyond the fp32 bound (elements whose codes flipped): at most max(2, 1%) per tensor,
+//     printed.
+class DeviceEngineCompact : public ::testing::TestWithParam<DeviceCase> {};
+
+TEST_P(DeviceEngineCompact, MatchesTheHostEngineWithTheSameState) {
+  SHARDOPT_REQUIRE_GPU();
+  const DeviceCase& c = GetParam();
+  const auto specs = q8_model();
+  const int steps = 4;
+  std::vector<std::vector<float>> dev_state, host_state;
+  const auto dev = run(specs, c, MemorySpace::kCuda, steps, &dev_state);
+  const auto host = run(specs, c, MemorySpace::kHost, steps, &host_state);
+  const EngineOptions o = options_for(c, MemorySpace::kHost);
+  const double lr = optim::resolve_optimizer_config(o.elementwise_optimizer).lr;
+  // The state itself (the device engine's, read from device memory, decoded with the host's
+  // decoder): same layout and code, so equal up to the same rounding effects: every element within
+  // 2^-20 |h| (a few ulp of the absmax) + max(|d|, |h|) / 8 (one code step: m's 3 mantissa bits;
+  // v's, 4 bits in the sqrt domain, moves v by at most 0.114 of the larger value), and
+  // elements beyond 2^-20 |h| (a flipped code or bf16 rounding) at most max(2, 1%) per rank.
+  size_t state_elements = 0;
+  for (const auto& x : host_state) state_elements += x.size();
+  ASSERT_GT(state_elements, 0u) << "no rank holds compact state";
+  for (int r = 0; r < c.world; ++r) {
+    ASSERT_EQ(dev_state[r].size(), host_state[r].size()) << "rank " << r;
+    size_t beyond = 0, bad = 0;
+    for (size_t i = 0; i < host_state[r].size(); ++i) {
+      const double d = dev_state[r][i], h = host_state[r][i], diff = std::abs(d - h);
+      const double close = 0x1p-20 * std::abs(h) + 1e-30;
+      beyond += !(diff <= close);
+      bad += !(diff <= close + std::max(std::abs(d), std::abs(h)) / 8);
+    }
+    std::printf("[ %s rank %d ] decoded state elements beyond 2^-20 relative: %zu of %zu\n", case_name({c, 0}).c_str(),
+                r, beyond, host_state[r].size());
+    EXPECT_EQ(bad, 0u) << "device vs host engine state, rank " << r;
+    EXPECT_LE(beyond, std::max<size_t>(2, host_state[r].size() / 100)) << "device vs host engine state, rank " << r;
+  }
+  size_t beyond_total = 0, elements_total = 0;
+  for (size_t t = 0; t < specs.size(); ++t) {
+    if (reference_uses_muon(specs[t], o)) continue;  // Muon keeps f32 state; its device bound is tested above
+    double displacement = 0;
+    for (size_t i = 0; i < host[0][t].size(); ++i)
+      displacement = std::max(displacement, double(std::abs(host[0][t][i] - initial_value(t, static_cast<int64_t>(i)))));
+    ASSERT_GT(displacement, 0.0) << "the host engine did not move " << specs[t].name();
+    const double loose = 0.25 * displacement + (c.optimizer == "lion" ? 2 * lr * (steps - 1) : 0.0);
+    for (int r = 0; r < c.world; ++r) {
+      size_t beyond = 0, bad = 0;
+      double worst = 0;
+      for (size_t i = 0; i < host[r][t].size(); ++i) {
+        const double d = dev[r][t][i], h = host[r][t][i], tight = 1e-5 * std::max(std::abs(h), 1e-3);
+        const double diff = std::abs(d - h);
+        beyond += !(diff <= tight);
+        bad += !(diff <= tight + loose);
+        worst = std::max(worst, diff);
+      }
+      EXPECT_EQ(bad, 0u) << "device vs host engine, rank " << r << " " << specs[t].name() << ": worst |diff| " << worst
+                         << ", displacement " << displacement;
+      EXPECT_LE(beyond, std::max<size_t>(2, host[r][t].size() / 100))
+          << "device vs host engine, rank " << r << " " << specs[t].name() << ": elements beyond the fp32 bound";
+      beyond_total += beyond;
+      elements_total += host[r][t].size();
+    }
+  }
+  std::printf("[ %s ] element-wise parameters beyond the fp32 device-vs-host bound: %zu of %zu\n",
+              case_name({c, 0}).c_str(), beyond_total, elements_total);
+}
+
+std::vector<DeviceCase> compact_cases() {
+  std::vector<DeviceCase> cases;
+  for (int world : {1, 2, 4})
+    for (int stage : {1, 3})
+      for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0})
+        for (const char* opt : {"adamw", "lion", "sgd", "muon"}) cases.push_back({world, stage, layout, opt, proto::STATE_Q8});
+  for (const char* opt : {"adamw", "lion", "sgd"}) cases.push_back({2, 2, proto::SHARD_LAYOUT_OWNED, opt, proto::STATE_BF16});
+  return cases;
+}
+INSTANTIATE_TEST_SUITE_P(CompactState, DeviceEngineCompact, ::testing::ValuesIn(compact_cases()), case_name);
+
 TEST(DeviceEngine, NonFiniteGradientSkipsTheStepAndNamesTheTensor) {
   SHARDOPT_REQUIRE_GPU();
   const auto specs = device_model();
@@ -375,9 +501,10 @@ TEST(DeviceEngine, HostOnlyFeaturesAreRefusedByName) {
     EngineOptions o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "muon"}, MemorySpace::kCuda);
     o.matrix_optimizer.set_ns_schedule(proto::NS_SCHEDULE_POLAR_EXPRESS);
     EXPECT_THROW({ Engine e(comm, mixed_model(), o); }, ConfigError);
-    o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "adamw"}, MemorySpace::kCuda);
-    o.elementwise_optimizer.set_state_dtype(proto::STATE_Q8);
-    EXPECT_THROW({ Engine e(comm, mixed_model(), o); }, ConfigError);
+    // Compact Muon momentum runs on the host only (compact element-wise state runs on the device).
+    o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "muon", proto::STATE_Q8}, MemorySpace::kCuda);
+    o.matrix_optimizer.set_state_dtype(proto::STATE_Q8);
+    EXPECT_THROW({ Engine e(comm, q8_model(), o); }, ConfigError);
     // The host engine's communicator cannot carry a device engine, nor the reverse.
     o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "adamw"}, MemorySpace::kCuda);
     EXPECT_THROW({ Engine e(host_comm, mixed_model(), o); }, ConfigError);

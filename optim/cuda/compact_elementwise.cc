@@ -1,0 +1,146 @@
+#include "optim/cuda/compact_elementwise.h"
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "base/error.h"
+#include "optim/cuda/compact_kernels.h"
+#include "optim/cuda/cuda_check.h"
+#include "optim/elementwise_kernels.h"
+
+namespace shardopt::cuda {
+namespace {
+
+static_assert(optim::kQ8BlockElems == detail::kCompactBlockElems, "the kernel's q8 block is the CPU's");
+static_assert(CompactElementwiseOptimizerCuda::kChunkElements % optim::kQ8BlockElems == 0,
+              "chunks start on q8 block boundaries");
+
+detail::ElementwiseKind kernel_kind(optim::OptimizerKind kind) {
+  switch (kind) {
+    case proto::OPTIMIZER_ADAMW: return detail::ElementwiseKind::kAdamW;
+    case proto::OPTIMIZER_LION: return detail::ElementwiseKind::kLion;
+    default: return detail::ElementwiseKind::kSgd;
+  }
+}
+
+}  // namespace
+
+CompactElementwiseOptimizerCuda::CompactElementwiseOptimizerCuda(const optim::OptimizerParams& params,
+                                                                 optim::StateDType state_dtype, DType grad_dtype)
+    : kind_(params.kind), state_dtype_(state_dtype), grad_bf16_(grad_dtype == DType::kBF16),
+      state_slots_(optim::state_values_per_element(params)) {
+  const std::string kind = optim::optimizer_kind_name(params.kind);
+  if (params.kind != proto::OPTIMIZER_ADAMW && params.kind != proto::OPTIMIZER_LION &&
+      params.kind != proto::OPTIMIZER_SGD)
+    throw ConfigError("CompactElementwiseOptimizerCuda: expected kind adamw|lion|sgd, found " + kind);
+  if (state_slots_ == 0)
+    throw ConfigError("CompactElementwiseOptimizerCuda: " + kind + " without momentum keeps no state to store compact");
+  if (state_dtype != proto::STATE_Q8 && state_dtype != proto::STATE_BF16)
+    throw ConfigError("CompactElementwiseOptimizerCuda: state dtype must be bf16 or q8, found " +
+                      optim::state_dtype_name(state_dtype));
+  if (grad_dtype != DType::kF32 && grad_dtype != DType::kBF16)
+    throw ConfigError("CompactElementwiseOptimizerCuda: gradient dtype must be f32 or bf16, found " +
+                      std::string(dtype_name(grad_dtype)));
+}
+
+CompactElementwiseOptimizerCuda::~CompactElementwiseOptimizerCuda() {
+  if (device_table_ != nullptr) cudaFree(device_table_);
+}
+
+void CompactElementwiseOptimizerCuda::set_slices(std::span<const DeviceCompactSlice> slices) {
+  std::vector<detail::CompactChunk> table;
+  const size_t grad_size = grad_bf16_ ? 2 : 4, value_size = state_dtype_ == proto::STATE_BF16 ? 2 : 1;
+  const bool q8 = state_dtype_ == proto::STATE_Q8;
+  for (size_t i = 0; i < slices.size(); ++i) {
+    const DeviceCompactSlice& s = slices[i];
+    if (s.count == 0) continue;
+    const std::string where = fmt::format("CompactElementwiseOptimizerCuda({})::set_slices: slice {}",
+                                          optim::optimizer_kind_name(kind_), i);
+    if (s.param == nullptr || s.grad == nullptr)
+      throw ConfigError(where + ": param and grad pointers are required, found null");
+    for (int k = 0; k < state_slots_; ++k) {
+      const optim::CompactState& st = s.state[k];
+      if (st.dtype != state_dtype_ || st.values == nullptr || (q8 && st.absmax == nullptr))
+        throw ConfigError(fmt::format("{}: state slot {}: expected {} storage with non-null buffers, found {}", where,
+                                      k, optim::state_dtype_name(state_dtype_), optim::state_dtype_name(st.dtype)));
+      if (q8 && st.nonnegative != optim::q8_slot_is_nonnegative(kind_, k))
+        throw ConfigError(fmt::format("{}: state slot {}: the {} step stores it with the {} code", where, k,
+                                      optim::optimizer_kind_name(kind_),
+                                      optim::q8_slot_is_nonnegative(kind_, k) ? "unsigned" : "signed"));
+    }
+    for (size_t off = 0; off < s.count; off += kChunkElements) {
+      detail::CompactChunk c{};
+      c.param = s.param + off;
+      c.grad = static_cast<const char*>(s.grad) + off * grad_size;
+      c.mirror = s.param_bf16 != nullptr ? reinterpret_cast<uint16_t*>(s.param_bf16) + off : nullptr;
+      for (int k = 0; k < state_slots_; ++k) {
+        c.values[k] = static_cast<char*>(s.state[k].values) + off * value_size;
+        c.absmax[k] = q8 ? s.state[k].absmax + off / optim::kQ8BlockElems : nullptr;
+      }
+      c.count = static_cast<uint32_t>(std::min(kChunkElements, s.count - off));
+      table.push_back(c);
+    }
+  }
+  if (table.size() > table_capacity_) {
+    if (device_table_ != nullptr) SHARDOPT_CUDA_CHECK(cudaFree(device_table_));
+    device_table_ = nullptr;
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&device_table_, table.size() * sizeof(detail::CompactChunk)));
+    table_capacity_ = table.size();
+  }
+  if (!table.empty())
+    SHARDOPT_CUDA_CHECK(cudaMemcpy(device_table_, table.data(), table.size() * sizeof(detail::CompactChunk),
+                                   cudaMemcpyHostToDevice));
+  chunk_count_ = table.size();
+}
+
+void CompactElementwiseOptimizerCuda::step(const optim::OptimizerParams& params, float lr, int64_t step,
+                                           cudaStream_t stream) {
+  if (params.kind != kind_)
+    throw ConfigError("CompactElementwiseOptimizerCuda: built for " + optim::optimizer_kind_name(kind_) +
+                      ", stepped with " + optim::optimizer_kind_name(params.kind));
+  // The CPU step's own prologue: same checks, same constants (rounded from double the same way).
+  optim::detail::PreparedStep p;
+  optim::detail::prepare_elementwise_step(params, {}, lr, step, optim::FiniteCheck::kNone, false, p);
+  detail::CompactScalars s{};
+  switch (kind_) {
+    case proto::OPTIMIZER_ADAMW:
+      s.beta1 = p.adam.beta1;
+      s.one_minus_beta1 = p.adam.one_minus_beta1;
+      s.beta2 = p.adam.beta2;
+      s.one_minus_beta2 = p.adam.one_minus_beta2;
+      s.decay = p.adam.decay;
+      s.step_size = p.adam.step_size;
+      s.inv_sqrt_bias2 = p.adam.inv_sqrt_bias2;
+      s.eps = p.adam.eps;
+      break;
+    case proto::OPTIMIZER_LION:
+      s.beta1 = p.lion.beta1;
+      s.one_minus_beta1 = p.lion.one_minus_beta1;
+      s.beta2 = p.lion.beta2;
+      s.one_minus_beta2 = p.lion.one_minus_beta2;
+      s.decay = p.lion.decay;
+      s.lr = p.lion.lr;
+      break;
+    default: {
+      if (!p.sgd.has_momentum)
+        throw ConfigError("CompactElementwiseOptimizerCuda: sgd stepped with momentum 0 (no state to update)");
+      const optim::detail::SgdMomentumTerms t = optim::detail::sgd_momentum_terms(p.sgd);
+      s.lr = p.sgd.lr;
+      s.weight_decay = p.sgd.weight_decay;
+      s.momentum = p.sgd.momentum;
+      s.keep = t.keep;
+      s.take = t.take;
+      s.nesterov = t.nesterov;
+      break;
+    }
+  }
+  detail::launch_compact_elementwise(kernel_kind(kind_), state_dtype_ == proto::STATE_Q8, grad_bf16_,
+                                     static_cast<const detail::CompactChunk*>(device_table_),
+                                     static_cast<int>(chunk_count_), s, stream);
+  SHARDOPT_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace shardopt::cuda

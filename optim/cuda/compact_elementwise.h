@@ -1,0 +1,72 @@
+// Element-wise optimizers (AdamW, Lion, SGD with momentum) over compact state on the GPU: q8
+// (block-wise float8 code, one fp32 absmax per 256 elements) or bf16, in exactly the format and
+// arithmetic of the CPU step optim::elementwise_step_compact (optim/compact_step.h, optim/quant8.h),
+// so that a device engine's state is interchangeable with a host engine's.
+//
+// Each step decodes, updates and re-encodes in one pass, one launch over all slices (the chunk
+// table is built and uploaded once, in set_slices). A slice's state starts on a q8 block boundary
+// of its tensor, as in the CPU layout: block j of a slice covers its elements [256 j, 256 j + 256),
+// the last block may be short. The per-call constants come from the CPU step's own prologue
+// (optim::detail::prepare_elementwise_step), and the kernel evaluates the CPU formulas in the same
+// order with explicitly rounded operations (no fused multiply-adds): the result equals the CPU's
+// portable build bit for bit; the CPU's AVX-512 build may differ in the last bit of an update (its
+// loops contract into FMAs), which can move a q8 code whose value sits at a rounding boundary.
+// The bf16 mirror of a NaN parameter is the canonical bf16 NaN (the CPU keeps the payload).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "base/dtype.h"
+#include "optim/config.h"
+#include "optim/quant8.h"
+
+namespace shardopt::cuda {
+
+// One contiguous range of a parameter on the device; all pointers are device pointers. state[k] as
+// the CPU's CompactSlots: values (q8 codes or bf16) and, for q8, absmax with q8_num_blocks(count)
+// entries; slot 1 (AdamW's v) with nonnegative = true (optim::q8_slot_is_nonnegative).
+struct DeviceCompactSlice {
+  float* param = nullptr;
+  const void* grad = nullptr;   // fp32 or bf16 (the optimizer's grad dtype)
+  bf16* param_bf16 = nullptr;   // optional bf16 copy of the updated param, written in the same pass
+  optim::CompactState state[2];
+  size_t count = 0;
+};
+
+class CompactElementwiseOptimizerCuda {
+ public:
+  // kind: AdamW, Lion or SGD with momentum != 0 (there is state to store); state_dtype: bf16 or q8;
+  // grad_dtype: F32 or BF16. ConfigError otherwise.
+  CompactElementwiseOptimizerCuda(const optim::OptimizerParams& params, optim::StateDType state_dtype,
+                                  DType grad_dtype);
+  ~CompactElementwiseOptimizerCuda();
+  CompactElementwiseOptimizerCuda(const CompactElementwiseOptimizerCuda&) = delete;
+  CompactElementwiseOptimizerCuda& operator=(const CompactElementwiseOptimizerCuda&) = delete;
+
+  // Builds the chunk table and uploads it (blocking). ConfigError names the slice and what is
+  // missing or of the wrong storage.
+  void set_slices(std::span<const DeviceCompactSlice> slices);
+
+  // One step on `stream` with params (same kind as at construction; its hyper-parameters may
+  // change between steps, as a schedule's lr does). step >= 1.
+  void step(const optim::OptimizerParams& params, float lr, int64_t step, cudaStream_t stream);
+
+  size_t chunk_count() const { return chunk_count_; }
+  // Elements per chunk (one thread block each): 64 q8 blocks.
+  static constexpr size_t kChunkElements = 64 * optim::kQ8BlockElems;
+
+ private:
+  optim::OptimizerKind kind_;
+  optim::StateDType state_dtype_;
+  bool grad_bf16_;
+  int state_slots_;
+  void* device_table_ = nullptr;
+  size_t table_capacity_ = 0;
+  size_t chunk_count_ = 0;
+};
+
+}  // namespace shardopt::cuda

@@ -1,0 +1,42 @@
+// Internal launcher of the compact-state element-wise kernel (compact_kernels.cu). Plain types only,
+// so that host code compiled by the C++ compiler can call it. Not a public API: use
+// compact_elementwise.h.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "optim/cuda/kernels.h"
+
+namespace shardopt::cuda::detail {
+
+// optim::kQ8BlockElems (optim/quant8.h; checked equal in compact_elementwise.cc, which sees both).
+inline constexpr uint32_t kCompactBlockElems = 256;
+
+// One piece of one slice, starting on a q8 block boundary of the slice (a multiple of 256 elements
+// from the slice's start). Pointers are offset to the piece's first element / first block.
+struct CompactChunk {
+  float* param;        // fp32 master
+  const void* grad;    // fp32 or bf16
+  uint16_t* mirror;    // bf16 copy of the new param, or null
+  void* values[2];     // slot k: q8 codes (uint8) or bf16 values; AdamW 0 = m, 1 = v; else slot 0 only
+  float* absmax[2];    // q8: slot k's absmax of the piece's first block; null for bf16
+  uint32_t count;      // elements in this piece
+  uint32_t reserved;
+};
+
+// The per-call constants of optim/elementwise_kernels.h (computed there, copied field by field).
+struct CompactScalars {
+  // AdamW: beta1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, inv_sqrt_bias2, eps.
+  // Lion: beta1, one_minus_beta1, beta2, one_minus_beta2, decay, lr.
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, inv_sqrt_bias2, eps, lr;
+  // SGD with momentum: lr, weight_decay, momentum and the terms keep, take, nesterov (0 or 1).
+  float weight_decay, momentum, keep, take, nesterov;
+};
+
+// q8: state in the float8 block code (AdamW's v unsigned); else bf16 state.
+void launch_compact_elementwise(ElementwiseKind kind, bool q8, bool grad_bf16, const CompactChunk* chunks,
+                                int chunk_count, const CompactScalars& s, cudaStream_t stream);
+
+}  // namespace shardopt::cuda::detail

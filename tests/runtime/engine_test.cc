@@ -234,9 +234,10 @@ TEST_P(Q8Equivalence, NRankEqualsOneRankBitForBit) {
   proto::ShardPlan plan;
   const auto got = engine_run(specs, c, steps, &plan);
   EXPECT_EQ(plan.request().state_block_elems(), 256);
-  for (const auto& t : plan.tensors())
-    if (!t.muon())
-      for (const auto& p : t.pieces()) EXPECT_EQ(p.tensor_offset() % 256, 0) << t.name();
+  for (const auto& t : plan.tensors()) {
+    if (t.muon()) continue;
+    for (const auto& p : t.pieces()) EXPECT_EQ(p.tensor_offset() % 256, 0) << t.name();
+  }
   for (int r = 0; r < c.world; ++r)
     for (size_t t = 0; t < specs.size(); ++t) {
       ASSERT_EQ(got[r][t].size(), want[t].size());
@@ -278,7 +279,9 @@ TEST(Engine, CompactStateTracksTheFp32Run) {
           differs = differs || low[t][i] != f32[t][i];
         }
         EXPECT_LE(max_diff, 0.05 * max_move) << opt << " " << proto::StateDType_Name(state) << " " << specs[t].name();
-        if (std::string(opt) != "lion") EXPECT_TRUE(differs) << "compact state had no effect: " << specs[t].name();
+        if (std::string(opt) != "lion") {
+          EXPECT_TRUE(differs) << "compact state had no effect: " << specs[t].name();
+        }
       }
     }
   }

@@ -352,6 +352,13 @@ class CompactStep {
           EXPECT_LE(std::abs(double(da) - ha), ea)
               << c_.name << " absmax slot " << k << " step " << t << " slice " << i << " block " << b;
         }
+        // A block whose absmax is NaN on both sides decodes to NaN whatever its codes say, and the codes
+        // of NaN inputs keep the NaN's sign bit, which differs by platform (x86's default NaN is
+        // negative, CUDA's positive: on an H200 the device wrote 127 where the CPU wrote 255).
+        if (std::isnan(ha) && std::isnan(da)) {
+          n.codes += last - first;
+          continue;
+        }
         for (size_t e = first; e < last; ++e) {
           const size_t v = l_.value_offset[i] + e;
           const uint8_t dc = dev.values[k][v], hc = host_.values[k][v];

@@ -241,8 +241,8 @@ std::vector<std::vector<double>> double_reference(const std::vector<proto::Tenso
           u.data()[i] = mx->nesterov ? (1 - mu) * g[i] + mu * m[t][i] : m[t][i];
         }
         // Each row block (the whole matrix unless the spec lists blocks) is orthogonalized and scaled on its own.
-        std::vector<int64_t> blocks(specs[t].block_rows().begin(), specs[t].block_rows().end());
-        if (blocks.empty()) blocks.push_back(rows);
+        std::vector<int64_t> blocks{rows};
+        if (specs[t].block_rows_size() > 0) blocks.assign(specs[t].block_rows().begin(), specs[t].block_rows().end());
         int64_t row0 = 0;
         for (int64_t b : blocks) {
           const MatD out = ns_double(u.middleRows(row0, b), mx->ns);
@@ -302,6 +302,19 @@ std::vector<std::vector<double>> double_reference(const std::vector<proto::Tenso
 
 class DeviceEngine : public ::testing::TestWithParam<DeviceCase> {};
 
+// The largest displacement of tensor t over the run in the reference: the size of its updates, the
+// unit of the Muon bound.
+double displacement_of(const std::vector<double>& ref, size_t t) {
+  double d = 0;
+  for (size_t i = 0; i < ref.size(); ++i) d = std::max(d, std::abs(ref[i] - initial_value(t, static_cast<int64_t>(i))));
+  return d;
+}
+
+// The tolerances above: |a - b| <= 0.05 D for Muon matrices, 1e-5 max(|b|, 1e-3) element-wise.
+bool within_tolerance(double a, double b, bool muon, double displacement) {
+  return muon ? std::abs(a - b) <= 0.05 * displacement : std::abs(a - b) <= 1e-5 * std::max(std::abs(b), 1e-3);
+}
+
 TEST_P(DeviceEngine, MatchesTheHostEngineAndTheDoubleReference) {
   SHARDOPT_REQUIRE_GPU();
   const DeviceCase& c = GetParam();
@@ -313,13 +326,9 @@ TEST_P(DeviceEngine, MatchesTheHostEngineAndTheDoubleReference) {
   const auto ref = double_reference(specs, o, steps);
   for (size_t t = 0; t < specs.size(); ++t) {
     const bool muon = reference_uses_muon(specs[t], o);
-    double displacement = 0;
-    for (size_t i = 0; i < ref[t].size(); ++i)
-      displacement = std::max(displacement, std::abs(ref[t][i] - initial_value(t, static_cast<int64_t>(i))));
+    const double displacement = displacement_of(ref[t], t);
     ASSERT_GT(displacement, 0.0) << "the reference did not move " << specs[t].name();
-    auto within = [&](double a, double b) {
-      return muon ? std::abs(a - b) <= 0.05 * displacement : std::abs(a - b) <= 1e-5 * std::max(std::abs(b), 1e-3);
-    };
+    auto within = [&](double a, double b) { return within_tolerance(a, b, muon, displacement); };
     for (int r = 0; r < c.world; ++r) {
       int bad_ref = 0, bad_host = 0, bad_host_ref = 0;
       double worst = 0;
@@ -349,9 +358,7 @@ TEST_P(DeviceEngine, HostEngineMatchesTheDoubleReference) {
   const auto ref = double_reference(specs, o, steps);
   for (size_t t = 0; t < specs.size(); ++t) {
     const bool muon = reference_uses_muon(specs[t], o);
-    double displacement = 0;
-    for (size_t i = 0; i < ref[t].size(); ++i)
-      displacement = std::max(displacement, std::abs(ref[t][i] - initial_value(t, static_cast<int64_t>(i))));
+    const double displacement = displacement_of(ref[t], t);
     ASSERT_GT(displacement, 0.0) << "the reference did not move " << specs[t].name();
     for (int r = 0; r < c.world; ++r) {
       double worst = 0;
@@ -359,7 +366,7 @@ TEST_P(DeviceEngine, HostEngineMatchesTheDoubleReference) {
       for (size_t i = 0; i < ref[t].size(); ++i) {
         const double h = host[r][t][i], b = ref[t][i];
         const double diff = std::abs(h - b);
-        bad += muon ? diff > 0.05 * displacement : diff > 1e-5 * std::max(std::abs(b), 1e-3);
+        bad += !within_tolerance(h, b, muon, displacement);
         worst = std::max(worst, muon ? diff / displacement : diff / std::max(std::abs(b), 1e-3));
       }
       EXPECT_EQ(bad, 0) << "host engine vs double reference, rank " << r << " " << specs[t].name()

@@ -137,7 +137,7 @@ std::vector<nlohmann::json> torch_rows(const std::string& python, const std::str
 //                    the pool's 32768-element chunks
 //   prefetch_<d>_split  the same on one contiguous range per thread (how ATen's parallel_for splits)
 // Non-temporal stores were tried and left out: in place, each line is read first anyway, and the
-// streaming store only evicted it (about 0.7x the plain loop here).
+// streaming store only evicted it (about 0.75x the plain AVX-512 loop here).
 struct RmwVariant {
   std::string name;
   size_t prefetch_elements = 0;  // 0: the plain compiler-vectorized loop

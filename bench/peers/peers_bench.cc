@@ -7,16 +7,17 @@
 //     read-modify-write stream ceiling (m += g; v += g; w += g: AdamW's bytes, trivial math; the
 //     fastest of several ways to write that stream, each reported as an rmw_variant row) at the same
 //     threads. AdamW, the RMW variants and torch's fused AdamW run in --adamw-rounds rounds, the
-//     shardopt ones interleaved repetition by repetition (the machine's bandwidth drifts: ratios of
-//     figures taken minutes apart are not worth reading).
+//     shardopt ones interleaved run by run (the machine's bandwidth drifts: ratios of figures taken
+//     minutes apart are not worth reading).
 //   with --mpi-ranks N: bench/step's step_bench under mpirun (N ranks x 1 thread, ZeRO-2, owner-rank
 //     Muon, NS in each of --mpi-ns-dtypes) on the same model (preset llama-125m): its matrix phase
 //     (muon_phase, against torch.optim.Muon in 1 process and torch's N-rank Muon phase) and its whole
 //     Engine::step (optimizer_step, against torch's N-rank peer of the same NS precision: round-robin
 //     Muon owners + ZeroRedundancyOptimizer(AdamW), gloo, 1 thread each).
 // Ratios are torch_seconds / shardopt_seconds (> 1: shardopt faster) and rmw_seconds /
-// adamw_seconds (fraction of the stream ceiling reached). Every figure is the best of --reps (AdamW,
-// RMW and torch's AdamW: of --reps + 2 in each round, over all rounds).
+// adamw_seconds (fraction of the stream ceiling reached). Every figure is the best of --reps (torch's
+// AdamW and each RMW variant: of --reps + 2 in each round, over all rounds; shardopt's AdamW: as many
+// runs as all the RMW variants together).
 #include <cblas.h>
 #include <immintrin.h>
 
@@ -419,10 +420,13 @@ int main(int argc, char** argv) {
       }
       double& adamw_s = adamw_best.try_emplace(t, 1e30).first->second;
       std::vector<double>& rmw_s = rmw_best.try_emplace(t, variants.size(), 1e30).first->second;
+      // AdamW runs before every variant: the ceiling is the best of all the variants' runs together,
+      // and AdamW gets as many runs (and chances at a quiet moment) as they have.
       for (int rep = 0; rep < reps + 2; ++rep) {
-        adamw_s = std::min(adamw_s, shardopt::bench::best_seconds(1, adamw_step));
-        for (size_t k = 0; k < variants.size(); ++k)
+        for (size_t k = 0; k < variants.size(); ++k) {
+          adamw_s = std::min(adamw_s, shardopt::bench::best_seconds(1, adamw_step));
           rmw_s[k] = std::min(rmw_s[k], shardopt::bench::best_seconds(1, [&] { rmw(variants[k]); }));
+        }
       }
     }
   }

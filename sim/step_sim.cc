@@ -33,6 +33,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -50,6 +52,7 @@
 #include "sharding/planner.h"
 #include "sharding/presets.h"
 #include "sharding/zero_math.h"
+#include "sim/smpi_comm_setup.h"
 #include "sim/smpi_no_payload.h"
 
 namespace {
@@ -170,6 +173,33 @@ double max_over(comm::Communicator& c, double v) {
 // Wall time of the simulation itself (real time, not simulated: the cost of running it here).
 const auto simulation_started = std::chrono::steady_clock::now();
 
+// kB of this process's resident memory in /proc/self/status field `field` (VmRSS, RssAnon), 0 if absent.
+long status_kb(const char* field) {
+  std::FILE* f = std::fopen("/proc/self/status", "r");
+  if (f == nullptr) return 0;
+  char line[256];
+  long kb = 0;
+  const size_t len = std::strlen(field);
+  while (std::fgets(line, sizeof line, f) != nullptr)
+    if (std::strncmp(line, field, len) == 0 && line[len] == ':') kb = std::atol(line + len + 1);
+  std::fclose(f);
+  return kb;
+}
+
+// --progress: the cost of the simulation itself, phase by phase, on stderr. Printed by the first and
+// the last rank (SMPI runs ranks in turn: the last rank to pass a point is usually the last one).
+struct Progress {
+  bool on = false;
+  int rank = 0, size = 1;
+  void operator()(const char* what) const {
+    if (!on || (rank != 0 && rank != size - 1)) return;
+    std::fprintf(stderr, "step_sim progress: rank %d %-28s wall %8.2f s  simulated %10.6f s  RSS %6ld MB (anon %6ld MB)\n",
+                 rank, what,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - simulation_started).count(),
+                 MPI_Wtime(), status_kb("VmRSS") / 1024, status_kb("RssAnon") / 1024);
+  }
+};
+
 int run(int argc, char** argv) {
   Options o;
   CLI::App app{"step_sim: shardopt's step on a simulated platform (run under smpirun; see docs/simulation.md)"};
@@ -189,13 +219,19 @@ int run(int argc, char** argv) {
                  "its data-parallel buckets");
   app.add_option("--steps", o.steps, "steps to simulate (the last one is reported)");
   app.add_flag("--json", o.json, "one JSON object on stdout");
+  bool progress_on = false;
+  app.add_flag("--progress", progress_on, "print the simulation's own wall time and memory per phase on stderr");
   app.add_option("--slow-host", o.slow_host, "platform host whose ranks compute at --slow-factor x speed");
   app.add_option("--slow-factor", o.slow_factor, "speed factor of --slow-host (e.g. 0.5)")->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
 
   comm::MpiRuntime mpi(&argc, &argv);
+  Progress progress{progress_on, mpi.world_rank(), mpi.world_size()};
+  progress("MPI_Init");
+  sim::skip_smp_discovery_in_bcast();  // before the first communicator: SMPI's set-up would cost N^2 messages each
   auto world = mpi.world();
   const int n_world = world->size();
+  progress("world communicator");
   const bool outer = o.sync != "zero";
   const int replicas = outer ? o.replicas : 1;
   if (replicas < 1 || n_world % replicas != 0)
@@ -211,6 +247,7 @@ int run(int argc, char** argv) {
     group_owner = world->split(replica, shard);
     cross = world->split(shard, replica);
     group = group_owner.get();
+    progress("replica/cross splits");
   }
   const int n = group->size(), rank = group->rank();
 
@@ -219,6 +256,7 @@ int run(int argc, char** argv) {
   const auto request = sharding::make_plan_request(specs, n, o.stage, layout, bucket_bytes_for_ranks(o.bucket_mib, n));
   const auto plan_ptr = shared_plan(request);
   const proto::ShardPlan& plan = *plan_ptr;
+  progress("plan");
   const bool dim0 = layout == proto::SHARD_LAYOUT_DIM0;
 
   // What this rank owns, from the plan.
@@ -259,6 +297,7 @@ int run(int argc, char** argv) {
   float* outer_recv = shared_block(5, sizeof(float) * static_cast<size_t>(max_sizes[2]));
   std::vector<float> check(specs.size() + 1, 0.0f);
   std::vector<size_t> counts(n);
+  progress("buffers");
 
   ComputeModel model;
   if (!o.slow_host.empty() && o.slow_host == sg_host_get_name(sg_host_self())) model.slowdown = 1 / o.slow_factor;
@@ -288,6 +327,7 @@ int run(int argc, char** argv) {
       group->reduce_scatter(bucket_buf, shard_buf, counts, DType::kF32, comm::ReduceOp::kSum)->wait();
     }
     ph.reduce_scatter = clock::seconds_since(t0);
+    progress("reduce-scatter");
 
     t0 = clock::now();
     timed_compute([&] { model.stream(kCheckBytesPerElem * static_cast<double>(owned_elems)); });
@@ -300,6 +340,7 @@ int run(int argc, char** argv) {
       t0 = clock::now();
       group->all_to_all(a2a_send_buf, a2a_send, a2a_recv_buf, a2a_recv, DType::kF32)->wait();
       ph.dim0_exchange = clock::seconds_since(t0);
+      progress("dim0 exchange out");
     }
     ph.ns = timed_compute([&] {
       model.flops(my_ns_flops);
@@ -321,6 +362,7 @@ int run(int argc, char** argv) {
       }
     }
     ph.all_gather = clock::seconds_since(t0);
+    progress("all-gather");
     no_payload.reset();
     ph.step = clock::seconds_since(start);
     ph.compute = compute;
@@ -365,6 +407,7 @@ int run(int argc, char** argv) {
     }
   }
 
+  progress("steps done");
   // The slowest rank sets the step time; per-rank step and compute times show slow hosts.
   const double my_step = ph.step, my_compute = ph.compute;
   Phases m;

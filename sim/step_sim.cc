@@ -52,8 +52,8 @@
 #include "sharding/planner.h"
 #include "sharding/presets.h"
 #include "sharding/zero_math.h"
-#include "sim/smpi_comm_setup.h"
 #include "sim/smpi_no_payload.h"
+#include "sim/smpi_patches.h"
 
 namespace {
 
@@ -94,6 +94,19 @@ int64_t bucket_bytes_for_ranks(const std::string& bucket_mib, int ranks) {
   if (!(mib > 0)) throw ConfigError("--bucket-mib must be > 0, got '" + bucket_mib + "'");
   return static_cast<int64_t>(mib * (1 << 20));
 }
+
+// SMPI 3.32 decides whether to send a message "detached" by comparing its size in bytes, cast to int,
+// with smpi/send-is-detached-thresh (Request::start). A message of 2 GiB or more wraps negative and
+// is detached: SMPI mallocs a copy of the whole payload, and with payloads off (sim/smpi_no_payload.h)
+// never frees it. Measured: llama-1b at 1024 ranks with 4.5 GB buckets, whose butterfly
+// reduce-scatter sends half a bucket (2.25 GB) per rank in its first step, grew by ~0.4 GB of
+// anonymous memory per second of simulation until it was killed (the 21 GB OOM). The simulation
+// therefore keeps every message below 2 GiB.
+constexpr int64_t kSmpiMaxMessageBytes = (int64_t{1} << 31) - 1;
+
+// The largest single message a collective on `bucket` can send: the whole bucket (the butterfly
+// reduce-scatter at a rank count that is not a power of two sends the whole vector to a neighbour).
+int64_t bucket_message_bytes(const proto::Bucket& bucket) { return bucket.numel() * int64_t{sizeof(float)}; }
 
 // One ShardPlan per request for the whole process: with privatization off every simulated rank sees
 // this cache, so plan memory does not grow with the number of ranks.
@@ -228,7 +241,7 @@ int run(int argc, char** argv) {
   comm::MpiRuntime mpi(&argc, &argv);
   Progress progress{progress_on, mpi.world_rank(), mpi.world_size()};
   progress("MPI_Init");
-  sim::skip_smp_discovery_in_bcast();  // before the first communicator: SMPI's set-up would cost N^2 messages each
+  sim::install_smpi_patches();  // before the first communicator (sim/smpi_patches.h)
   auto world = mpi.world();
   const int n_world = world->size();
   progress("world communicator");
@@ -253,8 +266,25 @@ int run(int argc, char** argv) {
 
   const auto specs = model_specs(o);
   const proto::ShardLayout layout = sharding::parse_layout(o.layout);
-  const auto request = sharding::make_plan_request(specs, n, o.stage, layout, bucket_bytes_for_ranks(o.bucket_mib, n));
-  const auto plan_ptr = shared_plan(request);
+  // Auto buckets: Megatron-LM's size, halved until every bucket buffer (payload + the layout's
+  // padding) is a message SMPI handles (< 2 GiB; see kSmpiMaxMessageBytes). llama-1b in dim0: from 2
+  // to 512 ranks Megatron's size already fits; at 1024 ranks 1.02 GB instead of 4.1 GB.
+  auto request = sharding::make_plan_request(specs, n, o.stage, layout, bucket_bytes_for_ranks(o.bucket_mib, n));
+  auto plan_ptr = shared_plan(request);
+  auto largest_bucket_message = [&] {
+    int64_t m = 0;
+    for (const auto& b : plan_ptr->buckets()) m = std::max(m, bucket_message_bytes(b));
+    return m;
+  };
+  while (o.bucket_mib == "auto" && largest_bucket_message() > kSmpiMaxMessageBytes &&
+         request.bucket_bytes() > (int64_t{64} << 20)) {
+    request.set_bucket_bytes(request.bucket_bytes() / 2);
+    plan_ptr = shared_plan(request);
+  }
+  if (largest_bucket_message() > kSmpiMaxMessageBytes)
+    throw ConfigError("a bucket of " + std::to_string(largest_bucket_message()) +
+                      " bytes (payload + padding) is a message of 2 GiB or more, which SimGrid 3.32's SMPI copies "
+                      "and never frees: use a smaller --bucket-mib (or auto)");
   const proto::ShardPlan& plan = *plan_ptr;
   progress("plan");
   const bool dim0 = layout == proto::SHARD_LAYOUT_DIM0;
@@ -289,6 +319,17 @@ int run(int argc, char** argv) {
   // over ranks.
   int64_t sizes[3] = {max_segment, std::max(dim0_send, dim0_recv), owned_elems}, max_sizes[3] = {};
   world->all_reduce(sizes, max_sizes, 3, DType::kI64, comm::ReduceOp::kMax)->wait();
+  // The other large messages (checked on maxima over ranks, so every rank stops alike): a rank's dim0
+  // exchange (all its messages together, a bound on each) and the outer step's one message of the
+  // rank's master shards (DiLoCo's all-reduce, NoLoCo's sendrecv).
+  if (max_sizes[1] * int64_t{sizeof(float)} > kSmpiMaxMessageBytes)
+    throw ConfigError("a rank's dim0 exchange moves " + std::to_string(max_sizes[1] * int64_t{sizeof(float)}) +
+                      " bytes, possibly as one message of 2 GiB or more, which SimGrid 3.32's SMPI copies and never "
+                      "frees: use more ranks");
+  if (outer && max_sizes[2] * int64_t{sizeof(float)} > kSmpiMaxMessageBytes)
+    throw ConfigError("the outer step's message (" + std::to_string(max_sizes[2] * int64_t{sizeof(float)}) +
+                      " bytes of master shards) is 2 GiB or more, which SimGrid 3.32's SMPI copies and never frees: "
+                      "use more ranks per replica");
   float* bucket_buf = shared_block(0, sizeof(float) * static_cast<size_t>(max_bucket));
   float* shard_buf = shared_block(1, sizeof(float) * static_cast<size_t>(max_sizes[0]));
   float* a2a_send_buf = shared_block(2, sizeof(float) * static_cast<size_t>(max_sizes[1]));

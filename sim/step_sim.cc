@@ -23,6 +23,8 @@
 // SMPI shared block for all ranks (SMPI_SHARED_MALLOC: SMPI moves no bytes for them), and every rank
 // uses one ShardPlan shared by the process (smpi/privatization:0 shares globals among ranks). SMPI is
 // told to leave payloads alone (sim/smpi_no_payload.h): the data in the buffers is meaningless.
+// sim/smpi_patches.h keeps SMPI's communicator creation and the basic linear all-to-all at what
+// OpenMPI sends, and every message stays below 2 GiB (kSmpiMaxMessageBytes).
 // Differences from the engine: collectives are issued blocking in the SimGrid build (no overlap of
 // reduce-scatter with backward); forward/backward is not modelled; stage 3's on-demand gathers happen
 // outside step() and are not counted.

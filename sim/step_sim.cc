@@ -30,6 +30,9 @@
 // outside step() and are not counted.
 #include <mpi.h>
 #include <simgrid/host.h>
+#include <simgrid/s4u/Engine.hpp>
+#include <simgrid/s4u/Host.hpp>
+#include <simgrid/s4u/Link.hpp>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -79,6 +82,8 @@ struct Options {
   bool json = false;
   std::string slow_host;
   double slow_factor = 1;
+  std::string slow_link_host;
+  double slow_link_factor = 1;
 };
 
 // The bucket size a large data-parallel job chooses: Megatron-LM's default for its distributed optimizer,
@@ -136,6 +141,35 @@ float* shared_block(int role, size_t bytes) {
 double host_property(const char* name, double fallback) {
   const char* v = sg_host_get_property_value(sg_host_self(), name);
   return v ? std::stod(v) : fallback;
+}
+
+// --slow-link-host: the host's own links — the first hop of its route to another host and the last
+// hop of the route back (one full-duplex link is two, a shared one is one) — run at `factor` x their
+// bandwidth from now on. Returns their names. Called by one rank before the first collective.
+std::vector<std::string> slow_down_links(const std::string& host_name, double factor) {
+  auto* host = simgrid::s4u::Host::by_name_or_null(host_name);
+  if (host == nullptr) throw ConfigError("--slow-link: no host '" + host_name + "' in the platform");
+  simgrid::s4u::Host* other = nullptr;
+  for (auto* h : simgrid::s4u::Engine::get_instance()->get_all_hosts())
+    if (h != host) {
+      other = h;
+      break;
+    }
+  if (other == nullptr) throw ConfigError("--slow-link: the platform has no host other than '" + host_name + "'");
+  std::vector<simgrid::s4u::Link*> out, in;
+  double latency = 0;
+  host->route_to(other, out, &latency);
+  other->route_to(host, in, &latency);
+  if (out.empty() || in.empty())
+    throw ConfigError("--slow-link: host '" + host_name + "' has no link on its route to '" + other->get_name() + "'");
+  std::vector<simgrid::s4u::Link*> own = {out.front()};
+  if (in.back() != out.front()) own.push_back(in.back());
+  std::vector<std::string> names;
+  for (auto* link : own) {
+    link->set_bandwidth(link->get_bandwidth() * factor);
+    names.push_back(link->get_name());
+  }
+  return names;
 }
 
 // Modelled compute: advances this rank's simulated time, computes nothing. `slowdown` > 1 on a host
@@ -238,12 +272,19 @@ int run(int argc, char** argv) {
   app.add_flag("--progress", progress_on, "print the simulation's own wall time and memory per phase on stderr");
   app.add_option("--slow-host", o.slow_host, "platform host whose ranks compute at --slow-factor x speed");
   app.add_option("--slow-factor", o.slow_factor, "speed factor of --slow-host (e.g. 0.5)")->check(CLI::PositiveNumber);
+  app.add_option("--slow-link-host", o.slow_link_host,
+                 "platform host whose own links (first hop out, last hop in) run at --slow-link-factor x bandwidth");
+  app.add_option("--slow-link-factor", o.slow_link_factor, "bandwidth factor of --slow-link-host's links (e.g. 0.5)")
+      ->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
 
   comm::MpiRuntime mpi(&argc, &argv);
   Progress progress{progress_on, mpi.world_rank(), mpi.world_size()};
   progress("MPI_Init");
   sim::install_smpi_patches();  // before the first communicator (sim/smpi_patches.h)
+  // Before the world communicator, whose creation no rank can finish before rank 0 joins it.
+  std::vector<std::string> slow_links;
+  if (!o.slow_link_host.empty() && mpi.world_rank() == 0) slow_links = slow_down_links(o.slow_link_host, o.slow_link_factor);
   auto world = mpi.world();
   const int n_world = world->size();
   progress("world communicator");
@@ -517,6 +558,10 @@ int run(int argc, char** argv) {
   j["dim0_extra_formula_bytes_per_rank"] =
       dim0 ? sharding::dim0_muon_extra_traffic_per_rank(static_cast<double>(muon_params), n, 4).bytes : 0.0;
   j["outer_bytes_sent_per_rank"] = max_osent;
+  if (!slow_links.empty()) {
+    j["slow_links"] = slow_links;
+    j["slow_link_factor"] = o.slow_link_factor;
+  }
   j["slowest_compute_rank"] = slowest;
   j["slowest_compute_seconds"] = per_rank_compute[slowest];
   j["fastest_compute_rank"] = fastest;

@@ -16,6 +16,8 @@ quantities computed independently of the simulator:
 4. NoLoCo's pairwise exchange: with 2, 8 and 16 replicas on the same 16 hosts (disjoint pairs on a
    non-blocking switch), the exchange takes the bytes a rank sends / the link bandwidth, within 2% and
    a few latencies, whatever the number of pairs (SMPI's injected MPI_Test time once made it grow).
+7. Slow link: h5's own links at 0.5x bandwidth double reduce-scatter + all-gather (ring steps wait for
+   the slowest link; bandwidth-bound at 1 GB/s), name those two links, and leave the bytes unchanged.
 6. Messages of 2 GiB: SMPI 3.32 copies (and with payloads off never frees) a message of 2^31 bytes or
    more, so step_sim refuses a bucket that large with an error naming it, and runs one just below.
 
@@ -128,6 +130,17 @@ def main():
         failures.append(f"1900 MiB buckets (< 2 GiB) failed: {fits.stderr[-500:]!r}")
     elif json.loads(fits.stdout.strip().splitlines()[-1])["bucket_bytes"] != 1900 << 20:
         failures.append("1900 MiB buckets: the plan was made with another bucket size")
+
+    slow_link = run("--layout", "dim0", "--layers", "2", "--slow-link", "h5:0.5")
+    ratio = comm_seconds(slow_link) / comm_seconds(small)
+    print(f"slow link h5 at 0.5x: reduce-scatter + all-gather {comm_seconds(small):.6f} -> "
+          f"{comm_seconds(slow_link):.6f} s (x{ratio:.4f}); links {slow_link.get('slow_links')}")
+    if not 1.95 <= ratio <= 2.0 + 1e-9:
+        failures.append(f"slow link h5 at 0.5x: communication x{ratio}, expected x2 (within 2.5%)")
+    if sorted(slow_link.get("slow_links", [])) != ["flat_link_5_DOWN", "flat_link_5_UP"]:
+        failures.append(f"slow link h5: slowed {slow_link.get('slow_links')}, expected flat_link_5_UP and _DOWN")
+    if slow_link["bytes_sent_per_rank_mean"] != small["bytes_sent_per_rank_mean"]:
+        failures.append("slow link: the bytes sent changed")
 
     if shardopt:
         opts = ["--preset", "llama-125m", "--layers", "2", "--stage", "2", "--layout", "dim0", "--sync", "diloco",

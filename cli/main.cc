@@ -251,7 +251,7 @@ std::string default_data_path() {
 // build and hands over to the script, which assembles the smpirun command line.
 struct SimulateArgs {
   std::string platform, preset = "llama-1b", layout = "owned", sync = "zero", bucket_mib = "auto", slow_host,
-                        sim_build;
+                        slow_link, sim_build;
   int ranks = 0, layers = 0, stage = 2, replicas = 2, steps = 1;
   bool json = false, timing = false;
   std::vector<std::string> cfg;
@@ -276,6 +276,7 @@ void add_simulate_options(CLI::App& cmd, SimulateArgs& a) {
       ->capture_default_str();
   cmd.add_option("--steps", a.steps, "steps to simulate (the last is reported)")->capture_default_str();
   cmd.add_option("--slow-host", a.slow_host, "HOST:FACTOR: that platform host computes at FACTOR x its speed");
+  cmd.add_option("--slow-link", a.slow_link, "HOST:FACTOR: that host's own links run at FACTOR x their bandwidth");
   cmd.add_flag("--json", a.json, "one JSON object (predicted_step_seconds, predicted_<phase>_seconds, bytes)");
   cmd.add_flag("--timing", a.timing, "report the simulation's own wall time and peak memory (stderr)");
   cmd.add_option("--sim-build", a.sim_build, "SimGrid build holding bin/step_sim (default: $SHARDOPT_SIM_BUILD_DIR, "
@@ -326,6 +327,7 @@ int run_simulate(const SimulateArgs& a, const char* argv0) {
                                    "--layout", a.layout, "--sync", a.sync, "--replicas", std::to_string(a.replicas),
                                    "--bucket-mib", a.bucket_mib, "--steps", std::to_string(a.steps)};
   if (!a.slow_host.empty()) args.insert(args.end(), {"--slow-host", a.slow_host});
+  if (!a.slow_link.empty()) args.insert(args.end(), {"--slow-link", a.slow_link});
   if (a.json) args.push_back("--json");
   if (a.timing) args.push_back("--timing");
   for (const auto& c : a.cfg) args.push_back("--cfg=" + c);

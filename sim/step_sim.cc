@@ -23,16 +23,23 @@
 // SMPI shared block for all ranks (SMPI_SHARED_MALLOC: SMPI moves no bytes for them), and every rank
 // uses one ShardPlan shared by the process (smpi/privatization:0 shares globals among ranks). SMPI is
 // told to leave payloads alone (sim/smpi_no_payload.h): the data in the buffers is meaningless.
+// sim/smpi_patches.h keeps SMPI's communicator creation and the basic linear all-to-all at what
+// OpenMPI sends, and every message stays below 2 GiB (kSmpiMaxMessageBytes).
 // Differences from the engine: collectives are issued blocking in the SimGrid build (no overlap of
 // reduce-scatter with backward); forward/backward is not modelled; stage 3's on-demand gathers happen
 // outside step() and are not counted.
 #include <mpi.h>
 #include <simgrid/host.h>
+#include <simgrid/s4u/Engine.hpp>
+#include <simgrid/s4u/Host.hpp>
+#include <simgrid/s4u/Link.hpp>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -51,6 +58,7 @@
 #include "sharding/presets.h"
 #include "sharding/zero_math.h"
 #include "sim/smpi_no_payload.h"
+#include "sim/smpi_patches.h"
 
 namespace {
 
@@ -74,6 +82,8 @@ struct Options {
   bool json = false;
   std::string slow_host;
   double slow_factor = 1;
+  std::string slow_link_host;
+  double slow_link_factor = 1;
 };
 
 // The bucket size a large data-parallel job chooses: Megatron-LM's default for its distributed optimizer,
@@ -91,6 +101,19 @@ int64_t bucket_bytes_for_ranks(const std::string& bucket_mib, int ranks) {
   if (!(mib > 0)) throw ConfigError("--bucket-mib must be > 0, got '" + bucket_mib + "'");
   return static_cast<int64_t>(mib * (1 << 20));
 }
+
+// SMPI 3.32 decides whether to send a message "detached" by comparing its size in bytes, cast to int,
+// with smpi/send-is-detached-thresh (Request::start). A message of 2 GiB or more wraps negative and
+// is detached: SMPI mallocs a copy of the whole payload, and with payloads off (sim/smpi_no_payload.h)
+// never frees it. Measured: llama-1b at 1024 ranks with 4.5 GB buckets, whose butterfly
+// reduce-scatter sends half a bucket (2.25 GB) per rank in its first step, grew by ~0.4 GB of
+// anonymous memory per second of simulation until it was killed (the 21 GB OOM). The simulation
+// therefore keeps every message below 2 GiB.
+constexpr int64_t kSmpiMaxMessageBytes = (int64_t{1} << 31) - 1;
+
+// The largest single message a collective on `bucket` can send: the whole bucket (the butterfly
+// reduce-scatter at a rank count that is not a power of two sends the whole vector to a neighbour).
+int64_t bucket_message_bytes(const proto::Bucket& bucket) { return bucket.numel() * int64_t{sizeof(float)}; }
 
 // One ShardPlan per request for the whole process: with privatization off every simulated rank sees
 // this cache, so plan memory does not grow with the number of ranks.
@@ -118,6 +141,35 @@ float* shared_block(int role, size_t bytes) {
 double host_property(const char* name, double fallback) {
   const char* v = sg_host_get_property_value(sg_host_self(), name);
   return v ? std::stod(v) : fallback;
+}
+
+// --slow-link-host: the host's own links — the first hop of its route to another host and the last
+// hop of the route back (one full-duplex link is two, a shared one is one) — run at `factor` x their
+// bandwidth from now on. Returns their names. Called by one rank before the first collective.
+std::vector<std::string> slow_down_links(const std::string& host_name, double factor) {
+  auto* host = simgrid::s4u::Host::by_name_or_null(host_name);
+  if (host == nullptr) throw ConfigError("--slow-link: no host '" + host_name + "' in the platform");
+  simgrid::s4u::Host* other = nullptr;
+  for (auto* h : simgrid::s4u::Engine::get_instance()->get_all_hosts())
+    if (h != host) {
+      other = h;
+      break;
+    }
+  if (other == nullptr) throw ConfigError("--slow-link: the platform has no host other than '" + host_name + "'");
+  std::vector<simgrid::s4u::Link*> out, in;
+  double latency = 0;
+  host->route_to(other, out, &latency);
+  other->route_to(host, in, &latency);
+  if (out.empty() || in.empty())
+    throw ConfigError("--slow-link: host '" + host_name + "' has no link on its route to '" + other->get_name() + "'");
+  std::vector<simgrid::s4u::Link*> own = {out.front()};
+  if (in.back() != out.front()) own.push_back(in.back());
+  std::vector<std::string> names;
+  for (auto* link : own) {
+    link->set_bandwidth(link->get_bandwidth() * factor);
+    names.push_back(link->get_name());
+  }
+  return names;
 }
 
 // Modelled compute: advances this rank's simulated time, computes nothing. `slowdown` > 1 on a host
@@ -158,6 +210,33 @@ double max_over(comm::Communicator& c, double v) {
 // Wall time of the simulation itself (real time, not simulated: the cost of running it here).
 const auto simulation_started = std::chrono::steady_clock::now();
 
+// kB of this process's resident memory in /proc/self/status field `field` (VmRSS, RssAnon), 0 if absent.
+long status_kb(const char* field) {
+  std::FILE* f = std::fopen("/proc/self/status", "r");
+  if (f == nullptr) return 0;
+  char line[256];
+  long kb = 0;
+  const size_t len = std::strlen(field);
+  while (std::fgets(line, sizeof line, f) != nullptr)
+    if (std::strncmp(line, field, len) == 0 && line[len] == ':') kb = std::atol(line + len + 1);
+  std::fclose(f);
+  return kb;
+}
+
+// --progress: the cost of the simulation itself, phase by phase, on stderr. Printed by the first and
+// the last rank (SMPI runs ranks in turn: the last rank to pass a point is usually the last one).
+struct Progress {
+  bool on = false;
+  int rank = 0, size = 1;
+  void operator()(const char* what) const {
+    if (!on || (rank != 0 && rank != size - 1)) return;
+    std::fprintf(stderr, "step_sim progress: rank %d %-28s wall %8.2f s  simulated %10.6f s  RSS %6ld MB (anon %6ld MB)\n",
+                 rank, what,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - simulation_started).count(),
+                 MPI_Wtime(), status_kb("VmRSS") / 1024, status_kb("RssAnon") / 1024);
+  }
+};
+
 int run(int argc, char** argv) {
   Options o;
   CLI::App app{"step_sim: shardopt's step on a simulated platform (run under smpirun; see docs/simulation.md)"};
@@ -177,13 +256,26 @@ int run(int argc, char** argv) {
                  "its data-parallel buckets");
   app.add_option("--steps", o.steps, "steps to simulate (the last one is reported)");
   app.add_flag("--json", o.json, "one JSON object on stdout");
+  bool progress_on = false;
+  app.add_flag("--progress", progress_on, "print the simulation's own wall time and memory per phase on stderr");
   app.add_option("--slow-host", o.slow_host, "platform host whose ranks compute at --slow-factor x speed");
   app.add_option("--slow-factor", o.slow_factor, "speed factor of --slow-host (e.g. 0.5)")->check(CLI::PositiveNumber);
+  app.add_option("--slow-link-host", o.slow_link_host,
+                 "platform host whose own links (first hop out, last hop in) run at --slow-link-factor x bandwidth");
+  app.add_option("--slow-link-factor", o.slow_link_factor, "bandwidth factor of --slow-link-host's links (e.g. 0.5)")
+      ->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
 
   comm::MpiRuntime mpi(&argc, &argv);
+  Progress progress{progress_on, mpi.world_rank(), mpi.world_size()};
+  progress("MPI_Init");
+  sim::install_smpi_patches();  // before the first communicator (sim/smpi_patches.h)
+  // Before the world communicator, whose creation no rank can finish before rank 0 joins it.
+  std::vector<std::string> slow_links;
+  if (!o.slow_link_host.empty() && mpi.world_rank() == 0) slow_links = slow_down_links(o.slow_link_host, o.slow_link_factor);
   auto world = mpi.world();
   const int n_world = world->size();
+  progress("world communicator");
   const bool outer = o.sync != "zero";
   const int replicas = outer ? o.replicas : 1;
   if (replicas < 1 || n_world % replicas != 0)
@@ -199,14 +291,33 @@ int run(int argc, char** argv) {
     group_owner = world->split(replica, shard);
     cross = world->split(shard, replica);
     group = group_owner.get();
+    progress("replica/cross splits");
   }
   const int n = group->size(), rank = group->rank();
 
   const auto specs = sharding::preset_specs(o.preset, proto::F32, o.layers);
   const proto::ShardLayout layout = sharding::parse_layout(o.layout);
-  const auto request = sharding::make_plan_request(specs, n, o.stage, layout, bucket_bytes_for_ranks(o.bucket_mib, n));
-  const auto plan_ptr = shared_plan(request);
+  // Auto buckets: Megatron-LM's size, halved until every bucket buffer (payload + the layout's
+  // padding) is a message SMPI handles (< 2 GiB; see kSmpiMaxMessageBytes). llama-1b in dim0: from 2
+  // to 512 ranks Megatron's size already fits; at 1024 ranks 1.02 GB instead of 4.1 GB.
+  auto request = sharding::make_plan_request(specs, n, o.stage, layout, bucket_bytes_for_ranks(o.bucket_mib, n));
+  auto plan_ptr = shared_plan(request);
+  auto largest_bucket_message = [&] {
+    int64_t m = 0;
+    for (const auto& b : plan_ptr->buckets()) m = std::max(m, bucket_message_bytes(b));
+    return m;
+  };
+  while (o.bucket_mib == "auto" && largest_bucket_message() > kSmpiMaxMessageBytes &&
+         request.bucket_bytes() > (int64_t{64} << 20)) {
+    request.set_bucket_bytes(request.bucket_bytes() / 2);
+    plan_ptr = shared_plan(request);
+  }
+  if (largest_bucket_message() > kSmpiMaxMessageBytes)
+    throw ConfigError("a bucket of " + std::to_string(largest_bucket_message()) +
+                      " bytes (payload + padding) is a message of 2 GiB or more, which SimGrid 3.32's SMPI copies "
+                      "and never frees: use a smaller --bucket-mib (or auto)");
   const proto::ShardPlan& plan = *plan_ptr;
+  progress("plan");
   const bool dim0 = layout == proto::SHARD_LAYOUT_DIM0;
 
   // What this rank owns, from the plan.
@@ -239,6 +350,17 @@ int run(int argc, char** argv) {
   // over ranks.
   int64_t sizes[3] = {max_segment, std::max(dim0_send, dim0_recv), owned_elems}, max_sizes[3] = {};
   world->all_reduce(sizes, max_sizes, 3, DType::kI64, comm::ReduceOp::kMax)->wait();
+  // The other large messages (checked on maxima over ranks, so every rank stops alike): a rank's dim0
+  // exchange (all its messages together, a bound on each) and the outer step's one message of the
+  // rank's master shards (DiLoCo's all-reduce, NoLoCo's sendrecv).
+  if (max_sizes[1] * int64_t{sizeof(float)} > kSmpiMaxMessageBytes)
+    throw ConfigError("a rank's dim0 exchange moves " + std::to_string(max_sizes[1] * int64_t{sizeof(float)}) +
+                      " bytes, possibly as one message of 2 GiB or more, which SimGrid 3.32's SMPI copies and never "
+                      "frees: use more ranks");
+  if (outer && max_sizes[2] * int64_t{sizeof(float)} > kSmpiMaxMessageBytes)
+    throw ConfigError("the outer step's message (" + std::to_string(max_sizes[2] * int64_t{sizeof(float)}) +
+                      " bytes of master shards) is 2 GiB or more, which SimGrid 3.32's SMPI copies and never frees: "
+                      "use more ranks per replica");
   float* bucket_buf = shared_block(0, sizeof(float) * static_cast<size_t>(max_bucket));
   float* shard_buf = shared_block(1, sizeof(float) * static_cast<size_t>(max_sizes[0]));
   float* a2a_send_buf = shared_block(2, sizeof(float) * static_cast<size_t>(max_sizes[1]));
@@ -247,6 +369,7 @@ int run(int argc, char** argv) {
   float* outer_recv = shared_block(5, sizeof(float) * static_cast<size_t>(max_sizes[2]));
   std::vector<float> check(specs.size() + 1, 0.0f);
   std::vector<size_t> counts(n);
+  progress("buffers");
 
   ComputeModel model;
   if (!o.slow_host.empty() && o.slow_host == sg_host_get_name(sg_host_self())) model.slowdown = 1 / o.slow_factor;
@@ -276,6 +399,7 @@ int run(int argc, char** argv) {
       group->reduce_scatter(bucket_buf, shard_buf, counts, DType::kF32, comm::ReduceOp::kSum)->wait();
     }
     ph.reduce_scatter = clock::seconds_since(t0);
+    progress("reduce-scatter");
 
     t0 = clock::now();
     timed_compute([&] { model.stream(kCheckBytesPerElem * static_cast<double>(owned_elems)); });
@@ -288,6 +412,7 @@ int run(int argc, char** argv) {
       t0 = clock::now();
       group->all_to_all(a2a_send_buf, a2a_send, a2a_recv_buf, a2a_recv, DType::kF32)->wait();
       ph.dim0_exchange = clock::seconds_since(t0);
+      progress("dim0 exchange out");
     }
     ph.ns = timed_compute([&] {
       model.flops(my_ns_flops);
@@ -309,6 +434,7 @@ int run(int argc, char** argv) {
       }
     }
     ph.all_gather = clock::seconds_since(t0);
+    progress("all-gather");
     no_payload.reset();
     ph.step = clock::seconds_since(start);
     ph.compute = compute;
@@ -353,6 +479,7 @@ int run(int argc, char** argv) {
     }
   }
 
+  progress("steps done");
   // The slowest rank sets the step time; per-rank step and compute times show slow hosts.
   const double my_step = ph.step, my_compute = ph.compute;
   Phases m;
@@ -419,6 +546,10 @@ int run(int argc, char** argv) {
   j["dim0_extra_formula_bytes_per_rank"] =
       dim0 ? sharding::dim0_muon_extra_traffic_per_rank(static_cast<double>(muon_params), n, 4).bytes : 0.0;
   j["outer_bytes_sent_per_rank"] = max_osent;
+  if (!slow_links.empty()) {
+    j["slow_links"] = slow_links;
+    j["slow_link_factor"] = o.slow_link_factor;
+  }
   j["slowest_compute_rank"] = slowest;
   j["slowest_compute_seconds"] = per_rank_compute[slowest];
   j["fastest_compute_rank"] = fastest;

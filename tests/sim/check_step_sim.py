@@ -16,6 +16,10 @@ quantities computed independently of the simulator:
 4. NoLoCo's pairwise exchange: with 2, 8 and 16 replicas on the same 16 hosts (disjoint pairs on a
    non-blocking switch), the exchange takes the bytes a rank sends / the link bandwidth, within 2% and
    a few latencies, whatever the number of pairs (SMPI's injected MPI_Test time once made it grow).
+7. Slow link: h5's own links at 0.5x bandwidth double reduce-scatter + all-gather (ring steps wait for
+   the slowest link; bandwidth-bound at 1 GB/s), name those two links, and leave the bytes unchanged.
+6. Messages of 2 GiB: SMPI 3.32 copies (and with payloads off never frees) a message of 2^31 bytes or
+   more, so step_sim refuses a bucket that large with an error naming it, and runs one just below.
 
 usage: check_step_sim.py SCRIPTS_SIMULATE SIM_BUILD_DIR NETWORK_PLATFORM_XML COMPUTE_PLATFORM_XML [SHARDOPT]
 (the first platform has negligible compute, the second the same network with hosts named h0..h15)
@@ -111,6 +115,32 @@ def main():
               f"bandwidth predicts {want:.6f} s, allowed [{lo:.6f}, {hi:.6f}]")
         if want <= 0 or not lo * (1 - 1e-9) <= got <= hi:
             failures.append(f"noloco {replicas} replicas: exchange {got} s outside [{lo}, {hi}]")
+
+    # llama-1b (4.4 GB in fp32): 2100 MiB buckets fill to 2.2e9 bytes >= 2^31, 1900 MiB ones stay below.
+    def run_bucket(mib):
+        cmd = [simulate, "--platform", platform, "--ranks", str(ranks), "--sim-build", build, *cfg,
+               "--preset", "llama-1b", "--layout", "dim0", "--bucket-mib", str(mib), "--json"]
+        return subprocess.run(cmd, capture_output=True, text=True)
+    too_large, fits = run_bucket(2100), run_bucket(1900)
+    print(f"2100 MiB buckets: exit {too_large.returncode}; 1900 MiB buckets: exit {fits.returncode}")
+    if too_large.returncode == 0 or "2 GiB" not in too_large.stderr:
+        failures.append(f"a 2100 MiB bucket (>= 2 GiB) ran or failed without naming the limit: exit "
+                        f"{too_large.returncode}, stderr {too_large.stderr[-500:]!r}")
+    if fits.returncode != 0:
+        failures.append(f"1900 MiB buckets (< 2 GiB) failed: {fits.stderr[-500:]!r}")
+    elif json.loads(fits.stdout.strip().splitlines()[-1])["bucket_bytes"] != 1900 << 20:
+        failures.append("1900 MiB buckets: the plan was made with another bucket size")
+
+    slow_link = run("--layout", "dim0", "--layers", "2", "--slow-link", "h5:0.5")
+    ratio = comm_seconds(slow_link) / comm_seconds(small)
+    print(f"slow link h5 at 0.5x: reduce-scatter + all-gather {comm_seconds(small):.6f} -> "
+          f"{comm_seconds(slow_link):.6f} s (x{ratio:.4f}); links {slow_link.get('slow_links')}")
+    if not 1.95 <= ratio <= 2.0 + 1e-9:
+        failures.append(f"slow link h5 at 0.5x: communication x{ratio}, expected x2 (within 2.5%)")
+    if sorted(slow_link.get("slow_links", [])) != ["flat_link_5_DOWN", "flat_link_5_UP"]:
+        failures.append(f"slow link h5: slowed {slow_link.get('slow_links')}, expected flat_link_5_UP and _DOWN")
+    if slow_link["bytes_sent_per_rank_mean"] != small["bytes_sent_per_rank_mean"]:
+        failures.append("slow link: the bytes sent changed")
 
     if shardopt:
         opts = ["--preset", "llama-125m", "--layers", "2", "--stage", "2", "--layout", "dim0", "--sync", "diloco",

@@ -95,8 +95,10 @@ def main():
     ap.add_argument("--no-calibrate", action="store_true", help="use the platform's nominal rates as they are")
     a = ap.parse_args()
     # One compute thread per rank, as the platform models it (a rank = one core's worth of speed).
+    # OMP_NUM_THREADS too: oneDNN's products (NS) otherwise take every core in every rank, so the 1-rank
+    # calibration measured two cores and N ranks fought over them (predicted/measured came out 0.2-0.3).
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OPENBLAS_NUM_THREADS="1",
-               SHARDOPT_NUM_THREADS="1")
+               SHARDOPT_NUM_THREADS="1", OMP_NUM_THREADS="1")
     tmp = tempfile.TemporaryDirectory()
     platform = a.platform if a.no_calibrate else calibrated_platform(a, env, a.platform, tmp.name)
     for n in a.ranks.split(","):

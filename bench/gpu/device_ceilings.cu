@@ -26,12 +26,13 @@ __global__ void rmw_adamw_shaped(float4* __restrict__ p, const float4* __restric
   }
 }
 
-template <class F>
-double median_event_seconds(F&& fn, int reps) {
+}  // namespace
+
+double median_event_seconds(const std::function<void()>& fn, int warmup, int reps) {
   cudaEvent_t start, stop;
   SHARDOPT_CUDA_CHECK(cudaEventCreate(&start));
   SHARDOPT_CUDA_CHECK(cudaEventCreate(&stop));
-  fn();  // warm-up
+  for (int i = 0; i < warmup; ++i) fn();
   SHARDOPT_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<double> t;
   for (int i = 0; i < std::max(reps, 1); ++i) {
@@ -49,8 +50,6 @@ double median_event_seconds(F&& fn, int reps) {
   return t[t.size() / 2];
 }
 
-}  // namespace
-
 DeviceBandwidth device_copy_bandwidth(size_t bytes, int reps) {
   void *a = nullptr, *b = nullptr;
   SHARDOPT_CUDA_CHECK(cudaMalloc(&a, bytes));
@@ -59,7 +58,7 @@ DeviceBandwidth device_copy_bandwidth(size_t bytes, int reps) {
   DeviceBandwidth r;
   r.bytes = 2.0 * double(bytes);
   r.seconds = median_event_seconds([&] { SHARDOPT_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); },
-                                   reps);
+                                   1, reps);
   r.gbytes_per_s = r.bytes / r.seconds / 1e9;
   cudaFree(a);
   cudaFree(b);
@@ -85,7 +84,7 @@ DeviceBandwidth device_rmw_bandwidth(size_t elements, int reps) {
           rmw_adamw_shaped<<<blocks, threads>>>(buf[0], buf[1], buf[2], buf[3], n4);
           SHARDOPT_CUDA_CHECK_LAUNCH();
         },
-        reps);
+        1, reps);
     if (best.seconds == 0 || s < best.seconds) best.seconds = s;
   }
   best.gbytes_per_s = best.bytes / best.seconds / 1e9;

@@ -6,8 +6,13 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 
 namespace shardopt::bench {
+
+// Median seconds of `reps` runs of fn (at least one) after `warmup` untimed runs, each run timed with
+// CUDA events on the default stream: the timer of every GPU benchmark here.
+double median_event_seconds(const std::function<void()>& fn, int warmup, int reps);
 
 struct DeviceBandwidth {
   double seconds = 0;          // best (median over repetitions) of the launch configurations tried

@@ -48,25 +48,10 @@ double muon_step_seconds(int64_t rows, int64_t cols) {
   for (size_t i = 0; i < n; ++i) host[i] = static_cast<float>((i * 29) % 61) / 1024.0f - 0.03f;
   cudaMemcpy(g, host.data(), n * sizeof(float), cudaMemcpyHostToDevice);
   cuda::MuonCuda muon(rows, cols, 1);
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  muon.step(p, g, DType::kF32, m, nullptr, 1, cuda::MuonHyper{}, nullptr);
-  std::vector<float> t;
-  for (int i = 0; i < 5; ++i) {
-    cudaEventRecord(start);
-    muon.step(p, g, DType::kF32, m, nullptr, 1, cuda::MuonHyper{}, nullptr);
-    cudaEventRecord(stop);
-    cudaEventSynchronize(stop);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, start, stop);
-    t.push_back(ms);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
+  const double seconds = bench::median_event_seconds(
+      [&] { muon.step(p, g, DType::kF32, m, nullptr, 1, cuda::MuonHyper{}, nullptr); }, 1, 5);
   for (float* b : {p, g, m}) cudaFree(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2] * 1e-3;
+  return seconds;
 }
 
 }  // namespace

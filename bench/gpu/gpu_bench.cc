@@ -31,29 +31,6 @@ using namespace shardopt::cuda;
 
 bench::Emitter emit(false);  // set from --json in main
 
-// Median seconds of `reps` timed runs after `warmup`, timed with CUDA events.
-double time_median(const std::function<void()>& fn, int warmup, int reps) {
-  cudaEvent_t start, stop;
-  SHARDOPT_CUDA_CHECK(cudaEventCreate(&start));
-  SHARDOPT_CUDA_CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < warmup; ++i) fn();
-  SHARDOPT_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    SHARDOPT_CUDA_CHECK(cudaEventRecord(start));
-    fn();
-    SHARDOPT_CUDA_CHECK(cudaEventRecord(stop));
-    SHARDOPT_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    SHARDOPT_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    t.push_back(ms * 1e-3);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
 // Random device data (never zeros: they can run faster than real data).
 template <typename T>
 T* random_device(size_t n, uint32_t seed) {
@@ -111,7 +88,7 @@ int main(int argc, char** argv) {
     cublasHandle_t h;
     SHARDOPT_CUBLAS_CHECK(cublasCreate(&h));
     const float one = 1, zero = 0;
-    const double s = time_median(
+    const double s = bench::median_event_seconds(
         [&] {
           SHARDOPT_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b,
                                              CUDA_R_16BF, n, &zero, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
@@ -143,7 +120,7 @@ int main(int argc, char** argv) {
       NsOptions options;
       options.symmetric_blocks = blocks;
       NewtonSchulzCuda ns(sh.rows, sh.cols, sh.batch, options);
-      const double s = time_median(
+      const double s = bench::median_event_seconds(
           [&] { ns.orthogonalize(in, DType::kBF16, reinterpret_cast<bf16*>(out), sh.batch, nullptr); }, 2, reps);
       const double flops = ns.plain_gemm_flops() * double(sh.batch);
       emit({{"bench", "ns5"}, {"impl", blocks == 1 ? "shardopt_cublas" : "shardopt_cublas_symmetric_blocks"},
@@ -177,7 +154,7 @@ int main(int argc, char** argv) {
         for (int tb : {0, 1}) {
           const cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
           const int lda = ta ? g.k : g.m, ldb = tb ? g.n : g.k;
-          const double s = time_median(
+          const double s = bench::median_event_seconds(
               [&] {
                 SHARDOPT_CUBLAS_CHECK(cublasGemmEx(h, oa, ob, g.m, g.n, g.k, &one, a, CUDA_R_16BF, lda, b, CUDA_R_16BF,
                                                    ldb, &zero, c, CUDA_R_16BF, g.m, CUBLAS_COMPUTE_32F,
@@ -214,7 +191,7 @@ int main(int argc, char** argv) {
     ElementwiseOptimizerCuda opt(ElementwiseAlgorithm::kAdamW, DType::kF32);
     opt.set_slices(sl);
     int64_t t = 1;
-    const double s = time_median([&] { opt.step(AdamWHyper{}, t++, nullptr); }, 3, reps);
+    const double s = bench::median_event_seconds([&] { opt.step(AdamWHyper{}, t++, nullptr); }, 3, reps);
     const double bytes = double(total) * (16 + 12 + (mirror ? 2 : 0));  // read p,g,m,v; write p,m,v(,bf16)
     if (!mirror) adamw_f32_seconds = s;
     emit({{"bench", "adamw_fused"}, {"elements", total}, {"slices", slices}, {"bf16_mirror", mirror},
@@ -257,7 +234,7 @@ int main(int argc, char** argv) {
     CompactElementwiseOptimizerCuda opt(params, proto::STATE_Q8, DType::kF32);
     opt.set_slices(sl);
     int64_t t = 1;
-    const double s = time_median([&] { opt.step(params, float(params.lr), t++, nullptr); }, 3, reps);
+    const double s = bench::median_event_seconds([&] { opt.step(params, float(params.lr), t++, nullptr); }, 3, reps);
     const double bytes = double(total) * (12 + 4) + double(blocks) * 16;
     emit({{"bench", "adamw_q8_state"}, {"elements", total}, {"slices", slices}, {"seconds", s},
           {"bytes_moved", bytes}, {"gbytes_per_s", bytes / s / 1e9},
@@ -278,7 +255,7 @@ int main(int argc, char** argv) {
     float* m = random_device<float>(n, 9);
     MuonCuda muon(rows, cols, 1);
     const double s =
-        time_median([&] { muon.step(p, g, DType::kF32, m, nullptr, 1, MuonHyper{}, nullptr); }, 2, reps);
+        bench::median_event_seconds([&] { muon.step(p, g, DType::kF32, m, nullptr, 1, MuonHyper{}, nullptr); }, 2, reps);
     emit({{"bench", "muon_step"}, {"rows", rows}, {"cols", cols}, {"seconds", s},
           {"tflops_plain_gemm_count", muon.newton_schulz().plain_gemm_flops() / s / 1e12}});
     cudaFree(p);

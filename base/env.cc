@@ -21,6 +21,10 @@ const std::vector<Variable>& registry() {
       {"SHARDOPT_NUM_THREADS", "0",
        "Compute threads per process (optimizer kernels, matrices in parallel); 0 = the CPUs in this process's "
        "affinity mask divided by the ranks on this host (OMPI_COMM_WORLD_LOCAL_SIZE)."},
+      {"SHARDOPT_NS_BF16_GEMM", "auto",
+       "CPU Newton-Schulz in bf16: native = oneDNN's bf16 matmul, f32 = the bf16-rounded operands multiplied "
+       "in fp32 (same numerics: bf16 x bf16 products are exact in fp32), auto = native with AMX or on AMD "
+       "AVX512_BF16, f32 otherwise (optim/newton_schulz.h)."},
       {"SHARDOPT_CUDA_NS_SYMMETRIC_BLOCKS", "1",
        "Device engine: blocks k of Newton-Schulz's symmetric products (X·Xᵀ, A·A computed on the k(k+1)/2 blocks "
        "on and below the diagonal) for matrices whose smaller side k divides; 1 = full GEMMs (docs/gpu.md)."},

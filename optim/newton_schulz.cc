@@ -7,11 +7,13 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include <fmt/format.h>
 
+#include "base/env.h"
 #include "base/error.h"
 #include "optim/simd_util.h"
 
@@ -63,8 +65,10 @@ struct DnnlGemm {
 struct DnnlNsState {
   dnnl::stream stream{cpu_engine()};
   FloatBuffer y;        // second fp32 iterate, max_elements
-  std::vector<bf16> x;  // kBF16: X rounded to bf16, max_elements
-  std::vector<bf16> s;  // kBF16: A, then a I + B rounded to bf16, max_small_dim^2
+  std::vector<bf16> x;  // kBF16, kNative: X rounded to bf16, max_elements
+  std::vector<bf16> s;  // kBF16, kNative: A, then a I + B rounded to bf16, max_small_dim^2
+  FloatBuffer xr;       // kBF16, kF32Units: X rounded to bf16, in fp32, max_elements
+  FloatBuffer sr;       // kBF16, kF32Units: A, then a I + B rounded to bf16, in fp32, max_small_dim^2
   std::vector<DnnlGemm> gemms;
 
   DnnlGemm& gemm(const GemmShape& sh) {
@@ -141,17 +145,57 @@ void round_to_bf16(const float* src, bf16* dst, size_t n) {
   for (size_t i = 0; i < n; ++i) dst[i] = to_bf16_rne(src[i]);
 }
 
+// src rounded to bf16 (to_bf16_rne) and widened back: bit operations only, so the loop vectorizes.
+void round_to_bf16_in_f32(const float* src, float* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &src[i], sizeof u);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    const uint32_t quiet_nan = (u | 0x400000u) & 0xffff0000u;
+    const uint32_t r = (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+    std::memcpy(&dst[i], &r, sizeof r);
+  }
+}
+
 }  // namespace
 
-NsWorkspace::NsWorkspace() = default;
-NsWorkspace::NsWorkspace(int64_t rows, int64_t cols, NsPrecision precision) { reserve(rows, cols, precision); }
+Bf16GemmKernel default_bf16_gemm_kernel() {
+  const std::string choice = env::get_string("SHARDOPT_NS_BF16_GEMM");
+  if (choice == "native") return Bf16GemmKernel::kNative;
+  if (choice == "f32") return Bf16GemmKernel::kF32Units;
+  if (choice != "auto") {
+    throw ConfigError("SHARDOPT_NS_BF16_GEMM='" + choice + "' is not one of auto, native, f32");
+  }
+  // Measured: Intel AVX512_BF16 without AMX multiplies bf16 at 0.57x its fp32 rate (torch and oneDNN
+  // alike); AMD Zen 4 at ~2x; AMX far above fp32.
+  static const bool native = [] {
+    if (dnnl::get_effective_cpu_isa() == dnnl::cpu_isa::avx512_core_amx) return true;
+    return __builtin_cpu_is("amd") && __builtin_cpu_supports("avx512bf16");
+  }();
+  return native ? Bf16GemmKernel::kNative : Bf16GemmKernel::kF32Units;
+}
+
+const char* to_string(Bf16GemmKernel kernel) {
+  return kernel == Bf16GemmKernel::kNative ? "native" : "f32";
+}
+
+namespace {
+
+}  // namespace
+
+NsWorkspace::NsWorkspace() : bf16_kernel_(default_bf16_gemm_kernel()) {}
+NsWorkspace::NsWorkspace(int64_t rows, int64_t cols, NsPrecision precision) : NsWorkspace() {
+  reserve(rows, cols, precision);
+}
 NsWorkspace::~NsWorkspace() = default;
 NsWorkspace::NsWorkspace(NsWorkspace&&) noexcept = default;
 NsWorkspace& NsWorkspace::operator=(NsWorkspace&&) noexcept = default;
 
 size_t NsWorkspace::bytes() const {
   size_t b = 4 * (x_.size() + a_.size() + b_.size());
-  if (dnnl_) b += 4 * dnnl_->y.size() + 2 * (dnnl_->x.size() + dnnl_->s.size());
+  if (dnnl_) {
+    b += 4 * (dnnl_->y.size() + dnnl_->xr.size() + dnnl_->sr.size()) + 2 * (dnnl_->x.size() + dnnl_->s.size());
+  }
   return b;
 }
 
@@ -173,21 +217,33 @@ void NsWorkspace::reserve(int64_t rows, int64_t cols, NsPrecision precision) {
   }
   if (!dnnl_) dnnl_ = std::make_unique<DnnlNsState>();
   if (dnnl_->y.size() < max_elements_) dnnl_->y = FloatBuffer(max_elements_);
-  const bool in_bf16 = precision == NsPrecision::kBF16;
-  if (in_bf16) {
+  const bool native_bf16 = precision == NsPrecision::kBF16 && bf16_kernel_ == Bf16GemmKernel::kNative;
+  const bool bf16_in_f32 = precision == NsPrecision::kBF16 && bf16_kernel_ == Bf16GemmKernel::kF32Units;
+  const size_t square = static_cast<size_t>(max_small_dim_ * max_small_dim_);
+  if (native_bf16) {
     dnnl_->x.resize(std::max(dnnl_->x.size(), max_elements_));
-    dnnl_->s.resize(std::max(dnnl_->s.size(), static_cast<size_t>(max_small_dim_ * max_small_dim_)));
+    dnnl_->s.resize(std::max(dnnl_->s.size(), square));
+  }
+  if (bf16_in_f32) {
+    if (dnnl_->xr.size() < max_elements_) dnnl_->xr = FloatBuffer(max_elements_);
+    if (dnnl_->sr.size() < square) dnnl_->sr = FloatBuffer(square);
   }
   if (elements != 0) {
     const int64_t p = small_dim, q = std::max(rows, cols);
-    if (in_bf16) prepare_gemms<bf16>(*dnnl_, p, q);  // fp32 runs oneDNN's sgemm: nothing to prepare
+    // fp32 products run oneDNN's sgemm: nothing to prepare.
+    if (native_bf16) prepare_gemms<bf16>(*dnnl_, p, q);
   }
 }
 
 bool NsWorkspace::fits(int64_t rows, int64_t cols, NsPrecision precision) const {
-  return rows >= 0 && cols >= 0 && static_cast<size_t>(rows) * static_cast<size_t>(cols) <= max_elements_ &&
-         std::min(rows, cols) <= max_small_dim_ && dnnl_ != nullptr && dnnl_->y.size() >= max_elements_ &&
-         (precision == NsPrecision::kF32 || dnnl_->x.size() >= max_elements_);
+  if (rows < 0 || cols < 0 || static_cast<size_t>(rows) * static_cast<size_t>(cols) > max_elements_ ||
+      std::min(rows, cols) > max_small_dim_ || dnnl_ == nullptr || dnnl_->y.size() < max_elements_) {
+    return false;
+  }
+  if (precision == NsPrecision::kF32) return true;
+  const size_t square = static_cast<size_t>(max_small_dim_ * max_small_dim_);
+  if (bf16_kernel_ == Bf16GemmKernel::kNative) return dnnl_->x.size() >= max_elements_ && dnnl_->s.size() >= square;
+  return dnnl_->xr.size() >= max_elements_ && dnnl_->sr.size() >= square;
 }
 
 struct NsAccess {
@@ -262,26 +318,32 @@ void iterate_plain(const float* src, float* dst, int64_t p, int64_t q, bool wide
 }
 
 // The oneDNN iteration on the wide orientation (X p x q). X0 (fp32) is in `cur`; the result ends in
-// the returned buffer (cur or nxt). T = float: fp32 products. T = bf16: the products take bf16
-// copies of X, A and a I + B; sums and iterates stay fp32.
-template <class T>
+// the returned buffer (cur or nxt). T = float: fp32 products, of the matrices themselves or, with
+// kRoundInF32, of their bf16 roundings kept in fp32 (Bf16GemmKernel::kF32Units). T = bf16: the
+// products take bf16 copies of X, A and a I + B. Sums and iterates stay fp32.
+template <class T, bool kRoundInF32 = false>
 float* iterate_dnnl(DnnlNsState& st, float* cur, float* nxt, int64_t p, int64_t q, const NsSchedule& schedule,
                     float* a, float* b) {
   const size_t pq = static_cast<size_t>(p * q), pp = static_cast<size_t>(p * p);
   // The GEMM operand of an fp32 matrix: itself, or its bf16 rounding in `copy`.
-  auto operand = [](const float* m, std::vector<bf16>& copy, size_t n) -> const T* {
+  auto operand = [&st](const float* m, [[maybe_unused]] bool is_x, [[maybe_unused]] size_t n) -> const T* {
     if constexpr (std::is_same_v<T, bf16>) {
+      std::vector<bf16>& copy = is_x ? st.x : st.s;
       round_to_bf16(m, copy.data(), n);
       return copy.data();
+    } else if constexpr (kRoundInF32) {
+      float* copy = is_x ? st.xr.data() : st.sr.data();
+      round_to_bf16_in_f32(m, copy, n);
+      return copy;
     } else {
       return m;
     }
   };
-  const T* x = operand(cur, st.x, pq);
+  const T* x = operand(cur, true, pq);
   for (const auto& k : schedule.coefficients) {
     gram_upper(st, x, p, q, a);  // A = X X^T
     symmetrize_upper_to_lower(a, p);
-    gram_upper(st, operand(a, st.s, pp), p, p, b);  // A A (= A A^T)
+    gram_upper(st, operand(a, false, pp), p, p, b);  // A A (= A A^T)
     for (int64_t i = 0; i < p; ++i)
       for (int64_t j = i; j < p; ++j) b[i * p + j] = k[1] * a[i * p + j] + k[2] * b[i * p + j];
     // a I is added before rounding: rounding B alone and adding a X after would cost bf16's
@@ -289,8 +351,8 @@ float* iterate_dnnl(DnnlNsState& st, float* cur, float* nxt, int64_t p, int64_t 
     // ~4x the error of rounding a I + B. One product then gives a X + B X.
     for (int64_t i = 0; i < p; ++i) b[i * p + i] += k[0];
     symmetrize_upper_to_lower(b, p);
-    st.run(update_shape<T>(p, q), operand(b, st.s, pp), x, nxt);  // (a I + B) X
-    x = operand(nxt, st.x, pq);
+    st.run(update_shape<T>(p, q), operand(b, false, pp), x, nxt);  // (a I + B) X
+    x = operand(nxt, true, pq);
     std::swap(cur, nxt);
   }
   st.stream.wait();
@@ -315,7 +377,10 @@ void newton_schulz(const float* input, int64_t rows, int64_t cols, float* output
   if (rows == 0 || cols == 0) return;
   if (!workspace.fits(rows, cols, schedule.precision)) {
     throw ConfigError(fmt::format("newton_schulz: workspace too small for a {}x{} matrix{}; reserve() it at setup",
-                                  rows, cols, schedule.precision == NsPrecision::kBF16 ? " in bf16" : ""));
+                                  rows, cols,
+                                  schedule.precision == NsPrecision::kBF16
+                                      ? fmt::format(" in bf16 ({} kernel)", to_string(workspace.bf16_gemm_kernel()))
+                                      : ""));
   }
   const int64_t p = std::min(rows, cols);
   const int64_t q = std::max(rows, cols);
@@ -342,8 +407,11 @@ void newton_schulz(const float* input, int64_t rows, int64_t cols, float* output
     }
     float* a = NsAccess::a(workspace);
     float* b = NsAccess::b(workspace);
-    const float* result = in_bf16 ? iterate_dnnl<bf16>(st, cur, nxt, p, q, schedule, a, b)
-                               : iterate_dnnl<float>(st, cur, nxt, p, q, schedule, a, b);
+    const float* result =
+        !in_bf16 ? iterate_dnnl<float>(st, cur, nxt, p, q, schedule, a, b)
+        : workspace.bf16_gemm_kernel() == Bf16GemmKernel::kNative
+            ? iterate_dnnl<bf16>(st, cur, nxt, p, q, schedule, a, b)
+            : iterate_dnnl<float, true>(st, cur, nxt, p, q, schedule, a, b);
     if (wide) {
       std::memcpy(output, result, sizeof(float) * count);
     } else {

@@ -11,7 +11,8 @@
 //     kernels from the CPU's ISA itself. oneDNN has no SYRK: X X^T and A A are the GEMMs of the upper-triangle blocks (192 rows), mirrored to
 //     the lower triangle. A tall input is transposed in and out (O(pq) next to the O(p^2 q) products).
 //     With NsPrecision::kBF16, X, A and B stay fp32 but are rounded to bf16 as GEMM operands (fp32
-//     accumulation), as torch.optim.Muon does.
+//     accumulation), as torch.optim.Muon does. Which GEMM multiplies the rounded operands is
+//     Bf16GemmKernel (below): the numerics are the same, the speed is the CPU's.
 //   kBlasSymmetric: OpenBLAS SSYRK / SSYMM (fp32). Its speed depends on the kernels OpenBLAS detects at
 //     load (Debian's 0.3.21 falls back to generic SSE3 kernels on some AVX-512 CPUs unless the user
 //     sets OPENBLAS_CORETYPE), hence not the default.
@@ -47,10 +48,25 @@ class FloatBuffer {
   size_t size_ = 0;
 };
 
+// How NsPrecision::kBF16's products run. Both multiply operands rounded to bf16 and accumulate in
+// fp32; a product of two bf16 values (8-bit significands) is exact in fp32, so the results differ only
+// by the order of the fp32 sums inside the GEMM.
+enum class Bf16GemmKernel {
+  kNative,    // oneDNN's bf16 matmul on bf16 copies: faster where the CPU multiplies bf16 at a higher
+              // rate than fp32 (AMX; AMD Zen 4 and later run AVX512_BF16 at twice the fp32 FMA rate)
+  kF32Units,  // the rounded operands kept in fp32 and multiplied by sgemm: faster where bf16 dot products
+              // run at the fp32 FMA rate plus conversions (Intel AVX512_BF16 without AMX: 0.57x fp32 here)
+};
+// The kernel SHARDOPT_NS_BF16_GEMM selects: native, f32, or auto (default): kNative on CPUs with AMX
+// (oneDNN's effective ISA) or AMD CPUs with AVX512_BF16, kF32Units otherwise. A rule on the CPU, not a
+// timing, so that every process of a job on the same CPUs picks the same kernel.
+Bf16GemmKernel default_bf16_gemm_kernel();
+const char* to_string(Bf16GemmKernel kernel);
+
 struct DnnlNsState;  // oneDNN primitives, the second iterate, bf16 operand buffers (newton_schulz.cc)
 
-// Scratch for newton_schulz(): two m x n fp32 buffers, two p x p buffers; kBF16 adds bf16 operand
-// copies and the oneDNN matmul primitives of each shape. Size it once
+// Scratch for newton_schulz(): two m x n fp32 buffers, two p x p buffers; kBF16 adds the rounded
+// operand copies (bf16 and the matmul primitives of each shape for kNative, fp32 for kF32Units). Size it once
 // for every matrix shape the caller will orthogonalize; newton_schulz() then never allocates and
 // throws ConfigError if a matrix does not fit. One workspace serves one thread at a time.
 class NsWorkspace {
@@ -65,6 +81,10 @@ class NsWorkspace {
   void reserve(int64_t rows, int64_t cols, NsPrecision precision = NsPrecision::kF32);
   bool fits(int64_t rows, int64_t cols, NsPrecision precision = NsPrecision::kF32) const;
   size_t bytes() const;
+  // The bf16 GEMM kernel (default_bf16_gemm_kernel() unless set). Setting it after reserve() needs
+  // another reserve() before a kBF16 newton_schulz().
+  Bf16GemmKernel bf16_gemm_kernel() const { return bf16_kernel_; }
+  void set_bf16_gemm_kernel(Bf16GemmKernel kernel) { bf16_kernel_ = kernel; }
 
  private:
   friend struct NsAccess;
@@ -74,6 +94,7 @@ class NsWorkspace {
   size_t max_elements_ = 0;
   int64_t max_small_dim_ = 0;
   std::unique_ptr<DnnlNsState> dnnl_;
+  Bf16GemmKernel bf16_kernel_;
 };
 
 enum class NsAlgorithm {

@@ -44,6 +44,7 @@
 #include "optim/config.h"
 #include "optim/elementwise.h"
 #include "optim/muon.h"
+#include "optim/newton_schulz.h"
 
 namespace so = shardopt::optim;
 using shardopt::ThreadPool;
@@ -311,17 +312,38 @@ int main(int argc, char** argv) {
       ptrs[i] = &mats[i];
     }
     ThreadPool pool(threads);
-    for (auto dtype : {shardopt::proto::NS_DTYPE_F32, shardopt::proto::NS_DTYPE_BF16}) {
+    // bf16 runs with both GEMM kernels (optim/newton_schulz.h: the same numerics); the default is
+    // what SHARDOPT_NS_BF16_GEMM=auto picks on this CPU, and the row the targets read.
+    const so::Bf16GemmKernel default_kernel = so::default_bf16_gemm_kernel();
+    const so::Bf16GemmKernel other_kernel =
+        default_kernel == so::Bf16GemmKernel::kNative ? so::Bf16GemmKernel::kF32Units : so::Bf16GemmKernel::kNative;
+    const char* saved_choice = std::getenv("SHARDOPT_NS_BF16_GEMM");
+    const std::string saved = saved_choice ? saved_choice : "";
+    struct Variant {
+      shardopt::proto::NsDtype dtype;
+      so::Bf16GemmKernel kernel;
+    };
+    for (const Variant v : {Variant{shardopt::proto::NS_DTYPE_F32, default_kernel},
+                            Variant{shardopt::proto::NS_DTYPE_BF16, default_kernel},
+                            Variant{shardopt::proto::NS_DTYPE_BF16, other_kernel}}) {
       shardopt::proto::OptimizerConfig config;
       config.set_kind(shardopt::proto::OPTIMIZER_MUON);
-      config.set_ns_dtype(dtype);
+      config.set_ns_dtype(v.dtype);
       const so::OptimizerParams params = so::resolve_optimizer_config(config);
+      const bool bf16 = v.dtype == shardopt::proto::NS_DTYPE_BF16;
+      // ParallelMuon's workspaces take the kernel from the environment when they are built.
+      setenv("SHARDOPT_NS_BF16_GEMM", v.kernel == so::Bf16GemmKernel::kNative ? "native" : "f32", 1);
       so::ParallelMuon parallel(&pool, model.hidden, {}, params.ns.precision);
+      if (saved_choice) setenv("SHARDOPT_NS_BF16_GEMM", saved.c_str(), 1);
+      else unsetenv("SHARDOPT_NS_BF16_GEMM");
       const double s = best_seconds(reps, [&] { parallel.step(params, ptrs, 1e-3f); });
-      const bool bf16 = dtype == shardopt::proto::NS_DTYPE_BF16;
       nlohmann::json row = {{"impl", "shardopt"},       {"kernel", "muon_phase"}, {"ranks", 1},
                             {"threads", threads},       {"dtype", bf16 ? "bf16" : "f32"},
                             {"grad_dtype", "f32"},      {"matrices", n},          {"seconds", s}};
+      if (bf16) {
+        row["bf16_gemm"] = so::to_string(v.kernel);
+        row["bf16_gemm_is_default"] = v.kernel == default_kernel;
+      }
       if (peer.count("torch_muon")) row["ratio_vs_torch_muon"] = peer["torch_muon"] / s;
       if (peer.count("torch_muon_f32")) row["ratio_vs_torch_muon_f32"] = peer["torch_muon_f32"] / s;
       emit(row);
@@ -348,6 +370,7 @@ int main(int argc, char** argv) {
         const double matrix = step["matrix_seconds"], whole = step["step_seconds"];
         nlohmann::json common = {{"impl", "shardopt"}, {"ranks", mpi_ranks}, {"threads", 1}, {"dtype", dtype},
                                  {"grad_dtype", "f32"}, {"matrices", step["muon_matrices"]}};
+        if (step.contains("bf16_gemm")) common["bf16_gemm"] = step["bf16_gemm"];
         const std::string dist = "/" + dtype;  // torch's N-rank peers of the same NS precision
         nlohmann::json muon = common;
         muon["kernel"] = "muon_phase";

@@ -28,6 +28,7 @@
 #include "comm/mpi_backend.h"
 #include "optim/config.h"
 #include "optim/muon.h"
+#include "optim/newton_schulz.h"
 #include "runtime/engine.h"
 #include "sharding/planner.h"
 #include "sharding/presets.h"
@@ -291,6 +292,7 @@ int main(int argc, char** argv) {
           row["ns_phase_speedup_vs_1rank"] = base.one_rank_seconds / best.times.matrix;
           row["speedup_vs_naive_distributed_muon"] = base.naive_seconds / best.times.matrix;
         }
+        if (ns_dtype == "bf16") row["bf16_gemm"] = optim::to_string(optim::default_bf16_gemm_kernel());
         const auto figures = plan_figures(engine.plan(), stage, world);
         row["total_params"] = figures["total_params"];
         row["muon_matrices"] = figures["muon_matrices"];

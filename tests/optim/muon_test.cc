@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cmath>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "base/dtype.h"
@@ -281,26 +282,95 @@ TEST(NewtonSchulz, Bf16MatchesDoubleReferenceAndLandsInTheSingularValueBand) {
     }
     const MatD expect = s.rows > s.cols ? MatD(x.transpose()) : x;
 
-    NsWorkspace ws(s.rows, s.cols, NsPrecision::kBF16);
-    std::vector<float> out(gf.size(), -7.0f);
-    newton_schulz(gf.data(), s.rows, s.cols, out.data(), schedule, ws);
-    MatD got(s.rows, s.cols);
-    for (size_t i = 0; i < out.size(); ++i) got.data()[i] = out[i];
-    ASSERT_TRUE(got.allFinite());
-    const double rel = (got - expect).norm() / expect.norm();
-    EXPECT_LT(rel, 5.4e-2);
-    std::printf("[ns bf16] %lldx%lld relative Frobenius error vs double %.3e\n", static_cast<long long>(s.rows),
-                static_cast<long long>(s.cols), rel);
-    // Default quintic, 5 steps, normalized sigma in [0.1/||G||, 1/||G||]: output in ~[0.68, 1.135],
-    // widened by the same relative error.
-    const Eigen::VectorXd sv = Eigen::BDCSVD<MatD>(got).singularValues();
-    EXPECT_GT(sv.minCoeff(), 0.68 * (1 - 5.4e-2));
-    EXPECT_LT(sv.maxCoeff(), 1.135 * (1 + 5.4e-2));
+    for (const Bf16GemmKernel kernel : {Bf16GemmKernel::kNative, Bf16GemmKernel::kF32Units}) {
+      SCOPED_TRACE(to_string(kernel));
+      NsWorkspace ws;
+      ws.set_bf16_gemm_kernel(kernel);
+      ws.reserve(s.rows, s.cols, NsPrecision::kBF16);
+      std::vector<float> out(gf.size(), -7.0f);
+      newton_schulz(gf.data(), s.rows, s.cols, out.data(), schedule, ws);
+      MatD got(s.rows, s.cols);
+      for (size_t i = 0; i < out.size(); ++i) got.data()[i] = out[i];
+      ASSERT_TRUE(got.allFinite());
+      const double rel = (got - expect).norm() / expect.norm();
+      EXPECT_LT(rel, 5.4e-2);
+      std::printf("[ns bf16 %s] %lldx%lld relative Frobenius error vs double %.3e\n", to_string(kernel),
+                  static_cast<long long>(s.rows), static_cast<long long>(s.cols), rel);
+      // Default quintic, 5 steps, normalized sigma in [0.1/||G||, 1/||G||]: output in ~[0.68, 1.135],
+      // widened by the same relative error.
+      const Eigen::VectorXd sv = Eigen::BDCSVD<MatD>(got).singularValues();
+      EXPECT_GT(sv.minCoeff(), 0.68 * (1 - 5.4e-2));
+      EXPECT_LT(sv.maxCoeff(), 1.135 * (1 + 5.4e-2));
+    }
   }
   // Not reserved for bf16: a clear error instead of a missing primitive.
   NsWorkspace f32_only(4, 4);
   std::vector<float> z(16, 1.0f);
   EXPECT_THROW(newton_schulz(z.data(), 4, 4, z.data(), schedule, f32_only), ConfigError);
+}
+
+// Both bf16 kernels round exactly the operands torch.optim.Muon rounds, and nothing else. One
+// iteration with (a, b, c) = (0, 1, 0) and no normalization (floor 1) on a small-integer G gives
+// X1 = bf16(A) X with A = G G^T: every product and sum is an integer below 2^24, exact in fp32 and in
+// double, so the result is exact and the reference (written here) needs only the rounding of A, whose
+// entries reach ~300 and are odd integers above 256 in places (not bf16-representable). A kernel that
+// skipped the rounding of A (plain fp32 operands) or rounded anything else differently fails the
+// equality.
+TEST(NewtonSchulz, Bf16KernelsRoundTheOperandsExactly) {
+  NsSchedule schedule;
+  schedule.coefficients = {{0.0f, 1.0f, 0.0f}};
+  schedule.norm_scale = 0.0f;
+  schedule.norm_add = 0.0f;
+  schedule.norm_floor = 1.0f;
+  schedule.precision = NsPrecision::kBF16;
+  std::mt19937 gen(11);
+  std::uniform_int_distribution<int> small(-3, 3);
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{40, 72}, {72, 40}, {400, 420}}) {
+    SCOPED_TRACE(testing::Message() << rows << "x" << cols);
+    const int64_t p = std::min(rows, cols), q = std::max(rows, cols);
+    std::vector<float> g(static_cast<size_t>(rows * cols));
+    for (float& v : g) v = static_cast<float>(small(gen));
+    // Wide orientation X (p x q) as doubles; A = X X^T; B = bf16(A); X1 = B X.
+    Mat x(static_cast<size_t>(p * q));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        x[static_cast<size_t>(rows <= cols ? r * q + c : c * q + r)] = g[static_cast<size_t>(r * cols + c)];
+    Mat b(static_cast<size_t>(p * p));
+    int odd_above_256 = 0;
+    for (int64_t i = 0; i < p; ++i)
+      for (int64_t j = 0; j < p; ++j) {
+        double sum = 0;
+        for (int64_t k = 0; k < q; ++k) sum += x[static_cast<size_t>(i * q + k)] * x[static_cast<size_t>(j * q + k)];
+        odd_above_256 += std::fabs(sum) > 256 && std::fmod(sum, 2.0) != 0;
+        b[static_cast<size_t>(i * p + j)] = bf16_to_float(float_to_bf16(static_cast<float>(sum)));
+      }
+    ASSERT_GT(odd_above_256, 0) << "the test needs entries of A that bf16 cannot hold";
+    std::vector<float> expect(g.size());
+    for (int64_t i = 0; i < p; ++i)
+      for (int64_t k = 0; k < q; ++k) {
+        double sum = 0;
+        for (int64_t j = 0; j < p; ++j) sum += b[static_cast<size_t>(i * p + j)] * x[static_cast<size_t>(j * q + k)];
+        expect[static_cast<size_t>(rows <= cols ? i * q + k : k * p + i)] = static_cast<float>(sum);
+      }
+    for (const Bf16GemmKernel kernel : {Bf16GemmKernel::kNative, Bf16GemmKernel::kF32Units}) {
+      SCOPED_TRACE(to_string(kernel));
+      NsWorkspace ws;
+      ws.set_bf16_gemm_kernel(kernel);
+      ws.reserve(rows, cols, NsPrecision::kBF16);
+      std::vector<float> out(g.size(), -7.0f);
+      newton_schulz(g.data(), rows, cols, out.data(), schedule, ws);
+      int64_t wrong = 0;
+      for (size_t i = 0; i < out.size(); ++i) wrong += out[i] != expect[i];
+      EXPECT_EQ(wrong, 0) << "of " << out.size();
+    }
+  }
+  // A workspace reserved for one kernel does not silently serve the other.
+  NsWorkspace ws;
+  ws.set_bf16_gemm_kernel(Bf16GemmKernel::kF32Units);
+  ws.reserve(8, 8, NsPrecision::kBF16);
+  ws.set_bf16_gemm_kernel(Bf16GemmKernel::kNative);
+  std::vector<float> z(64, 1.0f);
+  EXPECT_THROW(newton_schulz(z.data(), 8, 8, z.data(), schedule, ws), ConfigError);
 }
 
 TEST(NewtonSchulz, ZeroMatrixStaysZeroAndFlopCount) {

@@ -8,9 +8,11 @@
 //     launch for all of them (its chunk table is built once, in bind()); with compact state (bf16 /
 //     q8) CompactElementwiseOptimizerCuda, in the host step's format and arithmetic
 //     (optim/cuda/compact_elementwise.h): the state buffers are ShardState's, in device memory
-//   - Muon: MuonCuda per owned matrix (bf16 NS5 on cuBLAS with fp32 accumulation), one NS
-//     workspace per distinct shape; matrices run one after another (batch 1: same-shape owned
-//     matrices are not adjacent in the shard, so strided-batched NS over them needs a gather first)
+//   - Muon / NorMuon: MuonCuda (bf16 NS5 on cuBLAS with fp32 accumulation). The owned matrices of one
+//     shape (and gradient dtype) run as one batch through a device table of pointers into the shard
+//     (no gather), one NS workspace per shape; a matrix with row blocks (fused QKV) contributes each
+//     block as a matrix of its own shape. SHARDOPT_CUDA_NS_SYMMETRIC_BLOCKS selects blocked
+//     symmetric products (docs/gpu.md)
 //   - non-finite count + Σg² over my pieces, clipping scale, accumulation and dim0's update
 //     application: this backend's kernels (step_kernels.cu)
 // Ordering: the backend runs on its own non-blocking compute stream and every call returns with that
@@ -21,10 +23,9 @@
 // Host round trips that stay by design: the check results (num_tensors + 1 values) are read back for
 // the skip decision and the clipping scale, which the host computes.
 //
-// Not supported (ConfigError from bind(), naming it): compact (bf16/q8) Muon momentum, NorMuon, QK-clip,
-// per-block NS (fused matrices with block_rows), Newton-Schulz schedules whose input normalization
-// is not G / max(||G||_F, eps) (Polar Express). The NS always runs with bf16 operands here, whatever
-// OptimizerParams::ns.precision says.
+// Not supported (ConfigError from bind(), naming it): compact (bf16/q8) Muon momentum, QK-clip,
+// Newton-Schulz schedules whose input normalization is not G / max(||G||_F, eps) (Polar Express).
+// The NS always runs with bf16 operands here, whatever OptimizerParams::ns.precision says.
 #pragma once
 
 #include <memory>

@@ -143,4 +143,57 @@ void CompactElementwiseOptimizerCuda::step(const optim::OptimizerParams& params,
   SHARDOPT_CUDA_CHECK_LAUNCH();
 }
 
+CompactCodecCuda::~CompactCodecCuda() {
+  if (device_table_ != nullptr) cudaFree(device_table_);
+}
+
+void CompactCodecCuda::set_arrays(std::span<const DeviceCompactArray> arrays) {
+  std::vector<detail::CompactCodecChunk> table;
+  bool first = true;
+  for (size_t i = 0; i < arrays.size(); ++i) {
+    const DeviceCompactArray& a = arrays[i];
+    const std::string where = fmt::format("CompactCodecCuda::set_arrays: array {}", i);
+    const optim::StateDType dtype = a.state.dtype;
+    if (dtype != proto::STATE_Q8 && dtype != proto::STATE_BF16)
+      throw ConfigError(where + ": state dtype must be bf16 or q8, found " + optim::state_dtype_name(dtype));
+    if (!first && (dtype == proto::STATE_Q8) != q8_)
+      throw ConfigError(where + ": every array of one codec has the same state dtype");
+    first = false;
+    q8_ = dtype == proto::STATE_Q8;
+    if (a.count == 0) continue;
+    if (a.state.values == nullptr || a.f32 == nullptr || (q8_ && a.state.absmax == nullptr))
+      throw ConfigError(where + ": values, absmax (q8) and f32 must be non-null");
+    if (q8_ && a.state.nonnegative) throw ConfigError(where + ": expected the signed q8 code (a momentum)");
+    const size_t value_size = q8_ ? 1 : 2;
+    for (size_t off = 0; off < a.count; off += CompactElementwiseOptimizerCuda::kChunkElements) {
+      detail::CompactCodecChunk c{};
+      c.values = static_cast<char*>(a.state.values) + off * value_size;
+      c.absmax = q8_ ? a.state.absmax + off / optim::kQ8BlockElems : nullptr;
+      c.f32 = a.f32 + off;
+      c.count = static_cast<uint32_t>(std::min(CompactElementwiseOptimizerCuda::kChunkElements, a.count - off));
+      table.push_back(c);
+    }
+  }
+  if (device_table_ != nullptr) SHARDOPT_CUDA_CHECK(cudaFree(device_table_));
+  device_table_ = nullptr;
+  if (!table.empty()) {
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&device_table_, table.size() * sizeof(detail::CompactCodecChunk)));
+    SHARDOPT_CUDA_CHECK(cudaMemcpy(device_table_, table.data(), table.size() * sizeof(detail::CompactCodecChunk),
+                                   cudaMemcpyHostToDevice));
+  }
+  chunk_count_ = table.size();
+}
+
+void CompactCodecCuda::decode(cudaStream_t stream) const {
+  detail::launch_compact_codec(false, q8_, static_cast<const detail::CompactCodecChunk*>(device_table_),
+                               static_cast<int>(chunk_count_), stream);
+  SHARDOPT_CUDA_CHECK_LAUNCH();
+}
+
+void CompactCodecCuda::encode(cudaStream_t stream) const {
+  detail::launch_compact_codec(true, q8_, static_cast<const detail::CompactCodecChunk*>(device_table_),
+                               static_cast<int>(chunk_count_), stream);
+  SHARDOPT_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace shardopt::cuda

@@ -69,4 +69,33 @@ class CompactElementwiseOptimizerCuda {
   size_t chunk_count_ = 0;
 };
 
+// Compact arrays (Muon's momentum: signed q8 code or bf16) decoded into fp32 working copies on the
+// device before a step and encoded back after it: optim::load_compact / store_compact bit for bit
+// (a NaN's bf16 payload aside). All pointers are device pointers; an array starts on a q8 block
+// boundary of its tensor (block j covers its elements [256 j, 256 j + 256)).
+struct DeviceCompactArray {
+  optim::CompactState state;  // bf16 values, or q8 codes + absmax (signed code)
+  float* f32 = nullptr;       // the working copy, count floats
+  size_t count = 0;
+};
+
+class CompactCodecCuda {
+ public:
+  CompactCodecCuda() = default;
+  ~CompactCodecCuda();
+  CompactCodecCuda(const CompactCodecCuda&) = delete;
+  CompactCodecCuda& operator=(const CompactCodecCuda&) = delete;
+
+  // Builds and uploads the chunk table (blocking). ConfigError: arrays of different dtypes, f32
+  // state, a null buffer, or q8 with the unsigned code.
+  void set_arrays(std::span<const DeviceCompactArray> arrays);
+  void decode(cudaStream_t stream) const;  // f32 = decoded state
+  void encode(cudaStream_t stream) const;  // state = encoded f32 (absmax per block, then the codes)
+
+ private:
+  bool q8_ = false;
+  void* device_table_ = nullptr;
+  size_t chunk_count_ = 0;
+};
+
 }  // namespace shardopt::cuda

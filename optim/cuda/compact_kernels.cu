@@ -156,7 +156,63 @@ void launch_kind(bool q8, bool grad_bf16, const CompactChunk* chunks, int n, con
   else launch_typed<kKind, false>(grad_bf16, chunks, n, s, stream);
 }
 
+// Decode or encode of one chunk per thread block; a warp per q8 block as in compact_kernel.
+template <bool kEncode, bool kQ8>
+__global__ void __launch_bounds__(kWarps * 32) codec_kernel(const CompactCodecChunk* chunks) {
+  const CompactCodecChunk c = chunks[blockIdx.x];
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const uint32_t blocks = (c.count + kBlock - 1) / kBlock;
+  for (uint32_t b = warp; b < blocks; b += kWarps) {
+    const uint32_t base = b * kBlock;
+    if constexpr (!kEncode) {
+      const float a = kQ8 ? c.absmax[b] : 0.0f;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const uint32_t i = base + lane + 32 * k;
+        if (i >= c.count) continue;
+        c.f32[i] = kQ8 ? __fmul_rn(codec::decode_signed(static_cast<const uint8_t*>(c.values)[i]), a)
+                       : bf16_to_f32(static_cast<const uint16_t*>(c.values)[i]);
+      }
+    } else if constexpr (!kQ8) {
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const uint32_t i = base + lane + 32 * k;
+        if (i < c.count) static_cast<uint16_t*>(c.values)[i] = f32_to_bf16(c.f32[i]);
+      }
+    } else {
+      float x[kPerLane];
+      uint32_t x_max = 0;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const uint32_t i = base + lane + 32 * k;
+        x[k] = i < c.count ? c.f32[i] : 0.0f;
+        const uint32_t xb = codec::bits_of(x[k]) & 0x7fffffffu;
+        x_max = xb > x_max ? xb : x_max;
+      }
+      const float a = codec::float_of(warp_max(x_max));
+      const float r = __frcp_rn(a);
+      if (lane == 0) c.absmax[b] = a;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const uint32_t i = base + lane + 32 * k;
+        if (i < c.count) static_cast<uint8_t*>(c.values)[i] = encode_signed_in_block(x[k], a, r);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void launch_compact_codec(bool encode, bool q8, const CompactCodecChunk* chunks, int chunk_count, cudaStream_t stream) {
+  if (chunk_count == 0) return;
+  if (encode) {
+    if (q8) codec_kernel<true, true><<<chunk_count, kWarps * 32, 0, stream>>>(chunks);
+    else codec_kernel<true, false><<<chunk_count, kWarps * 32, 0, stream>>>(chunks);
+  } else {
+    if (q8) codec_kernel<false, true><<<chunk_count, kWarps * 32, 0, stream>>>(chunks);
+    else codec_kernel<false, false><<<chunk_count, kWarps * 32, 0, stream>>>(chunks);
+  }
+}
 
 void launch_compact_elementwise(ElementwiseKind kind, bool q8, bool grad_bf16, const CompactChunk* chunks,
                                 int chunk_count, const CompactScalars& s, cudaStream_t stream) {

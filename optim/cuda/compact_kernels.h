@@ -35,6 +35,21 @@ struct CompactScalars {
   float weight_decay, momentum, keep, take, nesterov;
 };
 
+// A piece of a compact state array and its fp32 copy, starting on a q8 block boundary of the
+// array (pointers offset to the piece's first element / first block).
+struct CompactCodecChunk {
+  void* values;    // q8 codes (uint8, signed code) or bf16 values
+  float* absmax;   // q8: absmax of the piece's first block; null for bf16
+  float* f32;      // the decoded values
+  uint32_t count;  // elements in this piece
+  uint32_t reserved;
+};
+
+// Decodes (encode = false: f32 = decode(values) * absmax) or encodes (absmax and codes from f32,
+// as optim::store_compact does) every chunk: the signed q8 code or bf16, bit for bit the host's
+// load_compact / store_compact (a NaN's bf16 payload aside: the device writes the canonical NaN).
+void launch_compact_codec(bool encode, bool q8, const CompactCodecChunk* chunks, int chunk_count, cudaStream_t stream);
+
 // q8: state in the float8 block code (AdamW's v unsigned); else bf16 state.
 void launch_compact_elementwise(ElementwiseKind kind, bool q8, bool grad_bf16, const CompactChunk* chunks,
                                 int chunk_count, const CompactScalars& s, cudaStream_t stream);

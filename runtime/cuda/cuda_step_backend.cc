@@ -61,6 +61,8 @@ class CudaStepBackend final : public StepBackend {
     compact_.reset();
     batches_.clear();
     muon_by_shape_.clear();
+    momentum_codecs_.clear();
+    if (momentum_f32_ != nullptr) cudaFree(momentum_f32_);
     if (pieces_ != nullptr) cudaFree(pieces_);
     if (device_refs_ != nullptr) cudaFree(device_refs_);
     if (counters_ != nullptr) cudaFree(counters_);
@@ -127,10 +129,7 @@ class CudaStepBackend final : public StepBackend {
 
   void bind(ShardState& state, const optim::OptimizerParams& elementwise, const optim::OptimizerParams* matrix,
             ThreadPool*) override {
-    if (state.matrix_state_dtype() != proto::STATE_F32)
-      throw ConfigError("memory space cuda: the Muon momentum must be f32 (compact " +
-                        optim::state_dtype_name(state.matrix_state_dtype()) +
-                        " matrix state runs on the host only; compact element-wise state runs here)");
+    compact_momentum_ = state.matrix_state_dtype() != proto::STATE_F32;
     if (state.elementwise_state_dtype() != proto::STATE_F32) {
       (void)elementwise_algorithm(elementwise);  // names an optimizer without a CUDA kernel
       compact_ = std::make_unique<cuda::CompactElementwiseOptimizerCuda>(elementwise, state.elementwise_state_dtype(),
@@ -253,8 +252,13 @@ class CudaStepBackend final : public StepBackend {
       host_refs_ = matrix_refs(state);
       upload(device_refs_, host_refs_.data(), host_refs_.size() * sizeof(MatrixRefs));
     }
-    for (const MuonBatch& b : batches_)
+    // Compact momentum: each batch's momenta decoded into the fp32 scratch, stepped, encoded back.
+    for (size_t i = 0; i < batches_.size(); ++i) {
+      const MuonBatch& b = batches_[i];
+      if (compact_momentum_) momentum_codecs_[i]->decode(stream_);
       b.muon->step(device_refs_ + b.first, b.grad_dtype, static_cast<int64_t>(b.count), h, stream_);
+      if (compact_momentum_) momentum_codecs_[i]->encode(stream_);
+    }
     sync();
   }
 
@@ -285,9 +289,10 @@ class CudaStepBackend final : public StepBackend {
   // a batch (plus p×p buffers), 256 MiB at this cap; larger groups run as several batches.
   static constexpr size_t kMaxBatchElements = size_t{64} << 20;
 
-  static MatrixRefs refs_of(const optim::MuonMatrix& m, const MatrixPiece& piece) {
+  // momentum: the fp32 momentum of the piece (f32 state: in the shard state; compact: the scratch).
+  static MatrixRefs refs_of(const optim::MuonMatrix& m, const MatrixPiece& piece, float* momentum) {
     const size_t at = static_cast<size_t>(piece.row0 * m.cols);
-    return {m.grad, m.momentum + at, m.master + at,
+    return {m.grad, momentum, m.master + at,
             m.mirror == nullptr ? nullptr : reinterpret_cast<uint16_t*>(m.mirror) + at, at,
             m.row_second_moment == nullptr ? nullptr : m.row_second_moment + piece.row0};
   }
@@ -296,13 +301,21 @@ class CudaStepBackend final : public StepBackend {
   std::vector<MatrixRefs> matrix_refs(ShardState& state) const {
     std::vector<MatrixRefs> refs;
     refs.reserve(order_.size());
-    for (const MatrixPiece& piece : order_) refs.push_back(refs_of(state.owned_matrices()[piece.owned].matrix, piece));
+    for (size_t k = 0; k < order_.size(); ++k) refs.push_back(refs_of(state, k));
     return refs;
+  }
+
+  MatrixRefs refs_of(ShardState& state, size_t k) const {
+    const MatrixPiece& piece = order_[k];
+    const optim::MuonMatrix& m = state.owned_matrices()[piece.owned].matrix;
+    float* momentum = compact_momentum_ ? momentum_f32_ + scratch_offset_[k]
+                                        : m.momentum + static_cast<size_t>(piece.row0 * m.cols);
+    return refs_of(m, piece, momentum);
   }
 
   bool refs_moved(ShardState& state) const {
     for (size_t k = 0; k < order_.size(); ++k) {
-      const MatrixRefs r = refs_of(state.owned_matrices()[order_[k].owned].matrix, order_[k]);
+      const MatrixRefs r = refs_of(state, k);
       const MatrixRefs& h = host_refs_[k];
       if (r.grad != h.grad || r.momentum != h.momentum || r.param != h.param || r.mirror != h.mirror ||
           r.row_moment != h.row_moment)
@@ -346,6 +359,7 @@ class CudaStepBackend final : public StepBackend {
         batches_.push_back(std::move(b));
       }
     }
+    if (compact_momentum_) build_momentum_codecs(state);
     host_refs_ = matrix_refs(state);
     if (!host_refs_.empty()) {
       SHARDOPT_CUDA_CHECK(cudaMalloc(&device_refs_, host_refs_.size() * sizeof(MatrixRefs)));
@@ -353,6 +367,51 @@ class CudaStepBackend final : public StepBackend {
     }
   }
 
+  // Compact (q8 / bf16) momentum: batch i's pieces decode into momentum_f32_ (piece k of order_ at
+  // scratch_offset_[k]), sized for the largest batch, then encode back. A q8 block must not span two
+  // pieces (they may run in different batches): every piece starts on a block boundary of its matrix.
+  void build_momentum_codecs(ShardState& state) {
+    auto& owned = state.owned_matrices();
+    scratch_offset_.assign(order_.size(), 0);
+    size_t largest = 0;
+    std::vector<std::vector<cuda::DeviceCompactArray>> arrays(batches_.size());
+    for (size_t i = 0; i < batches_.size(); ++i) {
+      size_t offset = 0;
+      for (size_t k = batches_[i].first; k < batches_[i].first + batches_[i].count; ++k) {
+        const MatrixPiece& piece = order_[k];
+        const OwnedMatrix& om = owned[piece.owned];
+        const size_t at = static_cast<size_t>(piece.row0 * om.matrix.cols);
+        const bool q8 = om.momentum.dtype == proto::STATE_Q8;
+        if (q8 && at % optim::kQ8BlockElems != 0)
+          throw ConfigError("memory space cuda: q8 Muon momentum of " + state.plan().tensors(om.tensor).name() +
+                            ": its row block at row " + std::to_string(piece.row0) + " starts at element " +
+                            std::to_string(at) + ", not on a " + std::to_string(optim::kQ8BlockElems) +
+                            "-element q8 block (the device orthogonalizes row blocks separately; use bf16 "
+                            "momentum, or row blocks whose rows x cols are multiples of the block)");
+        cuda::DeviceCompactArray a;
+        a.state = om.momentum;
+        a.state.values = static_cast<char*>(om.momentum.values) + at * (q8 ? 1 : 2);
+        if (q8) a.state.absmax = om.momentum.absmax + at / optim::kQ8BlockElems;
+        a.count = static_cast<size_t>(piece.rows * om.matrix.cols);
+        scratch_offset_[k] = offset;
+        offset += a.count;
+        arrays[i].push_back(a);
+      }
+      largest = std::max(largest, offset);
+    }
+    if (largest > 0) SHARDOPT_CUDA_CHECK(cudaMalloc(&momentum_f32_, largest * sizeof(float)));
+    for (size_t i = 0; i < batches_.size(); ++i) {
+      for (size_t j = 0; j < arrays[i].size(); ++j)
+        arrays[i][j].f32 = momentum_f32_ + scratch_offset_[batches_[i].first + j];
+      momentum_codecs_.push_back(std::make_unique<cuda::CompactCodecCuda>());
+      momentum_codecs_.back()->set_arrays(arrays[i]);
+    }
+  }
+
+  bool compact_momentum_ = false;
+  float* momentum_f32_ = nullptr;
+  std::vector<size_t> scratch_offset_;
+  std::vector<std::unique_ptr<cuda::CompactCodecCuda>> momentum_codecs_;  // one per batch
   std::map<std::tuple<int64_t, int64_t, DType>, std::unique_ptr<cuda::MuonCuda>> muon_by_shape_;
   std::vector<MuonBatch> batches_;
   std::vector<MatrixPiece> order_;     // the matrices of the batches, batch by batch

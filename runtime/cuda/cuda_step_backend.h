@@ -12,7 +12,10 @@
 //     shape (and gradient dtype) run as one batch through a device table of pointers into the shard
 //     (no gather), one NS workspace per shape; a matrix with row blocks (fused QKV) contributes each
 //     block as a matrix of its own shape. SHARDOPT_CUDA_NS_SYMMETRIC_BLOCKS selects blocked
-//     symmetric products (docs/gpu.md)
+//     symmetric products (docs/gpu.md). Compact (bf16 / q8) momentum: each batch's momenta are decoded
+//     into one fp32 scratch (the largest batch's size, <= 64 Mi elements), stepped and encoded back
+//     (optim/cuda/compact_elementwise.h CompactCodecCuda); with q8, every row block of a matrix must
+//     start on a 256-element block (always true without row blocks)
 //   - non-finite count + Σg² over my pieces, clipping scale, accumulation and dim0's update
 //     application: this backend's kernels (step_kernels.cu)
 // Ordering: the backend runs on its own non-blocking compute stream and every call returns with that
@@ -23,7 +26,7 @@
 // Host round trips that stay by design: the check results (num_tensors + 1 values) are read back for
 // the skip decision and the clipping scale, which the host computes.
 //
-// Not supported (ConfigError from bind(), naming it): compact (bf16/q8) Muon momentum, QK-clip,
+// Not supported (ConfigError from bind(), naming it): QK-clip,
 // Newton-Schulz schedules whose input normalization is not G / max(||G||_F, eps) (Polar Express).
 // The NS always runs with bf16 operands here, whatever OptimizerParams::ns.precision says.
 #pragma once

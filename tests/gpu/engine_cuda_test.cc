@@ -47,18 +47,20 @@ struct DeviceCase {
   int stage;
   proto::ShardLayout layout;
   std::string optimizer;  // adamw, lion, sgd (momentum 0.9, Nesterov), muon or normuon (AdamW elsewhere)
-  optim::StateDType state = proto::STATE_F32;  // the element-wise group's state dtype
+  optim::StateDType state = proto::STATE_F32;         // the element-wise group's state dtype
+  optim::StateDType matrix_state = proto::STATE_F32;  // the Muon group's (momentum)
 };
 
 void PrintTo(const DeviceCase& c, std::ostream* os) {
   *os << "N" << c.world << " stage " << c.stage << " " << sharding::layout_name(c.layout) << " " << c.optimizer << " "
-      << optim::state_dtype_name(c.state);
+      << optim::state_dtype_name(c.state) << " momentum " << optim::state_dtype_name(c.matrix_state);
 }
 
 std::string case_name(const ::testing::TestParamInfo<DeviceCase>& info) {
   const DeviceCase& c = info.param;
   return "N" + std::to_string(c.world) + "_stage" + std::to_string(c.stage) + "_" + sharding::layout_name(c.layout) +
-         "_" + c.optimizer + (c.state == proto::STATE_F32 ? "" : "_" + optim::state_dtype_name(c.state));
+         "_" + c.optimizer + (c.state == proto::STATE_F32 ? "" : "_" + optim::state_dtype_name(c.state)) +
+         (c.matrix_state == proto::STATE_F32 ? "" : "_momentum_" + optim::state_dtype_name(c.matrix_state));
 }
 
 EngineOptions options_for(const DeviceCase& c, MemorySpace space) {
@@ -70,6 +72,7 @@ EngineOptions options_for(const DeviceCase& c, MemorySpace space) {
     o.elementwise_optimizer.set_weight_decay(0.01);
   }
   o.elementwise_optimizer.set_state_dtype(c.state);
+  if (c.matrix_state != proto::STATE_F32) o.matrix_optimizer.set_state_dtype(c.matrix_state);
   o.memory_space = space;
   return o;
 }
@@ -106,17 +109,13 @@ std::vector<proto::TensorSpec> device_model() {
   return specs;
 }
 
-// Rank r's compact element-wise state after the run, decoded to fp32 (slot-major over its slices),
-// read from device memory for a device engine.
+// Rank r's compact state after the run, decoded to fp32: the element-wise state (slot-major over
+// its slices), then the compact Muon momentum of its owned matrices; read from device memory for a
+// device engine.
 std::vector<float> decoded_compact_state(Engine& engine, bool device) {
   ShardState& st = engine.shard_state();
   std::vector<float> out;
-  if (st.elementwise_state_dtype() == proto::STATE_F32) return out;
-  for (int k = 0; k < 2; ++k)
-    for (size_t i = 0; i < st.elementwise_slices().size(); ++i) {
-      const optim::CompactState& c = st.elementwise_compact()[i].slot[k];
-      if (c.values == nullptr) continue;
-      const auto n = static_cast<int64_t>(st.elementwise_slices()[i].count);
+  auto append = [&](const optim::CompactState& c, int64_t n) {
       std::vector<unsigned char> values(static_cast<size_t>(n) * (c.dtype == proto::STATE_BF16 ? 2 : 1));
       std::vector<float> absmax(c.dtype == proto::STATE_Q8 ? static_cast<size_t>(optim::q8_num_blocks(n)) : 0);
       if (device) {
@@ -132,7 +131,15 @@ std::vector<float> decoded_compact_state(Engine& engine, bool device) {
       const size_t at = out.size();
       out.resize(at + static_cast<size_t>(n));
       optim::load_compact(host, n, out.data() + at);
-    }
+  };
+  if (st.elementwise_state_dtype() != proto::STATE_F32)
+    for (int k = 0; k < 2; ++k)
+      for (size_t i = 0; i < st.elementwise_slices().size(); ++i) {
+        const optim::CompactState& c = st.elementwise_compact()[i].slot[k];
+        if (c.values != nullptr) append(c, static_cast<int64_t>(st.elementwise_slices()[i].count));
+      }
+  if (st.matrix_state_dtype() != proto::STATE_F32)
+    for (const OwnedMatrix& om : st.owned_matrices()) append(om.momentum, om.matrix.rows * om.matrix.cols);
   return out;
 }
 
@@ -404,7 +411,14 @@ class DeviceEngineCompact : public ::testing::TestWithParam<DeviceCase> {};
 TEST_P(DeviceEngineCompact, MatchesTheHostEngineWithTheSameState) {
   SHARDOPT_REQUIRE_GPU();
   const DeviceCase& c = GetParam();
-  const auto specs = q8_model();
+  // With compact momentum, also a fused QKV matrix whose 4 x 64 row blocks are whole q8 blocks (one
+  // NS batch of three pieces, each decoded and encoded on its own).
+  auto specs = q8_model();
+  if (c.matrix_state != proto::STATE_F32) {
+    proto::TensorSpec qkv = spec("layer2.w_qkv", {12, 64});
+    for (int64_t rows : {4, 4, 4}) qkv.add_block_rows(rows);
+    specs.insert(specs.end() - 1, qkv);
+  }
   const int steps = 4;
   std::vector<std::vector<float>> dev_state, host_state;
   const auto dev = run(specs, c, MemorySpace::kCuda, steps, &dev_state);
@@ -419,6 +433,8 @@ TEST_P(DeviceEngineCompact, MatchesTheHostEngineWithTheSameState) {
   size_t state_elements = 0;
   for (const auto& x : host_state) state_elements += x.size();
   ASSERT_GT(state_elements, 0u) << "no rank holds compact state";
+  // The momentum (m = beta m + g, the same gradients on both engines) does not depend on the NS
+  // precision, so compact momentum falls under the same state bound as the element-wise state.
   for (int r = 0; r < c.world; ++r) {
     ASSERT_EQ(dev_state[r].size(), host_state[r].size()) << "rank " << r;
     size_t beyond = 0, bad = 0;
@@ -470,6 +486,12 @@ std::vector<DeviceCase> compact_cases() {
       for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0})
         for (const char* opt : {"adamw", "lion", "sgd", "muon"}) cases.push_back({world, stage, layout, opt, proto::STATE_Q8});
   for (const char* opt : {"adamw", "lion", "sgd"}) cases.push_back({2, 2, proto::SHARD_LAYOUT_OWNED, opt, proto::STATE_BF16});
+  // Compact Muon / NorMuon momentum (decoded, stepped and encoded per NS batch on the device).
+  for (int world : {1, 2, 4})
+    for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0})
+      for (const char* opt : {"muon", "normuon"})
+        cases.push_back({world, world == 4 ? 3 : 2, layout, opt, proto::STATE_Q8, proto::STATE_Q8});
+  cases.push_back({2, 2, proto::SHARD_LAYOUT_OWNED, "muon", proto::STATE_F32, proto::STATE_BF16});
   return cases;
 }
 INSTANTIATE_TEST_SUITE_P(CompactState, DeviceEngineCompact, ::testing::ValuesIn(compact_cases()), case_name);
@@ -508,10 +530,21 @@ TEST(DeviceEngine, HostOnlyFeaturesAreRefusedByName) {
     EngineOptions o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "muon"}, MemorySpace::kCuda);
     o.matrix_optimizer.set_ns_schedule(proto::NS_SCHEDULE_POLAR_EXPRESS);
     EXPECT_THROW({ Engine e(comm, mixed_model(), o); }, ConfigError);
-    // Compact Muon momentum runs on the host only (compact element-wise state runs on the device).
-    o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "muon", proto::STATE_Q8}, MemorySpace::kCuda);
-    o.matrix_optimizer.set_state_dtype(proto::STATE_Q8);
-    EXPECT_THROW({ Engine e(comm, q8_model(), o); }, ConfigError);
+    // q8 momentum of a matrix whose row blocks do not start on 256-element blocks (14 x 10, blocks
+    // of 6, 4, 4 rows: elements 60 and 100): refused, naming the tensor; bf16 momentum runs.
+    std::vector<proto::TensorSpec> blocked = q8_model();
+    proto::TensorSpec qkv = spec("layer2.w_qkv", {14, 10});
+    for (int64_t rows : {6, 4, 4}) qkv.add_block_rows(rows);
+    blocked.insert(blocked.end() - 1, qkv);
+    o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "muon", proto::STATE_F32, proto::STATE_Q8}, MemorySpace::kCuda);
+    try {
+      Engine e(comm, blocked, o);
+      ADD_FAILURE() << "q8 momentum with unaligned row blocks was accepted";
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find("layer2.w_qkv"), std::string::npos) << e.what();
+    }
+    o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "muon", proto::STATE_F32, proto::STATE_BF16}, MemorySpace::kCuda);
+    EXPECT_NO_THROW({ Engine e(comm, blocked, o); });
     // The host engine's communicator cannot carry a device engine, nor the reverse.
     o = options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "adamw"}, MemorySpace::kCuda);
     EXPECT_THROW({ Engine e(host_comm, mixed_model(), o); }, ConfigError);

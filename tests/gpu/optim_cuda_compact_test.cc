@@ -498,6 +498,136 @@ TEST(CompactElementwiseCuda, ZeroTinyHugeAndNonFiniteValuesMatchTheCpuStep) {
   }
 }
 
+// CompactCodecCuda (compact Muon momentum on the device) against the host's store_compact /
+// load_compact: codes, absmax and decoded values bit for bit, over arrays at odd block offsets of
+// one buffer, of lengths that end mid-block, one longer than a chunk, with zero, subnormal, huge,
+// NaN and Inf blocks. Encode rounds with the same IEEE operations (1 / absmax, x * r or x / absmax)
+// and the shared code functions, so there is no tolerance: a difference is a bug.
+TEST(CompactCodecCuda, EncodeAndDecodeEqualTheHostBitForBit) {
+  SHARDOPT_REQUIRE_GPU();
+  const std::vector<int64_t> lengths = {1, 255, 256, 257, 3 * 256 + 17,
+                                        int64_t(cuda::CompactElementwiseOptimizerCuda::kChunkElements) + 300};
+  for (auto dtype : {proto::STATE_Q8, proto::STATE_BF16}) {
+    SCOPED_TRACE(optim::state_dtype_name(dtype));
+    const bool q8 = dtype == proto::STATE_Q8;
+    // Arrays laid out one after another, each starting on a block boundary of the value buffer.
+    std::vector<int64_t> start;
+    int64_t total = 0, blocks = 0;
+    std::vector<int64_t> first_block;
+    for (int64_t n : lengths) {
+      start.push_back(total);
+      first_block.push_back(blocks);
+      total += optim::q8_num_blocks(n) * 256;
+      blocks += optim::q8_num_blocks(n);
+    }
+    std::vector<float> x = random_floats(static_cast<size_t>(total), 17, 0.3f);
+    // Special blocks in the long array: zeros, subnormals, huge, a NaN, an Inf.
+    const int64_t at = start.back();
+    for (int64_t e = 0; e < 256; ++e) {
+      x[at + e] = 0.0f;
+      x[at + 256 + e] *= 1e-40f;
+      x[at + 512 + e] *= 1e36f;
+    }
+    x[at + 3 * 256 + 5] = std::nanf("");
+    x[at + 4 * 256 + 9] = -INFINITY;
+    const size_t value_bytes = static_cast<size_t>(total) * (q8 ? 1 : 2);
+    std::vector<unsigned char> host_values(value_bytes);
+    std::vector<float> host_absmax(static_cast<size_t>(blocks));
+    DeviceBuffer<unsigned char> dev_values(value_bytes);
+    DeviceBuffer<float> dev_absmax(static_cast<size_t>(std::max<int64_t>(blocks, 1)));
+    DeviceBuffer<float> dev_x(x);
+    DeviceBuffer<float> dev_decoded(x.size());
+    std::vector<cuda::DeviceCompactArray> encode_arrays, decode_arrays;
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      optim::CompactState host_state;
+      host_state.dtype = dtype;
+      host_state.values = host_values.data() + start[i] * (q8 ? 1 : 2);
+      host_state.absmax = q8 ? host_absmax.data() + first_block[i] : nullptr;
+      optim::store_compact(host_state, lengths[i], x.data() + start[i], /*use_avx512=*/false);
+      cuda::DeviceCompactArray a;
+      a.state = host_state;
+      a.state.values = dev_values.get() + start[i] * (q8 ? 1 : 2);
+      a.state.absmax = q8 ? dev_absmax.get() + first_block[i] : nullptr;
+      a.count = static_cast<size_t>(lengths[i]);
+      a.f32 = dev_x.get() + start[i];
+      encode_arrays.push_back(a);
+      a.f32 = dev_decoded.get() + start[i];
+      decode_arrays.push_back(a);
+    }
+    cuda::CompactCodecCuda encoder, decoder;
+    encoder.set_arrays(encode_arrays);
+    decoder.set_arrays(decode_arrays);
+    encoder.encode(nullptr);
+    decoder.decode(nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<unsigned char> got_values = dev_values.download();
+    const std::vector<float> got_decoded = dev_decoded.download();
+    std::vector<float> host_decoded(x.size(), 0.0f);
+    size_t value_diffs = 0, decoded_diffs = 0, absmax_diffs = 0;
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      optim::CompactState host_state;
+      host_state.dtype = dtype;
+      host_state.values = host_values.data() + start[i] * (q8 ? 1 : 2);
+      host_state.absmax = q8 ? host_absmax.data() + first_block[i] : nullptr;
+      optim::load_compact(host_state, lengths[i], host_decoded.data() + start[i], false);
+      for (int64_t e = 0; e < lengths[i]; ++e) {
+        const size_t k = static_cast<size_t>(start[i] + e);
+        const float h = host_decoded[k], d = got_decoded[k];
+        if (!std::isfinite(x[k])) {
+          // A NaN input, or -Inf / +Inf absmax = an invalid operation: its NaN's sign is the
+          // platform's (x86's default NaN is negative, CUDA's positive), and the sign lands in the
+          // code (docs/gpu.md). Both sides keep the value non-finite of the same kind.
+          EXPECT_EQ(std::isnan(h), std::isnan(d)) << "element " << k;
+          EXPECT_EQ(std::isinf(h), std::isinf(d)) << "element " << k;
+          continue;
+        }
+        decoded_diffs += !(std::isnan(h) && std::isnan(d)) && bits(h) != bits(d);
+        if (q8) {
+          value_diffs += got_values[k] != host_values[k];
+        } else {
+          uint16_t hv, dv;
+          std::memcpy(&hv, host_values.data() + 2 * k, 2);
+          std::memcpy(&dv, got_values.data() + 2 * k, 2);
+          value_diffs += hv != dv;
+        }
+      }
+    }
+    if (q8) {
+      const std::vector<float> got_absmax = dev_absmax.download();
+      for (int64_t b = 0; b < blocks; ++b)
+        absmax_diffs += !(std::isnan(host_absmax[b]) && std::isnan(got_absmax[b])) &&
+                        bits(host_absmax[b]) != bits(got_absmax[b]);
+      EXPECT_TRUE(std::isnan(host_absmax[first_block.back() + 3]));
+      EXPECT_EQ(host_absmax[first_block.back()], 0.0f);
+    }
+    EXPECT_EQ(value_diffs, 0u);
+    EXPECT_EQ(absmax_diffs, 0u);
+    EXPECT_EQ(decoded_diffs, 0u);
+  }
+}
+
+TEST(CompactCodecCuda, RefusesMixedOrUnsignedArrays) {
+  // Checked on the host: no device needed.
+  float dummy = 0;
+  cuda::DeviceCompactArray q8, bf;
+  q8.state.dtype = proto::STATE_Q8;
+  q8.state.values = &dummy;
+  q8.state.absmax = &dummy;
+  q8.f32 = &dummy;
+  q8.count = 1;
+  bf = q8;
+  bf.state.dtype = proto::STATE_BF16;
+  cuda::CompactCodecCuda codec;
+  const std::vector<cuda::DeviceCompactArray> mixed = {q8, bf};
+  EXPECT_THROW(codec.set_arrays(mixed), ConfigError);
+  cuda::DeviceCompactArray unsigned_code = q8;
+  unsigned_code.state.nonnegative = true;
+  EXPECT_THROW(codec.set_arrays({&unsigned_code, 1}), ConfigError);
+  cuda::DeviceCompactArray f32 = q8;
+  f32.state.dtype = proto::STATE_F32;
+  EXPECT_THROW(codec.set_arrays({&f32, 1}), ConfigError);
+}
+
 TEST(CompactElementwiseCuda, RefusesWhatTheCpuStepRefuses) {
   // Construction checks run on the host: no device needed.
   EXPECT_THROW({ cuda::CompactElementwiseOptimizerCuda o(params_of(proto::OPTIMIZER_ADAMW), proto::STATE_F32, DType::kF32); },

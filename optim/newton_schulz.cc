@@ -179,10 +179,6 @@ const char* to_string(Bf16GemmKernel kernel) {
   return kernel == Bf16GemmKernel::kNative ? "native" : "f32";
 }
 
-namespace {
-
-}  // namespace
-
 NsWorkspace::NsWorkspace() : bf16_kernel_(default_bf16_gemm_kernel()) {}
 NsWorkspace::NsWorkspace(int64_t rows, int64_t cols, NsPrecision precision) : NsWorkspace() {
   reserve(rows, cols, precision);

@@ -25,9 +25,14 @@
 // told to leave payloads alone (sim/smpi_no_payload.h): the data in the buffers is meaningless.
 // sim/smpi_patches.h keeps SMPI's communicator creation and the basic linear all-to-all at what
 // OpenMPI sends, and every message stays below 2 GiB (kSmpiMaxMessageBytes).
-// Differences from the engine: collectives are issued blocking in the SimGrid build (no overlap of
-// reduce-scatter with backward); forward/backward is not modelled; stage 3's on-demand gathers happen
-// outside step() and are not counted.
+//   the local passes around the collectives (MPI's reduction, the kAvg division, the gather's and the dim0
+//     exchange's copies) as stream bytes too; with --tokens-per-rank the forward and backward as
+//     FLOPs x shardopt_flops_per_model_flop, the backward on a second actor of the host so that each
+//     bucket's reduce-scatter overlaps the rest of it.
+// Differences from the engine: collectives are issued blocking in the SimGrid build (the overlap with the
+// backward comes from the second actor, not from nonblocking MPI); --reduce-scatter picks between the
+// algorithm OpenMPI's tuned rules choose for the blocking call and libnbc's, which OpenMPI 4.1 runs for
+// the engine's MPI_Ireduce_scatter; stage 3's on-demand gathers happen outside step() and are not counted.
 #include <mpi.h>
 #include <simgrid/host.h>
 #include <simgrid/s4u/Actor.hpp>

@@ -130,6 +130,12 @@ def calibrated_platform(a, env, base_platform, out_dir):
     stream = speed / fpb * predicted["predicted_elementwise_seconds"] / measured["elementwise_seconds"]
     new_fpb = new_speed / stream
     text = re.sub(r'speed="[0-9.eE+-]+Gf"', f'speed="{new_speed / 1e9:.4f}Gf"', text, count=1)
+    # The forward/backward rate (speed / shardopt_flops_per_model_flop) is not what this run measures: keep it.
+    m = re.search(r'(id="shardopt_flops_per_model_flop" value=")([0-9.eE+-]+)"', text)
+    if m:
+        model_rate = speed / float(m.group(2))
+        text = re.sub(r'(id="shardopt_flops_per_model_flop" value=")[0-9.eE+-]+"', rf'\g<1>{new_speed / model_rate:.4f}"',
+                      text, count=1)
     text = re.sub(r'(id="shardopt_flops_per_byte" value=")[0-9.eE+-]+"', rf'\g<1>{new_fpb:.4f}"', text, count=1)
     path = os.path.join(out_dir, "local-calibrated.xml")
     open(path, "w").write(text)

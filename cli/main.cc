@@ -292,7 +292,9 @@ void add_simulate_options(CLI::App& cmd, SimulateArgs& a) {
       ->check(CLI::IsMember({"tuned", "libnbc"}));
   cmd.add_option("--slow-host", a.slow_host, "HOST:FACTOR: that platform host computes at FACTOR x its speed");
   cmd.add_option("--slow-link", a.slow_link, "HOST:FACTOR: that host's own links run at FACTOR x their bandwidth");
-  cmd.add_flag("--json", a.json, "one JSON object (predicted_step_seconds, predicted_<phase>_seconds, bytes)");
+  cmd.add_flag("--json", a.json,
+               "one JSON object (predicted_step_seconds, predicted_<phase>_seconds, bytes; with --tokens-per-rank "
+               "predicted_train_step_seconds, _forward_, _backward_, _exposed_reduce_scatter_)");
   cmd.add_flag("--timing", a.timing, "report the simulation's own wall time and peak memory (stderr)");
   cmd.add_option("--sim-build", a.sim_build, "SimGrid build holding bin/step_sim (default: $SHARDOPT_SIM_BUILD_DIR, "
                                              "this build's sim-build, <source>/build-sim)");
@@ -508,7 +510,8 @@ int main(int argc, char** argv) {
 
   SimulateArgs sargs;
   auto* simulate_cmd = app.add_subcommand(
-      "simulate", "predicted step time on a simulated cluster (SimGrid SMPI platform file; docs/simulation.md)");
+      "simulate", "predicted optimizer-step (or, with --tokens-per-rank, training-step) time on a simulated cluster "
+                  "(SimGrid SMPI platform file; docs/simulation.md)");
   add_simulate_options(*simulate_cmd, sargs);
 
   auto* env_cmd = app.add_subcommand("env", "list the environment variables shardopt reads");

@@ -251,8 +251,9 @@ std::string default_data_path() {
 // build and hands over to the script, which assembles the smpirun command line.
 struct SimulateArgs {
   std::string platform, preset = "llama-1b", layout = "owned", sync = "zero", bucket_mib = "auto", slow_host,
-                        slow_link, sim_build;
+                        slow_link, sim_build, reduce_scatter = "tuned";
   int ranks = 0, layers = 0, stage = 2, replicas = 2, steps = 1;
+  int64_t tokens_per_rank = 0, seq_len = 0;
   bool json = false, timing = false;
   std::vector<std::string> cfg;
 };
@@ -275,9 +276,25 @@ void add_simulate_options(CLI::App& cmd, SimulateArgs& a) {
   cmd.add_option("--bucket-mib", a.bucket_mib, "bucket size in MiB, or auto: max(40M, 1M x ranks) fp32 elements")
       ->capture_default_str();
   cmd.add_option("--steps", a.steps, "steps to simulate (the last is reported)")->capture_default_str();
+  cmd.add_option("--tokens-per-rank", a.tokens_per_rank,
+                 "tokens per rank per step: > 0 predicts a training step (forward 2·P·T and backward 4·P·T FLOPs at the "
+                 "host's shardopt_flops_per_model_flop, each bucket's reduce-scatter overlapped with the rest of the "
+                 "backward); 0 = the optimizer step only")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd.add_option("--seq-len", a.seq_len, "sequence length for the attention FLOPs of a training step (0 = left out)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd.add_option("--reduce-scatter", a.reduce_scatter,
+                 "tuned: the blocking algorithm OpenMPI's tuned rules pick; libnbc: OpenMPI 4.1's nonblocking "
+                 "MPI_Ireduce_scatter, which the engine's MPI backend calls (whole buckets reduced at rank 0)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"tuned", "libnbc"}));
   cmd.add_option("--slow-host", a.slow_host, "HOST:FACTOR: that platform host computes at FACTOR x its speed");
   cmd.add_option("--slow-link", a.slow_link, "HOST:FACTOR: that host's own links run at FACTOR x their bandwidth");
-  cmd.add_flag("--json", a.json, "one JSON object (predicted_step_seconds, predicted_<phase>_seconds, bytes)");
+  cmd.add_flag("--json", a.json,
+               "one JSON object (predicted_step_seconds, predicted_<phase>_seconds, bytes; with --tokens-per-rank "
+               "predicted_train_step_seconds, _forward_, _backward_, _exposed_reduce_scatter_)");
   cmd.add_flag("--timing", a.timing, "report the simulation's own wall time and peak memory (stderr)");
   cmd.add_option("--sim-build", a.sim_build, "SimGrid build holding bin/step_sim (default: $SHARDOPT_SIM_BUILD_DIR, "
                                              "this build's sim-build, <source>/build-sim)");
@@ -325,7 +342,9 @@ int run_simulate(const SimulateArgs& a, const char* argv0) {
                                    "--sim-build", sim_build.string(), "--preset", a.preset,
                                    "--layers", std::to_string(a.layers), "--stage", std::to_string(a.stage),
                                    "--layout", a.layout, "--sync", a.sync, "--replicas", std::to_string(a.replicas),
-                                   "--bucket-mib", a.bucket_mib, "--steps", std::to_string(a.steps)};
+                                   "--bucket-mib", a.bucket_mib, "--steps", std::to_string(a.steps),
+                                   "--tokens-per-rank", std::to_string(a.tokens_per_rank),
+                                   "--seq-len", std::to_string(a.seq_len), "--reduce-scatter", a.reduce_scatter};
   if (!a.slow_host.empty()) args.insert(args.end(), {"--slow-host", a.slow_host});
   if (!a.slow_link.empty()) args.insert(args.end(), {"--slow-link", a.slow_link});
   if (a.json) args.push_back("--json");
@@ -491,7 +510,8 @@ int main(int argc, char** argv) {
 
   SimulateArgs sargs;
   auto* simulate_cmd = app.add_subcommand(
-      "simulate", "predicted step time on a simulated cluster (SimGrid SMPI platform file; docs/simulation.md)");
+      "simulate", "predicted optimizer-step (or, with --tokens-per-rank, training-step) time on a simulated cluster "
+                  "(SimGrid SMPI platform file; docs/simulation.md)");
   add_simulate_options(*simulate_cmd, sargs);
 
   auto* env_cmd = app.add_subcommand("env", "list the environment variables shardopt reads");

@@ -25,14 +25,21 @@
 // told to leave payloads alone (sim/smpi_no_payload.h): the data in the buffers is meaningless.
 // sim/smpi_patches.h keeps SMPI's communicator creation and the basic linear all-to-all at what
 // OpenMPI sends, and every message stays below 2 GiB (kSmpiMaxMessageBytes).
-// Differences from the engine: collectives are issued blocking in the SimGrid build (no overlap of
-// reduce-scatter with backward); forward/backward is not modelled; stage 3's on-demand gathers happen
-// outside step() and are not counted.
+//   the local passes around the collectives (MPI's reduction, the kAvg division, the gather's and the dim0
+//     exchange's copies) as stream bytes too; with --tokens-per-rank the forward and backward as
+//     FLOPs x shardopt_flops_per_model_flop, the backward on a second actor of the host so that each
+//     bucket's reduce-scatter overlaps the rest of it.
+// Differences from the engine: collectives are issued blocking in the SimGrid build (the overlap with the
+// backward comes from the second actor, not from nonblocking MPI); --reduce-scatter picks between the
+// algorithm OpenMPI's tuned rules choose for the blocking call and libnbc's, which OpenMPI 4.1 runs for
+// the engine's MPI_Ireduce_scatter; stage 3's on-demand gathers happen outside step() and are not counted.
 #include <mpi.h>
 #include <simgrid/host.h>
+#include <simgrid/s4u/Actor.hpp>
 #include <simgrid/s4u/Engine.hpp>
 #include <simgrid/s4u/Host.hpp>
 #include <simgrid/s4u/Link.hpp>
+#include <simgrid/s4u/Semaphore.hpp>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -69,6 +76,15 @@ constexpr double kCheckBytesPerElem = 4;         // read the reduced gradient
 constexpr double kAdamwBytesPerElem = 28;        // read p, g, m, v; write p, m, v
 constexpr double kMuonStreamBytesPerElem = 20;   // momentum (read g, m; write m) + apply (read p, write p)
 constexpr int kNsSteps = 5;
+// Local passes around the collectives, as the engine does them (runtime/engine.cc, shard_state.cc); SMPI
+// moves no payload and applies no operator, so without these the simulation charges the wire only.
+constexpr double kCopyBytesPerElem = 8;          // a copy: read + write
+constexpr double kReduceBytesPerElem = 12;       // MPI's reduction: read incoming + local, write
+constexpr double kDecayAddBytesPerElem = 12;     // dim0_apply_updates: read w, delta; write w
+constexpr double kFillBytesPerElem = 4;          // dim0_unpack_to_owned zeroes the owner's update matrix
+// EngineOptions::grad_buckets_in_flight's default: the backward waits for the oldest reduction when a
+// third gradient bucket opens.
+constexpr int kGradBucketsInFlight = 2;
 
 struct Options {
   std::string preset = "llama-1b";
@@ -84,6 +100,10 @@ struct Options {
   double slow_factor = 1;
   std::string slow_link_host;
   double slow_link_factor = 1;
+  int64_t tokens_per_rank = 0;  // > 0: a training step (forward + backward with the reduce-scatters overlapped)
+  int64_t seq_len = 0;          // attention term of the forward/backward FLOPs (0: left out)
+  int64_t collective_bench_bytes = 0;  // > 0: time one all-gather and one reduce-scatter (calibration) and exit
+  std::string reduce_scatter = "tuned";  // tuned (the selector's algorithm) | libnbc (OpenMPI 4.1's nonblocking one)
 };
 
 // The bucket size a large data-parallel job chooses: Megatron-LM's default for its distributed optimizer,
@@ -176,6 +196,9 @@ std::vector<std::string> slow_down_links(const std::string& host_name, double fa
 // that runs slower than the platform says (--slow-host): its compute takes that much longer.
 struct ComputeModel {
   double flops_per_byte = host_property("shardopt_flops_per_byte", 6.25);
+  // Host flops charged per FLOP of the model's forward/backward: host speed (the NS rate) / the
+  // forward/backward rate measured by bench/model (docs/simulation.md, "Training step").
+  double flops_per_model_flop = host_property("shardopt_flops_per_model_flop", 1);
   double slowdown = 1;
   void stream(double bytes) const {
     if (bytes > 0) smpi_execute_flops(bytes * flops_per_byte * slowdown);
@@ -183,7 +206,45 @@ struct ComputeModel {
   void flops(double f) const {
     if (f > 0) smpi_execute_flops(f * slowdown);
   }
+  // Host flops for `model_flops` FLOPs of forward/backward.
+  double model_host_flops(double model_flops) const { return model_flops * flops_per_model_flop * slowdown; }
 };
+
+// Forward/backward FLOPs of a training step on `tokens` tokens per rank: 2 per parameter per token in the
+// matrix products forward and twice that backward (the usual 6·P·T), over the parameters used in
+// products — every 2-D tensor except the input embedding (a lookup); the attention scores and their
+// use add 4·S·d per token and layer forward over full S×S tiles (model::Transformer::forward_flops'
+// count) when the sequence length S is given. The backward's FLOPs are split over the gradient buckets
+// in proportion to their product parameters (buckets hold tensors in reverse registration order, which
+// is the order the backward produces their gradients: bucket 0 is ready first).
+struct TrainingFlops {
+  double forward = 0;
+  std::vector<double> backward_per_bucket;
+  double backward() const {
+    double f = 0;
+    for (double b : backward_per_bucket) f += b;
+    return f;
+  }
+};
+
+TrainingFlops training_flops(const proto::ShardPlan& plan, const std::vector<proto::TensorSpec>& specs,
+                             const sharding::LlamaShape& shape, int64_t tokens, int64_t seq_len) {
+  auto in_products = [&](int t) {
+    return specs[t].shape_size() == 2 && (shape.tied_embeddings || specs[t].name() != "model.embed_tokens.weight");
+  };
+  std::vector<double> product_params(plan.buckets_size(), 0.0);
+  double total = 0;
+  for (int b = 0; b < plan.buckets_size(); ++b)
+    for (int t : plan.buckets(b).tensors())
+      if (in_products(t)) product_params[b] += static_cast<double>(plan.tensors(t).numel());
+  for (double p : product_params) total += p;
+  const double T = static_cast<double>(tokens);
+  TrainingFlops f;
+  f.forward = 2 * total * T + 4.0 * static_cast<double>(shape.n_layers) * static_cast<double>(seq_len) *
+                                  static_cast<double>(shape.d_model) * T;
+  for (double p : product_params) f.backward_per_bucket.push_back(total > 0 ? 2 * f.forward * p / total : 0.0);
+  return f;
+}
 
 double ns_flops(const proto::TensorPlacement& t) {
   if (t.block_rows_size() == 0) return optim::newton_schulz_flops(t.rows(), t.cols(), kNsSteps);
@@ -195,7 +256,8 @@ double ns_flops(const proto::TensorPlacement& t) {
 struct Phases {
   double reduce_scatter = 0, check = 0, elementwise = 0, ns = 0, dim0_exchange = 0, all_gather = 0, outer = 0,
          outer_exchange = 0, outer_all_gather = 0,
-         step = 0, compute = 0;
+         step = 0, compute = 0,
+         forward = 0, backward = 0, exposed_reduce_scatter = 0, last_bucket_reduce_scatter = 0, train_step = 0;
 };
 
 double max_over(comm::Communicator& c, double v) {
@@ -237,6 +299,92 @@ struct Progress {
   }
 };
 
+// The reduce-scatter of a `counts` vector (kSum) and the reduction arithmetic MPI does for it (modelled),
+// with the algorithm --reduce-scatter names:
+//   tuned: MPI_Reduce_scatter, the algorithm SMPI's ompi selector picks (what OpenMPI's tuned component runs
+//     for the blocking call: butterfly, recursive halving, ring); each rank combines (n-1)/n of the vector.
+//   libnbc: what OpenMPI 4.1 runs for the engine's MPI_Ireduce_scatter (coll/libnbc, nbc_ireduce_scatter.c):
+//     a binomial reduce of the WHOLE vector to rank 0 (every round one full-vector message and one
+//     full-vector reduction at the receiver), then rank 0 sends every rank its segment. Rank 0 receives
+//     log2(n) whole vectors and reduces them: it does not scale like the tuned algorithms.
+// `scratch` holds a whole vector (rank 0's receive buffer).
+void reduce_scatter_sum(comm::Communicator& g, const std::string& algorithm, float* send, float* recv, float* scratch,
+                        const std::vector<size_t>& counts, const ComputeModel& model) {
+  const int n = g.size(), me = g.rank();
+  size_t total = 0;
+  for (size_t c : counts) total += c;
+  if (algorithm != "libnbc") {
+    g.reduce_scatter(send, recv, counts, DType::kF32, comm::ReduceOp::kSum)->wait();
+    model.stream(kReduceBytesPerElem * static_cast<double>(total) * (n - 1) / n);
+    return;
+  }
+  constexpr int kTag = 4242;
+  for (int r = 1; (1 << (r - 1)) < n; ++r) {
+    if (me % (1 << r) == 0) {
+      const int peer = me + (1 << (r - 1));
+      if (peer < n) {
+        g.recv(scratch, total, DType::kF32, peer, kTag)->wait();
+        // The reduction, and the first touch of the round's half of libnbc's scratch: it mallocs two
+        // whole vectors per call, which the kernel hands over as fresh pages and zeroes.
+        model.stream(kReduceBytesPerElem * static_cast<double>(total) +
+                     (r <= 2 ? kFillBytesPerElem * static_cast<double>(total) : 0.0));
+      }
+    } else {
+      g.send(send, total, DType::kF32, me - (1 << (r - 1)), kTag)->wait();
+      break;
+    }
+  }
+  if (me == 0) {
+    std::vector<comm::WorkPtr> sends;
+    size_t off = counts[0];
+    for (int r = 1; r < n; ++r) {
+      sends.push_back(g.send(send + off, counts[r], DType::kF32, r, kTag + 1));
+      off += counts[r];
+    }
+    model.stream(kCopyBytesPerElem * static_cast<double>(counts[0]));
+    for (auto& w : sends) w->wait();
+  } else {
+    g.recv(recv, counts[me], DType::kF32, 0, kTag + 1)->wait();
+  }
+}
+
+// --collective-bench BYTES: bench/comm's all-gather and reduce-scatter (kSum) of a BYTES buffer per rank
+// with counts BYTES/4/N (the last rank takes the remainder), simulated once each, max over ranks: what
+// sim/validate.py compares with comm_bench to calibrate the platform's link.
+int collective_bench(comm::Communicator& world, int64_t bytes, const std::string& rs_algorithm) {
+  const int n = world.size(), me = world.rank();
+  const size_t elems = std::max<size_t>(1, static_cast<size_t>(bytes) / 4);
+  std::vector<size_t> counts(n, elems / n);
+  counts[n - 1] += elems % n;
+  size_t off = 0;
+  for (int r = 0; r < me; ++r) off += counts[r];
+  float* send = shared_block(0, sizeof(float) * elems);
+  float* recv = shared_block(1, sizeof(float) * elems);
+  float* scratch = shared_block(6, sizeof(float) * elems);
+  ComputeModel model;
+  world.barrier()->wait();
+  std::optional<sim::NoPayload> no_payload(std::in_place);
+  auto t0 = clock::now();
+  world.all_gather(send + off, recv, counts, DType::kF32)->wait();
+  const double all_gather = clock::seconds_since(t0);
+  world.barrier()->wait();
+  t0 = clock::now();
+  reduce_scatter_sum(world, rs_algorithm, send, recv, scratch, counts, model);
+  const double reduce_scatter = clock::seconds_since(t0);
+  no_payload.reset();
+  const double ag = max_over(world, all_gather), rs = max_over(world, reduce_scatter);
+  if (me == 0) {
+    nlohmann::ordered_json j;
+    j["collective_bench_bytes"] = bytes;
+    j["ranks"] = n;
+    j["reduce_scatter_algorithm"] = rs_algorithm;
+    j["predicted_all_gather_seconds"] = ag;
+    j["predicted_reduce_scatter_seconds"] = rs;
+    std::printf("%s\n", j.dump().c_str());
+  }
+  return 0;
+}
+
 int run(int argc, char** argv) {
   Options o;
   CLI::App app{"step_sim: shardopt's step on a simulated platform (run under smpirun; see docs/simulation.md)"};
@@ -264,6 +412,19 @@ int run(int argc, char** argv) {
                  "platform host whose own links (first hop out, last hop in) run at --slow-link-factor x bandwidth");
   app.add_option("--slow-link-factor", o.slow_link_factor, "bandwidth factor of --slow-link-host's links (e.g. 0.5)")
       ->check(CLI::PositiveNumber);
+  app.add_option("--tokens-per-rank", o.tokens_per_rank,
+                 "tokens each rank trains on per step: > 0 simulates a training step (forward and backward modelled, "
+                 "each bucket's reduce-scatter started when the backward has produced it); 0 = the optimizer step only")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--seq-len", o.seq_len, "sequence length for the attention term of forward/backward (0 = left out)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--collective-bench", o.collective_bench_bytes,
+                 "time one all-gather and one reduce-scatter of a BYTES buffer per rank (bench/comm's sizes) and exit")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--reduce-scatter", o.reduce_scatter,
+                 "tuned: the blocking algorithm the ompi selector picks (default); libnbc: OpenMPI 4.1's nonblocking "
+                 "MPI_Ireduce_scatter, which the engine calls (binomial reduce of whole buckets to rank 0, then a scatter)")
+      ->check(CLI::IsMember({"tuned", "libnbc"}));
   CLI11_PARSE(app, argc, argv);
 
   comm::MpiRuntime mpi(&argc, &argv);
@@ -276,6 +437,7 @@ int run(int argc, char** argv) {
   auto world = mpi.world();
   const int n_world = world->size();
   progress("world communicator");
+  if (o.collective_bench_bytes > 0) return collective_bench(*world, o.collective_bench_bytes, o.reduce_scatter);
   const bool outer = o.sync != "zero";
   const int replicas = outer ? o.replicas : 1;
   if (replicas < 1 || n_world % replicas != 0)
@@ -367,9 +529,21 @@ int run(int argc, char** argv) {
   float* a2a_recv_buf = shared_block(3, sizeof(float) * static_cast<size_t>(max_sizes[1]));
   float* outer_send = shared_block(4, sizeof(float) * static_cast<size_t>(max_sizes[2]));
   float* outer_recv = shared_block(5, sizeof(float) * static_cast<size_t>(max_sizes[2]));
+  float* rs_scratch = o.reduce_scatter == "libnbc" ? shared_block(6, sizeof(float) * static_cast<size_t>(max_bucket)) : nullptr;
   std::vector<float> check(specs.size() + 1, 0.0f);
   std::vector<size_t> counts(n);
   progress("buffers");
+
+  // Elements of the tensors in each bucket (the buffer without its padding): what copy_in_grads and
+  // copy_out_params move in dim0.
+  std::vector<double> bucket_payload(plan.buckets_size(), 0.0);
+  for (int b = 0; b < plan.buckets_size(); ++b)
+    for (int t : plan.buckets(b).tensors()) bucket_payload[b] += static_cast<double>(plan.tensors(t).numel());
+  const bool training = o.tokens_per_rank > 0;
+  auto shape = sharding::preset_shape(o.preset);
+  if (o.layers > 0) shape.n_layers = std::min<int64_t>(shape.n_layers, o.layers);
+  const TrainingFlops train_flops =
+      training ? training_flops(plan, specs, shape, o.tokens_per_rank, o.seq_len) : TrainingFlops{};
 
   ComputeModel model;
   if (!o.slow_host.empty() && o.slow_host == sg_host_get_name(sg_host_self())) model.slowdown = 1 / o.slow_factor;
@@ -380,7 +554,6 @@ int run(int argc, char** argv) {
     if (cross) cross->barrier()->wait();
     ph = Phases{};
     const auto before = group->counters();
-    const auto start = clock::now();
     double compute = 0;
     auto timed_compute = [&](auto&& f) {
       const auto t0 = clock::now();
@@ -389,16 +562,62 @@ int run(int argc, char** argv) {
       compute += dt;
       return dt;
     };
-    auto t0 = clock::now();
     std::optional<sim::NoPayload> no_payload(std::in_place);
-    for (int b = 0; b < plan.buckets_size(); ++b) {
+    // One bucket's reduce-scatter as Engine::launch_reduction + the wait do it: the collective, MPI's
+    // reduction arithmetic and the kAvg division (modelled), in dim0 after copy_in_grads (training only:
+    // step_bench's gradient fill does it outside every phase it times).
+    auto reduce_scatter_bucket = [&](int b) {
       const auto& bk = plan.buckets(b);
       for (int r = 0; r < n; ++r) counts[r] = static_cast<size_t>(bk.segments(r).count());
+      if (training && dim0) model.stream(kCopyBytesPerElem * bucket_payload[b]);
       // kSum, not the engine's kAvg: the same MPI_SUM on the wire, without the backend's real division
-      // pass over the (meaningless) shard in this process.
-      group->reduce_scatter(bucket_buf, shard_buf, counts, DType::kF32, comm::ReduceOp::kSum)->wait();
+      // pass over the (meaningless) shard in this process; the division is charged below.
+      reduce_scatter_sum(*group, o.reduce_scatter, bucket_buf, shard_buf, rs_scratch, counts, model);
+      model.stream(kCopyBytesPerElem * static_cast<double>(bk.segments(rank).count()));
+    };
+    double train_start = 0;
+    if (training) {
+      // Forward, then the backward on a second actor of this host (the compute stream) while this rank
+      // reduce-scatters each bucket as soon as the backward has produced it (the communication stream),
+      // with at most kGradBucketsInFlight buckets open: the backward waits for the oldest reduction first.
+      namespace s4u = simgrid::s4u;
+      train_start = s4u::Engine::get_clock();
+      if (train_flops.forward > 0) s4u::this_actor::execute(model.model_host_flops(train_flops.forward));
+      const double backward_start = s4u::Engine::get_clock();
+      ph.forward = backward_start - train_start;
+      auto ready = s4u::Semaphore::create(0), slots = s4u::Semaphore::create(kGradBucketsInFlight);
+      auto backward_end = std::make_shared<double>(0);
+      std::vector<double> chunks;
+      for (double f : train_flops.backward_per_bucket) chunks.push_back(model.model_host_flops(f));
+      auto backward = s4u::Actor::create("backward", s4u::Host::current(), [chunks, ready, slots, backward_end] {
+        for (double f : chunks) {
+          slots->acquire();
+          if (f > 0) s4u::this_actor::execute(f);
+          ready->release();
+        }
+        *backward_end = s4u::Engine::get_clock();
+      });
+      for (int b = 0; b < plan.buckets_size(); ++b) {
+        ready->acquire();
+        const double t_rs = s4u::Engine::get_clock();
+        reduce_scatter_bucket(b);
+        const double dt = s4u::Engine::get_clock() - t_rs;
+        ph.reduce_scatter += dt;
+        if (b + 1 == plan.buckets_size()) ph.last_bucket_reduce_scatter = dt;
+        slots->release();
+      }
+      backward->join();
+      ph.backward = *backward_end - backward_start;
+      ph.exposed_reduce_scatter = s4u::Engine::get_clock() - *backward_end;
+      compute += ph.forward + ph.backward;
     }
-    ph.reduce_scatter = clock::seconds_since(t0);
+    // The optimizer step (Engine::step()): with a training step its reduce_wait is the exposed part.
+    const auto start = clock::now();
+    auto t0 = clock::now();
+    if (!training) {
+      for (int b = 0; b < plan.buckets_size(); ++b) reduce_scatter_bucket(b);
+      ph.reduce_scatter = clock::seconds_since(t0);
+    }
     progress("reduce-scatter");
 
     t0 = clock::now();
@@ -408,9 +627,14 @@ int run(int argc, char** argv) {
 
     ph.elementwise = timed_compute([&] { model.stream(kAdamwBytesPerElem * static_cast<double>(owned_ew)); });
 
+    // dim0's local passes (shard_state.cc): pack the gradient rows, unpack them into the owned matrices
+    // and zero the update matrix; pack the update rows, apply them (decay_add) to the master rows.
+    const double d0_send = static_cast<double>(dim0_send), d0_recv = static_cast<double>(dim0_recv);
     if (dim0) {
       t0 = clock::now();
+      model.stream(kCopyBytesPerElem * d0_send);
       group->all_to_all(a2a_send_buf, a2a_send, a2a_recv_buf, a2a_recv, DType::kF32)->wait();
+      model.stream(kCopyBytesPerElem * d0_recv + kFillBytesPerElem * static_cast<double>(owned_muon));
       ph.dim0_exchange = clock::seconds_since(t0);
       progress("dim0 exchange out");
     }
@@ -420,7 +644,9 @@ int run(int argc, char** argv) {
     });
     if (dim0) {
       t0 = clock::now();
+      model.stream(kCopyBytesPerElem * d0_recv);
       group->all_to_all(a2a_recv_buf, a2a_recv, a2a_send_buf, a2a_send, DType::kF32)->wait();
+      model.stream(kDecayAddBytesPerElem * d0_send);
       ph.dim0_exchange += clock::seconds_since(t0);
     }
 
@@ -430,13 +656,18 @@ int run(int argc, char** argv) {
         const auto& bk = plan.buckets(b);
         for (int r = 0; r < n; ++r) counts[r] = static_cast<size_t>(bk.segments(r).count());
         float* full = bucket_buf;
+        // start_param_gather copies the master shard into the bucket; dim0 copies the gathered rows out
+        // into the tensors (copy_out_params).
+        model.stream(kCopyBytesPerElem * static_cast<double>(bk.segments(rank).count()));
         group->all_gather(full + bk.segments(rank).offset(), full, counts, DType::kF32)->wait();
+        if (dim0) model.stream(kCopyBytesPerElem * bucket_payload[b]);
       }
     }
     ph.all_gather = clock::seconds_since(t0);
     progress("all-gather");
     no_payload.reset();
-    ph.step = clock::seconds_since(start);
+    ph.step = clock::seconds_since(start) + ph.exposed_reduce_scatter;
+    if (training) ph.train_step = simgrid::s4u::Engine::get_clock() - train_start;
     ph.compute = compute;
     step_traffic = group->counters() - before;
 
@@ -493,6 +724,11 @@ int run(int argc, char** argv) {
   m.outer_exchange = max_over(*world, ph.outer_exchange);
   m.outer_all_gather = max_over(*world, ph.outer_all_gather);
   m.step = max_over(*world, ph.step);
+  m.forward = max_over(*world, ph.forward);
+  m.backward = max_over(*world, ph.backward);
+  m.exposed_reduce_scatter = max_over(*world, ph.exposed_reduce_scatter);
+  m.last_bucket_reduce_scatter = max_over(*world, ph.last_bucket_reduce_scatter);
+  m.train_step = max_over(*world, ph.train_step);
   std::vector<double> per_rank_compute(n_world, 0.0), per_rank_step(n_world, 0.0);
   std::vector<size_t> ones(n_world, 1);
   world->all_gather(&my_compute, per_rank_compute.data(), ones, DType::kI64)->wait();  // 8 bytes, bit copy
@@ -526,6 +762,7 @@ int run(int argc, char** argv) {
   j["stage"] = o.stage;
   j["layout"] = o.layout;
   j["sync"] = o.sync;
+  j["reduce_scatter_algorithm"] = o.reduce_scatter;
   j["bucket_bytes"] = request.bucket_bytes();
   j["buckets"] = plan.buckets_size();
   j["total_params"] = total_params;
@@ -539,6 +776,17 @@ int run(int argc, char** argv) {
   j["predicted_outer_step_seconds"] = m.outer;
   j["predicted_outer_exchange_seconds"] = m.outer_exchange;      // DiLoCo all-reduce / NoLoCo sendrecv
   j["predicted_outer_all_gather_seconds"] = m.outer_all_gather;  // parameter refresh in the shard group
+  if (training) {
+    j["tokens_per_rank"] = o.tokens_per_rank;
+    j["seq_len"] = o.seq_len;
+    j["forward_flops_per_rank"] = train_flops.forward;
+    j["backward_flops_per_rank"] = train_flops.backward();
+    j["predicted_train_step_seconds"] = m.train_step;  // forward + backward + exposed reduce-scatter + the rest
+    j["predicted_forward_seconds"] = m.forward;
+    j["predicted_backward_seconds"] = m.backward;      // includes waits for a free gradient bucket
+    j["predicted_exposed_reduce_scatter_seconds"] = m.exposed_reduce_scatter;  // after the backward ended
+    j["predicted_last_bucket_reduce_scatter_seconds"] = m.last_bucket_reduce_scatter;
+  }
   j["bytes_sent_per_rank_max"] = max_sent;
   j["bytes_sent_per_rank_mean"] = mean_sent;
   j["check_allreduce_bytes_per_rank"] = sharding::zero_traffic_per_rank(0, static_cast<double>(specs.size() + 1), n, 4).bytes;
@@ -568,6 +816,14 @@ int run(int argc, char** argv) {
     std::printf("%s on %d ranks (%d replicas x %d), stage %d, layout %s, sync %s, %d buckets of <= %.0f MiB\n",
                 o.preset.c_str(), n_world, replicas, n, o.stage, o.layout.c_str(), o.sync.c_str(),
                 plan.buckets_size(), static_cast<double>(request.bucket_bytes()) / (1 << 20));
+    if (training) {
+      std::printf("predicted training step %9.4f s (%lld tokens per rank)\n", m.train_step,
+                  static_cast<long long>(o.tokens_per_rank));
+      std::printf("  forward              %10.4f s\n", m.forward);
+      std::printf("  backward             %10.4f s\n", m.backward);
+      std::printf("  exposed reduce-scatter %8.4f s (of %.4f s reduce-scatter overlapped with the backward)\n",
+                  m.exposed_reduce_scatter, m.reduce_scatter);
+    }
     std::printf("predicted step         %10.4f s\n", m.step);
     std::printf("  reduce-scatter       %10.4f s\n", m.reduce_scatter);
     std::printf("  check all-reduce     %10.4f s\n", m.check);

@@ -13,8 +13,22 @@ NS time scales as 1/speed, the element-wise time as flops_per_byte/speed. The N-
 are then predicted from the 1-rank rates; no N-rank measurement enters the model. Run it on a quiet
 machine: two ranks on two cores measured while other processes compete measure the competition.
 
+Then the link (unless --no-calibrate-link): a 2-rank bench/comm all-gather of --link-bytes per rank
+(a size between the engine's 4 MiB buckets and the embedding's ~100 MB ones) is measured, the same
+collective is simulated (step_sim --collective-bench) on the compute-calibrated copy, and the loopback
+link's bandwidth is scaled by predicted / measured (bandwidth-bound at that size; the latency stays the
+platform's). The 2-rank reduce-scatter of the same size is printed beside it as a check of the modelled
+reduction arithmetic: it is not fitted.
+
+The reduce-scatter: step_bench's gradient fill launches each bucket's reduction as its last tensor is
+announced and, when the engine's two gradient buffers are taken, waits for the oldest
+(fill_reduce_wait_seconds); step()'s reduce_wait is only what is left in flight. The simulated optimizer
+step reduce-scatters every bucket inside the step, so the measured reduce-scatter is reduce_wait +
+fill_reduce_wait, and the measured step is step_seconds + fill_reduce_wait.
+
 usage: sim/validate.py [--ranks 2,4] [--layouts owned,dim0] [--preset llama-125m] [--layers 2]
                        [--build build] [--sim-build build/sim-build] [--steps 3] [--no-calibrate]
+                       [--no-calibrate-link] [--link-bytes 67108864]
 """
 import argparse
 import json
@@ -51,9 +65,56 @@ def simulate(a, platform, ranks, layout):
     out = subprocess.run(
         [os.path.join(ROOT, "scripts/simulate"), "--platform", platform, "--ranks", str(ranks), "--sim-build",
          a.sim_build, "--preset", a.preset, "--layers", a.layers, "--stage", a.stage, "--layout", layout,
-         "--bucket-mib", ENGINE_BUCKET_MIB, "--json"],
+         "--bucket-mib", ENGINE_BUCKET_MIB, "--reduce-scatter", a.reduce_scatter, "--json"],
         check=True, capture_output=True, text=True).stdout
     return last_json(out)
+
+
+def comm_bench(a, env, ranks, nbytes):
+    """bench/comm's shardopt MPI backend: {collective: seconds} for all_gather and reduce_scatter."""
+    out = subprocess.run(
+        ["mpirun", "--oversubscribe", "--mca", "btl", "self,vader", "--bind-to", "none", "-np", str(ranks),
+         os.path.join(a.build, "bench/comm/comm_bench"), "--json", "--min-bytes", str(nbytes), "--max-bytes",
+         str(nbytes), "--collectives", "all_gather", "reduce_scatter", "--backends", "mpi", "--repeat", "3"],
+        check=True, capture_output=True, text=True, env=env).stdout
+    rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    return {r["collective"]: r["shardopt_seconds"] for r in rows}
+
+
+def simulate_collectives(a, platform, ranks, nbytes):
+    out = subprocess.run(
+        [os.path.join(ROOT, "scripts/simulate"), "--platform", platform, "--ranks", str(ranks), "--sim-build",
+         a.sim_build, "--collective-bench", str(nbytes), "--reduce-scatter", a.reduce_scatter],
+        check=True, capture_output=True, text=True).stdout
+    return last_json(out)
+
+
+LINK_BW = r'(<link id="shm" bandwidth=")([0-9.eE+-]+)GBps"'
+
+
+def calibrate_link(a, env, platform):
+    """Rewrites the loopback link's bandwidth in `platform` (a calibrated copy) so that the simulated
+    2-rank all-gather of --link-bytes takes what bench/comm measures (see the module docstring)."""
+    nbytes = int(a.link_bytes)
+    measured = comm_bench(a, env, 2, nbytes)
+    before = simulate_collectives(a, platform, 2, nbytes)
+    text = open(platform).read()
+    m = re.search(LINK_BW, text)
+    if m is None:
+        sys.exit(f"validate.py: no <link id=\"shm\" bandwidth=\"...GBps\"> in {platform} to calibrate")
+    bw = float(m.group(2)) * 1e9
+    new_bw = bw * before["predicted_all_gather_seconds"] / measured["all_gather"]
+    text = re.sub(LINK_BW, rf'\g<1>{new_bw / 1e9:.4f}GBps"', text, count=1)
+    open(platform, "w").write(text)
+    after = simulate_collectives(a, platform, 2, nbytes)
+    print(json.dumps({"calibration": "2-rank comm_bench all_gather", "bytes": nbytes,
+                      "link_bytes_per_second": new_bw, "nominal_link_bytes_per_second": bw,
+                      "measured_all_gather_seconds": measured["all_gather"],
+                      "predicted_all_gather_seconds": after["predicted_all_gather_seconds"],
+                      "measured_reduce_scatter_seconds": measured["reduce_scatter"],
+                      "predicted_reduce_scatter_seconds": after["predicted_reduce_scatter_seconds"],
+                      "reduce_scatter_predicted_over_measured":
+                          after["predicted_reduce_scatter_seconds"] / measured["reduce_scatter"]}), flush=True)
 
 
 def calibrated_platform(a, env, base_platform, out_dir):
@@ -69,6 +130,12 @@ def calibrated_platform(a, env, base_platform, out_dir):
     stream = speed / fpb * predicted["predicted_elementwise_seconds"] / measured["elementwise_seconds"]
     new_fpb = new_speed / stream
     text = re.sub(r'speed="[0-9.eE+-]+Gf"', f'speed="{new_speed / 1e9:.4f}Gf"', text, count=1)
+    # The forward/backward rate (speed / shardopt_flops_per_model_flop) is not what this run measures: keep it.
+    m = re.search(r'(id="shardopt_flops_per_model_flop" value=")([0-9.eE+-]+)"', text)
+    if m:
+        model_rate = speed / float(m.group(2))
+        text = re.sub(r'(id="shardopt_flops_per_model_flop" value=")[0-9.eE+-]+"', rf'\g<1>{new_speed / model_rate:.4f}"',
+                      text, count=1)
     text = re.sub(r'(id="shardopt_flops_per_byte" value=")[0-9.eE+-]+"', rf'\g<1>{new_fpb:.4f}"', text, count=1)
     path = os.path.join(out_dir, "local-calibrated.xml")
     open(path, "w").write(text)
@@ -93,6 +160,11 @@ def main():
     ap.add_argument("--sim-build", default=os.environ.get("SHARDOPT_SIM_BUILD_DIR", os.path.join(ROOT, "build/sim-build")))
     ap.add_argument("--platform", default=os.path.join(ROOT, "sim/platforms/local-2core.xml"))
     ap.add_argument("--no-calibrate", action="store_true", help="use the platform's nominal rates as they are")
+    ap.add_argument("--reduce-scatter", default="libnbc",
+                    help="step_sim's reduce-scatter algorithm: libnbc (what OpenMPI 4.1 runs for the engine's "
+                         "MPI_Ireduce_scatter) or tuned")
+    ap.add_argument("--no-calibrate-link", action="store_true", help="keep the platform's nominal link")
+    ap.add_argument("--link-bytes", default=str(64 << 20), help="per-rank buffer of the link calibration (bytes)")
     a = ap.parse_args()
     # One compute thread per rank, as the platform models it (a rank = one core's worth of speed).
     # OMP_NUM_THREADS too: oneDNN's products (NS) otherwise take every core in every rank, so the 1-rank
@@ -101,11 +173,21 @@ def main():
                SHARDOPT_NUM_THREADS="1", OMP_NUM_THREADS="1")
     tmp = tempfile.TemporaryDirectory()
     platform = a.platform if a.no_calibrate else calibrated_platform(a, env, a.platform, tmp.name)
+    if not a.no_calibrate_link:
+        if platform == a.platform:  # never rewrite the source tree's platform file
+            platform = os.path.join(tmp.name, "local-calibrated.xml")
+            open(platform, "w").write(open(a.platform).read())
+        calibrate_link(a, env, platform)
     for n in a.ranks.split(","):
         for layout in a.layouts.split(","):
             measured = step_bench(a, env, n, layout)
             predicted = simulate(a, platform, n, layout)
             row = {"ranks": int(n), "preset": a.preset, "layers": int(a.layers), "stage": int(a.stage), "layout": layout}
+            # The reductions the gradient fill waited for belong to the simulated step (module docstring).
+            fill = measured["fill_reduce_wait_seconds"]
+            measured["reduce_wait_seconds"] += fill
+            measured["step_seconds"] += fill
+            row["measured_fill_reduce_wait_seconds"] = fill
             for sim_phase, bench_field in PHASES:
                 p, m = predicted[f"predicted_{sim_phase}_seconds"], measured[bench_field]
                 row[f"measured_{sim_phase}_seconds"] = m

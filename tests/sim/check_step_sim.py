@@ -12,7 +12,8 @@ quantities computed independently of the simulator:
    relative 5% for the store-and-forward and pipelining of the ompi algorithms.
 3. Slow host: a host at 0.5x speed doubles the modelled compute of its rank exactly and no other's.
 5. `shardopt simulate` (when its path is given) prints the same prediction as scripts/simulate for the
-   same options, as text and as JSON.
+   same options, as text and as JSON (a training step with the libnbc reduce-scatter, so that no option
+   can silently fall back to its default).
 4. NoLoCo's pairwise exchange: with 2, 8 and 16 replicas on the same 16 hosts (disjoint pairs on a
    non-blocking switch), the exchange takes the bytes a rank sends / the link bandwidth, within 2% and
    a few latencies, whatever the number of pairs (SMPI's injected MPI_Test time once made it grow).
@@ -20,6 +21,13 @@ quantities computed independently of the simulator:
    the slowest link; bandwidth-bound at 1 GB/s), name those two links, and leave the bytes unchanged.
 6. Messages of 2 GiB: SMPI 3.32 copies (and with payloads off never frees) a message of 2^31 bytes or
    more, so step_sim refuses a bucket that large with an error naming it, and runs one just below.
+8. Training step (--tokens-per-rank): the forward and backward take the FLOPs of the formula computed
+   here from the preset's shape (2·P·T + 4·L·S·d·T forward, twice that backward, P = the 2-D tensors
+   except the embedding) x shardopt_flops_per_model_flop / host speed; on a link so fast that
+   communication is ~0 the training step is forward + backward + the optimizer step of a step-only run;
+   on the 1 GB/s link the reduce-scatters overlap the backward: the exposed part is below the total
+   (which equals the step-only run's) and at least the last bucket's reduce-scatter (it starts when the
+   backward has ended).
 
 usage: check_step_sim.py SCRIPTS_SIMULATE SIM_BUILD_DIR NETWORK_PLATFORM_XML COMPUTE_PLATFORM_XML [SHARDOPT]
 (the first platform has negligible compute, the second the same network with hosts named h0..h15)
@@ -143,15 +151,17 @@ def main():
         failures.append("slow link: the bytes sent changed")
 
     if shardopt:
+        train = ["--tokens-per-rank", "256", "--seq-len", "128", "--reduce-scatter", "libnbc"]
         opts = ["--preset", "llama-125m", "--layers", "2", "--stage", "2", "--layout", "dim0", "--sync", "diloco",
-                "--replicas", "4"]
-        script = run("--layers", "2", "--layout", "dim0", "--sync", "diloco", "--replicas", "4")
+                "--replicas", "4", *train]
+        script = run("--layers", "2", "--layout", "dim0", "--sync", "diloco", "--replicas", "4", *train)
         cli_cmd = [shardopt, "simulate", "--platform", platform, "--ranks", str(ranks), "--sim-build", build,
                    *[c for cfg_opt in cfg for c in ("--cfg", cfg_opt.removeprefix("--cfg="))], *opts]
         cli = json.loads(subprocess.run(cli_cmd + ["--json"], check=True, capture_output=True,
                                         text=True).stdout.strip().splitlines()[-1])
         text = subprocess.run(cli_cmd, check=True, capture_output=True, text=True).stdout
-        keys = [k for k in script if k.startswith("predicted_") or k.startswith("bytes_") or k in ("layout", "sync", "replicas")]
+        keys = [k for k in script if k.startswith("predicted_") or k.startswith("bytes_") or
+                k in ("layout", "sync", "replicas", "tokens_per_rank", "seq_len", "reduce_scatter_algorithm")]
         diff = [k for k in keys if cli.get(k) != script[k]]
         print(f"shardopt simulate vs scripts/simulate: {len(keys) - len(diff)}/{len(keys)} fields equal; "
               f"step {cli['predicted_step_seconds']} s")
@@ -162,9 +172,68 @@ def main():
         if step_line not in text:
             failures.append(f"shardopt simulate's text output lacks '{step_line}':\n{text}")
 
+    failures += check_training(run, compute_platform, tmp.name)
+
     for f in failures:
         print("FAIL:", f)
     return 1 if failures else 0
+
+
+def check_training(run, compute_platform, tmp):
+    """Check 8 (module docstring)."""
+    failures = []
+    text = open(compute_platform).read()
+    speed = parse_unit(re.search(r'speed="([^"]+)"', text).group(1), {"Gf": 1e9, "Mf": 1e6, "f": 1})
+    factor, tokens, seq = 0.5, 256, 128
+    # Stream passes ~free (flops_per_byte 1e-9): what is left is NS, forward/backward and the network.
+    base = text.replace('<prop id="shardopt_flops_per_byte" value="1"/>',
+                        '<prop id="shardopt_flops_per_byte" value="1e-9"/>'
+                        f'<prop id="shardopt_flops_per_model_flop" value="{factor}"/>')
+    assert base != text, "compute16.xml no longer has the flops_per_byte property this check rewrites"
+    slow_path, fast_path = os.path.join(tmp, "train16.xml"), os.path.join(tmp, "train16-fast.xml")
+    open(slow_path, "w").write(base)
+    open(fast_path, "w").write(re.sub(r'bw="[^"]*"', 'bw="1000000GBps"', re.sub(r'lat="[^"]*"', 'lat="1ns"', base)))
+    # llama-125m (presets.cc): d 768, ffn 2048, vocab 32000, 12 heads = 12 kv heads; 2 layers kept.
+    d, ffn, vocab, layers = 768, 2048, 32000, 2
+    product_params = layers * (4 * d * d + 3 * d * ffn) + vocab * d  # + lm_head; the embedding is a lookup
+    forward = (2 * product_params * tokens + 4 * layers * seq * d * tokens) * factor / speed
+    # 4 MiB buckets (the Engine's default): 17 of them, so there is a backward left to overlap with (auto
+    # buckets at 16 ranks are two: every product parameter in the first, the embedding in the second).
+    common = ["--layout", "dim0", "--layers", str(layers), "--bucket-mib", "4"]
+    train = [*common, "--tokens-per-rank", str(tokens), "--seq-len", str(seq)]
+    for name, path in (("fast link", fast_path), ("1 GB/s link", slow_path)):
+        t = run(*train, on=path)
+        step_only = run(*common, on=path)
+        fwd, bwd = t["predicted_forward_seconds"], t["predicted_backward_seconds"]
+        rs, exposed, last = (t["predicted_reduce_scatter_seconds"], t["predicted_exposed_reduce_scatter_seconds"],
+                             t["predicted_last_bucket_reduce_scatter_seconds"])
+        print(f"training step, {name}: {t['predicted_train_step_seconds']:.6f} s = forward {fwd:.6f} (formula "
+              f"{forward:.6f}) + backward {bwd:.6f} (formula {2 * forward:.6f}) + step {t['predicted_step_seconds']:.6f}; "
+              f"reduce-scatter {rs:.6f} s, exposed {exposed:.6f} s, last bucket {last:.6f} s; "
+              f"step-only run: step {step_only['predicted_step_seconds']:.6f}, reduce-scatter "
+              f"{step_only['predicted_reduce_scatter_seconds']:.6f} s")
+        if abs(fwd - forward) > 1e-6 * forward:
+            failures.append(f"{name}: forward {fwd} s, formula {forward} s")
+        if abs(t["predicted_train_step_seconds"] - (fwd + bwd + t["predicted_step_seconds"])) > 1e-6:
+            failures.append(f"{name}: training step is not forward + backward + step")
+        if name == "fast link":
+            if abs(bwd - 2 * forward) > 1e-6 * forward:
+                failures.append(f"{name}: backward {bwd} s, formula {2 * forward} s")
+            want = forward + 2 * forward + step_only["predicted_step_seconds"]
+            if abs(t["predicted_train_step_seconds"] - want) > 1e-3 * want:
+                failures.append(f"{name}: training step {t['predicted_train_step_seconds']} s, expected forward + "
+                                f"backward + the step-only step = {want} s")
+        else:
+            if abs(rs - step_only["predicted_reduce_scatter_seconds"]) > 0.01 * rs:
+                failures.append(f"{name}: overlapped reduce-scatter {rs} s differs from the step-only run's "
+                                f"{step_only['predicted_reduce_scatter_seconds']} s (a bucket skipped or doubled?)")
+            if not exposed < 0.9 * rs:
+                failures.append(f"{name}: exposed reduce-scatter {exposed} s is not below the total {rs} s: no overlap")
+            if not last * (1 - 1e-9) <= exposed:
+                failures.append(f"{name}: exposed reduce-scatter {exposed} s below the last bucket's {last} s")
+            if not last > 0.01:
+                failures.append(f"{name}: the last bucket's reduce-scatter ({last} s) is too small to test the overlap")
+    return failures
 
 
 def parse_unit(text, units):

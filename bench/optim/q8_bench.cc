@@ -317,13 +317,18 @@ int main(int argc, char** argv) {
   shardopt::bench::add_repeat_option(app, reps, "--reps")->check(CLI::Range(1, 100));
   app.add_option("--world", world, "ranks of the memory plans")->check(CLI::Range(1, 4096));
   app.add_option("--elements", elements, "elements of the kernel arrays")->check(CLI::Range(int64_t{256}, int64_t{1} << 28));
+  std::vector<std::string> sections = {"memory", "codec", "kernel", "muon_momentum", "code_error"};
+  app.add_option("--section", sections, "the parts to run (default: all)")
+      ->check(CLI::IsMember({"memory", "codec", "kernel", "muon_momentum", "code_error"}));
   CLI11_PARSE(app, argc, argv);
   emit = shardopt::bench::Emitter(json);
-  for (const char* preset : {"llama-125m", "llama-1b"})
-    for (bool muon : {false, true}) bench_memory(preset, world, muon);
-  bench_codec(elements, reps);
-  bench_kernel(elements, reps);
-  bench_muon_momentum(4096, 4096, reps);
-  bench_code_error(1 << 16, 300);
+  const auto run = [&](const char* section) { return std::find(sections.begin(), sections.end(), section) != sections.end(); };
+  if (run("memory"))
+    for (const char* preset : {"llama-125m", "llama-1b"})
+      for (bool muon : {false, true}) bench_memory(preset, world, muon);
+  if (run("codec")) bench_codec(elements, reps);
+  if (run("kernel")) bench_kernel(elements, reps);
+  if (run("muon_momentum")) bench_muon_momentum(4096, 4096, reps);
+  if (run("code_error")) bench_code_error(1 << 16, 300);
   return 0;
 }

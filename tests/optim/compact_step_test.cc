@@ -221,7 +221,7 @@ TEST(CompactMuon, MomentumIsEncodedWithinTheBoundAndTheUpdateUsesTheDecodedState
 // same weights, codes / bf16 values and absmax bit for bit as the definition computed in one call
 // each (q8_dequantize or bf16 widening of the whole matrix, the fp32 muon_step, q8_quantize or bf16
 // rounding of the whole matrix). 131 x 777 = 101787 elements: 4 pool tasks, the last one short and
-// ending in a short q8 block. Muon and NorMuon, three steps.
+// ending in a short q8 block. Muon and NorMuon, three steps. Also called from inside pool tasks.
 TEST(CompactMuon, PoolDecodeAndEncodeGiveTheOneCallResultBitForBit) {
   const int64_t rows = 131, cols = 777;
   const auto n = static_cast<size_t>(rows * cols);
@@ -282,6 +282,30 @@ TEST(CompactMuon, PoolDecodeAndEncodeGiveTheOneCallResultBitForBit) {
           ASSERT_EQ(c.absmax[0], absmax_ref);
           ASSERT_EQ(v, v_ref);
         }
+
+      // Three matrices at once as tasks of the 3-thread pool, each passing that pool: the nested
+      // decode and encode run inline on the task's thread (no deadlock, no oversubscription), same result.
+      std::vector<CompactCase> copies(3, start);
+      std::vector<std::vector<float>> scratch(3, std::vector<float>(n)), v(3, std::vector<float>(rows, 0.0f));
+      std::vector<MuonWorkspace> workspaces;
+      for (int i = 0; i < 3; ++i) workspaces.emplace_back(rows, cols);
+      ThreadPool& pool = pools[2];
+      pool.parallel_for(3, [&](int64_t task, int) {
+        const auto t = static_cast<size_t>(task);
+        CompactCase& c = copies[t];
+        c.slots.slot[0].values = c.bytes[0].data();
+        c.slots.slot[0].absmax = dtype == proto::STATE_Q8 ? c.absmax[0].data() : nullptr;
+        MuonMatrix mm{c.master.data(), nullptr, nullptr, DType::kF32, scratch[t].data(), v[t].data(), rows, cols, {}};
+        for (int step = 0; step < 3; ++step) {
+          mm.grad = grads[step].data();
+          muon_step_compact(p, mm, c.slots.slot[0], 0.02f, workspaces[t], FiniteCheck::kNone, KernelOptions{&pool});
+        }
+      });
+      for (const CompactCase& c : copies) {
+        ASSERT_EQ(c.master, w_ref) << "nested";
+        ASSERT_EQ(c.bytes[0], bytes_ref) << "nested";
+        ASSERT_EQ(c.absmax[0], absmax_ref) << "nested";
+      }
     }
 }
 

@@ -206,15 +206,18 @@ StepResult elementwise_step_compact(const OptimizerParams& params, std::span<con
   if (slots == 0) return elementwise_step(params, slices, lr, step, FiniteCheck::kNone, exec);  // plain SGD: no state
 
   // One pool task per kCompactChunkElems of one slice; the result does not depend on the pool size.
-  std::vector<int64_t> first_task(slices.size() + 1, 0);
-  for (size_t i = 0; i < slices.size(); ++i)
-    first_task[i + 1] = first_task[i] + (static_cast<int64_t>(slices[i].count) + kCompactChunkElems - 1) /
-                                            kCompactChunkElems;
+  // Task t is found by walking the slices (few next to the tasks; no per-step table: the step
+  // allocates nothing).
+  const auto tasks_in = [](const ElementwiseSlice& s) {
+    return (static_cast<int64_t>(s.count) + kCompactChunkElems - 1) / kCompactChunkElems;
+  };
+  int64_t tasks = 0;
+  for (const ElementwiseSlice& s : slices) tasks += tasks_in(s);
   const Isa isa = select_isa(exec.max_isa);
   auto run_task = [&](int64_t task) {
-    const size_t i = static_cast<size_t>(
-        std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1);
-    const int64_t start = (task - first_task[i]) * kCompactChunkElems;
+    size_t i = 0;
+    while (task >= tasks_in(slices[i])) task -= tasks_in(slices[i++]);
+    const int64_t start = task * kCompactChunkElems;
     const int64_t n = std::min<int64_t>(kCompactChunkElems, static_cast<int64_t>(slices[i].count) - start);
     switch (isa) {
       case Isa::kAvx512: run_range_avx512(prepared, slices[i], states[i], start, n); break;
@@ -222,7 +225,6 @@ StepResult elementwise_step_compact(const OptimizerParams& params, std::span<con
       case Isa::kPortable: run_range_portable(prepared, slices[i], states[i], start, n); break;
     }
   };
-  const int64_t tasks = first_task.back();
   if (exec.pool == nullptr || exec.pool->size() == 1 || tasks <= 1) {
     for (int64_t t = 0; t < tasks; ++t) run_task(t);
   } else {

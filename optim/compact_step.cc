@@ -8,6 +8,7 @@
 
 #include "base/error.h"
 #include "base/thread_pool.h"
+#include "optim/compact_codec.h"
 #include "optim/elementwise_kernels.h"
 #include "optim/quant8_codec.h"
 #include "optim/simd_util.h"
@@ -20,42 +21,11 @@ namespace {
 constexpr int64_t kTileElems = 8 * kQ8BlockElems;
 static_assert(kCompactChunkElems % kTileElems == 0, "a pool task is a whole number of tiles");
 
-// Slot storage advanced by `offset` elements (a multiple of the q8 block).
-CompactState advanced(const CompactState& s, int64_t offset) {
-  CompactState out = s;
-  const int64_t value_bytes = s.dtype == proto::STATE_BF16 ? 2 : 1;
-  out.values = static_cast<unsigned char*>(s.values) + offset * value_bytes;
-  if (s.dtype == proto::STATE_Q8) out.absmax = s.absmax + offset / kQ8BlockElems;
-  return out;
-}
-
 void check_compact(const CompactState& s, const char* what, size_t index, int slot) {
   if ((s.dtype != proto::STATE_BF16 && s.dtype != proto::STATE_Q8) || s.values == nullptr ||
       (s.dtype == proto::STATE_Q8 && s.absmax == nullptr))
     throw ConfigError(fmt::format("{}: slice {} state slot {}: expected bf16 or q8 storage with non-null buffers, "
                                   "found {}", what, index, slot, state_dtype_name(s.dtype)));
-}
-
-SHARDOPT_KERNEL void decode_tile(const CompactState& s, int64_t n, float* out) {
-  if (s.dtype == proto::STATE_BF16) {
-    const auto* v = static_cast<const bf16*>(s.values);
-    for (int64_t i = 0; i < n; ++i) out[i] = load_as_float(v[i]);
-  } else if (s.nonnegative) {
-    codec::dequantize<false>(static_cast<const uint8_t*>(s.values), s.absmax, n, out, kQ8BlockElems);
-  } else {
-    codec::dequantize<true>(static_cast<const uint8_t*>(s.values), s.absmax, n, out, kQ8BlockElems);
-  }
-}
-
-SHARDOPT_KERNEL void encode_tile(const CompactState& s, int64_t n, const float* in) {
-  if (s.dtype == proto::STATE_BF16) {
-    auto* v = static_cast<bf16*>(s.values);
-    for (int64_t i = 0; i < n; ++i) v[i] = to_bf16_rne(in[i]);
-  } else if (s.nonnegative) {
-    codec::quantize<false>(in, n, static_cast<uint8_t*>(s.values), s.absmax, kQ8BlockElems);
-  } else {
-    codec::quantize<true>(in, n, static_cast<uint8_t*>(s.values), s.absmax, kQ8BlockElems);
-  }
 }
 
 // bf16 state: elements [start, start + n) of slice s, tile by tile: decode the tile's state slots
@@ -74,11 +44,11 @@ SHARDOPT_KERNEL void run_range_bf16(const detail::PreparedStep& p, const Element
     CompactState st[2];
     for (int k = 0; k < p.state_slots; ++k) {
       st[k] = advanced(slots.slot[k], t);
-      decode_tile(st[k], len, scratch[k]);
+      decode_compact(st[k], len, scratch[k]);
       tile.state[k] = scratch[k];
     }
     detail::run_prepared(p, tile, 0, static_cast<size_t>(len));
-    for (int k = 0; k < p.state_slots; ++k) encode_tile(st[k], len, scratch[k]);
+    for (int k = 0; k < p.state_slots; ++k) encode_compact(st[k], len, scratch[k]);
   }
 }
 
@@ -191,16 +161,19 @@ SHARDOPT_KERNEL void run_range(const detail::PreparedStep& p, const ElementwiseS
   }
 }
 
-// One build per instruction set (flatten: the decode, update and encode loops are all compiled for
-// the wrapper's target). The codec is bit-exact across them; the update loops may differ in the last
-// bit (fused multiply-adds), as elementwise_step's do.
-__attribute__((flatten)) void run_range_portable(const detail::PreparedStep& p, const ElementwiseSlice& s,
-                                                 const CompactSlots& slots, int64_t start, int64_t n) {
+// One build per instruction set (optim/kernel_options.h; flatten: the decode, update and encode
+// loops are all compiled for the wrapper's target). The codec is bit-exact across them; the update
+// loops may differ in the last bit between the portable and the FMA builds, as elementwise_step's do.
+SHARDOPT_BUILD_PORTABLE void run_range_portable(const detail::PreparedStep& p, const ElementwiseSlice& s,
+                                                const CompactSlots& slots, int64_t start, int64_t n) {
   run_range(p, s, slots, start, n);
 }
-__attribute__((flatten, target("avx512f,avx512bw,avx512vl,avx512dq,fma,prefer-vector-width=512"))) void
-run_range_avx512(const detail::PreparedStep& p, const ElementwiseSlice& s, const CompactSlots& slots, int64_t start,
-                 int64_t n) {
+SHARDOPT_BUILD_AVX2 void run_range_avx2(const detail::PreparedStep& p, const ElementwiseSlice& s,
+                                        const CompactSlots& slots, int64_t start, int64_t n) {
+  run_range(p, s, slots, start, n);
+}
+SHARDOPT_BUILD_AVX512 void run_range_avx512(const detail::PreparedStep& p, const ElementwiseSlice& s,
+                                            const CompactSlots& slots, int64_t start, int64_t n) {
   run_range(p, s, slots, start, n);
 }
 
@@ -233,20 +206,25 @@ StepResult elementwise_step_compact(const OptimizerParams& params, std::span<con
   if (slots == 0) return elementwise_step(params, slices, lr, step, FiniteCheck::kNone, exec);  // plain SGD: no state
 
   // One pool task per kCompactChunkElems of one slice; the result does not depend on the pool size.
-  std::vector<int64_t> first_task(slices.size() + 1, 0);
-  for (size_t i = 0; i < slices.size(); ++i)
-    first_task[i + 1] = first_task[i] + (static_cast<int64_t>(slices[i].count) + kCompactChunkElems - 1) /
-                                            kCompactChunkElems;
-  const bool avx512 = exec.use_avx512 && cpu_has_avx512();
-  auto run_task = [&](int64_t task) {
-    const size_t i = static_cast<size_t>(
-        std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1);
-    const int64_t start = (task - first_task[i]) * kCompactChunkElems;
-    const int64_t n = std::min<int64_t>(kCompactChunkElems, static_cast<int64_t>(slices[i].count) - start);
-    if (avx512) run_range_avx512(prepared, slices[i], states[i], start, n);
-    else run_range_portable(prepared, slices[i], states[i], start, n);
+  // Task t is found by walking the slices (few next to the tasks; no per-step table: the step
+  // allocates nothing).
+  const auto tasks_in = [](const ElementwiseSlice& s) {
+    return (static_cast<int64_t>(s.count) + kCompactChunkElems - 1) / kCompactChunkElems;
   };
-  const int64_t tasks = first_task.back();
+  int64_t tasks = 0;
+  for (const ElementwiseSlice& s : slices) tasks += tasks_in(s);
+  const Isa isa = select_isa(exec.max_isa);
+  auto run_task = [&](int64_t task) {
+    size_t i = 0;
+    while (task >= tasks_in(slices[i])) task -= tasks_in(slices[i++]);
+    const int64_t start = task * kCompactChunkElems;
+    const int64_t n = std::min<int64_t>(kCompactChunkElems, static_cast<int64_t>(slices[i].count) - start);
+    switch (isa) {
+      case Isa::kAvx512: run_range_avx512(prepared, slices[i], states[i], start, n); break;
+      case Isa::kAvx2: run_range_avx2(prepared, slices[i], states[i], start, n); break;
+      case Isa::kPortable: run_range_portable(prepared, slices[i], states[i], start, n); break;
+    }
+  };
   if (exec.pool == nullptr || exec.pool->size() == 1 || tasks <= 1) {
     for (int64_t t = 0; t < tasks; ++t) run_task(t);
   } else {
@@ -256,13 +234,13 @@ StepResult elementwise_step_compact(const OptimizerParams& params, std::span<con
 }
 
 StepResult muon_step_compact(const OptimizerParams& params, const MuonMatrix& matrix, const CompactState& momentum,
-                             float lr, MuonWorkspace& workspace, FiniteCheck check) {
+                             float lr, MuonWorkspace& workspace, FiniteCheck check, const KernelOptions& exec) {
   check_compact(momentum, "muon_step_compact", 0, 0);
   if (matrix.momentum == nullptr) throw ConfigError("muon_step_compact: matrix.momentum (fp32 scratch) is null");
   const int64_t n = matrix.rows * matrix.cols;
-  load_compact(momentum, n, matrix.momentum);
+  load_compact(momentum, n, matrix.momentum, exec);
   const StepResult result = muon_step(params, matrix, lr, workspace, check);
-  if (result.applied) store_compact(momentum, n, matrix.momentum);
+  if (result.applied) store_compact(momentum, n, matrix.momentum, exec);
   return result;
 }
 

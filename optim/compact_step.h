@@ -8,10 +8,12 @@
 // result is bit for bit decode + elementwise_step + q8_quantize (tests/optim/compact_step_test.cc).
 // bf16: tiles of 2048 elements are decoded to an L1 scratch, updated by the fp32 loops, re-encoded.
 // Muon / NorMuon: the momentum is decoded into matrix.momentum (an fp32 scratch of the matrix's
-// size), muon_step runs, and the new momentum is encoded back. NorMuon's row moment stays fp32.
+// size), muon_step runs, and the new momentum is encoded back (load_compact / store_compact: tasks
+// of kCompactChunkElems, whole q8 blocks, on exec.pool). NorMuon's row moment stays fp32.
 //
 // Element-wise tasks of kCompactChunkElems run on exec.pool (each is independent: same result at any
-// pool size); the loops use AVX-512 where exec allows and the CPU has it.
+// pool size); the loops run the widest instruction-set build exec allows and the CPU has (AVX-512,
+// AVX2 + FMA or portable; optim/kernel_options.h).
 #pragma once
 
 #include <cstdint>
@@ -22,8 +24,6 @@
 #include "optim/quant8.h"
 
 namespace shardopt::optim {
-
-inline constexpr int64_t kCompactChunkElems = 128 * kQ8BlockElems;  // elements per pool task
 
 // The compact state slots of one ElementwiseSlice (its `state` pointers are ignored).
 struct CompactSlots {
@@ -37,8 +37,15 @@ StepResult elementwise_step_compact(const OptimizerParams& params, std::span<con
                                     FiniteCheck check = FiniteCheck::kNone, const KernelOptions& exec = {});
 
 // muon_step with the momentum in `momentum` (rows*cols elements); matrix.momentum must point at an
-// fp32 scratch of rows*cols values (its contents are overwritten).
+// fp32 scratch of rows*cols values (its contents are overwritten). exec parallelizes the momentum's
+// decode and encode only (same result at any pool size); muon_step itself runs as it does without
+// compact state (its products use the BLAS threads as configured). Give exec.pool when the caller
+// runs its matrices one after another, as the Engine does for compact momentum (the matrices share
+// one scratch): the pool is idle then. A call from inside a task of exec.pool runs the decode and
+// encode on that task's thread (ThreadPool runs nested parallel_for inline), so a caller running
+// matrices concurrently on the pool cannot oversubscribe it through exec. Allocates nothing.
 StepResult muon_step_compact(const OptimizerParams& params, const MuonMatrix& matrix, const CompactState& momentum,
-                             float lr, MuonWorkspace& workspace, FiniteCheck check = FiniteCheck::kNone);
+                             float lr, MuonWorkspace& workspace, FiniteCheck check = FiniteCheck::kNone,
+                             const KernelOptions& exec = {});
 
 }  // namespace shardopt::optim

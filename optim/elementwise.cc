@@ -14,14 +14,15 @@
 namespace shardopt::optim {
 namespace detail {
 
-// The instantiation per instruction set. flatten inlines the whole call tree, so the loops are
-// compiled (and vectorized) for the wrapper's target.
+// The instantiation per instruction set (optim/kernel_options.h).
 namespace {
-__attribute__((flatten)) void run_portable(const PreparedStep& p, const ElementwiseSlice& s, size_t b, size_t n) {
+SHARDOPT_BUILD_PORTABLE void run_portable(const PreparedStep& p, const ElementwiseSlice& s, size_t b, size_t n) {
   run_prepared(p, s, b, n);
 }
-__attribute__((flatten, target("avx512f,avx512bw,avx512vl,avx512dq,fma,prefer-vector-width=512"))) void run_avx512(
-    const PreparedStep& p, const ElementwiseSlice& s, size_t b, size_t n) {
+SHARDOPT_BUILD_AVX2 void run_avx2(const PreparedStep& p, const ElementwiseSlice& s, size_t b, size_t n) {
+  run_prepared(p, s, b, n);
+}
+SHARDOPT_BUILD_AVX512 void run_avx512(const PreparedStep& p, const ElementwiseSlice& s, size_t b, size_t n) {
   run_prepared(p, s, b, n);
 }
 
@@ -33,10 +34,13 @@ constexpr size_t kChunkElements = size_t{1} << 15;
 // boundaries are multiples of 64 elements within a slice, so vector loops stay aligned as the
 // slice is. Chunk i is found by walking the slices (their count is small next to the chunks).
 void run_all(std::span<const ElementwiseSlice> slices, const PreparedStep& p, const KernelOptions& exec) {
-  const bool avx512 = exec.use_avx512 && cpu_has_avx512();
+  const Isa isa = select_isa(exec.max_isa);
   auto run_range = [&](const ElementwiseSlice& s, size_t b, size_t n) {
-    if (avx512) run_avx512(p, s, b, n);
-    else run_portable(p, s, b, n);
+    switch (isa) {
+      case Isa::kAvx512: run_avx512(p, s, b, n); break;
+      case Isa::kAvx2: run_avx2(p, s, b, n); break;
+      case Isa::kPortable: run_portable(p, s, b, n); break;
+    }
   };
   int64_t chunks = 0;
   for (const ElementwiseSlice& s : slices) chunks += static_cast<int64_t>((s.count + kChunkElements - 1) / kChunkElements);

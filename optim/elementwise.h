@@ -20,6 +20,7 @@
 #include "base/dtype.h"
 #include "base/thread_pool.h"
 #include "optim/config.h"
+#include "optim/kernel_options.h"  // KernelOptions: the pool and the instruction-set build
 
 namespace shardopt::optim {
 
@@ -40,14 +41,6 @@ enum class FiniteCheck {
 struct StepResult {
   bool applied = true;             // false: a non-finite gradient was found, nothing was written
   int64_t nonfinite_gradients = 0;  // counted only with FiniteCheck::kGradients
-};
-
-// How a step runs on this CPU. The result does not depend on the pool size (each element is
-// computed by the same code whichever thread runs it); the AVX-512 path may differ from the
-// portable one in the last bit (fused multiply-adds).
-struct KernelOptions {
-  ThreadPool* pool = nullptr;  // nullptr or size 1: the calling thread does all the work
-  bool use_avx512 = true;      // use the AVX-512 loops where the CPU has them (checked at run time)
 };
 
 // One optimizer step over `slices` (AdamW, Lion or SGD per params.kind). Throws ConfigError for a

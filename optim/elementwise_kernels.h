@@ -17,8 +17,9 @@ namespace shardopt::optim::detail {
 
 inline float f32(double x) { return static_cast<float>(x); }
 
-// The loops below are inlined into one wrapper per instruction set (run_portable / run_avx512), so
-// the same source is vectorized for the baseline x86-64 target and for AVX-512, picked at run time.
+// The loops below are inlined into one wrapper per instruction set (run_portable / run_avx2 /
+// run_avx512), so the same source is vectorized for the baseline x86-64 target, AVX2 + FMA and
+// AVX-512, picked at run time (optim/kernel_options.h).
 #define SHARDOPT_KERNEL inline __attribute__((always_inline))
 
 // Per-call constants, computed once so the per-element loops are pure arithmetic.

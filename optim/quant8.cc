@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "base/error.h"
+#include "optim/compact_codec.h"
 #include "optim/quant8_codec.h"
 #include "optim/simd_util.h"
 
@@ -57,8 +58,6 @@ Q8Codebook make_linear(bool is_signed) {
     for (int k = 0; k <= 255; ++k) values.push_back(k / 255.0);
   return finish(std::move(values));
 }
-
-#define SHARDOPT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")))
 
 }  // namespace
 
@@ -124,72 +123,85 @@ void dequantize_table(const Q8Codebook& book, const uint8_t* codes, const float*
   for (int64_t i = 0; i < n; ++i) out[i] = book.values[codes[i]] * absmax[i / kQ8BlockElems];
 }
 
-// float8: one source (quant8_codec.h), compiled for the baseline target and for AVX-512.
-template <bool kSigned>
-__attribute__((flatten)) void quantize_portable(const float* x, int64_t n, uint8_t* codes, float* absmax) {
-  codec::quantize<kSigned>(x, n, codes, absmax, kQ8BlockElems);
+// float8 and bf16: one source (compact_codec.h), compiled per instruction set.
+SHARDOPT_BUILD_PORTABLE void decode_portable(const CompactState& s, int64_t n, float* out) { decode_compact(s, n, out); }
+SHARDOPT_BUILD_AVX2 void decode_avx2(const CompactState& s, int64_t n, float* out) { decode_compact(s, n, out); }
+SHARDOPT_BUILD_AVX512 void decode_avx512(const CompactState& s, int64_t n, float* out) { decode_compact(s, n, out); }
+SHARDOPT_BUILD_PORTABLE void encode_portable(const CompactState& s, int64_t n, const float* in) {
+  encode_compact(s, n, in);
 }
-template <bool kSigned>
-__attribute__((flatten)) void dequantize_portable(const uint8_t* codes, const float* absmax, int64_t n, float* out) {
-  codec::dequantize<kSigned>(codes, absmax, n, out, kQ8BlockElems);
+SHARDOPT_BUILD_AVX2 void encode_avx2(const CompactState& s, int64_t n, const float* in) { encode_compact(s, n, in); }
+SHARDOPT_BUILD_AVX512 void encode_avx512(const CompactState& s, int64_t n, const float* in) {
+  encode_compact(s, n, in);
 }
-template <bool kSigned>
-SHARDOPT_AVX512 __attribute__((flatten)) void quantize_avx512(const float* x, int64_t n, uint8_t* codes,
-                                                               float* absmax) {
-  codec::quantize<kSigned>(x, n, codes, absmax, kQ8BlockElems);
+
+void decode_with(Isa isa, const CompactState& s, int64_t n, float* out) {
+  switch (isa) {
+    case Isa::kAvx512: return decode_avx512(s, n, out);
+    case Isa::kAvx2: return decode_avx2(s, n, out);
+    case Isa::kPortable: return decode_portable(s, n, out);
+  }
 }
-template <bool kSigned>
-SHARDOPT_AVX512 __attribute__((flatten)) void dequantize_avx512(const uint8_t* codes, const float* absmax,
-                                                                 int64_t n, float* out) {
-  codec::dequantize<kSigned>(codes, absmax, n, out, kQ8BlockElems);
+
+void encode_with(Isa isa, const CompactState& s, int64_t n, const float* in) {
+  switch (isa) {
+    case Isa::kAvx512: return encode_avx512(s, n, in);
+    case Isa::kAvx2: return encode_avx2(s, n, in);
+    case Isa::kPortable: return encode_portable(s, n, in);
+  }
+}
+
+// fn(start, len) over [0, n) in runs of kCompactChunkElems (whole q8 blocks) on `pool`. A block is
+// encoded and decoded from its own elements and absmax only, so the runs are independent and the
+// result is the one-run result bit for bit at any pool size. Allocates nothing.
+template <class F>
+void for_each_chunk(int64_t n, ThreadPool* pool, const F& fn) {
+  const int64_t chunks = (n + kCompactChunkElems - 1) / kCompactChunkElems;
+  if (pool == nullptr || pool->size() == 1 || chunks <= 1) {
+    if (n > 0) fn(int64_t{0}, n);
+    return;
+  }
+  pool->parallel_for(chunks, [&](int64_t chunk, int) {
+    const int64_t start = chunk * kCompactChunkElems;
+    fn(start, std::min(kCompactChunkElems, n - start));
+  });
+}
+
+void check_compact_dtype(const CompactState& state, const char* what) {
+  if (state.dtype != proto::STATE_BF16 && state.dtype != proto::STATE_Q8)
+    throw ConfigError(std::string(what) + ": state dtype " + state_dtype_name(state.dtype) + " is not compact");
 }
 
 }  // namespace
 
 void q8_quantize(const float* x, int64_t n, bool nonnegative, uint8_t* codes, float* absmax, Q8CodeKind kind,
-                 bool use_avx512) {
+                 Isa max_isa) {
   if (kind != Q8CodeKind::kFloat8) return quantize_table(q8_codebook(kind, !nonnegative), x, n, codes, absmax);
-  const bool avx512 = use_avx512 && cpu_has_avx512();
-  if (nonnegative) avx512 ? quantize_avx512<false>(x, n, codes, absmax) : quantize_portable<false>(x, n, codes, absmax);
-  else avx512 ? quantize_avx512<true>(x, n, codes, absmax) : quantize_portable<true>(x, n, codes, absmax);
+  encode_with(select_isa(max_isa), CompactState{proto::STATE_Q8, codes, absmax, nonnegative}, n, x);
 }
 
 void q8_dequantize(const uint8_t* codes, const float* absmax, int64_t n, bool nonnegative, float* out,
-                   Q8CodeKind kind, bool use_avx512) {
+                   Q8CodeKind kind, Isa max_isa) {
   if (kind != Q8CodeKind::kFloat8) return dequantize_table(q8_codebook(kind, !nonnegative), codes, absmax, n, out);
-  const bool avx512 = use_avx512 && cpu_has_avx512();
-  if (nonnegative) avx512 ? dequantize_avx512<false>(codes, absmax, n, out) : dequantize_portable<false>(codes, absmax, n, out);
-  else avx512 ? dequantize_avx512<true>(codes, absmax, n, out) : dequantize_portable<true>(codes, absmax, n, out);
+  // The decode only reads through the state's pointers.
+  const CompactState state{proto::STATE_Q8, const_cast<uint8_t*>(codes), const_cast<float*>(absmax), nonnegative};
+  decode_with(select_isa(max_isa), state, n, out);
 }
 
-void load_compact(const CompactState& state, int64_t n, float* out, bool use_avx512) {
-  switch (state.dtype) {
-    case proto::STATE_BF16: {
-      const auto* v = static_cast<const bf16*>(state.values);
-      for (int64_t i = 0; i < n; ++i) out[i] = load_as_float(v[i]);
-      break;
-    }
-    case proto::STATE_Q8:
-      q8_dequantize(static_cast<const uint8_t*>(state.values), state.absmax, n, state.nonnegative, out,
-                    Q8CodeKind::kFloat8, use_avx512);
-      break;
-    default: throw ConfigError("load_compact: state dtype " + state_dtype_name(state.dtype) + " is not compact");
-  }
+void load_compact(const CompactState& state, int64_t n, float* out, const KernelOptions& exec) {
+  check_compact_dtype(state, "load_compact");
+  const Isa isa = select_isa(exec.max_isa);
+  for_each_chunk(n, exec.pool, [&](int64_t start, int64_t len) {
+    decode_with(isa, advanced(state, start), len, out + start);
+  });
 }
 
-void store_compact(const CompactState& state, int64_t n, const float* in, bool use_avx512) {
-  switch (state.dtype) {
-    case proto::STATE_BF16: {
-      auto* v = static_cast<bf16*>(state.values);
-      for (int64_t i = 0; i < n; ++i) v[i] = to_bf16_rne(in[i]);
-      break;
-    }
-    case proto::STATE_Q8:
-      q8_quantize(in, n, state.nonnegative, static_cast<uint8_t*>(state.values), state.absmax, Q8CodeKind::kFloat8,
-                  use_avx512);
-      break;
-    default: throw ConfigError("store_compact: state dtype " + state_dtype_name(state.dtype) + " is not compact");
-  }
+void store_compact(const CompactState& state, int64_t n, const float* in, const KernelOptions& exec) {
+  check_compact_dtype(state, "store_compact");
+  const Isa isa = select_isa(exec.max_isa);
+  for_each_chunk(n, exec.pool, [&](int64_t start, int64_t len) {
+    encode_with(isa, advanced(state, start), len, in + start);
+  });
 }
 
 int64_t compact_bytes(StateDType dtype, int64_t n) {

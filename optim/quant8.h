@@ -48,6 +48,7 @@
 
 #include "base/dtype.h"
 #include "optim/config.h"
+#include "optim/kernel_options.h"
 
 namespace shardopt::optim {
 
@@ -103,17 +104,24 @@ inline bool q8_slot_is_nonnegative(OptimizerKind kind, int slot) {
 }
 
 // Quantizes x[0..n) as consecutive blocks (starting at a block boundary), float8 by default.
-// use_avx512: float8 runs loops compiled for AVX-512 where the CPU has them (checked at run time);
-// they give the same codes and values bit for bit as the portable build. The table codes run
-// portable loops (they serve conversion and measurement, not the optimizer step).
+// max_isa: float8 runs the widest build of its loops the CPU has up to max_isa (AVX-512, AVX2 + FMA
+// or portable; optim/kernel_options.h); every build gives the same codes and values bit for bit.
+// The table codes run portable loops (they serve conversion and measurement, not the optimizer step).
 void q8_quantize(const float* x, int64_t n, bool nonnegative, uint8_t* codes, float* absmax,
-                 Q8CodeKind kind = Q8CodeKind::kFloat8, bool use_avx512 = true);
+                 Q8CodeKind kind = Q8CodeKind::kFloat8, Isa max_isa = Isa::kAvx512);
 void q8_dequantize(const uint8_t* codes, const float* absmax, int64_t n, bool nonnegative, float* out,
-                   Q8CodeKind kind = Q8CodeKind::kFloat8, bool use_avx512 = true);
+                   Q8CodeKind kind = Q8CodeKind::kFloat8, Isa max_isa = Isa::kAvx512);
 
-// Elements [0, n) of a compact state <-> fp32 (bf16: exact widening / round to nearest even).
-void load_compact(const CompactState& state, int64_t n, float* out, bool use_avx512 = true);
-void store_compact(const CompactState& state, int64_t n, const float* in, bool use_avx512 = true);
+// Elements per pool task of the compact-state loops (load_compact / store_compact here, the fused
+// element-wise step in optim/compact_step.h): whole q8 blocks, so tasks are independent.
+inline constexpr int64_t kCompactChunkElems = 128 * kQ8BlockElems;
+
+// Elements [0, n) of a compact state <-> fp32 (bf16: exact widening / round to nearest even; q8:
+// float8 from a block boundary). Split into tasks of kCompactChunkElems on exec.pool: the result is
+// the single-threaded one bit for bit at any pool size, in any instruction-set build. Allocates
+// nothing. Throws ConfigError when state.dtype is not bf16 or q8.
+void load_compact(const CompactState& state, int64_t n, float* out, const KernelOptions& exec = {});
+void store_compact(const CompactState& state, int64_t n, const float* in, const KernelOptions& exec = {});
 // Bytes of n elements of compact state (q8: codes and absmax).
 int64_t compact_bytes(StateDType dtype, int64_t n);
 

@@ -1,8 +1,9 @@
 // The float8 q8 code's block loops (optim/quant8.h), inline so that each caller compiles them into its
-// own per-instruction-set wrapper (quant8.cc: quantize/dequantize; compact_step.cc: fused into the
-// optimizer step). Internal to optim/. Every step is an IEEE-exact float operation (multiply,
-// divide, sqrt) or integer arithmetic on the bits, so the portable and the AVX-512 builds of these
-// loops give the same codes and values bit for bit. The per-element functions (bits_of to
+// own per-instruction-set wrapper (quant8.cc through compact_codec.h: quantize/dequantize;
+// compact_step.cc: fused into the optimizer step). Internal to optim/. Every step is an IEEE-exact
+// float operation (multiply, divide, sqrt; no additions, so no fused multiply-add can form) or
+// integer arithmetic on the bits, so the portable, AVX2 + FMA and AVX-512 builds of these loops give
+// the same codes and values bit for bit. The per-element functions (bits_of to
 // decode_unsigned) also compile as device functions under nvcc: the CUDA q8 step
 // (optim/cuda/compact_kernels.cu) encodes and decodes with these same functions.
 #pragma once

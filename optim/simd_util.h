@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "base/dtype.h"
+#include "optim/kernel_options.h"
 
 namespace shardopt::optim {
 
@@ -24,12 +25,11 @@ inline bf16 to_bf16_rne(float f) {
   return bf16{static_cast<uint16_t>(is_nan ? quiet_nan : rounded)};
 }
 
-// Whether the CPU runs the AVX-512 loops (F, BW, VL, DQ and FMA), checked once at run time.
-inline bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("fma");
-  return has;
-}
+// Attributes of the per-instruction-set wrappers (optim/kernel_options.h: Isa). flatten inlines the
+// wrapper's whole call tree, so the loops are compiled (and vectorized) for the wrapper's target.
+#define SHARDOPT_BUILD_PORTABLE __attribute__((flatten))
+#define SHARDOPT_BUILD_AVX2 __attribute__((flatten, target("avx2,fma")))
+#define SHARDOPT_BUILD_AVX512 \
+  __attribute__((flatten, target("avx512f,avx512bw,avx512vl,avx512dq,fma,prefer-vector-width=512")))
 
 }  // namespace shardopt::optim

@@ -410,9 +410,10 @@ optim::StepResult ShardState::elementwise_step(const optim::OptimizerParams& par
                                          optim::FiniteCheck::kNone, exec);
 }
 
-optim::StepResult ShardState::muon_step(const optim::OptimizerParams& params, OwnedMatrix& om, float lr) {
+optim::StepResult ShardState::muon_step(const optim::OptimizerParams& params, OwnedMatrix& om, float lr,
+                                        const optim::KernelOptions& exec) {
   if (mx_dtype_ == proto::STATE_F32) return optim::muon_step(params, om.matrix, lr, workspace_);
-  return optim::muon_step_compact(params, om.matrix, om.momentum, lr, workspace_);
+  return optim::muon_step_compact(params, om.matrix, om.momentum, lr, workspace_, optim::FiniteCheck::kNone, exec);
 }
 
 MemoryReport ShardState::memory() const {

@@ -132,7 +132,9 @@ class ShardState {
   // The optimizer steps over this rank's state, whatever its storage dtype.
   optim::StepResult elementwise_step(const optim::OptimizerParams& params, float lr, int64_t step,
                                      const optim::KernelOptions& exec = {});
-  optim::StepResult muon_step(const optim::OptimizerParams& params, OwnedMatrix& om, float lr);
+  // exec: compact momentum's decode and encode run on exec.pool (optim::muon_step_compact).
+  optim::StepResult muon_step(const optim::OptimizerParams& params, OwnedMatrix& om, float lr,
+                              const optim::KernelOptions& exec = {});
   std::vector<OwnedMatrix>& owned_matrices() { return owned_; }
   optim::MuonWorkspace& muon_workspace() { return workspace_; }
 

@@ -81,14 +81,15 @@ class HostStepBackend final : public StepBackend {
 
   void matrix_step(ShardState& state, const optim::OptimizerParams& params, float lr, TraceRecorder& trace) override {
     // fp32 momentum: the owned matrices run concurrently on the pool. Compact (bf16/q8) momentum is
-    // decoded into one fp32 scratch that the matrices share, so they run one after another.
+    // decoded into one fp32 scratch that the matrices share, so they run one after another, and the
+    // pool, idle meanwhile, runs each matrix's momentum decode and encode.
     if (state.matrix_state_dtype() == proto::STATE_F32) {
       TraceRecorder::Span span(trace, "muon owned matrices", "compute");
       parallel_muon_->step(params, owned_matrices_, lr);
     } else {
       for (OwnedMatrix& om : state.owned_matrices()) {
         TraceRecorder::Span span(trace, "muon ", state.plan().tensors(om.tensor).name(), "compute");
-        state.muon_step(params, om, lr);
+        state.muon_step(params, om, lr, optim::KernelOptions{pool_});
       }
     }
   }

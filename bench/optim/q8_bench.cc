@@ -2,9 +2,12 @@
 //   q8_memory     moment bytes per rank (max over ranks) with q8 vs fp32 moments, absmax included,
 //                 and the total optimizer bytes (fp32 master + moments) beside them, from the plans
 //                 the Engine builds for the llama presets (AdamW everywhere, and Muon + AdamW);
-//   q8_codec      q8 encode and decode time alone (float8 portable and AVX-512 builds, dynamic table);
-//   q8_kernel     AdamW / Lion / SGD-momentum step time with q8 / bf16 moments vs the fp32 step on the
-//                 same arrays, at 1 and 2 threads (the same pool for both, repetitions interleaved);
+//   q8_codec      q8 encode and decode time alone (float8 in each instruction-set build the CPU runs:
+//                 portable, AVX2, AVX-512; the dynamic table code), field "isa";
+//   q8_kernel     AdamW / Lion / SGD-momentum step time with q8 / bf16 moments vs the fp32 step of the
+//                 same instruction-set build on the same arrays, at 1 and 2 threads (the same pool for
+//                 both, repetitions interleaved), field "isa";
+//   q8_muon_momentum  Muon compact momentum decode + encode of one 4096 x 4096 matrix at 1 and 2 threads;
 //   q8_code_error the error of the float8, dynamic and linear 8-bit codes on AdamW moments of a
 //                 synthetic heavy-tailed gradient stream (the measurement behind optim/quant8.h's choice).
 // Kernel times are the best of --repeat (the machine is shared). --json: one JSON object per line.
@@ -25,6 +28,7 @@
 #include "optim/compact_step.h"
 #include "optim/config.h"
 #include "optim/elementwise.h"
+#include "optim/kernel_options.h"
 #include "optim/quant8.h"
 #include "runtime/engine.h"
 #include "sharding/planner.h"
@@ -92,10 +96,18 @@ void bench_memory(const std::string& preset, int world, bool muon) {
                    max_total[0] / 1048576, max_total[1] / 1048576, max_total[1] / max_total[0]));
 }
 
+// The instruction-set builds this CPU runs (optim/kernel_options.h), narrowest first.
+std::vector<so::Isa> supported_isas() {
+  std::vector<so::Isa> out;
+  for (so::Isa isa : {so::Isa::kPortable, so::Isa::kAvx2, so::Isa::kAvx512})
+    if (so::cpu_supports(isa)) out.push_back(isa);
+  return out;
+}
+
 // Step time with compact moments against the fp32 step on the same arrays with the same pool, for
-// AdamW (m and v), Lion (m) and SGD momentum, at 1 and 2 threads. The variants' repetitions are
-// interleaved with the fp32 ones, so a change of load on the shared machine hits both sides of a
-// ratio. At 1 thread AdamW q8 is also timed with the portable (non-AVX-512) build of the loops.
+// AdamW (m and v), Lion (m) and SGD momentum, at 1 and 2 threads, in every instruction-set build the
+// CPU runs: q8 in build X against the fp32 step in build X (and bf16 in the widest build). All
+// repetitions are interleaved, so a change of load on the shared machine hits both sides of a ratio.
 void bench_kernel(int64_t n, int reps) {
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -103,12 +115,13 @@ void bench_kernel(int64_t n, int reps) {
   for (size_t i = 0; i < w.size(); ++i) w[i] = normal(rng), g[i] = normal(rng) * 1e-2f;
   struct Variant {
     sp::StateDType dtype;
-    bool avx512;
+    so::Isa isa;
     std::vector<unsigned char> values[2];
     std::vector<float> absmax[2];
     so::CompactSlots slots;
     double best = 1e300;
   };
+  const std::vector<so::Isa> isas = supported_isas();
   for (const char* kernel : {"adamw", "lion", "sgd_momentum"}) {
     sp::OptimizerConfig cfg;
     cfg.set_kind(kernel == std::string("adamw") ? sp::OPTIMIZER_ADAMW
@@ -126,15 +139,14 @@ void bench_kernel(int64_t n, int reps) {
     for (int threads : {1, 2}) {
       shardopt::ThreadPool pool(threads);
       std::vector<Variant> variants;
-      const auto variant = [](sp::StateDType dtype, bool avx512) {
+      const auto variant = [](sp::StateDType dtype, so::Isa isa) {
         Variant v;
         v.dtype = dtype;
-        v.avx512 = avx512;
+        v.isa = isa;
         return v;
       };
-      variants.push_back(variant(sp::STATE_Q8, true));
-      variants.push_back(variant(sp::STATE_BF16, true));
-      if (threads == 1 && cfg.kind() == sp::OPTIMIZER_ADAMW) variants.push_back(variant(sp::STATE_Q8, false));
+      for (so::Isa isa : isas) variants.push_back(variant(sp::STATE_Q8, isa));
+      variants.push_back(variant(sp::STATE_BF16, isas.back()));
       for (Variant& var : variants)
         for (int k = 0; k < slots; ++k) {
           var.values[k].assign(static_cast<size_t>(n * (var.dtype == sp::STATE_BF16 ? 2 : 1)), 0);
@@ -146,35 +158,37 @@ void bench_kernel(int64_t n, int reps) {
       so::ElementwiseSlice c = s;
       c.state[0] = c.state[1] = nullptr;
       int64_t step = 1;
-      double f32 = 1e300;
+      std::vector<double> f32(isas.size(), 1e300);  // per build, in the order of isas
       for (int r = 0; r < reps; ++r) {
-        f32 = std::min(f32, best_seconds(1, [&] {
-          so::elementwise_step(p, std::span(&s, 1), 1e-3f, step++, so::FiniteCheck::kNone, {&pool});
-        }));
+        for (size_t i = 0; i < isas.size(); ++i)
+          f32[i] = std::min(f32[i], best_seconds(1, [&] {
+            so::elementwise_step(p, std::span(&s, 1), 1e-3f, step++, so::FiniteCheck::kNone, {&pool, isas[i]});
+          }));
         for (Variant& var : variants)
           var.best = std::min(var.best, best_seconds(1, [&] {
             so::elementwise_step_compact(p, std::span(&c, 1), std::span(&var.slots, 1), 1e-3f, step,
-                                         so::FiniteCheck::kNone, {&pool, var.avx512});
+                                         so::FiniteCheck::kNone, {&pool, var.isa});
           }));
       }
-      const double f32_ns = 1e9 * f32 / static_cast<double>(n);
       for (const Variant& var : variants) {
         const std::string name = so::state_dtype_name(var.dtype);
+        const double f32_best = f32[static_cast<size_t>(std::find(isas.begin(), isas.end(), var.isa) - isas.begin())];
+        const double f32_ns = 1e9 * f32_best / static_cast<double>(n);
         const double ns = 1e9 * var.best / static_cast<double>(n);
-        emit({{"bench", "q8_kernel"}, {"kernel", kernel}, {"state", name}, {"avx512", var.avx512},
+        emit({{"bench", "q8_kernel"}, {"kernel", kernel}, {"state", name}, {"isa", so::isa_name(var.isa)},
               {"elements", n}, {"threads", threads}, {"reps", reps}, {"f32_ns_per_elem", f32_ns},
-              {"ns_per_elem", ns}, {"time_over_f32", var.best / f32}},
-             fmt::format("kernel {:<12} {:<5}{} n={} threads={}  f32 {:.3f} ns/elem  {} {:.3f} ns/elem  ({:.2f}x the "
-                         "f32 time)",
-                         kernel, name, var.avx512 ? "" : " (portable build)", n, threads, f32_ns, name, ns,
-                         var.best / f32));
+              {"ns_per_elem", ns}, {"time_over_f32", var.best / f32_best}},
+             fmt::format("kernel {:<12} {:<5} {:<8} n={} threads={}  f32 {:.3f} ns/elem  {} {:.3f} ns/elem  ({:.2f}x "
+                         "the f32 time of the same build)",
+                         kernel, name, so::isa_name(var.isa), n, threads, f32_ns, name, ns, var.best / f32_best));
       }
     }
   }
 }
 
-// Where q8 time goes: encode and decode alone (one thread, signed and unsigned code), float8 in its
-// portable and AVX-512 builds and the dynamic table code (portable), on moments of a realistic spread.
+// Where q8 time goes: encode and decode alone (one thread, signed and unsigned code), float8 in
+// every instruction-set build the CPU runs and the dynamic table code (portable), on moments of a
+// realistic spread.
 void bench_codec(int64_t n, int reps) {
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -184,27 +198,67 @@ void bench_codec(int64_t n, int reps) {
   std::vector<float> absmax(static_cast<size_t>(so::q8_num_blocks(n)));
   struct Build {
     so::Q8CodeKind kind;
-    bool avx512;
+    so::Isa isa;
   };
+  std::vector<Build> builds;
+  for (so::Isa isa : supported_isas()) builds.push_back({so::Q8CodeKind::kFloat8, isa});
+  builds.push_back({so::Q8CodeKind::kDynamic, so::Isa::kPortable});
   for (bool nonnegative : {false, true}) {
     if (nonnegative)
       for (float& e : x) e = e * e;
-    for (const Build b : {Build{so::Q8CodeKind::kFloat8, false}, Build{so::Q8CodeKind::kFloat8, true},
-                          Build{so::Q8CodeKind::kDynamic, false}}) {
+    for (const Build b : builds) {
       const double enc = best_seconds(reps, [&] {
-        so::q8_quantize(x.data(), n, nonnegative, codes.data(), absmax.data(), b.kind, b.avx512);
+        so::q8_quantize(x.data(), n, nonnegative, codes.data(), absmax.data(), b.kind, b.isa);
       });
       const double dec = best_seconds(reps, [&] {
-        so::q8_dequantize(codes.data(), absmax.data(), n, nonnegative, out.data(), b.kind, b.avx512);
+        so::q8_dequantize(codes.data(), absmax.data(), n, nonnegative, out.data(), b.kind, b.isa);
       });
       const double en = 1e9 * enc / static_cast<double>(n), de = 1e9 * dec / static_cast<double>(n);
       const std::string code = so::q8_code_name(b.kind);
       emit({{"bench", "q8_codec"}, {"code", code}, {"sign", nonnegative ? "unsigned" : "signed"},
-            {"avx512", b.avx512}, {"elements", n}, {"threads", 1}, {"encode_ns_per_elem", en},
+            {"isa", so::isa_name(b.isa)}, {"elements", n}, {"threads", 1}, {"encode_ns_per_elem", en},
             {"decode_ns_per_elem", de}},
            fmt::format("codec {:<8} {:<8} {:<8} n={}  encode {:.3f} ns/elem  decode {:.3f} ns/elem", code,
-                       nonnegative ? "unsigned" : "signed", b.avx512 ? "avx512" : "portable", n, en, de));
+                       nonnegative ? "unsigned" : "signed", so::isa_name(b.isa), n, en, de));
     }
+  }
+}
+
+// Muon / NorMuon compact momentum: the decode before muon_step and the encode after it
+// (load_compact + store_compact of one rows x cols matrix, as muon_step_compact runs them), q8 and
+// bf16, at 1 and 2 pool threads in the widest build, repetitions interleaved; the ratio is the
+// 2-thread time over the 1-thread time measured in the same run.
+void bench_muon_momentum(int64_t rows, int64_t cols, int reps) {
+  const int64_t n = rows * cols;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> momentum(static_cast<size_t>(n));
+  for (float& e : momentum) e = normal(rng) * std::exp(normal(rng)) * 1e-3f;
+  const so::Isa isa = supported_isas().back();
+  for (sp::StateDType dtype : {sp::STATE_Q8, sp::STATE_BF16}) {
+    std::vector<unsigned char> values(static_cast<size_t>(n * (dtype == sp::STATE_BF16 ? 2 : 1)));
+    std::vector<float> absmax(static_cast<size_t>(so::q8_num_blocks(n)));
+    const so::CompactState state{dtype, values.data(), dtype == sp::STATE_Q8 ? absmax.data() : nullptr, false};
+    so::store_compact(state, n, momentum.data());
+    shardopt::ThreadPool pools[] = {shardopt::ThreadPool(1), shardopt::ThreadPool(2)};
+    double best[2] = {1e300, 1e300};
+    for (int r = 0; r < reps; ++r)
+      for (int t = 0; t < 2; ++t) {
+        const so::KernelOptions exec{&pools[t], isa};
+        best[t] = std::min(best[t], best_seconds(1, [&] {
+          so::load_compact(state, n, momentum.data(), exec);
+          so::store_compact(state, n, momentum.data(), exec);
+        }));
+      }
+    const std::string name = so::state_dtype_name(dtype);
+    for (int t = 0; t < 2; ++t)
+      emit({{"bench", "q8_muon_momentum"}, {"state", name}, {"isa", so::isa_name(isa)}, {"rows", rows},
+            {"cols", cols}, {"threads", t + 1}, {"reps", reps}, {"decode_encode_ms", 1e3 * best[t]},
+            {"ns_per_elem", 1e9 * best[t] / static_cast<double>(n)}, {"time_over_1_thread", best[t] / best[0]}},
+           fmt::format("muon momentum {:<5} {}x{} {} threads={}  decode+encode {:.2f} ms  {:.3f} ns/elem  ({:.2f}x "
+                       "the 1-thread time)",
+                       name, rows, cols, so::isa_name(isa), t + 1, 1e3 * best[t],
+                       1e9 * best[t] / static_cast<double>(n), best[t] / best[0]));
   }
 }
 
@@ -263,12 +317,18 @@ int main(int argc, char** argv) {
   shardopt::bench::add_repeat_option(app, reps, "--reps")->check(CLI::Range(1, 100));
   app.add_option("--world", world, "ranks of the memory plans")->check(CLI::Range(1, 4096));
   app.add_option("--elements", elements, "elements of the kernel arrays")->check(CLI::Range(int64_t{256}, int64_t{1} << 28));
+  std::vector<std::string> sections = {"memory", "codec", "kernel", "muon_momentum", "code_error"};
+  app.add_option("--section", sections, "the parts to run (default: all)")
+      ->check(CLI::IsMember({"memory", "codec", "kernel", "muon_momentum", "code_error"}));
   CLI11_PARSE(app, argc, argv);
   emit = shardopt::bench::Emitter(json);
-  for (const char* preset : {"llama-125m", "llama-1b"})
-    for (bool muon : {false, true}) bench_memory(preset, world, muon);
-  bench_codec(elements, reps);
-  bench_kernel(elements, reps);
-  bench_code_error(1 << 16, 300);
+  const auto run = [&](const char* section) { return std::find(sections.begin(), sections.end(), section) != sections.end(); };
+  if (run("memory"))
+    for (const char* preset : {"llama-125m", "llama-1b"})
+      for (bool muon : {false, true}) bench_memory(preset, world, muon);
+  if (run("codec")) bench_codec(elements, reps);
+  if (run("kernel")) bench_kernel(elements, reps);
+  if (run("muon_momentum")) bench_muon_momentum(4096, 4096, reps);
+  if (run("code_error")) bench_code_error(1 << 16, 300);
   return 0;
 }

@@ -5,7 +5,7 @@
 // and a slice longer than a chunk. Skips with a message without a CUDA device.
 //
 // Tolerances. The device kernel evaluates the CPU formulas in the CPU source's order with
-// explicitly rounded operations (no FMA), so against the CPU's portable build (use_avx512 = false,
+// explicitly rounded operations (no FMA), so against the CPU's portable build (max_isa = Isa::kPortable,
 // the reference here) it is expected to agree bit for bit. The bounds allow what another fp32
 // evaluation (fused multiply-adds, another order: a few roundings of eps = 2^-24 each) could give,
 // derived per element from the magnitudes of the terms of each formula (error_bounds()), because
@@ -207,7 +207,7 @@ class CompactStep {
       device.push_back(d);
     }
     std::vector<float> old_state[2] = {f32_state[0], f32_state[1]};
-    const optim::KernelOptions portable{nullptr, false};
+    const optim::KernelOptions portable{nullptr, optim::Isa::kPortable};
     optim::elementwise_step(c_.params, f32_slices, lr, t, optim::FiniteCheck::kNone, portable);
     error_bounds(lr, t, before.params, old_state, f32_state);
     optim::elementwise_step_compact(c_.params, slices, compact, lr, t, optim::FiniteCheck::kNone, portable);

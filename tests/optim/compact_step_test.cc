@@ -137,10 +137,12 @@ TEST(CompactStep, PoolAndVectorLoopsGiveTheSingleThreadResultBitForBit) {
     return cases;
   };
   ThreadPool pool(3);
-  for (bool avx512 : {false, true}) {  // the fp32 kernel itself differs between the two (FMA)
-    const auto want = run(KernelOptions{nullptr, avx512}), got = run(KernelOptions{&pool, avx512});
+  // Per build: the fp32 update differs between the portable and the FMA builds.
+  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+    if (!cpu_supports(isa)) continue;
+    const auto want = run(KernelOptions{nullptr, isa}), got = run(KernelOptions{&pool, isa});
     for (size_t i = 0; i < want.size(); ++i) {
-      ASSERT_EQ(got[i].master, want[i].master) << "slice " << i << " avx512 " << avx512;
+      ASSERT_EQ(got[i].master, want[i].master) << "slice " << i << " " << isa_name(isa);
       for (int k = 0; k < 2; ++k) {
         ASSERT_EQ(got[i].bytes[k], want[i].bytes[k]) << "slice " << i << " slot " << k;
         ASSERT_EQ(got[i].absmax[k], want[i].absmax[k]) << "slice " << i << " slot " << k;
@@ -215,14 +217,108 @@ TEST(CompactMuon, MomentumIsEncodedWithinTheBoundAndTheUpdateUsesTheDecodedState
   expect_encoded(c.slots.slot[0], m1, "momentum");
 }
 
+// The compact momentum's decode and encode on pools of 1, 2 and 3 threads and in every build: the
+// same weights, codes / bf16 values and absmax bit for bit as the definition computed in one call
+// each (q8_dequantize or bf16 widening of the whole matrix, the fp32 muon_step, q8_quantize or bf16
+// rounding of the whole matrix). 131 x 777 = 101787 elements: 4 pool tasks, the last one short and
+// ending in a short q8 block. Muon and NorMuon, three steps. Also called from inside pool tasks.
+TEST(CompactMuon, PoolDecodeAndEncodeGiveTheOneCallResultBitForBit) {
+  const int64_t rows = 131, cols = 777;
+  const auto n = static_cast<size_t>(rows * cols);
+  ASSERT_GT(static_cast<int64_t>(n), 3 * kCompactChunkElems);
+  ASSERT_NE(static_cast<int64_t>(n) % kQ8BlockElems, 0);
+  ThreadPool pools[] = {ThreadPool(1), ThreadPool(2), ThreadPool(3)};
+  for (auto kind : {proto::OPTIMIZER_MUON, proto::OPTIMIZER_NORMUON})
+    for (StateDType dtype : {proto::STATE_Q8, proto::STATE_BF16}) {
+      proto::OptimizerConfig cfg;
+      cfg.set_kind(kind);
+      cfg.set_weight_decay(0.1);
+      const OptimizerParams p = resolve_optimizer_config(cfg);
+      const CompactCase start = make_case(n, dtype, false, 70);
+      MuonWorkspace ws(rows, cols);
+      std::vector<float> grads[3];  // a new gradient each step, so the codes change, not only the scales
+      for (int step = 0; step < 3; ++step) grads[step] = make_case(n, dtype, false, 71 + step).grad;
+
+      // The definition: whole-matrix codec calls around the fp32 step.
+      std::vector<float> w_ref = start.master, m(n), v_ref(static_cast<size_t>(rows), 0.0f);
+      std::vector<uint8_t> bytes_ref = start.bytes[0];
+      std::vector<float> absmax_ref = start.absmax[0];
+      for (int step = 0; step < 3; ++step) {
+        if (dtype == proto::STATE_Q8) {
+          q8_dequantize(bytes_ref.data(), absmax_ref.data(), static_cast<int64_t>(n), false, m.data());
+        } else {
+          const auto* b = reinterpret_cast<const bf16*>(bytes_ref.data());
+          for (size_t i = 0; i < n; ++i) m[i] = bf16_to_float(b[i]);
+        }
+        MuonMatrix ref{w_ref.data(), nullptr, grads[step].data(), DType::kF32, m.data(), v_ref.data(), rows, cols, {}};
+        muon_step(p, ref, 0.02f, ws);
+        if (dtype == proto::STATE_Q8) {
+          q8_quantize(m.data(), static_cast<int64_t>(n), false, bytes_ref.data(), absmax_ref.data());
+        } else {
+          auto* b = reinterpret_cast<bf16*>(bytes_ref.data());
+          for (size_t i = 0; i < n; ++i) b[i] = float_to_bf16(m[i]);
+        }
+      }
+      size_t codes_changed = 0;  // the momentum moved
+      for (size_t i = 0; i < bytes_ref.size(); ++i) codes_changed += bytes_ref[i] != start.bytes[0][i];
+      ASSERT_GT(codes_changed, bytes_ref.size() / 2);
+
+      for (ThreadPool& pool : pools)
+        for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+          if (!cpu_supports(isa)) continue;
+          SCOPED_TRACE(testing::Message() << optimizer_kind_name(kind) << " " << state_dtype_name(dtype) << " threads "
+                                          << pool.size() << " " << isa_name(isa));
+          CompactCase c = start;
+          c.slots.slot[0].values = c.bytes[0].data();
+          c.slots.slot[0].absmax = dtype == proto::STATE_Q8 ? c.absmax[0].data() : nullptr;
+          std::vector<float> scratch(n, -7.0f), v(static_cast<size_t>(rows), 0.0f);
+          MuonMatrix mm{c.master.data(), nullptr, nullptr, DType::kF32, scratch.data(), v.data(), rows, cols, {}};
+          for (int step = 0; step < 3; ++step) {
+            mm.grad = grads[step].data();
+            muon_step_compact(p, mm, c.slots.slot[0], 0.02f, ws, FiniteCheck::kNone, KernelOptions{&pool, isa});
+          }
+          ASSERT_EQ(c.master, w_ref);
+          ASSERT_EQ(c.bytes[0], bytes_ref);
+          ASSERT_EQ(c.absmax[0], absmax_ref);
+          ASSERT_EQ(v, v_ref);
+        }
+
+      // Three matrices at once as tasks of the 3-thread pool, each passing that pool: the nested
+      // decode and encode run inline on the task's thread (no deadlock, no oversubscription), same result.
+      std::vector<CompactCase> copies(3, start);
+      std::vector<std::vector<float>> scratch(3, std::vector<float>(n)), v(3, std::vector<float>(rows, 0.0f));
+      std::vector<MuonWorkspace> workspaces;
+      for (int i = 0; i < 3; ++i) workspaces.emplace_back(rows, cols);
+      ThreadPool& pool = pools[2];
+      pool.parallel_for(3, [&](int64_t task, int) {
+        const auto t = static_cast<size_t>(task);
+        CompactCase& c = copies[t];
+        c.slots.slot[0].values = c.bytes[0].data();
+        c.slots.slot[0].absmax = dtype == proto::STATE_Q8 ? c.absmax[0].data() : nullptr;
+        MuonMatrix mm{c.master.data(), nullptr, nullptr, DType::kF32, scratch[t].data(), v[t].data(), rows, cols, {}};
+        for (int step = 0; step < 3; ++step) {
+          mm.grad = grads[step].data();
+          muon_step_compact(p, mm, c.slots.slot[0], 0.02f, workspaces[t], FiniteCheck::kNone, KernelOptions{&pool});
+        }
+      });
+      for (const CompactCase& c : copies) {
+        ASSERT_EQ(c.master, w_ref) << "nested";
+        ASSERT_EQ(c.bytes[0], bytes_ref) << "nested";
+        ASSERT_EQ(c.absmax[0], absmax_ref) << "nested";
+      }
+    }
+}
+
 // The fused q8 step (decode in the update loop, encode from L1) against its definition composed of
 // independent parts: decode the state with q8_dequantize, run the fp32 elementwise_step on it,
 // encode with q8_quantize. Bit for bit, for AdamW (m signed, v unsigned), Lion and SGD momentum,
-// with f32 and bf16 gradients and a bf16 mirror, in the portable and the AVX-512 builds.
+// with f32 and bf16 gradients and a bf16 mirror, in the portable, AVX2 and AVX-512 builds (the fused
+// step and the fp32 step of one build against each other; the codec in the portable build).
 TEST(CompactStep, FusedQ8StepEqualsDecodeThenFp32StepThenEncode) {
   for (auto kind : {proto::OPTIMIZER_ADAMW, proto::OPTIMIZER_LION, proto::OPTIMIZER_SGD})
     for (bool bf16_grad : {false, true})
-      for (bool avx512 : {false, true}) {
+      for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+        if (!cpu_supports(isa)) continue;
         proto::OptimizerConfig cfg;
         cfg.set_kind(kind);
         cfg.set_weight_decay(0.1);
@@ -243,11 +339,11 @@ TEST(CompactStep, FusedQ8StepEqualsDecodeThenFp32StepThenEncode) {
           state[k] = decode(c.slots.slot[k], kN);
           ref.state[k] = state[k].data();
         }
-        const KernelOptions exec{nullptr, avx512};
+        const KernelOptions exec{nullptr, isa};
         elementwise_step(p, std::span(&ref, 1), 0.01f, 4, FiniteCheck::kNone, exec);
         elementwise_step_compact(p, std::span(&c.slice, 1), std::span(&c.slots, 1), 0.01f, 4, FiniteCheck::kNone, exec);
         const std::string what = optimizer_kind_name(kind) + (bf16_grad ? " bf16 grad" : " f32 grad") +
-                                 (avx512 ? " avx512" : " portable");
+                                 " " + isa_name(isa);
         ASSERT_EQ(c.master, w_ref) << what;
         for (size_t i = 0; i < kN; ++i) ASSERT_EQ(mirror[i].bits, mirror_ref[i].bits) << what << " mirror " << i;
         for (int k = 0; k < slots; ++k) {
@@ -255,7 +351,7 @@ TEST(CompactStep, FusedQ8StepEqualsDecodeThenFp32StepThenEncode) {
           std::vector<uint8_t> codes(kN);
           std::vector<float> absmax(c.absmax[k].size());
           q8_quantize(state[k].data(), static_cast<int64_t>(kN), nonneg, codes.data(), absmax.data(),
-                      Q8CodeKind::kFloat8, avx512);
+                      Q8CodeKind::kFloat8, Isa::kPortable);
           ASSERT_EQ(c.bytes[k], codes) << what << " slot " << k;
           ASSERT_EQ(c.absmax[k], absmax) << what << " slot " << k;
         }

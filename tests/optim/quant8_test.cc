@@ -1,6 +1,6 @@
 // 8-bit block-wise quantization (optim/quant8.h): the float8 encoder against a brute-force nearest
 // search; the error of every code stays within the bound the header derives; zero, tiny, huge and
-// non-finite blocks; the AVX-512 build against the portable one; bf16 storage.
+// non-finite blocks; the AVX2 and AVX-512 builds against the portable one; bf16 storage.
 #include "optim/quant8.h"
 
 #include <bit>
@@ -12,7 +12,7 @@
 #include <gtest/gtest.h>
 
 #include "base/error.h"
-#include "optim/simd_util.h"
+#include "optim/kernel_options.h"
 
 namespace shardopt::optim {
 namespace {
@@ -74,37 +74,62 @@ TEST(Q8Float8, SignedEncoderPicksTheNearestCodeValue) {
   }
 }
 
-// The AVX-512 build of the float8 loops against the portable build: heavy-tailed random blocks over
-// many scales (including the division path of tiny and huge blocks), a short last block.
-TEST(Q8Float8, VectorBuildGivesThePortableCodesBitForBit) {
-  if (!cpu_has_avx512()) GTEST_SKIP() << "this CPU has no AVX-512: only the portable loops run";
+// Values of every kind a block can hold: heavy-tailed random blocks over many scales (including the
+// division path of tiny and huge blocks), a zero block, subnormal blocks, blocks near FLT_MAX, blocks
+// holding NaN, +Inf or -Inf among finite values, and a short last block. is_signed = false: |x|.
+std::vector<float> mixed_blocks(bool is_signed) {
   std::mt19937 rng(17);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (bool is_signed : {true, false}) {
-    std::vector<float> x;
-    for (int block = 0; block < 200; ++block) {
-      const float scale = std::pow(10.0f, static_cast<float>(block % 40) * (is_signed ? 2.0f : 1.0f) - 39.0f);
-      for (int64_t i = 0; i < kQ8BlockElems; ++i) {
-        const float v = normal(rng) * std::exp(2.0f * normal(rng)) * scale;
-        x.push_back(is_signed ? v : std::fabs(v));
+  std::vector<float> x;
+  const auto push = [&](float v) { x.push_back(is_signed ? v : std::fabs(v)); };
+  for (int block = 0; block < 200; ++block) {
+    const float scale = std::pow(10.0f, static_cast<float>(block % 40) * (is_signed ? 2.0f : 1.0f) - 39.0f);
+    for (int64_t i = 0; i < kQ8BlockElems; ++i) push(normal(rng) * std::exp(2.0f * normal(rng)) * scale);
+  }
+  for (int64_t i = 0; i < kQ8BlockElems; ++i) push(0.0f);
+  for (int64_t i = 0; i < kQ8BlockElems; ++i) push(normal(rng) * 1e-42f);  // all subnormal
+  for (int64_t i = 0; i < kQ8BlockElems; ++i) push(i == 3 ? 1e-45f : 0.0f);  // the smallest subnormal alone
+  for (int64_t i = 0; i < kQ8BlockElems; ++i)
+    push(std::numeric_limits<float>::max() * std::min(1.0f, std::fabs(normal(rng))) * (i % 2 ? 1.0f : -1.0f));
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                    -std::numeric_limits<float>::infinity()})
+    for (int64_t i = 0; i < kQ8BlockElems; ++i) push(i == 100 ? bad : normal(rng));
+  for (int i = 0; i < 77; ++i) push(normal(rng));
+  return x;
+}
+
+// The AVX2 + FMA and the AVX-512 builds of the float8 loops against the portable build, bit for bit
+// (codes, absmax and decoded values), signed and unsigned, on mixed_blocks.
+TEST(Q8Float8, VectorBuildsGiveThePortableCodesBitForBit) {
+  if (!cpu_supports(Isa::kAvx2)) GTEST_SKIP() << "this CPU has neither AVX2 nor AVX-512: only the portable loops run";
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
+    if (!cpu_supports(isa)) continue;  // an AVX2-only CPU: the AVX2 build is still compared
+    for (bool is_signed : {true, false}) {
+      SCOPED_TRACE(testing::Message() << isa_name(isa) << (is_signed ? " signed" : " unsigned"));
+      const std::vector<float> x = mixed_blocks(is_signed);
+      const auto n = static_cast<int64_t>(x.size());
+      std::vector<uint8_t> codes_vec(x.size()), codes_port(x.size());
+      std::vector<float> absmax_vec(static_cast<size_t>(q8_num_blocks(n))), absmax_port(absmax_vec.size());
+      q8_quantize(x.data(), n, !is_signed, codes_vec.data(), absmax_vec.data(), Q8CodeKind::kFloat8, isa);
+      q8_quantize(x.data(), n, !is_signed, codes_port.data(), absmax_port.data(), Q8CodeKind::kFloat8,
+                  Isa::kPortable);
+      for (size_t i = 0; i < x.size(); ++i) {
+        ASSERT_EQ(std::bit_cast<uint32_t>(absmax_vec[i / kQ8BlockElems]),
+                  std::bit_cast<uint32_t>(absmax_port[i / kQ8BlockElems]));
+        ASSERT_EQ(codes_vec[i], codes_port[i]) << "element " << i << " x " << x[i];
       }
+      std::vector<float> out_vec(x.size()), out_port(x.size());
+      q8_dequantize(codes_vec.data(), absmax_vec.data(), n, !is_signed, out_vec.data(), Q8CodeKind::kFloat8, isa);
+      q8_dequantize(codes_vec.data(), absmax_vec.data(), n, !is_signed, out_port.data(), Q8CodeKind::kFloat8,
+                    Isa::kPortable);
+      int64_t nonfinite = 0;
+      for (size_t i = 0; i < x.size(); ++i) {  // bit patterns: NaN == NaN, and blocks past FLT_MAX decode to NaN
+        ASSERT_EQ(std::bit_cast<uint32_t>(out_vec[i]), std::bit_cast<uint32_t>(out_port[i])) << "element " << i;
+        nonfinite += !std::isfinite(out_port[i]);
+      }
+      // The non-finite blocks (and the huge ones) were really there: the comparison covered them.
+      EXPECT_GE(nonfinite, 3 * kQ8BlockElems);
     }
-    for (int i = 0; i < 77; ++i) x.push_back(is_signed ? normal(rng) : std::fabs(normal(rng)));
-    const auto n = static_cast<int64_t>(x.size());
-    std::vector<uint8_t> codes_vec(x.size()), codes_port(x.size());
-    std::vector<float> absmax_vec(static_cast<size_t>(q8_num_blocks(n))), absmax_port(absmax_vec.size());
-    q8_quantize(x.data(), n, !is_signed, codes_vec.data(), absmax_vec.data(), Q8CodeKind::kFloat8, true);
-    q8_quantize(x.data(), n, !is_signed, codes_port.data(), absmax_port.data(), Q8CodeKind::kFloat8, false);
-    for (size_t i = 0; i < x.size(); ++i) {
-      ASSERT_EQ(std::bit_cast<uint32_t>(absmax_vec[i / kQ8BlockElems]),
-                std::bit_cast<uint32_t>(absmax_port[i / kQ8BlockElems]));
-      ASSERT_EQ(codes_vec[i], codes_port[i]) << "x " << x[i] << " signed " << is_signed;
-    }
-    std::vector<float> out_vec(x.size()), out_port(x.size());
-    q8_dequantize(codes_vec.data(), absmax_vec.data(), n, !is_signed, out_vec.data(), Q8CodeKind::kFloat8, true);
-    q8_dequantize(codes_vec.data(), absmax_vec.data(), n, !is_signed, out_port.data(), Q8CodeKind::kFloat8, false);
-    for (size_t i = 0; i < x.size(); ++i)  // bit patterns: blocks scaled past FLT_MAX decode to NaN
-      ASSERT_EQ(std::bit_cast<uint32_t>(out_vec[i]), std::bit_cast<uint32_t>(out_port[i])) << "element " << i;
   }
 }
 

@@ -12,6 +12,7 @@
 
 #include "comm/forwarding_communicator.h"
 #include "comm/thread_backend.h"
+#include "optim/compact_step.h"
 #include "runtime/engine.h"
 #include "tests/common/counting_new.h"
 #include "tests/common/engine_reference.h"
@@ -69,13 +70,17 @@ struct Case {
   std::string optimizer;
   int accumulation;
   GradMemory grad_memory;
+  proto::StateDType state = proto::STATE_F32;  // optimizer state storage (bf16 / q8: compact)
+  int threads = 1;                             // the Engine's compute pool
 };
 
 std::string case_name(const testing::TestParamInfo<Case>& info) {
   const Case& c = info.param;
   return "stage" + std::to_string(c.stage) + (c.layout == proto::SHARD_LAYOUT_DIM0 ? "_dim0_" : "_owned_") +
          c.optimizer + "_acc" + std::to_string(c.accumulation) +
-         (c.grad_memory == GradMemory::kFull ? "_fullgrads" : "_sharded");
+         (c.grad_memory == GradMemory::kFull ? "_fullgrads" : "_sharded") +
+         (c.state == proto::STATE_F32 ? "" : "_" + optim::state_dtype_name(c.state)) +
+         (c.threads == 1 ? "" : "_threads" + std::to_string(c.threads));
 }
 
 class StepAllocations : public testing::TestWithParam<Case> {};
@@ -97,6 +102,11 @@ TEST_P(StepAllocations, NoneAfterWarmUp) {
         o.grad_accumulation_steps = c.accumulation;
         o.grad_memory = c.grad_memory;
         o.max_grad_norm = 0.5f;  // the clipping path runs too
+        o.threads = c.threads;
+        if (c.state != proto::STATE_F32) {
+          o.elementwise_optimizer.set_state_dtype(c.state);
+          if (o.matrix_optimizer.kind() != proto::OPTIMIZER_KIND_UNSPECIFIED) o.matrix_optimizer.set_state_dtype(c.state);
+        }
         Engine engine(comm, specs, o);
         engine.set_params([&](size_t t, float* dst) {
           for (int64_t i = 0; i < numel(specs[t]); ++i) dst[i] = initial_value(t, i);
@@ -144,10 +154,40 @@ std::vector<Case> all_cases() {
             if (stage == 1 && mode == GradMemory::kFull) continue;  // stage 1 is full either way
             cases.push_back({stage, layout, opt, accumulation, mode});
           }
+  // Compact state on a 2-thread pool: the fused element-wise steps and the Muon momentum's pooled
+  // decode and encode.
+  for (auto layout : {proto::SHARD_LAYOUT_OWNED, proto::SHARD_LAYOUT_DIM0})
+    for (auto state : {proto::STATE_Q8, proto::STATE_BF16})
+      cases.push_back({2, layout, "normuon", 1, GradMemory::kSharded, state, 2});
   return cases;
 }
 
 INSTANTIATE_TEST_SUITE_P(EveryStageAndLayout, StepAllocations, testing::ValuesIn(all_cases()), case_name);
+
+// What muon_step_compact adds to muon_step: the momentum's decode and encode (load_compact /
+// store_compact) split over a 2-thread pool (131 x 777 elements: 4 tasks) allocate nothing on the
+// calling thread, q8 and bf16. (muon_step itself is covered by the Engine cases above; on matrices this
+// large oneDNN's sgemm allocates inside it.)
+TEST(StepAllocations, CompactMomentumDecodeAndEncodeOnAPoolAllocateNothing) {
+  const int64_t rows = 131, cols = 777, n = rows * cols;
+  ASSERT_GT(n, 3 * optim::kCompactChunkElems);
+  ThreadPool pool(2);
+  for (auto dtype : {proto::STATE_Q8, proto::STATE_BF16}) {
+    std::vector<float> m(static_cast<size_t>(n));
+    for (size_t i = 0; i < m.size(); ++i) m[i] = static_cast<float>(i % 97) * 1e-3f - 0.04f;
+    std::vector<unsigned char> values(static_cast<size_t>(n) * 2, 0);
+    std::vector<float> absmax(static_cast<size_t>(optim::q8_num_blocks(n)), 0.0f);
+    const optim::CompactState momentum{dtype, values.data(), absmax.data(), false};
+    const optim::KernelOptions exec{&pool};
+    optim::store_compact(momentum, n, m.data(), exec);  // warm-up: the pool's threads are started
+    AllocationCounter counter;
+    for (int step = 0; step < 3; ++step) {
+      optim::load_compact(momentum, n, m.data(), exec);
+      optim::store_compact(momentum, n, m.data(), exec);
+    }
+    EXPECT_EQ(counter.count(), 0) << optim::state_dtype_name(dtype);
+  }
+}
 
 // The counter itself works: a region that allocates is seen.
 std::vector<int>* volatile g_sink = nullptr;  // volatile: the allocation cannot be elided

@@ -543,7 +543,7 @@ TEST(CompactCodecCuda, EncodeAndDecodeEqualTheHostBitForBit) {
       host_state.dtype = dtype;
       host_state.values = host_values.data() + start[i] * (q8 ? 1 : 2);
       host_state.absmax = q8 ? host_absmax.data() + first_block[i] : nullptr;
-      optim::store_compact(host_state, lengths[i], x.data() + start[i], /*use_avx512=*/false);
+      optim::store_compact(host_state, lengths[i], x.data() + start[i]);
       cuda::DeviceCompactArray a;
       a.state = host_state;
       a.state.values = dev_values.get() + start[i] * (q8 ? 1 : 2);
@@ -569,7 +569,7 @@ TEST(CompactCodecCuda, EncodeAndDecodeEqualTheHostBitForBit) {
       host_state.dtype = dtype;
       host_state.values = host_values.data() + start[i] * (q8 ? 1 : 2);
       host_state.absmax = q8 ? host_absmax.data() + first_block[i] : nullptr;
-      optim::load_compact(host_state, lengths[i], host_decoded.data() + start[i], false);
+      optim::load_compact(host_state, lengths[i], host_decoded.data() + start[i]);
       for (int64_t e = 0; e < lengths[i]; ++e) {
         const size_t k = static_cast<size_t>(start[i] + e);
         const float h = host_decoded[k], d = got_decoded[k];

@@ -36,7 +36,8 @@ struct MuonMatrix {
 };
 
 // Scratch for muon_step: the update U and the NS workspace. Size it once (for the largest matrix the
-// rank owns); muon_step never allocates.
+// rank owns); muon_step allocates nothing itself. (oneDNN's sgemm allocates one small record per call
+// when it runs on more than one OpenMP thread; on one thread, as in ParallelMuon's tasks, nothing.)
 class MuonWorkspace {
  public:
   MuonWorkspace() = default;
@@ -76,8 +77,9 @@ StepResult muon_step(const OptimizerParams& params, const MuonMatrix& matrix, fl
 // the throughput of T single-threaded ranks. With no pool (or size 1) the matrices run in order
 // on the calling thread with the BLAS threads as configured (OMP_NUM_THREADS for oneDNN's products,
 // OPENBLAS_NUM_THREADS for the OpenBLAS algorithms).
-// Results do not depend on the pool size. step() allocates nothing: workspaces (one per pool
-// thread, each fitting every shape) and the order are built in the constructor.
+// Results do not depend on the pool size. step() allocates nothing (with a pool, whose tasks run
+// oneDNN on one OpenMP thread: see MuonWorkspace): workspaces (one per pool thread, each fitting
+// every shape) and the order are built in the constructor.
 class ParallelMuon {
  public:
   // shapes: (rows, cols) of the matrices step() will get, in that order; block_rows: for each

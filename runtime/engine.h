@@ -37,7 +37,9 @@
 // grad_ready(t) once. The pointer is valid until t's bucket is launched (its last tensor's
 // grad_ready of that micro-batch); ask grad(t) again in the next micro-batch. Tensors may come in
 // any order; ranks must announce them in the same order (bucket launches are collectives).
-// Buffers are allocated at construction (the pool grows only as described); step() allocates nothing.
+// Buffers are allocated at construction (the pool grows only as described); step() allocates nothing
+// (tests/runtime/step_allocation_test.cc; oneDNN's NS products on several OpenMP threads, i.e.
+// threads = 1 with OMP_NUM_THREADS > 1, allocate one small record per product inside oneDNN).
 //
 // Memory space (EngineOptions::memory_space, runtime/step_backend.h): every buffer above lives in
 // host memory (kHost, the CPU kernels of optim/) or in one CUDA device's memory (kCuda, the kernels

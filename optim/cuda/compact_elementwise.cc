@@ -84,15 +84,7 @@ void CompactElementwiseOptimizerCuda::set_slices(std::span<const DeviceCompactSl
       table.push_back(c);
     }
   }
-  if (table.size() > table_capacity_) {
-    if (device_table_ != nullptr) SHARDOPT_CUDA_CHECK(cudaFree(device_table_));
-    device_table_ = nullptr;
-    SHARDOPT_CUDA_CHECK(cudaMalloc(&device_table_, table.size() * sizeof(detail::CompactChunk)));
-    table_capacity_ = table.size();
-  }
-  if (!table.empty())
-    SHARDOPT_CUDA_CHECK(cudaMemcpy(device_table_, table.data(), table.size() * sizeof(detail::CompactChunk),
-                                   cudaMemcpyHostToDevice));
+  upload_table(&device_table_, &table_bytes_, table.data(), table.size() * sizeof(detail::CompactChunk));
   chunk_count_ = table.size();
 }
 
@@ -174,13 +166,7 @@ void CompactCodecCuda::set_arrays(std::span<const DeviceCompactArray> arrays) {
       table.push_back(c);
     }
   }
-  if (device_table_ != nullptr) SHARDOPT_CUDA_CHECK(cudaFree(device_table_));
-  device_table_ = nullptr;
-  if (!table.empty()) {
-    SHARDOPT_CUDA_CHECK(cudaMalloc(&device_table_, table.size() * sizeof(detail::CompactCodecChunk)));
-    SHARDOPT_CUDA_CHECK(cudaMemcpy(device_table_, table.data(), table.size() * sizeof(detail::CompactCodecChunk),
-                                   cudaMemcpyHostToDevice));
-  }
+  upload_table(&device_table_, &table_bytes_, table.data(), table.size() * sizeof(detail::CompactCodecChunk));
   chunk_count_ = table.size();
 }
 

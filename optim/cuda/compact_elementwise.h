@@ -65,7 +65,7 @@ class CompactElementwiseOptimizerCuda {
   bool grad_bf16_;
   int state_slots_;
   void* device_table_ = nullptr;
-  size_t table_capacity_ = 0;
+  size_t table_bytes_ = 0;  // capacity of device_table_
   size_t chunk_count_ = 0;
 };
 
@@ -95,6 +95,7 @@ class CompactCodecCuda {
  private:
   bool q8_ = false;
   void* device_table_ = nullptr;
+  size_t table_bytes_ = 0;  // capacity of device_table_
   size_t chunk_count_ = 0;
 };
 

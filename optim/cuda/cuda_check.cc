@@ -21,4 +21,14 @@ int device_count() {
   return count;
 }
 
+void upload_table(void** device, size_t* capacity_bytes, const void* host, size_t bytes) {
+  if (bytes > *capacity_bytes) {
+    if (*device != nullptr) SHARDOPT_CUDA_CHECK(cudaFree(*device));
+    *device = nullptr;
+    SHARDOPT_CUDA_CHECK(cudaMalloc(device, bytes));
+    *capacity_bytes = bytes;
+  }
+  if (bytes > 0) SHARDOPT_CUDA_CHECK(cudaMemcpy(*device, host, bytes, cudaMemcpyHostToDevice));
+}
+
 }  // namespace shardopt::cuda

@@ -1,5 +1,6 @@
 // CUDA / cuBLAS error checks shared by the GPU code: a failed call becomes a DeviceError
-// (base/error.h) naming the call, the error string and the source location.
+// (base/error.h) naming the call, the error string and the source location. Also the device
+// count and the upload of the kernels' chunk tables.
 #pragma once
 
 #include <cublas_v2.h>
@@ -16,6 +17,10 @@ namespace shardopt::cuda {
 
 // Number of usable CUDA devices; 0 when the driver is missing or reports an error (no GPU).
 int device_count();
+
+// Copies `bytes` of host data to *device (blocking), first replacing *device by a larger cudaMalloc
+// when *capacity_bytes is too small: the chunk tables the optimizers build on the host and upload.
+void upload_table(void** device, size_t* capacity_bytes, const void* host, size_t bytes);
 
 }  // namespace shardopt::cuda
 

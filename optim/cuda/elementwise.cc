@@ -65,15 +65,7 @@ void ElementwiseOptimizerCuda::set_slices(std::span<const DeviceSlice> slices) {
     }
     elements += s.count;
   }
-  if (table.size() > table_capacity_) {
-    if (device_table_ != nullptr) SHARDOPT_CUDA_CHECK(cudaFree(device_table_));
-    device_table_ = nullptr;
-    SHARDOPT_CUDA_CHECK(cudaMalloc(&device_table_, table.size() * sizeof(detail::DeviceChunk)));
-    table_capacity_ = table.size();
-  }
-  if (!table.empty())
-    SHARDOPT_CUDA_CHECK(cudaMemcpy(device_table_, table.data(), table.size() * sizeof(detail::DeviceChunk),
-                                   cudaMemcpyHostToDevice));
+  upload_table(&device_table_, &table_bytes_, table.data(), table.size() * sizeof(detail::DeviceChunk));
   chunk_count_ = table.size();
   element_count_ = elements;
   any_slice_without_momentum_ = any_without_momentum;

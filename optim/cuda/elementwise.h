@@ -88,7 +88,7 @@ class ElementwiseOptimizerCuda {
   ElementwiseAlgorithm algorithm_;
   bool grad_bf16_;
   void* device_table_ = nullptr;
-  size_t table_capacity_ = 0;
+  size_t table_bytes_ = 0;  // capacity of device_table_
   size_t chunk_count_ = 0;
   size_t element_count_ = 0;
   bool any_slice_without_momentum_ = false;

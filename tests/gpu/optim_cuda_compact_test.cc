@@ -537,17 +537,19 @@ TEST(CompactCodecCuda, EncodeAndDecodeEqualTheHostBitForBit) {
     DeviceBuffer<float> dev_absmax(static_cast<size_t>(std::max<int64_t>(blocks, 1)));
     DeviceBuffer<float> dev_x(x);
     DeviceBuffer<float> dev_decoded(x.size());
+    // Array i's storage in a values buffer and an absmax buffer (host or device).
+    auto state_of = [&](size_t i, unsigned char* values, float* absmax) {
+      optim::CompactState st;
+      st.dtype = dtype;
+      st.values = values + start[i] * (q8 ? 1 : 2);
+      st.absmax = q8 ? absmax + first_block[i] : nullptr;
+      return st;
+    };
     std::vector<cuda::DeviceCompactArray> encode_arrays, decode_arrays;
     for (size_t i = 0; i < lengths.size(); ++i) {
-      optim::CompactState host_state;
-      host_state.dtype = dtype;
-      host_state.values = host_values.data() + start[i] * (q8 ? 1 : 2);
-      host_state.absmax = q8 ? host_absmax.data() + first_block[i] : nullptr;
-      optim::store_compact(host_state, lengths[i], x.data() + start[i]);
+      optim::store_compact(state_of(i, host_values.data(), host_absmax.data()), lengths[i], x.data() + start[i]);
       cuda::DeviceCompactArray a;
-      a.state = host_state;
-      a.state.values = dev_values.get() + start[i] * (q8 ? 1 : 2);
-      a.state.absmax = q8 ? dev_absmax.get() + first_block[i] : nullptr;
+      a.state = state_of(i, dev_values.get(), dev_absmax.get());
       a.count = static_cast<size_t>(lengths[i]);
       a.f32 = dev_x.get() + start[i];
       encode_arrays.push_back(a);
@@ -565,11 +567,8 @@ TEST(CompactCodecCuda, EncodeAndDecodeEqualTheHostBitForBit) {
     std::vector<float> host_decoded(x.size(), 0.0f);
     size_t value_diffs = 0, decoded_diffs = 0, absmax_diffs = 0;
     for (size_t i = 0; i < lengths.size(); ++i) {
-      optim::CompactState host_state;
-      host_state.dtype = dtype;
-      host_state.values = host_values.data() + start[i] * (q8 ? 1 : 2);
-      host_state.absmax = q8 ? host_absmax.data() + first_block[i] : nullptr;
-      optim::load_compact(host_state, lengths[i], host_decoded.data() + start[i]);
+      optim::load_compact(state_of(i, host_values.data(), host_absmax.data()), lengths[i],
+                          host_decoded.data() + start[i]);
       for (int64_t e = 0; e < lengths[i]; ++e) {
         const size_t k = static_cast<size_t>(start[i] + e);
         const float h = host_decoded[k], d = got_decoded[k];

@@ -251,7 +251,7 @@ std::string default_data_path() {
 // build and hands over to the script, which assembles the smpirun command line.
 struct SimulateArgs {
   std::string platform, preset = "llama-1b", layout = "owned", sync = "zero", bucket_mib = "auto", slow_host,
-                        slow_link, sim_build, reduce_scatter = "tuned";
+                        slow_link, sim_build;
   int ranks = 0, layers = 0, stage = 2, replicas = 2, steps = 1;
   int64_t tokens_per_rank = 0, seq_len = 0;
   bool json = false, timing = false;
@@ -285,11 +285,6 @@ void add_simulate_options(CLI::App& cmd, SimulateArgs& a) {
   cmd.add_option("--seq-len", a.seq_len, "sequence length for the attention FLOPs of a training step (0 = left out)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  cmd.add_option("--reduce-scatter", a.reduce_scatter,
-                 "tuned: the blocking algorithm OpenMPI's tuned rules pick; libnbc: OpenMPI 4.1's nonblocking "
-                 "MPI_Ireduce_scatter, which the engine's MPI backend calls (whole buckets reduced at rank 0)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"tuned", "libnbc"}));
   cmd.add_option("--slow-host", a.slow_host, "HOST:FACTOR: that platform host computes at FACTOR x its speed");
   cmd.add_option("--slow-link", a.slow_link, "HOST:FACTOR: that host's own links run at FACTOR x their bandwidth");
   cmd.add_flag("--json", a.json,
@@ -344,7 +339,7 @@ int run_simulate(const SimulateArgs& a, const char* argv0) {
                                    "--layout", a.layout, "--sync", a.sync, "--replicas", std::to_string(a.replicas),
                                    "--bucket-mib", a.bucket_mib, "--steps", std::to_string(a.steps),
                                    "--tokens-per-rank", std::to_string(a.tokens_per_rank),
-                                   "--seq-len", std::to_string(a.seq_len), "--reduce-scatter", a.reduce_scatter};
+                                   "--seq-len", std::to_string(a.seq_len)};
   if (!a.slow_host.empty()) args.insert(args.end(), {"--slow-host", a.slow_host});
   if (!a.slow_link.empty()) args.insert(args.end(), {"--slow-link", a.slow_link});
   if (a.json) args.push_back("--json");

@@ -14,6 +14,7 @@
 #include "base/error.h"
 #include "comm/backend_util.h"
 #include "comm/checked_communicator.h"
+#include "comm/halving_schedule.h"
 #include "comm/reduce_kernel.h"
 
 namespace shardopt::comm {
@@ -44,15 +45,11 @@ SimulatedRanksLock& mpi_mutex() {
 // (smpi/coll-selector:ompi) picks for the blocking ones. The simulation build therefore issues the
 // blocking collective when the operation is issued and hands back a completed request. Collectives
 // are issued in the same order on every rank, so this cannot deadlock; the price is that the
-// simulation never overlaps a collective with compute.
+// simulation never overlaps a collective with compute. (The reduce-scatter is the backend's own
+// point-to-point schedule in both builds: HalvingReduceScatter below.)
 int blocking_iallreduce(const void* s, void* r, int n, MPI_Datatype t, MPI_Op op, MPI_Comm c, MPI_Request* req) {
   *req = MPI_REQUEST_NULL;
   return MPI_Allreduce(s, r, n, t, op, c);
-}
-int blocking_ireduce_scatter(const void* s, void* r, const int* counts, MPI_Datatype t, MPI_Op op, MPI_Comm c,
-                             MPI_Request* req) {
-  *req = MPI_REQUEST_NULL;
-  return MPI_Reduce_scatter(s, r, counts, t, op, c);
 }
 int blocking_iallgatherv(const void* s, int sc, MPI_Datatype st, void* r, const int* rcounts, const int* displs,
                          MPI_Datatype rt, MPI_Comm c, MPI_Request* req) {
@@ -78,7 +75,6 @@ int blocking_ibarrier(MPI_Comm c, MPI_Request* req) {
   return MPI_Barrier(c);
 }
 #define MPI_Iallreduce blocking_iallreduce
-#define MPI_Ireduce_scatter blocking_ireduce_scatter
 #define MPI_Iallgatherv blocking_iallgatherv
 #define MPI_Ireduce blocking_ireduce
 #define MPI_Ibcast blocking_ibcast
@@ -87,6 +83,11 @@ int blocking_ibarrier(MPI_Comm c, MPI_Request* req) {
 #endif
 
 constexpr int kAbortTag = 1;
+// Tags of the reduce-scatter's point-to-point steps on the control communicator: kStepTagBase + the
+// collective's index modulo kStepTags, so that the steps of reduce-scatters in flight at once never
+// match each other's messages (MPI guarantees tags up to 32767).
+constexpr int kStepTagBase = 2;
+constexpr int kStepTags = 32000;
 constexpr int kAbortText = 480;
 enum AbortKind : int32_t { kAbortPeer = 1, kAbortDesync = 2 };
 struct AbortNotice {
@@ -144,10 +145,15 @@ struct MpiOp {
 
   bool issued = false;
   std::function<void(std::vector<MPI_Request>&)> issue;  // starts the MPI data call(s)
+  // Operations of several steps (the reduce-scatter): called when the data requests completed; posts
+  // the next step's requests and returns true, or returns false when the last step has completed.
+  std::function<bool(std::vector<MPI_Request>&)> next_step;
   std::function<void()> finish;                          // post-processing after completion
   std::vector<MPI_Request> data_reqs;
   std::vector<int> ints;  // counts and displacements that MPI reads until completion
   std::vector<float> scratch_in, scratch_out;  // fp32 widening of 16-bit reductions
+  std::vector<float> step_acc, step_recv;      // the reduce-scatter's accumulator and receive buffer
+  int step = -1, steps = 0, step_peer = -1;    // the step in flight and its peer (for timeout messages)
   // p2p receive: the count the receiver expects, checked against the message.
   bool check_recv_count = false;
   size_t expected_recv = 0;
@@ -235,6 +241,12 @@ class Core {
       flag = 1;
     }
     if (!flag) return;
+    requests_done_locked(op, statuses);
+  }
+
+  // The op's posted requests completed: its next step, or its completion.
+  void requests_done_locked(MpiOp& op, MPI_Status* statuses) {
+    if (op.next_step && op.next_step(op.data_reqs)) return;
     complete_locked(op, statuses);
   }
 
@@ -318,6 +330,9 @@ class Core {
     const std::string head = "mpi communicator rank " + std::to_string(rank) + ": " + op.what + ", seq " +
                              std::to_string(seq) + ", timed out after " + std::to_string(timeout_ms) + " ms; ";
     if (!op.collective) return head + "rank " + std::to_string(op.peer) + " never matched it";
+    if (op.step_peer >= 0)
+      return head + "its step " + std::to_string(op.step + 1) + " of " + std::to_string(op.steps) + " waits on rank " +
+             std::to_string(op.step_peer) + " (that rank has not reached it, or is waiting on another)";
     return head + "the ranks that never arrived are unknown to the MPI backend (checked mode names them: "
                   "SHARDOPT_COMM_CHECKED=1)";
   }
@@ -334,7 +349,7 @@ class Core {
     return std::vector<float>(n);
   }
   void release_scratch_locked(MpiOp& op) {
-    for (auto* v : {&op.scratch_in, &op.scratch_out})
+    for (auto* v : {&op.scratch_in, &op.scratch_out, &op.step_acc, &op.step_recv})
       if (v->capacity() > 0 && scratch_pool.size() < 8) scratch_pool.push_back(std::move(*v));
   }
 
@@ -351,6 +366,135 @@ class Core {
   AbortNotice incoming_abort;
   std::unique_ptr<AbortNotice> outgoing_abort = std::make_unique<AbortNotice>();
   std::vector<std::vector<float>> scratch_pool;
+};
+
+// Runs a reduce-scatter's HalvingSchedule (comm/halving_schedule.h) as a chain of point-to-point
+// steps, one send and/or receive per step, on `comm` with the op's own tag. Each step is posted when
+// the previous one completed (MpiOp::next_step); the combines happen inside the backend's progress
+// calls, as MPI's own reductions happen inside MPI calls. kAvg is summed here and divided by finish.
+//
+// In the SimGrid build the buffers hold no data (docs/simulation.md: the simulation disables
+// payloads; its reduction arithmetic is charged as modelled compute by sim/step_sim.cc), so the
+// combines and copies are skipped and the accumulator and receive buffer are one process-wide block
+// shared by every simulated rank: per-rank memory must not grow with the bucket size there.
+class HalvingReduceScatter {
+ public:
+  HalvingReduceScatter(HalvingSchedule schedule, const void* input, void* output, DType dtype, ReduceOp op,
+                       MPI_Comm comm, int tag)
+      : s_(std::move(schedule)),
+        input_(static_cast<const std::byte*>(input)),
+        output_(static_cast<std::byte*>(output)),
+        dtype_(dtype),
+        op_(op == ReduceOp::kAvg ? ReduceOp::kSum : op),
+        type_(mpi_type(dtype)),
+        esz_(dtype_size(dtype)),
+        comm_(comm),
+        tag_(tag) {
+    for (size_t i = 0; i < s_.steps.size(); ++i)
+      if (s_.steps[i].receive == HalvingStep::Receive::kCombine) last_combine_ = i;
+  }
+
+  // MpiOp::issue: the first step (N = 1: the copy, and no request).
+  void start(MpiOp& rec, Core& core, std::vector<MPI_Request>& reqs) {
+    if (s_.steps.empty()) {
+      reqs.clear();
+      if (kComputes && input_ + s_.own_begin * esz_ != output_)
+        detail::copy_bytes(output_, input_ + s_.own_begin * esz_, (s_.own_end - s_.own_begin) * esz_);
+      return;
+    }
+    if (s_.max_receive > 0) recv_ = scratch(core, rec.step_recv, s_.max_receive);
+    post(rec, core, reqs);
+  }
+
+  // MpiOp::next_step: applies the completed step's receive, then posts the next step.
+  bool next(MpiOp& rec, Core& core, std::vector<MPI_Request>& reqs) {
+    if (step_ >= s_.steps.size()) return false;
+    const HalvingStep& done = s_.steps[step_];
+    if (done.receive == HalvingStep::Receive::kCombine) combine(done, step_ == last_combine_);
+    if (++step_ == s_.steps.size()) return false;
+    post(rec, core, reqs);
+    return true;
+  }
+
+ private:
+#ifdef SHARDOPT_SIMGRID
+  static constexpr bool kComputes = false;
+#else
+  static constexpr bool kComputes = true;
+#endif
+
+  std::byte* scratch(Core& core, std::vector<float>& own, size_t elements) {
+    const size_t floats = (elements * esz_ + sizeof(float) - 1) / sizeof(float);
+    if constexpr (!kComputes) {
+      static std::vector<float> shared_by_all_ranks;
+      if (shared_by_all_ranks.size() < floats) shared_by_all_ranks.resize(floats);
+      return reinterpret_cast<std::byte*>(shared_by_all_ranks.data());
+    }
+    own = core.take_scratch_locked(floats);
+    return reinterpret_cast<std::byte*>(own.data());
+  }
+
+  void post(MpiOp& rec, Core& core, std::vector<MPI_Request>& reqs) {
+    const HalvingStep& st = s_.steps[step_];
+    rec.step = static_cast<int>(step_), rec.steps = static_cast<int>(s_.steps.size()), rec.step_peer = st.peer;
+    if (st.send == HalvingStep::Send::kAccumulator || st.receive == HalvingStep::Receive::kCombine)
+      if (acc_ == nullptr && s_.acc_end > s_.acc_begin) acc_ = scratch(core, rec.step_acc, s_.acc_end - s_.acc_begin);
+    reqs.clear();
+    MPI_Request r;
+    if (st.send != HalvingStep::Send::kNothing) {
+      const std::byte* from = st.send == HalvingStep::Send::kInput ? input_ + st.send_begin * esz_
+                                                                   : acc_ + (st.send_begin - s_.acc_begin) * esz_;
+      mpi_check(MPI_Isend(from, to_int(st.send_end - st.send_begin, OpKind::kReduceScatter, "step count"), type_, st.peer,
+                          tag_, comm_, &r),
+                "MPI_Isend");
+      reqs.push_back(r);
+    }
+    if (st.receive != HalvingStep::Receive::kNothing) {
+      std::byte* into = st.receive == HalvingStep::Receive::kOutput ? output_ : recv_;
+      mpi_check(MPI_Irecv(into, to_int(st.recv_end - st.recv_begin, OpKind::kReduceScatter, "step count"), type_,
+                          st.peer, tag_, comm_, &r),
+                "MPI_Irecv");
+      reqs.push_back(r);
+    }
+  }
+
+  // [b, e) = (input or accumulator) + received; into the accumulator, except that the last combine
+  // writes this rank's own segment straight into the output.
+  void combine(const HalvingStep& st, bool last) {
+    if constexpr (!kComputes) return;
+    const auto part = [&](size_t b, size_t e, std::byte* out) {
+      if (e <= b) return;
+      const void* in[2] = {combined_ ? acc_ + (b - s_.acc_begin) * esz_ : input_ + b * esz_,
+                           recv_ + (b - st.recv_begin) * esz_};
+      void* outs[1] = {out};
+      detail::reduce_elements(dtype_, op_, in, outs, e - b);
+    };
+    const auto to_acc = [&](size_t b) { return acc_ + (b - s_.acc_begin) * esz_; };
+    if (!last) {
+      part(st.recv_begin, st.recv_end, to_acc(st.recv_begin));
+    } else {
+      const size_t ob = std::clamp(s_.own_begin, st.recv_begin, st.recv_end);
+      const size_t oe = std::clamp(s_.own_end, ob, st.recv_end);
+      part(st.recv_begin, ob, to_acc(st.recv_begin));
+      part(ob, oe, output_ + (ob - s_.own_begin) * esz_);
+      part(oe, st.recv_end, to_acc(oe));
+    }
+    combined_ = true;
+  }
+
+  HalvingSchedule s_;
+  const std::byte* input_;
+  std::byte* output_;
+  DType dtype_;
+  ReduceOp op_;
+  MPI_Datatype type_;
+  size_t esz_;
+  MPI_Comm comm_;
+  int tag_;
+  size_t step_ = 0, last_combine_ = 0;
+  std::byte* acc_ = nullptr;
+  std::byte* recv_ = nullptr;
+  bool combined_ = false;
 };
 
 class MpiWork final : public Work {
@@ -389,7 +533,7 @@ class MpiWork final : public Work {
         if (MPI_Waitall(static_cast<int>(op_->data_reqs.size()), op_->data_reqs.data(), statuses) != MPI_SUCCESS)
           core_->fail_locked(*op_, std::make_exception_ptr(PeerError(op_->what + " failed in MPI")));
         else
-          core_->complete_locked(*op_, statuses);
+          core_->requests_done_locked(*op_, statuses);
       }
 #endif
     }
@@ -476,26 +620,23 @@ class MpiComm final : public Communicator {
     Fingerprint fp = make_fp(OpKind::kReduceScatter, dtype, op, -1, total);
     fp.counts_hash = detail::hash_counts(counts);
     auto rec = new_collective(fp);
-    rec->ints.resize(counts.size());
-    for (size_t r = 0; r < counts.size(); ++r) rec->ints[r] = to_int(counts[r], OpKind::kReduceScatter, "count");
-    MPI_Comm comm = core_->data;
     const int world = size();
-    if (detail::is_half_type(dtype)) {
-      widen(*rec, send, total, own, dtype);
-      rec->issue = [rec = rec.get(), op, comm](std::vector<MPI_Request>& reqs) {
-        reqs.resize(1);
-        mpi_check(MPI_Ireduce_scatter(rec->scratch_in.data(), rec->scratch_out.data(), rec->ints.data(), MPI_FLOAT,
-                                      mpi_op(op), comm, &reqs[0]),
-                  "MPI_Ireduce_scatter");
-      };
+    // 16-bit types are reduced in fp32 (widened here, rounded once by finish).
+    const bool half = detail::is_half_type(dtype);
+    if (half) widen(*rec, send, total, own, dtype);
+    auto run = std::make_shared<HalvingReduceScatter>(
+        halving_schedule(counts, rank()), half ? rec->scratch_in.data() : send,
+        half ? static_cast<void*>(rec->scratch_out.data()) : recv, half ? DType::kF32 : dtype, op, core_->control,
+        kStepTagBase + static_cast<int>(fp.index % kStepTags));
+    Core* core = core_.get();
+    rec->issue = [rec = rec.get(), run, core](std::vector<MPI_Request>& reqs) { run->start(*rec, *core, reqs); };
+    rec->next_step = [rec = rec.get(), run, core](std::vector<MPI_Request>& reqs) {
+      return run->next(*rec, *core, reqs);
+    };
+    if (half) {
       rec->finish = [rec = rec.get(), recv, own, dtype, op, world] { narrow(*rec, recv, own, dtype, op, world); };
-    } else {
-      rec->issue = [rec = rec.get(), send, recv, dtype, op, comm](std::vector<MPI_Request>& reqs) {
-        reqs.resize(1);
-        mpi_check(MPI_Ireduce_scatter(send, recv, rec->ints.data(), mpi_type(dtype), mpi_op(op), comm, &reqs[0]),
-                  "MPI_Ireduce_scatter");
-      };
-      if (op == ReduceOp::kAvg) rec->finish = [recv, own, dtype, world] { detail::divide_elements(dtype, recv, own, world); };
+    } else if (op == ReduceOp::kAvg) {
+      rec->finish = [recv, own, dtype, world] { detail::divide_elements(dtype, recv, own, world); };
     }
     return submit(rec);
   }

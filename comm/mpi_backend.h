@@ -7,13 +7,17 @@
 // is never entered concurrently. MpiRuntime asks for SERIALIZED; with a lower level (MPI
 // initialized elsewhere) only one thread may use the backend.
 //
-// Operations map to nonblocking MPI calls (MPI_Iallreduce, MPI_Ireduce_scatter with per-rank
-// counts, MPI_Iallgatherv, MPI_Ireduce, MPI_Ibcast, MPI_Ialltoallv, MPI_Isend/MPI_Irecv,
-// MPI_Ibarrier). Work::wait() polls MPI_Test until done or timeout: it spins for the first 200 µs
-// (like MPI_Wait), then yields the core between polls (which matters when ranks share cores).
+// Operations map to nonblocking MPI calls (MPI_Iallreduce, MPI_Iallgatherv, MPI_Ireduce,
+// MPI_Ibcast, MPI_Ialltoallv, MPI_Isend/MPI_Irecv, MPI_Ibarrier), except the reduce-scatter: the
+// backend runs its own recursive-halving schedule of MPI_Isend/MPI_Irecv steps
+// (comm/halving_schedule.h: OpenMPI 4.1's MPI_Ireduce_scatter reduces whole buffers at rank 0), each
+// step posted when the previous one completed, inside the backend's progress calls (issue, done(),
+// wait()), as MPI's own nonblocking collectives progress only inside MPI calls. Work::wait() polls
+// MPI_Test until done or timeout: it spins for the first 200 µs (like MPI_Wait), then yields the
+// core between polls (which matters when ranks share cores).
 //
 // bf16 and f16 reductions: the inputs are widened to fp32 scratch buffers (reused, not allocated
-// per call), reduced by MPI in fp32 (MPI_SUM/MAX/MIN on MPI_FLOAT) and rounded once to the 16-bit
+// per call), reduced in fp32 (MPI_SUM/MAX/MIN on MPI_FLOAT; the reduce-scatter's combines) and rounded once to the 16-bit
 // type, so accumulation is fp32 end to end (a user-defined MPI_Op on 16-bit data would round after
 // every pairwise step). The price: twice the bytes on the wire for 16-bit reductions (the traffic
 // counters still report the logical 16-bit volume). avg = MPI_SUM, then a division (in fp32 for
@@ -22,7 +26,8 @@
 // Checked mode (CommOptions::checked): make_mpi_communicator wraps the communicator in a
 // CheckedCommunicator (comm/checked_communicator.h) whose side channel is a second MPI
 // communicator over the same ranks; the backend itself issues every MPI call at once, and its own
-// timeouts cannot name the ranks that never arrived (the checked wrapper's can).
+// timeouts cannot name the ranks that never arrived (the checked wrapper's can), except the
+// reduce-scatter's, which name the peer its step in flight waits on.
 //
 // Failures: a timeout or abort() sends an abort notice to every peer on a control communicator, so
 // their pending and future operations fail fast with PeerError (DesyncError for a desync). A failed

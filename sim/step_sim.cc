@@ -29,10 +29,10 @@
 //     exchange's copies) as stream bytes too; with --tokens-per-rank the forward and backward as
 //     FLOPs x shardopt_flops_per_model_flop, the backward on a second actor of the host so that each
 //     bucket's reduce-scatter overlaps the rest of it.
-// Differences from the engine: collectives are issued blocking in the SimGrid build (the overlap with the
-// backward comes from the second actor, not from nonblocking MPI); --reduce-scatter picks between the
-// algorithm OpenMPI's tuned rules choose for the blocking call and libnbc's, which OpenMPI 4.1 runs for
-// the engine's MPI_Ireduce_scatter; stage 3's on-demand gathers happen outside step() and are not counted.
+// Differences from the engine: collectives other than the reduce-scatter are issued blocking in the
+// SimGrid build (the overlap with the backward comes from the second actor, not from nonblocking MPI);
+// the reduce-scatter is the backend's own point-to-point schedule (comm/halving_schedule.h) in both
+// builds, its combines charged here; stage 3's on-demand gathers happen outside step() and are not counted.
 #include <mpi.h>
 #include <simgrid/host.h>
 #include <simgrid/s4u/Actor.hpp>
@@ -57,6 +57,7 @@
 
 #include "base/clock.h"
 #include "base/error.h"
+#include "comm/halving_schedule.h"
 #include "comm/mpi_backend.h"
 #include "optim/newton_schulz.h"
 #include "sharding/layout.h"
@@ -79,7 +80,7 @@ constexpr int kNsSteps = 5;
 // Local passes around the collectives, as the engine does them (runtime/engine.cc, shard_state.cc); SMPI
 // moves no payload and applies no operator, so without these the simulation charges the wire only.
 constexpr double kCopyBytesPerElem = 8;          // a copy: read + write
-constexpr double kReduceBytesPerElem = 12;       // MPI's reduction: read incoming + local, write
+constexpr double kReduceBytesPerElem = 12;       // the reduce-scatter combine: read incoming + local, write
 constexpr double kDecayAddBytesPerElem = 12;     // dim0_apply_updates: read w, delta; write w
 constexpr double kFillBytesPerElem = 4;          // dim0_unpack_to_owned zeroes the owner's update matrix
 // EngineOptions::grad_buckets_in_flight's default: the backward waits for the oldest reduction when a
@@ -103,7 +104,6 @@ struct Options {
   int64_t tokens_per_rank = 0;  // > 0: a training step (forward + backward with the reduce-scatters overlapped)
   int64_t seq_len = 0;          // attention term of the forward/backward FLOPs (0: left out)
   int64_t collective_bench_bytes = 0;  // > 0: time one all-gather and one reduce-scatter (calibration) and exit
-  std::string reduce_scatter = "tuned";  // tuned (the selector's algorithm) | libnbc (OpenMPI 4.1's nonblocking one)
 };
 
 // The bucket size a large data-parallel job chooses: Megatron-LM's default for its distributed optimizer,
@@ -299,59 +299,18 @@ struct Progress {
   }
 };
 
-// The reduce-scatter of a `counts` vector (kSum) and the reduction arithmetic MPI does for it (modelled),
-// with the algorithm --reduce-scatter names:
-//   tuned: MPI_Reduce_scatter, the algorithm SMPI's ompi selector picks (what OpenMPI's tuned component runs
-//     for the blocking call: butterfly, recursive halving, ring); each rank combines (n-1)/n of the vector.
-//   libnbc: what OpenMPI 4.1 runs for the engine's MPI_Ireduce_scatter (coll/libnbc, nbc_ireduce_scatter.c):
-//     a binomial reduce of the WHOLE vector to rank 0 (every round one full-vector message and one
-//     full-vector reduction at the receiver), then rank 0 sends every rank its segment. Rank 0 receives
-//     log2(n) whole vectors and reduces them: it does not scale like the tuned algorithms.
-// `scratch` holds a whole vector (rank 0's receive buffer).
-void reduce_scatter_sum(comm::Communicator& g, const std::string& algorithm, float* send, float* recv, float* scratch,
-                        const std::vector<size_t>& counts, const ComputeModel& model) {
-  const int n = g.size(), me = g.rank();
-  size_t total = 0;
-  for (size_t c : counts) total += c;
-  if (algorithm != "libnbc") {
-    g.reduce_scatter(send, recv, counts, DType::kF32, comm::ReduceOp::kSum)->wait();
-    model.stream(kReduceBytesPerElem * static_cast<double>(total) * (n - 1) / n);
-    return;
-  }
-  constexpr int kTag = 4242;
-  for (int r = 1; (1 << (r - 1)) < n; ++r) {
-    if (me % (1 << r) == 0) {
-      const int peer = me + (1 << (r - 1));
-      if (peer < n) {
-        g.recv(scratch, total, DType::kF32, peer, kTag)->wait();
-        // The reduction, and the first touch of the round's half of libnbc's scratch: it mallocs two
-        // whole vectors per call, which the kernel hands over as fresh pages and zeroes.
-        model.stream(kReduceBytesPerElem * static_cast<double>(total) +
-                     (r <= 2 ? kFillBytesPerElem * static_cast<double>(total) : 0.0));
-      }
-    } else {
-      g.send(send, total, DType::kF32, me - (1 << (r - 1)), kTag)->wait();
-      break;
-    }
-  }
-  if (me == 0) {
-    std::vector<comm::WorkPtr> sends;
-    size_t off = counts[0];
-    for (int r = 1; r < n; ++r) {
-      sends.push_back(g.send(send + off, counts[r], DType::kF32, r, kTag + 1));
-      off += counts[r];
-    }
-    model.stream(kCopyBytesPerElem * static_cast<double>(counts[0]));
-    for (auto& w : sends) w->wait();
-  } else {
-    g.recv(recv, counts[me], DType::kF32, 0, kTag + 1)->wait();
-  }
+// The reduce-scatter of a `counts` vector (kSum): the MPI backend's recursive-halving steps (simulated
+// messages; the backend skips the arithmetic in this build) and their combines as modelled compute.
+void reduce_scatter_sum(comm::Communicator& g, float* send, float* recv, const std::vector<size_t>& counts,
+                        const ComputeModel& model) {
+  g.reduce_scatter(send, recv, counts, DType::kF32, comm::ReduceOp::kSum)->wait();
+  model.stream(kReduceBytesPerElem * static_cast<double>(comm::halving_schedule(counts, g.rank()).combined_elements));
 }
 
 // --collective-bench BYTES: bench/comm's all-gather and reduce-scatter (kSum) of a BYTES buffer per rank
 // with counts BYTES/4/N (the last rank takes the remainder), simulated once each, max over ranks: what
 // sim/validate.py compares with comm_bench to calibrate the platform's link.
-int collective_bench(comm::Communicator& world, int64_t bytes, const std::string& rs_algorithm) {
+int collective_bench(comm::Communicator& world, int64_t bytes) {
   const int n = world.size(), me = world.rank();
   const size_t elems = std::max<size_t>(1, static_cast<size_t>(bytes) / 4);
   std::vector<size_t> counts(n, elems / n);
@@ -360,7 +319,6 @@ int collective_bench(comm::Communicator& world, int64_t bytes, const std::string
   for (int r = 0; r < me; ++r) off += counts[r];
   float* send = shared_block(0, sizeof(float) * elems);
   float* recv = shared_block(1, sizeof(float) * elems);
-  float* scratch = shared_block(6, sizeof(float) * elems);
   ComputeModel model;
   world.barrier()->wait();
   std::optional<sim::NoPayload> no_payload(std::in_place);
@@ -369,7 +327,7 @@ int collective_bench(comm::Communicator& world, int64_t bytes, const std::string
   const double all_gather = clock::seconds_since(t0);
   world.barrier()->wait();
   t0 = clock::now();
-  reduce_scatter_sum(world, rs_algorithm, send, recv, scratch, counts, model);
+  reduce_scatter_sum(world, send, recv, counts, model);
   const double reduce_scatter = clock::seconds_since(t0);
   no_payload.reset();
   const double ag = max_over(world, all_gather), rs = max_over(world, reduce_scatter);
@@ -377,7 +335,6 @@ int collective_bench(comm::Communicator& world, int64_t bytes, const std::string
     nlohmann::ordered_json j;
     j["collective_bench_bytes"] = bytes;
     j["ranks"] = n;
-    j["reduce_scatter_algorithm"] = rs_algorithm;
     j["predicted_all_gather_seconds"] = ag;
     j["predicted_reduce_scatter_seconds"] = rs;
     std::printf("%s\n", j.dump().c_str());
@@ -421,10 +378,6 @@ int run(int argc, char** argv) {
   app.add_option("--collective-bench", o.collective_bench_bytes,
                  "time one all-gather and one reduce-scatter of a BYTES buffer per rank (bench/comm's sizes) and exit")
       ->check(CLI::NonNegativeNumber);
-  app.add_option("--reduce-scatter", o.reduce_scatter,
-                 "tuned: the blocking algorithm the ompi selector picks (default); libnbc: OpenMPI 4.1's nonblocking "
-                 "MPI_Ireduce_scatter, which the engine calls (binomial reduce of whole buckets to rank 0, then a scatter)")
-      ->check(CLI::IsMember({"tuned", "libnbc"}));
   CLI11_PARSE(app, argc, argv);
 
   comm::MpiRuntime mpi(&argc, &argv);
@@ -437,7 +390,7 @@ int run(int argc, char** argv) {
   auto world = mpi.world();
   const int n_world = world->size();
   progress("world communicator");
-  if (o.collective_bench_bytes > 0) return collective_bench(*world, o.collective_bench_bytes, o.reduce_scatter);
+  if (o.collective_bench_bytes > 0) return collective_bench(*world, o.collective_bench_bytes);
   const bool outer = o.sync != "zero";
   const int replicas = outer ? o.replicas : 1;
   if (replicas < 1 || n_world % replicas != 0)
@@ -529,7 +482,6 @@ int run(int argc, char** argv) {
   float* a2a_recv_buf = shared_block(3, sizeof(float) * static_cast<size_t>(max_sizes[1]));
   float* outer_send = shared_block(4, sizeof(float) * static_cast<size_t>(max_sizes[2]));
   float* outer_recv = shared_block(5, sizeof(float) * static_cast<size_t>(max_sizes[2]));
-  float* rs_scratch = o.reduce_scatter == "libnbc" ? shared_block(6, sizeof(float) * static_cast<size_t>(max_bucket)) : nullptr;
   std::vector<float> check(specs.size() + 1, 0.0f);
   std::vector<size_t> counts(n);
   progress("buffers");
@@ -572,7 +524,7 @@ int run(int argc, char** argv) {
       if (training && dim0) model.stream(kCopyBytesPerElem * bucket_payload[b]);
       // kSum, not the engine's kAvg: the same MPI_SUM on the wire, without the backend's real division
       // pass over the (meaningless) shard in this process; the division is charged below.
-      reduce_scatter_sum(*group, o.reduce_scatter, bucket_buf, shard_buf, rs_scratch, counts, model);
+      reduce_scatter_sum(*group, bucket_buf, shard_buf, counts, model);
       model.stream(kCopyBytesPerElem * static_cast<double>(bk.segments(rank).count()));
     };
     double train_start = 0;
@@ -762,7 +714,6 @@ int run(int argc, char** argv) {
   j["stage"] = o.stage;
   j["layout"] = o.layout;
   j["sync"] = o.sync;
-  j["reduce_scatter_algorithm"] = o.reduce_scatter;
   j["bucket_bytes"] = request.bucket_bytes();
   j["buckets"] = plan.buckets_size();
   j["total_params"] = total_params;

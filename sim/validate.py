@@ -18,7 +18,7 @@ Then the link (unless --no-calibrate-link): a 2-rank bench/comm all-gather of --
 collective is simulated (step_sim --collective-bench) on the compute-calibrated copy, and the loopback
 link's bandwidth is scaled by predicted / measured (bandwidth-bound at that size; the latency stays the
 platform's). The 2-rank reduce-scatter of the same size is printed beside it as a check of the modelled
-reduction arithmetic: it is not fitted.
+combines (the backend's halving exchange plus its reduction arithmetic): it is not fitted.
 
 The reduce-scatter: step_bench's gradient fill launches each bucket's reduction as its last tensor is
 announced and, when the engine's two gradient buffers are taken, waits for the oldest
@@ -65,7 +65,7 @@ def simulate(a, platform, ranks, layout):
     out = subprocess.run(
         [os.path.join(ROOT, "scripts/simulate"), "--platform", platform, "--ranks", str(ranks), "--sim-build",
          a.sim_build, "--preset", a.preset, "--layers", a.layers, "--stage", a.stage, "--layout", layout,
-         "--bucket-mib", ENGINE_BUCKET_MIB, "--reduce-scatter", a.reduce_scatter, "--json"],
+         "--bucket-mib", ENGINE_BUCKET_MIB, "--json"],
         check=True, capture_output=True, text=True).stdout
     return last_json(out)
 
@@ -84,7 +84,7 @@ def comm_bench(a, env, ranks, nbytes):
 def simulate_collectives(a, platform, ranks, nbytes):
     out = subprocess.run(
         [os.path.join(ROOT, "scripts/simulate"), "--platform", platform, "--ranks", str(ranks), "--sim-build",
-         a.sim_build, "--collective-bench", str(nbytes), "--reduce-scatter", a.reduce_scatter],
+         a.sim_build, "--collective-bench", str(nbytes)],
         check=True, capture_output=True, text=True).stdout
     return last_json(out)
 
@@ -160,9 +160,6 @@ def main():
     ap.add_argument("--sim-build", default=os.environ.get("SHARDOPT_SIM_BUILD_DIR", os.path.join(ROOT, "build/sim-build")))
     ap.add_argument("--platform", default=os.path.join(ROOT, "sim/platforms/local-2core.xml"))
     ap.add_argument("--no-calibrate", action="store_true", help="use the platform's nominal rates as they are")
-    ap.add_argument("--reduce-scatter", default="libnbc",
-                    help="step_sim's reduce-scatter algorithm: libnbc (what OpenMPI 4.1 runs for the engine's "
-                         "MPI_Ireduce_scatter) or tuned")
     ap.add_argument("--no-calibrate-link", action="store_true", help="keep the platform's nominal link")
     ap.add_argument("--link-bytes", default=str(64 << 20), help="per-rank buffer of the link calibration (bytes)")
     a = ap.parse_args()

@@ -2,7 +2,9 @@
 //
 // Under mpirun: for each collective and message size, the shardopt MPI backend (unchecked mode, the
 // production setting) and the raw MPI call it wraps (the same nonblocking call + MPI_Wait, on the
-// same buffers, in the same run), plus the blocking MPI call for reference. Then, on rank 0 alone
+// same buffers, in the same run), plus the blocking MPI call for reference. The backend's
+// reduce-scatter is its own point-to-point schedule (comm/halving_schedule.h); its raw figures are
+// MPI_Ireduce_scatter and MPI_Reduce_scatter, what it would otherwise call. Then, on rank 0 alone
 // while the other processes sleep, the threads backend with the same number of ranks, compared
 // with memcpy bandwidth measured in the same run.
 //

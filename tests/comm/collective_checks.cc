@@ -6,7 +6,9 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <numeric>
 #include <thread>
+#include <vector>
 
 #include "base/dtype.h"
 #include "base/error.h"
@@ -368,6 +370,32 @@ void check_overlap(Communicator& comm) {
     EXPECT_EQ(a[i], sum_ranks);
     EXPECT_EQ(b[i], static_cast<float>(n));
     EXPECT_EQ(c[i], 2.0f * (n - 1));
+  }
+}
+
+void check_reduce_scatters_in_flight(Communicator& comm) {
+  const int n = comm.size(), me = comm.rank();
+  constexpr int kOps = 3;
+  std::vector<std::vector<size_t>> counts;
+  std::vector<std::vector<float>> send(kOps), recv(kOps);
+  std::vector<WorkPtr> work;
+  for (int k = 0; k < kOps; ++k) {
+    // Sizes differ, so the operations' steps complete at different times.
+    counts.push_back(skewed_counts(size_t{200000} / static_cast<size_t>(k + 1) + 3, n));
+    const size_t total = std::accumulate(counts[k].begin(), counts[k].end(), size_t{0});
+    send[k].resize(total);
+    for (size_t i = 0; i < total; ++i) send[k][i] = static_cast<float>((k + 1) * 1000 + me * 10) + static_cast<float>(i % 7);
+    recv[k].assign(counts[k][me], -1.0f);
+    work.push_back(comm.reduce_scatter(send[k].data(), recv[k].data(), counts[k], DType::kF32, ReduceOp::kSum));
+  }
+  for (int k = kOps - 1; k >= 0; --k) work[k]->wait();
+  for (int k = 0; k < kOps; ++k) {
+    const auto off = offsets_of(counts[k]);
+    for (size_t j = 0; j < counts[k][me]; ++j) {
+      const size_t i = off[me] + j;
+      const double want = n * ((k + 1) * 1000.0 + static_cast<double>(i % 7)) + 10.0 * n * (n - 1) / 2;
+      ASSERT_EQ(recv[k][j], static_cast<float>(want)) << "reduce-scatter " << k << " rank " << me << " element " << j;
+    }
   }
 }
 

@@ -33,6 +33,10 @@ void check_barrier(Communicator& comm);
 void check_bf16_fp32_accumulation(Communicator& comm);
 // Several operations in flight at once, waited in reverse order; and the caller computes meanwhile.
 void check_overlap(Communicator& comm);
+// Three reduce-scatters in flight at once (as the engine keeps gradient buckets in flight), waited
+// for in reverse order: each gets its own sums (the MPI backend's steps of different operations
+// must never match each other's messages).
+void check_reduce_scatters_in_flight(Communicator& comm);
 // Counters after one call of each collective equal the logical formulas of TrafficCounters.
 void check_counters(Communicator& comm, size_t count);
 // split(color = rank % 2, key = -rank): sizes, ranks ordered by key, and an all_reduce in each group.

@@ -3,6 +3,11 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
 #include "base/error.h"
 #include "comm/mpi_backend.h"
 #include "tests/comm/collective_checks.h"
@@ -43,6 +48,7 @@ TEST_P(MpiCollectives, Counters) { testing::check_counters(shared_comm(), GetPar
 TEST(MpiBackend, Barrier) { testing::check_barrier(shared_comm()); }
 TEST(MpiBackend, Bf16AccumulatesInFp32) { testing::check_bf16_fp32_accumulation(shared_comm()); }
 TEST(MpiBackend, OverlapAndOrder) { testing::check_overlap(shared_comm()); }
+TEST(MpiBackend, ReduceScattersInFlight) { testing::check_reduce_scatters_in_flight(shared_comm()); }
 TEST(MpiBackend, Split) { testing::check_split(shared_comm()); }
 TEST(MpiBackend, UncheckedModeWorks) {
   CommOptions o;
@@ -63,6 +69,35 @@ TEST(MpiErrors, MismatchedKindIsDesync) {
 TEST(MpiErrors, TimeoutNamesMissingRanks) {
   auto comm = make_mpi_communicator(MPI_COMM_WORLD, checked_options());
   testing::check_timeout_names_missing(*comm, 300, 1500);
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+// Unchecked mode knows no fingerprints, but the reduce-scatter's point-to-point steps know their peer:
+// the last rank never joins; rank n-2 (whose schedule pairs it with rank n-1 after steps with present
+// ranks, for n = 2, 3, 4) times out naming rank n-1; the others fail fast on its abort.
+TEST(MpiErrors, UncheckedReduceScatterTimeoutNamesThePeer) {
+  CommOptions o;
+  o.checked = false;
+  auto comm = make_mpi_communicator(MPI_COMM_WORLD, o);
+  const int n = comm->size(), me = comm->rank();
+  const std::vector<size_t> counts(n, 1000);
+  std::vector<float> send(1000 * static_cast<size_t>(n), 1.0f), recv(1000);
+  if (me == n - 1) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  } else {
+    auto work = comm->reduce_scatter(send.data(), recv.data(), counts, DType::kF32, ReduceOp::kSum);
+    if (me == n - 2) {
+      try {
+        work->wait(std::chrono::milliseconds(300));
+        ADD_FAILURE() << "rank " << me << ": the reduce-scatter did not time out";
+      } catch (const TimeoutError& e) {
+        const std::string what = e.what();
+        EXPECT_NE(what.find("reduce_scatter"), std::string::npos) << what;
+        EXPECT_NE(what.find("waits on rank " + std::to_string(n - 1) + " "), std::string::npos) << what;
+      }
+    } else {
+      EXPECT_THROW(work->wait(std::chrono::seconds(30)), Error) << "rank " << me;
+    }
+  }
   MPI_Barrier(MPI_COMM_WORLD);
 }
 TEST(MpiErrors, AbortPropagates) {

@@ -67,6 +67,9 @@ TEST_P(ThreadWorlds, Bf16AccumulatesInFp32) {
   run_ranks(GetParam(), testing::check_bf16_fp32_accumulation, checked_options());
 }
 TEST_P(ThreadWorlds, OverlapAndOrder) { run_ranks(GetParam(), testing::check_overlap, checked_options()); }
+TEST_P(ThreadWorlds, ReduceScattersInFlight) {
+  run_ranks(GetParam(), testing::check_reduce_scatters_in_flight, checked_options());
+}
 TEST_P(ThreadWorlds, Split) { run_ranks(GetParam(), testing::check_split, checked_options()); }
 
 class ThreadErrors : public ::testing::TestWithParam<int> {};

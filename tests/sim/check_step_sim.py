@@ -12,8 +12,8 @@ quantities computed independently of the simulator:
    relative 5% for the store-and-forward and pipelining of the ompi algorithms.
 3. Slow host: a host at 0.5x speed doubles the modelled compute of its rank exactly and no other's.
 5. `shardopt simulate` (when its path is given) prints the same prediction as scripts/simulate for the
-   same options, as text and as JSON (a training step with the libnbc reduce-scatter, so that no option
-   can silently fall back to its default).
+   same options, as text and as JSON (dim0, DiLoCo and a training step, so that no option can silently
+   fall back to its default).
 4. NoLoCo's pairwise exchange: with 2, 8 and 16 replicas on the same 16 hosts (disjoint pairs on a
    non-blocking switch), the exchange takes the bytes a rank sends / the link bandwidth, within 2% and
    a few latencies, whatever the number of pairs (SMPI's injected MPI_Test time once made it grow).
@@ -151,7 +151,7 @@ def main():
         failures.append("slow link: the bytes sent changed")
 
     if shardopt:
-        train = ["--tokens-per-rank", "256", "--seq-len", "128", "--reduce-scatter", "libnbc"]
+        train = ["--tokens-per-rank", "256", "--seq-len", "128"]
         opts = ["--preset", "llama-125m", "--layers", "2", "--stage", "2", "--layout", "dim0", "--sync", "diloco",
                 "--replicas", "4", *train]
         script = run("--layers", "2", "--layout", "dim0", "--sync", "diloco", "--replicas", "4", *train)
@@ -161,7 +161,7 @@ def main():
                                         text=True).stdout.strip().splitlines()[-1])
         text = subprocess.run(cli_cmd, check=True, capture_output=True, text=True).stdout
         keys = [k for k in script if k.startswith("predicted_") or k.startswith("bytes_") or
-                k in ("layout", "sync", "replicas", "tokens_per_rank", "seq_len", "reduce_scatter_algorithm")]
+                k in ("layout", "sync", "replicas", "tokens_per_rank", "seq_len")]
         diff = [k for k in keys if cli.get(k) != script[k]]
         print(f"shardopt simulate vs scripts/simulate: {len(keys) - len(diff)}/{len(keys)} fields equal; "
               f"step {cli['predicted_step_seconds']} s")

@@ -47,6 +47,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -59,6 +60,7 @@
 #include "base/error.h"
 #include "comm/halving_schedule.h"
 #include "comm/mpi_backend.h"
+#include "model/transformer.h"
 #include "optim/newton_schulz.h"
 #include "sharding/layout.h"
 #include "sharding/plan_util.h"
@@ -103,6 +105,7 @@ struct Options {
   double slow_link_factor = 1;
   int64_t tokens_per_rank = 0;  // > 0: a training step (forward + backward with the reduce-scatters overlapped)
   int64_t seq_len = 0;          // attention term of the forward/backward FLOPs (0: left out)
+  int64_t d_model = 128, heads = 4, context = 64;  // --preset reference: the reference transformer's shape
   int64_t collective_bench_bytes = 0;  // > 0: time one all-gather and one reduce-scatter (calibration) and exit
 };
 
@@ -210,13 +213,11 @@ struct ComputeModel {
   double model_host_flops(double model_flops) const { return model_flops * flops_per_model_flop * slowdown; }
 };
 
-// Forward/backward FLOPs of a training step on `tokens` tokens per rank: 2 per parameter per token in the
-// matrix products forward and twice that backward (the usual 6·P·T), over the parameters used in
-// products — every 2-D tensor except the input embedding (a lookup); the attention scores and their
-// use add 4·S·d per token and layer forward over full S×S tiles (model::Transformer::forward_flops'
-// count) when the sequence length S is given. The backward's FLOPs are split over the gradient buckets
-// in proportion to their product parameters (buckets hold tensors in reverse registration order, which
-// is the order the backward produces their gradients: bucket 0 is ready first).
+// Forward/backward FLOPs of a training step: the forward's FLOPs on this rank's tokens, and the
+// backward's (twice the forward's) split over the gradient buckets in proportion to the parameters
+// of their tensors that take part in matrix products (not the lookups: input and position
+// embeddings). Buckets hold tensors in reverse registration order, which is the order the backward
+// produces their gradients: bucket 0 is ready first.
 struct TrainingFlops {
   double forward = 0;
   std::vector<double> backward_per_bucket;
@@ -227,23 +228,71 @@ struct TrainingFlops {
   }
 };
 
-TrainingFlops training_flops(const proto::ShardPlan& plan, const std::vector<proto::TensorSpec>& specs,
-                             const sharding::LlamaShape& shape, int64_t tokens, int64_t seq_len) {
-  auto in_products = [&](int t) {
-    return specs[t].shape_size() == 2 && (shape.tied_embeddings || specs[t].name() != "model.embed_tokens.weight");
-  };
+TrainingFlops training_flops(const proto::ShardPlan& plan, double forward_flops,
+                             const std::function<bool(int tensor)>& in_products) {
   std::vector<double> product_params(plan.buckets_size(), 0.0);
   double total = 0;
   for (int b = 0; b < plan.buckets_size(); ++b)
     for (int t : plan.buckets(b).tensors())
       if (in_products(t)) product_params[b] += static_cast<double>(plan.tensors(t).numel());
   for (double p : product_params) total += p;
-  const double T = static_cast<double>(tokens);
   TrainingFlops f;
-  f.forward = 2 * total * T + 4.0 * static_cast<double>(shape.n_layers) * static_cast<double>(seq_len) *
-                                  static_cast<double>(shape.d_model) * T;
-  for (double p : product_params) f.backward_per_bucket.push_back(total > 0 ? 2 * f.forward * p / total : 0.0);
+  f.forward = forward_flops;
+  for (double p : product_params) f.backward_per_bucket.push_back(total > 0 ? 2 * forward_flops * p / total : 0.0);
   return f;
+}
+
+// The model the simulated ranks train: a llama preset (sharding/presets.h), or the reference
+// transformer `shardopt train` trains (model/transformer.h), so that a simulated training step can be
+// compared with a real one.
+struct SimModel {
+  std::vector<proto::TensorSpec> specs;
+  std::function<bool(int tensor)> in_products;          // takes part in matrix products (not a lookup)
+  std::function<double(int64_t tokens)> forward_flops;  // per rank, for `tokens` tokens
+};
+
+SimModel sim_model(const Options& o) {
+  SimModel m;
+  if (o.preset == "reference") {
+    model::ModelConfig c;
+    c.d_model = static_cast<int>(o.d_model);
+    c.n_layer = o.layers > 0 ? o.layers : c.n_layer;
+    c.n_head = static_cast<int>(o.heads);
+    c.context = static_cast<int>(o.seq_len > 0 ? o.seq_len : o.context);
+    auto net = std::make_shared<model::Transformer>(c);  // validates the shape (ConfigError)
+    // Routed as the trainer routes them (train/trainer.cc): hidden matrices to Muon, the rest to AdamW.
+    m.specs = net->tensor_specs(/*route_groups=*/true);
+    m.in_products = [net](int t) {
+      const auto& p = net->params()[static_cast<size_t>(t)];
+      return p.shape.size() == 2 && p.kind != model::ParamKind::kEmbedding;
+    };
+    m.forward_flops = [net, seq = c.context](int64_t tokens) {
+      if (tokens % seq != 0)
+        throw ConfigError("--tokens-per-rank " + std::to_string(tokens) + " must be a multiple of the sequence length " +
+                          std::to_string(seq) + " (whole sequences per rank)");
+      return net->forward_flops(static_cast<int>(tokens / seq), seq);
+    };
+    return m;
+  }
+  m.specs = sharding::preset_specs(o.preset, proto::F32, o.layers);
+  auto shape = sharding::preset_shape(o.preset);
+  if (o.layers > 0) shape.n_layers = std::min<int64_t>(shape.n_layers, o.layers);
+  // Every 2-D tensor but the input embedding (a lookup; the LM head is a product unless tied).
+  m.in_products = [specs = m.specs, tied = shape.tied_embeddings](int t) {
+    return specs[t].shape_size() == 2 && (tied || specs[t].name() != "model.embed_tokens.weight");
+  };
+  // 2 FLOPs per product parameter per token (the usual 6·P·T with the backward), plus the attention
+  // scores and their use, 4·S·d per token and layer over full S×S tiles, when --seq-len S is given
+  // (model::Transformer::forward_flops counts the same way).
+  double product_params = 0;
+  for (int t = 0; t < static_cast<int>(m.specs.size()); ++t)
+    if (m.in_products(t)) product_params += static_cast<double>(sharding::tensor_numel(m.specs[t]));
+  m.forward_flops = [product_params, shape, seq = o.seq_len](int64_t tokens) {
+    const double T = static_cast<double>(tokens);
+    return 2 * product_params * T +
+           4.0 * static_cast<double>(shape.n_layers) * static_cast<double>(seq) * static_cast<double>(shape.d_model) * T;
+  };
+  return m;
 }
 
 double ns_flops(const proto::TensorPlacement& t) {
@@ -262,7 +311,7 @@ struct Phases {
 
 double max_over(comm::Communicator& c, double v) {
   double out = 0;
-  // f32 would round simulated seconds; the check buffer is reused as two floats is not needed here.
+  // Nanoseconds as int64: f32 would round simulated seconds.
   int64_t ns = static_cast<int64_t>(v * 1e9), m = 0;
   c.all_reduce(&ns, &m, 1, DType::kI64, comm::ReduceOp::kMax)->wait();
   out = static_cast<double>(m) * 1e-9;
@@ -349,8 +398,12 @@ int run(int argc, char** argv) {
     std::string s;
     for (auto& n : sharding::preset_names()) s += (s.empty() ? "" : ", ") + n;
     return s;
-  }() + ")");
-  app.add_option("--layers", o.layers, "keep only the first K transformer layers (0 = all)");
+  }() + ", or reference: the transformer shardopt train trains, shaped by --d-model --layers --heads --context)");
+  app.add_option("--layers", o.layers, "keep only the first K transformer layers (0 = all); reference: its layers (0 = 4)");
+  app.add_option("--d-model", o.d_model, "reference: model width")->check(CLI::PositiveNumber);
+  app.add_option("--heads", o.heads, "reference: attention heads")->check(CLI::PositiveNumber);
+  app.add_option("--context", o.context, "reference: sequence length (--seq-len, when given, takes precedence)")
+      ->check(CLI::PositiveNumber);
   app.add_option("--stage", o.stage, "ZeRO stage 1-3")->check(CLI::Range(1, 3));
   app.add_option("--layout", o.layout, "owned | dim0");
   app.add_option("--sync", o.sync, "zero (one ZeRO group) | diloco | noloco (replicas x shard groups)")
@@ -410,7 +463,8 @@ int run(int argc, char** argv) {
   }
   const int n = group->size(), rank = group->rank();
 
-  const auto specs = sharding::preset_specs(o.preset, proto::F32, o.layers);
+  const SimModel trained = sim_model(o);
+  const std::vector<proto::TensorSpec>& specs = trained.specs;
   const proto::ShardLayout layout = sharding::parse_layout(o.layout);
   // Auto buckets: Megatron-LM's size, halved until every bucket buffer (payload + the layout's
   // padding) is a message SMPI handles (< 2 GiB; see kSmpiMaxMessageBytes). llama-1b in dim0: from 2
@@ -492,10 +546,8 @@ int run(int argc, char** argv) {
   for (int b = 0; b < plan.buckets_size(); ++b)
     for (int t : plan.buckets(b).tensors()) bucket_payload[b] += static_cast<double>(plan.tensors(t).numel());
   const bool training = o.tokens_per_rank > 0;
-  auto shape = sharding::preset_shape(o.preset);
-  if (o.layers > 0) shape.n_layers = std::min<int64_t>(shape.n_layers, o.layers);
   const TrainingFlops train_flops =
-      training ? training_flops(plan, specs, shape, o.tokens_per_rank, o.seq_len) : TrainingFlops{};
+      training ? training_flops(plan, trained.forward_flops(o.tokens_per_rank), trained.in_products) : TrainingFlops{};
 
   ComputeModel model;
   if (!o.slow_host.empty() && o.slow_host == sg_host_get_name(sg_host_self())) model.slowdown = 1 / o.slow_factor;
@@ -671,6 +723,14 @@ int run(int argc, char** argv) {
   m.elementwise = max_over(*world, ph.elementwise);
   m.ns = max_over(*world, ph.ns);
   m.dim0_exchange = max_over(*world, ph.dim0_exchange);
+  // The exchange of the rank whose NS took longest (the lowest such rank): its own time, without the
+  // waits of the other ranks for that NS, which the NS phase's maximum already counts.
+  const double dim0_exchange_critical = [&] {
+    const int64_t mine = static_cast<int64_t>(ph.ns * 1e9), top = static_cast<int64_t>(m.ns * 1e9 + 0.5);
+    int64_t candidate = mine == top ? world->rank() : n_world, critical = 0;
+    world->all_reduce(&candidate, &critical, 1, DType::kI64, comm::ReduceOp::kMin)->wait();
+    return max_over(*world, world->rank() == critical ? ph.dim0_exchange : 0.0);
+  }();
   m.all_gather = max_over(*world, ph.all_gather);
   m.outer = max_over(*world, ph.outer);
   m.outer_exchange = max_over(*world, ph.outer_exchange);
@@ -723,6 +783,7 @@ int run(int argc, char** argv) {
   j["predicted_elementwise_seconds"] = m.elementwise;
   j["predicted_ns_seconds"] = m.ns;
   j["predicted_dim0_exchange_seconds"] = m.dim0_exchange;
+  j["predicted_dim0_exchange_critical_seconds"] = dim0_exchange_critical;  // at the slowest NS rank
   j["predicted_all_gather_seconds"] = m.all_gather;
   j["predicted_outer_step_seconds"] = m.outer;
   j["predicted_outer_exchange_seconds"] = m.outer_exchange;      // DiLoCo all-reduce / NoLoCo sendrecv

@@ -78,6 +78,15 @@ double max_over_ranks(comm::Communicator& comm, double v) {
   return out;
 }
 
+// Every rank's value, in rank order (float seconds: microsecond resolution is plenty here).
+std::vector<double> by_rank(comm::Communicator& comm, double v) {
+  const float x = static_cast<float>(v);
+  std::vector<float> all(static_cast<size_t>(comm.size()));
+  const std::vector<size_t> counts(all.size(), 1);
+  comm.all_gather(&x, all.data(), counts, DType::kF32)->wait();
+  return {all.begin(), all.end()};
+}
+
 int64_t max_bytes_over_ranks(comm::Communicator& comm, double bytes) {
   int64_t x = static_cast<int64_t>(bytes), out = 0;
   comm.all_reduce(&x, &out, 1, DType::kI64, comm::ReduceOp::kMax)->wait();
@@ -243,6 +252,7 @@ int main(int argc, char** argv) {
         runtime::StepReport best;
         best.times.total = 1e30;
         double best_fill_reduce_wait = 0;
+        std::vector<double> best_matrix_by_rank, best_exchange_by_rank;
         for (int s = 1; s <= steps; ++s) {
           for (size_t k = specs.size(); k-- > 0;) {
             float* g = engine.grad(k);
@@ -266,10 +276,16 @@ int main(int argc, char** argv) {
           m.gather = max_over_ranks(*comm, rep.times.gather);
           m.total = max_over_ranks(*comm, rep.times.total);
           const double fill_wait = max_over_ranks(*comm, fill_reduce_wait);
+          // Per rank too: a phase's maximum can be one rank's wait for another (the dim0 exchange back
+          // waits for the slowest owner's NS).
+          const auto matrix_by_rank = by_rank(*comm, rep.times.matrix);
+          const auto exchange_by_rank = by_rank(*comm, rep.times.dim0_exchange);
           if (m.total < best.times.total) {
             best = rep;
             best.times = m;
             best_fill_reduce_wait = fill_wait;
+            best_matrix_by_rank = matrix_by_rank;
+            best_exchange_by_rank = exchange_by_rank;
           }
         }
         const auto mem = engine.memory();
@@ -288,6 +304,16 @@ int main(int argc, char** argv) {
                           {"elementwise_seconds", best.times.elementwise},
                           {"matrix_seconds", best.times.matrix},
                           {"dim0_exchange_seconds", best.times.dim0_exchange},
+                          {"matrix_seconds_by_rank", best_matrix_by_rank},
+                          {"dim0_exchange_seconds_by_rank", best_exchange_by_rank},
+                          // The exchange of the rank whose NS took longest: its own time, without the
+                          // other ranks' waits for that NS (which matrix_seconds, a maximum, counts).
+                          {"dim0_exchange_critical_seconds",
+                           best_exchange_by_rank.empty()
+                               ? 0.0
+                               : best_exchange_by_rank[std::max_element(best_matrix_by_rank.begin(),
+                                                                        best_matrix_by_rank.end()) -
+                                                       best_matrix_by_rank.begin()]},
                           {"gather_seconds", best.times.gather},
                           {"bytes_sent_per_rank", max_bytes_over_ranks(*comm, static_cast<double>(best.traffic.total_sent()))},
                           {"optimizer_bytes_per_rank", max_bytes_over_ranks(*comm, static_cast<double>(mem.optimizer_bytes()))},

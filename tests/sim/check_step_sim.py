@@ -28,6 +28,11 @@ quantities computed independently of the simulator:
    on the 1 GB/s link the reduce-scatters overlap the backward: the exposed part is below the total
    (which equals the step-only run's) and at least the last bucket's reduce-scatter (it starts when the
    backward has ended).
+9. The reference transformer (--preset reference: what `shardopt train` trains, for sim/validate.py
+   --train): its forward takes model::Transformer::forward_flops' count, computed here from the shape
+   (per layer 2·n·(4d² + 2·d·4d) + 4·B·S²·d, plus the LM head 2·n·d·256; n = B·S tokens) x
+   shardopt_flops_per_model_flop / host speed, the backward twice that on the fast link; the bytes sent
+   are the ZeRO formula on its plan; tokens that are not whole sequences are refused.
 
 usage: check_step_sim.py SCRIPTS_SIMULATE SIM_BUILD_DIR NETWORK_PLATFORM_XML COMPUTE_PLATFORM_XML [SHARDOPT]
 (the first platform has negligible compute, the second the same network with hosts named h0..h15)
@@ -61,9 +66,9 @@ def main():
     ranks = 16
     cfg = ["--cfg=smpi/bw-factor:0:1", "--cfg=smpi/lat-factor:0:1", "--cfg=network/crosstraffic:0"]
 
-    def run(*args, on=platform):
+    def run(*args, on=platform, preset="llama-125m"):
         cmd = [simulate, "--platform", on, "--ranks", str(ranks), "--sim-build", build, *cfg,
-               "--preset", "llama-125m", "--stage", "2", "--json", *args]
+               "--preset", preset, "--stage", "2", "--json", *args]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
@@ -173,6 +178,7 @@ def main():
             failures.append(f"shardopt simulate's text output lacks '{step_line}':\n{text}")
 
     failures += check_training(run, compute_platform, tmp.name)
+    failures += check_reference_model(run, os.path.join(tmp.name, "train16-fast.xml"), compute_platform)
 
     for f in failures:
         print("FAIL:", f)
@@ -233,6 +239,36 @@ def check_training(run, compute_platform, tmp):
                 failures.append(f"{name}: exposed reduce-scatter {exposed} s below the last bucket's {last} s")
             if not last > 0.01:
                 failures.append(f"{name}: the last bucket's reduce-scatter ({last} s) is too small to test the overlap")
+    return failures
+
+
+def check_reference_model(run, fast_path, compute_platform):
+    """Check 9 (module docstring). fast_path: check 8's platform (factor 0.5, free streams, fast links)."""
+    failures = []
+    speed = parse_unit(re.search(r'speed="([^"]+)"', open(compute_platform).read()).group(1),
+                       {"Gf": 1e9, "Mf": 1e6, "f": 1})
+    factor, d, layers, heads, seq, batch = 0.5, 64, 2, 4, 32, 2
+    n = batch * seq
+    forward = (layers * (2 * n * (4 * d * d + 2 * d * 4 * d) + 4 * batch * seq * seq * d) + 2 * n * d * 256) * \
+        factor / speed
+    shape = ["--d-model", str(d), "--layers", str(layers), "--heads", str(heads), "--context", str(seq)]
+    r = run(*shape, "--tokens-per-rank", str(n), on=fast_path, preset="reference")
+    fwd, bwd = r["predicted_forward_seconds"], r["predicted_backward_seconds"]
+    expected_bytes = r["zero_formula_bytes_per_rank"] + r["check_allreduce_bytes_per_rank"]
+    print(f"reference model d {d}, {layers} layers, {n} tokens per rank: forward {fwd:.9f} s (formula {forward:.9f}), "
+          f"backward {bwd:.9f} s; mean bytes sent {r['bytes_sent_per_rank_mean']:.0f}, formula {expected_bytes:.0f}")
+    if abs(fwd - forward) > 1e-6 * forward:
+        failures.append(f"reference model: forward {fwd} s, formula {forward} s")
+    if abs(bwd - 2 * forward) > 1e-3 * forward:
+        failures.append(f"reference model: backward {bwd} s, formula {2 * forward} s")
+    if abs(r["bytes_sent_per_rank_mean"] - expected_bytes) > 1:
+        failures.append(f"reference model: mean bytes sent {r['bytes_sent_per_rank_mean']}, formula {expected_bytes}")
+    try:
+        run(*shape, "--tokens-per-rank", str(n + 1), on=fast_path, preset="reference")
+        failures.append("reference model: --tokens-per-rank that is not whole sequences was accepted")
+    except subprocess.CalledProcessError as e:
+        if "multiple of the sequence length" not in (e.stdout or "") + (e.stderr or ""):
+            failures.append(f"reference model: unclear error for partial sequences: {e.stderr[-300:]}")
     return failures
 
 

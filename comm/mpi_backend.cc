@@ -5,6 +5,7 @@
 #include <cstring>
 #include <functional>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -426,9 +427,14 @@ class HalvingReduceScatter {
   std::byte* scratch(Core& core, std::vector<float>& own, size_t elements) {
     const size_t floats = (elements * esz_ + sizeof(float) - 1) / sizeof(float);
     if constexpr (!kComputes) {
-      static std::vector<float> shared_by_all_ranks;
-      if (shared_by_all_ranks.size() < floats) shared_by_all_ranks.resize(floats);
-      return reinterpret_cast<std::byte*>(shared_by_all_ranks.data());
+      // Grown by new blocks, never freed: other simulated ranks' steps in flight may still name an older one.
+      static std::vector<std::unique_ptr<float[]>> blocks;
+      static size_t largest = 0;
+      if (largest < floats) {
+        largest = std::max(floats, 2 * largest);
+        blocks.emplace_back(new float[largest]);  // left untouched: no payload is ever written here
+      }
+      return reinterpret_cast<std::byte*>(blocks.back().get());
     }
     own = core.take_scratch_locked(floats);
     return reinterpret_cast<std::byte*>(own.data());

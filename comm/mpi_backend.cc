@@ -376,8 +376,8 @@ class Core {
 //
 // In the SimGrid build the buffers hold no data (docs/simulation.md: the simulation disables
 // payloads; its reduction arithmetic is charged as modelled compute by sim/step_sim.cc), so the
-// combines and copies are skipped and the accumulator and receive buffer are one process-wide block
-// shared by every simulated rank: per-rank memory must not grow with the bucket size there.
+// combines and copies are skipped and the accumulator and receive buffer point into process-wide
+// blocks shared by every simulated rank: per-rank memory must not grow with the bucket size there.
 class HalvingReduceScatter {
  public:
   HalvingReduceScatter(HalvingSchedule schedule, const void* input, void* output, DType dtype, ReduceOp op,

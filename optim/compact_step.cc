@@ -98,11 +98,12 @@ SHARDOPT_KERNEL void adamw_q8_block(const detail::AdamConsts& k, float* __restri
   codec::encode_unsigned_block_from_sqrt(sqrt_v_new, len, *v_block.absmax, v_block.codes);
 }
 
-// Lion's m and SGD's momentum buffer: one signed slot; Update(g, w, state&) -> new w.
+// Lion's m and SGD's momentum buffer: one signed slot; Update(g, w, state&) -> new w. The update
+// loop writes the new state to m_new and the block's new absmax; one_slot_q8_block then encodes.
 template <typename G, bool kMirror, typename Update>
-SHARDOPT_KERNEL void one_slot_q8_block(const Update& update, float* __restrict w, bf16* __restrict mirror,
-                                       const G* __restrict grad, Q8Block block, int64_t len) {
-  alignas(64) float m_new[kQ8BlockElems];
+SHARDOPT_KERNEL void one_slot_q8_update(const Update& update, float* __restrict w, bf16* __restrict mirror,
+                                        const G* __restrict grad, Q8Block block, int64_t len,
+                                        float* __restrict m_new) {
   const uint8_t* __restrict mc = block.codes;
   const float am = *block.absmax;
   uint32_t m_max = 0;
@@ -116,6 +117,13 @@ SHARDOPT_KERNEL void one_slot_q8_block(const Update& update, float* __restrict w
     m_max = mb > m_max ? mb : m_max;
   }
   *block.absmax = codec::float_of(m_max);
+}
+
+template <typename G, bool kMirror, typename Update>
+SHARDOPT_KERNEL void one_slot_q8_block(const Update& update, float* __restrict w, bf16* __restrict mirror,
+                                       const G* __restrict grad, Q8Block block, int64_t len) {
+  alignas(64) float m_new[kQ8BlockElems];
+  one_slot_q8_update<G, kMirror>(update, w, mirror, grad, block, len, m_new);
   codec::encode_signed_block(m_new, len, *block.absmax, block.codes);
 }
 
@@ -375,6 +383,43 @@ SHARDOPT_BUILD_AVX512 void adamw_q8_range(const detail::PreparedStep& p, const E
   if (pending.m_new != nullptr) encode_portable(pending);
 }
 
+// Lion / SGD momentum over q8 state: run_range_q8_typed's loop (the same auto-vectorized update
+// loop; no divider work to hide), with full blocks of a normal absmax encoded by encode_signed64.
+template <typename G, bool kMirror, typename Update>
+SHARDOPT_BUILD_AVX512 void one_slot_q8_range(const Update& update, const detail::PreparedStep& p,
+                                             const ElementwiseSlice& s, const CompactSlots& slots, int64_t start,
+                                             int64_t n) {
+  alignas(64) float m_new[kQ8BlockElems];
+  const G* grad = static_cast<const G*>(s.grad);
+  for (int64_t b = start; b < start + n; b += kQ8BlockElems) {
+    const int64_t len = std::min(kQ8BlockElems, start + n - b);
+    prefetch_ahead(p, s, grad, slots, b, start + n);
+    const Q8Block m{static_cast<uint8_t*>(slots.slot[0].values) + b, slots.slot[0].absmax + b / kQ8BlockElems};
+    one_slot_q8_update<G, kMirror>(update, s.master + b, kMirror ? s.mirror + b : nullptr, grad + b, m, len, m_new);
+    const float a = *m.absmax;
+    if (len == kQ8BlockElems && a >= 0x1p-126f && a <= 0x1p126f) {
+      const __m512 factor = _mm512_set1_ps(1.0f / a);
+      for (int64_t i = 0; i < kQ8BlockElems; i += 64) encode_signed64(m_new + i, factor, m.codes + i);
+    } else {
+      codec::encode_signed_block(m_new, len, a, m.codes);
+    }
+  }
+}
+
+template <typename G, bool kMirror>
+SHARDOPT_BUILD_AVX512 void q8_range(const detail::PreparedStep& p, const ElementwiseSlice& s,
+                                    const CompactSlots& slots, int64_t start, int64_t n) {
+  const detail::SgdMomentumTerms sgd_terms = detail::sgd_momentum_terms(p.sgd);
+  auto lion = [&](float g, float w, float& m) { return detail::lion_update(p.lion, g, w, m); };
+  auto sgd = [&](float g, float w, float& m) { return detail::sgd_momentum_update(p.sgd, sgd_terms, g, w, m); };
+  switch (p.kind) {
+    case proto::OPTIMIZER_ADAMW: adamw_q8_range<G, kMirror>(p, s, slots, start, n); break;
+    case proto::OPTIMIZER_LION: one_slot_q8_range<G, kMirror>(lion, p, s, slots, start, n); break;
+    case proto::OPTIMIZER_SGD: one_slot_q8_range<G, kMirror>(sgd, p, s, slots, start, n); break;
+    default: break;
+  }
+}
+
 }  // namespace avx512
 #endif
 
@@ -392,13 +437,13 @@ SHARDOPT_BUILD_AVX2 void run_range_avx2(const detail::PreparedStep& p, const Ele
 SHARDOPT_BUILD_AVX512 void run_range_avx512(const detail::PreparedStep& p, const ElementwiseSlice& s,
                                             const CompactSlots& slots, int64_t start, int64_t n) {
 #if defined(__x86_64__)
-  if (slots.slot[0].dtype == proto::STATE_Q8 && p.kind == proto::OPTIMIZER_ADAMW) {
+  if (slots.slot[0].dtype == proto::STATE_Q8) {
     if (s.grad_dtype == DType::kBF16) {
-      if (s.mirror) avx512::adamw_q8_range<bf16, true>(p, s, slots, start, n);
-      else avx512::adamw_q8_range<bf16, false>(p, s, slots, start, n);
+      if (s.mirror) avx512::q8_range<bf16, true>(p, s, slots, start, n);
+      else avx512::q8_range<bf16, false>(p, s, slots, start, n);
     } else {
-      if (s.mirror) avx512::adamw_q8_range<float, true>(p, s, slots, start, n);
-      else avx512::adamw_q8_range<float, false>(p, s, slots, start, n);
+      if (s.mirror) avx512::q8_range<float, true>(p, s, slots, start, n);
+      else avx512::q8_range<float, false>(p, s, slots, start, n);
     }
     return;
   }

@@ -183,17 +183,19 @@ SHARDOPT_KERNEL void run_range(const detail::PreparedStep& p, const ElementwiseS
   }
 }
 
-// AVX-512 build of the q8 AdamW range, in intrinsics. The auto-vectorized loop above is bound by
-// the 512-bit ALU ports (decode, absmax and encode around the update) and its encode loops leave the
-// divider idle, while the update alone is bound by the divider (one vdivps and one vsqrtps per 16
-// elements, as the fp32 step). Here each block's update loop also encodes the previous block from
-// its scratch, so the encode's integer work runs while the divider is busy, and the code bytes are
-// widened with one vpmovzxbd and packed back with saturating packs. The arithmetic is the
-// auto-vectorized loop's, operation for operation (the products that loop fuses into FMAs are the
-// fused ones here; the codec is integer work on the bits): codes, absmax and weights are the same
-// bit for bit (tests/optim/compact_step_test.cc). Blocks the fast encode does not cover (a partial
-// last block, an absmax outside the normal range of 1 / absmax, a zero v absmax) go through the
-// portable functions above.
+// AVX-512 build of the q8 ranges. In the loops above, a block's AdamW update loop is bound by the
+// divider (one vdivps and one vsqrtps per 16 elements, like the fp32 step), and the two encode loops
+// (integer work on the 512-bit ALU ports) run after it with the divider idle; the compiler also
+// widens the code bytes through 16-bit lanes and narrows them back through vpermt2w + vpmovwb.
+// Here, in intrinsics, each full block's AdamW update loop also encodes the previous block from its
+// scratch (the encode runs while the divider is busy), the code bytes are widened with one
+// vpmovzxbd per 16 and the codes packed back with saturating packs, which also clamp them. Lion and
+// SGD momentum (no divider work) keep the auto-vectorized update loop and take the packed encode.
+// The arithmetic is the loops' above, operation for operation (the products GCC fuses into FMAs in
+// adamw_update are the fused ones here; the codec is integer work on the bits): codes, absmax and
+// weights are the same bit for bit (tests/optim/compact_step_test.cc). What the fast encode does
+// not cover (a short last block, an absmax outside the normal range of 1 / absmax, a zero v absmax)
+// goes through the block functions above.
 #if defined(__x86_64__)
 #define SHARDOPT_AVX512_INLINE \
   inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
@@ -206,19 +208,23 @@ SHARDOPT_AVX512_INLINE __m512i splat(uint32_t v) { return _mm512_set1_epi32(stat
 SHARDOPT_AVX512_INLINE __m512 decode_signed16(const uint8_t* codes, __m512 absmax) {
   const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
   const __mmask16 nonzero = _mm512_test_epi32_mask(c, splat(0x7fu));
-  const __m512i magnitude =  // ((c & 0x7f) + kSignedOffset) << kSignedShift, 0 for code 0
-      _mm512_maskz_add_epi32(nonzero, _mm512_and_si512(_mm512_slli_epi32(c, codec::kSignedShift), splat(0x7fu << codec::kSignedShift)),
-                             splat(static_cast<uint32_t>(codec::kSignedOffset) << codec::kSignedShift));
+  // ((c & 0x7f) + kSignedOffset) << kSignedShift, 0 for code 0
+  const __m512i k_bits =
+      _mm512_and_si512(_mm512_slli_epi32(c, codec::kSignedShift), splat(0x7fu << codec::kSignedShift));
+  const __m512i magnitude = _mm512_maskz_add_epi32(
+      nonzero, k_bits, splat(static_cast<uint32_t>(codec::kSignedOffset) << codec::kSignedShift));
   // magnitude | (sign bit of c << 24)
   const __m512i bits = _mm512_ternarylogic_epi32(magnitude, _mm512_slli_epi32(c, 24), splat(0x80000000u), 0xf8);
   return _mm512_mul_ps(_mm512_castsi512_ps(bits), absmax);
 }
 
-// codec::decode_unsigned(codes[i]) * absmax for 16 codes: s = bits (c + kUnsignedOffset) << 19, (s * s) * absmax.
+// codec::decode_unsigned(codes[i]) * absmax for 16 codes: s has the bits (c + kUnsignedOffset) << 19;
+// (s * s) * absmax.
 SHARDOPT_AVX512_INLINE __m512 decode_unsigned16(const uint8_t* codes, __m512 absmax) {
   const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
   const __m512 sq = _mm512_castsi512_ps(_mm512_add_epi32(
-      _mm512_slli_epi32(c, codec::kUnsignedShift), splat(static_cast<uint32_t>(codec::kUnsignedOffset) << codec::kUnsignedShift)));
+      _mm512_slli_epi32(c, codec::kUnsignedShift),
+      splat(static_cast<uint32_t>(codec::kUnsignedOffset) << codec::kUnsignedShift)));
   return _mm512_mul_ps(_mm512_mul_ps(sq, sq), absmax);
 }
 
@@ -242,7 +248,8 @@ SHARDOPT_AVX512_INLINE void store_bf16_16(bf16* p, __m512 x) {
 // at most 4096, so the saturating packs below keep it exact.
 template <uint32_t kShift>
 SHARDOPT_AVX512_INLINE __m512i rounded_magnitude(__m512i bits) {
-  return _mm512_srli_epi32(_mm512_add_epi32(_mm512_and_si512(bits, splat(0x7fffffffu)), splat(1u << (kShift - 1))), kShift);
+  const __m512i magnitude = _mm512_and_si512(bits, splat(0x7fffffffu));
+  return _mm512_srli_epi32(_mm512_add_epi32(magnitude, splat(1u << (kShift - 1))), kShift);
 }
 
 // The byte order of two packs of four vectors (in-lane packs leave 4-byte groups transposed).
@@ -322,7 +329,8 @@ SHARDOPT_AVX512_INLINE void adamw_full_block(const detail::AdamConsts& k, float*
     for (int64_t j = i; j < i + 64; j += 16) {
       const __m512 g = load16(grad + j);
       // m = beta1 * m + (1 - beta1) * g; v = beta2 * v + ((1 - beta2) * g) * g
-      const __m512 m = _mm512_fmadd_ps(decode_signed16(m_block.codes + j, am), beta1, _mm512_mul_ps(one_minus_beta1, g));
+      const __m512 m =
+          _mm512_fmadd_ps(decode_signed16(m_block.codes + j, am), beta1, _mm512_mul_ps(one_minus_beta1, g));
       const __m512 v = _mm512_fmadd_ps(decode_unsigned16(v_block.codes + j, av), beta2,
                                        _mm512_mul_ps(_mm512_mul_ps(one_minus_beta2, g), g));
       const __m512 sqrt_v = _mm512_sqrt_ps(v);

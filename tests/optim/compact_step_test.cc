@@ -3,7 +3,11 @@
 // state by the code's documented error (optim/quant8.h).
 #include "optim/compact_step.h"
 
+#include <algorithm>
+#include <bit>
 #include <cmath>
+#include <limits>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -309,53 +313,138 @@ TEST(CompactMuon, PoolDecodeAndEncodeGiveTheOneCallResultBitForBit) {
     }
 }
 
-// The fused q8 step (decode in the update loop, encode from L1) against its definition composed of
-// independent parts: decode the state with q8_dequantize, run the fp32 elementwise_step on it,
-// encode with q8_quantize. Bit for bit, for AdamW (m signed, v unsigned), Lion and SGD momentum,
-// with f32 and bf16 gradients and a bf16 mirror, in the portable, AVX2 and AVX-512 builds (the fused
-// step and the fp32 step of one build against each other; the codec in the portable build).
+// Bit patterns (NaN == NaN; -0 != +0).
+std::vector<uint32_t> bits_of(const std::vector<float>& x) {
+  std::vector<uint32_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = std::bit_cast<uint32_t>(x[i]);
+  return out;
+}
+
+// The fused q8 step (decode in the update loop, encode from L1; the AVX-512 AdamW range encodes each
+// block during the next block's update) against its definition composed of independent parts:
+// decode the state with q8_dequantize, run the fp32 elementwise_step on it, encode with q8_quantize
+// in the portable build. Bit for bit (weights, mirror, codes, absmax), for `kind` with f32 or bf16
+// gradients and a bf16 mirror, in build `isa` (the fused step and the fp32 step of one build
+// against each other). `start` holds the slice and its encoded state; its grad is fp32.
+void expect_fused_step_equals_composed(const CompactCase& start, proto::OptimizerKind kind, bool bf16_grad, Isa isa,
+                                       const std::string& label) {
+  proto::OptimizerConfig cfg;
+  cfg.set_kind(kind);
+  cfg.set_weight_decay(0.1);
+  if (kind == proto::OPTIMIZER_SGD) cfg.set_momentum(0.9), cfg.set_nesterov(true);
+  const OptimizerParams p = resolve_optimizer_config(cfg);
+  const int slots = state_values_per_element(p);
+  CompactCase c = start;
+  const size_t n = c.master.size();
+  for (int k = 0; k < 2; ++k) {  // the copy's slots point at its own storage
+    c.slots.slot[k].values = c.bytes[k].data();
+    c.slots.slot[k].absmax = c.absmax[k].data();
+  }
+  c.slice.master = c.master.data();
+  c.slice.grad = c.grad.data();
+  std::vector<bf16> grad16(n), mirror(n), mirror_ref(n);
+  for (size_t i = 0; i < n; ++i) grad16[i] = float_to_bf16(c.grad[i]);
+  if (bf16_grad) c.slice.grad = grad16.data(), c.slice.grad_dtype = DType::kBF16;
+  c.slice.mirror = mirror.data();
+
+  std::vector<float> w_ref = c.master, state[2];
+  ElementwiseSlice ref = c.slice;
+  ref.master = w_ref.data();
+  ref.mirror = mirror_ref.data();
+  for (int k = 0; k < slots; ++k) {
+    state[k] = decode(c.slots.slot[k], n);
+    ref.state[k] = state[k].data();
+  }
+  const KernelOptions exec{nullptr, isa};
+  elementwise_step(p, std::span(&ref, 1), 0.01f, 4, FiniteCheck::kNone, exec);
+  elementwise_step_compact(p, std::span(&c.slice, 1), std::span(&c.slots, 1), 0.01f, 4, FiniteCheck::kNone, exec);
+  const std::string what = label + " " + optimizer_kind_name(kind) + (bf16_grad ? " bf16 grad" : " f32 grad") + " " +
+                           isa_name(isa);
+  const auto w_bits = bits_of(c.master), w_ref_bits = bits_of(w_ref);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(w_bits[i], w_ref_bits[i]) << what << " weight " << i;
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(mirror[i].bits, mirror_ref[i].bits) << what << " mirror " << i;
+  for (int k = 0; k < slots; ++k) {
+    const bool nonneg = c.slots.slot[k].nonnegative;
+    std::vector<uint8_t> codes(n);
+    std::vector<float> absmax(c.absmax[k].size());
+    q8_quantize(state[k].data(), static_cast<int64_t>(n), nonneg, codes.data(), absmax.data(), Q8CodeKind::kFloat8,
+                Isa::kPortable);
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(c.bytes[k][i], codes[i]) << what << " slot " << k << " code " << i;
+    const auto got = bits_of(c.absmax[k]), want = bits_of(absmax);
+    for (size_t j = 0; j < want.size(); ++j) ASSERT_EQ(got[j], want[j]) << what << " slot " << k << " absmax " << j;
+  }
+}
+
 TEST(CompactStep, FusedQ8StepEqualsDecodeThenFp32StepThenEncode) {
+  for (auto kind : {proto::OPTIMIZER_ADAMW, proto::OPTIMIZER_LION, proto::OPTIMIZER_SGD}) {
+    const CompactCase c = make_case(kN, proto::STATE_Q8, kind == proto::OPTIMIZER_ADAMW, 60);
+    for (bool bf16_grad : {false, true})
+      for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512})
+        if (cpu_supports(isa)) expect_fused_step_equals_composed(c, kind, bf16_grad, isa, "random");
+  }
+}
+
+// Blocks of every kind the block encoders tell apart, next to ordinary blocks and in runs of them, over
+// two pool tasks (kCompactChunkElems) and a short last block: zero state with zero and with nonzero
+// gradients, subnormal and huge state (absmax outside the normal range of 1 / absmax), a NaN and an
+// infinite gradient, a zero v with a nonzero m, values that round up past the top code. Block
+// pattern i % 12 picks the kind; ordinary blocks run in pairs and triples.
+CompactCase special_case(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  CompactCase c;
+  c.master.resize(n);
+  c.grad.resize(n);
+  std::vector<float> init[2] = {std::vector<float>(n), std::vector<float>(n)};
+  for (size_t i = 0; i < n; ++i) {
+    const size_t block = i / kQ8BlockElems, at = i % kQ8BlockElems;
+    // m and v drawn apart from g: a block's codes change in the step (m = 0.3 g would keep them).
+    const float z = normal(rng);
+    float g = normal(rng) * 1e-2f, m = 3e-3f * normal(rng), v = 1e-6f * z * z;
+    switch (block % 12) {
+      case 2: g = m = v = 0.0f; break;                                   // all zero
+      case 4: m = v = 0.0f; break;                                       // zero state, nonzero gradient
+      case 5: g *= 1e-40f, m *= 1e-40f, v = 0x1p-140f * std::fabs(normal(rng)); break;  // subnormal
+      case 7:  // huge, finite: m absmax above 2^126; v overflows to +Inf in the step
+        g *= 1e38f, m = (at % 2 ? -1e38f : 1e38f) * (1.0f + static_cast<float>(at) / 512.0f), v = 3e38f;
+        break;
+      case 8:  // a NaN gradient, and a NaN weight whose payload's low bits round up in a bf16 mirror
+        if (at == 100) g = std::numeric_limits<float>::quiet_NaN();
+        break;
+      case 9: if (at == 7) g = -std::numeric_limits<float>::infinity(); break;
+      case 10: g = 0.0f, v = 0.0f; break;                               // v zero, m not
+      case 11: if (at == 3) m = 0.99999f, g = 0.0f; break;              // rounds near the top code
+      default: break;                                                    // 0, 1, 3, 6: ordinary
+    }
+    c.master[i] = block % 12 == 8 && at == 200 ? std::bit_cast<float>(0x7fc0ffffu) : normal(rng);
+    c.grad[i] = g;
+    init[0][i] = m;
+    init[1][i] = v;
+  }
+  for (int k = 0; k < 2; ++k) {
+    c.bytes[k].assign(n, 0);
+    c.absmax[k].assign(static_cast<size_t>(q8_num_blocks(static_cast<int64_t>(n))), 0.0f);
+    c.slots.slot[k] = {proto::STATE_Q8, c.bytes[k].data(), c.absmax[k].data(), k == 1};
+    store_compact(c.slots.slot[k], static_cast<int64_t>(n), init[k].data());
+  }
+  c.slice.master = c.master.data();
+  c.slice.grad = c.grad.data();
+  c.slice.count = n;
+  return c;
+}
+
+TEST(CompactStep, FusedQ8StepEqualsDecodeThenFp32StepThenEncodeOnSpecialBlocks) {
+  const size_t n = static_cast<size_t>(kCompactChunkElems) + 30 * kQ8BlockElems + 77;
+  const CompactCase c = special_case(n, 61);
+  // The m state really has zero, subnormal and huge blocks (the encoders' other branches).
+  const std::vector<float>& a = c.absmax[0];
+  EXPECT_TRUE(std::any_of(a.begin(), a.end(), [](float x) { return x == 0.0f; }));
+  EXPECT_TRUE(std::any_of(a.begin(), a.end(), [](float x) { return x > 0.0f && x < 0x1p-126f; }));
+  EXPECT_TRUE(std::any_of(a.begin(), a.end(), [](float x) { return x > 0x1p126f && std::isfinite(x); }));
   for (auto kind : {proto::OPTIMIZER_ADAMW, proto::OPTIMIZER_LION, proto::OPTIMIZER_SGD})
     for (bool bf16_grad : {false, true})
-      for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
-        if (!cpu_supports(isa)) continue;
-        proto::OptimizerConfig cfg;
-        cfg.set_kind(kind);
-        cfg.set_weight_decay(0.1);
-        if (kind == proto::OPTIMIZER_SGD) cfg.set_momentum(0.9), cfg.set_nesterov(true);
-        const OptimizerParams p = resolve_optimizer_config(cfg);
-        const int slots = state_values_per_element(p);
-        CompactCase c = make_case(kN, proto::STATE_Q8, kind == proto::OPTIMIZER_ADAMW, 60);
-        std::vector<bf16> grad16(kN), mirror(kN), mirror_ref(kN);
-        for (size_t i = 0; i < kN; ++i) grad16[i] = float_to_bf16(c.grad[i]);
-        if (bf16_grad) c.slice.grad = grad16.data(), c.slice.grad_dtype = DType::kBF16;
-        c.slice.mirror = mirror.data();
-
-        std::vector<float> w_ref = c.master, state[2];
-        ElementwiseSlice ref = c.slice;
-        ref.master = w_ref.data();
-        ref.mirror = mirror_ref.data();
-        for (int k = 0; k < slots; ++k) {
-          state[k] = decode(c.slots.slot[k], kN);
-          ref.state[k] = state[k].data();
-        }
-        const KernelOptions exec{nullptr, isa};
-        elementwise_step(p, std::span(&ref, 1), 0.01f, 4, FiniteCheck::kNone, exec);
-        elementwise_step_compact(p, std::span(&c.slice, 1), std::span(&c.slots, 1), 0.01f, 4, FiniteCheck::kNone, exec);
-        const std::string what = optimizer_kind_name(kind) + (bf16_grad ? " bf16 grad" : " f32 grad") +
-                                 " " + isa_name(isa);
-        ASSERT_EQ(c.master, w_ref) << what;
-        for (size_t i = 0; i < kN; ++i) ASSERT_EQ(mirror[i].bits, mirror_ref[i].bits) << what << " mirror " << i;
-        for (int k = 0; k < slots; ++k) {
-          const bool nonneg = c.slots.slot[k].nonnegative;
-          std::vector<uint8_t> codes(kN);
-          std::vector<float> absmax(c.absmax[k].size());
-          q8_quantize(state[k].data(), static_cast<int64_t>(kN), nonneg, codes.data(), absmax.data(),
-                      Q8CodeKind::kFloat8, Isa::kPortable);
-          ASSERT_EQ(c.bytes[k], codes) << what << " slot " << k;
-          ASSERT_EQ(c.absmax[k], absmax) << what << " slot " << k;
-        }
-      }
+      for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512})
+        if (cpu_supports(isa)) expect_fused_step_equals_composed(c, kind, bf16_grad, isa, "special blocks");
 }
 
 TEST(CompactStep, RejectsMissingOrMismatchedState) {

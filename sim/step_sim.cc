@@ -723,14 +723,17 @@ int run(int argc, char** argv) {
   m.elementwise = max_over(*world, ph.elementwise);
   m.ns = max_over(*world, ph.ns);
   m.dim0_exchange = max_over(*world, ph.dim0_exchange);
-  // The exchange of the rank whose NS took longest (the lowest such rank): its own time, without the
-  // waits of the other ranks for that NS, which the NS phase's maximum already counts.
-  const double dim0_exchange_critical = [&] {
+  // The phases that wait for other ranks' NS (the dim0 exchange back; the owned layout's all-gather,
+  // which waits for the owners) taken at the rank whose NS took longest (the lowest such rank): their
+  // own time, without the others' waits for that NS, which the NS phase's maximum already counts.
+  const int critical_rank = [&] {
     const int64_t mine = static_cast<int64_t>(ph.ns * 1e9), top = static_cast<int64_t>(m.ns * 1e9 + 0.5);
-    int64_t candidate = mine == top ? world->rank() : n_world, critical = 0;
-    world->all_reduce(&candidate, &critical, 1, DType::kI64, comm::ReduceOp::kMin)->wait();
-    return max_over(*world, world->rank() == critical ? ph.dim0_exchange : 0.0);
+    int64_t candidate = mine == top ? world->rank() : n_world, lowest = 0;
+    world->all_reduce(&candidate, &lowest, 1, DType::kI64, comm::ReduceOp::kMin)->wait();
+    return static_cast<int>(lowest);
   }();
+  const double dim0_exchange_critical = max_over(*world, world->rank() == critical_rank ? ph.dim0_exchange : 0.0);
+  const double all_gather_critical = max_over(*world, world->rank() == critical_rank ? ph.all_gather : 0.0);
   m.all_gather = max_over(*world, ph.all_gather);
   m.outer = max_over(*world, ph.outer);
   m.outer_exchange = max_over(*world, ph.outer_exchange);
@@ -784,6 +787,7 @@ int run(int argc, char** argv) {
   j["predicted_ns_seconds"] = m.ns;
   j["predicted_dim0_exchange_seconds"] = m.dim0_exchange;
   j["predicted_dim0_exchange_critical_seconds"] = dim0_exchange_critical;  // at the slowest NS rank
+  j["predicted_all_gather_critical_seconds"] = all_gather_critical;
   j["predicted_all_gather_seconds"] = m.all_gather;
   j["predicted_outer_step_seconds"] = m.outer;
   j["predicted_outer_exchange_seconds"] = m.outer_exchange;      // DiLoCo all-reduce / NoLoCo sendrecv

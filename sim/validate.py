@@ -26,10 +26,10 @@ announced and, when the engine's two gradient buffers are taken, waits for the o
 step reduce-scatters every bucket inside the step, so the measured reduce-scatter is reduce_wait +
 fill_reduce_wait, and the measured step is step_seconds + fill_reduce_wait.
 
-The dim0 exchange is judged at the rank whose NS took longest, on both sides (step_bench's
-dim0_exchange_critical_seconds, step_sim's predicted_dim0_exchange_critical_seconds): every other rank's
-exchange back waits for that NS, which the NS phase's maximum already holds; the maximum over ranks is
-printed beside it (dim0_exchange_max).
+The dim0 exchange and the all-gather are judged at the rank whose NS took longest, on both sides
+(step_bench's *_critical_seconds, step_sim's predicted_*_critical_seconds): every other rank's exchange
+back (dim0) or all-gather (owned: the owners' segments) waits for that NS, which the NS phase's maximum
+already holds; the maxima over ranks are printed beside them (dim0_exchange_max, all_gather_max).
 
 --train validates training steps instead: `shardopt train` (the reference transformer, --train-* shape,
 forward/backward on the CPU, the reduce-scatters overlapping the backward) under mpirun against
@@ -55,15 +55,16 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# (phase, simulation field, step_bench field). Each phase is its maximum over ranks, except the dim0
-# exchange, taken at the rank whose NS took longest on each side: the other ranks' exchange back waits
-# for that NS, which the NS maximum already counts (docs/simulation.md). The maximum over ranks is
-# printed beside it (dim0_exchange_max, not judged).
+# (phase, simulation field, step_bench field). Each phase is its maximum over ranks, except the two that
+# wait for other ranks' NS (the dim0 exchange back, the owned layout's all-gather), taken at the rank
+# whose NS took longest on each side: the other ranks' waits there are NS imbalance, which the NS maximum
+# already counts (docs/simulation.md). Their maxima over ranks are printed beside them (_max, not judged).
 PHASES = [("step", "step", "step_seconds"), ("reduce_scatter", "reduce_scatter", "reduce_wait_seconds"),
           ("check", "check", "check_seconds"), ("elementwise", "elementwise", "elementwise_seconds"),
           ("ns", "ns", "matrix_seconds"), ("dim0_exchange", "dim0_exchange_critical", "dim0_exchange_critical_seconds"),
-          ("all_gather", "all_gather", "gather_seconds")]
-INFO_PHASES = [("dim0_exchange_max", "dim0_exchange", "dim0_exchange_seconds")]
+          ("all_gather", "all_gather_critical", "gather_critical_seconds")]
+INFO_PHASES = [("dim0_exchange_max", "dim0_exchange", "dim0_exchange_seconds"),
+               ("all_gather_max", "all_gather", "gather_seconds")]
 
 
 def last_json(text):

@@ -85,4 +85,31 @@ HalvingSchedule halving_schedule(std::span<const size_t> counts, int rank) {
   return s;
 }
 
+std::vector<DoublingStep> doubling_schedule(std::span<const size_t> counts, int rank) {
+  const HalvingSchedule rs = halving_schedule(counts, rank);
+  std::vector<DoublingStep> steps;
+  const size_t total = [&] {
+    size_t t = 0;
+    for (size_t c : counts) t += c;
+    return t;
+  }();
+  for (auto it = rs.steps.rbegin(); it != rs.steps.rend(); ++it) {
+    DoublingStep d;
+    d.peer = it->peer;
+    if (it->receive == HalvingStep::Receive::kOutput) {  // folded rank: its segment goes out first
+      d.send_begin = it->recv_begin, d.send_end = it->recv_end;
+    } else if (it->receive == HalvingStep::Receive::kCombine) {
+      // The range it reduced is the range it now holds whole and sends (the fold's: the whole vector).
+      d.send_begin = it->recv_begin, d.send_end = it->recv_end;
+    }
+    if (it->send == HalvingStep::Send::kInput && rs.folded) {  // folded rank: the whole vector comes back last
+      d.recv_begin = 0, d.recv_end = total;
+    } else if (it->send != HalvingStep::Send::kNothing) {
+      d.recv_begin = it->send_begin, d.recv_end = it->send_end;
+    }
+    steps.push_back(d);
+  }
+  return steps;
+}
+
 }  // namespace shardopt::comm

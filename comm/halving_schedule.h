@@ -1,7 +1,8 @@
-// The MPI backend's reduce-scatter as point-to-point messages: recursive halving with a fold for
-// rank counts that are not a power of two (Rabenseifner's reduce-scatter half). Pure arithmetic on
-// counts, no communication: the backend (comm/mpi_backend.cc) runs the steps, the simulation
-// (sim/step_sim.cc) charges their reductions, and a test executes them in one process.
+// The MPI backend's reduce-scatter and all-gather as point-to-point messages: recursive halving with a
+// fold for rank counts that are not a power of two (Rabenseifner's reduce-scatter half), and its mirror
+// image, recursive doubling, for the all-gather. Pure arithmetic on counts, no communication: the
+// backend (comm/mpi_backend.cc) runs the steps, the simulation (sim/step_sim.cc) charges the
+// reduce-scatter's combines, and a test executes both in one process.
 //
 // Why not MPI_Ireduce_scatter: OpenMPI 4.1 serves nonblocking collectives from coll/libnbc, whose
 // reduce-scatter reduces the whole vector to rank 0 (log2 N whole-vector messages and reductions at
@@ -52,7 +53,20 @@ struct HalvingSchedule {
   size_t combined_elements = 0;
 };
 
-// The steps of rank `rank` for segments `counts` (one per rank, in rank order).
+// The reduce-scatter steps of rank `rank` for segments `counts` (one per rank, in rank order).
 HalvingSchedule halving_schedule(std::span<const size_t> counts, int rank);
+
+// The all-gather: the reduce-scatter's steps in reverse order with send and receive swapped. Every
+// buffer is the output vector itself (element ranges of it): each step sends a range this rank holds
+// complete and receives the partner's into its place. A folded rank sends its segment first and
+// receives the whole vector last; its participant receives that segment first and sends the whole
+// vector last. A participant sends and receives B (P-1)/P elements over log2 P steps (even split).
+// An empty range is neither sent nor received: both ranks of a pair see the same range.
+struct DoublingStep {
+  int peer = -1;
+  size_t send_begin = 0, send_end = 0;
+  size_t recv_begin = 0, recv_end = 0;
+};
+std::vector<DoublingStep> doubling_schedule(std::span<const size_t> counts, int rank);
 
 }  // namespace shardopt::comm

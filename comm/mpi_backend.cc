@@ -46,16 +46,11 @@ SimulatedRanksLock& mpi_mutex() {
 // (smpi/coll-selector:ompi) picks for the blocking ones. The simulation build therefore issues the
 // blocking collective when the operation is issued and hands back a completed request. Collectives
 // are issued in the same order on every rank, so this cannot deadlock; the price is that the
-// simulation never overlaps a collective with compute. (The reduce-scatter is the backend's own
-// point-to-point schedule in both builds: HalvingReduceScatter below.)
+// simulation never overlaps a collective with compute. (The reduce-scatter and the all-gather are the
+// backend's own point-to-point schedules in both builds: HalvingReduceScatter, DoublingAllGather.)
 int blocking_iallreduce(const void* s, void* r, int n, MPI_Datatype t, MPI_Op op, MPI_Comm c, MPI_Request* req) {
   *req = MPI_REQUEST_NULL;
   return MPI_Allreduce(s, r, n, t, op, c);
-}
-int blocking_iallgatherv(const void* s, int sc, MPI_Datatype st, void* r, const int* rcounts, const int* displs,
-                         MPI_Datatype rt, MPI_Comm c, MPI_Request* req) {
-  *req = MPI_REQUEST_NULL;
-  return MPI_Allgatherv(s, sc, st, r, rcounts, displs, rt, c);
 }
 int blocking_ireduce(const void* s, void* r, int n, MPI_Datatype t, MPI_Op op, int root, MPI_Comm c,
                      MPI_Request* req) {
@@ -76,7 +71,6 @@ int blocking_ibarrier(MPI_Comm c, MPI_Request* req) {
   return MPI_Barrier(c);
 }
 #define MPI_Iallreduce blocking_iallreduce
-#define MPI_Iallgatherv blocking_iallgatherv
 #define MPI_Ireduce blocking_ireduce
 #define MPI_Ibcast blocking_ibcast
 #define MPI_Ialltoallv blocking_ialltoallv
@@ -503,6 +497,73 @@ class HalvingReduceScatter {
   bool combined_ = false;
 };
 
+// Runs an all-gather's doubling schedule (comm/halving_schedule.h) as a chain of point-to-point steps
+// on `comm` with the op's own tag: every step sends and receives ranges of the output vector itself,
+// so nothing is combined or staged. The simulation build runs the same messages, with their data
+// (step_sim gathers per-rank figures with it outside the steps).
+class DoublingAllGather {
+ public:
+  DoublingAllGather(std::vector<DoublingStep> steps, const void* own_segment, void* output, size_t own_offset,
+                    size_t own_count, DType dtype, MPI_Comm comm, int tag)
+      : steps_(std::move(steps)),
+        own_(static_cast<const std::byte*>(own_segment)),
+        out_(static_cast<std::byte*>(output)),
+        own_offset_(own_offset),
+        own_count_(own_count),
+        type_(mpi_type(dtype)),
+        esz_(dtype_size(dtype)),
+        comm_(comm),
+        tag_(tag) {}
+
+  // MpiOp::issue: this rank's segment into place, then the first step with a message.
+  void start(MpiOp& rec, std::vector<MPI_Request>& reqs) {
+    if (own_ != out_ + own_offset_ * esz_) detail::copy_bytes(out_ + own_offset_ * esz_, own_, own_count_ * esz_);
+    post_from(rec, reqs);
+  }
+
+  // MpiOp::next_step: the next step with a message, or false when every step has completed.
+  bool next(MpiOp& rec, std::vector<MPI_Request>& reqs) {
+    ++step_;
+    return post_from(rec, reqs);
+  }
+
+ private:
+  bool post_from(MpiOp& rec, std::vector<MPI_Request>& reqs) {
+    reqs.clear();
+    for (; step_ < steps_.size(); ++step_) {
+      const DoublingStep& st = steps_[step_];
+      MPI_Request r;
+      if (st.send_end > st.send_begin) {
+        mpi_check(MPI_Isend(out_ + st.send_begin * esz_, to_int(st.send_end - st.send_begin, OpKind::kAllGather, "step count"),
+                            type_, st.peer, tag_, comm_, &r),
+                  "MPI_Isend");
+        reqs.push_back(r);
+      }
+      if (st.recv_end > st.recv_begin) {
+        mpi_check(MPI_Irecv(out_ + st.recv_begin * esz_, to_int(st.recv_end - st.recv_begin, OpKind::kAllGather, "step count"),
+                            type_, st.peer, tag_, comm_, &r),
+                  "MPI_Irecv");
+        reqs.push_back(r);
+      }
+      if (!reqs.empty()) {
+        rec.step = static_cast<int>(step_), rec.steps = static_cast<int>(steps_.size()), rec.step_peer = st.peer;
+        return true;
+      }
+    }
+    return false;
+  }
+
+  std::vector<DoublingStep> steps_;
+  const std::byte* own_;
+  std::byte* out_;
+  size_t own_offset_, own_count_;
+  MPI_Datatype type_;
+  size_t esz_;
+  MPI_Comm comm_;
+  int tag_;
+  size_t step_ = 0;
+};
+
 class MpiWork final : public Work {
  public:
   MpiWork(std::shared_ptr<Core> core, MpiOpPtr op) : core_(std::move(core)), op_(std::move(op)) {}
@@ -648,30 +709,17 @@ class MpiComm final : public Communicator {
   }
 
   WorkPtr start_all_gather(const void* send, void* recv, std::span<const size_t> counts, DType dtype) override {
-    const MPI_Datatype type = mpi_type(dtype);
     const uint64_t total = detail::sum_counts(counts);
     const size_t own = counts[rank()];
-    const size_t esz = dtype_size(dtype);
     Fingerprint fp = make_fp(OpKind::kAllGather, dtype, ReduceOp::kSum, -1, total);
     fp.counts_hash = detail::hash_counts(counts);
     auto rec = new_collective(fp);
-    const int n = size();
-    rec->ints.resize(2 * static_cast<size_t>(n));  // counts, then displacements
-    size_t off = 0, my_off = 0;
-    for (int r = 0; r < n; ++r) {
-      if (r == rank()) my_off = off;
-      rec->ints[r] = to_int(counts[r], OpKind::kAllGather, "count");
-      rec->ints[n + r] = to_int(off, OpKind::kAllGather, "displacement");
-      off += counts[r];
-    }
-    const bool in_place = send == static_cast<const std::byte*>(recv) + my_off * esz;
-    MPI_Comm comm = core_->data;
-    rec->issue = [rec = rec.get(), send, recv, own, type, in_place, n, comm](std::vector<MPI_Request>& reqs) {
-      reqs.resize(1);
-      mpi_check(MPI_Iallgatherv(in_place ? MPI_IN_PLACE : send, static_cast<int>(own), type, recv, rec->ints.data(),
-                                rec->ints.data() + n, type, comm, &reqs[0]),
-                "MPI_Iallgatherv");
-    };
+    size_t my_off = 0;
+    for (int r = 0; r < rank(); ++r) my_off += counts[r];
+    auto run = std::make_shared<DoublingAllGather>(doubling_schedule(counts, rank()), send, recv, my_off, own, dtype,
+                                                   core_->control, kStepTagBase + static_cast<int>(fp.index % kStepTags));
+    rec->issue = [rec = rec.get(), run](std::vector<MPI_Request>& reqs) { run->start(*rec, reqs); };
+    rec->next_step = [rec = rec.get(), run](std::vector<MPI_Request>& reqs) { return run->next(*rec, reqs); };
     return submit(rec);
   }
 

@@ -172,5 +172,56 @@ TEST(HalvingSchedule, TrafficAndCombinesAreThoseOfRecursiveHalving) {
   }
 }
 
+// The all-gather (doubling_schedule) the same way: every rank starts with only its own segment in
+// place, a step's send must cover data the rank already holds, and at the end every rank holds every
+// segment. Rendezvous delivery, so a step order that could deadlock under MPI fails here too.
+TEST(DoublingSchedule, EveryRankEndsWithEverySegment) {
+  for (int n = 1; n <= 13; ++n)
+    for (const auto& counts : splits(n)) {
+      const size_t total = std::accumulate(counts.begin(), counts.end(), size_t{0});
+      std::vector<size_t> offset(n + 1, 0);
+      for (int r = 0; r < n; ++r) offset[r + 1] = offset[r] + counts[r];
+      const auto truth = [](size_t i) { return static_cast<double>(i) * 3 + 1; };
+      std::vector<std::vector<DoublingStep>> steps(n);
+      std::vector<std::vector<double>> out(n, std::vector<double>(total, -1.0));  // -1: not held yet
+      std::vector<size_t> at(n, 0);
+      std::vector<char> sent(n, 0), received(n, 0);
+      for (int r = 0; r < n; ++r) {
+        steps[r] = doubling_schedule(counts, r);
+        for (size_t i = offset[r]; i < offset[r + 1]; ++i) out[r][i] = truth(i);
+      }
+      const auto posted = [&](int r) -> const DoublingStep* { return at[r] < steps[r].size() ? &steps[r][at[r]] : nullptr; };
+      for (bool progress = true; progress;) {
+        progress = false;
+        for (int r = 0; r < n; ++r) {
+          const DoublingStep* st = posted(r);
+          if (st == nullptr || sent[r] || st->send_end <= st->send_begin) continue;
+          const DoublingStep* ps = posted(st->peer);
+          if (ps == nullptr || ps->peer != r || received[st->peer] || ps->recv_end <= ps->recv_begin) continue;
+          ASSERT_EQ(st->send_begin, ps->recv_begin) << "n " << n << " rank " << r << " -> " << st->peer;
+          ASSERT_EQ(st->send_end, ps->recv_end) << "n " << n << " rank " << r << " -> " << st->peer;
+          for (size_t i = st->send_begin; i < st->send_end; ++i) {
+            ASSERT_NE(out[r][i], -1.0) << "n " << n << " rank " << r << " sends element " << i << " it does not hold";
+            out[st->peer][i] = out[r][i];
+          }
+          sent[r] = received[st->peer] = 1;
+          progress = true;
+        }
+        for (int r = 0; r < n; ++r) {
+          const DoublingStep* st = posted(r);
+          if (st == nullptr) continue;
+          if ((st->send_end > st->send_begin && !sent[r]) || (st->recv_end > st->recv_begin && !received[r])) continue;
+          ++at[r];
+          sent[r] = received[r] = 0;
+          progress = true;
+        }
+      }
+      for (int r = 0; r < n; ++r) {
+        ASSERT_EQ(at[r], steps[r].size()) << "rank " << r << " of " << n << " deadlocked";
+        for (size_t i = 0; i < total; ++i) ASSERT_EQ(out[r][i], truth(i)) << "n " << n << " rank " << r << " element " << i;
+      }
+    }
+}
+
 }  // namespace
 }  // namespace shardopt::comm

@@ -93,11 +93,12 @@ def simulate(a, platform, ranks, layout):
 
 
 def comm_bench(a, env, ranks, nbytes):
-    """bench/comm's shardopt MPI backend: {collective: seconds} for all_gather and reduce_scatter."""
+    """bench/comm's shardopt MPI backend: {collective: seconds} for all_gather and reduce_scatter (best of 9:
+    single runs of a 64 MiB collective move by +-30% here between minutes, the steps' best-of is steadier)."""
     out = subprocess.run(
         ["mpirun", "--oversubscribe", "--mca", "btl", "self,vader", "--bind-to", "none", "-np", str(ranks),
          os.path.join(a.build, "bench/comm/comm_bench"), "--json", "--min-bytes", str(nbytes), "--max-bytes",
-         str(nbytes), "--collectives", "all_gather", "reduce_scatter", "--backends", "mpi", "--repeat", "3"],
+         str(nbytes), "--collectives", "all_gather", "reduce_scatter", "--backends", "mpi", "--repeat", "9"],
         check=True, capture_output=True, text=True, env=env).stdout
     rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
     return {r["collective"]: r["shardopt_seconds"] for r in rows}

@@ -260,6 +260,10 @@ void Engine::grad_ready(size_t t) {
     throw ConfigError("grad_ready called twice for tensor '" + specs_[t].name() +
                       "' in one micro-batch (its bucket is still waiting for other tensors)");
   ++ready_count_[t];
+  // Lets the reductions in flight advance while the backward computes: the MPI backend moves its
+  // reduce-scatter steps (and MPI its shared-memory messages) only inside its calls, and one poll
+  // advances every pending operation of the communicator.
+  if (!in_flight_.empty()) in_flight_.front().work->done();
   if (--pending_in_bucket_[b] > 0) return;
   if (state_->pooled_grads()) {
     launch_reduction(b);

@@ -196,7 +196,9 @@ class Engine {
 
   // Tensor t's gradient of the current micro-batch is written; once per tensor per micro-batch
   // (grad_accumulation_steps times per step, ConfigError beyond). The bucket's reduction starts when
-  // its last tensor is ready (kSharded: every micro-batch; kFull: in the last one).
+  // its last tensor is ready (kSharded: every micro-batch; kFull: in the last one). Every call also
+  // polls the reductions in flight, so that backends which progress only inside their calls (MPI)
+  // advance them while the backward computes.
   void grad_ready(size_t t);
   // Applies one optimizer step with learning rates scaled by lr_multiplier (schedules).
   StepReport step(float lr_multiplier = 1.0f);

@@ -363,6 +363,46 @@ class Core {
   std::vector<std::vector<float>> scratch_pool;
 };
 
+// Where a point-to-point step of a collective's own schedule goes, and what it posts.
+struct StepMessages {
+  OpKind kind;
+  MPI_Datatype type;
+  MPI_Comm comm;
+  int tag;
+};
+
+// The two directions of a step: whether each happens (a message of 0 elements still does, and its
+// buffer may then be null), where from or to, how many elements.
+struct StepSend {
+  bool active = false;
+  const void* data = nullptr;
+  size_t count = 0;
+};
+struct StepRecv {
+  bool active = false;
+  void* data = nullptr;
+  size_t count = 0;
+};
+
+// Posts one step of a collective's own schedule: the send and then the receive, to and from `peer`;
+// records the step for timeout messages.
+void post_step(MpiOp& rec, const StepMessages& m, size_t step, size_t steps, int peer, StepSend send, StepRecv recv,
+               std::vector<MPI_Request>& reqs) {
+  rec.step = static_cast<int>(step), rec.steps = static_cast<int>(steps), rec.step_peer = peer;
+  reqs.clear();
+  MPI_Request r;
+  if (send.active) {
+    mpi_check(MPI_Isend(send.data, to_int(send.count, m.kind, "step count"), m.type, peer, m.tag, m.comm, &r),
+              "MPI_Isend");
+    reqs.push_back(r);
+  }
+  if (recv.active) {
+    mpi_check(MPI_Irecv(recv.data, to_int(recv.count, m.kind, "step count"), m.type, peer, m.tag, m.comm, &r),
+              "MPI_Irecv");
+    reqs.push_back(r);
+  }
+}
+
 // Runs a reduce-scatter's HalvingSchedule (comm/halving_schedule.h) as a chain of point-to-point
 // steps, one send and/or receive per step, on `comm` with the op's own tag. Each step is posted when
 // the previous one completed (MpiOp::next_step); the combines happen inside the backend's progress
@@ -381,10 +421,8 @@ class HalvingReduceScatter {
         output_(static_cast<std::byte*>(output)),
         dtype_(dtype),
         op_(op == ReduceOp::kAvg ? ReduceOp::kSum : op),
-        type_(mpi_type(dtype)),
-        esz_(dtype_size(dtype)),
-        comm_(comm),
-        tag_(tag) {
+        messages_{OpKind::kReduceScatter, mpi_type(dtype), comm, tag},
+        esz_(dtype_size(dtype)) {
     for (size_t i = 0; i < s_.steps.size(); ++i)
       if (s_.steps[i].receive == HalvingStep::Receive::kCombine) last_combine_ = i;
   }
@@ -436,26 +474,14 @@ class HalvingReduceScatter {
 
   void post(MpiOp& rec, Core& core, std::vector<MPI_Request>& reqs) {
     const HalvingStep& st = s_.steps[step_];
-    rec.step = static_cast<int>(step_), rec.steps = static_cast<int>(s_.steps.size()), rec.step_peer = st.peer;
     if (st.send == HalvingStep::Send::kAccumulator || st.receive == HalvingStep::Receive::kCombine)
       if (acc_ == nullptr && s_.acc_end > s_.acc_begin) acc_ = scratch(core, rec.step_acc, s_.acc_end - s_.acc_begin);
-    reqs.clear();
-    MPI_Request r;
-    if (st.send != HalvingStep::Send::kNothing) {
-      const std::byte* from = st.send == HalvingStep::Send::kInput ? input_ + st.send_begin * esz_
-                                                                   : acc_ + (st.send_begin - s_.acc_begin) * esz_;
-      mpi_check(MPI_Isend(from, to_int(st.send_end - st.send_begin, OpKind::kReduceScatter, "step count"), type_, st.peer,
-                          tag_, comm_, &r),
-                "MPI_Isend");
-      reqs.push_back(r);
-    }
-    if (st.receive != HalvingStep::Receive::kNothing) {
-      std::byte* into = st.receive == HalvingStep::Receive::kOutput ? output_ : recv_;
-      mpi_check(MPI_Irecv(into, to_int(st.recv_end - st.recv_begin, OpKind::kReduceScatter, "step count"), type_,
-                          st.peer, tag_, comm_, &r),
-                "MPI_Irecv");
-      reqs.push_back(r);
-    }
+    const std::byte* from = st.send == HalvingStep::Send::kInput ? input_ + st.send_begin * esz_
+                                                                 : acc_ + (st.send_begin - s_.acc_begin) * esz_;
+    std::byte* into = st.receive == HalvingStep::Receive::kOutput ? output_ : recv_;
+    post_step(rec, messages_, step_, s_.steps.size(), st.peer,
+              {st.send != HalvingStep::Send::kNothing, from, st.send_end - st.send_begin},
+              {st.receive != HalvingStep::Receive::kNothing, into, st.recv_end - st.recv_begin}, reqs);
   }
 
   // [b, e) = (input or accumulator) + received; into the accumulator, except that the last combine
@@ -487,10 +513,8 @@ class HalvingReduceScatter {
   std::byte* output_;
   DType dtype_;
   ReduceOp op_;
-  MPI_Datatype type_;
+  StepMessages messages_;
   size_t esz_;
-  MPI_Comm comm_;
-  int tag_;
   size_t step_ = 0, last_combine_ = 0;
   std::byte* acc_ = nullptr;
   std::byte* recv_ = nullptr;
@@ -510,10 +534,8 @@ class DoublingAllGather {
         out_(static_cast<std::byte*>(output)),
         own_offset_(own_offset),
         own_count_(own_count),
-        type_(mpi_type(dtype)),
-        esz_(dtype_size(dtype)),
-        comm_(comm),
-        tag_(tag) {}
+        messages_{OpKind::kAllGather, mpi_type(dtype), comm, tag},
+        esz_(dtype_size(dtype)) {}
 
   // MpiOp::issue: this rank's segment into place, then the first step with a message.
   void start(MpiOp& rec, std::vector<MPI_Request>& reqs) {
@@ -532,23 +554,12 @@ class DoublingAllGather {
     reqs.clear();
     for (; step_ < steps_.size(); ++step_) {
       const DoublingStep& st = steps_[step_];
-      MPI_Request r;
-      if (st.send_end > st.send_begin) {
-        mpi_check(MPI_Isend(out_ + st.send_begin * esz_, to_int(st.send_end - st.send_begin, OpKind::kAllGather, "step count"),
-                            type_, st.peer, tag_, comm_, &r),
-                  "MPI_Isend");
-        reqs.push_back(r);
-      }
-      if (st.recv_end > st.recv_begin) {
-        mpi_check(MPI_Irecv(out_ + st.recv_begin * esz_, to_int(st.recv_end - st.recv_begin, OpKind::kAllGather, "step count"),
-                            type_, st.peer, tag_, comm_, &r),
-                  "MPI_Irecv");
-        reqs.push_back(r);
-      }
-      if (!reqs.empty()) {
-        rec.step = static_cast<int>(step_), rec.steps = static_cast<int>(steps_.size()), rec.step_peer = st.peer;
-        return true;
-      }
+      const bool sends = st.send_end > st.send_begin, receives = st.recv_end > st.recv_begin;
+      if (!sends && !receives) continue;
+      post_step(rec, messages_, step_, steps_.size(), st.peer,
+                {sends, out_ + st.send_begin * esz_, st.send_end - st.send_begin},
+                {receives, out_ + st.recv_begin * esz_, st.recv_end - st.recv_begin}, reqs);
+      return true;
     }
     return false;
   }
@@ -557,10 +568,8 @@ class DoublingAllGather {
   const std::byte* own_;
   std::byte* out_;
   size_t own_offset_, own_count_;
-  MPI_Datatype type_;
+  StepMessages messages_;
   size_t esz_;
-  MPI_Comm comm_;
-  int tag_;
   size_t step_ = 0;
 };
 

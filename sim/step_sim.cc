@@ -29,10 +29,11 @@
 //     exchange's copies) as stream bytes too; with --tokens-per-rank the forward and backward as
 //     FLOPs x shardopt_flops_per_model_flop, the backward on a second actor of the host so that each
 //     bucket's reduce-scatter overlaps the rest of it.
-// Differences from the engine: collectives other than the reduce-scatter are issued blocking in the
-// SimGrid build (the overlap with the backward comes from the second actor, not from nonblocking MPI);
-// the reduce-scatter is the backend's own point-to-point schedule (comm/halving_schedule.h) in both
-// builds, its combines charged here; stage 3's on-demand gathers happen outside step() and are not counted.
+// Differences from the engine: collectives other than the reduce-scatter and the all-gather are issued
+// blocking in the SimGrid build (the overlap with the backward comes from the second actor, not from
+// nonblocking MPI); those two are the backend's own point-to-point schedules (comm/halving_schedule.h)
+// in both builds, the reduce-scatter's combines charged here; stage 3's on-demand gathers happen outside
+// step() and are not counted.
 #include <mpi.h>
 #include <simgrid/host.h>
 #include <simgrid/s4u/Actor.hpp>

@@ -141,28 +141,49 @@ def calibrate_link(a, env, platform):
                           after["predicted_reduce_scatter_seconds"] / measured["reduce_scatter"]}), flush=True)
 
 
+SPEED = r'speed="([0-9.eE+-]+)Gf"'
+
+
+def prop_pattern(name):
+    return rf'(id="{name}" value=")([0-9.eE+-]+)"'
+
+
+def platform_rates(text):
+    """A platform file's host speed (flop/s), shardopt_flops_per_byte and shardopt_flops_per_model_flop
+    (None when the file has none)."""
+    model = re.search(prop_pattern("shardopt_flops_per_model_flop"), text)
+    return (float(re.search(SPEED, text).group(1)) * 1e9,
+            float(re.search(prop_pattern("shardopt_flops_per_byte"), text).group(2)),
+            float(model.group(2)) if model else None)
+
+
+def calibrated_copy(text, out_dir, speed, flops_per_byte, flops_per_model_flop):
+    """Writes `text` with those rates (a missing model-FLOP property stays missing) to
+    out_dir/local-calibrated.xml and returns its path."""
+    text = re.sub(SPEED, f'speed="{speed / 1e9:.4f}Gf"', text, count=1)
+    text = re.sub(prop_pattern("shardopt_flops_per_byte"), rf'\g<1>{flops_per_byte:.4f}"', text, count=1)
+    if flops_per_model_flop is not None:
+        text = re.sub(prop_pattern("shardopt_flops_per_model_flop"), rf'\g<1>{flops_per_model_flop:.4f}"', text,
+                      count=1)
+    path = os.path.join(out_dir, "local-calibrated.xml")
+    open(path, "w").write(text)
+    return path
+
+
 def calibrated_platform(a, env, base_platform, out_dir):
     """A copy of base_platform whose host speed and flops_per_byte reproduce this machine's 1-rank
     NS and element-wise times (see the module docstring)."""
     measured = step_bench(a, env, 1, "owned")
     predicted = simulate(a, base_platform, 1, "owned")
     text = open(base_platform).read()
-    speed = float(re.search(r'speed="([0-9.eE+-]+)Gf"', text).group(1)) * 1e9
-    fpb = float(re.search(r'id="shardopt_flops_per_byte" value="([0-9.eE+-]+)"', text).group(1))
+    speed, fpb, model_factor = platform_rates(text)
     # NS phase ~ flops / speed; element-wise ~ bytes * fpb / speed = bytes / stream rate.
     new_speed = speed * predicted["predicted_ns_seconds"] / measured["matrix_seconds"]
     stream = speed / fpb * predicted["predicted_elementwise_seconds"] / measured["elementwise_seconds"]
     new_fpb = new_speed / stream
-    text = re.sub(r'speed="[0-9.eE+-]+Gf"', f'speed="{new_speed / 1e9:.4f}Gf"', text, count=1)
     # The forward/backward rate (speed / shardopt_flops_per_model_flop) is not what this run measures: keep it.
-    m = re.search(r'(id="shardopt_flops_per_model_flop" value=")([0-9.eE+-]+)"', text)
-    if m:
-        model_rate = speed / float(m.group(2))
-        text = re.sub(r'(id="shardopt_flops_per_model_flop" value=")[0-9.eE+-]+"', rf'\g<1>{new_speed / model_rate:.4f}"',
-                      text, count=1)
-    text = re.sub(r'(id="shardopt_flops_per_byte" value=")[0-9.eE+-]+"', rf'\g<1>{new_fpb:.4f}"', text, count=1)
-    path = os.path.join(out_dir, "local-calibrated.xml")
-    open(path, "w").write(text)
+    new_model_factor = None if model_factor is None else new_speed / (speed / model_factor)
+    path = calibrated_copy(text, out_dir, new_speed, new_fpb, new_model_factor)
     print(json.dumps({"calibration": "1-rank step_bench", "ns_flops_per_second": new_speed,
                       "stream_bytes_per_second": stream, "flops_per_byte": new_fpb,
                       "nominal_ns_flops_per_second": speed, "nominal_stream_bytes_per_second": speed / fpb,
@@ -226,18 +247,12 @@ def calibrated_train_platform(a, env, base_platform, out_dir):
     measured = train_run(a, env, 1, "owned")
     predicted = simulate_train(a, base_platform, 1, "owned")
     text = open(base_platform).read()
-    speed = float(re.search(r'speed="([0-9.eE+-]+)Gf"', text).group(1)) * 1e9
-    fpb = float(re.search(r'id="shardopt_flops_per_byte" value="([0-9.eE+-]+)"', text).group(1))
+    speed, fpb, _ = platform_rates(text)
     new_speed = speed * predicted["ns"] / measured["ns"]
     # element-wise time = bytes * fpb / speed; forward/backward time = model FLOPs * factor / speed.
     new_fpb = fpb * (new_speed / speed) * measured["elementwise"] / predicted["elementwise"]
     model_factor = measured["forward_backward"] * new_speed / predicted["model_flops"]
-    text = re.sub(r'speed="[0-9.eE+-]+Gf"', f'speed="{new_speed / 1e9:.4f}Gf"', text, count=1)
-    text = re.sub(r'(id="shardopt_flops_per_byte" value=")[0-9.eE+-]+"', rf'\g<1>{new_fpb:.4f}"', text, count=1)
-    text = re.sub(r'(id="shardopt_flops_per_model_flop" value=")[0-9.eE+-]+"', rf'\g<1>{model_factor:.4f}"', text,
-                  count=1)
-    path = os.path.join(out_dir, "local-calibrated.xml")
-    open(path, "w").write(text)
+    path = calibrated_copy(text, out_dir, new_speed, new_fpb, model_factor)
     print(json.dumps({"calibration": "1-rank shardopt train", "ns_flops_per_second": new_speed,
                       "stream_bytes_per_second": new_speed / new_fpb,
                       "forward_backward_model_flops_per_second": new_speed / model_factor,

@@ -272,11 +272,7 @@ def validate_training(a, env, platform):
                 row[f"measured_{ph}_seconds"] = measured[ph]
                 row[f"predicted_{ph}_seconds"] = predicted[ph]
                 row[f"predicted_over_measured_{ph}"] = predicted[ph] / measured[ph] if measured[ph] > 0 else None
-            judged = [ph for ph in TRAIN_PHASES if ph == "train_step" or
-                      row[f"measured_{ph}_seconds"] >= 0.1 * row["measured_train_step_seconds"]]
-            row["judged_phases"] = judged
-            row["within_0_8_1_25"] = all(row[f"predicted_over_measured_{ph}"] is not None and
-                                         0.8 <= row[f"predicted_over_measured_{ph}"] <= 1.25 for ph in judged)
+            judge(row, TRAIN_PHASES, "train_step")
             print(json.dumps(row), flush=True)
 
 
@@ -350,6 +346,15 @@ def main():
             print(json.dumps(judged_row(a, c, median, predicted[c], "median")), flush=True)
 
 
+def judge(row, phases, whole):
+    """The target: 0.8-1.25 for `whole` (the step) and for every phase that is >= 10% of its measured time."""
+    judged = [ph for ph in phases if ph == whole or
+              row[f"measured_{ph}_seconds"] >= 0.1 * row[f"measured_{whole}_seconds"]]
+    row["judged_phases"] = judged
+    row["within_0_8_1_25"] = all(row[f"predicted_over_measured_{ph}"] is not None and
+                                 0.8 <= row[f"predicted_over_measured_{ph}"] <= 1.25 for ph in judged)
+
+
 def judged_row(a, config, measured, predicted, repeat):
     n, layout = config
     row = {"ranks": int(n), "preset": a.preset, "layers": int(a.layers), "stage": int(a.stage), "layout": layout,
@@ -361,12 +366,7 @@ def judged_row(a, config, measured, predicted, repeat):
         row[f"predicted_over_measured_{phase}"] = p / m if m > 0 else None
     row["measured_ns_seconds_by_rank"] = measured["matrix_seconds_by_rank"]
     row["measured_dim0_exchange_seconds_by_rank"] = measured["dim0_exchange_seconds_by_rank"]
-    # The target: 0.8-1.25 for the step and for every phase that is >= 10% of the measured step.
-    judged = [ph for ph, _, _ in PHASES if ph == "step" or
-              row[f"measured_{ph}_seconds"] >= 0.1 * row["measured_step_seconds"]]
-    row["judged_phases"] = judged
-    row["within_0_8_1_25"] = all(row[f"predicted_over_measured_{ph}"] is not None and
-                                 0.8 <= row[f"predicted_over_measured_{ph}"] <= 1.25 for ph in judged)
+    judge(row, [ph for ph, _, _ in PHASES], "step")
     row["measured_bytes_sent_per_rank"] = measured["bytes_sent_per_rank"]
     row["predicted_bytes_sent_per_rank_max"] = predicted["bytes_sent_per_rank_max"]
     return row

@@ -22,8 +22,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using detail::Fingerprint;
 
-// Data per chunk: large enough to amortize scheduling, small enough to spread over the pool.
-constexpr size_t kChunkBytes = 256 << 10;
+// Host data per chunk: large enough to amortize scheduling, small enough to spread over the pool.
+constexpr size_t kHostChunkBytes = 256 << 10;
 // Single-chunk operations moving at most this much run inline on the thread that made them runnable.
 constexpr uint64_t kInlineBytes = 256 << 10;
 
@@ -32,6 +32,7 @@ class World;
 // One operation shared by the ranks that take part in it.
 struct OpRec {
   enum class State : uint8_t { kPosting, kReady, kRunning, kDone, kFailed };
+  explicit OpRec(ThreadBufferMover& mover) : mover(mover) {}
   virtual ~OpRec() = default;
   // Called under the world lock once every side has posted; sets num_chunks and bytes_moved.
   // Throws DesyncError when the posted sides disagree in a way only visible now.
@@ -39,6 +40,8 @@ struct OpRec {
   // Moves the data of chunk i; chunks are independent of each other.
   virtual void run_chunk(size_t i) = 0;
   virtual bool is_collective() const = 0;
+
+  ThreadBufferMover& mover;  // the world's: every read and write of the ranks' buffers
 
   // Guarded by World::mu.
   State state = State::kPosting;
@@ -67,7 +70,9 @@ struct CollSlot {
 };
 
 struct CollOp final : OpRec {
-  CollOp(int n, uint64_t index) : slots(static_cast<size_t>(n)) { fp.index = index; }
+  CollOp(ThreadBufferMover& mover, int n, uint64_t index) : OpRec(mover), slots(static_cast<size_t>(n)) {
+    fp.index = index;
+  }
   void prepare() override;
   void run_chunk(size_t i) override;
   bool is_collective() const override { return true; }
@@ -83,6 +88,7 @@ struct CollOp final : OpRec {
 };
 
 struct P2POp final : OpRec {
+  explicit P2POp(ThreadBufferMover& mover) : OpRec(mover) {}
   void prepare() override;
   void run_chunk(size_t i) override;
   bool is_collective() const override { return false; }
@@ -95,7 +101,7 @@ struct P2POp final : OpRec {
   void* dst = nullptr;
   size_t send_count = 0, recv_count = 0;
   DType send_dtype = DType::kUnspecified, recv_dtype = DType::kUnspecified;
-  size_t chunk_bytes = kChunkBytes;
+  size_t chunk_bytes = 0;  // set by prepare()
 };
 
 OpPtr work_on(const OpPtr& op);
@@ -148,10 +154,12 @@ class Executor {
 
 class World : public std::enable_shared_from_this<World> {
  public:
-  World(int n, CommOptions options) : n(n), options(options) {}
+  World(int n, CommOptions options, std::shared_ptr<ThreadBufferMover> mover)
+      : n(n), options(options), mover(std::move(mover)) {}
 
   const int n;
   const CommOptions options;
+  const std::shared_ptr<ThreadBufferMover> mover;
   std::mutex mu;
   bool aborted = false;
   std::string abort_reason;
@@ -226,7 +234,7 @@ class World : public std::enable_shared_from_this<World> {
   }
 
   std::shared_ptr<CollOp> failed_collective(const Fingerprint& fp) {
-    auto op = std::make_shared<CollOp>(n, fp.index);
+    auto op = std::make_shared<CollOp>(*mover, n, fp.index);
     op->fp = fp;
     op->state = OpRec::State::kFailed;
     op->error = std::make_exception_ptr(
@@ -241,7 +249,7 @@ class World : public std::enable_shared_from_this<World> {
     std::lock_guard lk(mu);
     while (coll_base + colls.size() <= fp.index) {
       if (aborted) return failed_collective(fp);
-      colls.push_back(std::make_shared<CollOp>(n, coll_base + colls.size()));
+      colls.push_back(std::make_shared<CollOp>(*mover, n, coll_base + colls.size()));
     }
     SHARDOPT_ASSERT(fp.index >= coll_base, "threads backend: collective posted after it completed");
     std::shared_ptr<CollOp> op = colls[fp.index - coll_base];
@@ -283,7 +291,7 @@ class World : public std::enable_shared_from_this<World> {
       }
     };
     if (aborted) {
-      op = std::make_shared<P2POp>();
+      op = std::make_shared<P2POp>(*mover);
       op->src_rank = s, op->dst_rank = d, op->tag = tag;
       fill(*op);
       op->state = OpRec::State::kFailed;
@@ -295,7 +303,7 @@ class World : public std::enable_shared_from_this<World> {
     Channel& ch = channels[{s, d, tag}];
     auto& waiting = is_send ? ch.recvs : ch.sends;
     if (waiting.empty()) {
-      op = std::make_shared<P2POp>();
+      op = std::make_shared<P2POp>(*mover);
       op->src_rank = s, op->dst_rank = d, op->tag = tag;
       fill(*op);
       (is_send ? ch.sends : ch.recvs).push_back(op);
@@ -331,7 +339,7 @@ class World : public std::enable_shared_from_this<World> {
 void CollOp::prepare() {
   const int n = static_cast<int>(slots.size());
   esz = (fp.kind == OpKind::kBarrier || fp.kind == OpKind::kSplit) ? 1 : dtype_size(fp.dtype);
-  chunk_elems = std::max<size_t>(1, kChunkBytes / esz);
+  chunk_elems = std::max<size_t>(1, mover.chunk_bytes() / esz);
   auto chunks_for = [&](uint64_t elems) { return std::max<size_t>(1, (elems + chunk_elems - 1) / chunk_elems); };
   switch (fp.kind) {
     case OpKind::kAllReduce:
@@ -390,16 +398,16 @@ void CollOp::run_chunk(size_t i) {
       } else {
         outputs.assign(1, at_mut(slots[fp.root].recv, begin));
       }
-      detail::reduce_elements(fp.dtype, fp.op, inputs, outputs, end - begin);
-      return;
+      mover.reduce(fp.dtype, fp.op, inputs, outputs, end - begin);
+      break;
     }
     case OpKind::kBroadcast: {
       const size_t end = std::min<size_t>(fp.count, begin + chunk_elems);
       if (begin >= end) return;
       const void* src = at(slots[fp.root].recv, begin);
       for (int r = 0; r < n; ++r)
-        if (r != fp.root) detail::copy_bytes(at_mut(slots[r].recv, begin), src, (end - begin) * esz);
-      return;
+        if (r != fp.root) mover.copy(at_mut(slots[r].recv, begin), src, (end - begin) * esz);
+      break;
     }
     case OpKind::kReduceScatter:
     case OpKind::kAllGather: {
@@ -416,27 +424,27 @@ void CollOp::run_chunk(size_t i) {
         if (fp.kind == OpKind::kReduceScatter) {
           for (int r = 0; r < n; ++r) inputs[r] = at(slots[r].send, a);
           outputs.assign(1, at_mut(slots[s].recv, a - offsets[s]));
-          detail::reduce_elements(fp.dtype, fp.op, inputs, outputs, len);
+          mover.reduce(fp.dtype, fp.op, inputs, outputs, len);
         } else {
           const void* src = at(slots[s].send, a - offsets[s]);
           for (int q = 0; q < n; ++q) {
             void* dst = at_mut(slots[q].recv, a);
-            if (dst != src) detail::copy_bytes(dst, src, len * esz);
+            if (dst != src) mover.copy(dst, src, len * esz);
           }
         }
         a = piece_end;
       }
-      return;
+      break;
     }
     case OpKind::kAllToAll: {
       const size_t p = i;
       for (int q = 0; q < n; ++q) {
         const size_t len = slots[p].send_counts[q];
         if (len == 0) continue;
-        detail::copy_bytes(at_mut(slots[q].recv, slots[q].recv_offsets[p]), at(slots[p].send, slots[p].send_offsets[q]),
-                    len * esz);
+        mover.copy(at_mut(slots[q].recv, slots[q].recv_offsets[p]), at(slots[p].send, slots[p].send_offsets[q]),
+                   len * esz);
       }
-      return;
+      break;
     }
     case OpKind::kSplit: {
       std::vector<std::tuple<int, int, int>> order;  // (color, key, old rank)
@@ -446,7 +454,7 @@ void CollOp::run_chunk(size_t i) {
       for (size_t b = 0; b < order.size();) {
         size_t e = b;
         while (e < order.size() && std::get<0>(order[e]) == std::get<0>(order[b])) ++e;
-        auto child = std::make_shared<World>(static_cast<int>(e - b), world->options);
+        auto child = std::make_shared<World>(static_cast<int>(e - b), world->options, world->mover);
         for (size_t j = b; j < e; ++j) {
           slots[std::get<2>(order[j])].child = child;
           slots[std::get<2>(order[j])].child_rank = static_cast<int>(j - b);
@@ -457,6 +465,7 @@ void CollOp::run_chunk(size_t i) {
     }
     default: return;
   }
+  mover.finish();  // the data cases break out of the switch
 }
 
 std::string P2POp::describe_send() const {
@@ -469,6 +478,7 @@ std::string P2POp::describe_recv() const {
 }
 
 void P2POp::prepare() {
+  chunk_bytes = mover.chunk_bytes();
   bytes_moved = send_count * dtype_size(send_dtype);
   num_chunks = std::max<size_t>(1, (bytes_moved + chunk_bytes - 1) / chunk_bytes);
 }
@@ -476,8 +486,10 @@ void P2POp::prepare() {
 void P2POp::run_chunk(size_t i) {
   const size_t begin = i * chunk_bytes;
   const size_t end = std::min<size_t>(bytes_moved, begin + chunk_bytes);
-  if (begin < end && src != dst)
-    detail::copy_bytes(static_cast<std::byte*>(dst) + begin, static_cast<const std::byte*>(src) + begin, end - begin);
+  if (begin < end && src != dst) {
+    mover.copy(static_cast<std::byte*>(dst) + begin, static_cast<const std::byte*>(src) + begin, end - begin);
+    mover.finish();
+  }
 }
 
 // Claims and runs chunks of a running op until none is left; returns the op to dispatch next.
@@ -612,6 +624,7 @@ class ThreadComm final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return world_->n; }
   std::string_view backend() const override { return "threads"; }
+  bool device_buffers() const override { return world_->mover->device(); }
 
   std::unique_ptr<Communicator> start_split(int color, int key) override {
     CollSlot slot;
@@ -737,23 +750,44 @@ class ThreadComm final : public Communicator {
 
 }  // namespace
 
-std::vector<std::unique_ptr<Communicator>> make_thread_world(int n, CommOptions options) {
+namespace {
+class HostBufferMover final : public ThreadBufferMover {
+ public:
+  bool device() const override { return false; }
+  size_t chunk_bytes() const override { return kHostChunkBytes; }
+  void reduce(DType dtype, ReduceOp op, std::span<const void* const> inputs, std::span<void* const> outputs,
+              size_t len) override {
+    detail::reduce_elements(dtype, op, inputs, outputs, len);
+  }
+  void copy(void* dst, const void* src, size_t bytes) override { detail::copy_bytes(dst, src, bytes); }
+};
+}  // namespace
+
+std::shared_ptr<ThreadBufferMover> host_buffer_mover() {
+  static const auto mover = std::make_shared<HostBufferMover>();
+  return mover;
+}
+
+std::vector<std::unique_ptr<Communicator>> make_thread_world(int n, CommOptions options,
+                                                             std::shared_ptr<ThreadBufferMover> mover) {
   if (n < 1) throw ConfigError("make_thread_world: world size must be at least 1, got " + std::to_string(n));
-  auto world = std::make_shared<World>(n, options);
+  if (!mover) mover = host_buffer_mover();
+  auto world = std::make_shared<World>(n, options, std::move(mover));
   std::vector<std::unique_ptr<Communicator>> comms;
   comms.reserve(static_cast<size_t>(n));
   for (int r = 0; r < n; ++r) comms.push_back(std::make_unique<ThreadComm>(world, r));
   if (options.checked) {
     // Checked mode: each rank's communicator is wrapped, with a second world as its side channel.
-    auto side_world = std::make_shared<World>(n, options);
+    auto side_world = std::make_shared<World>(n, options, host_buffer_mover());
     for (int r = 0; r < n; ++r)
       comms[r] = make_checked_communicator(std::move(comms[r]), std::make_unique<ThreadComm>(side_world, r));
   }
   return comms;
 }
 
-void run_ranks(int n, const std::function<void(Communicator&)>& fn, CommOptions options) {
-  auto comms = make_thread_world(n, options);
+void run_ranks(int n, const std::function<void(Communicator&)>& fn, CommOptions options,
+               std::shared_ptr<ThreadBufferMover> mover) {
+  auto comms = make_thread_world(n, options, std::move(mover));
   std::mutex mu;
   std::exception_ptr first_cause, first_echo;  // echo: a PeerError caused by another rank's failure
   std::vector<std::thread> threads;

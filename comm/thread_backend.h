@@ -12,6 +12,10 @@
 //   - Collectives of one communicator run and complete in issue order; point-to-point operations
 //     run as soon as both sides are posted (MPI-like: matched in order per (peer, tag)).
 //   - Data moves once: a reduction reads every rank's input and writes every output directly.
+// Buffers: the data movement (reductions and copies) goes through a ThreadBufferMover: host memory by
+// default; a device mover (comm/cuda_buffer_mover.h) lets ranks sharing one GPU exchange device buffers
+// directly (device-to-device copies and a reduction kernel), and the ranks then report
+// device_buffers() = true. Nothing else in the backend reads or writes a rank's buffer.
 // Desync checks: every rank's fingerprint (op, dtype, count(s), root, reduce op) is compared with
 // the first poster's whenever the op is posted, in checked and unchecked mode alike (it is free here,
 // and a mismatch would otherwise read out of bounds). A mismatch fails the op on every rank with a
@@ -30,22 +34,50 @@
 
 #include <functional>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "comm/communicator.h"
 
 namespace shardopt::comm {
 
+// How the threads backend reduces and copies the ranks' buffers. An operation is cut into chunks of
+// about chunk_bytes() that run on the executor pool and on waiting ranks; a chunk calls reduce() and
+// copy() any number of times, then finish() on the same thread before it counts as done. Called
+// concurrently from several threads (each with its own chunks).
+class ThreadBufferMover {
+ public:
+  virtual ~ThreadBufferMover() = default;
+  // Whether the ranks' buffers are device memory (what the communicators report as device_buffers()).
+  virtual bool device() const = 0;
+  // Data per chunk: large enough to amortize what a chunk costs to start and finish.
+  virtual size_t chunk_bytes() const = 0;
+  // outputs[o][i] = op(inputs[0][i], ..., inputs[n-1][i]) for i < len, with the arithmetic and the
+  // aliasing rules of detail::reduce_elements (comm/reduce_kernel.h). May complete at finish().
+  virtual void reduce(DType dtype, ReduceOp op, std::span<const void* const> inputs, std::span<void* const> outputs,
+                      size_t len) = 0;
+  // Copies `bytes` bytes between non-overlapping buffers. May complete at finish().
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;
+  // Returns once everything this thread issued through reduce() and copy() has completed.
+  virtual void finish() {}
+};
+
+// The default mover: host memory, comm/reduce_kernel.h's loops, 256 KiB chunks.
+std::shared_ptr<ThreadBufferMover> host_buffer_mover();
+
 // Creates the n communicators of one in-process world; element r is rank r. The threading contract
 // of Communicator applies: one issuing thread at a time per communicator (normally "its" rank
 // thread); Work handles and abort() from any thread. Wrapped in CheckedCommunicator when
-// options.checked.
-std::vector<std::unique_ptr<Communicator>> make_thread_world(int n, CommOptions options = CommOptions{});
+// options.checked (its side channel is a host world: the fingerprints are host values).
+// `mover` null: host_buffer_mover(). Split children share the parent's mover.
+std::vector<std::unique_ptr<Communicator>> make_thread_world(int n, CommOptions options = CommOptions{},
+                                                             std::shared_ptr<ThreadBufferMover> mover = nullptr);
 
 // Runs fn(comm) for ranks 0..n-1 on n threads over a fresh thread world and joins them. When a rank
 // throws, the world is aborted (the others fail fast with PeerError) and the first failure (the
 // earliest in time, i.e. the cause rather than its echoes) is rethrown after all threads joined.
-void run_ranks(int n, const std::function<void(Communicator&)>& fn, CommOptions options = CommOptions{});
+void run_ranks(int n, const std::function<void(Communicator&)>& fn, CommOptions options = CommOptions{},
+               std::shared_ptr<ThreadBufferMover> mover = nullptr);
 
 // Number of threads in the process-wide executor pool of the threads backend.
 int thread_executor_threads();

@@ -1,6 +1,7 @@
 // The Engine on device memory (EngineOptions::memory_space = cuda) against the host engine and a
 // plain double-precision reference, for every element-wise optimizer, Muon, NorMuon, ZeRO stage, layout and
-// N in {1, 2, 4} ranks sharing one GPU (threads ranks, device buffers moved by HostStagedCommunicator).
+// N in {1, 2, 4} ranks sharing one GPU (threads ranks exchanging device buffers through the threads
+// backend's CUDA mover; the error cases use HostStagedCommunicator).
 // Skips with a message without a CUDA device.
 //
 // Tolerances (3 steps of the model of tests/common/engine_fixture.h):
@@ -28,9 +29,10 @@
 #include <vector>
 
 #include "base/error.h"
+#include "comm/cuda_buffer_mover.h"
 #include "comm/host_staged_communicator.h"
-#include "optim/quant8.h"
 #include "comm/thread_backend.h"
+#include "optim/quant8.h"
 #include "runtime/engine.h"
 #include "sharding/layout.h"
 #include "tests/common/engine_reference.h"
@@ -159,12 +161,10 @@ std::vector<Params> run(const std::vector<proto::TensorSpec>& specs, const Devic
       std::memcpy(dst, src, n * sizeof(float));
     }
   };
+  // The device engines exchange device buffers through the threads backend's CUDA mover.
   comm::run_ranks(
       c.world,
-      [&](comm::Communicator& host_comm) {
-        std::unique_ptr<comm::Communicator> staged;
-        if (device) staged = std::make_unique<comm::HostStagedCommunicator>(host_comm);
-        comm::Communicator& comm = device ? *staged : host_comm;
+      [&](comm::Communicator& comm) {
         Engine engine(comm, specs, options_for(c, space));
         ASSERT_EQ(engine.memory_space(), space);
         engine.set_params([&](size_t t, float* dst) {
@@ -199,7 +199,7 @@ std::vector<Params> run(const std::vector<proto::TensorSpec>& specs, const Devic
         result[static_cast<size_t>(comm.rank())] = std::move(mine);
         if (compact_states != nullptr) (*compact_states)[static_cast<size_t>(comm.rank())] = std::move(state);
       },
-      copts);
+      copts, device ? comm::cuda_buffer_mover(0) : nullptr);
   return result;
 }
 

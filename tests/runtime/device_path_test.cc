@@ -2,8 +2,9 @@
 // the CUDA memory space: its memory is host memory handed out as poisoned pointers (bit 62 flipped,
 // never a valid host address), which only the backend and the staging copies translate back. So any
 // code in the Engine or ShardState that reads or writes a buffer directly instead of through the
-// StepBackend crashes here, and the communicator must be one on "device" buffers
-// (HostStagedCommunicator over the threads backend, its copies translating the pointers). Its step
+// StepBackend crashes here, and the communicator must be one on "device" buffers: the threads
+// backend with a mover that translates the pointers (as ranks sharing a GPU exchange device memory),
+// or HostStagedCommunicator over the host threads backend, its copies translating them. Its step
 // arithmetic is the host kernels', so the device path must equal the host engine bit for bit; the
 // real CUDA backend and its kernels are checked in tests/gpu/engine_cuda_test.cc.
 #include <gtest/gtest.h>
@@ -16,6 +17,7 @@
 
 #include "base/error.h"
 #include "comm/host_staged_communicator.h"
+#include "comm/reduce_kernel.h"
 #include "comm/thread_backend.h"
 #include "optim/elementwise.h"
 #include "optim/finite.h"
@@ -125,6 +127,23 @@ class PoisonedDeviceBackend final : public StepBackend {
   std::optional<optim::ParallelMuon> muon_;
 };
 
+// The threads backend's reductions and copies on poisoned buffers: so no path of the backend may
+// touch a rank's buffer except through the mover.
+class PoisonedMover final : public comm::ThreadBufferMover {
+ public:
+  bool device() const override { return true; }
+  size_t chunk_bytes() const override { return 4096; }
+  void reduce(DType dtype, comm::ReduceOp op, std::span<const void* const> inputs, std::span<void* const> outputs,
+              size_t len) override {
+    std::vector<const void*> in(inputs.begin(), inputs.end());
+    std::vector<void*> out(outputs.begin(), outputs.end());
+    for (auto& p : in) p = real(p);
+    for (auto& p : out) p = real(p);
+    comm::detail::reduce_elements(dtype, op, in, out, len);
+  }
+  void copy(void* dst, const void* src, size_t bytes) override { std::memcpy(real(dst), real(src), bytes); }
+};
+
 comm::StagingCopies poisoned_copies() {
   return {[](void* host, const void* device, size_t bytes) { std::memcpy(host, real(device), bytes); },
           [](void* device, const void* host, size_t bytes) { std::memcpy(real(device), host, bytes); },
@@ -145,8 +164,13 @@ void PrintTo(const Case& c, std::ostream* os) {
       << " acc " << c.accumulation << (c.grad_memory == GradMemory::kFull ? " full grads" : "");
 }
 
-// Every rank's parameters after 3 steps; `device`: the poisoned backend behind a host-staged communicator.
-std::vector<std::vector<std::vector<float>>> run(const Case& c, bool device) {
+// How the ranks exchange data: host buffers, or the poisoned device buffers through the threads
+// backend's mover or through a host-staged communicator.
+enum class Exchange { kHost, kDeviceThreads, kHostStaged };
+
+// Every rank's parameters after 3 steps.
+std::vector<std::vector<std::vector<float>>> run(const Case& c, Exchange exchange) {
+  const bool device = exchange != Exchange::kHost;
   const auto specs = mixed_model();
   std::vector<std::vector<std::vector<float>>> out(static_cast<size_t>(c.world));
   std::mutex mu;
@@ -161,8 +185,8 @@ std::vector<std::vector<std::vector<float>>> run(const Case& c, bool device) {
       c.world,
       [&](comm::Communicator& host) {
         std::optional<comm::HostStagedCommunicator> staged;
-        if (device) staged.emplace(host, poisoned_copies());
-        comm::Communicator& comm = device ? static_cast<comm::Communicator&>(*staged) : host;
+        if (exchange == Exchange::kHostStaged) staged.emplace(host, poisoned_copies());
+        comm::Communicator& comm = staged ? static_cast<comm::Communicator&>(*staged) : host;
         Engine engine(comm, specs, o);
         auto mem = [&](float* p) { return device ? real(p) : p; };
         engine.set_params([&](size_t t, float* dst) {
@@ -193,7 +217,7 @@ std::vector<std::vector<std::vector<float>>> run(const Case& c, bool device) {
         std::lock_guard<std::mutex> lock(mu);
         out[static_cast<size_t>(comm.rank())] = std::move(mine);
       },
-      copts);
+      copts, exchange == Exchange::kDeviceThreads ? std::make_shared<PoisonedMover>() : nullptr);
   return out;
 }
 
@@ -201,15 +225,18 @@ class DevicePath : public ::testing::TestWithParam<Case> {};
 
 TEST_P(DevicePath, EqualsTheHostEngineBitForBit) {
   const Case& c = GetParam();
-  const auto dev = run(c, true);
-  const auto host = run(c, false);
+  const auto host = run(c, Exchange::kHost);
   const auto specs = mixed_model();
-  for (int r = 0; r < c.world; ++r)
-    for (size_t t = 0; t < specs.size(); ++t) {
-      ASSERT_EQ(dev[r][t].size(), host[r][t].size());
-      EXPECT_EQ(std::memcmp(dev[r][t].data(), host[r][t].data(), 4 * host[r][t].size()), 0)
-          << "rank " << r << " " << specs[t].name();
-    }
+  for (Exchange exchange : {Exchange::kDeviceThreads, Exchange::kHostStaged}) {
+    const auto dev = run(c, exchange);
+    for (int r = 0; r < c.world; ++r)
+      for (size_t t = 0; t < specs.size(); ++t) {
+        ASSERT_EQ(dev[r][t].size(), host[r][t].size());
+        EXPECT_EQ(std::memcmp(dev[r][t].data(), host[r][t].data(), 4 * host[r][t].size()), 0)
+            << (exchange == Exchange::kHostStaged ? "host-staged" : "device threads") << ", rank " << r << " "
+            << specs[t].name();
+      }
+  }
   EXPECT_NE(host[0][2][0], initial_value(2, 0));  // the run moved
 }
 

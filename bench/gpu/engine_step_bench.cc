@@ -1,5 +1,5 @@
 // engine_step_bench: the Engine's optimizer step on device memory (EngineOptions::memory_space =
-// cuda) for a Llama preset on one GPU, one rank. Phase times of the best of --steps steps (the
+// cuda) for a Llama preset on one GPU, one rank or --ranks threads ranks sharing it. Phase times of the best of --steps steps (the
 // element-wise and Muon phases end with the backend's stream synchronized, so they are device
 // times); the element-wise phase against the device's copy bandwidth and its AdamW-shaped in-place
 // RMW stream, both measured in the same run over the same bytes (AdamW moves 7 fp32 values per
@@ -12,19 +12,25 @@
 // --shapes-out FILE writes the preset's tensors (name, shape, routed to Muon or not) as JSON, so a
 // peer benchmark (bench/gpu/torch_step_reference.py) builds the same parameters.
 //
-// One rank runs on a threads world of size 1 through HostStagedCommunicator: the reduce-scatter and
-// all-gather go through host copies, so reduce_wait/gather figures measure that staging, not NCCL.
+// The ranks are a threads world on the GPU: --exchange mover (default) moves device buffers with the
+// threads backend's CUDA mover (device copies and a reduction kernel); --exchange staged goes through
+// HostStagedCommunicator (host copies), for comparison. So reduce_wait/gather figures measure those
+// exchanges on one GPU, not NCCL. With several ranks, rank 0's figures are reported (every rank runs
+// the same step on its share) and the device memory rows are left out (cudaMemGetInfo sees every
+// rank's engine).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <optional>
 
 #include "base/error.h"
 #include "bench/common/bench_util.h"
 #include "bench/gpu/device_ceilings.h"
 #include "optim/cuda/muon.h"
+#include "comm/cuda_buffer_mover.h"
 #include "comm/host_staged_communicator.h"
 #include "comm/thread_backend.h"
 #include "runtime/engine.h"
@@ -60,12 +66,16 @@ int main(int argc, char** argv) {
   CLI::App app{"shardopt device Engine step benchmark (one GPU)"};
   bool json = false;
   std::string preset = "llama-1b";
-  int steps = 3, stage = 2, owner_ranks = 8;
-  std::string shapes_out;
+  int steps = 3, stage = 2, owner_ranks = 8, ranks = 1;
+  std::string shapes_out, exchange = "mover";
   bench::add_json_flag(app, json);
   app.add_option("--preset", preset, "model preset (llama-125m, llama-1b, tiny)")->capture_default_str();
   app.add_option("--steps", steps, "steps; the fastest is reported")->capture_default_str();
   app.add_option("--stage", stage, "ZeRO stage")->capture_default_str();
+  app.add_option("--ranks", ranks, "threads ranks sharing the GPU")->check(CLI::Range(1, 64))->capture_default_str();
+  app.add_option("--exchange", exchange, "how the ranks exchange device buffers: mover | staged")
+      ->check(CLI::IsMember({"mover", "staged"}))
+      ->capture_default_str();
   app.add_option("--owner-ranks", owner_ranks, "world size for the per-rank Muon time (0: skip)")->capture_default_str();
   app.add_option("--shapes-out", shapes_out, "write the preset's tensors (name, shape, muon) as JSON to this file");
   CLI11_PARSE(app, argc, argv);
@@ -85,8 +95,12 @@ int main(int argc, char** argv) {
   o.elementwise_optimizer.set_kind(proto::OPTIMIZER_ADAMW);
   o.elementwise_optimizer.set_lr(1e-3);
 
-  comm::run_ranks(1, [&](comm::Communicator& host_comm) {
-    comm::HostStagedCommunicator comm(host_comm);
+  comm::CommOptions copts;
+  copts.timeout = std::chrono::milliseconds(600000);
+  comm::run_ranks(ranks, [&](comm::Communicator& world_comm) {
+    std::optional<comm::HostStagedCommunicator> staged;
+    if (exchange == "staged") staged.emplace(world_comm);
+    comm::Communicator& comm = staged ? static_cast<comm::Communicator&>(*staged) : world_comm;
     size_t free_before = 0, free_after = 0, total = 0;
     cudaMemGetInfo(&free_before, &total);
     runtime::Engine engine(comm, specs, o);
@@ -95,7 +109,7 @@ int main(int argc, char** argv) {
       const int64_t n = sharding::tensor_numel(specs[t]);
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>((i * 13 + int64_t(t)) % 97 - 48) / 2048.0f;
     });
-    if (!shapes_out.empty()) {
+    if (!shapes_out.empty() && comm.rank() == 0) {
       nlohmann::json tensors = nlohmann::json::array();
       for (const auto& t : engine.plan().tensors())
         tensors.push_back({{"name", t.name()}, {"shape", std::vector<int64_t>(t.shape().begin(), t.shape().end())},
@@ -122,6 +136,8 @@ int main(int argc, char** argv) {
     }
     size_t free_after_steps = 0;
     cudaMemGetInfo(&free_after_steps, &total);
+    comm.barrier()->wait();
+    if (comm.rank() != 0) return;
     const auto copy = bench::device_copy_bandwidth(static_cast<size_t>(7 * 4 * elementwise_elems / 2), 5);
     const auto rmw = bench::device_rmw_bandwidth(static_cast<size_t>(elementwise_elems), 5);
     const auto mem = engine.memory();
@@ -132,24 +148,27 @@ int main(int argc, char** argv) {
                       {"device", prop.name},
                       {"preset", preset},
                       {"stage", stage},
-                      {"ranks", 1},
+                      {"ranks", ranks},
+                      {"exchange", exchange},
                       {"total_params", engine.plan().stats().total_params()},
                       {"elementwise_params", elementwise_elems},
                       {"step_seconds", best.total},
                       {"check_seconds", best.check},
                       {"elementwise_seconds", best.elementwise},
                       {"matrix_seconds", best.matrix},
-                      {"staged_reduce_wait_seconds", best.reduce_wait},
-                      {"staged_gather_seconds", best.gather},
+                      {"reduce_wait_seconds", best.reduce_wait},
+                      {"gather_seconds", best.gather},
                       {"elementwise_copy_ceiling_seconds", copy.seconds},
                       {"elementwise_rmw_ceiling_seconds", rmw.seconds},
                       {"elementwise_fraction_of_copy_ceiling", copy.seconds / best.elementwise},
                       {"elementwise_fraction_of_rmw_ceiling", rmw.seconds / best.elementwise},
-                      {"device_bytes_taken_by_engine", static_cast<int64_t>(free_before - free_after)},
-                      {"device_bytes_taken_after_steps", static_cast<int64_t>(free_before - free_after_steps)},
                       {"engine_reported_buffer_bytes", reported},
                       {"optimizer_bytes", mem.optimizer_bytes()},
                       {"optimizer_formula_bytes", mem.formula_optimizer_bytes}};
+    if (ranks == 1) {
+      row["device_bytes_taken_by_engine"] = static_cast<int64_t>(free_before - free_after);
+      row["device_bytes_taken_after_steps"] = static_cast<int64_t>(free_before - free_after_steps);
+    }
     emit(row);
 
     // The Muon phase of one rank at owner_ranks ranks: the plan's owner assignment at that world size,
@@ -178,6 +197,6 @@ int main(int argc, char** argv) {
             {"speedup_vs_one_rank", sum / slowest},
             {"load_balance_min_over_max", fastest / slowest}});
     }
-  });
+  }, copts, exchange == "mover" ? comm::cuda_buffer_mover(0) : nullptr);
   return 0;
 }

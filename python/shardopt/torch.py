@@ -23,6 +23,11 @@ What happens:
     Gradients are averaged over ranks, like DDP.
 Communication: torch.distributed initialized -> a process group of its own (gloo) over the
 trainer's ranks; launched by mpirun -> the MPI backend; otherwise one rank.
+CUDA parameters (a build with the CUDA toolkit): the engine's buffers live on the parameters' GPU
+(memory_space "cuda"); its collectives run on NCCL (a clique of its own, bootstrapped over
+torch.distributed or MPI) or, in one process, on the threads backend on device memory. Whatever
+reads a gradient first synchronizes torch's current stream; step() returns with the parameters
+written, so any stream may read them.
 """
 from __future__ import annotations
 
@@ -58,15 +63,27 @@ def _launched_by_mpirun() -> bool:
     return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
 
 
-def default_communicator(process_group=None):
+def _register_mpi_finalizer() -> None:
+    global _mpi_finalizer_registered
+    if not _mpi_finalizer_registered:
+        atexit.register(_C.mpi_finalize)
+        _mpi_finalizer_registered = True
+
+
+def default_communicator(process_group=None, device: Optional[torch.device] = None):
     """The communicator a ShardedOptimizer uses: torch.distributed, MPI, or a world of one rank.
 
-    Under torch.distributed the engine gets a gloo group of its own (dist.new_group over the
-    trainer's ranks; collective: every rank of the default group must construct its optimizer), so
-    its collectives never interleave with the trainer's. A process_group given by the caller is used
-    as is and should be reserved for shardopt.
+    Host parameters (device None or cpu): under torch.distributed the engine gets a gloo group of
+    its own (dist.new_group over the trainer's ranks; collective: every rank of the default group
+    must construct its optimizer), so its collectives never interleave with the trainer's. A
+    process_group given by the caller is used as is and should be reserved for shardopt.
+
+    CUDA parameters on `device`: an NCCL communicator of the engine's own (one GPU per rank), its
+    clique id broadcast from the group's first rank over torch.distributed (process_group, or the
+    default group), or over MPI under mpirun; in one process, the threads backend on device memory.
     """
-    global _mpi_finalizer_registered
+    if device is not None and device.type == "cuda":
+        return _cuda_communicator(process_group, device)
     if dist.is_available() and dist.is_initialized():
         group = process_group if process_group is not None else dist.new_group(backend="gloo")
         return _C.python_communicator(TorchDistributedCollectives(group))
@@ -74,11 +91,34 @@ def default_communicator(process_group=None):
         raise ValueError("process_group was given but torch.distributed is not initialized")
     if _launched_by_mpirun():
         comm = _C.mpi_world()
-        if not _mpi_finalizer_registered:
-            atexit.register(_C.mpi_finalize)
-            _mpi_finalizer_registered = True
+        _register_mpi_finalizer()
         return comm
     return _C.thread_world_of_one()
+
+
+def _cuda_communicator(process_group, device: torch.device):
+    if not getattr(_C, "has_cuda", False):
+        raise ValueError("the parameters are on a CUDA device, but this build of shardopt has no CUDA support "
+                         "(built without the CUDA toolkit)")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if dist.is_available() and dist.is_initialized():
+        group = process_group if process_group is not None else dist.group.WORLD
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        box = [_C.nccl_unique_id() if rank == 0 else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group, device=device)
+        return _C.nccl_communicator(box[0], rank, size, index)
+    if process_group is not None:
+        raise ValueError("process_group was given but torch.distributed is not initialized")
+    if _launched_by_mpirun():
+        comm = _C.nccl_mpi_world(index)
+        _register_mpi_finalizer()
+        return comm
+    return _C.cuda_thread_world_of_one(index)
+
+
+def _current_stream(device: torch.device) -> int:
+    """The handle of torch's current CUDA stream on `device` (0 for host engines: nothing to wait for)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 def _step_hooks_or_profiler(opt) -> bool:
@@ -169,9 +209,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         reduction per step, fewer collectives with accumulation). Stage 1 always keeps full buffers.
       bucket_bytes, overlap: the engine's bucket size and whether reductions start during backward.
       process_group: see default_communicator.
-    Errors (ValueError unless said): non-float32, non-contiguous, non-CPU or duplicated parameters
-    (naming the parameter), param groups added after construction, ranks disagreeing on names,
-    shapes or options (naming the first differing field).
+    Devices: the parameters' device is the engine's: all on the CPU, or all on one CUDA device (a
+      build with the CUDA toolkit; the step then runs on that GPU, see default_communicator for the
+      collectives). Gradients are read after torch's current stream is synchronized.
+    Errors (ValueError unless said): non-float32, non-contiguous, duplicated parameters or
+    parameters on different devices (naming the parameter), param groups added after construction,
+    ranks disagreeing on names, shapes or options (naming the first differing field).
     """
 
     def __init__(self, params, *, matrix: Optional[str] = "muon", elementwise: str = "adamw", lr: float = 1e-3,
@@ -223,7 +266,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         super().__init__(torch_groups, defaults)
         self._constructing = False
 
-        self._comm = default_communicator(process_group)
+        self._device = self._common_device()
+        self._on_cuda = self._device.type == "cuda"
+        # Views of the engine's buffers as tensors: numpy arrays (host) or CUDA DLPack arrays.
+        self._wrap = torch.from_dlpack if self._on_cuda else torch.from_numpy
+        self._comm = default_communicator(process_group, self._device)
         self._engines: List[Any] = []
         # Sharded gradients: gradients the hooks handed over since the last step (a list cell the
         # hooks share); step() looks for hand-assigned .grad only when some are missing.
@@ -250,13 +297,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if not p.is_contiguous():
             raise ValueError(f"parameter '{name}' is not contiguous; its storage becomes a view of the engine's "
                              "buffer, which is contiguous")
-        if p.device.type != "cpu":
-            raise ValueError(f"parameter '{name}' is on {p.device}; the engine's buffers are in host memory")
+        if p.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"parameter '{name}' is on {p.device}; the engine's buffers are in host memory or on "
+                             "a CUDA device")
         if not p.requires_grad:
             raise ValueError(f"parameter '{name}' does not require grad")
         if id(p) in seen:
             raise ValueError(f"parameter '{name}' appears twice")
         seen.add(id(p))
+
+    def _common_device(self) -> torch.device:
+        """The one device of every parameter (the engine's memory space); ValueError naming two that differ."""
+        first = None
+        for group in self.param_groups:
+            for name, p in zip(group["param_names"], group["params"]):
+                device = p.device if p.device.type == "cpu" or p.device.index is not None else \
+                    torch.device("cuda", torch.cuda.current_device())
+                if first is None:
+                    first = (name, device)
+                elif device != first[1]:
+                    raise ValueError(f"parameter '{name}' is on {device} but '{first[0]}' on {first[1]}; one "
+                                     "ShardedOptimizer keeps its parameters on one device")
+        return first[1]
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if not getattr(self, "_constructing", False):
@@ -286,7 +348,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                routing="elementwise_only: true" if self._matrix is None else "",
                                max_grad_norm=float(max_grad_norm), overlap=overlap,
                                grad_memory="sharded" if self._sharded_grads else "full",
-                               grad_accumulation_steps=accumulation)
+                               grad_accumulation_steps=accumulation,
+                               memory_space="cuda" if self._on_cuda else "host",
+                               device=self._device.index if self._on_cuda else -1)
         except ValueError as e:
             # The engine names tensors by index ("plan_request.params[24].shape[0]"): add their names.
             names = group["param_names"]
@@ -301,19 +365,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             values = []
             for p in group["params"]:
-                v = p.detach().clone().contiguous().view(-1).numpy()
-                engine.broadcast_(v, 0)  # rank 0's initial values, like DistributedDataParallel
-                values.append(v)
+                v = p.detach().clone().contiguous().view(-1)
+                # Rank 0's initial values, like DistributedDataParallel (in the engine's memory space).
+                engine.broadcast_(v if self._on_cuda else v.numpy(), 0, _current_stream(self._device))
+                values.append(v.cpu().numpy())
             engine.set_params(values)
             assert engine.sharded_grads == self._sharded_grads
             views = []
             for t, (name, p) in enumerate(zip(group["param_names"], group["params"])):
-                p.data = torch.from_numpy(engine.param(t))
+                p.data = self._wrap(engine.param(t))
                 if self._sharded_grads:
                     p.grad = None
                     hook = self._sharded_grad_hook(engine, t, name)
                 else:
-                    g = torch.from_numpy(engine.grad(t))
+                    g = self._wrap(engine.grad(t))
                     g.zero_()
                     p.grad = g
                     views.append(g)
@@ -330,11 +395,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         number of micro-batches: the engine averages them, the step uses their sum, as torch does)
         and drops .grad, so the model keeps no full-size gradient. One C++ call per tensor per
         micro-batch; the address skips a DLPack conversion (autograd's gradient has the parameter's
-        shape, dtype and device; contiguity is checked)."""
+        shape, dtype and device; contiguity is checked). On CUDA the engine first synchronizes torch's
+        current stream (the one backward runs on)."""
         accept = engine.accept_grad_at
         scale = float(self._backward_passes)
         passes = self._backward_passes
         handed_over = self._handed_over
+        device = self._device
 
         def on_grad_accumulated(p: torch.Tensor) -> None:
             g = p.grad
@@ -342,7 +409,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if not g.is_contiguous():
                 g = g.contiguous()
             try:
-                accept(t, g.data_ptr(), scale)
+                accept(t, g.data_ptr(), scale, _current_stream(device))
                 handed_over[0] += 1
             except ValueError as e:
                 raise RuntimeError(f"ShardedOptimizer: parameter '{name}' got more than backward_passes_per_step="
@@ -370,7 +437,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                f"{self._backward_passes} backward passes before step() (its gradient was already "
                                "being reduced)")
         if self._passes[gi][t] == self._backward_passes:
-            self._engines[gi].grad_ready(t)
+            self._engines[gi].grad_ready(t, _current_stream(self._device))
 
     # ---------------------------------------------------------------- torch.optim.Optimizer API
     def step(self, closure=None):
@@ -392,6 +459,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._on_cuda:
+            # Kernels of the backward still queued on torch's stream may read the parameters the
+            # step is about to overwrite.
+            torch.cuda.current_stream(self._device).synchronize()
         reports = []
         clip = self._pending_clip
         self._pending_clip = None
@@ -466,9 +537,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             for t, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    g = p.grad.detach().to(torch.float32).contiguous()
+                    g = p.grad.detach().to(self._device, torch.float32).contiguous()
                     p.grad = None
-                    self._engines[gi].accept_grad(t, g.view(-1), float(self._backward_passes))
+                    if self._on_cuda:
+                        self._engines[gi].accept_grad_at(t, g.data_ptr(), float(self._backward_passes),
+                                                         _current_stream(self._device))
+                    else:
+                        self._engines[gi].accept_grad(t, g.view(-1), float(self._backward_passes))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Sharded gradients: .grad is already None after backward (the engine holds the gradient);
@@ -506,7 +581,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """Collective. The full (gathered) state, identical on every rank, keyed by parameter name:
         {"format": "shardopt", "param_groups": [...], "state": {name: {"step", "exp_avg", ...}}}.
-        It does not depend on world size, stage or layout, so it loads into any of them."""
+        It does not depend on world size, stage or layout, so it loads into any of them. Its tensors
+        are in host memory for CUDA parameters too (every rank holds the whole state)."""
         groups, state = [], {}
         for gi, group in enumerate(self.param_groups):
             engine = self._engines[gi]
@@ -544,7 +620,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 entry = state_dict["state"].get(name)
                 if entry is None:
                     raise ValueError(f"load_state_dict: no state for parameter '{name}'")
-                s = {"param": p.detach().reshape(-1).numpy()}
+                s = {"param": p.detach().reshape(-1).cpu().numpy()}
                 for sname in engine.states_of(t):
                     if sname == "param":
                         continue
@@ -552,7 +628,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     if key not in entry:
                         raise ValueError(f"load_state_dict: parameter '{name}' lacks state '{key}' (saved with a "
                                          "different optimizer or routing?)")
-                    value = entry[key].detach().to(torch.float32).contiguous().reshape(-1)
+                    value = entry[key].detach().to("cpu", torch.float32).contiguous().reshape(-1)
                     s[sname] = value.numpy()
                 states.append(s)
             engine.scatter_state(states, int(saved["step"]))
@@ -592,8 +668,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             engine = self._engines[gi]
             pieces: Dict[tuple, list] = {}
             for t, sname, offset, _, view in engine.state_ranges():
-                meta = ShardMetadata(shard_offsets=[offset], shard_sizes=[view.shape[0]], placement=f"rank:{rank}/cpu")
-                pieces.setdefault((t, sname), []).append(Shard(torch.from_numpy(view), meta))
+                meta = ShardMetadata(shard_offsets=[offset], shard_sizes=[view.shape[0]],
+                                     placement=f"rank:{rank}/{self._device}")
+                pieces.setdefault((t, sname), []).append(Shard(self._wrap(view), meta))
             step = engine.optimizer_step
             for t, (name, p) in enumerate(zip(group["param_names"], group["params"])):
                 entry = {"step": torch.tensor(float(step))}
@@ -633,7 +710,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 key = _STATE_NAMES[sname]
                 if key not in entry:
                     raise ValueError(f"load_sharded_state_dict: parameter '{names[t]}' lacks state '{key}'")
-                mine = torch.from_numpy(view)
+                mine = self._wrap(view)
                 for shard in entry[key].local_shards():
                     if shard.metadata.shard_offsets[0] == offset and shard.tensor.data_ptr() != mine.data_ptr():
                         mine.copy_(shard.tensor.reshape(-1))

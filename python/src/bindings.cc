@@ -1,9 +1,17 @@
 // shardopt._C: the Engine, its checkpoint I/O and the communicators, for Python trainers.
 //
 // Memory crosses the boundary without copies as nanobind ndarrays (the buffer protocol and DLPack):
-// param(t)/grad(t) are views of the engine's buffers that keep the engine alive. Nothing here links
-// against libtorch; the torch integration (python/shardopt/torch.py) wraps these views with
-// torch.from_numpy, so one build works with every torch 2.x.
+// param(t)/grad(t) are views of the engine's buffers that keep the engine alive: numpy arrays for a
+// host engine, DLPack arrays on the CUDA device for a device engine (memory_space="cuda", in a build
+// with the CUDA toolkit). Nothing here links against libtorch; the torch integration
+// (python/shardopt/torch.py) wraps the views with torch.from_numpy / torch.from_dlpack, so one build
+// works with every torch 2.x.
+//
+// Device engines and the trainer's stream: every call that reads a caller's device memory
+// (grad_ready, accept_grad_at) first synchronizes the CUDA stream the caller names (torch's current
+// stream), so the engine never reads a gradient before the kernels writing it finished; and every
+// engine call returns with the engine's own work on its buffers finished, so any stream may read the
+// parameters after step().
 //
 // GIL: every call that may communicate releases the GIL. The torch.distributed communicator
 // (PyCommunicator) re-acquires it for each callback, so the engine runs the same code whatever
@@ -32,7 +40,15 @@
 #include "comm/thread_backend.h"
 #include "runtime/checkpoint_io.h"
 #include "runtime/engine.h"
+#include "runtime/step_backend.h"
 #include "sharding/layout.h"
+
+#ifdef SHARDOPT_PYTHON_CUDA
+#include <cuda_runtime.h>
+
+#include "comm/cuda_buffer_mover.h"
+#include "comm/nccl_backend.h"
+#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -222,17 +238,78 @@ struct PyEngine {
   std::unique_ptr<runtime::Engine> engine;
 };
 
-FloatArray tensor_view(runtime::Engine& e, size_t t, float* data, nb::handle owner) {
-  const auto& spec = e.spec(t);
-  std::vector<size_t> shape(spec.shape().begin(), spec.shape().end());
-  return FloatArray(data, shape.size(), shape.data(), owner);
+#ifdef SHARDOPT_PYTHON_CUDA
+std::string cuda_error(cudaError_t err) {
+  return std::string(cudaGetErrorName(err)) + " (" + cudaGetErrorString(err) + ")";
 }
 
-// Tensor t's gradient of this micro-batch from `src` (numel(t) floats), times `scale`, then
-// grad_ready(t). Adds when the engine accumulates locally (full buffers after the first micro-batch).
+// The CUDA device holding `p`; DeviceError when p is not device memory (e.g. a host tensor's
+// address handed to a device engine).
+int device_of(const void* p, const char* what) {
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, p);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    throw DeviceError(std::string(what) + ": not a CUDA pointer: " + cuda_error(err));
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw ConfigError(std::string(what) + " is not in CUDA device memory; the engine's buffers are on the GPU");
+  return attr.device;
+}
+
+void synchronize_stream(uintptr_t stream) {
+  const cudaError_t err = cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) throw DeviceError("synchronizing the caller's CUDA stream: " + cuda_error(err));
+}
+#endif
+
+// A view of an engine buffer of `shape`: a numpy array (host engine) or a DLPack array on the
+// engine's CUDA device.
+nb::object buffer_view(runtime::Engine& e, float* data, const std::vector<size_t>& shape, nb::handle owner) {
+  if (e.memory_space() == runtime::MemorySpace::kHost)
+    return nb::cast(FloatArray(data, shape.size(), shape.data(), owner), nb::rv_policy::reference);
+#ifdef SHARDOPT_PYTHON_CUDA
+  const int device = device_of(data, "engine buffer");
+  return nb::cast(nb::ndarray<float, nb::c_contig>(data, shape.size(), shape.data(), owner, nullptr,
+                                                   nb::dtype<float>(), nb::device::cuda::value, device),
+                  nb::rv_policy::reference);
+#else
+  throw ConfigError("this build of shardopt._C has no CUDA support");
+#endif
+}
+
+nb::object tensor_view(runtime::Engine& e, size_t t, float* data, nb::handle owner) {
+  const auto& spec = e.spec(t);
+  return buffer_view(e, data, std::vector<size_t>(spec.shape().begin(), spec.shape().end()), owner);
+}
+
+// The caller's stream before the engine reads device memory it wrote (a host engine needs nothing).
+void wait_for_caller(runtime::Engine& e, uintptr_t stream) {
+  if (e.memory_space() == runtime::MemorySpace::kHost) return;
+#ifdef SHARDOPT_PYTHON_CUDA
+  synchronize_stream(stream);
+#else
+  (void)stream;
+#endif
+}
+
+// Tensor t's gradient of this micro-batch from `src` (numel(t) floats, in the engine's memory
+// space), times `scale`, then grad_ready(t). Adds when the engine accumulates locally (full buffers
+// after the first micro-batch; host engines only: the adapter's device path hands gradients over in
+// sharded mode, where every micro-batch has a fresh buffer).
 void accept_grad(runtime::Engine& engine, size_t t, const float* src, float scale) {
   const auto n = static_cast<size_t>(engine.plan().tensors(static_cast<int>(t)).numel());
   float* dst = engine.grad(t);  // ZeRO-2: opens t's bucket buffer (zero-filled)
+  if (engine.memory_space() != runtime::MemorySpace::kHost) {
+    if (engine.grad_accumulates(t))
+      throw ConfigError("accept_grad: '" + engine.spec(t).name() + "' accumulates locally (full gradient buffers); "
+                        "on a device engine write into grad(t) instead");
+    auto& backend = engine.step_backend();
+    backend.copy(dst, src, n);
+    if (scale != 1.0f) backend.scale(dst, scale, n);  // dst = src * scale, the host's product
+    engine.grad_ready(t);
+    return;
+  }
   if (engine.grad_accumulates(t)) {
     for (size_t i = 0; i < n; ++i) dst[i] += scale * src[i];
   } else if (scale == 1.0f) {
@@ -295,6 +372,44 @@ NB_MODULE(_C, m) {
       },
       "A communicator over MPI_COMM_WORLD (initializes MPI on first use).");
   m.def("mpi_finalize", [] { shardopt::python::mpi_runtime().reset(); });
+#ifdef SHARDOPT_PYTHON_CUDA
+  m.attr("has_cuda") = true;
+  m.def("cuda_thread_world_of_one", [](int device) { return std::move(so::comm::make_cuda_thread_world(1, device)[0]); },
+        "device"_a, "A communicator of one rank on CUDA device `device` (the threads backend on device buffers).");
+  m.def(
+      "nccl_unique_id",
+      [] {
+        ncclUniqueId id{};
+        if (ncclGetUniqueId(&id) != ncclSuccess) throw so::PeerError("ncclGetUniqueId failed");
+        return nb::bytes(reinterpret_cast<const char*>(&id), sizeof id);
+      },
+      "A new NCCL clique id (on one rank; every rank of the clique joins with it).");
+  m.def(
+      "nccl_communicator",
+      [](nb::bytes id, int rank, int size, int device) -> std::unique_ptr<so::comm::Communicator> {
+        ncclUniqueId uid{};
+        if (id.size() != sizeof uid)
+          throw so::ConfigError("nccl_communicator: the clique id has " + std::to_string(id.size()) + " bytes, expected " +
+                                std::to_string(sizeof uid));
+        std::memcpy(&uid, id.c_str(), sizeof uid);
+        nb::gil_scoped_release release;
+        return std::make_unique<so::comm::NcclCommunicator>(uid, rank, size, device);
+      },
+      "id"_a, "rank"_a, "size"_a, "device"_a,
+      "Collective over the clique: an NCCL communicator on CUDA device `device` (one GPU per rank).");
+  m.def(
+      "nccl_mpi_world",
+      [](int device) {
+        auto& rt = shardopt::python::mpi_runtime();
+        if (!rt) rt = std::make_unique<so::comm::MpiRuntime>(nullptr, nullptr);
+        MPI_Comm world = MPI_COMM_WORLD;
+        nb::gil_scoped_release release;
+        return so::comm::make_nccl_communicator_mpi(world, device);
+      },
+      "device"_a, "An NCCL communicator over MPI_COMM_WORLD's ranks on CUDA device `device` (initializes MPI).");
+#else
+  m.attr("has_cuda") = false;
+#endif
   m.def(
       "python_communicator",
       [](nb::object impl) -> std::unique_ptr<so::comm::Communicator> {
@@ -308,7 +423,8 @@ NB_MODULE(_C, m) {
           [](PyEngine* self, so::comm::Communicator& comm, const std::vector<std::tuple<std::string, std::vector<int64_t>, std::string>>& params,
              int stage, const std::string& layout, int64_t bucket_bytes, const std::string& matrix_optimizer,
              const std::string& elementwise_optimizer, const std::string& routing, float max_grad_norm, bool overlap,
-             const std::string& grad_memory, int grad_accumulation_steps) {
+             const std::string& grad_memory, int grad_accumulation_steps, const std::string& memory_space,
+             int device) {
             std::vector<so::proto::TensorSpec> specs;
             for (const auto& [name, shape, group] : params) {
               so::proto::TensorSpec s;
@@ -336,12 +452,17 @@ NB_MODULE(_C, m) {
             else if (grad_memory == "full") o.grad_memory = so::runtime::GradMemory::kFull;
             else throw so::ConfigError("grad_memory must be 'sharded' or 'full', got '" + grad_memory + "'");
             o.grad_accumulation_steps = grad_accumulation_steps;
+            o.memory_space = so::runtime::parse_memory_space(memory_space);
+            o.device = device;
             nb::gil_scoped_release release;
             new (self) PyEngine{std::make_unique<so::runtime::Engine>(comm, std::move(specs), std::move(o))};
           },
           "comm"_a, "params"_a, "stage"_a, "layout"_a, "bucket_bytes"_a, "matrix_optimizer"_a,
           "elementwise_optimizer"_a, "routing"_a, "max_grad_norm"_a, "overlap"_a, "grad_memory"_a = "full",
-          "grad_accumulation_steps"_a = 1, nb::keep_alive<1, 2>())
+          "grad_accumulation_steps"_a = 1, "memory_space"_a = "host", "device"_a = -1, nb::keep_alive<1, 2>())
+      .def_prop_ro("memory_space",
+                   [](PyEngine& e) { return std::string(so::runtime::memory_space_name(e.engine->memory_space())); },
+                   "'host' or 'cuda': where the engine's buffers live (param/grad views are numpy or CUDA DLPack).")
       .def_prop_ro("num_tensors", [](PyEngine& e) { return e.engine->num_tensors(); })
       .def_prop_ro("rank", [](PyEngine& e) { return e.engine->comm().rank(); })
       .def_prop_ro("world_size", [](PyEngine& e) { return e.engine->comm().size(); })
@@ -380,14 +501,27 @@ NB_MODULE(_C, m) {
           "values"_a)
       .def(
           "broadcast_",
-          [](PyEngine& e, shardopt::python::FloatArray a, int root) {
+          [](PyEngine& e, nb::ndarray<float, nb::c_contig> a, int root, uintptr_t stream) {
+            const bool host = e.engine->memory_space() == so::runtime::MemorySpace::kHost;
+            if (a.device_type() != (host ? nb::device::cpu::value : nb::device::cuda::value))
+              throw so::ConfigError(std::string("broadcast_: the array must be in ") + (host ? "host" : "CUDA device") +
+                                    " memory, like the engine's buffers");
             nb::gil_scoped_release release;
+            shardopt::python::wait_for_caller(*e.engine, stream);
             e.engine->comm().broadcast(a.data(), a.size(), so::DType::kF32, root)->wait();
           },
-          "array"_a, "root"_a, "Collective: overwrites `array` with root's copy.")
+          "array"_a, "root"_a, "stream"_a = 0,
+          "Collective: overwrites `array` (host or device memory, as the engine's) with root's copy; a device array "
+          "after `stream` (the CUDA stream that wrote it) is synchronized.")
       .def(
-          "grad_ready", [](PyEngine& e, size_t t) { e.engine->grad_ready(t); }, "t"_a,
-          nb::call_guard<nb::gil_scoped_release>())
+          "grad_ready",
+          [](PyEngine& e, size_t t, uintptr_t stream) {
+            shardopt::python::wait_for_caller(*e.engine, stream);
+            e.engine->grad_ready(t);
+          },
+          "t"_a, "stream"_a = 0, nb::call_guard<nb::gil_scoped_release>(),
+          "Tensor t's gradient is final in grad(t). Device engines first synchronize `stream` (the CUDA stream "
+          "whose kernels wrote it: torch.cuda.current_stream().cuda_stream; 0 = the default stream).")
       .def_prop_ro("sharded_grads", [](PyEngine& e) { return e.engine->sharded_grads(); },
                    "True: gradients live in pooled bucket buffers (ZeRO-2); hand them over with accept_grad.")
       .def(
@@ -395,6 +529,8 @@ NB_MODULE(_C, m) {
           [](PyEngine& e, size_t t, CpuFloatTensor g, float scale) {
             auto& engine = *e.engine;
             if (t >= engine.num_tensors()) throw nb::index_error();
+            if (engine.memory_space() != so::runtime::MemorySpace::kHost)
+              throw so::ConfigError("accept_grad: a device engine takes device gradients (accept_grad_at)");
             const auto n = static_cast<size_t>(engine.plan().tensors(static_cast<int>(t)).numel());
             if (g.size() != n)
               throw so::ConfigError("gradient of '" + engine.spec(t).name() + "' has " + std::to_string(g.size()) +
@@ -408,14 +544,25 @@ NB_MODULE(_C, m) {
           "(adds when the engine accumulates locally), then grad_ready(t): a complete bucket's reduction starts.")
       .def(
           "accept_grad_at",
-          [](PyEngine& e, size_t t, uintptr_t address, float scale) {
+          [](PyEngine& e, size_t t, uintptr_t address, float scale, uintptr_t stream) {
             if (t >= e.engine->num_tensors()) throw nb::index_error();
+#ifdef SHARDOPT_PYTHON_CUDA
+            if (e.engine->memory_space() != so::runtime::MemorySpace::kHost) {
+              const int device = shardopt::python::device_of(reinterpret_cast<const void*>(address), "gradient");
+              const int mine = shardopt::python::device_of(e.engine->param(t), "engine buffer");
+              if (device != mine)
+                throw so::ConfigError("gradient of '" + e.engine->spec(t).name() + "' is on CUDA device " +
+                                      std::to_string(device) + ", the engine on device " + std::to_string(mine));
+            }
+#endif
             nb::gil_scoped_release release;
+            shardopt::python::wait_for_caller(*e.engine, stream);
             shardopt::python::accept_grad(*e.engine, t, reinterpret_cast<const float*>(address), scale);
           },
-          "t"_a, "address"_a, "scale"_a = 1.0f,
+          "t"_a, "address"_a, "scale"_a = 1.0f, "stream"_a = 0,
           "accept_grad from a raw address (torch's tensor.data_ptr()): the caller guarantees numel(t) contiguous "
-          "host float32 values there (autograd's gradient of the parameter). The autograd hook's fast path: "
+          "float32 values there, in the engine's memory space (autograd's gradient of the parameter); a device "
+          "engine first synchronizes `stream` (the CUDA stream that wrote them). The autograd hook's fast path: "
           "converting a torch tensor through DLPack costs ~10 us per call.")
       .def(
           "zero_grads",
@@ -423,8 +570,8 @@ NB_MODULE(_C, m) {
             auto& engine = *e.engine;
             if (engine.sharded_grads()) return;  // pooled buffers start zeroed each micro-batch
             for (size_t t = 0; t < engine.num_tensors(); ++t)
-              std::memset(engine.grad(t), 0,
-                          sizeof(float) * static_cast<size_t>(engine.plan().tensors(static_cast<int>(t)).numel()));
+              engine.step_backend().zero(engine.grad(t),
+                                         static_cast<size_t>(engine.plan().tensors(static_cast<int>(t)).numel()));
           },
           "Full gradient buffers: zero every tensor's gradient (one call instead of one per tensor).")
       .def(
@@ -508,7 +655,8 @@ NB_MODULE(_C, m) {
                 }
               }
               for (const auto& r : so::runtime::engine_state_ranges(engine))
-                std::memcpy(full[r.tensor].at(r.state).data() + r.global_offset, r.data, sizeof(float) * r.length);
+                engine.step_backend().download(full[r.tensor].at(r.state).data() + r.global_offset, r.data,
+                                               sizeof(float) * r.length);
               for (auto& states : full)
                 for (auto& [name, v] : states)
                   engine.comm().all_reduce(v.data(), v.data(), v.size(), so::DType::kF32, so::comm::ReduceOp::kSum)->wait();
@@ -542,7 +690,8 @@ NB_MODULE(_C, m) {
                                       "' has " + std::to_string(it->second.size()) + " values, too few for this tensor");
             }
             for (const auto& r : ranges)
-              std::memcpy(r.data, states[r.tensor].at(r.state).data() + r.global_offset, sizeof(float) * r.length);
+              engine.step_backend().upload(r.data, states[r.tensor].at(r.state).data() + r.global_offset,
+                                           sizeof(float) * r.length);
             engine.set_optimizer_step(step);
             nb::gil_scoped_release release;
             engine.refresh_params();
@@ -563,13 +712,14 @@ NB_MODULE(_C, m) {
                                       "' is stored compact (bf16/q8): no fp32 view to share");
               const int64_t global = r.state == "normuon_row_v" ? engine.spec(r.tensor).shape(0)
                                                                 : engine.plan().tensors(r.tensor).numel();
-              const size_t shape[1] = {static_cast<size_t>(r.length)};
               out.append(nb::make_tuple(r.tensor, r.state, r.global_offset, global,
-                                        shardopt::python::FloatArray(r.data, 1, shape, self)));
+                                        shardopt::python::buffer_view(engine, r.data, {static_cast<size_t>(r.length)},
+                                                                      self)));
             }
             return out;
           },
-          "This rank's state: (tensor, state, global offset, global length, view of the values) per range.")
+          "This rank's state: (tensor, state, global offset, global length, view of the values) per range "
+          "(views in the engine's memory space).")
       .def(
           "refresh_params", [](PyEngine& e) { e.engine->refresh_params(); },
           nb::call_guard<nb::gil_scoped_release>(),

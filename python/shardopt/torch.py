@@ -105,7 +105,9 @@ def _cuda_communicator(process_group, device: torch.device):
         group = process_group if process_group is not None else dist.group.WORLD
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         box = [_C.nccl_unique_id() if rank == 0 else None]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group, device=device)
+        # The id travels as a pickled tensor: on the GPU for an NCCL group, in host memory otherwise.
+        carrier = device if dist.get_backend(group) == "nccl" else None
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group, device=carrier)
         return _C.nccl_communicator(box[0], rank, size, index)
     if process_group is not None:
         raise ValueError("process_group was given but torch.distributed is not initialized")

@@ -42,6 +42,12 @@ def test_unknown_memory_space_is_named():
         engine("tpu")
 
 
+def test_parameter_neither_on_the_cpu_nor_on_a_gpu_is_named():
+    odd = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    with pytest.raises(ValueError, match="'odd' is on meta"):
+        ShardedOptimizer([("w", GPT().lm_head.weight), ("odd", odd)], matrix=None)
+
+
 @pytest.mark.skipif(HAVE_GPU or not getattr(_C, "has_cuda", False),
                     reason="needs a CUDA build on a machine without a GPU")
 def test_cuda_engine_without_a_device_is_a_clear_error():

@@ -6,8 +6,8 @@
 // waits in an L1 scratch while the loop keeps the block's new absmax, then the block is encoded
 // (float8; AdamW's v in the unsigned sqrt-domain code, from the sqrt(v) the update computed). The
 // result is bit for bit decode + elementwise_step + q8_quantize (tests/optim/compact_step_test.cc).
-// The AVX-512 build writes each full AdamW block's codes during the next block's update loop, where
-// the encode's integer work overlaps the divisions and square roots (same result).
+// The AVX-512 and AVX2 builds write each full AdamW block's codes during the next block's update
+// loop, where the encode's integer work overlaps the divisions and square roots (same result).
 // bf16: tiles of 2048 elements are decoded to an L1 scratch, updated by the fp32 loops, re-encoded.
 // Muon / NorMuon: the momentum is decoded into matrix.momentum (an fp32 scratch of the matrix's
 // size), muon_step runs, and the new momentum is encoded back (load_compact / store_compact: tasks

@@ -187,19 +187,20 @@ SHARDOPT_KERNEL void run_range(const detail::PreparedStep& p, const ElementwiseS
 // loop is bound by the divider (one vdivps and one vsqrtps per vector, like the fp32 step), and the
 // two encode loops (integer work on the vector ALU ports) run after it with the divider idle; the
 // compiler also widens the code bytes through 16-bit lanes and narrows them back through permutes
-// (AVX-512: vpermt2w + vpmovwb). Here, in intrinsics, each full block's AdamW update loop also encodes
-// the previous block from its scratch (the encode runs while the divider is busy), the code bytes are
-// widened with one vpmovzxbd per vector and the codes packed back with saturating packs, which also
-// clamp them (in-lane packs, their byte order fixed by one dword permute per pack). Lion and SGD
-// momentum (no divider work) keep the auto-vectorized update loop and take the packed encode. The
-// arithmetic is the loops' above, operation for operation (the products GCC fuses into FMAs in
-// adamw_update are the fused ones here; the codec is integer work on the bits): codes, absmax and
-// weights are the same bit for bit as the loops above in the same build
-// (tests/optim/compact_step_test.cc). What the fast encode does not cover (a short last block, an
-// absmax outside the normal range of 1 / absmax, a zero v absmax) goes through the block functions
+// (AVX-512: vpermt2w + vpmovwb), and in AVX2 its one-slot (Lion, SGD) loops spill. Here, in
+// intrinsics, each full block's AdamW update loop also encodes the previous block from its scratch
+// (the encode runs while the divider is busy), the code bytes are widened with one vpmovzxbd (or
+// vpmovsxbd) per vector and the codes packed back with saturating packs, which also clamp them
+// (in-lane packs, their byte order fixed by one dword permute per pack). Lion and SGD momentum (no
+// divider work to hide) update a full block the same way, then encode it. The arithmetic is the
+// loops' above, operation for operation (the products GCC fuses into FMAs in adamw_update,
+// lion_update and sgd_momentum_update are the fused ones here; the codec is integer work on the
+// bits): codes, absmax, weights and mirror are the same bit for bit as the loops above in the same
+// build (tests/optim/compact_step_test.cc). What the fast encode does not cover (a short last block,
+// an absmax outside the normal range of 1 / absmax, a zero v absmax) goes through the block functions
 // above. The loops are written once, in compact_step_q8_ranges.inc, included into each build's
-// namespace below after its vector primitives (16 lanes for AVX-512, 8 for AVX2: no mask registers,
-// so its selects are and / andnot / blends).
+// namespace below after its vector primitives (16 lanes for AVX-512; 8 for AVX2, which has no mask
+// registers: its selects are and / andnot / blends).
 #if defined(__x86_64__)
 
 // A full block whose update ran and whose codes are still to be written (AdamW: m and sqrt(v)).
@@ -245,6 +246,12 @@ SHARDOPT_AVX512_INLINE F div(F a, F b) { return _mm512_div_ps(a, b); }
 SHARDOPT_AVX512_INLINE F sqrt(F a) { return _mm512_sqrt_ps(a); }
 SHARDOPT_AVX512_INLINE F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
 SHARDOPT_AVX512_INLINE F fmsub(F a, F b, F c) { return _mm512_fmsub_ps(a, b, c); }
+SHARDOPT_AVX512_INLINE F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+SHARDOPT_AVX512_INLINE F sign(F x) {
+  const F zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  return _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), one),
+                       _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), one));
+}
 SHARDOPT_AVX512_INLINE I max_magnitude(I acc, F x) {
   return _mm512_max_epu32(acc, _mm512_and_si512(_mm512_castps_si512(x), splat(0x7fffffffu)));
 }
@@ -357,6 +364,12 @@ SHARDOPT_AVX2_INLINE F div(F a, F b) { return _mm256_div_ps(a, b); }
 SHARDOPT_AVX2_INLINE F sqrt(F a) { return _mm256_sqrt_ps(a); }
 SHARDOPT_AVX2_INLINE F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
 SHARDOPT_AVX2_INLINE F fmsub(F a, F b, F c) { return _mm256_fmsub_ps(a, b, c); }
+SHARDOPT_AVX2_INLINE F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+SHARDOPT_AVX2_INLINE F sign(F x) {
+  const F zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  return _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), one),
+                       _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_LT_OQ), one));
+}
 SHARDOPT_AVX2_INLINE I max_magnitude(I acc, F x) {
   return _mm256_max_epu32(acc, _mm256_and_si256(_mm256_castps_si256(x), splat(0x7fffffffu)));
 }
@@ -372,16 +385,16 @@ SHARDOPT_AVX2_INLINE I load_codes(const uint8_t* codes) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
 }
 
-// codec::decode_signed(codes[i]) * absmax for 8 codes.
+// codec::decode_signed(codes[i]) * absmax for 8 codes, sign-extended (the code's sign bit fills bits
+// 7-31): (sign << 31 | k << 20) + (k == 0 ? 0 : kSignedOffset << 20), k = code & 0x7f.
 SHARDOPT_AVX2_INLINE F decode_signed(const uint8_t* codes, F absmax) {
-  const I c = load_codes(codes);
-  // ((c & 0x7f) + kSignedOffset) << kSignedShift, 0 for code 0
-  const I k_bits = _mm256_and_si256(_mm256_slli_epi32(c, codec::kSignedShift), splat(0x7fu << codec::kSignedShift));
-  const I magnitude = _mm256_andnot_si256(
-      _mm256_cmpeq_epi32(k_bits, zero_i()),
-      _mm256_add_epi32(k_bits, splat(static_cast<uint32_t>(codec::kSignedOffset) << codec::kSignedShift)));
-  // magnitude | (sign bit of c << 24)
-  const I bits = _mm256_or_si256(magnitude, _mm256_and_si256(_mm256_slli_epi32(c, 24), splat(0x80000000u)));
+  const I c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  const I k_is_zero = _mm256_cmpeq_epi32(_mm256_slli_epi32(c, 25), zero_i());
+  const I sign_and_k = _mm256_and_si256(_mm256_slli_epi32(c, codec::kSignedShift),
+                                        splat(0x80000000u | (0x7fu << codec::kSignedShift)));
+  const I bits = _mm256_add_epi32(
+      sign_and_k,
+      _mm256_andnot_si256(k_is_zero, splat(static_cast<uint32_t>(codec::kSignedOffset) << codec::kSignedShift)));
   return _mm256_mul_ps(_mm256_castsi256_ps(bits), absmax);
 }
 

@@ -2,7 +2,8 @@
 //
 // Element-wise (AdamW, Lion, SGD momentum), q8: one pass over memory per q8 block, in one function
 // compiled per instruction set: each element's state is decoded from its code inside the update
-// loop, the update is the fp32 one (the per-element functions elementwise_step uses), the new state
+// loop, the update is the fp32 one (the per-element functions elementwise_step uses; in the AVX2 and
+// AVX-512 builds the same operations in intrinsics, optim/compact_step.cc), the new state
 // waits in an L1 scratch while the loop keeps the block's new absmax, then the block is encoded
 // (float8; AdamW's v in the unsigned sqrt-domain code, from the sqrt(v) the update computed). The
 // result is bit for bit decode + elementwise_step + q8_quantize (tests/optim/compact_step_test.cc).

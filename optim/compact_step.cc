@@ -183,109 +183,25 @@ SHARDOPT_KERNEL void run_range(const detail::PreparedStep& p, const ElementwiseS
   }
 }
 
-// AVX-512 build of the q8 ranges. In the loops above, a block's AdamW update loop is bound by the
-// divider (one vdivps and one vsqrtps per 16 elements, like the fp32 step), and the two encode loops
-// (integer work on the 512-bit ALU ports) run after it with the divider idle; the compiler also
-// widens the code bytes through 16-bit lanes and narrows them back through vpermt2w + vpmovwb.
-// Here, in intrinsics, each full block's AdamW update loop also encodes the previous block from its
-// scratch (the encode runs while the divider is busy), the code bytes are widened with one
-// vpmovzxbd per 16 and the codes packed back with saturating packs, which also clamp them. Lion and
-// SGD momentum (no divider work) keep the auto-vectorized update loop and take the packed encode.
-// The arithmetic is the loops' above, operation for operation (the products GCC fuses into FMAs in
-// adamw_update are the fused ones here; the codec is integer work on the bits): codes, absmax and
-// weights are the same bit for bit (tests/optim/compact_step_test.cc). What the fast encode does
-// not cover (a short last block, an absmax outside the normal range of 1 / absmax, a zero v absmax)
-// goes through the block functions above.
+// Vector builds of the q8 ranges (AVX-512 and AVX2 + FMA). In the loops above, a block's AdamW update
+// loop is bound by the divider (one vdivps and one vsqrtps per vector, like the fp32 step), and the
+// two encode loops (integer work on the vector ALU ports) run after it with the divider idle; the
+// compiler also widens the code bytes through 16-bit lanes and narrows them back through permutes
+// (AVX-512: vpermt2w + vpmovwb), and in AVX2 its one-slot (Lion, SGD) loops spill. Here, in
+// intrinsics, each full block's AdamW update loop also encodes the previous block from its scratch
+// (the encode runs while the divider is busy), the code bytes are widened with one vpmovzxbd (or
+// vpmovsxbd) per vector and the codes packed back with saturating packs, which also clamp them
+// (in-lane packs, their byte order fixed by one dword permute per pack). Lion and SGD momentum (no
+// divider work to hide) update a full block the same way, then encode it. The arithmetic is the
+// loops' above, operation for operation (the products GCC fuses into FMAs in adamw_update,
+// lion_update and sgd_momentum_update are the fused ones here; the codec is integer work on the
+// bits): codes, absmax, weights and mirror are the same bit for bit as the loops above in the same
+// build (tests/optim/compact_step_test.cc). What the fast encode does not cover (a short last block,
+// an absmax outside the normal range of 1 / absmax, a zero v absmax) goes through the block functions
+// above. The loops are written once, in compact_step_q8_ranges.inc, included into each build's
+// namespace below after its vector primitives (16 lanes for AVX-512; 8 for AVX2, which has no mask
+// registers: its selects are and / andnot / blends).
 #if defined(__x86_64__)
-#define SHARDOPT_AVX512_INLINE \
-  inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-
-namespace avx512 {
-
-SHARDOPT_AVX512_INLINE __m512i splat(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
-
-// codec::decode_signed(codes[i]) * absmax for 16 codes.
-SHARDOPT_AVX512_INLINE __m512 decode_signed16(const uint8_t* codes, __m512 absmax) {
-  const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-  const __mmask16 nonzero = _mm512_test_epi32_mask(c, splat(0x7fu));
-  // ((c & 0x7f) + kSignedOffset) << kSignedShift, 0 for code 0
-  const __m512i k_bits =
-      _mm512_and_si512(_mm512_slli_epi32(c, codec::kSignedShift), splat(0x7fu << codec::kSignedShift));
-  const __m512i magnitude = _mm512_maskz_add_epi32(
-      nonzero, k_bits, splat(static_cast<uint32_t>(codec::kSignedOffset) << codec::kSignedShift));
-  // magnitude | (sign bit of c << 24)
-  const __m512i bits = _mm512_ternarylogic_epi32(magnitude, _mm512_slli_epi32(c, 24), splat(0x80000000u), 0xf8);
-  return _mm512_mul_ps(_mm512_castsi512_ps(bits), absmax);
-}
-
-// codec::decode_unsigned(codes[i]) * absmax for 16 codes: s has the bits (c + kUnsignedOffset) << 19;
-// (s * s) * absmax.
-SHARDOPT_AVX512_INLINE __m512 decode_unsigned16(const uint8_t* codes, __m512 absmax) {
-  const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-  const __m512 sq = _mm512_castsi512_ps(_mm512_add_epi32(
-      _mm512_slli_epi32(c, codec::kUnsignedShift),
-      splat(static_cast<uint32_t>(codec::kUnsignedOffset) << codec::kUnsignedShift)));
-  return _mm512_mul_ps(_mm512_mul_ps(sq, sq), absmax);
-}
-
-SHARDOPT_AVX512_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-SHARDOPT_AVX512_INLINE __m512 load16(const bf16* p) {  // bf16_to_float: the bits << 16
-  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-}
-
-// to_bf16_rne for 16 values.
-SHARDOPT_AVX512_INLINE void store_bf16_16(bf16* p, __m512 x) {
-  const __m512i u = _mm512_castps_si512(x), high = _mm512_srli_epi32(u, 16);
-  const __m512i rounded =
-      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, splat(0x7fffu)), _mm512_and_si512(high, splat(1u))), 16);
-  const __mmask16 is_nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, splat(0x7fffffffu)), splat(0x7f800000u));
-  const __m512i out = _mm512_mask_mov_epi32(rounded, is_nan, _mm512_or_si512(high, splat(0x40u)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(out));
-}
-
-// Rounded magnitude bits of x * factor, (|bits| + half) >> shift (magnitude_code before the offset):
-// at most 4096, so the saturating packs below keep it exact.
-template <uint32_t kShift>
-SHARDOPT_AVX512_INLINE __m512i rounded_magnitude(__m512i bits) {
-  const __m512i magnitude = _mm512_and_si512(bits, splat(0x7fffffffu));
-  return _mm512_srli_epi32(_mm512_add_epi32(magnitude, splat(1u << (kShift - 1))), kShift);
-}
-
-// The byte order of two packs of four vectors (in-lane packs leave 4-byte groups transposed).
-SHARDOPT_AVX512_INLINE __m512i unpack_order(__m512i packed) {
-  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), packed);
-}
-
-// codes[i] = codec::encode_signed(x[i] * factor) for 64 values: the code k = rounded - kSignedOffset
-// clamped to [0, 127] by an unsigned saturating subtract, the byte pack's saturation at 255 and a
-// min; the sign byte from signed saturating packs of the bits.
-SHARDOPT_AVX512_INLINE void encode_signed64(const float* x, __m512 factor, uint8_t* codes) {
-  __m512i bits[4], rounded[4];
-  for (int j = 0; j < 4; ++j) {
-    bits[j] = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * j), factor));
-    rounded[j] = rounded_magnitude<codec::kSignedShift>(bits[j]);
-  }
-  const __m512i offset = _mm512_set1_epi16(static_cast<int16_t>(codec::kSignedOffset));
-  const __m512i k01 = _mm512_subs_epu16(_mm512_packus_epi32(rounded[0], rounded[1]), offset);
-  const __m512i k23 = _mm512_subs_epu16(_mm512_packus_epi32(rounded[2], rounded[3]), offset);
-  const __m512i k = _mm512_min_epu8(_mm512_packus_epi16(k01, k23), _mm512_set1_epi8(127));
-  const __m512i sign = _mm512_packs_epi16(_mm512_packs_epi32(bits[0], bits[1]), _mm512_packs_epi32(bits[2], bits[3]));
-  const __m512i code = _mm512_ternarylogic_epi32(k, sign, _mm512_set1_epi8(static_cast<char>(0x80)), 0xf8);
-  _mm512_storeu_si512(codes, unpack_order(code));
-}
-
-// codes[i] = codec::encode_unsigned(sqrt_x[i] * factor) for 64 values (clamp as above, top 255).
-SHARDOPT_AVX512_INLINE void encode_unsigned64(const float* sqrt_x, __m512 factor, uint8_t* codes) {
-  __m512i rounded[4];
-  for (int j = 0; j < 4; ++j)
-    rounded[j] = rounded_magnitude<codec::kUnsignedShift>(
-        _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(sqrt_x + 16 * j), factor)));
-  const __m512i offset = _mm512_set1_epi16(static_cast<int16_t>(codec::kUnsignedOffset));
-  const __m512i k01 = _mm512_subs_epu16(_mm512_packus_epi32(rounded[0], rounded[1]), offset);
-  const __m512i k23 = _mm512_subs_epu16(_mm512_packus_epi32(rounded[2], rounded[3]), offset);
-  _mm512_storeu_si512(codes, unpack_order(_mm512_packus_epi16(k01, k23)));
-}
 
 // A full block whose update ran and whose codes are still to be written (AdamW: m and sqrt(v)).
 struct PendingBlock {
@@ -296,139 +212,268 @@ struct PendingBlock {
 
 // Whether encode_signed64 / encode_unsigned64 with factors 1 / a_m and 1 / sqrt(a_v) encode the
 // block as codec::encode_signed_block / encode_unsigned_block_from_sqrt do (their common case).
-SHARDOPT_AVX512_INLINE bool fast_encodable(const PendingBlock& b) {
+SHARDOPT_KERNEL bool fast_encodable(const PendingBlock& b) {
   const float a_m = *b.m.absmax, a_v = *b.v.absmax;
   return a_m >= 0x1p-126f && a_m <= 0x1p126f && a_v != 0.0f;
 }
 
-SHARDOPT_AVX512_INLINE void encode_portable(const PendingBlock& b) {
+SHARDOPT_KERNEL void encode_portable(const PendingBlock& b) {
   codec::encode_signed_block(b.m_new, kQ8BlockElems, *b.m.absmax, b.m.codes);
   codec::encode_unsigned_block_from_sqrt(b.sqrt_v_new, kQ8BlockElems, *b.v.absmax, b.v.codes);
 }
 
-// adamw_q8_block's update loop for one full block (its arithmetic in the same order, the same
-// products fused), writing m and sqrt(v) to m_new / sqrt_v_new and the new absmax; with
-// kEncodePrev, the codes of `prev` (fast_encodable) in the same loop.
-template <typename G, bool kMirror, bool kEncodePrev>
-SHARDOPT_AVX512_INLINE void adamw_full_block(const detail::AdamConsts& k, float* w, bf16* mirror, const G* grad,
-                                             Q8Block m_block, Q8Block v_block, float* m_new, float* sqrt_v_new,
-                                             const PendingBlock& prev) {
-  const __m512 am = _mm512_set1_ps(*m_block.absmax), av = _mm512_set1_ps(*v_block.absmax);
-  const __m512 beta1 = _mm512_set1_ps(k.beta1), one_minus_beta1 = _mm512_set1_ps(k.one_minus_beta1);
-  const __m512 beta2 = _mm512_set1_ps(k.beta2), one_minus_beta2 = _mm512_set1_ps(k.one_minus_beta2);
-  const __m512 decay = _mm512_set1_ps(k.decay), step_size = _mm512_set1_ps(k.step_size);
-  const __m512 inv_sqrt_bias2 = _mm512_set1_ps(k.inv_sqrt_bias2), eps = _mm512_set1_ps(k.eps);
-  __m512 prev_m_factor = _mm512_setzero_ps(), prev_v_factor = _mm512_setzero_ps();
-  if constexpr (kEncodePrev) {
-    prev_m_factor = _mm512_set1_ps(1.0f / *prev.m.absmax);
-    prev_v_factor = _mm512_set1_ps(1.0f / std::sqrt(*prev.v.absmax));
-  }
-  const __m512i magnitude_mask = splat(0x7fffffffu);
-  __m512i m_max = _mm512_setzero_si512(), v_max = _mm512_setzero_si512();
-  for (int64_t i = 0; i < kQ8BlockElems; i += 64) {
-    for (int64_t j = i; j < i + 64; j += 16) {
-      const __m512 g = load16(grad + j);
-      // m = beta1 * m + (1 - beta1) * g; v = beta2 * v + ((1 - beta2) * g) * g
-      const __m512 m =
-          _mm512_fmadd_ps(decode_signed16(m_block.codes + j, am), beta1, _mm512_mul_ps(one_minus_beta1, g));
-      const __m512 v = _mm512_fmadd_ps(decode_unsigned16(v_block.codes + j, av), beta2,
-                                       _mm512_mul_ps(_mm512_mul_ps(one_minus_beta2, g), g));
-      const __m512 sqrt_v = _mm512_sqrt_ps(v);
-      // w * decay - (step_size * m) / (sqrt_v * inv_sqrt_bias2 + eps)
-      const __m512 wi = _mm512_fmsub_ps(_mm512_loadu_ps(w + j), decay,
-                                        _mm512_div_ps(_mm512_mul_ps(step_size, m),
-                                                      _mm512_fmadd_ps(sqrt_v, inv_sqrt_bias2, eps)));
-      _mm512_storeu_ps(w + j, wi);
-      if constexpr (kMirror) store_bf16_16(mirror + j, wi);
-      _mm512_store_ps(m_new + j, m);
-      _mm512_store_ps(sqrt_v_new + j, sqrt_v);
-      m_max = _mm512_max_epu32(m_max, _mm512_and_si512(_mm512_castps_si512(m), magnitude_mask));
-      v_max = _mm512_max_epu32(v_max, _mm512_and_si512(_mm512_castps_si512(v), magnitude_mask));
-    }
-    if constexpr (kEncodePrev) {
-      encode_signed64(prev.m_new + i, prev_m_factor, prev.m.codes + i);
-      encode_unsigned64(prev.sqrt_v_new + i, prev_v_factor, prev.v.codes + i);
-    }
-  }
-  *m_block.absmax = codec::float_of(_mm512_reduce_max_epu32(m_max));
-  *v_block.absmax = codec::float_of(_mm512_reduce_max_epu32(v_max));
+#define SHARDOPT_AVX512_INLINE \
+  inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+namespace avx512 {
+
+using F = __m512;
+using I = __m512i;
+constexpr int64_t kLanes = 16;
+
+SHARDOPT_AVX512_INLINE I splat(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+SHARDOPT_AVX512_INLINE F set1(float x) { return _mm512_set1_ps(x); }
+SHARDOPT_AVX512_INLINE I zero_i() { return _mm512_setzero_si512(); }
+SHARDOPT_AVX512_INLINE F load(const float* p) { return _mm512_loadu_ps(p); }
+SHARDOPT_AVX512_INLINE F load(const bf16* p) {  // bf16_to_float: the bits << 16
+  const I h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+SHARDOPT_AVX512_INLINE void store(float* p, F x) { _mm512_storeu_ps(p, x); }
+SHARDOPT_AVX512_INLINE void store_aligned(float* p, F x) { _mm512_store_ps(p, x); }
+SHARDOPT_AVX512_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+SHARDOPT_AVX512_INLINE F div(F a, F b) { return _mm512_div_ps(a, b); }
+SHARDOPT_AVX512_INLINE F sqrt(F a) { return _mm512_sqrt_ps(a); }
+SHARDOPT_AVX512_INLINE F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+SHARDOPT_AVX512_INLINE F fmsub(F a, F b, F c) { return _mm512_fmsub_ps(a, b, c); }
+SHARDOPT_AVX512_INLINE F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+SHARDOPT_AVX512_INLINE F sign(F x) {
+  const F zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  return _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), one),
+                       _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), one));
+}
+SHARDOPT_AVX512_INLINE I max_magnitude(I acc, F x) {
+  return _mm512_max_epu32(acc, _mm512_and_si512(_mm512_castps_si512(x), splat(0x7fffffffu)));
+}
+SHARDOPT_AVX512_INLINE uint32_t reduce_max(I x) { return _mm512_reduce_max_epu32(x); }
+
+// codec::decode_signed(codes[i]) * absmax for 16 codes.
+SHARDOPT_AVX512_INLINE F decode_signed(const uint8_t* codes, F absmax) {
+  const I c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  const __mmask16 nonzero = _mm512_test_epi32_mask(c, splat(0x7fu));
+  // ((c & 0x7f) + kSignedOffset) << kSignedShift, 0 for code 0
+  const I k_bits = _mm512_and_si512(_mm512_slli_epi32(c, codec::kSignedShift), splat(0x7fu << codec::kSignedShift));
+  const I magnitude = _mm512_maskz_add_epi32(
+      nonzero, k_bits, splat(static_cast<uint32_t>(codec::kSignedOffset) << codec::kSignedShift));
+  // magnitude | (sign bit of c << 24)
+  const I bits = _mm512_ternarylogic_epi32(magnitude, _mm512_slli_epi32(c, 24), splat(0x80000000u), 0xf8);
+  return _mm512_mul_ps(_mm512_castsi512_ps(bits), absmax);
 }
 
-// AdamW over q8 state, elements [start, start + n) of s: run_range_q8_typed's loop, with each full
-// block's codes written during the next block's update.
-template <typename G, bool kMirror>
-SHARDOPT_BUILD_AVX512 void adamw_q8_range(const detail::PreparedStep& p, const ElementwiseSlice& s,
-                                          const CompactSlots& slots, int64_t start, int64_t n) {
-  alignas(64) float scratch[2][2][kQ8BlockElems];
-  const G* grad = static_cast<const G*>(s.grad);
-  auto* m_codes = static_cast<uint8_t*>(slots.slot[0].values);
-  auto* v_codes = static_cast<uint8_t*>(slots.slot[1].values);
-  PendingBlock pending;
-  int parity = 0;
-  for (int64_t b = start; b < start + n; b += kQ8BlockElems) {
-    const int64_t len = std::min(kQ8BlockElems, start + n - b);
-    const int64_t j = b / kQ8BlockElems;
-    prefetch_ahead(p, s, grad, slots, b, start + n);
-    bf16* mirror = kMirror ? s.mirror + b : nullptr;
-    const Q8Block m{m_codes + b, slots.slot[0].absmax + j}, v{v_codes + b, slots.slot[1].absmax + j};
-    if (len < kQ8BlockElems) {  // the range's last block
-      if (pending.m_new != nullptr) encode_portable(pending);
-      pending.m_new = nullptr;
-      adamw_q8_block<G, kMirror>(p.adam, s.master + b, mirror, grad + b, m, v, len);
-      break;
-    }
-    float* m_new = scratch[parity][0];
-    float* sqrt_v_new = scratch[parity][1];
-    if (pending.m_new != nullptr && fast_encodable(pending)) {
-      adamw_full_block<G, kMirror, true>(p.adam, s.master + b, mirror, grad + b, m, v, m_new, sqrt_v_new, pending);
-    } else {
-      if (pending.m_new != nullptr) encode_portable(pending);
-      adamw_full_block<G, kMirror, false>(p.adam, s.master + b, mirror, grad + b, m, v, m_new, sqrt_v_new, pending);
-    }
-    pending = {m, v, m_new, sqrt_v_new};
-    parity ^= 1;
-  }
-  if (pending.m_new != nullptr) encode_portable(pending);
+// codec::decode_unsigned(codes[i]) * absmax for 16 codes: s has the bits (c + kUnsignedOffset) << 19;
+// (s * s) * absmax.
+SHARDOPT_AVX512_INLINE F decode_unsigned(const uint8_t* codes, F absmax) {
+  const I c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  const F sq = _mm512_castsi512_ps(_mm512_add_epi32(
+      _mm512_slli_epi32(c, codec::kUnsignedShift),
+      splat(static_cast<uint32_t>(codec::kUnsignedOffset) << codec::kUnsignedShift)));
+  return _mm512_mul_ps(_mm512_mul_ps(sq, sq), absmax);
 }
 
-// Lion / SGD momentum over q8 state: run_range_q8_typed's loop (the same auto-vectorized update
-// loop; no divider work to hide), with full blocks of a normal absmax encoded by encode_signed64.
-template <typename G, bool kMirror, typename Update>
-SHARDOPT_BUILD_AVX512 void one_slot_q8_range(const Update& update, const detail::PreparedStep& p,
-                                             const ElementwiseSlice& s, const CompactSlots& slots, int64_t start,
-                                             int64_t n) {
-  alignas(64) float m_new[kQ8BlockElems];
-  const G* grad = static_cast<const G*>(s.grad);
-  for (int64_t b = start; b < start + n; b += kQ8BlockElems) {
-    const int64_t len = std::min(kQ8BlockElems, start + n - b);
-    prefetch_ahead(p, s, grad, slots, b, start + n);
-    const Q8Block m{static_cast<uint8_t*>(slots.slot[0].values) + b, slots.slot[0].absmax + b / kQ8BlockElems};
-    one_slot_q8_update<G, kMirror>(update, s.master + b, kMirror ? s.mirror + b : nullptr, grad + b, m, len, m_new);
-    const float a = *m.absmax;
-    if (len == kQ8BlockElems && a >= 0x1p-126f && a <= 0x1p126f) {
-      const __m512 factor = _mm512_set1_ps(1.0f / a);
-      for (int64_t i = 0; i < kQ8BlockElems; i += 64) encode_signed64(m_new + i, factor, m.codes + i);
-    } else {
-      codec::encode_signed_block(m_new, len, a, m.codes);
-    }
-  }
+// to_bf16_rne for 16 values.
+SHARDOPT_AVX512_INLINE void store_bf16(bf16* p, F x) {
+  const I u = _mm512_castps_si512(x), high = _mm512_srli_epi32(u, 16);
+  const I rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, splat(0x7fffu)), _mm512_and_si512(high, splat(1u))), 16);
+  const __mmask16 is_nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, splat(0x7fffffffu)), splat(0x7f800000u));
+  const I out = _mm512_mask_mov_epi32(rounded, is_nan, _mm512_or_si512(high, splat(0x40u)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(out));
 }
 
-template <typename G, bool kMirror>
-SHARDOPT_BUILD_AVX512 void q8_range(const detail::PreparedStep& p, const ElementwiseSlice& s,
-                                    const CompactSlots& slots, int64_t start, int64_t n) {
-  const detail::SgdMomentumTerms sgd_terms = detail::sgd_momentum_terms(p.sgd);
-  auto lion = [&](float g, float w, float& m) { return detail::lion_update(p.lion, g, w, m); };
-  auto sgd = [&](float g, float w, float& m) { return detail::sgd_momentum_update(p.sgd, sgd_terms, g, w, m); };
-  switch (p.kind) {
-    case proto::OPTIMIZER_ADAMW: adamw_q8_range<G, kMirror>(p, s, slots, start, n); break;
-    case proto::OPTIMIZER_LION: one_slot_q8_range<G, kMirror>(lion, p, s, slots, start, n); break;
-    case proto::OPTIMIZER_SGD: one_slot_q8_range<G, kMirror>(sgd, p, s, slots, start, n); break;
-    default: break;
-  }
+// Rounded magnitude bits of x * factor, (|bits| + half) >> shift (magnitude_code before the offset):
+// at most 4096, so the saturating packs below keep it exact.
+template <uint32_t kShift>
+SHARDOPT_AVX512_INLINE I rounded_magnitude(I bits) {
+  const I magnitude = _mm512_and_si512(bits, splat(0x7fffffffu));
+  return _mm512_srli_epi32(_mm512_add_epi32(magnitude, splat(1u << (kShift - 1))), kShift);
 }
+
+// The byte order of two packs of four vectors (in-lane packs leave 4-byte groups transposed).
+SHARDOPT_AVX512_INLINE I unpack_order(I packed) {
+  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), packed);
+}
+
+// codes[i] = codec::encode_signed(x[i] * factor) for 64 values: the code k = rounded - kSignedOffset
+// clamped to [0, 127] by an unsigned saturating subtract, the byte pack's saturation at 255 and a
+// min; the sign byte from signed saturating packs of the bits.
+SHARDOPT_AVX512_INLINE void encode_signed64(const float* x, F factor, uint8_t* codes) {
+  I bits[4], rounded[4];
+  for (int j = 0; j < 4; ++j) {
+    bits[j] = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * j), factor));
+    rounded[j] = rounded_magnitude<codec::kSignedShift>(bits[j]);
+  }
+  const I offset = _mm512_set1_epi16(static_cast<int16_t>(codec::kSignedOffset));
+  const I k01 = _mm512_subs_epu16(_mm512_packus_epi32(rounded[0], rounded[1]), offset);
+  const I k23 = _mm512_subs_epu16(_mm512_packus_epi32(rounded[2], rounded[3]), offset);
+  const I k = _mm512_min_epu8(_mm512_packus_epi16(k01, k23), _mm512_set1_epi8(127));
+  const I sign = _mm512_packs_epi16(_mm512_packs_epi32(bits[0], bits[1]), _mm512_packs_epi32(bits[2], bits[3]));
+  const I code = _mm512_ternarylogic_epi32(k, sign, _mm512_set1_epi8(static_cast<char>(0x80)), 0xf8);
+  _mm512_storeu_si512(codes, unpack_order(code));
+}
+
+// codes[i] = codec::encode_unsigned(sqrt_x[i] * factor) for 64 values (clamp as above, top 255).
+SHARDOPT_AVX512_INLINE void encode_unsigned64(const float* sqrt_x, F factor, uint8_t* codes) {
+  I rounded[4];
+  for (int j = 0; j < 4; ++j)
+    rounded[j] = rounded_magnitude<codec::kUnsignedShift>(
+        _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(sqrt_x + 16 * j), factor)));
+  const I offset = _mm512_set1_epi16(static_cast<int16_t>(codec::kUnsignedOffset));
+  const I k01 = _mm512_subs_epu16(_mm512_packus_epi32(rounded[0], rounded[1]), offset);
+  const I k23 = _mm512_subs_epu16(_mm512_packus_epi32(rounded[2], rounded[3]), offset);
+  _mm512_storeu_si512(codes, unpack_order(_mm512_packus_epi16(k01, k23)));
+}
+
+#define SHARDOPT_Q8_INLINE SHARDOPT_AVX512_INLINE
+#define SHARDOPT_Q8_BUILD SHARDOPT_BUILD_AVX512
+#include "optim/compact_step_q8_ranges.inc"
+#undef SHARDOPT_Q8_INLINE
+#undef SHARDOPT_Q8_BUILD
 
 }  // namespace avx512
+
+#define SHARDOPT_AVX2_INLINE inline __attribute__((always_inline, target("avx2,fma")))
+
+namespace avx2 {
+
+using F = __m256;
+using I = __m256i;
+constexpr int64_t kLanes = 8;
+
+SHARDOPT_AVX2_INLINE I splat(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
+SHARDOPT_AVX2_INLINE F set1(float x) { return _mm256_set1_ps(x); }
+SHARDOPT_AVX2_INLINE I zero_i() { return _mm256_setzero_si256(); }
+SHARDOPT_AVX2_INLINE F load(const float* p) { return _mm256_loadu_ps(p); }
+SHARDOPT_AVX2_INLINE F load(const bf16* p) {  // bf16_to_float: the bits << 16
+  const I h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+SHARDOPT_AVX2_INLINE void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+SHARDOPT_AVX2_INLINE void store_aligned(float* p, F x) { _mm256_store_ps(p, x); }
+SHARDOPT_AVX2_INLINE F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+SHARDOPT_AVX2_INLINE F div(F a, F b) { return _mm256_div_ps(a, b); }
+SHARDOPT_AVX2_INLINE F sqrt(F a) { return _mm256_sqrt_ps(a); }
+SHARDOPT_AVX2_INLINE F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+SHARDOPT_AVX2_INLINE F fmsub(F a, F b, F c) { return _mm256_fmsub_ps(a, b, c); }
+SHARDOPT_AVX2_INLINE F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+SHARDOPT_AVX2_INLINE F sign(F x) {
+  const F zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  return _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), one),
+                       _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_LT_OQ), one));
+}
+SHARDOPT_AVX2_INLINE I max_magnitude(I acc, F x) {
+  return _mm256_max_epu32(acc, _mm256_and_si256(_mm256_castps_si256(x), splat(0x7fffffffu)));
+}
+SHARDOPT_AVX2_INLINE uint32_t reduce_max(I x) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+}
+
+// 8 code bytes widened to int32.
+SHARDOPT_AVX2_INLINE I load_codes(const uint8_t* codes) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+}
+
+// codec::decode_signed(codes[i]) * absmax for 8 codes, sign-extended (the code's sign bit fills bits
+// 7-31): (sign << 31 | k << 20) + (k == 0 ? 0 : kSignedOffset << 20), k = code & 0x7f.
+SHARDOPT_AVX2_INLINE F decode_signed(const uint8_t* codes, F absmax) {
+  const I c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  const I k_is_zero = _mm256_cmpeq_epi32(_mm256_slli_epi32(c, 25), zero_i());
+  const I sign_and_k = _mm256_and_si256(_mm256_slli_epi32(c, codec::kSignedShift),
+                                        splat(0x80000000u | (0x7fu << codec::kSignedShift)));
+  const I bits = _mm256_add_epi32(
+      sign_and_k,
+      _mm256_andnot_si256(k_is_zero, splat(static_cast<uint32_t>(codec::kSignedOffset) << codec::kSignedShift)));
+  return _mm256_mul_ps(_mm256_castsi256_ps(bits), absmax);
+}
+
+// codec::decode_unsigned(codes[i]) * absmax for 8 codes: s has the bits (c + kUnsignedOffset) << 19;
+// (s * s) * absmax.
+SHARDOPT_AVX2_INLINE F decode_unsigned(const uint8_t* codes, F absmax) {
+  const F sq = _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_slli_epi32(load_codes(codes), codec::kUnsignedShift),
+                       splat(static_cast<uint32_t>(codec::kUnsignedOffset) << codec::kUnsignedShift)));
+  return _mm256_mul_ps(_mm256_mul_ps(sq, sq), absmax);
+}
+
+// to_bf16_rne for 8 values (the magnitude bits compare as signed int32: both sides are below 2^31).
+SHARDOPT_AVX2_INLINE void store_bf16(bf16* p, F x) {
+  const I u = _mm256_castps_si256(x), high = _mm256_srli_epi32(u, 16);
+  const I rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(u, splat(0x7fffu)), _mm256_and_si256(high, splat(1u))), 16);
+  const I is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, splat(0x7fffffffu)), splat(0x7f800000u));
+  const I out = _mm256_blendv_epi8(rounded, _mm256_or_si256(high, splat(0x40u)), is_nan);
+  // Every lane is at most 0xffff: the unsigned saturating pack keeps it.
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(out), _mm256_extracti128_si256(out, 1)));
+}
+
+// Rounded magnitude bits of x * factor, (|bits| + half) >> shift (magnitude_code before the offset):
+// at most 4096, so the saturating packs below keep it exact.
+template <uint32_t kShift>
+SHARDOPT_AVX2_INLINE I rounded_magnitude(I bits) {
+  const I magnitude = _mm256_and_si256(bits, splat(0x7fffffffu));
+  return _mm256_srli_epi32(_mm256_add_epi32(magnitude, splat(1u << (kShift - 1))), kShift);
+}
+
+// The byte order of two packs of four vectors: the in-lane packs leave the 4-byte groups as
+// (v0 low, v1 low, v2 low, v3 low, v0 high, ..., v3 high).
+SHARDOPT_AVX2_INLINE I unpack_order(I packed) {
+  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// codes[i] = codec::encode_signed(x[i] * factor) for 64 values, 32 per pack: clamped and signed as
+// avx512::encode_signed64.
+SHARDOPT_AVX2_INLINE void encode_signed64(const float* x, F factor, uint8_t* codes) {
+  const I offset = _mm256_set1_epi16(static_cast<int16_t>(codec::kSignedOffset));
+  for (int half = 0; half < 2; ++half) {
+    I bits[4], rounded[4];
+    for (int j = 0; j < 4; ++j) {
+      bits[j] = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(x + 32 * half + 8 * j), factor));
+      rounded[j] = rounded_magnitude<codec::kSignedShift>(bits[j]);
+    }
+    const I k01 = _mm256_subs_epu16(_mm256_packus_epi32(rounded[0], rounded[1]), offset);
+    const I k23 = _mm256_subs_epu16(_mm256_packus_epi32(rounded[2], rounded[3]), offset);
+    const I k = _mm256_min_epu8(_mm256_packus_epi16(k01, k23), _mm256_set1_epi8(127));
+    const I sign =
+        _mm256_packs_epi16(_mm256_packs_epi32(bits[0], bits[1]), _mm256_packs_epi32(bits[2], bits[3]));
+    const I code = _mm256_or_si256(k, _mm256_and_si256(sign, _mm256_set1_epi8(static_cast<char>(0x80))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 32 * half), unpack_order(code));
+  }
+}
+
+// codes[i] = codec::encode_unsigned(sqrt_x[i] * factor) for 64 values (clamp as above, top 255).
+SHARDOPT_AVX2_INLINE void encode_unsigned64(const float* sqrt_x, F factor, uint8_t* codes) {
+  const I offset = _mm256_set1_epi16(static_cast<int16_t>(codec::kUnsignedOffset));
+  for (int half = 0; half < 2; ++half) {
+    I rounded[4];
+    for (int j = 0; j < 4; ++j)
+      rounded[j] = rounded_magnitude<codec::kUnsignedShift>(
+          _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(sqrt_x + 32 * half + 8 * j), factor)));
+    const I k01 = _mm256_subs_epu16(_mm256_packus_epi32(rounded[0], rounded[1]), offset);
+    const I k23 = _mm256_subs_epu16(_mm256_packus_epi32(rounded[2], rounded[3]), offset);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 32 * half), unpack_order(_mm256_packus_epi16(k01, k23)));
+  }
+}
+
+#define SHARDOPT_Q8_INLINE SHARDOPT_AVX2_INLINE
+#define SHARDOPT_Q8_BUILD SHARDOPT_BUILD_AVX2
+#include "optim/compact_step_q8_ranges.inc"
+#undef SHARDOPT_Q8_INLINE
+#undef SHARDOPT_Q8_BUILD
+
+}  // namespace avx2
 #endif
 
 // One build per instruction set (optim/kernel_options.h; flatten: the decode, update and encode
@@ -440,21 +485,15 @@ SHARDOPT_BUILD_PORTABLE void run_range_portable(const detail::PreparedStep& p, c
 }
 SHARDOPT_BUILD_AVX2 void run_range_avx2(const detail::PreparedStep& p, const ElementwiseSlice& s,
                                         const CompactSlots& slots, int64_t start, int64_t n) {
+#if defined(__x86_64__)
+  if (slots.slot[0].dtype == proto::STATE_Q8) return avx2::run_range_q8(p, s, slots, start, n);
+#endif
   run_range(p, s, slots, start, n);
 }
 SHARDOPT_BUILD_AVX512 void run_range_avx512(const detail::PreparedStep& p, const ElementwiseSlice& s,
                                             const CompactSlots& slots, int64_t start, int64_t n) {
 #if defined(__x86_64__)
-  if (slots.slot[0].dtype == proto::STATE_Q8) {
-    if (s.grad_dtype == DType::kBF16) {
-      if (s.mirror) avx512::q8_range<bf16, true>(p, s, slots, start, n);
-      else avx512::q8_range<bf16, false>(p, s, slots, start, n);
-    } else {
-      if (s.mirror) avx512::q8_range<float, true>(p, s, slots, start, n);
-      else avx512::q8_range<float, false>(p, s, slots, start, n);
-    }
-    return;
-  }
+  if (slots.slot[0].dtype == proto::STATE_Q8) return avx512::run_range_q8(p, s, slots, start, n);
 #endif
   run_range(p, s, slots, start, n);
 }

@@ -2,12 +2,13 @@
 //
 // Element-wise (AdamW, Lion, SGD momentum), q8: one pass over memory per q8 block, in one function
 // compiled per instruction set: each element's state is decoded from its code inside the update
-// loop, the update is the fp32 one (the per-element functions elementwise_step uses), the new state
+// loop, the update is the fp32 one (the per-element functions elementwise_step uses; in the AVX2 and
+// AVX-512 builds the same operations in intrinsics, optim/compact_step.cc), the new state
 // waits in an L1 scratch while the loop keeps the block's new absmax, then the block is encoded
 // (float8; AdamW's v in the unsigned sqrt-domain code, from the sqrt(v) the update computed). The
 // result is bit for bit decode + elementwise_step + q8_quantize (tests/optim/compact_step_test.cc).
-// The AVX-512 build writes each full AdamW block's codes during the next block's update loop, where
-// the encode's integer work overlaps the divisions and square roots (same result).
+// The AVX-512 and AVX2 builds write each full AdamW block's codes during the next block's update
+// loop, where the encode's integer work overlaps the divisions and square roots (same result).
 // bf16: tiles of 2048 elements are decoded to an L1 scratch, updated by the fp32 loops, re-encoded.
 // Muon / NorMuon: the momentum is decoded into matrix.momentum (an fp32 scratch of the matrix's
 // size), muon_step runs, and the new momentum is encoded back (load_compact / store_compact: tasks

@@ -2,11 +2,12 @@
 //
 // The element-wise steps (optim/elementwise.h), the compact-state steps (optim/compact_step.h) and
 // the q8 codec (optim/quant8.h) are each compiled three times from one source: for the x86-64
-// baseline ("portable", SSE2), for AVX2 + FMA and for AVX-512 (F, BW, VL, DQ) + FMA. A call runs the
-// widest build the CPU has (checked once at run time), no wider than KernelOptions::max_isa; tests
-// and benchmarks lower max_isa to force a narrower build. The q8 codec gives the same codes and
-// values bit for bit in every build; the fp32 update loops may differ in the last bit between the
-// portable build and the FMA builds (fused multiply-adds).
+// baseline ("portable", SSE2), for AVX2 + FMA and for AVX-512 (F, BW, VL, DQ) + FMA. (The compact
+// step's q8 ranges in the AVX2 and AVX-512 builds are intrinsics around one shared loop source,
+// optim/compact_step_q8_ranges.inc.) A call runs the widest build the CPU has (checked once at run
+// time), no wider than KernelOptions::max_isa; tests and benchmarks lower max_isa to force a narrower
+// build. The q8 codec gives the same codes and values bit for bit in every build; the fp32 update
+// loops may differ in the last bit between the portable build and the FMA builds (fused multiply-adds).
 #pragma once
 
 #include "base/thread_pool.h"

@@ -324,10 +324,10 @@ std::vector<uint32_t> bits_of(const std::vector<float>& x) {
 // block during the next block's update) against its definition composed of independent parts:
 // decode the state with q8_dequantize, run the fp32 elementwise_step on it, encode with q8_quantize
 // in the portable build. Bit for bit (weights, mirror, codes, absmax), for `kind` with f32 or bf16
-// gradients and a bf16 mirror, in build `isa` (the fused step and the fp32 step of one build
-// against each other). `start` holds the slice and its encoded state; its grad is fp32.
-void expect_fused_step_equals_composed(const CompactCase& start, proto::OptimizerKind kind, bool bf16_grad, Isa isa,
-                                       const std::string& label) {
+// gradients, with or without a bf16 mirror, in build `isa` (the fused step and the fp32 step of one
+// build against each other). `start` holds the slice and its encoded state; its grad is fp32.
+void expect_fused_step_equals_composed(const CompactCase& start, proto::OptimizerKind kind, bool bf16_grad,
+                                       bool with_mirror, Isa isa, const std::string& label) {
   proto::OptimizerConfig cfg;
   cfg.set_kind(kind);
   cfg.set_weight_decay(0.1);
@@ -345,12 +345,12 @@ void expect_fused_step_equals_composed(const CompactCase& start, proto::Optimize
   std::vector<bf16> grad16(n), mirror(n), mirror_ref(n);
   for (size_t i = 0; i < n; ++i) grad16[i] = float_to_bf16(c.grad[i]);
   if (bf16_grad) c.slice.grad = grad16.data(), c.slice.grad_dtype = DType::kBF16;
-  c.slice.mirror = mirror.data();
+  c.slice.mirror = with_mirror ? mirror.data() : nullptr;
 
   std::vector<float> w_ref = c.master, state[2];
   ElementwiseSlice ref = c.slice;
   ref.master = w_ref.data();
-  ref.mirror = mirror_ref.data();
+  ref.mirror = with_mirror ? mirror_ref.data() : nullptr;
   for (int k = 0; k < slots; ++k) {
     state[k] = decode(c.slots.slot[k], n);
     ref.state[k] = state[k].data();
@@ -358,11 +358,15 @@ void expect_fused_step_equals_composed(const CompactCase& start, proto::Optimize
   const KernelOptions exec{nullptr, isa};
   elementwise_step(p, std::span(&ref, 1), 0.01f, 4, FiniteCheck::kNone, exec);
   elementwise_step_compact(p, std::span(&c.slice, 1), std::span(&c.slots, 1), 0.01f, 4, FiniteCheck::kNone, exec);
-  const std::string what = label + " " + optimizer_kind_name(kind) + (bf16_grad ? " bf16 grad" : " f32 grad") + " " +
-                           isa_name(isa);
+  const std::string what = label + " " + optimizer_kind_name(kind) + (bf16_grad ? " bf16 grad" : " f32 grad") +
+                           (with_mirror ? " mirror " : " no mirror ") + isa_name(isa);
   const auto w_bits = bits_of(c.master), w_ref_bits = bits_of(w_ref);
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(w_bits[i], w_ref_bits[i]) << what << " weight " << i;
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(mirror[i].bits, mirror_ref[i].bits) << what << " mirror " << i;
+  if (with_mirror) {  // the mirror was written: it holds the new weights rounded to bf16
+    for (size_t i = 0; i < n; ++i)
+      ASSERT_EQ(mirror[i].bits, float_to_bf16(c.master[i]).bits) << what << " mirror of weight " << i;
+  }
   for (int k = 0; k < slots; ++k) {
     const bool nonneg = c.slots.slot[k].nonnegative;
     std::vector<uint8_t> codes(n);
@@ -379,8 +383,9 @@ TEST(CompactStep, FusedQ8StepEqualsDecodeThenFp32StepThenEncode) {
   for (auto kind : {proto::OPTIMIZER_ADAMW, proto::OPTIMIZER_LION, proto::OPTIMIZER_SGD}) {
     const CompactCase c = make_case(kN, proto::STATE_Q8, kind == proto::OPTIMIZER_ADAMW, 60);
     for (bool bf16_grad : {false, true})
-      for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512})
-        if (cpu_supports(isa)) expect_fused_step_equals_composed(c, kind, bf16_grad, isa, "random");
+      for (bool with_mirror : {true, false})
+        for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512})
+          if (cpu_supports(isa)) expect_fused_step_equals_composed(c, kind, bf16_grad, with_mirror, isa, "random");
   }
 }
 
@@ -443,8 +448,10 @@ TEST(CompactStep, FusedQ8StepEqualsDecodeThenFp32StepThenEncodeOnSpecialBlocks) 
   EXPECT_TRUE(std::any_of(a.begin(), a.end(), [](float x) { return x > 0x1p126f && std::isfinite(x); }));
   for (auto kind : {proto::OPTIMIZER_ADAMW, proto::OPTIMIZER_LION, proto::OPTIMIZER_SGD})
     for (bool bf16_grad : {false, true})
-      for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512})
-        if (cpu_supports(isa)) expect_fused_step_equals_composed(c, kind, bf16_grad, isa, "special blocks");
+      for (bool with_mirror : {true, false})
+        for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512})
+          if (cpu_supports(isa))
+            expect_fused_step_equals_composed(c, kind, bf16_grad, with_mirror, isa, "special blocks");
 }
 
 TEST(CompactStep, RejectsMissingOrMismatchedState) {

@@ -46,8 +46,9 @@ SimulatedRanksLock& mpi_mutex() {
 // (smpi/coll-selector:ompi) picks for the blocking ones. The simulation build therefore issues the
 // blocking collective when the operation is issued and hands back a completed request. Collectives
 // are issued in the same order on every rank, so this cannot deadlock; the price is that the
-// simulation never overlaps a collective with compute. (The reduce-scatter and the all-gather are the
-// backend's own point-to-point schedules in both builds: HalvingReduceScatter, DoublingAllGather.)
+// simulation never overlaps a collective with compute. (The reduce-scatter, the all-gather and the
+// all-to-all are the backend's own point-to-point schedules in both builds: HalvingReduceScatter,
+// DoublingAllGather, SparseAllToAll.)
 int blocking_iallreduce(const void* s, void* r, int n, MPI_Datatype t, MPI_Op op, MPI_Comm c, MPI_Request* req) {
   *req = MPI_REQUEST_NULL;
   return MPI_Allreduce(s, r, n, t, op, c);
@@ -61,11 +62,6 @@ int blocking_ibcast(void* b, int n, MPI_Datatype t, int root, MPI_Comm c, MPI_Re
   *req = MPI_REQUEST_NULL;
   return MPI_Bcast(b, n, t, root, c);
 }
-int blocking_ialltoallv(const void* s, const int* sc, const int* sd, MPI_Datatype st, void* r, const int* rc,
-                        const int* rd, MPI_Datatype rt, MPI_Comm c, MPI_Request* req) {
-  *req = MPI_REQUEST_NULL;
-  return MPI_Alltoallv(s, sc, sd, st, r, rc, rd, rt, c);
-}
 int blocking_ibarrier(MPI_Comm c, MPI_Request* req) {
   *req = MPI_REQUEST_NULL;
   return MPI_Barrier(c);
@@ -73,14 +69,13 @@ int blocking_ibarrier(MPI_Comm c, MPI_Request* req) {
 #define MPI_Iallreduce blocking_iallreduce
 #define MPI_Ireduce blocking_ireduce
 #define MPI_Ibcast blocking_ibcast
-#define MPI_Ialltoallv blocking_ialltoallv
 #define MPI_Ibarrier blocking_ibarrier
 #endif
 
 constexpr int kAbortTag = 1;
-// Tags of the reduce-scatter's point-to-point steps on the control communicator: kStepTagBase + the
-// collective's index modulo kStepTags, so that the steps of reduce-scatters in flight at once never
-// match each other's messages (MPI guarantees tags up to 32767).
+// Tags of the collectives run as point-to-point messages (reduce-scatter, all-gather, all-to-all) on
+// the control communicator: kStepTagBase + the collective's index modulo kStepTags, so that the
+// messages of collectives in flight at once never match each other's (MPI guarantees tags up to 32767).
 constexpr int kStepTagBase = 2;
 constexpr int kStepTags = 32000;
 constexpr int kAbortText = 480;
@@ -145,14 +140,21 @@ struct MpiOp {
   std::function<bool(std::vector<MPI_Request>&)> next_step;
   std::function<void()> finish;                          // post-processing after completion
   std::vector<MPI_Request> data_reqs;
-  std::vector<int> ints;  // counts and displacements that MPI reads until completion
   std::vector<float> scratch_in, scratch_out;  // fp32 widening of 16-bit reductions
   std::vector<float> step_acc, step_recv;      // the reduce-scatter's accumulator and receive buffer
   int step = -1, steps = 0, step_peer = -1;    // the step in flight and its peer (for timeout messages)
-  // p2p receive: the count the receiver expects, checked against the message.
-  bool check_recv_count = false;
-  size_t expected_recv = 0;
+  // Receives whose message must hold exactly `count` elements of recv_type (checked when the
+  // requests completed: a different count is a desync naming the sender).
+  struct ExpectedReceive {
+    size_t request;  // index in data_reqs
+    int peer;
+    size_t count;
+  };
+  std::vector<ExpectedReceive> expected_receives;
   MPI_Datatype recv_type = MPI_BYTE;
+  std::vector<MPI_Status> statuses;  // of data_reqs, filled when they complete
+  // The peer of each data request when they are many (the all-to-all), for timeout messages.
+  std::vector<int> request_peers;
 
   State state = State::kPending;
   std::exception_ptr error;
@@ -224,10 +226,9 @@ class Core {
       op.issued = true;
     }
     int flag = 0;
-    MPI_Status statuses[2];  // at most a send and a receive
-    SHARDOPT_ASSERT(op.data_reqs.size() <= 2, "mpi backend: more requests than statuses");
+    op.statuses.resize(op.data_reqs.size());
     if (!op.data_reqs.empty()) {
-      int rc = MPI_Testall(static_cast<int>(op.data_reqs.size()), op.data_reqs.data(), &flag, statuses);
+      int rc = MPI_Testall(static_cast<int>(op.data_reqs.size()), op.data_reqs.data(), &flag, op.statuses.data());
       if (rc != MPI_SUCCESS) {
         fail_locked(op, std::make_exception_ptr(PeerError(op.what + " failed in MPI")));
         return;
@@ -236,24 +237,23 @@ class Core {
       flag = 1;
     }
     if (!flag) return;
-    requests_done_locked(op, statuses);
+    requests_done_locked(op);
   }
 
-  // The op's posted requests completed: its next step, or its completion.
-  void requests_done_locked(MpiOp& op, MPI_Status* statuses) {
+  // The op's posted requests completed (their statuses in op.statuses): its next step, or its completion.
+  void requests_done_locked(MpiOp& op) {
     if (op.next_step && op.next_step(op.data_reqs)) return;
-    complete_locked(op, statuses);
+    complete_locked(op);
   }
 
-  // The data requests of `op` completed with `statuses` (the last one is the receive's).
-  void complete_locked(MpiOp& op, MPI_Status* statuses) {
-    if (op.check_recv_count) {
+  void complete_locked(MpiOp& op) {
+    for (const MpiOp::ExpectedReceive& r : op.expected_receives) {
       int got = 0;
-      MPI_Get_count(&statuses[op.data_reqs.size() - 1], op.recv_type, &got);
-      if (static_cast<size_t>(got) != op.expected_recv) {
+      MPI_Get_count(&op.statuses[r.request], op.recv_type, &got);
+      if (static_cast<size_t>(got) != r.count) {
         fail_locked(op, std::make_exception_ptr(DesyncError(
-                            "mpi communicator desync: " + op.what + " expected " + std::to_string(op.expected_recv) +
-                            " elements but rank " + std::to_string(op.peer) + " sent " + std::to_string(got))));
+                            "mpi communicator desync: " + op.what + " expected " + std::to_string(r.count) +
+                            " elements from rank " + std::to_string(r.peer) + " but it sent " + std::to_string(got))));
         return;
       }
     }
@@ -321,13 +321,25 @@ class Core {
     }
   }
 
-  std::string timeout_message_locked(const MpiOp& op, int64_t timeout_ms, uint64_t seq) {
+  std::string timeout_message_locked(MpiOp& op, int64_t timeout_ms, uint64_t seq) {
     const std::string head = "mpi communicator rank " + std::to_string(rank) + ": " + op.what + ", seq " +
                              std::to_string(seq) + ", timed out after " + std::to_string(timeout_ms) + " ms; ";
     if (!op.collective) return head + "rank " + std::to_string(op.peer) + " never matched it";
     if (op.step_peer >= 0)
       return head + "its step " + std::to_string(op.step + 1) + " of " + std::to_string(op.steps) + " waits on rank " +
              std::to_string(op.step_peer) + " (that rank has not reached it, or is waiting on another)";
+    if (!op.request_peers.empty()) {
+      std::vector<int> waiting;  // peers of the requests still pending (a completed request becomes null)
+      for (size_t i = 0; i < op.data_reqs.size(); ++i) {
+        int flag = 0;
+        if (op.data_reqs[i] != MPI_REQUEST_NULL) MPI_Test(&op.data_reqs[i], &flag, MPI_STATUS_IGNORE);
+        if (op.data_reqs[i] != MPI_REQUEST_NULL && !flag) waiting.push_back(op.request_peers[i]);
+      }
+      std::sort(waiting.begin(), waiting.end());
+      waiting.erase(std::unique(waiting.begin(), waiting.end()), waiting.end());
+      return head + "it waits on ranks " + detail::format_ranks(waiting) +
+             " (they have not reached it, or are waiting on others)";
+    }
     return head + "the ranks that never arrived are unknown to the MPI backend (checked mode names them: "
                   "SHARDOPT_COMM_CHECKED=1)";
   }
@@ -573,6 +585,78 @@ class DoublingAllGather {
   size_t step_ = 0;
 };
 
+// Runs an all-to-all as point-to-point messages with the peers this rank exchanges data with: a
+// receive from every rank p with recv_counts[p] > 0, a send to every rank q with send_counts[q] > 0,
+// all posted at once, and its own block copied. MPI's alltoallv (OpenMPI's, and SMPI's model of it)
+// posts a message for every pair, N^2 per exchange at N ranks; in the dim0 exchange each rank sends
+// only to the owners of the matrices it holds rows of, so once N exceeds the number of Muon matrices
+// most pairs have nothing to say and cost nothing here. Each receive's count is checked against the
+// message (a desync naming the sender); a sender whose receiver expects nothing is an error MPI's
+// alltoallv would not report either (the message is never received: a large one times out).
+class SparseAllToAll {
+ public:
+  SparseAllToAll(const void* send, std::span<const size_t> send_counts, void* recv, std::span<const size_t> recv_counts,
+                 DType dtype, int rank, MPI_Comm comm, int tag)
+      : send_(static_cast<const std::byte*>(send)),
+        recv_(static_cast<std::byte*>(recv)),
+        send_counts_(send_counts.begin(), send_counts.end()),
+        recv_counts_(recv_counts.begin(), recv_counts.end()),
+        type_(mpi_type(dtype)),
+        esz_(dtype_size(dtype)),
+        rank_(rank),
+        comm_(comm),
+        tag_(tag) {}
+
+  // MpiOp::issue: every receive, every send, then the own block.
+  void start(MpiOp& rec, std::vector<MPI_Request>& reqs) {
+    reqs.clear();
+    rec.request_peers.clear();
+    rec.expected_receives.clear();
+    const int n = static_cast<int>(send_counts_.size());
+    size_t soff = 0, roff = 0, own_send = 0, own_recv = 0;
+    std::vector<size_t> send_offsets(static_cast<size_t>(n));
+    for (int p = 0; p < n; ++p) {
+      send_offsets[p] = soff;
+      soff += send_counts_[p];
+      const size_t c = recv_counts_[p];
+      if (p == rank_) {
+        own_recv = roff;
+      } else if (c > 0) {
+        MPI_Request r;
+        mpi_check(MPI_Irecv(recv_ + roff * esz_, static_cast<int>(c), type_, p, tag_, comm_, &r), "MPI_Irecv");
+#ifndef SHARDOPT_SIMGRID  // the simulation's messages carry no payload (sim/smpi_no_payload.h): no count to check
+        rec.expected_receives.push_back({reqs.size(), p, c});
+#endif
+        reqs.push_back(r);
+        rec.request_peers.push_back(p);
+      }
+      roff += c;
+    }
+    own_send = send_offsets[rank_];
+    for (int k = 1; k < n; ++k) {  // rank + 1, rank + 2, ...: not every rank's first message to rank 0
+      const int q = (rank_ + k) % n;
+      if (send_counts_[q] == 0) continue;
+      MPI_Request r;
+      mpi_check(MPI_Isend(send_ + send_offsets[q] * esz_, static_cast<int>(send_counts_[q]), type_, q, tag_, comm_, &r),
+                "MPI_Isend");
+      reqs.push_back(r);
+      rec.request_peers.push_back(q);
+    }
+    if (send_counts_[rank_] > 0 && send_ + own_send * esz_ != recv_ + own_recv * esz_)
+      detail::copy_bytes(recv_ + own_recv * esz_, send_ + own_send * esz_, send_counts_[rank_] * esz_);
+  }
+
+ private:
+  const std::byte* send_;
+  std::byte* recv_;
+  std::vector<size_t> send_counts_, recv_counts_;
+  MPI_Datatype type_;
+  size_t esz_;
+  int rank_;
+  MPI_Comm comm_;
+  int tag_;
+};
+
 class MpiWork final : public Work {
  public:
   MpiWork(std::shared_ptr<Core> core, MpiOpPtr op) : core_(std::move(core)), op_(std::move(op)) {}
@@ -605,11 +689,12 @@ class MpiWork final : public Work {
       // waiting for fingerprints) are polled by MPI_Test, which SMPI charges simulated time for.
       std::lock_guard lk(mpi_mutex());
       if (op_->issued && op_->state == MpiOp::State::kPending && !op_->data_reqs.empty()) {
-        MPI_Status statuses[2];
-        if (MPI_Waitall(static_cast<int>(op_->data_reqs.size()), op_->data_reqs.data(), statuses) != MPI_SUCCESS)
+        op_->statuses.resize(op_->data_reqs.size());
+        if (MPI_Waitall(static_cast<int>(op_->data_reqs.size()), op_->data_reqs.data(), op_->statuses.data()) !=
+            MPI_SUCCESS)
           core_->fail_locked(*op_, std::make_exception_ptr(PeerError(op_->what + " failed in MPI")));
         else
-          core_->requests_done_locked(*op_, statuses);
+          core_->requests_done_locked(*op_);
       }
 #endif
     }
@@ -774,25 +859,19 @@ class MpiComm final : public Communicator {
 
   WorkPtr start_all_to_all(const void* send, std::span<const size_t> send_counts, void* recv,
                            std::span<const size_t> recv_counts, DType dtype) override {
-    const MPI_Datatype type = mpi_type(dtype);
-    auto rec = new_collective(make_fp(OpKind::kAllToAll, dtype, ReduceOp::kSum, -1, 0));
-    const int n = size();
-    rec->ints.resize(4 * static_cast<size_t>(n));  // send counts, send displs, recv counts, recv displs
-    size_t soff = 0, roff = 0;
-    for (int p = 0; p < n; ++p) {
-      rec->ints[p] = to_int(send_counts[p], OpKind::kAllToAll, "send count");
-      rec->ints[n + p] = to_int(soff, OpKind::kAllToAll, "send displacement");
-      rec->ints[2 * n + p] = to_int(recv_counts[p], OpKind::kAllToAll, "recv count");
-      rec->ints[3 * n + p] = to_int(roff, OpKind::kAllToAll, "recv displacement");
-      soff += send_counts[p], roff += recv_counts[p];
+    if (send_counts[rank()] != recv_counts[rank()])
+      throw ConfigError("all_to_all: rank " + std::to_string(rank()) + " sends " + std::to_string(send_counts[rank()]) +
+                        " elements to itself but expects " + std::to_string(recv_counts[rank()]));
+    Fingerprint fp = make_fp(OpKind::kAllToAll, dtype, ReduceOp::kSum, -1, 0);
+    auto rec = new_collective(fp);
+    for (int p = 0; p < size(); ++p) {
+      to_int(send_counts[p], OpKind::kAllToAll, "send count");
+      to_int(recv_counts[p], OpKind::kAllToAll, "recv count");
     }
-    MPI_Comm comm = core_->data;
-    rec->issue = [rec = rec.get(), send, recv, type, n, comm](std::vector<MPI_Request>& reqs) {
-      reqs.resize(1);
-      const int* i = rec->ints.data();
-      mpi_check(MPI_Ialltoallv(send, i, i + n, type, recv, i + 2 * n, i + 3 * n, type, comm, &reqs[0]),
-                "MPI_Ialltoallv");
-    };
+    rec->recv_type = mpi_type(dtype);
+    auto run = std::make_shared<SparseAllToAll>(send, send_counts, recv, recv_counts, dtype, rank(), core_->control,
+                                                kStepTagBase + static_cast<int>(fp.index % kStepTags));
+    rec->issue = [rec = rec.get(), run](std::vector<MPI_Request>& reqs) { run->start(*rec, reqs); };
     return submit(rec);
   }
 
@@ -877,8 +956,8 @@ class MpiComm final : public Communicator {
     if (kind == OpKind::kRecv) rec->what = side("recv from", src, recv_count);
     if (kind == OpKind::kSendRecv) rec->what = side("sendrecv to", dst, send_count) + " and from rank " + std::to_string(src);
     if (recv) {
-      rec->check_recv_count = true;
-      rec->expected_recv = recv_count;
+      // The receive is the last request (issue below).
+      rec->expected_receives.push_back({kind == OpKind::kSendRecv ? size_t{1} : size_t{0}, src, recv_count});
       rec->recv_type = type;
     }
     MPI_Comm comm = core_->data;
@@ -891,7 +970,7 @@ class MpiComm final : public Communicator {
       }
       if (kind != OpKind::kSend) {
         mpi_check(MPI_Irecv(recv, rc, type, src, tag, comm, &r), "MPI_Irecv");
-        reqs.push_back(r);  // last: its status carries the received count
+        reqs.push_back(r);  // last: expected_receives names it
       }
     };
     return rec;

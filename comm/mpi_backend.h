@@ -7,12 +7,14 @@
 // is never entered concurrently. MpiRuntime asks for SERIALIZED; with a lower level (MPI
 // initialized elsewhere) only one thread may use the backend.
 //
-// Operations map to nonblocking MPI calls (MPI_Iallreduce, MPI_Iallgatherv, MPI_Ireduce,
-// MPI_Ibcast, MPI_Ialltoallv, MPI_Isend/MPI_Irecv, MPI_Ibarrier), except the reduce-scatter: the
-// backend runs its own recursive-halving schedule of MPI_Isend/MPI_Irecv steps
-// (comm/halving_schedule.h: OpenMPI 4.1's MPI_Ireduce_scatter reduces whole buffers at rank 0), each
-// step posted when the previous one completed, inside the backend's progress calls (issue, done(),
-// wait()), as MPI's own nonblocking collectives progress only inside MPI calls. Work::wait() polls
+// Operations map to nonblocking MPI calls (MPI_Iallreduce, MPI_Ireduce, MPI_Ibcast,
+// MPI_Isend/MPI_Irecv, MPI_Ibarrier), except three collectives the backend runs as its own
+// MPI_Isend/MPI_Irecv messages: the reduce-scatter (recursive halving, comm/halving_schedule.h:
+// OpenMPI 4.1's MPI_Ireduce_scatter reduces whole buffers at rank 0) and the all-gather (recursive
+// doubling), each step posted when the previous one completed, inside the backend's progress calls
+// (issue, done(), wait()), as MPI's own nonblocking collectives progress only inside MPI calls; and
+// the all-to-all (one message per pair with data, all at once: the dim0 exchange sends only to the
+// matrices' owners, where MPI_Alltoallv may post every pair; each receive's count is checked). Work::wait() polls
 // MPI_Test until done or timeout: it spins for the first 200 µs (like MPI_Wait), then yields the
 // core between polls (which matters when ranks share cores).
 //
@@ -26,8 +28,9 @@
 // Checked mode (CommOptions::checked): make_mpi_communicator wraps the communicator in a
 // CheckedCommunicator (comm/checked_communicator.h) whose side channel is a second MPI
 // communicator over the same ranks; the backend itself issues every MPI call at once, and its own
-// timeouts cannot name the ranks that never arrived (the checked wrapper's can), except the
-// reduce-scatter's, which name the peer its step in flight waits on.
+// timeouts cannot name the ranks that never arrived (the checked wrapper's can), except those of its
+// own collectives: the reduce-scatter's and all-gather's name the peer their step in flight waits on,
+// the all-to-all's the peers whose messages are still missing.
 //
 // Failures: a timeout or abort() sends an abort notice to every peer on a control communicator, so
 // their pending and future operations fail fast with PeerError (DesyncError for a desync). A failed

@@ -23,16 +23,16 @@
 // SMPI shared block for all ranks (SMPI_SHARED_MALLOC: SMPI moves no bytes for them), and every rank
 // uses one ShardPlan shared by the process (smpi/privatization:0 shares globals among ranks). SMPI is
 // told to leave payloads alone (sim/smpi_no_payload.h): the data in the buffers is meaningless.
-// sim/smpi_patches.h keeps SMPI's communicator creation and the basic linear all-to-all at what
-// OpenMPI sends, and every message stays below 2 GiB (kSmpiMaxMessageBytes).
+// sim/smpi_patches.h keeps SMPI's communicator creation at what OpenMPI sends, and every message
+// stays below 2 GiB (kSmpiMaxMessageBytes).
 //   the local passes around the collectives (MPI's reduction, the kAvg division, the gather's and the dim0
 //     exchange's copies) as stream bytes too; with --tokens-per-rank the forward and backward as
 //     FLOPs x shardopt_flops_per_model_flop, the backward on a second actor of the host so that each
 //     bucket's reduce-scatter overlaps the rest of it.
-// Differences from the engine: collectives other than the reduce-scatter and the all-gather are issued
-// blocking in the SimGrid build (the overlap with the backward comes from the second actor, not from
-// nonblocking MPI); those two are the backend's own point-to-point schedules (comm/halving_schedule.h)
-// in both builds, the reduce-scatter's combines charged here; stage 3's on-demand gathers happen outside
+// Differences from the engine: collectives other than the reduce-scatter, the all-gather and the dim0
+// all-to-all are issued blocking in the SimGrid build (the overlap with the backward comes from the
+// second actor, not from nonblocking MPI); those three are the backend's own point-to-point messages
+// (comm/halving_schedule.h; SparseAllToAll) in both builds, the reduce-scatter's combines charged here; stage 3's on-demand gathers happen outside
 // step() and are not counted.
 #include <mpi.h>
 #include <simgrid/host.h>

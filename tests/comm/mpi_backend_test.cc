@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "base/error.h"
+#include "comm/backend_util.h"
 #include "comm/mpi_backend.h"
 #include "tests/comm/collective_checks.h"
 
@@ -100,6 +101,61 @@ TEST(MpiErrors, UncheckedReduceScatterTimeoutNamesThePeer) {
   }
   MPI_Barrier(MPI_COMM_WORLD);
 }
+// The all-to-all runs as point-to-point messages with the peers that exchange data: when one rank
+// never arrives, the timeout names it (the ranks whose messages are still missing).
+TEST(MpiErrors, UncheckedAllToAllTimeoutNamesTheMissingPeer) {
+  CommOptions o;
+  o.checked = false;
+  auto comm = make_mpi_communicator(MPI_COMM_WORLD, o);
+  const int n = comm->size(), me = comm->rank();
+  const std::vector<size_t> counts(n, 5);
+  std::vector<float> send(5 * static_cast<size_t>(n), 1.0f), recv(5 * static_cast<size_t>(n));
+  if (me == n - 1) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  } else {
+    auto work = comm->all_to_all(send.data(), counts, recv.data(), counts, DType::kF32);
+    if (me == n - 2) {
+      try {
+        work->wait(std::chrono::milliseconds(300));
+        ADD_FAILURE() << "rank " << me << ": the all-to-all did not time out";
+      } catch (const TimeoutError& e) {
+        const std::string what = e.what();
+        EXPECT_NE(what.find("all_to_all"), std::string::npos) << what;
+        EXPECT_NE(what.find("waits on ranks " + detail::format_ranks({n - 1})), std::string::npos) << what;
+      }
+    } else {
+      EXPECT_THROW(work->wait(std::chrono::seconds(30)), Error) << "rank " << me;
+    }
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
+// Rank 0 sends rank 1 fewer elements than rank 1 expects: rank 1's all-to-all fails with a desync
+// naming rank 0 and both counts (MPI's alltoallv would have filled part of the buffer silently).
+TEST(MpiErrors, AllToAllCountMismatchIsADesyncNamingTheSender) {
+  CommOptions o;
+  o.checked = false;
+  auto comm = make_mpi_communicator(MPI_COMM_WORLD, o);
+  const int n = comm->size(), me = comm->rank();
+  std::vector<size_t> send_counts(n, 2), recv_counts(n, 2);
+  if (me == 0) send_counts[1] = 3;
+  if (me == 1) recv_counts[0] = 5;
+  std::vector<float> send(2 * static_cast<size_t>(n) + 1, 1.0f), recv(2 * static_cast<size_t>(n) + 3);
+  auto work = comm->all_to_all(send.data(), send_counts, recv.data(), recv_counts, DType::kF32);
+  if (me == 1) {
+    try {
+      work->wait(std::chrono::seconds(30));
+      ADD_FAILURE() << "rank 1: the mismatched all-to-all completed";
+    } catch (const DesyncError& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("expected 5 elements from rank 0 but it sent 3"), std::string::npos) << what;
+    }
+  } else {
+    work->wait(std::chrono::seconds(30));
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
 TEST(MpiErrors, AbortPropagates) {
   auto comm = make_mpi_communicator(MPI_COMM_WORLD, checked_options());
   testing::check_abort_propagates(*comm);

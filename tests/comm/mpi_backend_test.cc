@@ -4,6 +4,7 @@
 #include <mpi.h>
 
 #include <chrono>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -72,28 +73,27 @@ TEST(MpiErrors, TimeoutNamesMissingRanks) {
   testing::check_timeout_names_missing(*comm, 300, 1500);
   MPI_Barrier(MPI_COMM_WORLD);
 }
-// Unchecked mode knows no fingerprints, but the reduce-scatter's point-to-point steps know their peer:
-// the last rank never joins; rank n-2 (whose schedule pairs it with rank n-1 after steps with present
-// ranks, for n = 2, 3, 4) times out naming rank n-1; the others fail fast on its abort.
-TEST(MpiErrors, UncheckedReduceScatterTimeoutNamesThePeer) {
+// Unchecked mode knows no fingerprints, but the backend's own collectives know their peers. The
+// protocol of these tests: the last rank never joins the collective `issue` starts; rank n-2 times
+// out and its message holds `op` and `names_peer`; the others fail fast on its abort.
+void expect_unchecked_timeout_naming(const std::function<WorkPtr(Communicator&)>& issue, const std::string& op,
+                                     const std::string& names_peer) {
   CommOptions o;
   o.checked = false;
   auto comm = make_mpi_communicator(MPI_COMM_WORLD, o);
   const int n = comm->size(), me = comm->rank();
-  const std::vector<size_t> counts(n, 1000);
-  std::vector<float> send(1000 * static_cast<size_t>(n), 1.0f), recv(1000);
   if (me == n - 1) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1500));
   } else {
-    auto work = comm->reduce_scatter(send.data(), recv.data(), counts, DType::kF32, ReduceOp::kSum);
+    auto work = issue(*comm);
     if (me == n - 2) {
       try {
         work->wait(std::chrono::milliseconds(300));
-        ADD_FAILURE() << "rank " << me << ": the reduce-scatter did not time out";
+        ADD_FAILURE() << "rank " << me << ": the " << op << " did not time out";
       } catch (const TimeoutError& e) {
         const std::string what = e.what();
-        EXPECT_NE(what.find("reduce_scatter"), std::string::npos) << what;
-        EXPECT_NE(what.find("waits on rank " + std::to_string(n - 1) + " "), std::string::npos) << what;
+        EXPECT_NE(what.find(op), std::string::npos) << what;
+        EXPECT_NE(what.find(names_peer), std::string::npos) << what;
       }
     } else {
       EXPECT_THROW(work->wait(std::chrono::seconds(30)), Error) << "rank " << me;
@@ -101,33 +101,29 @@ TEST(MpiErrors, UncheckedReduceScatterTimeoutNamesThePeer) {
   }
   MPI_Barrier(MPI_COMM_WORLD);
 }
-// The all-to-all runs as point-to-point messages with the peers that exchange data: when one rank
-// never arrives, the timeout names it (the ranks whose messages are still missing).
+
+// Rank n-2's halving schedule pairs it with rank n-1 after steps with present ranks (n = 2, 3, 4):
+// the timeout names rank n-1 as the peer of its step in flight.
+TEST(MpiErrors, UncheckedReduceScatterTimeoutNamesThePeer) {
+  int n = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  const std::vector<size_t> counts(n, 1000);
+  std::vector<float> send(1000 * static_cast<size_t>(n), 1.0f), recv(1000);
+  expect_unchecked_timeout_naming(
+      [&](Communicator& c) { return c.reduce_scatter(send.data(), recv.data(), counts, DType::kF32, ReduceOp::kSum); },
+      "reduce_scatter", "waits on rank " + std::to_string(n - 1) + " ");
+}
+
+// The all-to-all runs as point-to-point messages with the peers that exchange data: the timeout
+// names the ranks whose messages are still missing.
 TEST(MpiErrors, UncheckedAllToAllTimeoutNamesTheMissingPeer) {
-  CommOptions o;
-  o.checked = false;
-  auto comm = make_mpi_communicator(MPI_COMM_WORLD, o);
-  const int n = comm->size(), me = comm->rank();
+  int n = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
   const std::vector<size_t> counts(n, 5);
   std::vector<float> send(5 * static_cast<size_t>(n), 1.0f), recv(5 * static_cast<size_t>(n));
-  if (me == n - 1) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-  } else {
-    auto work = comm->all_to_all(send.data(), counts, recv.data(), counts, DType::kF32);
-    if (me == n - 2) {
-      try {
-        work->wait(std::chrono::milliseconds(300));
-        ADD_FAILURE() << "rank " << me << ": the all-to-all did not time out";
-      } catch (const TimeoutError& e) {
-        const std::string what = e.what();
-        EXPECT_NE(what.find("all_to_all"), std::string::npos) << what;
-        EXPECT_NE(what.find("waits on ranks " + detail::format_ranks({n - 1})), std::string::npos) << what;
-      }
-    } else {
-      EXPECT_THROW(work->wait(std::chrono::seconds(30)), Error) << "rank " << me;
-    }
-  }
-  MPI_Barrier(MPI_COMM_WORLD);
+  expect_unchecked_timeout_naming(
+      [&](Communicator& c) { return c.all_to_all(send.data(), counts, recv.data(), counts, DType::kF32); },
+      "all_to_all", "waits on ranks " + detail::format_ranks({n - 1}));
 }
 
 // Rank 0 sends rank 1 fewer elements than rank 1 expects: rank 1's all-to-all fails with a desync

@@ -18,23 +18,11 @@ AsyncShardSaver::~AsyncShardSaver() {
   worker_.join();
 }
 
-void AsyncShardSaver::start(const std::filesystem::path& dir_tmp, int rank, std::span<const SavePiece> pieces) {
+void AsyncShardSaver::start(const std::filesystem::path& dir_tmp, int rank, std::span<const SavePiece> pieces,
+                            const ReadBytes& read) {
   std::unique_lock lock(mu_);
   if (pending_) throw ConfigError("AsyncShardSaver::start: the previous save was not collected with wait()");
-  size_t total = 0;
-  for (const auto& p : pieces) {
-    if (p.length < 0) throw ConfigError("AsyncShardSaver::start: negative length for tensor '" + p.tensor + "'");
-    total += (static_cast<size_t>(p.length) * dtype_size(p.dtype) + 63) & ~size_t{63};
-  }
-  if (snapshot_.size() < total) snapshot_.resize(total);
-  pieces_.assign(pieces.begin(), pieces.end());
-  size_t at = 0;
-  for (auto& p : pieces_) {
-    const size_t bytes = static_cast<size_t>(p.length) * dtype_size(p.dtype);
-    if (bytes > 0) std::memcpy(snapshot_.data() + at, p.data, bytes);
-    p.data = snapshot_.data() + at;
-    at += (bytes + 63) & ~size_t{63};
-  }
+  pieces_ = snapshot_pieces(pieces, snapshot_, read);
   dir_ = dir_tmp;
   rank_ = rank;
   result_.reset();

@@ -23,10 +23,11 @@ class AsyncShardSaver {
   AsyncShardSaver(const AsyncShardSaver&) = delete;
   AsyncShardSaver& operator=(const AsyncShardSaver&) = delete;
 
-  // Snapshots `pieces` (copies their bytes; the caller may modify its buffers as soon as this returns)
-  // and starts writing them with save_shard(dir_tmp, rank, ...) in the background.
-  // Throws ConfigError if a previous save has not been collected with wait().
-  void start(const std::filesystem::path& dir_tmp, int rank, std::span<const SavePiece> pieces);
+  // Snapshots `pieces` (copies their bytes with `read`, memcpy when empty; the caller may modify its
+  // buffers as soon as this returns) and starts writing them with save_shard(dir_tmp, rank, ...) in
+  // the background. Throws ConfigError if a previous save has not been collected with wait().
+  void start(const std::filesystem::path& dir_tmp, int rank, std::span<const SavePiece> pieces,
+             const ReadBytes& read = {});
   // Blocks until the write finishes; returns its record or rethrows the writer's exception.
   proto::CheckpointShardRecord wait();
   // True between start() and the end of the background write.

@@ -85,6 +85,29 @@ void prepare_save_dir(const fs::path& dir_tmp) {
   if (ec) throw CheckpointError("checkpoint: cannot create '" + dir_tmp.string() + "': " + ec.message());
 }
 
+std::vector<SavePiece> snapshot_pieces(std::span<const SavePiece> pieces, std::vector<unsigned char>& buffer,
+                                       const ReadBytes& read) {
+  constexpr size_t kAlign = 64;
+  size_t total = 0;
+  for (const auto& p : pieces) {
+    if (p.length < 0) throw ConfigError("snapshot_pieces: negative length for tensor '" + p.tensor + "'");
+    total += (static_cast<size_t>(p.length) * dtype_size(p.dtype) + kAlign - 1) & ~(kAlign - 1);
+  }
+  if (buffer.size() < total) buffer.resize(total);
+  std::vector<SavePiece> out(pieces.begin(), pieces.end());
+  size_t at = 0;
+  for (auto& p : out) {
+    const size_t bytes = static_cast<size_t>(p.length) * dtype_size(p.dtype);
+    if (bytes > 0) {
+      if (read) read(buffer.data() + at, p.data, bytes);
+      else std::memcpy(buffer.data() + at, p.data, bytes);
+    }
+    p.data = buffer.data() + at;
+    at += (bytes + kAlign - 1) & ~(kAlign - 1);
+  }
+  return out;
+}
+
 proto::CheckpointShardRecord save_shard(const fs::path& dir_tmp, int rank, std::span<const SavePiece> pieces) {
   if (rank < 0) throw ConfigError("save_shard: rank must be >= 0, got " + std::to_string(rank));
   for (const SavePiece& p : pieces) {

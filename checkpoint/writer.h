@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <optional>
 #include <span>
@@ -47,6 +48,17 @@ void prepare_save_dir(const std::filesystem::path& dir_tmp);
 // and returns what it wrote. Throws ConfigError for bad pieces, CheckpointError for I/O failures.
 proto::CheckpointShardRecord save_shard(const std::filesystem::path& dir_tmp, int rank,
                                         std::span<const SavePiece> pieces);
+
+// Copies bytes of a piece to host memory: memcpy for pieces in host memory, a device-to-host copy
+// for pieces whose data points into device memory.
+using ReadBytes = std::function<void(void* host_dst, const void* src, size_t bytes)>;
+
+// Copies every piece's bytes into `buffer` (grown as needed, never shrunk; each piece 64-byte
+// aligned) with `read` (memcpy when empty) and returns the pieces pointing into it. How a save takes
+// pieces that save_shard cannot read directly (device memory) or that must not change while a
+// background write runs.
+std::vector<SavePiece> snapshot_pieces(std::span<const SavePiece> pieces, std::vector<unsigned char>& buffer,
+                                       const ReadBytes& read = {});
 
 // Bytes of a record, for sending through a gather; parse throws CheckpointError on bad bytes.
 std::string serialize_shard_record(const proto::CheckpointShardRecord& record);

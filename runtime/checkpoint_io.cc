@@ -90,10 +90,27 @@ optim::StateDType state_dtype_of(proto::DType stored) {
 
 enum FaultKind : int64_t { kNoFault = 0, kConfigFault = 1, kCheckpointFault = 2, kOtherFault = 3 };
 
+// All-gather of small host values: every rank's counts[r] elements of `dtype` into `all` in rank
+// order, `mine` being this rank's. Through the engine, which stages them in device memory when its
+// communicator moves device buffers.
+void all_gather_host(Engine& engine, const void* mine, void* all, std::span<const size_t> counts, DType dtype) {
+  comm::Communicator& comm = engine.comm();
+  const size_t elem = dtype_size(dtype);
+  size_t offset = 0, total = 0;
+  for (int r = 0; r < comm.size(); ++r) {
+    if (r == comm.rank()) offset = total;
+    total += counts[static_cast<size_t>(r)];
+  }
+  std::memcpy(static_cast<unsigned char*>(all) + offset * elem, mine, counts[static_cast<size_t>(comm.rank())] * elem);
+  engine.collective_on_host_values(all, total * elem, [&](void* p) {
+    return comm.all_gather(static_cast<unsigned char*>(p) + offset * elem, p, counts, dtype);
+  });
+}
+
 // Collective: returns only when no rank reports a fault. Otherwise the faulty ranks rethrow their own
 // exception and the others throw the same error type naming the first faulty rank and its message,
 // so a failure on one rank never leaves the others waiting in a later collective.
-void agree(comm::Communicator& comm, std::exception_ptr local, const std::string& what) {
+void agree(Engine& engine, std::exception_ptr local, const std::string& what) {
   int64_t mine[2] = {kNoFault, 0};
   std::string message;
   if (local) {
@@ -110,10 +127,10 @@ void agree(comm::Communicator& comm, std::exception_ptr local, const std::string
     }
     mine[1] = static_cast<int64_t>(message.size());
   }
-  const int n = comm.size();
+  const int n = engine.comm().size();
   std::vector<int64_t> all(2 * static_cast<size_t>(n));
   const std::vector<size_t> two(static_cast<size_t>(n), 2);
-  comm.all_gather(mine, all.data(), two, DType::kI64)->wait();
+  all_gather_host(engine, mine, all.data(), two, DType::kI64);
   int first = -1;
   for (int r = 0; r < n && first < 0; ++r)
     if (all[2 * r] != kNoFault) first = r;
@@ -125,7 +142,7 @@ void agree(comm::Communicator& comm, std::exception_ptr local, const std::string
   for (int r = 0; r < n; ++r) total += counts[r] = static_cast<size_t>(all[2 * r + 1]) + 1;
   message.push_back('\0');
   std::string gathered(total, '\0');
-  comm.all_gather(message.data(), gathered.data(), counts, DType::kU8)->wait();
+  all_gather_host(engine, message.data(), gathered.data(), counts, DType::kU8);
   if (local) std::rethrow_exception(local);
 
   size_t offset = 0;
@@ -140,19 +157,19 @@ void agree(comm::Communicator& comm, std::exception_ptr local, const std::string
 }
 
 // All ranks' byte strings, in rank order (a gather by all_gather: every record is small).
-std::vector<std::string> all_gather_strings(comm::Communicator& comm, const std::string& mine) {
-  const int n = comm.size();
+std::vector<std::string> all_gather_strings(Engine& engine, const std::string& mine) {
+  const int n = engine.comm().size();
   const int64_t my_size = static_cast<int64_t>(mine.size()) + 1;
   std::vector<int64_t> sizes(static_cast<size_t>(n));
   const std::vector<size_t> ones(static_cast<size_t>(n), 1);
-  comm.all_gather(&my_size, sizes.data(), ones, DType::kI64)->wait();
+  all_gather_host(engine, &my_size, sizes.data(), ones, DType::kI64);
   std::vector<size_t> counts(sizes.begin(), sizes.end());
   size_t total = 0;
   for (size_t c : counts) total += c;
   std::string send = mine;
   send.push_back('\0');
   std::string recv(total, '\0');
-  comm.all_gather(send.data(), recv.data(), counts, DType::kU8)->wait();
+  all_gather_host(engine, send.data(), recv.data(), counts, DType::kU8);
   std::vector<std::string> out;
   size_t offset = 0;
   for (size_t c : counts) {
@@ -176,7 +193,6 @@ std::vector<std::string> engine_states_of(Engine& engine, size_t t) {
 }
 
 std::vector<StateRange> engine_state_ranges(Engine& engine, std::span<const MasterLikeState> extra) {
-  engine.require_host_memory("checkpoint save/load");
   ShardState& st = engine.shard_state();
   const auto ew_names = elementwise_state_names(engine.elementwise_params());
   std::vector<int64_t> flat_base(static_cast<size_t>(st.num_buckets()) + 1, 0);  // bucket start in the flat layout
@@ -234,8 +250,21 @@ std::filesystem::path prepare(Engine& engine, const std::filesystem::path& root,
       fault = std::current_exception();
     }
   }
-  agree(engine.comm(), fault, save_what(root, step) + " preparing the directory");
+  agree(engine, fault, save_what(root, step) + " preparing the directory");
   return tmp;
+}
+
+// Copies between host memory and the engine's buffers (which are in its memory space): memcpy for a
+// host engine (empty ReadBytes), the step backend's download / upload otherwise.
+ckpt::ReadBytes read_bytes(Engine& engine) {
+  if (engine.memory_space() == MemorySpace::kHost) return {};
+  StepBackend* backend = &engine.step_backend();
+  return [backend](void* host, const void* src, size_t bytes) { backend->download(host, src, bytes); };
+}
+void write_bytes(Engine& engine, void* dst, const void* host, size_t bytes) {
+  if (bytes == 0) return;
+  if (engine.memory_space() == MemorySpace::kHost) std::memcpy(dst, host, bytes);
+  else engine.step_backend().upload(dst, host, bytes);
 }
 
 std::vector<ckpt::SavePiece> save_pieces(Engine& engine, std::span<const MasterLikeState> extra = {}) {
@@ -275,9 +304,9 @@ SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t s
       fault = std::current_exception();
     }
   }
-  agree(comm, fault, what + " writing shard files");
+  agree(engine, fault, what + " writing shard files");
 
-  const std::vector<std::string> all_records = all_gather_strings(comm, record_bytes);
+  const std::vector<std::string> all_records = all_gather_strings(engine, record_bytes);
   if (comm.rank() == 0) {
     try {
       std::vector<proto::CheckpointShardRecord> records;
@@ -317,7 +346,7 @@ SaveResult finalize(Engine& engine, const std::filesystem::path& root, int64_t s
       fault = std::current_exception();
     }
   }
-  agree(comm, fault, what + " finalizing");
+  agree(engine, fault, what + " finalizing");
   result.dir = ckpt::checkpoint_dir(root, step);
   return result;
 }
@@ -331,7 +360,14 @@ SaveResult save_checkpoint(Engine& engine, const std::filesystem::path& root, co
   std::exception_ptr fault;
   proto::CheckpointShardRecord record;
   try {
-    record = ckpt::save_shard(tmp, engine.comm().rank(), save_pieces(engine, extra));
+    const std::vector<ckpt::SavePiece> pieces = save_pieces(engine, extra);
+    if (engine.memory_space() == MemorySpace::kHost) {
+      record = ckpt::save_shard(tmp, engine.comm().rank(), pieces);
+    } else {
+      // The writer reads host memory: this rank's state goes through one host copy.
+      std::vector<unsigned char> host_copy;
+      record = ckpt::save_shard(tmp, engine.comm().rank(), ckpt::snapshot_pieces(pieces, host_copy, read_bytes(engine)));
+    }
   } catch (...) {
     fault = std::current_exception();
   }
@@ -350,12 +386,12 @@ void AsyncCheckpointSaver::start(const std::filesystem::path& root, const Traine
   const auto tmp = prepare(engine_, root, step);
   std::exception_ptr fault;
   try {
-    writer_.start(tmp, engine_.comm().rank(), save_pieces(engine_));
+    writer_.start(tmp, engine_.comm().rank(), save_pieces(engine_), read_bytes(engine_));
   } catch (...) {
     fault = std::current_exception();
   }
   // A rank that could not even start must not leave the others to fail later in finish().
-  agree(engine_.comm(), fault, save_what(root, step) + " starting the background write");
+  agree(engine_, fault, save_what(root, step) + " starting the background write");
   root_ = root;
   step_ = step;
   trainer_ = trainer;
@@ -377,6 +413,7 @@ SaveResult AsyncCheckpointSaver::finish() {
 }
 
 std::vector<std::span<float>> engine_state_arrays(Engine& engine) {
+  engine.require_host_memory("engine_state_arrays");  // the spans are read and written by host code
   std::vector<std::span<float>> out;
   for (const StateRange& r : engine_state_ranges(engine)) {
     if (r.data == nullptr)
@@ -503,31 +540,40 @@ TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir, s
     fault = std::current_exception();
   }
   // All ranks read successfully, or none commits anything.
-  agree(engine.comm(), fault, "load_checkpoint(" + dir.string() + ")");
+  agree(engine, fault, "load_checkpoint(" + dir.string() + ")");
 
   if (!conversions.empty() && engine.comm().rank() == 0) {
     std::string list;
     for (const auto& c : conversions) list += (list.empty() ? "" : ", ") + c;
     std::cerr << "load_checkpoint(" << dir.string() << "): converting optimizer state dtypes: " << list << "\n";
   }
+  // Commit: host memory written in place, device memory uploaded (q8 conversions encoded on the host
+  // first, into `encoded`).
+  std::vector<unsigned char> encoded;
   for (const Commit& c : commits) {
     const StateRange& r = c.range;
     const unsigned char* src = staging.data() + c.values_offset;
     const auto n = static_cast<size_t>(r.length);
-    if (c.convert) {
-      const auto* values = reinterpret_cast<const float*>(src);
-      if (r.data)
-        std::memcpy(r.data, values, sizeof(float) * n);
-      else
-        optim::store_compact(r.compact, r.length, values);
-    } else if (r.data) {
-      std::memcpy(r.data, src, sizeof(float) * n);
-    } else {
-      std::memcpy(r.compact.values, src, n * dtype_size(storage_dtype(r.compact.dtype)));
-      if (r.compact.dtype == proto::STATE_Q8)
-        std::memcpy(r.compact.absmax, staging.data() + c.absmax_offset,
-                    sizeof(float) * static_cast<size_t>(optim::q8_num_blocks(r.length)));
+    if (r.data) {  // fp32 state: staged as fp32 whether converted or copied
+      write_bytes(engine, r.data, src, sizeof(float) * n);
+      continue;
     }
+    const size_t value_bytes = n * dtype_size(storage_dtype(r.compact.dtype));
+    const size_t absmax_bytes =
+        r.compact.dtype == proto::STATE_Q8 ? sizeof(float) * static_cast<size_t>(optim::q8_num_blocks(r.length)) : 0;
+    const unsigned char* absmax = staging.data() + c.absmax_offset;
+    if (c.convert) {
+      const size_t absmax_at = (value_bytes + alignof(float) - 1) / alignof(float) * alignof(float);
+      encoded.resize(absmax_at + absmax_bytes);
+      optim::CompactState host = r.compact;
+      host.values = encoded.data();
+      host.absmax = absmax_bytes ? reinterpret_cast<float*>(encoded.data() + absmax_at) : nullptr;
+      optim::store_compact(host, r.length, reinterpret_cast<const float*>(src));
+      src = encoded.data();
+      absmax = encoded.data() + absmax_at;
+    }
+    write_bytes(engine, r.compact.values, src, value_bytes);
+    write_bytes(engine, r.compact.absmax, absmax, absmax_bytes);
   }
   engine.set_optimizer_step(step);
   engine.refresh_params();

@@ -16,6 +16,11 @@
 // Nothing in a checkpoint depends on world size, stage, layout or buckets: a load reads exactly the
 // ranges its own plan needs, whatever run wrote them.
 //
+// Engines in either memory space (runtime/step_backend.h) save and load the same files: a device
+// engine's state is copied to host memory through its step backend (one host copy of this rank's state
+// while a save writes it; a load stages what it reads on the host, as for a host engine, then uploads
+// it), so a checkpoint written on GPUs resumes on CPUs and the other way round.
+//
 // Both functions are collective over engine.comm(). Every fault (an I/O error, a bad checkpoint, an
 // incompatible model) reaches every rank: the rank that hit it rethrows its own exception, the others
 // throw the same error type naming that rank and its message. No rank hangs on another's failure.
@@ -49,7 +54,8 @@ struct StateRange {
   optim::CompactState compact = {};
 };
 
-// A per-element fp32 state kept outside the engine with the master shards' layout: `data` is flat over
+// A per-element fp32 state kept outside the engine with the master shards' layout, in the engine's
+// memory space: `data` is flat over
 // this rank's master segments in bucket order (ShardState::my_segment(b).count() each, padding
 // included), like OuterSync::phi().
 struct MasterLikeState {
@@ -59,7 +65,7 @@ struct MasterLikeState {
 
 // Everything this rank holds: master pieces (and `extra` states laid out like them), element-wise slots
 // of its pieces, owned Muon states. Over all ranks every element of every (tensor, state) appears
-// exactly once.
+// exactly once. Pointers are into the engine's memory space (device memory for a device engine).
 std::vector<StateRange> engine_state_ranges(Engine& engine, std::span<const MasterLikeState> extra = {});
 
 // Trainer state stored next to the engine's: the RNG seed, the data loader position, anything else.
@@ -127,7 +133,8 @@ TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir,
 // Every fp32 array of this rank's engine state (master pieces, element-wise optimizer slots, owned Muon
 // states), in the order a save writes them. The list depends only on the plan and this rank's place in
 // it, so two ranks at the same place of two shard groups get matching lists (the outer sync's rejoin
-// copies one onto the other). Not collective. ConfigError when a state is stored compact (bf16/q8).
+// copies one onto the other). Not collective. ConfigError when a state is stored compact (bf16/q8) or
+// the engine is not in host memory.
 std::vector<std::span<float>> engine_state_arrays(Engine& engine);
 
 // The trainer state of checkpoint `dir` from its manifest alone (not collective, reads no shard).

@@ -167,6 +167,10 @@ void Engine::on_comm_memory(void* host, size_t bytes, Issue&& issue) {
   backend_->download(host, staged, bytes);
 }
 
+void Engine::collective_on_host_values(void* host, size_t bytes, const std::function<comm::WorkPtr(void*)>& issue) {
+  on_comm_memory(host, bytes, issue);
+}
+
 void Engine::verify_same_config_on_all_ranks() {
   const proto::PlanRequest request = make_engine_plan_request(specs_, comm_.size(), options_);
   const proto::EngineConfig mine = engine_config(request, options_);

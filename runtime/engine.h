@@ -224,6 +224,12 @@ class Engine {
   ShardState& shard_state() { return *state_; }
   TraceRecorder& trace() { return trace_; }
 
+  // Runs a collective on `bytes` of host memory for code around the engine (checkpoint I/O's small
+  // control values): issue(p) starts it on p, and p is `host` itself on a host communicator, the
+  // step backend's scratch holding a copy of it when the communicator moves device memory (copied
+  // back after the wait). Collective as the operation issue() starts.
+  void collective_on_host_values(void* host, size_t bytes, const std::function<comm::WorkPtr(void*)>& issue);
+
  private:
   void verify_same_config_on_all_ranks();
   void launch_reduction(int bucket);

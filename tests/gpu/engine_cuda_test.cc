@@ -20,10 +20,14 @@
 //     singular value 0.17-0.27 of the largest), still tall with an odd side.
 #include <cuda_runtime.h>
 
+#include <unistd.h>
+
 #include <Eigen/Dense>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -33,6 +37,7 @@
 #include "comm/host_staged_communicator.h"
 #include "comm/thread_backend.h"
 #include "optim/quant8.h"
+#include "runtime/checkpoint_io.h"
 #include "runtime/engine.h"
 #include "sharding/layout.h"
 #include "tests/common/engine_reference.h"
@@ -79,8 +84,6 @@ EngineOptions options_for(const DeviceCase& c, MemorySpace space) {
   return o;
 }
 
-// Every rank's full parameters after `steps` steps (the gradients of engine_fixture.h, written into
-// grad(t) with cudaMemcpy for a device engine).
 // The fixture's mixed model with layer1.w_o full rank (see the tolerances above), plus a layer of
 // matrices shaped like earlier ones, so an owner runs same-shape matrices as one NS batch, and a
 // fused QKV matrix orthogonalized per row block.
@@ -145,61 +148,79 @@ std::vector<float> decoded_compact_state(Engine& engine, bool device) {
   return out;
 }
 
+// Steps first+1 .. last with the fixture's gradients, written into grad(t) with cudaMemcpy on a
+// device engine.
+void train(Engine& engine, int first, int last) {
+  const bool device = engine.memory_space() == MemorySpace::kCuda;
+  const int rank = engine.comm().rank(), world = engine.comm().size();
+  std::vector<float> g;
+  for (int step = first + 1; step <= last; ++step) {
+    for (size_t k = engine.num_tensors(); k-- > 0;) {
+      g.resize(static_cast<size_t>(numel(engine.spec(k))));
+      for (int64_t i = 0; i < numel(engine.spec(k)); ++i)
+        g[i] = common_grad(step, k, i) + rank_offset(rank, world, k, i);
+      if (device)
+        ASSERT_EQ(cudaMemcpy(engine.grad(k), g.data(), g.size() * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+      else
+        std::memcpy(engine.grad(k), g.data(), g.size() * sizeof(float));
+      engine.grad_ready(k);
+    }
+    EXPECT_TRUE(engine.step().applied);
+  }
+}
+
+// The engine's full parameters, read from device memory for a device engine.
+Params full_params(Engine& engine) {
+  const bool device = engine.memory_space() == MemorySpace::kCuda;
+  engine.gather_all();
+  Params out(engine.num_tensors());
+  for (size_t t = 0; t < engine.num_tensors(); ++t) {
+    out[t].resize(static_cast<size_t>(numel(engine.spec(t))));
+    if (device)
+      EXPECT_EQ(cudaMemcpy(out[t].data(), engine.param(t), out[t].size() * sizeof(float), cudaMemcpyDeviceToHost),
+                cudaSuccess);
+    else
+      std::memcpy(out[t].data(), engine.param(t), out[t].size() * sizeof(float));
+  }
+  engine.release_all();
+  return out;
+}
+
+void init_params(Engine& engine) {
+  engine.set_params([&](size_t t, float* dst) {
+    for (int64_t i = 0; i < numel(engine.spec(t)); ++i) dst[i] = initial_value(t, i);
+  });
+}
+
+comm::CommOptions device_comm_options() {
+  comm::CommOptions copts;
+  copts.checked = true;
+  copts.timeout = std::chrono::milliseconds(120000);
+  return copts;
+}
+
+// Every rank's full parameters after `steps` steps (and, when asked, its decoded compact state).
 std::vector<Params> run(const std::vector<proto::TensorSpec>& specs, const DeviceCase& c, MemorySpace space,
                         int steps, std::vector<std::vector<float>>* compact_states = nullptr) {
   std::vector<Params> result(static_cast<size_t>(c.world));
   if (compact_states != nullptr) compact_states->assign(static_cast<size_t>(c.world), {});
   std::mutex mu;
-  comm::CommOptions copts;
-  copts.checked = true;
-  copts.timeout = std::chrono::milliseconds(120000);
   const bool device = space == MemorySpace::kCuda;
-  auto to_engine = [&](float* dst, const float* src, size_t n) {
-    if (device) {
-      ASSERT_EQ(cudaMemcpy(dst, src, n * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
-    } else {
-      std::memcpy(dst, src, n * sizeof(float));
-    }
-  };
   // The device engines exchange device buffers through the threads backend's CUDA mover.
   comm::run_ranks(
       c.world,
       [&](comm::Communicator& comm) {
         Engine engine(comm, specs, options_for(c, space));
         ASSERT_EQ(engine.memory_space(), space);
-        engine.set_params([&](size_t t, float* dst) {
-          for (int64_t i = 0; i < numel(specs[t]); ++i) dst[i] = initial_value(t, i);
-        });
-        std::vector<float> g;
-        for (int step = 1; step <= steps; ++step) {
-          for (size_t k = specs.size(); k-- > 0;) {
-            g.resize(static_cast<size_t>(numel(specs[k])));
-            for (int64_t i = 0; i < numel(specs[k]); ++i)
-              g[i] = common_grad(step, k, i) + rank_offset(comm.rank(), c.world, k, i);
-            to_engine(engine.grad(k), g.data(), g.size());
-            engine.grad_ready(k);
-          }
-          EXPECT_TRUE(engine.step().applied);
-        }
+        init_params(engine);
+        train(engine, 0, steps);
         std::vector<float> state = decoded_compact_state(engine, device);
-        engine.gather_all();
-        Params mine(specs.size());
-        for (size_t t = 0; t < specs.size(); ++t) {
-          mine[t].resize(static_cast<size_t>(numel(specs[t])));
-          if (device) {
-            ASSERT_EQ(cudaMemcpy(mine[t].data(), engine.param(t), mine[t].size() * sizeof(float),
-                                 cudaMemcpyDeviceToHost),
-                      cudaSuccess);
-          } else {
-            std::memcpy(mine[t].data(), engine.param(t), mine[t].size() * sizeof(float));
-          }
-        }
-        engine.release_all();
+        Params mine = full_params(engine);
         std::lock_guard<std::mutex> lock(mu);
         result[static_cast<size_t>(comm.rank())] = std::move(mine);
         if (compact_states != nullptr) (*compact_states)[static_cast<size_t>(comm.rank())] = std::move(state);
       },
-      copts, device ? comm::cuda_buffer_mover(0) : nullptr);
+      device_comm_options(), device ? comm::cuda_buffer_mover(0) : nullptr);
   return result;
 }
 
@@ -590,6 +611,62 @@ TEST(DeviceEngine, DeviceMemoryTakenIsTheReportedBuffers) {
     for (const auto& t : specs) param_bytes += 4 * numel(t);
     EXPECT_GE(reported, world * param_bytes + optimizer) << "world " << world;  // every rank's parameters, at least
   }
+}
+
+// Checkpoints of a device engine (the host half of this, with a stand-in device, is
+// tests/runtime/device_path_test.cc): resuming on the device from a checkpoint the device wrote
+// continues exactly as the uninterrupted device run (same world: the same kernels on the same
+// shards), and a host engine loading it holds exactly the device engine's parameters at the save.
+// q8 element-wise state and q8 Muon momentum, 2 ranks on one GPU.
+TEST(DeviceEngine, CheckpointResumesExactlyAndLoadsOnTheHost) {
+  SHARDOPT_REQUIRE_GPU();
+  namespace fs = std::filesystem;
+  const auto specs = q8_model();
+  const DeviceCase c{2, 2, proto::SHARD_LAYOUT_OWNED, "muon", proto::STATE_Q8, proto::STATE_Q8};
+  const fs::path root = fs::temp_directory_path() / ("shardopt_gpu_ckpt_" + std::to_string(::getpid()));
+  fs::remove_all(root);
+  Params uninterrupted, at_save, resumed, loaded_on_host;
+  std::mutex mu;
+  auto keep = [&](Params& into, comm::Communicator& comm, Params p) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (comm.rank() == 0) into = std::move(p);
+  };
+  auto on_device = [&](const std::function<void(comm::Communicator&)>& fn) {
+    comm::run_ranks(2, fn, device_comm_options(), comm::cuda_buffer_mover(0));
+  };
+  on_device([&](comm::Communicator& comm) {
+    Engine e(comm, specs, options_for(c, MemorySpace::kCuda));
+    init_params(e);
+    train(e, 0, 4);
+    keep(uninterrupted, comm, full_params(e));
+  });
+  on_device([&](comm::Communicator& comm) {
+    Engine e(comm, specs, options_for(c, MemorySpace::kCuda));
+    init_params(e);
+    train(e, 0, 2);
+    keep(at_save, comm, full_params(e));
+    save_checkpoint(e, root);
+  });
+  on_device([&](comm::Communicator& comm) {
+    Engine e(comm, specs, options_for(c, MemorySpace::kCuda));
+    load_checkpoint(e, root / "ckpt-2");
+    EXPECT_EQ(e.optimizer_step(), 2);
+    train(e, 2, 4);
+    keep(resumed, comm, full_params(e));
+  });
+  comm::run_ranks(1, [&](comm::Communicator& comm) {
+    Engine e(comm, specs, options_for({1, 2, proto::SHARD_LAYOUT_OWNED, "muon", proto::STATE_Q8, proto::STATE_Q8},
+                                      MemorySpace::kHost));
+    load_checkpoint(e, root / "ckpt-2");
+    keep(loaded_on_host, comm, full_params(e));
+  });
+  fs::remove_all(root);
+  ASSERT_EQ(resumed.size(), specs.size());
+  for (size_t t = 0; t < specs.size(); ++t) {
+    EXPECT_EQ(std::memcmp(resumed[t].data(), uninterrupted[t].data(), 4 * resumed[t].size()), 0) << specs[t].name();
+    EXPECT_EQ(std::memcmp(loaded_on_host[t].data(), at_save[t].data(), 4 * at_save[t].size()), 0) << specs[t].name();
+  }
+  EXPECT_NE(std::memcmp(at_save[0].data(), uninterrupted[0].data(), 4 * at_save[0].size()), 0);  // the run moved on
 }
 
 TEST(DeviceEngine, HostOnlyFeaturesAreRefusedByName) {

@@ -300,6 +300,8 @@ class CheckedCommunicator final : public Communicator {
   std::string_view backend() const override { return shared_->inner->backend(); }
   bool device_buffers() const override { return shared_->inner->device_buffers(); }
   Capabilities capabilities() const override { return shared_->inner->capabilities(); }
+  // Local (nothing to agree on): inner operations issued later, deferred ones included, come after it.
+  void wait_stream(void* stream) override { shared_->inner->wait_stream(stream); }
 
   void abort(const std::string& reason) override {
     std::lock_guard lk(shared_->mu);

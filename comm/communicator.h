@@ -173,6 +173,14 @@ class Communicator {
                    int tag, const CollectiveOptions& options = {});
   WorkPtr barrier(const CollectiveOptions& options = {});
 
+  // Orders every operation issued on this communicator after this call behind the work enqueued so
+  // far on CUDA stream `stream` (a cudaStream_t, opaque here; 0 = the legacy default stream): the
+  // kernels that wrote the buffers those operations read. NCCL: its stream waits on an event
+  // recorded on `stream`, the host does not wait. Communicators that reach device buffers from host
+  // threads (host-staged, the threads backend with a device mover): the stream is synchronized
+  // here. Host communicators: nothing (host code wrote their buffers). An issuing call.
+  virtual void wait_stream(void* stream) { (void)stream; }
+
   // Marks the communicator failed: pending and future operations on every rank that can be
   // reached fail with PeerError instead of waiting for their timeout. Any thread, any time.
   virtual void abort(const std::string& reason) = 0;

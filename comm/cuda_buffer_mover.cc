@@ -98,6 +98,15 @@ class CudaBufferMover final : public ThreadBufferMover {
     });
   }
 
+  // Any rank's thread may move this rank's buffers once everyone arrived: the producer's stream is
+  // synchronized before the operation is issued.
+  void wait_stream(void* stream) override {
+    const cudaError_t err = cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
+    if (err != cudaSuccess)
+      throw DeviceError("threads backend on CUDA device " + std::to_string(device_) +
+                        ": synchronizing the producer's stream: " + cuda_error(err));
+  }
+
   void finish() override {
     if (t_lane.owner != this) return;
     const cudaError_t err = cudaStreamSynchronize(t_lane.stream);

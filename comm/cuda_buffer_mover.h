@@ -8,7 +8,8 @@
 // host world give the same bits. Each chunk runs on a stream taken from the mover's pool and is
 // synchronized before the chunk counts as done, so Work::wait() returns with the data in place.
 // Device buffers must hold their final values when an operation is issued (the caller has
-// synchronized the stream that wrote them).
+// synchronized the stream that wrote them, or called Communicator::wait_stream with it, which
+// synchronizes it: ranks' buffers are read by whichever rank's thread runs the chunk).
 #pragma once
 
 #include <memory>

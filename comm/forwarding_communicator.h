@@ -51,6 +51,7 @@ class ForwardingCommunicator : public Communicator {
   bool device_buffers() const override { return inner_->device_buffers(); }
   Capabilities capabilities() const override { return inner_->capabilities(); }
   void abort(const std::string& reason) override { inner_->abort(reason); }
+  void wait_stream(void* stream) override { inner_->wait_stream(stream); }
 
   Communicator& inner() const { return *inner_; }
 

@@ -92,7 +92,14 @@ StagingCopies cuda_staging_copies() {
             // Synchronized: the caller's non-blocking streams do not wait for the legacy stream.
             check(cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, cudaStreamLegacy), "device copy");
             check(cudaStreamSynchronize(cudaStreamLegacy), "device copy");
+          },
+          [](void* stream) {
+            check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "synchronizing the producer's stream");
           }};
+}
+
+void HostStagedCommunicator::wait_stream(void* stream) {
+  if (copies_.sync_stream != nullptr) copies_.sync_stream(stream);
 }
 
 namespace {

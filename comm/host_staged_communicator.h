@@ -11,7 +11,7 @@
 // never visit the host; the inner communicator still sees the operation, with no elements, so its
 // sequence numbers, checks and flight recorder stay as with more ranks.
 // Device buffers must hold their final values when an operation is issued (the caller has
-// synchronized the stream that wrote them).
+// synchronized the stream that wrote them, or called wait_stream with it).
 #pragma once
 
 #include <cstddef>
@@ -27,6 +27,8 @@ struct StagingCopies {
   void (*to_host)(void* host, const void* device, size_t bytes);
   void (*to_device)(void* device, const void* host, size_t bytes);
   void (*on_device)(void* to, const void* from, size_t bytes);  // one rank: send buffer -> recv buffer
+  // wait_stream: returns once the work enqueued on the CUDA stream so far is done (null: nothing).
+  void (*sync_stream)(void* stream) = nullptr;
 };
 StagingCopies cuda_staging_copies();
 
@@ -41,6 +43,8 @@ class HostStagedCommunicator final : public ForwardingCommunicator {
 
   std::string_view backend() const override { return "host-staged"; }
   bool device_buffers() const override { return true; }
+  // Inputs are copied to the host when an operation is issued: the stream is synchronized here.
+  void wait_stream(void* stream) override;
 
  protected:
   std::unique_ptr<Communicator> start_split(int color, int key) override;

@@ -203,6 +203,16 @@ void NcclCommunicator::init_resources() {
   check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "NcclCommunicator: cudaStreamCreate");
   check_cuda(cudaMalloc(&barrier_word_, sizeof(int32_t)), "NcclCommunicator: cudaMalloc");
   check_cuda(cudaMemset(barrier_word_, 0, sizeof(int32_t)), "NcclCommunicator: cudaMemset");
+  check_cuda(cudaEventCreateWithFlags(&producer_done_, cudaEventDisableTiming), "NcclCommunicator: cudaEventCreate");
+}
+
+void NcclCommunicator::wait_stream(void* stream) {
+  // The wait is captured when it is enqueued: later operations on stream_ start after the producer's
+  // work enqueued so far, whatever is recorded on producer_done_ next.
+  check_cuda(cudaSetDevice(device_), "NcclCommunicator::wait_stream: cudaSetDevice");
+  check_cuda(cudaEventRecord(producer_done_, static_cast<cudaStream_t>(stream)),
+             "NcclCommunicator::wait_stream: cudaEventRecord on the producer's stream");
+  check_cuda(cudaStreamWaitEvent(stream_, producer_done_, 0), "NcclCommunicator::wait_stream: cudaStreamWaitEvent");
 }
 
 NcclCommunicator::~NcclCommunicator() {
@@ -211,6 +221,7 @@ NcclCommunicator::~NcclCommunicator() {
   if (!shared_->aborted.load() && shared_->comm != nullptr) ncclCommDestroy(shared_->comm);
   if (staging_ != nullptr) cudaFree(staging_);
   if (barrier_word_ != nullptr) cudaFree(barrier_word_);
+  if (producer_done_ != nullptr) cudaEventDestroy(producer_done_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 

@@ -59,6 +59,8 @@ class NcclCommunicator final : public Communicator {
   bool device_buffers() const override { return true; }
   // The stream every operation of this communicator runs on (owned by it).
   cudaStream_t stream() const { return stream_; }
+  // stream() waits on an event recorded on `stream` (no host wait).
+  void wait_stream(void* stream) override;
   int device() const { return device_; }
 
   // NCCL matches send/recv between two ranks by issue order only: tags other than 0 are refused.
@@ -98,6 +100,7 @@ class NcclCommunicator final : public Communicator {
   float* staging_ = nullptr;
   size_t staging_floats_ = 0;
   int32_t* barrier_word_ = nullptr;     // device scratch for barrier()
+  cudaEvent_t producer_done_ = nullptr;  // wait_stream's event on the producer's stream
 };
 
 // Rank `root` of `comm` creates an NCCL unique id and broadcasts it over MPI; every rank returns it.

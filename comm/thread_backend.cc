@@ -625,6 +625,7 @@ class ThreadComm final : public Communicator {
   int size() const override { return world_->n; }
   std::string_view backend() const override { return "threads"; }
   bool device_buffers() const override { return world_->mover->device(); }
+  void wait_stream(void* stream) override { world_->mover->wait_stream(stream); }
 
   std::unique_ptr<Communicator> start_split(int color, int key) override {
     CollSlot slot;

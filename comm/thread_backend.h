@@ -50,6 +50,10 @@ class ThreadBufferMover {
   virtual ~ThreadBufferMover() = default;
   // Whether the ranks' buffers are device memory (what the communicators report as device_buffers()).
   virtual bool device() const = 0;
+  // Communicator::wait_stream of a rank: returns once the work enqueued on CUDA stream `stream` so
+  // far is finished, when this mover's copies and reductions could otherwise read buffers that work
+  // is still writing (the CUDA mover synchronizes it). Default: nothing (host buffers).
+  virtual void wait_stream(void* stream) { (void)stream; }
   // Data per chunk: large enough to amortize what a chunk costs to start and finish.
   virtual size_t chunk_bytes() const = 0;
   // outputs[o][i] = op(inputs[0][i], ..., inputs[n-1][i]) for i < len, with the arithmetic and the

@@ -122,6 +122,7 @@ Engine::Engine(comm::Communicator& comm, std::vector<proto::TensorSpec> params, 
   const int nb = state_->num_buckets();
   pending_in_bucket_.assign(nb, 0);
   launches_.assign(nb, 0);
+  producer_streams_.assign(nb, {});
   ready_count_.assign(specs_.size(), 0);
   reductions_.assign(nb, nullptr);
   param_gathers_.assign(nb, nullptr);
@@ -253,6 +254,15 @@ void Engine::set_optimizer_step(int64_t step) {
   step_ = step;
 }
 
+void Engine::grad_ready(size_t t, void* producer_stream) {
+  SHARDOPT_ASSERT(t < specs_.size(), "tensor index out of range");
+  if (backend_->space() != MemorySpace::kHost) {
+    auto& streams = producer_streams_[static_cast<size_t>(bucket_of(t))];
+    if (std::find(streams.begin(), streams.end(), producer_stream) == streams.end()) streams.push_back(producer_stream);
+  }
+  grad_ready(t);
+}
+
 void Engine::grad_ready(size_t t) {
   SHARDOPT_ASSERT(t < specs_.size(), "tensor index out of range");
   const int b = bucket_of(t);
@@ -310,6 +320,13 @@ void Engine::launch_reduction(int b) {
   TraceRecorder::Span span(trace_, "reduce launch b", b, "comm");
   const bool pooled = state_->pooled_grads();
   if (pooled && !state_->grad_slot_open(b)) open_grad_bucket(b);  // no gradient written: zeros
+  // Gradients the trainer's kernels may still be writing: whatever reads the bucket first waits for them
+  // on the device (dim0: the backend's copy into the exchange layout; otherwise the reduce-scatter).
+  for (void* stream : producer_streams_[static_cast<size_t>(b)]) {
+    if (state_->dim0()) backend_->wait_stream(stream);
+    else comm_.wait_stream(stream);
+  }
+  producer_streams_[static_cast<size_t>(b)].clear();
   if (state_->dim0()) state_->copy_in_grads(b);
   // Every stage reduce-scatters: only the owner of a segment needs its reduced gradient, and the
   // parameters come back by all-gather (2Ψ(N-1)/N per rank, the ZeRO arithmetic for stages 1-3).

@@ -200,6 +200,12 @@ class Engine {
   // polls the reductions in flight, so that backends which progress only inside their calls (MPI)
   // advance them while the backward computes.
   void grad_ready(size_t t);
+  // grad_ready(t) for a gradient written by kernels on CUDA stream `producer_stream` (a cudaStream_t,
+  // opaque here) that may still be running: nothing waits on the host. What reads t's bucket first
+  // waits for the work enqueued on that stream so far, on the device: the reduce-scatter
+  // (Communicator::wait_stream), or the step backend's copy in the dim0 layout. A bucket whose tensors
+  // came from several streams waits for each. Host engines: grad_ready(t).
+  void grad_ready(size_t t, void* producer_stream);
   // Applies one optimizer step with learning rates scaled by lr_multiplier (schedules).
   StepReport step(float lr_multiplier = 1.0f);
 
@@ -267,6 +273,8 @@ class Engine {
   std::vector<int> pending_in_bucket_;  // grad_ready calls missing before the bucket's next launch
   std::vector<int> ready_count_;        // per tensor: grad_ready calls this step
   std::vector<int> launches_;           // per bucket: reductions launched this step
+  // per bucket: the trainer's CUDA streams of its gradients since its last launch (distinct)
+  std::vector<std::vector<void*>> producer_streams_;
   std::vector<comm::WorkPtr> reductions_;  // kFull: in-flight gradient reduction per bucket
   struct InFlight {
     int bucket = 0;

@@ -40,6 +40,10 @@ class HostStepBackend final : public StepBackend {
   void scale(float* x, float s, size_t n) override {
     for (size_t i = 0; i < n; ++i) x[i] *= s;
   }
+  void wait_stream(void*) override {}
+  void copy_scaled_on_stream(float* dst, const float* src, float scale, size_t n, void*) override {
+    for (size_t i = 0; i < n; ++i) dst[i] = scale * src[i];
+  }
   void decay_add(float* w, const float* delta, float decay, size_t n) override {
     for (size_t i = 0; i < n; ++i) w[i] = w[i] * decay + delta[i];
   }

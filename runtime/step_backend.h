@@ -11,7 +11,8 @@
 //             element-wise optimizer over the owned slices, Muon on the owned matrices
 //
 // kHost (step_backend.cc): host memory and the CPU kernels of optim/ (what the Engine always ran).
-// kCuda (runtime/cuda/): device memory and the kernels of optim/cuda on one compute stream. It is
+// kCuda (runtime/cuda/): device memory and the kernels of optim/cuda on one compute stream, ordered
+// after a trainer's stream with events where the trainer names it (wait_stream, copy_scaled_on_stream). It is
 // linked into a program through the shardopt_runtime_cuda object library (built when the CUDA
 // toolkit is found); see runtime/cuda/cuda_step_backend.h for what it supports and how it orders
 // work against communication.
@@ -57,6 +58,16 @@ class StepBackend {
   // Scratch in the space for small host values that go through a communicator on device memory
   // (config hashes, check results, QK-clip logits). Grows as needed; valid until the next call.
   virtual void* staging(size_t bytes) = 0;
+
+  // --- work of the trainer's CUDA stream (`stream`: a cudaStream_t, opaque here). The host space
+  // has no streams: these act at once.
+  // This backend's work enqueued from now on waits (on the device) for the work enqueued on `stream`
+  // so far: what the engine runs before it reads gradients the trainer's kernels may still be writing.
+  virtual void wait_stream(void* stream) = 0;
+  // dst = src * scale (bit for bit the host's product; a copy when scale is 1), enqueued on `stream`
+  // behind the kernels that wrote src, without waiting for it: a trainer's gradient handed over in
+  // its own stream order (the PyTorch adapter's hook).
+  virtual void copy_scaled_on_stream(float* dst, const float* src, float scale, size_t n, void* stream) = 0;
 
   // --- arithmetic on the space's buffers
   virtual void add(float* dst, const float* src, size_t n) = 0;     // dst += src

@@ -397,8 +397,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         number of micro-batches: the engine averages them, the step uses their sum, as torch does)
         and drops .grad, so the model keeps no full-size gradient. One C++ call per tensor per
         micro-batch; the address skips a DLPack conversion (autograd's gradient has the parameter's
-        shape, dtype and device; contiguity is checked). On CUDA the engine first synchronizes torch's
-        current stream (the one backward runs on)."""
+        shape, dtype and device; contiguity is checked). On CUDA the copy is a kernel on torch's
+        current stream (the one backward runs on, where autograd allocated the gradient, so dropping
+        it is safe in that stream's order) and the bucket's reduction waits for that stream on the
+        device: backward never waits on the host."""
         accept = engine.accept_grad_at
         scale = float(self._backward_passes)
         passes = self._backward_passes

@@ -7,11 +7,12 @@
 // (python/shardopt/torch.py) wraps the views with torch.from_numpy / torch.from_dlpack, so one build
 // works with every torch 2.x.
 //
-// Device engines and the trainer's stream: every call that reads a caller's device memory
-// (grad_ready, accept_grad_at) first synchronizes the CUDA stream the caller names (torch's current
-// stream), so the engine never reads a gradient before the kernels writing it finished; and every
-// engine call returns with the engine's own work on its buffers finished, so any stream may read the
-// parameters after step().
+// Device engines and the trainer's stream: the calls that take a gradient (grad_ready, accept_grad_at)
+// are ordered after the CUDA stream the caller names (torch's current stream) with events, so backward
+// never waits on the host: accept_grad_at copies the gradient with a kernel on that stream, and the
+// bucket's reduction waits for the stream on the device (Engine::grad_ready(t, stream)). broadcast_
+// synchronizes the stream (an initialization call). Every engine call returns with the engine's own
+// work on its buffers finished, so any stream may read the parameters after step().
 //
 // GIL: every call that may communicate releases the GIL. The torch.distributed communicator
 // (PyCommunicator) re-acquires it for each callback, so the engine runs the same code whatever
@@ -296,18 +297,18 @@ void wait_for_caller(runtime::Engine& e, uintptr_t stream) {
 // Tensor t's gradient of this micro-batch from `src` (numel(t) floats, in the engine's memory
 // space), times `scale`, then grad_ready(t). Adds when the engine accumulates locally (full buffers
 // after the first micro-batch; host engines only: the adapter's device path hands gradients over in
-// sharded mode, where every micro-batch has a fresh buffer).
-void accept_grad(runtime::Engine& engine, size_t t, const float* src, float scale) {
+// sharded mode, where every micro-batch has a fresh buffer). Device engines: the copy runs on
+// `stream` (the CUDA stream that wrote src) and the bucket's reduction waits for it on the device.
+void accept_grad(runtime::Engine& engine, size_t t, const float* src, float scale, uintptr_t stream = 0) {
   const auto n = static_cast<size_t>(engine.plan().tensors(static_cast<int>(t)).numel());
   float* dst = engine.grad(t);  // ZeRO-2: opens t's bucket buffer (zero-filled)
   if (engine.memory_space() != runtime::MemorySpace::kHost) {
     if (engine.grad_accumulates(t))
       throw ConfigError("accept_grad: '" + engine.spec(t).name() + "' accumulates locally (full gradient buffers); "
                         "on a device engine write into grad(t) instead");
-    auto& backend = engine.step_backend();
-    backend.copy(dst, src, n);
-    if (scale != 1.0f) backend.scale(dst, scale, n);  // dst = src * scale, the host's product
-    engine.grad_ready(t);
+    void* producer = reinterpret_cast<void*>(stream);
+    engine.step_backend().copy_scaled_on_stream(dst, src, scale, n, producer);  // the host's product
+    engine.grad_ready(t, producer);
     return;
   }
   if (engine.grad_accumulates(t)) {
@@ -516,12 +517,13 @@ NB_MODULE(_C, m) {
       .def(
           "grad_ready",
           [](PyEngine& e, size_t t, uintptr_t stream) {
-            shardopt::python::wait_for_caller(*e.engine, stream);
-            e.engine->grad_ready(t);
+            if (t >= e.engine->num_tensors()) throw nb::index_error();
+            e.engine->grad_ready(t, reinterpret_cast<void*>(stream));
           },
           "t"_a, "stream"_a = 0, nb::call_guard<nb::gil_scoped_release>(),
-          "Tensor t's gradient is final in grad(t). Device engines first synchronize `stream` (the CUDA stream "
-          "whose kernels wrote it: torch.cuda.current_stream().cuda_stream; 0 = the default stream).")
+          "Tensor t's gradient is written in grad(t). Device engines: by kernels on `stream` (the CUDA stream: "
+          "torch.cuda.current_stream().cuda_stream; 0 = the default stream), which may still run: the bucket's "
+          "reduction waits for them on the device; the host does not wait.")
       .def_prop_ro("sharded_grads", [](PyEngine& e) { return e.engine->sharded_grads(); },
                    "True: gradients live in pooled bucket buffers (ZeRO-2); hand them over with accept_grad.")
       .def(
@@ -556,14 +558,14 @@ NB_MODULE(_C, m) {
             }
 #endif
             nb::gil_scoped_release release;
-            shardopt::python::wait_for_caller(*e.engine, stream);
-            shardopt::python::accept_grad(*e.engine, t, reinterpret_cast<const float*>(address), scale);
+            shardopt::python::accept_grad(*e.engine, t, reinterpret_cast<const float*>(address), scale, stream);
           },
           "t"_a, "address"_a, "scale"_a = 1.0f, "stream"_a = 0,
           "accept_grad from a raw address (torch's tensor.data_ptr()): the caller guarantees numel(t) contiguous "
           "float32 values there, in the engine's memory space (autograd's gradient of the parameter); a device "
-          "engine first synchronizes `stream` (the CUDA stream that wrote them). The autograd hook's fast path: "
-          "converting a torch tensor through DLPack costs ~10 us per call.")
+          "engine copies them with a kernel on `stream` (the CUDA stream that wrote them), so the caller may free "
+          "or reuse them in that stream's order. The autograd hook's fast path: converting a torch tensor through "
+          "DLPack costs ~10 us per call.")
       .def(
           "zero_grads",
           [](PyEngine& e) {

@@ -54,6 +54,7 @@ class CudaStepBackend final : public StepBackend {
     if (device >= 0) SHARDOPT_CUDA_CHECK(cudaSetDevice(device));
     SHARDOPT_CUDA_CHECK(cudaGetDevice(&device_));
     SHARDOPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    SHARDOPT_CUDA_CHECK(cudaEventCreateWithFlags(&producer_done_, cudaEventDisableTiming));
   }
   ~CudaStepBackend() override {
     // Owned objects holding device memory go before the stream.
@@ -67,6 +68,7 @@ class CudaStepBackend final : public StepBackend {
     if (device_refs_ != nullptr) cudaFree(device_refs_);
     if (counters_ != nullptr) cudaFree(counters_);
     if (staging_ != nullptr) cudaFree(staging_);
+    if (producer_done_ != nullptr) cudaEventDestroy(producer_done_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
@@ -115,6 +117,14 @@ class CudaStepBackend final : public StepBackend {
     cuda_detail::launch_add(dst, src, n, stream_);
     SHARDOPT_CUDA_CHECK_LAUNCH();
     sync();
+  }
+  void wait_stream(void* stream) override {
+    SHARDOPT_CUDA_CHECK(cudaEventRecord(producer_done_, static_cast<cudaStream_t>(stream)));
+    SHARDOPT_CUDA_CHECK(cudaStreamWaitEvent(stream_, producer_done_, 0));
+  }
+  void copy_scaled_on_stream(float* dst, const float* src, float scale, size_t n, void* stream) override {
+    cuda_detail::launch_scale_copy(dst, src, scale, n, static_cast<cudaStream_t>(stream));
+    SHARDOPT_CUDA_CHECK(cudaGetLastError());
   }
   void scale(float* x, float s, size_t n) override {
     cuda_detail::launch_scale(x, s, n, stream_);
@@ -267,6 +277,7 @@ class CudaStepBackend final : public StepBackend {
 
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
+  cudaEvent_t producer_done_ = nullptr;  // wait_stream's event on the trainer's stream
   std::unique_ptr<cuda::ElementwiseOptimizerCuda> elementwise_;       // f32 element-wise state
   std::unique_ptr<cuda::CompactElementwiseOptimizerCuda> compact_;    // bf16 / q8 element-wise state
   using MatrixRefs = cuda::MuonCuda::MatrixRefs;

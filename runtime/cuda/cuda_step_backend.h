@@ -20,9 +20,13 @@
 //     application: this backend's kernels (step_kernels.cu)
 // Ordering: the backend runs on its own non-blocking compute stream and every call returns with that
 // stream drained (cudaStreamSynchronize). Communication runs on the communicator's stream and its
-// Work::wait() returns once the operation finished, so host order is stream order. This costs a host
-// synchronization at each hand-over (a few per step); event-based ordering between the compute and
-// communication streams is not implemented yet.
+// Work::wait() returns once the operation finished, so inside a step host order is stream order (a
+// host synchronization at each hand-over, a few per step). The trainer's stream is ordered with
+// events, so backward never waits on the host: a gradient it hands over is copied by a kernel on its
+// own stream (copy_scaled_on_stream), and what reads a finished bucket waits for that stream on the
+// device (Engine::grad_ready(t, stream): the communicator's wait_stream, or this backend's for the
+// dim0 copy). step() returns with everything finished, so the updated parameters are ready for any
+// stream.
 // Host round trips that stay by design: the check results (num_tensors + 1 values) are read back for
 // the skip decision and the clipping scale, which the host computes.
 //

@@ -47,6 +47,11 @@ __global__ void scale_kernel(float* x, float s, size_t n) {
     x[i] *= s;
 }
 
+__global__ void scale_copy_kernel(float* dst, const float* src, float s, size_t n) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    dst[i] = src[i] * s;
+}
+
 __global__ void decay_add_kernel(float* w, const float* delta, float decay, size_t n) {
   // No FMA contraction: the host computes w * decay, rounds, then adds delta.
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
@@ -71,6 +76,10 @@ void launch_add(float* dst, const float* src, size_t n, cudaStream_t stream) {
 
 void launch_scale(float* x, float s, size_t n, cudaStream_t stream) {
   if (n > 0) scale_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, s, n);
+}
+
+void launch_scale_copy(float* dst, const float* src, float s, size_t n, cudaStream_t stream) {
+  if (n > 0) scale_copy_kernel<<<blocks_for(n), kThreads, 0, stream>>>(dst, src, s, n);
 }
 
 void launch_decay_add(float* w, const float* delta, float decay, size_t n, cudaStream_t stream) {

@@ -24,6 +24,7 @@ void launch_check_pieces(const CheckPiece* pieces, int piece_count, int64_t long
                          unsigned long long* nonfinite, double* sumsq, cudaStream_t stream);
 void launch_add(float* dst, const float* src, size_t n, cudaStream_t stream);                    // dst += src
 void launch_scale(float* x, float s, size_t n, cudaStream_t stream);                             // x *= s
+void launch_scale_copy(float* dst, const float* src, float s, size_t n, cudaStream_t stream);     // dst = src s
 void launch_decay_add(float* w, const float* delta, float decay, size_t n, cudaStream_t stream);  // w = w decay + delta
 
 }  // namespace shardopt::runtime::cuda_detail

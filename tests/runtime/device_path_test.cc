@@ -15,10 +15,12 @@
 #include <functional>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <unistd.h>
 #include <vector>
 
 #include "base/error.h"
+#include "comm/forwarding_communicator.h"
 #include "comm/host_staged_communicator.h"
 #include "comm/reduce_kernel.h"
 #include "comm/thread_backend.h"
@@ -50,18 +52,33 @@ T* poisoned(T* p) {
   return real(p);  // the same flip
 }
 
+// Where the stream-ordering test records what the engine asked for, per rank thread (null: nothing).
+thread_local std::vector<std::string>* t_stream_log = nullptr;
+void log_stream_event(const std::string& what) {
+  if (t_stream_log != nullptr) t_stream_log->push_back(what);
+}
+
 class PoisonedDeviceBackend final : public StepBackend {
  public:
   MemorySpace space() const override { return MemorySpace::kCuda; }
   float* allocate(size_t n) override { return poisoned(new float[n]()); }
   void release(float* p, size_t) noexcept override { delete[] real(p); }
-  void copy(float* dst, const float* src, size_t n) override { std::memcpy(real(dst), real(src), 4 * n); }
   void zero(float* dst, size_t n) override { std::memset(real(dst), 0, 4 * n); }
   void upload(void* dst, const void* host, size_t bytes) override { std::memcpy(real(dst), host, bytes); }
   void download(void* host, const void* src, size_t bytes) override { std::memcpy(host, real(src), bytes); }
   void* staging(size_t bytes) override {
     if (staging_.size() < bytes) staging_.resize(bytes);
     return poisoned(staging_.data());
+  }
+  void wait_stream(void* stream) override {
+    log_stream_event("backend waits " + std::to_string(reinterpret_cast<uintptr_t>(stream)));
+  }
+  void copy_scaled_on_stream(float* dst, const float* src, float scale, size_t n, void*) override {
+    for (size_t i = 0; i < n; ++i) real(dst)[i] = scale * real(src)[i];
+  }
+  void copy(float* dst, const float* src, size_t n) override {
+    log_stream_event("backend copy");
+    std::memcpy(real(dst), real(src), 4 * n);
   }
   void add(float* dst, const float* src, size_t n) override {
     for (size_t i = 0; i < n; ++i) real(dst)[i] += real(src)[i];
@@ -269,6 +286,107 @@ std::vector<Case> cases() {
   return out;
 }
 INSTANTIATE_TEST_SUITE_P(AllConfigurations, DevicePath, ::testing::ValuesIn(cases()));
+
+// Records the ordering calls and reduce-scatters an engine issues (into t_stream_log).
+class StreamRecordingCommunicator final : public comm::ForwardingCommunicator {
+ public:
+  using ForwardingCommunicator::ForwardingCommunicator;
+  void wait_stream(void* stream) override {
+    log_stream_event("comm waits " + std::to_string(reinterpret_cast<uintptr_t>(stream)));
+    ForwardingCommunicator::wait_stream(stream);
+  }
+
+ protected:
+  comm::WorkPtr forward(const comm::ForwardedOp& op, comm::IssueRef issue) override {
+    if (op.kind == comm::OpKind::kReduceScatter) log_stream_event("reduce-scatter");
+    return issue();
+  }
+};
+
+// Engine::grad_ready(t, stream): before a bucket's gradients are read, whatever reads them first
+// waited for every distinct stream its tensors were announced with since its last launch (the
+// communicator before the reduce-scatter; the backend before its dim0 copy), once each; a host engine
+// orders nothing. Tensors alternate between two stand-in stream handles (never dereferenced here).
+TEST(DevicePath, BucketReadsWaitForTheStreamsOfTheirGradients) {
+  const auto specs = mixed_model();
+  struct Run {
+    int stage;
+    proto::ShardLayout layout;
+    bool device;
+  };
+  for (const Run& run : {Run{2, proto::SHARD_LAYOUT_OWNED, true}, Run{1, proto::SHARD_LAYOUT_OWNED, true},
+                         Run{2, proto::SHARD_LAYOUT_DIM0, true}, Run{2, proto::SHARD_LAYOUT_OWNED, false}}) {
+    const std::string where = std::string(run.device ? "device" : "host") + " stage " + std::to_string(run.stage) +
+                              " " + sharding::layout_name(run.layout);
+    comm::run_ranks(2, [&](comm::Communicator& host) {
+      std::vector<std::string> log;
+      t_stream_log = &log;
+      std::optional<comm::HostStagedCommunicator> staged;
+      if (run.device) staged.emplace(host, poisoned_copies());
+      StreamRecordingCommunicator comm(staged ? static_cast<comm::Communicator&>(*staged) : host);
+      EngineOptions o = engine_options(run.stage, run.layout, "muon");
+      o.grad_accumulation_steps = 2;
+      if (run.device) o.memory_space = MemorySpace::kCuda;
+      Engine engine(comm, specs, o);
+      // Micro-batch m's tensor k comes from stream 0x100 m + k % 2.
+      auto stream_of = [](int micro, size_t k) { return reinterpret_cast<void*>(uintptr_t{0x100} * (micro + 1) + k % 2); };
+      // The streams each launch should wait for, in launch order: the bucket's streams since its last
+      // launch (sharded: a launch per micro-batch; full buffers: one, in the last micro-batch).
+      const size_t buckets = static_cast<size_t>(engine.plan().buckets_size());
+      std::vector<int> tensors(buckets, 0), missing(buckets, 0);
+      for (size_t k = 0; k < specs.size(); ++k) ++tensors[static_cast<size_t>(engine.bucket_of(k))];
+      std::vector<std::set<std::string>> since_launch(buckets), expected;
+      log.clear();
+      for (int micro = 0; micro < 2; ++micro) {
+        missing = tensors;
+        for (size_t k = specs.size(); k-- > 0;) {
+          const bool add = engine.grad_accumulates(k);
+          float* g = engine.grad(k);
+          float* h = run.device ? real(g) : g;
+          for (int64_t i = 0; i < numel(specs[k]); ++i) h[i] = (add ? h[i] : 0.0f) + common_grad(1 + micro, k, i);
+          engine.grad_ready(k, stream_of(micro, k));
+          const auto b = static_cast<size_t>(engine.bucket_of(k));
+          since_launch[b].insert(std::to_string(reinterpret_cast<uintptr_t>(stream_of(micro, k))));
+          if (--missing[b] == 0 && (engine.sharded_grads() || micro == 1)) {
+            expected.push_back(since_launch[b]);
+            since_launch[b].clear();
+          }
+        }
+      }
+      ASSERT_TRUE(engine.step().applied) << where;
+      t_stream_log = nullptr;
+
+      // Each reduce-scatter of a launch (and, for dim0, the backend copy before it) and the waits before it.
+      const std::string waiter = run.layout == proto::SHARD_LAYOUT_DIM0 ? "backend waits " : "comm waits ";
+      std::vector<std::multiset<std::string>> waited;
+      std::multiset<std::string> since_last;
+      bool copied_after_wait = false;  // dim0: the backend's copy into the exchange layout follows the waits
+      for (const std::string& e : log) {
+        if (e.rfind("comm waits ", 0) == 0 || e.rfind("backend waits ", 0) == 0) {
+          EXPECT_EQ(e.rfind(waiter, 0), 0u) << where << ": " << e;
+          since_last.insert(e.substr(e.rfind(' ') + 1));
+          copied_after_wait = false;
+        } else if (e == "backend copy") {
+          copied_after_wait = true;
+        } else if (e == "reduce-scatter" && waited.size() < expected.size()) {
+          if (run.layout == proto::SHARD_LAYOUT_DIM0 && !since_last.empty())
+            EXPECT_TRUE(copied_after_wait) << where << ": the dim0 copy did not follow the waits";
+          waited.push_back(since_last);
+          since_last.clear();
+        }
+      }
+      if (!run.device) {
+        EXPECT_TRUE(since_last.empty() && std::all_of(waited.begin(), waited.end(), [](auto& w) { return w.empty(); }))
+            << where << ": a host engine ordered after a stream";
+        return;
+      }
+      ASSERT_EQ(waited.size(), expected.size()) << where;
+      for (size_t i = 0; i < expected.size(); ++i)
+        EXPECT_EQ(waited[i], std::multiset<std::string>(expected[i].begin(), expected[i].end()))
+            << where << ": launch " << i;
+    });
+  }
+}
 
 // The outer sync (gossip) reads the engine's state from the host: a device engine is refused by name.
 TEST(DevicePath, GossipRefusesADeviceEngine) {

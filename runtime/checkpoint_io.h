@@ -55,9 +55,8 @@ struct StateRange {
 };
 
 // A per-element fp32 state kept outside the engine with the master shards' layout, in the engine's
-// memory space: `data` is flat over
-// this rank's master segments in bucket order (ShardState::my_segment(b).count() each, padding
-// included), like OuterSync::phi().
+// memory space: `data` is flat over this rank's master segments in bucket order
+// (ShardState::my_segment(b).count() each, padding included), like OuterSync::phi().
 struct MasterLikeState {
   std::string name;
   float* data = nullptr;

@@ -201,10 +201,12 @@ class Engine {
   // advance them while the backward computes.
   void grad_ready(size_t t);
   // grad_ready(t) for a gradient written by kernels on CUDA stream `producer_stream` (a cudaStream_t,
-  // opaque here) that may still be running: nothing waits on the host. What reads t's bucket first
-  // waits for the work enqueued on that stream so far, on the device: the reduce-scatter
-  // (Communicator::wait_stream), or the step backend's copy in the dim0 layout. A bucket whose tensors
-  // came from several streams waits for each. Host engines: grad_ready(t).
+  // opaque here) that may still be running; this call does not wait for them. What reads t's bucket
+  // first waits for the work enqueued on that stream so far: the reduce-scatter
+  // (Communicator::wait_stream: on the device with NCCL, the host synchronizing the stream once per
+  // bucket with the threads backend or host staging), or, in the dim0 layout, the step backend's copy
+  // into the exchange layout. A bucket whose tensors came from several streams waits for each. Host
+  // engines: grad_ready(t).
   void grad_ready(size_t t, void* producer_stream);
   // Applies one optimizer step with learning rates scaled by lr_multiplier (schedules).
   StepReport step(float lr_multiplier = 1.0f);

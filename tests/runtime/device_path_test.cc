@@ -369,8 +369,9 @@ TEST(DevicePath, BucketReadsWaitForTheStreamsOfTheirGradients) {
         } else if (e == "backend copy") {
           copied_after_wait = true;
         } else if (e == "reduce-scatter" && waited.size() < expected.size()) {
-          if (run.layout == proto::SHARD_LAYOUT_DIM0 && !since_last.empty())
+          if (run.layout == proto::SHARD_LAYOUT_DIM0 && !since_last.empty()) {
             EXPECT_TRUE(copied_after_wait) << where << ": the dim0 copy did not follow the waits";
+          }
           waited.push_back(since_last);
           since_last.clear();
         }

@@ -63,26 +63,44 @@ def test_cuda_engine_refuses_a_host_communicator():
         engine("cuda", _C.thread_world_of_one())
 
 
-def train(device, steps=STEPS, side_stream=False, **kw):
+class LateGradients(torch.autograd.Function):
+    """Identity whose backward first keeps the GPU busy ~20 ms: every gradient of the model lands
+    after it in stream order, so the host reaches the optimizer's hooks (and the buckets' launches)
+    while the kernels writing the gradients are still queued. An engine that read a gradient without
+    waiting for torch's stream would reduce stale or zero values."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        torch.cuda._sleep(40_000_000)  # clock cycles: ~20 ms at 2 GHz
+        return g
+
+
+def train(device, steps=STEPS, side_stream=False, late=False, **kw):
     """Losses and the final model of `steps` steps of GPT on `device`."""
     model = GPT().to(device)
     opt = ShardedOptimizer(model.named_parameters(), lr=3e-3, **kw)
     stream = torch.cuda.Stream(device) if side_stream else None
+
+    def forward_backward(x, y):
+        loss = model(x, y)
+        (LateGradients.apply(loss) if late else loss).backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
     losses = []
     for step in range(steps):
         x, y = (t.to(device) for t in batch(step))
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):  # backward on a side stream: its hooks must wait for it
-                loss = model(x, y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
+            with torch.cuda.stream(stream):  # backward on a side stream: the engine must follow it
+                loss = forward_backward(x, y)
         else:
-            loss = model(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+            loss = forward_backward(x, y)
         losses.append(loss.item())
     return losses, model, opt
 
@@ -102,9 +120,9 @@ def no_tf32():
 
 @needs_gpu
 @pytest.mark.parametrize("grad_memory", ["sharded", "full"])
-@pytest.mark.parametrize("side_stream", [False, True])
-def test_cuda_training_follows_cpu_training(no_tf32, grad_memory, side_stream):
-    l_gpu, m_gpu, opt = train("cuda", matrix=None, grad_memory=grad_memory, side_stream=side_stream)
+@pytest.mark.parametrize("side_stream,late", [(False, False), (True, False), (False, True), (True, True)])
+def test_cuda_training_follows_cpu_training(no_tf32, grad_memory, side_stream, late):
+    l_gpu, m_gpu, opt = train("cuda", matrix=None, grad_memory=grad_memory, side_stream=side_stream, late=late)
     l_cpu, m_cpu, _ = train("cpu", matrix=None, grad_memory=grad_memory)
     assert all(p.device.type == "cuda" for p in m_gpu.parameters())
     assert opt.memory()[0]["param_bytes"] > 0

@@ -132,8 +132,9 @@ TrainerState load_checkpoint(Engine& engine, const std::filesystem::path& dir,
 // Every fp32 array of this rank's engine state (master pieces, element-wise optimizer slots, owned Muon
 // states), in the order a save writes them. The list depends only on the plan and this rank's place in
 // it, so two ranks at the same place of two shard groups get matching lists (the outer sync's rejoin
-// copies one onto the other). Not collective. ConfigError when a state is stored compact (bf16/q8) or
-// the engine is not in host memory.
+// copies one onto the other). The spans are in the engine's memory space (device memory for a device
+// engine: copy them through its step backend). Not collective. ConfigError when a state is stored
+// compact (bf16/q8).
 std::vector<std::span<float>> engine_state_arrays(Engine& engine);
 
 // The trainer state of checkpoint `dir` from its manifest alone (not collective, reads no shard).

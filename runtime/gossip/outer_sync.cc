@@ -85,7 +85,12 @@ std::vector<std::vector<int>> outer_groups(int replicas, int group_size, OddGrou
 OuterSync::OuterSync(Engine& engine, comm::Communicator& cross, GossipOptions options)
     : engine_(engine), cross_(cross), options_(options), replica_(cross.rank()), replicas_(cross.size()) {
   validate_gossip_options(options_, replicas_);
-  engine_.require_host_memory("the outer sync (gossip)");
+  // phi, m and the exchange buffers are host memory; a device engine's theta is copied through its
+  // step backend once each way per outer step.
+  if (cross_.device_buffers())
+    throw ConfigError("OuterSync: the cross-replica communicator (" + std::string(cross_.backend()) +
+                      ") moves device memory; the outer step exchanges host buffers: give it a host communicator "
+                      "(threads or MPI), also when the engines run on GPUs");
   ShardState& st = engine_.shard_state();
   for (int b = 0; b < st.num_buckets(); ++b) count_ += st.my_segment(b).count();
   for (const LocalPiece& p : st.my_pieces()) tensor_elems_ += p.length;  // segments minus padding
@@ -126,7 +131,7 @@ void OuterSync::read_theta(float* dst) {
   ShardState& st = engine_.shard_state();
   for (int b = 0; b < st.num_buckets(); ++b) {
     const auto c = static_cast<size_t>(st.my_segment(b).count());
-    std::memcpy(dst, st.master_shard(b), sizeof(float) * c);
+    if (c > 0) engine_.step_backend().download(dst, st.master_shard(b), sizeof(float) * c);
     dst += c;
   }
 }
@@ -135,7 +140,7 @@ void OuterSync::write_theta(const float* src) {
   ShardState& st = engine_.shard_state();
   for (int b = 0; b < st.num_buckets(); ++b) {
     const auto c = static_cast<size_t>(st.my_segment(b).count());
-    std::memcpy(st.master_shard(b), src, sizeof(float) * c);
+    if (c > 0) engine_.step_backend().upload(st.master_shard(b), src, sizeof(float) * c);
     src += c;
   }
 }
@@ -402,7 +407,9 @@ double OuterSync::consensus_distance() {
   // [sum of squares, numel] summed over replicas and shards.
   float sums[2] = {static_cast<float>(local), replica_ == 0 ? static_cast<float>(tensor_elems_) : 0.0f};
   cross_.all_reduce(sums, sums, 2, DType::kF32, comm::ReduceOp::kSum)->wait();
-  engine_.comm().all_reduce(sums, sums, 2, DType::kF32, comm::ReduceOp::kSum)->wait();
+  engine_.collective_on_host_values(sums, sizeof(sums), [&](void* p) {
+    return engine_.comm().all_reduce(p, p, 2, DType::kF32, comm::ReduceOp::kSum);
+  });
   const double numel = sums[1];
   return numel > 0 ? std::sqrt(sums[0] / (replicas_ * numel)) : 0.0;
 }
@@ -423,7 +430,10 @@ void OuterSync::send_state(comm::Communicator& link, int peer, int tag) {
   std::copy(phi_.begin(), phi_.end(), buf.begin());
   std::copy(momentum_.begin(), momentum_.end(), buf.begin() + static_cast<ptrdiff_t>(n));
   float* dst = buf.data() + 2 * n;
-  for (const auto& r : engine_state) dst = std::copy(r.begin(), r.end(), dst);
+  for (const auto& r : engine_state) {
+    if (!r.empty()) engine_.step_backend().download(dst, r.data(), r.size_bytes());
+    dst += r.size();
+  }
   const int64_t step = engine_.optimizer_step();  // bias corrections and schedules continue from it
   auto data = link.send(buf.data(), buf.size(), DType::kF32, peer, tag);
   auto counter = link.send(&step, 1, DType::kI64, peer, tag);
@@ -444,7 +454,7 @@ void OuterSync::receive_state(comm::Communicator& link, int peer, int tag) {
   std::copy(buf.begin() + static_cast<ptrdiff_t>(n), buf.begin() + static_cast<ptrdiff_t>(2 * n), momentum_.begin());
   const float* src = buf.data() + 2 * n;
   for (const auto& r : engine_state) {
-    std::copy(src, src + r.size(), r.begin());
+    if (!r.empty()) engine_.step_backend().upload(r.data(), src, r.size_bytes());
     src += r.size();
   }
   engine_.set_optimizer_step(step);

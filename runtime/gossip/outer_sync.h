@@ -20,6 +20,12 @@
 // After either, theta = phi in the master shards and the full parameters are refreshed by an all-gather
 // inside the shard group (stage 3: gathered buckets are released instead, they gather on demand).
 //
+// Memory: phi, m and the exchange buffers are host memory, and the cross-replica communicator must move
+// host buffers (threads or MPI; ConfigError for a device communicator such as NCCL). The engine may run
+// in either memory space: a device engine's master shards are copied through its step backend (theta
+// down and the new theta up once per outer step: this rank's Ψ/N floats each way every H steps, next to
+// the exchange's own traffic), as is its state in send_state / receive_state.
+//
 // Fault tolerance (NoLoCo): every pair of replicas talks over its own 2-rank communicator (split once at
 // construction, N-1 splits by a round-robin tournament). The threads backend aborts a communicator when
 // a wait times out, so a private link confines the damage to that pair: the waiting side gets

@@ -30,6 +30,7 @@
 #include "optim/muon.h"
 #include "runtime/checkpoint_io.h"
 #include "runtime/engine.h"
+#include "runtime/gossip/outer_sync.h"
 #include "runtime/shard_state.h"
 #include "runtime/step_backend.h"
 #include "runtime/trace.h"
@@ -42,6 +43,7 @@ namespace {
 using namespace shardopt::test_fixture;  // NOLINT: the shared fixture of the runtime suites
 
 constexpr uintptr_t kPoison = uintptr_t{1} << 62;
+using Params = std::vector<std::vector<float>>;  // per tensor
 
 template <typename T>
 T* real(T* p) {
@@ -389,19 +391,102 @@ TEST(DevicePath, BucketReadsWaitForTheStreamsOfTheirGradients) {
   }
 }
 
-// The outer sync (gossip) reads the engine's state from the host: a device engine is refused by name.
-TEST(DevicePath, GossipRefusesADeviceEngine) {
-  comm::run_ranks(1, [&](comm::Communicator& host) {
-    comm::HostStagedCommunicator comm(host, poisoned_copies());
-    EngineOptions o = engine_options(2, proto::SHARD_LAYOUT_OWNED, "adamw");
-    o.memory_space = MemorySpace::kCuda;
-    Engine engine(comm, mixed_model(), o);
-    try {
-      engine_state_arrays(engine);
-      FAIL() << "engine_state_arrays accepted a device engine";
-    } catch (const ConfigError& e) {
-      EXPECT_NE(std::string(e.what()).find("memory space is cuda"), std::string::npos) << e.what();
+// NoLoCo and DiLoCo over device engines: the inner steps on the (stand-in) device, the outer step on
+// host buffers over a host cross-replica communicator, theta crossing through the step backend. The
+// outer arithmetic is the host code either way, so every rank's parameters equal the host engines'
+// run bit for bit; at the end of an outer step the two replicas hold the same parameters (they were
+// trained on different gradients, so only the exchange makes them equal). Then replica 0 sends its
+// whole state to replica 1 (the rejoin path), which must hold replica 0's parameters afterwards.
+TEST(DevicePathGossip, OuterStepsAndRejoinOverDeviceEnginesEqualTheHostRun) {
+  const auto specs = mixed_model();
+  for (auto mode : {gossip::SyncMode::kNoLoCo, gossip::SyncMode::kDiLoCo}) {
+    const std::string where = mode == gossip::SyncMode::kNoLoCo ? "NoLoCo" : "DiLoCo";
+    // [device?][world rank] -> parameters after the outer steps, then after the rejoin.
+    std::vector<std::vector<Params>> trained(2, std::vector<Params>(4)), rejoined(2, std::vector<Params>(4));
+    std::mutex mu;
+    for (bool device : {false, true}) {
+      comm::run_ranks(4, [&](comm::Communicator& world) {
+        gossip::ReplicaGrid grid = gossip::split_replica_grid(world, 2);
+        std::optional<comm::HostStagedCommunicator> staged;
+        if (device) staged.emplace(*grid.shard_group, poisoned_copies());
+        comm::Communicator& shard_comm = staged ? static_cast<comm::Communicator&>(*staged) : *grid.shard_group;
+        EngineOptions o = engine_options(2, proto::SHARD_LAYOUT_OWNED, "muon");
+        if (device) o.memory_space = MemorySpace::kCuda;
+        Engine engine(shard_comm, specs, o);
+        engine.set_params([&](size_t t, float* dst) {
+          for (int64_t i = 0; i < numel(specs[t]); ++i) dst[i] = initial_value(t, i);
+        });
+        gossip::GossipOptions go;
+        go.mode = mode;
+        go.outer_every = 3;
+        gossip::OuterSync sync(engine, *grid.cross, go);
+        for (int step = 1; step <= 6; ++step) {
+          for (size_t k = specs.size(); k-- > 0;) {
+            float* g = device ? real(engine.grad(k)) : engine.grad(k);
+            for (int64_t i = 0; i < numel(specs[k]); ++i)
+              g[i] = common_grad(step + 5 * grid.replica, k, i) + rank_offset(grid.shard, grid.shards, k, i);
+            engine.grad_ready(k);
+          }
+          ASSERT_TRUE(engine.step().applied);
+          sync.after_inner_step();
+        }
+        EXPECT_EQ(sync.outer_steps(), 2) << where;
+        auto params = [&] {
+          engine.gather_all();
+          Params p(specs.size());
+          for (size_t t = 0; t < specs.size(); ++t) {
+            const float* v = device ? real(engine.param(t)) : engine.param(t);
+            p[t].assign(v, v + numel(specs[t]));
+          }
+          engine.release_all();
+          return p;
+        };
+        Params after_outer = params();
+        // Replica 1 takes more inner steps of its own, then rejoins from replica 0.
+        if (grid.replica == 1) {
+          for (size_t k = specs.size(); k-- > 0;) {
+            float* g = device ? real(engine.grad(k)) : engine.grad(k);
+            for (int64_t i = 0; i < numel(specs[k]); ++i) g[i] = common_grad(99, k, i);
+            engine.grad_ready(k);
+          }
+          ASSERT_TRUE(engine.step().applied);
+          sync.receive_state(*grid.cross, 0);
+        } else {
+          sync.send_state(*grid.cross, 1);
+        }
+        Params after_rejoin = params();
+        std::lock_guard<std::mutex> lock(mu);
+        trained[device][static_cast<size_t>(world.rank())] = std::move(after_outer);
+        rejoined[device][static_cast<size_t>(world.rank())] = std::move(after_rejoin);
+      });
     }
+    for (int r = 0; r < 4; ++r)
+      for (size_t t = 0; t < specs.size(); ++t) {
+        EXPECT_EQ(trained[1][r][t], trained[0][r][t]) << where << ": rank " << r << " " << specs[t].name();
+        EXPECT_EQ(rejoined[1][r][t], rejoined[0][r][t]) << where << ": rejoin, rank " << r << " " << specs[t].name();
+      }
+    // World rank = replica * shards + shard: ranks 0 and 2 are shard 0 of replicas 0 and 1.
+    EXPECT_EQ(trained[1][0], trained[1][2]) << where << ": the replicas differ after an outer step";
+    EXPECT_EQ(rejoined[1][2], rejoined[1][0]) << where << ": the rejoined replica does not hold its partner's state";
+  }
+}
+
+// A cross-replica communicator on device buffers is refused by name: the outer step exchanges host buffers.
+TEST(DevicePathGossip, ADeviceCrossCommunicatorIsRefused) {
+  comm::run_ranks(2, [&](comm::Communicator& host) {
+    comm::HostStagedCommunicator device_cross(host, poisoned_copies());
+    comm::run_ranks(1, [&](comm::Communicator& one) {
+      comm::HostStagedCommunicator comm(one, poisoned_copies());
+      EngineOptions o = engine_options(2, proto::SHARD_LAYOUT_OWNED, "adamw");
+      o.memory_space = MemorySpace::kCuda;
+      Engine engine(comm, mixed_model(), o);
+      try {
+        gossip::OuterSync sync(engine, device_cross, gossip::GossipOptions{});
+        FAIL() << "a device cross communicator was accepted";
+      } catch (const ConfigError& e) {
+        EXPECT_NE(std::string(e.what()).find("cross-replica communicator"), std::string::npos) << e.what();
+      }
+    });
   });
 }
 
@@ -413,7 +498,6 @@ TEST(DevicePath, GossipRefusesADeviceEngine) {
 namespace ckpt_case {
 
 namespace fs = std::filesystem;
-using Params = std::vector<std::vector<float>>;
 constexpr int kSteps = 2;  // before the save and after the load
 
 EngineOptions options(int stage, bool device, proto::StateDType elementwise_state) {

@@ -18,8 +18,9 @@
 // the likely causes: (1) the loop over a lane's 8 elements stores the parameter (and mirror) of
 // element k before loading element k + 1, and the compiler cannot prove the arrays do not alias,
 // so each element's loads wait for the previous element's stores: a warp has one element per lane
-// (about 10 bytes) in flight and pays 8 memory latencies per block; (2) the codes move one byte
-// per lane per instruction (32 bytes per warp access, 8 accesses per array per block).
+// (about 10 bytes) in flight and pays at least 8 memory latencies per block (the SASS of q8 AdamW
+// repeats load codes and grad, sqrt, load param, divide, store, 8 times); (2) the codes move one
+// byte per lane per instruction (32 bytes per warp access, 8 accesses per array per block).
 //
 // Vector kernel (compact_vector_kernel, codec_vector_kernel; not yet measured on a device): the same
 // split into chunks, warps and q8 blocks, but lane l holds two runs of 4 consecutive elements, 4l..4l+3 and
@@ -36,11 +37,11 @@
 // element-by-element accesses (as does a run that crosses the end of a slice), so the aligned
 // kernel's registers are not those of the scalar accesses. Registers: a lane holds 8 params, 8
 // grads, the codes, then 8 new m and 8 sqrt(v) until the absmax is known; q8 AdamW compiles to
-// 79 registers alone, bounded to 80 (3 blocks, 24 warps per SM, no spills; docs/gpu.md has the
+// 74-76 registers under a bound of 80 (3 blocks, 24 warps per SM, no spills; docs/gpu.md has the
 // figures per kernel). 24 warps with a 2.5 KB block each in flight give up to 60 KB per SM, above
 // the bandwidth-latency product of HBM3e (about 4.8 TB/s x 800 ns / 132 SMs = 30 KB per SM). The
-// fp32 kernel (kernels.cu) reaches 0.92 of the RMW ceiling the same way: loads of 4 elements per
-// thread issued before the stores, full occupancy at 32 registers.
+// fp32 kernel (kernels.cu) reaches 0.92 of the RMW ceiling the same way: the loads of 4 elements per
+// thread issued before their stores, 40 warps per SM at 48 registers (AdamW).
 #include <cuda_bf16.h>
 
 #include "optim/cuda/compact_kernels.h"
@@ -228,8 +229,8 @@ constexpr int kRuns = kBlock / (32 * kRun);  // runs per lane per block: 2
 constexpr int kRunStride = 32 * kRun;        // elements between a lane's runs: 128
 static_assert(kRuns * kRunStride == kBlock, "a q8 block is a whole number of warp-wide runs");
 // Resident thread blocks per SM the aligned vector kernel's register allocation must allow
-// (__launch_bounds__): 3 x 8 warps, at most 80 registers per thread. Without the bound, q8 AdamW
-// takes 79-96 registers (2 blocks per SM); with 4 (64 registers) it spills.
+// (__launch_bounds__): 3 x 8 warps, at most 80 registers per thread, which q8 AdamW fits without
+// spilling; 4 blocks (64 registers) made it spill 16-32 bytes per thread (nvcc 13.0, sm_90).
 constexpr int kVectorBlocksPerSm = 3;
 
 // Run [i, i + 4) of an array of n elements (i a multiple of 4 from the chunk start): one access when

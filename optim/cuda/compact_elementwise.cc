@@ -154,9 +154,11 @@ void CompactElementwiseOptimizerCuda::step(const optim::OptimizerParams& params,
       break;
     }
   }
-  detail::launch_compact_elementwise(kernel_ == CompactKernel::kVector, kernel_kind(kind_), state_dtype_ == proto::STATE_Q8, grad_bf16_,
+  detail::launch_compact_elementwise(kernel_ == CompactKernel::kVector, kernel_kind(kind_),
+                                     state_dtype_ == proto::STATE_Q8, grad_bf16_,
                                      static_cast<const detail::CompactChunk*>(device_table_),
-                                     static_cast<int>(chunk_count_), static_cast<int>(aligned_chunk_count_), s, stream);
+                                     static_cast<int>(chunk_count_), static_cast<int>(aligned_chunk_count_), s,
+                                     stream);
   SHARDOPT_CUDA_CHECK_LAUNCH();
 }
 
@@ -201,13 +203,15 @@ void CompactCodecCuda::set_arrays(std::span<const DeviceCompactArray> arrays) {
 }
 
 void CompactCodecCuda::decode(cudaStream_t stream) const {
-  detail::launch_compact_codec(kernel_ == CompactKernel::kVector, false, q8_, static_cast<const detail::CompactCodecChunk*>(device_table_),
+  detail::launch_compact_codec(kernel_ == CompactKernel::kVector, false, q8_,
+                               static_cast<const detail::CompactCodecChunk*>(device_table_),
                                static_cast<int>(chunk_count_), static_cast<int>(aligned_chunk_count_), stream);
   SHARDOPT_CUDA_CHECK_LAUNCH();
 }
 
 void CompactCodecCuda::encode(cudaStream_t stream) const {
-  detail::launch_compact_codec(kernel_ == CompactKernel::kVector, true, q8_, static_cast<const detail::CompactCodecChunk*>(device_table_),
+  detail::launch_compact_codec(kernel_ == CompactKernel::kVector, true, q8_,
+                               static_cast<const detail::CompactCodecChunk*>(device_table_),
                                static_cast<int>(chunk_count_), static_cast<int>(aligned_chunk_count_), stream);
   SHARDOPT_CUDA_CHECK_LAUNCH();
 }

@@ -3,8 +3,9 @@
 // arithmetic of the CPU step optim::elementwise_step_compact (optim/compact_step.h, optim/quant8.h),
 // so that a device engine's state is interchangeable with a host engine's.
 //
-// Each step decodes, updates and re-encodes in one pass, one launch over all slices (the chunk
-// table is built and uploaded once, in set_slices). A slice's state starts on a q8 block boundary
+// Each step decodes, updates and re-encodes in one pass, one launch over all slices (two under the
+// vector kernel when some slices are misaligned for it; the chunk table is built and uploaded once,
+// in set_slices). A slice's state starts on a q8 block boundary
 // of its tensor, as in the CPU layout: block j of a slice covers its elements [256 j, 256 j + 256),
 // the last block may be short. The per-call constants come from the CPU step's own prologue
 // (optim::detail::prepare_elementwise_step), and the kernel evaluates the CPU formulas in the same

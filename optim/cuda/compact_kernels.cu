@@ -448,7 +448,8 @@ __device__ __forceinline__ void codec_vector_block(const CompactCodecChunk& c, u
       float x[kRun];
 #pragma unroll
       for (int j = 0; j < kRun; ++j)
-        x[j] = kQ8 ? __fmul_rn(codec::decode_signed(static_cast<uint8_t>(codes[r] >> (8 * j))), a) : bf16_to_f32(bf[r][j]);
+        x[j] = kQ8 ? __fmul_rn(codec::decode_signed(static_cast<uint8_t>(codes[r] >> (8 * j))), a)
+                   : bf16_to_f32(bf[r][j]);
       store_run<kAligned>(c.f32, first + r * kRunStride, n, x);
     }
   } else {
@@ -457,7 +458,8 @@ __device__ __forceinline__ void codec_vector_block(const CompactCodecChunk& c, u
     for (int r = 0; r < kRuns; ++r) load_run<kAligned>(c.f32, first + r * kRunStride, n, x[r]);
     if constexpr (!kQ8) {
 #pragma unroll
-      for (int r = 0; r < kRuns; ++r) store_run_bf16<kAligned>(static_cast<uint16_t*>(c.values), first + r * kRunStride, n, x[r]);
+      for (int r = 0; r < kRuns; ++r)
+        store_run_bf16<kAligned>(static_cast<uint16_t*>(c.values), first + r * kRunStride, n, x[r]);
     } else {
       // Elements past n read as 0: they leave the max unchanged, as in the warp kernel.
       uint32_t x_max = 0;
@@ -475,7 +477,8 @@ __device__ __forceinline__ void codec_vector_block(const CompactCodecChunk& c, u
       for (int r = 0; r < kRuns; ++r) {
         uint32_t codes = 0;
 #pragma unroll
-        for (int j = 0; j < kRun; ++j) codes |= static_cast<uint32_t>(encode_signed_in_block(x[r][j], a, rcp)) << (8 * j);
+        for (int j = 0; j < kRun; ++j)
+          codes |= static_cast<uint32_t>(encode_signed_in_block(x[r][j], a, rcp)) << (8 * j);
         store_run_codes<kAligned>(static_cast<uint8_t*>(c.values), first + r * kRunStride, n, codes);
       }
     }

@@ -4,7 +4,7 @@
 // kernel (warp, vector: against the fp32 step and the RMW ceiling), Muon's q8 momentum codec under
 // each kernel (against the copy bandwidth), and one full Muon step. Prints figures, never
 // passes or fails on time.
-// Usage: gpu_bench [--json] [--quick]
+// Usage: gpu_bench [--json] [--quick] [--elementwise-only]
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -56,9 +56,11 @@ T* random_device(size_t n, uint32_t seed) {
 
 int main(int argc, char** argv) {
   CLI::App app{"shardopt GPU kernels: NS5 on cuBLAS, fused AdamW, Muon step"};
-  bool json = false, quick = false;
+  bool json = false, quick = false, elementwise_only = false;
   bench::add_json_flag(app, json);
   app.add_flag("--quick", quick, "small shapes only (smoke run)");
+  app.add_flag("--elementwise-only", elementwise_only,
+               "the ceilings and the element-wise rows only (fp32 and q8 AdamW, q8 momentum codec): no GEMM, NS, Muon");
   CLI11_PARSE(app, argc, argv);
   emit = bench::Emitter(json);
   if (device_count() == 0) {
@@ -80,7 +82,7 @@ int main(int argc, char** argv) {
 
   // The device's bf16 GEMM rate through cuBLAS (fp32 accumulation), 8192³.
   double gemm_tflops = 0;
-  {
+  if (!elementwise_only) {
     const int n = 8192;
     auto* a = random_device<uint16_t>(size_t(n) * n, 1);
     auto* b = random_device<uint16_t>(size_t(n) * n, 2);
@@ -110,6 +112,7 @@ int main(int argc, char** argv) {
   };
   std::vector<Shape> shapes = {{1024, 1024, 1}, {2048, 2048, 1}, {4096, 4096, 1}, {4096, 11008, 1},
                                {11008, 4096, 1}, {1024, 1024, 16}, {2048, 2048, 8}};
+  if (elementwise_only) shapes.clear();
   for (const Shape& sh : shapes) {
     const size_t n = size_t(sh.rows * sh.cols * sh.batch);
     auto* in = random_device<uint16_t>(n, 3);
@@ -135,7 +138,7 @@ int main(int argc, char** argv) {
 
   // The GEMM shapes of NS on llama-1b's matrices, in every operand layout cuBLAS offers: which layout
   // runs fastest for X·Xᵀ (p×p×q) and B·X (p×q×p), the two products that dominate the Muon phase.
-  if (!quick) {
+  if (!quick && !elementwise_only) {
     cublasHandle_t h;
     SHARDOPT_CUBLAS_CHECK(cublasCreate(&h));
     struct Gemm {
@@ -305,7 +308,7 @@ int main(int argc, char** argv) {
   }
 
   // One full Muon step (momentum + NS5 + apply) on 4096×4096 fp32 params and grads.
-  {
+  if (!elementwise_only) {
     const int64_t rows = 4096, cols = 4096;
     const size_t n = size_t(rows * cols);
     float* p = random_device<float>(n, 7);

@@ -8,6 +8,7 @@
 
 #include "base/env.h"
 #include "base/error.h"
+#include "base/log.h"
 #include "optim/cuda/compact_kernels.h"
 #include "optim/cuda/cuda_check.h"
 #include "optim/elementwise_kernels.h"
@@ -111,6 +112,8 @@ void CompactElementwiseOptimizerCuda::set_slices(std::span<const DeviceCompactSl
   aligned_chunk_count_ = static_cast<size_t>(unaligned - table.begin());
   upload_table(&device_table_, &table_bytes_, table.data(), table.size() * sizeof(detail::CompactChunk));
   chunk_count_ = table.size();
+  log::debug("CompactElementwiseOptimizerCuda({}): {} kernel; {} of {} chunks aligned for the vector kernel",
+             optim::optimizer_kind_name(kind_), compact_kernel_name(kernel_), aligned_chunk_count_, chunk_count_);
 }
 
 void CompactElementwiseOptimizerCuda::step(const optim::OptimizerParams& params, float lr, int64_t step,

@@ -1,9 +1,10 @@
 // GPU figures: Newton–Schulz (NS5) on cuBLAS bf16 for single and batched matrices, the device's
 // own bf16 GEMM rate, copy bandwidth and AdamW-shaped in-place RMW bandwidth measured in the same
-// run, the fused AdamW step's bandwidth against both, the AdamW step with q8 state (against the fp32
-// step and the RMW ceiling), and one full Muon step. Prints figures, never
+// run, the fused AdamW step's bandwidth against both, the AdamW step with q8 state under each compact
+// kernel (warp, vector: against the fp32 step and the RMW ceiling), Muon's q8 momentum codec under
+// each kernel (against the copy bandwidth), and one full Muon step. Prints figures, never
 // passes or fails on time.
-// Usage: gpu_bench [--json] [--quick]
+// Usage: gpu_bench [--json] [--quick] [--elementwise-only]
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -55,9 +56,11 @@ T* random_device(size_t n, uint32_t seed) {
 
 int main(int argc, char** argv) {
   CLI::App app{"shardopt GPU kernels: NS5 on cuBLAS, fused AdamW, Muon step"};
-  bool json = false, quick = false;
+  bool json = false, quick = false, elementwise_only = false;
   bench::add_json_flag(app, json);
   app.add_flag("--quick", quick, "small shapes only (smoke run)");
+  app.add_flag("--elementwise-only", elementwise_only,
+               "the ceilings and the element-wise rows only (fp32 and q8 AdamW, q8 momentum codec): no GEMM, NS, Muon");
   CLI11_PARSE(app, argc, argv);
   emit = bench::Emitter(json);
   if (device_count() == 0) {
@@ -79,7 +82,7 @@ int main(int argc, char** argv) {
 
   // The device's bf16 GEMM rate through cuBLAS (fp32 accumulation), 8192³.
   double gemm_tflops = 0;
-  {
+  if (!elementwise_only) {
     const int n = 8192;
     auto* a = random_device<uint16_t>(size_t(n) * n, 1);
     auto* b = random_device<uint16_t>(size_t(n) * n, 2);
@@ -109,6 +112,7 @@ int main(int argc, char** argv) {
   };
   std::vector<Shape> shapes = {{1024, 1024, 1}, {2048, 2048, 1}, {4096, 4096, 1}, {4096, 11008, 1},
                                {11008, 4096, 1}, {1024, 1024, 16}, {2048, 2048, 8}};
+  if (elementwise_only) shapes.clear();
   for (const Shape& sh : shapes) {
     const size_t n = size_t(sh.rows * sh.cols * sh.batch);
     auto* in = random_device<uint16_t>(n, 3);
@@ -134,7 +138,7 @@ int main(int argc, char** argv) {
 
   // The GEMM shapes of NS on llama-1b's matrices, in every operand layout cuBLAS offers: which layout
   // runs fastest for X·Xᵀ (p×p×q) and B·X (p×q×p), the two products that dominate the Muon phase.
-  if (!quick) {
+  if (!quick && !elementwise_only) {
     cublasHandle_t h;
     SHARDOPT_CUBLAS_CHECK(cublasCreate(&h));
     struct Gemm {
@@ -205,16 +209,18 @@ int main(int argc, char** argv) {
   }
 
   // AdamW with q8 state (optim/cuda/compact_elementwise.h) over the same 64 Mi elements in 16 slices,
-  // fp32 grads, no mirror: bytes are p, g read, p written (12 B), m and v codes read and written
-  // (4 B), and each 256-element block's two absmax read and written (16 B per block).
+  // fp32 grads, no mirror, under each kernel (CompactKernel: warp, vector; same results): bytes are
+  // p, g read, p written (12 B), m and v codes read and written (4 B), and each 256-element block's
+  // two absmax read and written (16 B per block). The slices are aligned (cudaMalloc'd buffers,
+  // 4 Mi-element slices): the vector kernel's wide accesses throughout (aligned_chunks).
   {
     const size_t total = size_t(64) << 20, slices = 16, per = total / slices, blocks = total / 256;
     float* p = random_device<float>(total, 4);
     float* g = random_device<float>(total, 5);
     uint8_t* codes = nullptr;
     float* absmax = random_device<float>(2 * blocks, 6);
+    float* absmax_start = random_device<float>(2 * blocks, 6);
     SHARDOPT_CUDA_CHECK(cudaMalloc(&codes, 2 * total));
-    SHARDOPT_CUDA_CHECK(cudaMemset(codes, 0x55, 2 * total));  // mid-range codes, decoded against |absmax|
     std::vector<DeviceCompactSlice> sl;
     for (size_t i = 0; i < slices; ++i) {
       DeviceCompactSlice d;
@@ -231,23 +237,78 @@ int main(int argc, char** argv) {
     }
     const optim::OptimizerParams params =
         optim::resolve_optimizer_config(optim::default_optimizer_config(proto::OPTIMIZER_ADAMW));
-    CompactElementwiseOptimizerCuda opt(params, proto::STATE_Q8, DType::kF32);
-    opt.set_slices(sl);
-    int64_t t = 1;
-    const double s = bench::median_event_seconds([&] { opt.step(params, float(params.lr), t++, nullptr); }, 3, reps);
     const double bytes = double(total) * (12 + 4) + double(blocks) * 16;
-    emit({{"bench", "adamw_q8_state"}, {"elements", total}, {"slices", slices}, {"seconds", s},
-          {"bytes_moved", bytes}, {"gbytes_per_s", bytes / s / 1e9},
-          {"time_ratio_vs_f32_adamw", s / adamw_f32_seconds},
-          {"ratio_vs_rmw_ceiling", bytes / s / 1e9 / rmw.gbytes_per_s}});
+    double warp_seconds = 0;
+    for (CompactKernel kernel : {CompactKernel::kWarp, CompactKernel::kVector}) {
+      // The same starting state for each kernel: mid-range codes, decoded against |absmax|.
+      SHARDOPT_CUDA_CHECK(cudaMemset(codes, 0x55, 2 * total));
+      SHARDOPT_CUDA_CHECK(cudaMemcpy(absmax, absmax_start, 2 * blocks * sizeof(float), cudaMemcpyDeviceToDevice));
+      CompactElementwiseOptimizerCuda opt(params, proto::STATE_Q8, DType::kF32, kernel);
+      opt.set_slices(sl);
+      int64_t t = 1;
+      const double s = bench::median_event_seconds([&] { opt.step(params, float(params.lr), t++, nullptr); }, 3, reps);
+      if (kernel == CompactKernel::kWarp) warp_seconds = s;
+      emit({{"bench", "adamw_q8_state"}, {"kernel", std::string(compact_kernel_name(kernel))},
+            {"elements", total}, {"slices", slices}, {"chunks", opt.chunk_count()},
+            {"aligned_chunks", opt.aligned_chunk_count()}, {"seconds", s}, {"bytes_moved", bytes},
+            {"gbytes_per_s", bytes / s / 1e9}, {"time_ratio_vs_f32_adamw", s / adamw_f32_seconds},
+            {"time_ratio_vs_warp_kernel", s / warp_seconds},
+            {"ratio_vs_rmw_ceiling", bytes / s / 1e9 / rmw.gbytes_per_s}});
+    }
     cudaFree(p);
     cudaFree(g);
+    cudaFree(codes);
+    cudaFree(absmax);
+    cudaFree(absmax_start);
+  }
+
+  // Muon's compact momentum codec (CompactCodecCuda, signed q8) over 64 Mi elements in 16 arrays,
+  // under each kernel: decode reads the codes and absmax and writes fp32 (5 B per element + 4 B per
+  // block), encode the reverse; against the device copy bandwidth (read + write).
+  {
+    const size_t total = size_t(64) << 20, arrays = 16, per = total / arrays, blocks = total / 256;
+    float* f32 = random_device<float>(total, 10);
+    uint8_t* codes = nullptr;
+    float* absmax = nullptr;
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&codes, total));
+    SHARDOPT_CUDA_CHECK(cudaMalloc(&absmax, blocks * sizeof(float)));
+    std::vector<DeviceCompactArray> ar;
+    for (size_t i = 0; i < arrays; ++i) {
+      DeviceCompactArray a;
+      a.state.dtype = proto::STATE_Q8;
+      a.state.values = codes + i * per;
+      a.state.absmax = absmax + i * per / 256;
+      a.f32 = f32 + i * per;
+      a.count = per;
+      ar.push_back(a);
+    }
+    const double bytes = double(total) * 5 + double(blocks) * 4;
+    double warp_seconds[2] = {0, 0};
+    for (CompactKernel kernel : {CompactKernel::kWarp, CompactKernel::kVector}) {
+      CompactCodecCuda codec(kernel);
+      codec.set_arrays(ar);
+      for (bool encode : {true, false}) {
+        const double s = bench::median_event_seconds(
+            [&] {
+              if (encode) codec.encode(nullptr);
+              else codec.decode(nullptr);
+            },
+            3, reps);
+        if (kernel == CompactKernel::kWarp) warp_seconds[encode] = s;
+        emit({{"bench", "q8_momentum_codec"}, {"kernel", std::string(compact_kernel_name(kernel))},
+              {"direction", encode ? "encode" : "decode"}, {"elements", total}, {"arrays", arrays},
+              {"aligned_chunks", codec.aligned_chunk_count()}, {"seconds", s}, {"bytes_moved", bytes},
+              {"gbytes_per_s", bytes / s / 1e9}, {"time_ratio_vs_warp_kernel", s / warp_seconds[encode]},
+              {"ratio_vs_memcpy", bytes / s / 1e9 / copy_gbps}});
+      }
+    }
+    cudaFree(f32);
     cudaFree(codes);
     cudaFree(absmax);
   }
 
   // One full Muon step (momentum + NS5 + apply) on 4096×4096 fp32 params and grads.
-  {
+  if (!elementwise_only) {
     const int64_t rows = 4096, cols = 4096;
     const size_t n = size_t(rows * cols);
     float* p = random_device<float>(n, 7);

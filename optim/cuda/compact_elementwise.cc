@@ -6,7 +6,9 @@
 
 #include <fmt/format.h>
 
+#include "base/env.h"
 #include "base/error.h"
+#include "base/log.h"
 #include "optim/cuda/compact_kernels.h"
 #include "optim/cuda/cuda_check.h"
 #include "optim/elementwise_kernels.h"
@@ -28,10 +30,27 @@ detail::ElementwiseKind kernel_kind(optim::OptimizerKind kind) {
 
 }  // namespace
 
+CompactKernel parse_compact_kernel(std::string_view name, std::string_view what) {
+  if (name == "warp") return CompactKernel::kWarp;
+  if (name == "vector") return CompactKernel::kVector;
+  throw ConfigError(fmt::format("{}='{}': expected warp or vector", what, name));
+}
+
+std::string_view compact_kernel_name(CompactKernel kernel) {
+  return kernel == CompactKernel::kVector ? "vector" : "warp";
+}
+
+CompactKernel default_compact_kernel() {
+  static const CompactKernel kernel =
+      parse_compact_kernel(env::get_string("SHARDOPT_CUDA_COMPACT_KERNEL"), "SHARDOPT_CUDA_COMPACT_KERNEL");
+  return kernel;
+}
+
 CompactElementwiseOptimizerCuda::CompactElementwiseOptimizerCuda(const optim::OptimizerParams& params,
-                                                                 optim::StateDType state_dtype, DType grad_dtype)
+                                                                 optim::StateDType state_dtype, DType grad_dtype,
+                                                                 CompactKernel kernel)
     : kind_(params.kind), state_dtype_(state_dtype), grad_bf16_(grad_dtype == DType::kBF16),
-      state_slots_(optim::state_values_per_element(params)) {
+      state_slots_(optim::state_values_per_element(params)), kernel_(kernel) {
   const std::string kind = optim::optimizer_kind_name(params.kind);
   if (params.kind != proto::OPTIMIZER_ADAMW && params.kind != proto::OPTIMIZER_LION &&
       params.kind != proto::OPTIMIZER_SGD)
@@ -84,8 +103,17 @@ void CompactElementwiseOptimizerCuda::set_slices(std::span<const DeviceCompactSl
       table.push_back(c);
     }
   }
+  // The vector kernel takes the chunks aligned for its wide accesses first, the others in a second
+  // launch (the order of chunks does not matter otherwise: they are disjoint).
+  const auto unaligned = std::stable_partition(table.begin(), table.end(), [&](const detail::CompactChunk& c) {
+    return detail::compact_chunk_run_aligned(c, state_slots_, static_cast<uint32_t>(value_size),
+                                             static_cast<uint32_t>(grad_size));
+  });
+  aligned_chunk_count_ = static_cast<size_t>(unaligned - table.begin());
   upload_table(&device_table_, &table_bytes_, table.data(), table.size() * sizeof(detail::CompactChunk));
   chunk_count_ = table.size();
+  log::debug("CompactElementwiseOptimizerCuda({}): {} kernel; {} of {} chunks aligned for the vector kernel",
+             optim::optimizer_kind_name(kind_), compact_kernel_name(kernel_), aligned_chunk_count_, chunk_count_);
 }
 
 void CompactElementwiseOptimizerCuda::step(const optim::OptimizerParams& params, float lr, int64_t step,
@@ -129,9 +157,11 @@ void CompactElementwiseOptimizerCuda::step(const optim::OptimizerParams& params,
       break;
     }
   }
-  detail::launch_compact_elementwise(kernel_kind(kind_), state_dtype_ == proto::STATE_Q8, grad_bf16_,
+  detail::launch_compact_elementwise(kernel_ == CompactKernel::kVector, kernel_kind(kind_),
+                                     state_dtype_ == proto::STATE_Q8, grad_bf16_,
                                      static_cast<const detail::CompactChunk*>(device_table_),
-                                     static_cast<int>(chunk_count_), s, stream);
+                                     static_cast<int>(chunk_count_), static_cast<int>(aligned_chunk_count_), s,
+                                     stream);
   SHARDOPT_CUDA_CHECK_LAUNCH();
 }
 
@@ -166,19 +196,26 @@ void CompactCodecCuda::set_arrays(std::span<const DeviceCompactArray> arrays) {
       table.push_back(c);
     }
   }
+  const uint32_t value_bytes = q8_ ? 1 : 2;
+  const auto unaligned = std::stable_partition(table.begin(), table.end(), [&](const detail::CompactCodecChunk& c) {
+    return detail::compact_codec_chunk_run_aligned(c, value_bytes);
+  });
+  aligned_chunk_count_ = static_cast<size_t>(unaligned - table.begin());
   upload_table(&device_table_, &table_bytes_, table.data(), table.size() * sizeof(detail::CompactCodecChunk));
   chunk_count_ = table.size();
 }
 
 void CompactCodecCuda::decode(cudaStream_t stream) const {
-  detail::launch_compact_codec(false, q8_, static_cast<const detail::CompactCodecChunk*>(device_table_),
-                               static_cast<int>(chunk_count_), stream);
+  detail::launch_compact_codec(kernel_ == CompactKernel::kVector, false, q8_,
+                               static_cast<const detail::CompactCodecChunk*>(device_table_),
+                               static_cast<int>(chunk_count_), static_cast<int>(aligned_chunk_count_), stream);
   SHARDOPT_CUDA_CHECK_LAUNCH();
 }
 
 void CompactCodecCuda::encode(cudaStream_t stream) const {
-  detail::launch_compact_codec(true, q8_, static_cast<const detail::CompactCodecChunk*>(device_table_),
-                               static_cast<int>(chunk_count_), stream);
+  detail::launch_compact_codec(kernel_ == CompactKernel::kVector, true, q8_,
+                               static_cast<const detail::CompactCodecChunk*>(device_table_),
+                               static_cast<int>(chunk_count_), static_cast<int>(aligned_chunk_count_), stream);
   SHARDOPT_CUDA_CHECK_LAUNCH();
 }
 

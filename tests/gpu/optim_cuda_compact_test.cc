@@ -1,8 +1,10 @@
 // CompactElementwiseOptimizerCuda (q8 / bf16 state on the GPU) against the CPU step
 // optim::elementwise_step_compact on the same inputs, one step at a time over several steps (the
 // device starts every step from the CPU's state, so each comparison is of one step), over many
-// slices placed at odd offsets of one buffer, of lengths that end mid-block (short last blocks),
-// and a slice longer than a chunk. Skips with a message without a CUDA device.
+// slices of lengths that end mid-block (short last blocks) and a slice longer than a chunk, placed
+// at odd offsets of one buffer (most slices then miss the vector kernel's alignment: its
+// element-by-element path) or at aligned ones (its wide accesses). Every device case runs under
+// both kernels (CompactKernel kWarp and kVector). Skips with a message without a CUDA device.
 //
 // Tolerances. The device kernel evaluates the CPU formulas in the CPU source's order with
 // explicitly rounded operations (no FMA), so against the CPU's portable build (max_isa = Isa::kPortable,
@@ -25,6 +27,7 @@
 // The measured counts (bitwise-equal parameters, flipped codes) are printed per case.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -35,6 +38,7 @@
 #include "base/error.h"
 #include "optim/compact_step.h"
 #include "optim/cuda/compact_elementwise.h"
+#include "optim/cuda/compact_kernels.h"
 #include "optim/quant8.h"
 #include "optim/quant8_codec.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -78,11 +82,22 @@ struct Layout {
   size_t params = 0, values = 0, absmax = 0;  // totals (values: elements per slot)
 };
 
-Layout make_layout(const std::vector<size_t>& counts) {
+// Where the slices lie in their buffers (all of them cudaMalloc'd, so 256-byte aligned).
+enum class Placement {
+  kOddOffsets,  // a gap of 3 before each slice's parameters, values back to back: mostly misaligned
+  kAligned,     // parameters and values at multiples of 4 elements: every pointer run-aligned
+};
+
+Layout make_layout(const std::vector<size_t>& counts, Placement placement = Placement::kOddOffsets) {
   Layout l;
   l.counts = counts;
+  const auto round4 = [](size_t x) { return (x + 3) / 4 * 4; };
   for (size_t n : counts) {
-    l.params += 3;  // odd gaps: slices at arbitrary alignment in the parameter buffer
+    l.params += 3;  // gaps: slices at arbitrary alignment in the parameter buffer
+    if (placement == Placement::kAligned) {
+      l.params = round4(l.params);
+      l.values = round4(l.values);
+    }
     l.param_offset.push_back(l.params);
     l.params += n;
     l.value_offset.push_back(l.values);
@@ -91,6 +106,18 @@ Layout make_layout(const std::vector<size_t>& counts) {
     l.absmax += static_cast<size_t>(optim::q8_num_blocks(static_cast<int64_t>(n)));
   }
   return l;
+}
+
+// Chunks of a layout whose pointers are all aligned for the vector kernel's runs of 4 elements
+// (every array: parameters, grads and mirror share the parameter offset, state values the value
+// offset; 4-element runs are 16, 8 or 4 bytes, so an offset that is a multiple of 4 elements is
+// aligned for every dtype here, and any other offset is misaligned for the fp32 parameters).
+size_t expected_aligned_chunks(const Layout& l) {
+  size_t chunks = 0;
+  constexpr size_t per_chunk = cuda::CompactElementwiseOptimizerCuda::kChunkElements;
+  for (size_t i = 0; i < l.counts.size(); ++i)
+    if (l.param_offset[i] % 4 == 0 && l.value_offset[i] % 4 == 0) chunks += (l.counts[i] + per_chunk - 1) / per_chunk;
+  return chunks;
 }
 
 struct Run {
@@ -126,7 +153,9 @@ OptimizerParams params_of(proto::OptimizerKind kind) {
 
 class CompactStep {
  public:
-  CompactStep(const Case& c, const std::vector<size_t>& counts) : c_(c), l_(make_layout(counts)) {
+  CompactStep(const Case& c, const std::vector<size_t>& counts, cuda::CompactKernel kernel,
+              Placement placement = Placement::kOddOffsets)
+      : c_(c), l_(make_layout(counts, placement)), kernel_(kernel) {
     slots_ = optim::state_values_per_element(c.params);
     value_bytes_ = c.state == proto::STATE_BF16 ? 2 : 1;
     host_.params.assign(l_.params, 0.0f);
@@ -139,6 +168,8 @@ class CompactStep {
   }
 
   const Layout& layout() const { return l_; }
+  size_t aligned_chunks() const { return aligned_chunks_; }  // of the last step's chunk table
+  size_t chunks() const { return chunks_; }
   std::vector<float>& params() { return host_.params; }
   const std::vector<float>& host_absmax(int k) const { return host_.absmax[k]; }
   void set_grads(const std::vector<float>& g) {
@@ -212,8 +243,12 @@ class CompactStep {
     error_bounds(lr, t, before.params, old_state, f32_state);
     optim::elementwise_step_compact(c_.params, slices, compact, lr, t, optim::FiniteCheck::kNone, portable);
 
-    cuda::CompactElementwiseOptimizerCuda opt(c_.params, c_.state, c_.grad_dtype);
+    cuda::CompactElementwiseOptimizerCuda opt(c_.params, c_.state, c_.grad_dtype, kernel_);
     opt.set_slices(device);
+    // The chunks the vector kernel moves with wide accesses are those the layout aligned.
+    EXPECT_EQ(opt.aligned_chunk_count(), expected_aligned_chunks(l_)) << c_.name;
+    aligned_chunks_ = opt.aligned_chunk_count();
+    chunks_ = opt.chunk_count();
     opt.step(c_.params, lr, t, nullptr);
     CUDA_OK(cudaDeviceSynchronize());
 
@@ -393,6 +428,8 @@ class CompactStep {
 
   Case c_;
   Layout l_;
+  cuda::CompactKernel kernel_;
+  size_t aligned_chunks_ = 0, chunks_ = 0;
   int slots_ = 0;
   size_t value_bytes_ = 1;
   Run host_;
@@ -414,10 +451,17 @@ std::vector<Case> all_cases() {
 // Slices ending mid-block, exactly on a block, shorter than a block, longer than a chunk (16384).
 const std::vector<size_t> kSliceCounts = {1, 255, 256, 257, 1000, 513, 4096, 16384 + 300, 70001, 37, 2048 + 129};
 
-TEST(CompactElementwiseCuda, MatchesTheCpuStepOverSeveralSteps) {
-  SHARDOPT_REQUIRE_GPU();
+// Every device case runs under each kernel.
+class CompactKernels : public ::testing::TestWithParam<cuda::CompactKernel> {};
+std::string kernel_test_name(const ::testing::TestParamInfo<cuda::CompactKernel>& info) {
+  return std::string(cuda::compact_kernel_name(info.param));
+}
+
+class CompactElementwiseCuda : public CompactKernels {};
+
+void several_steps(cuda::CompactKernel kernel, Placement placement) {
   for (const Case& c : all_cases()) {
-    CompactStep run(c, kSliceCounts);
+    CompactStep run(c, kSliceCounts, kernel, placement);
     std::mt19937 gen(17);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     for (float& w : run.params()) w = 0.5f * normal(gen);
@@ -434,25 +478,51 @@ TEST(CompactElementwiseCuda, MatchesTheCpuStepOverSeveralSteps) {
       run.set_grads(g);
       run.step_and_compare(c.params.kind == proto::OPTIMIZER_SGD ? 1e-2f : 1e-3f, t, n);
     }
-    std::printf("[ %s %s ] parameters bitwise equal %zu / %zu; q8 codes differing %zu / %zu; bf16 values one ulp "
-                "apart %zu\n",
-                optim::optimizer_kind_name(c.params.kind).c_str(), c.name, n.param_equal, n.params, n.code_flips,
-                n.codes, n.bf16_adjacent);
+    std::printf("[ %s %s, %s kernel, %zu / %zu chunks aligned ] parameters bitwise equal %zu / %zu; q8 codes "
+                "differing %zu / %zu; bf16 values one ulp apart %zu\n",
+                optim::optimizer_kind_name(c.params.kind).c_str(), c.name,
+                std::string(cuda::compact_kernel_name(kernel)).c_str(), run.aligned_chunks(), run.chunks(),
+                n.param_equal, n.params, n.code_flips, n.codes, n.bf16_adjacent);
     EXPECT_GT(n.params, 0u);
     // A handful of boundary cases at most: more means the arithmetic is not the CPU's.
     EXPECT_LE(n.code_flips, n.codes / 1000) << c.name;
+    // Both kernels evaluate the portable build's operations in its order (only the work split
+    // differs), so nothing may differ at all (on the H200 the warp kernel gave 0 differences here).
+    EXPECT_EQ(n.param_equal, n.params) << c.name;
+    EXPECT_EQ(n.code_flips, 0u) << c.name;
+    EXPECT_EQ(n.bf16_adjacent, 0u) << c.name;
+    // Both access paths of the vector kernel are exercised: aligned chunks only, or a mix.
+    if (placement == Placement::kAligned) {
+      EXPECT_EQ(run.aligned_chunks(), run.chunks()) << c.name;
+    } else {
+      EXPECT_LT(run.aligned_chunks(), run.chunks()) << c.name;
+    }
   }
+}
+
+// Slices at odd offsets: most chunks take the vector kernel's element-by-element path.
+TEST_P(CompactElementwiseCuda, MatchesTheCpuStepOverSeveralSteps) {
+  SHARDOPT_REQUIRE_GPU();
+  several_steps(GetParam(), Placement::kOddOffsets);
+}
+
+// Slices at aligned offsets: every chunk takes the vector kernel's wide accesses.
+TEST_P(CompactElementwiseCuda, MatchesTheCpuStepOverSeveralStepsAlignedSlices) {
+  SHARDOPT_REQUIRE_GPU();
+  several_steps(GetParam(), Placement::kAligned);
 }
 
 // Zero, subnormal, huge (v overflows to +Inf) and non-finite gradients, two steps (the second from
 // a state with +Inf / NaN absmax), against the CPU step and against the documented semantics.
-TEST(CompactElementwiseCuda, ZeroTinyHugeAndNonFiniteValuesMatchTheCpuStep) {
+TEST_P(CompactElementwiseCuda, ZeroTinyHugeAndNonFiniteValuesMatchTheCpuStep) {
   SHARDOPT_REQUIRE_GPU();
+  for (Placement placement : {Placement::kOddOffsets, Placement::kAligned})
   for (auto kind : {proto::OPTIMIZER_ADAMW, proto::OPTIMIZER_LION, proto::OPTIMIZER_SGD}) {
     Case c{"q8 special values", params_of(kind), proto::STATE_Q8, DType::kF32, false};
     // One slice of 7 blocks (the last one short): zeros, subnormal, tiny (g^2 subnormal), huge,
-    // a NaN, a +Inf, ordinary values.
-    CompactStep run(c, {6 * 256 + 100});
+    // a NaN, a +Inf, ordinary values; misaligned (offset 3) and aligned, so that both access paths
+    // of the vector kernel see them.
+    CompactStep run(c, {6 * 256 + 100}, GetParam(), placement);
     for (float& w : run.params()) w = 0.25f;
     std::vector<float> g(run.layout().params, 0.0f);
     const size_t o = run.layout().param_offset[0];
@@ -470,8 +540,10 @@ TEST(CompactElementwiseCuda, ZeroTinyHugeAndNonFiniteValuesMatchTheCpuStep) {
     Counts n;
     run.step_and_compare(1e-3f, 1, n);
     run.step_and_compare(1e-3f, 2, n);
-    std::printf("[ %s special values ] parameters bitwise equal %zu / %zu; codes differing %zu / %zu\n",
-                optim::optimizer_kind_name(kind).c_str(), n.param_equal, n.params, n.code_flips, n.codes);
+    std::printf("[ %s special values, %s kernel, %s ] parameters bitwise equal %zu / %zu; codes differing %zu / %zu\n",
+                optim::optimizer_kind_name(kind).c_str(), std::string(cuda::compact_kernel_name(GetParam())).c_str(),
+                placement == Placement::kAligned ? "aligned" : "misaligned", n.param_equal, n.params, n.code_flips,
+                n.codes);
     // Documented semantics, on the CPU result (the device one equals it, above): a zero block keeps
     // absmax 0 and code 0, and (AdamW, Lion: no update from a zero state and gradient) its
     // parameters only decay (SGD's coupled weight decay moves them); the NaN gradient's block gets a
@@ -498,28 +570,37 @@ TEST(CompactElementwiseCuda, ZeroTinyHugeAndNonFiniteValuesMatchTheCpuStep) {
   }
 }
 
+class CompactCodecCuda : public CompactKernels {};
+
 // CompactCodecCuda (compact Muon momentum on the device) against the host's store_compact /
 // load_compact: codes, absmax and decoded values bit for bit, over arrays at odd block offsets of
 // one buffer, of lengths that end mid-block, one longer than a chunk, with zero, subnormal, huge,
-// NaN and Inf blocks. Encode rounds with the same IEEE operations (1 / absmax, x * r or x / absmax)
+// NaN and Inf blocks; on the device at aligned offsets (array i's values and f32 copy start on a
+// block boundary), then shifted by i elements (only arrays 0 and 4 stay aligned for the vector
+// kernel's runs). Encode rounds with the same IEEE operations (1 / absmax, x * r or x / absmax)
 // and the shared code functions, so there is no tolerance: a difference is a bug.
-TEST(CompactCodecCuda, EncodeAndDecodeEqualTheHostBitForBit) {
+TEST_P(CompactCodecCuda, EncodeAndDecodeEqualTheHostBitForBit) {
   SHARDOPT_REQUIRE_GPU();
   const std::vector<int64_t> lengths = {1, 255, 256, 257, 3 * 256 + 17,
                                         int64_t(cuda::CompactElementwiseOptimizerCuda::kChunkElements) + 300};
+  for (bool shifted : {false, true})
   for (auto dtype : {proto::STATE_Q8, proto::STATE_BF16}) {
-    SCOPED_TRACE(optim::state_dtype_name(dtype));
+    SCOPED_TRACE(optim::state_dtype_name(dtype) + (shifted ? ", device arrays shifted" : ", device arrays aligned"));
     const bool q8 = dtype == proto::STATE_Q8;
-    // Arrays laid out one after another, each starting on a block boundary of the value buffer.
-    std::vector<int64_t> start;
+    const size_t value_size = q8 ? 1 : 2;
+    // Arrays laid out one after another, each starting on a block boundary of the value buffer (on
+    // the host; on the device `shift` elements later, in the values and in the f32 copies).
+    std::vector<int64_t> start, shift;
     int64_t total = 0, blocks = 0;
     std::vector<int64_t> first_block;
     for (int64_t n : lengths) {
+      shift.push_back(shifted ? static_cast<int64_t>(start.size()) : 0);
       start.push_back(total);
       first_block.push_back(blocks);
       total += optim::q8_num_blocks(n) * 256;
       blocks += optim::q8_num_blocks(n);
     }
+    const size_t device_total = static_cast<size_t>(total + shift.back());
     std::vector<float> x = random_floats(static_cast<size_t>(total), 17, 0.3f);
     // Special blocks in the long array: zeros, subnormals, huge, a NaN, an Inf.
     const int64_t at = start.back();
@@ -530,35 +611,49 @@ TEST(CompactCodecCuda, EncodeAndDecodeEqualTheHostBitForBit) {
     }
     x[at + 3 * 256 + 5] = std::nanf("");
     x[at + 4 * 256 + 9] = -INFINITY;
-    const size_t value_bytes = static_cast<size_t>(total) * (q8 ? 1 : 2);
-    std::vector<unsigned char> host_values(value_bytes);
+    std::vector<float> device_x(device_total, 0.0f);
+    for (size_t i = 0; i < lengths.size(); ++i)
+      std::copy_n(x.begin() + start[i], lengths[i], device_x.begin() + start[i] + shift[i]);
+    std::vector<unsigned char> host_values(static_cast<size_t>(total) * value_size);
     std::vector<float> host_absmax(static_cast<size_t>(blocks));
-    DeviceBuffer<unsigned char> dev_values(value_bytes);
+    DeviceBuffer<unsigned char> dev_values(device_total * value_size);
     DeviceBuffer<float> dev_absmax(static_cast<size_t>(std::max<int64_t>(blocks, 1)));
-    DeviceBuffer<float> dev_x(x);
-    DeviceBuffer<float> dev_decoded(x.size());
-    // Array i's storage in a values buffer and an absmax buffer (host or device).
-    auto state_of = [&](size_t i, unsigned char* values, float* absmax) {
+    DeviceBuffer<float> dev_x(device_x);
+    DeviceBuffer<float> dev_decoded(device_total);
+    // Array i's storage in a values buffer and an absmax buffer, at element `at` of the values.
+    auto state_of = [&](size_t i, unsigned char* values, int64_t at, float* absmax) {
       optim::CompactState st;
       st.dtype = dtype;
-      st.values = values + start[i] * (q8 ? 1 : 2);
+      st.values = values + at * value_size;
       st.absmax = q8 ? absmax + first_block[i] : nullptr;
       return st;
     };
     std::vector<cuda::DeviceCompactArray> encode_arrays, decode_arrays;
+    size_t expected_aligned = 0;
     for (size_t i = 0; i < lengths.size(); ++i) {
-      optim::store_compact(state_of(i, host_values.data(), host_absmax.data()), lengths[i], x.data() + start[i]);
+      optim::store_compact(state_of(i, host_values.data(), start[i], host_absmax.data()), lengths[i],
+                           x.data() + start[i]);
       cuda::DeviceCompactArray a;
-      a.state = state_of(i, dev_values.get(), dev_absmax.get());
+      a.state = state_of(i, dev_values.get(), start[i] + shift[i], dev_absmax.get());
       a.count = static_cast<size_t>(lengths[i]);
-      a.f32 = dev_x.get() + start[i];
+      a.f32 = dev_x.get() + start[i] + shift[i];
       encode_arrays.push_back(a);
-      a.f32 = dev_decoded.get() + start[i];
+      a.f32 = dev_decoded.get() + start[i] + shift[i];
       decode_arrays.push_back(a);
+      // start is a multiple of 256: aligned for runs of 4 elements exactly when the shift is.
+      if (shift[i] % 4 == 0)
+        expected_aligned += (a.count + cuda::CompactElementwiseOptimizerCuda::kChunkElements - 1) /
+                            cuda::CompactElementwiseOptimizerCuda::kChunkElements;
     }
-    cuda::CompactCodecCuda encoder, decoder;
+    cuda::CompactCodecCuda encoder(GetParam()), decoder(GetParam());
     encoder.set_arrays(encode_arrays);
     decoder.set_arrays(decode_arrays);
+    EXPECT_EQ(encoder.aligned_chunk_count(), expected_aligned);
+    if (shifted) {
+      EXPECT_LT(encoder.aligned_chunk_count(), encoder.chunk_count());
+    } else {
+      EXPECT_EQ(encoder.aligned_chunk_count(), encoder.chunk_count());
+    }
     encoder.encode(nullptr);
     decoder.decode(nullptr);
     CUDA_OK(cudaDeviceSynchronize());
@@ -567,11 +662,11 @@ TEST(CompactCodecCuda, EncodeAndDecodeEqualTheHostBitForBit) {
     std::vector<float> host_decoded(x.size(), 0.0f);
     size_t value_diffs = 0, decoded_diffs = 0, absmax_diffs = 0;
     for (size_t i = 0; i < lengths.size(); ++i) {
-      optim::load_compact(state_of(i, host_values.data(), host_absmax.data()), lengths[i],
+      optim::load_compact(state_of(i, host_values.data(), start[i], host_absmax.data()), lengths[i],
                           host_decoded.data() + start[i]);
       for (int64_t e = 0; e < lengths[i]; ++e) {
-        const size_t k = static_cast<size_t>(start[i] + e);
-        const float h = host_decoded[k], d = got_decoded[k];
+        const size_t k = static_cast<size_t>(start[i] + e), dk = static_cast<size_t>(start[i] + shift[i] + e);
+        const float h = host_decoded[k], d = got_decoded[dk];
         if (!std::isfinite(x[k])) {
           // A NaN input, or -Inf / +Inf absmax = an invalid operation: its NaN's sign is the
           // platform's (x86's default NaN is negative, CUDA's positive), and the sign lands in the
@@ -582,11 +677,11 @@ TEST(CompactCodecCuda, EncodeAndDecodeEqualTheHostBitForBit) {
         }
         decoded_diffs += !(std::isnan(h) && std::isnan(d)) && bits(h) != bits(d);
         if (q8) {
-          value_diffs += got_values[k] != host_values[k];
+          value_diffs += got_values[dk] != host_values[k];
         } else {
           uint16_t hv, dv;
           std::memcpy(&hv, host_values.data() + 2 * k, 2);
-          std::memcpy(&dv, got_values.data() + 2 * k, 2);
+          std::memcpy(&dv, got_values.data() + 2 * dk, 2);
           value_diffs += hv != dv;
         }
       }
@@ -605,7 +700,7 @@ TEST(CompactCodecCuda, EncodeAndDecodeEqualTheHostBitForBit) {
   }
 }
 
-TEST(CompactCodecCuda, RefusesMixedOrUnsignedArrays) {
+TEST(CompactCodecCudaConfig, RefusesMixedOrUnsignedArrays) {
   // Checked on the host: no device needed.
   float dummy = 0;
   cuda::DeviceCompactArray q8, bf;
@@ -627,7 +722,7 @@ TEST(CompactCodecCuda, RefusesMixedOrUnsignedArrays) {
   EXPECT_THROW(codec.set_arrays({&f32, 1}), ConfigError);
 }
 
-TEST(CompactElementwiseCuda, RefusesWhatTheCpuStepRefuses) {
+TEST(CompactElementwiseCudaConfig, RefusesWhatTheCpuStepRefuses) {
   // Construction checks run on the host: no device needed.
   EXPECT_THROW({ cuda::CompactElementwiseOptimizerCuda o(params_of(proto::OPTIMIZER_ADAMW), proto::STATE_F32, DType::kF32); },
                ConfigError);
@@ -648,6 +743,75 @@ TEST(CompactElementwiseCuda, RefusesWhatTheCpuStepRefuses) {
   s.state[1] = s.state[0];  // v must use the unsigned code
   EXPECT_THROW(opt.set_slices({&s, 1}), ConfigError);
 }
+
+// The vector kernel's alignment rule, on the host: a chunk is run-aligned when each of its arrays is
+// aligned to 4 of its elements (fp32 16 bytes, bf16 8, q8 codes 4); an absent mirror or slot does
+// not count. Each pointer is misaligned in turn by one element.
+TEST(CompactKernelConfig, ChunksAreRunAlignedWhenEveryArrayIs) {
+  alignas(16) static unsigned char buffer[4096];
+  for (uint32_t grad_bytes : {4u, 2u})
+    for (uint32_t value_bytes : {1u, 2u})
+      for (int slots : {1, 2}) {
+        SCOPED_TRACE(::testing::Message() << "grad bytes " << grad_bytes << ", value bytes " << value_bytes
+                                          << ", slots " << slots);
+        cuda::detail::CompactChunk c{};
+        c.param = reinterpret_cast<float*>(buffer);
+        c.grad = buffer + 1024;
+        c.mirror = reinterpret_cast<uint16_t*>(buffer + 2048);
+        c.values[0] = buffer + 3072;
+        c.values[1] = slots > 1 ? buffer + 3584 : buffer + 1;  // an unused slot's pointer is ignored
+        c.count = 100;
+        EXPECT_TRUE(cuda::detail::compact_chunk_run_aligned(c, slots, value_bytes, grad_bytes));
+        cuda::detail::CompactChunk no_mirror = c;
+        no_mirror.mirror = nullptr;
+        EXPECT_TRUE(cuda::detail::compact_chunk_run_aligned(no_mirror, slots, value_bytes, grad_bytes));
+        // One element off, for each array in turn.
+        cuda::detail::CompactChunk off = c;
+        off.param = c.param + 1;
+        EXPECT_FALSE(cuda::detail::compact_chunk_run_aligned(off, slots, value_bytes, grad_bytes)) << "param";
+        off = c;
+        off.grad = static_cast<const unsigned char*>(c.grad) + grad_bytes;
+        EXPECT_FALSE(cuda::detail::compact_chunk_run_aligned(off, slots, value_bytes, grad_bytes)) << "grad";
+        off = c;
+        off.mirror = c.mirror + 1;
+        EXPECT_FALSE(cuda::detail::compact_chunk_run_aligned(off, slots, value_bytes, grad_bytes)) << "mirror";
+        for (int k = 0; k < slots; ++k) {
+          off = c;
+          off.values[k] = static_cast<unsigned char*>(c.values[k]) + value_bytes;
+          EXPECT_FALSE(cuda::detail::compact_chunk_run_aligned(off, slots, value_bytes, grad_bytes)) << "slot " << k;
+        }
+      }
+  cuda::detail::CompactCodecChunk codec{};
+  codec.values = buffer;
+  codec.f32 = reinterpret_cast<float*>(buffer + 1024);
+  for (uint32_t value_bytes : {1u, 2u}) {
+    EXPECT_TRUE(cuda::detail::compact_codec_chunk_run_aligned(codec, value_bytes));
+    cuda::detail::CompactCodecChunk off = codec;
+    off.values = buffer + value_bytes;
+    EXPECT_FALSE(cuda::detail::compact_codec_chunk_run_aligned(off, value_bytes));
+    off = codec;
+    off.f32 = codec.f32 + 1;
+    EXPECT_FALSE(cuda::detail::compact_codec_chunk_run_aligned(off, value_bytes));
+  }
+}
+
+TEST(CompactKernelConfig, NamesParseAndBadNamesAreRefused) {
+  for (cuda::CompactKernel k : {cuda::CompactKernel::kWarp, cuda::CompactKernel::kVector})
+    EXPECT_EQ(cuda::parse_compact_kernel(cuda::compact_kernel_name(k), "test"), k);
+  EXPECT_NE(cuda::compact_kernel_name(cuda::CompactKernel::kWarp),
+            cuda::compact_kernel_name(cuda::CompactKernel::kVector));
+  try {
+    cuda::parse_compact_kernel("vectorized", "SHARDOPT_CUDA_COMPACT_KERNEL");
+    ADD_FAILURE() << "no ConfigError for 'vectorized'";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("SHARDOPT_CUDA_COMPACT_KERNEL='vectorized'"), std::string::npos) << e.what();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, CompactElementwiseCuda,
+                         ::testing::Values(cuda::CompactKernel::kWarp, cuda::CompactKernel::kVector), kernel_test_name);
+INSTANTIATE_TEST_SUITE_P(Kernels, CompactCodecCuda,
+                         ::testing::Values(cuda::CompactKernel::kWarp, cuda::CompactKernel::kVector), kernel_test_name);
 
 }  // namespace
 }  // namespace shardopt::testing

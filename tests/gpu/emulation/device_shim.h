@@ -1,8 +1,9 @@
 // Host emulation of the device features optim/cuda/compact_kernels.cu uses, for
-// scripts/emulate-compact-kernels (no GPU needed): kernel qualifiers compile away, the explicitly
-// rounded intrinsics are single IEEE operations (the file is compiled with -ffp-contract=off, and
-// each result goes through a volatile so that nothing fuses or stays in wider precision), and a
-// launch runs every warp of every block as 32 threads whose shuffles meet at a barrier. It checks
+// gpu_compact_emulated_test (tests/gpu/CMakeLists.txt; no GPU needed): kernel qualifiers compile
+// away, the explicitly rounded intrinsics are single IEEE operations (the file is compiled with
+// -ffp-contract=off, and each result goes through a volatile so that nothing fuses or stays in wider
+// precision), and a launch runs every warp of every block on 32 lane threads whose shuffles meet at
+// a barrier. It checks
 // what the kernels compute (indexing, tails, both access paths, the arithmetic bit for bit), not
 // the device's timing, memory model or instruction selection.
 #pragma once
@@ -58,22 +59,24 @@ inline uint32_t __shfl_xor_sync(unsigned, uint32_t x, int lane_mask) {
   return y;
 }
 
-// kernel<<<grid, threads>>>(args...): warps one after another (the kernels share nothing across
-// warps), the lanes of a warp together.
+// kernel<<<grid, threads>>>(args...): 32 lane threads (made once per launch) run every warp of every
+// block, one warp after another (the kernels share nothing across warps), meeting at the barrier
+// after each warp.
 template <typename Kernel, typename... Args>
 void emulated_launch(int grid, int threads, Kernel kernel, Args... args) {
-  for (int b = 0; b < grid; ++b)
-    for (int w = 0; w < threads / 32; ++w) {
-      EmulatedWarp warp;
-      std::vector<std::thread> lanes;
-      for (int l = 0; l < 32; ++l)
-        lanes.emplace_back([&, b, w, l] {
+  EmulatedWarp warp;
+  std::vector<std::thread> lanes;
+  for (int l = 0; l < 32; ++l)
+    lanes.emplace_back([&, l] {
+      emulated_warp = &warp;
+      emulated_lane = l;
+      for (int b = 0; b < grid; ++b)
+        for (int w = 0; w < threads / 32; ++w) {
           emulated_block_idx.x = static_cast<unsigned>(b);
           emulated_thread_idx.x = static_cast<unsigned>(w * 32 + l);
-          emulated_warp = &warp;
-          emulated_lane = l;
           kernel(args...);
-        });
-      for (auto& t : lanes) t.join();
-    }
+          warp.meet.arrive_and_wait();
+        }
+    });
+  for (auto& t : lanes) t.join();
 }

@@ -1,5 +1,5 @@
 // The CUDA runtime calls of the compact-state suites on host memory (device pointers are host
-// pointers: the emulated kernels run on the CPU), for scripts/emulate-compact-kernels.
+// pointers: the emulated kernels run on the CPU), for gpu_compact_emulated_test.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 

@@ -1,0 +1,12 @@
+# cmake -DIN=optim/cuda/compact_kernels.cu -DOUT=<file>.cc -P emulated_source.cmake
+# The kernel source as host C++ for the emulation (device_shim.h): the shim in place of cuda_bf16.h,
+# and each launch `kernel<...><<<grid, threads, 0, stream>>>(args);` a call of emulated_launch.
+file(READ "${IN}" source)
+string(REPLACE "#include <cuda_bf16.h>" "#include \"tests/gpu/emulation/device_shim.h\"" source "${source}")
+string(REGEX REPLACE "([A-Za-z_0-9]+<[^<>;]*>)<<<([^,]+), ([^,]+), 0, stream>>>\\(([^;]*)\\);"
+       "emulated_launch(\\2, \\3, \\1, \\4);" source "${source}")
+if(source MATCHES "<<<")
+  message(FATAL_ERROR "emulated_source.cmake: a kernel launch of another form is left in ${IN}; "
+                      "write it as kernel<...><<<grid, threads, 0, stream>>>(args); or extend this rule")
+endif()
+file(WRITE "${OUT}" "${source}")

@@ -1,5 +1,6 @@
-// Host emulation of the device features optim/cuda/compact_kernels.cu uses, for
-// gpu_compact_emulated_test (tests/gpu/CMakeLists.txt; no GPU needed): kernel qualifiers compile
+// Host emulation of the device features shardopt's element-wise kernels use (optim/cuda/
+// compact_kernels.cu, comm/device_reduce_kernel.cu), for the emulated GPU suites
+// (gpu_compact_emulated_test, gpu_comm_emulated_test in tests/gpu/CMakeLists.txt): kernel qualifiers compile
 // away, the explicitly rounded intrinsics are single IEEE operations (the file is compiled with
 // -ffp-contract=off, and each result goes through a volatile so that nothing fuses or stays in wider
 // precision), and a launch runs every warp of every block on 32 lane threads whose shuffles meet at
@@ -9,6 +10,7 @@
 #pragma once
 
 #include <cuda_bf16.h>  // host implementations of __float2bfloat16_rn, __bfloat16_as_ushort
+#include <cuda_fp16.h>  // and of __half2float, __float2half_rn
 #include <cuda_runtime.h>
 
 #include <barrier>
@@ -30,9 +32,11 @@
 struct EmulatedIndex {
   unsigned x = 0, y = 0, z = 0;
 };
-inline thread_local EmulatedIndex emulated_thread_idx, emulated_block_idx;
+inline thread_local EmulatedIndex emulated_thread_idx, emulated_block_idx, emulated_block_dim, emulated_grid_dim;
 #define threadIdx emulated_thread_idx
 #define blockIdx emulated_block_idx
+#define blockDim emulated_block_dim
+#define gridDim emulated_grid_dim
 
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
@@ -70,6 +74,8 @@ void emulated_launch(int grid, int threads, Kernel kernel, Args... args) {
     lanes.emplace_back([&, l] {
       emulated_warp = &warp;
       emulated_lane = l;
+      emulated_block_dim.x = static_cast<unsigned>(threads);
+      emulated_grid_dim.x = static_cast<unsigned>(grid);
       for (int b = 0; b < grid; ++b)
         for (int w = 0; w < threads / 32; ++w) {
           emulated_block_idx.x = static_cast<unsigned>(b);

@@ -1,8 +1,8 @@
-# cmake -DIN=optim/cuda/compact_kernels.cu -DOUT=<file>.cc -P emulated_source.cmake
-# The kernel source as host C++ for the emulation (device_shim.h): the shim in place of cuda_bf16.h,
-# and each launch `kernel<...><<<grid, threads, 0, stream>>>(args);` a call of emulated_launch.
+# cmake -DIN=<kernels>.cu -DOUT=<file>.cc -P emulated_source.cmake
+# A kernel source as host C++ for the emulation: device_shim.h included first, and each launch
+# `kernel<...><<<grid, threads, 0, stream>>>(args);` a call of emulated_launch.
 file(READ "${IN}" source)
-string(REPLACE "#include <cuda_bf16.h>" "#include \"tests/gpu/emulation/device_shim.h\"" source "${source}")
+set(source "// Generated from ${IN} by tests/gpu/emulation/emulated_source.cmake.\n#include \"tests/gpu/emulation/device_shim.h\"\n${source}")
 string(REGEX REPLACE "([A-Za-z_0-9]+<[^<>;]*>)<<<([^,]+), ([^,]+), 0, stream>>>\\(([^;]*)\\);"
        "emulated_launch(\\2, \\3, \\1, \\4);" source "${source}")
 if(source MATCHES "<<<")

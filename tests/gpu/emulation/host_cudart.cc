@@ -1,5 +1,7 @@
-// The CUDA runtime calls of the compact-state suites on host memory (device pointers are host
-// pointers: the emulated kernels run on the CPU), for gpu_compact_emulated_test.
+// The CUDA runtime calls of the emulated GPU suites on host memory (device pointers are host
+// pointers: the emulated kernels run on the CPU, synchronously, so a stream is only a handle and
+// every copy is done when it returns), for gpu_compact_emulated_test and gpu_comm_emulated_test.
+// One device, number 0.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -23,7 +25,25 @@ cudaError_t cudaMemset(void* dst, int value, size_t n) {
   std::memset(dst, value, n);
   return cudaSuccess;
 }
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind, cudaStream_t) {
+  std::memcpy(dst, src, n);
+  return cudaSuccess;
+}
 cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
+  *stream = reinterpret_cast<cudaStream_t>(new char);  // a distinct handle
+  return cudaSuccess;
+}
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  delete reinterpret_cast<char*>(stream);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
 cudaError_t cudaGetDeviceCount(int* count) {
   *count = 1;
   return cudaSuccess;

@@ -168,6 +168,12 @@ void Engine::on_comm_memory(void* host, size_t bytes, Issue&& issue) {
   backend_->download(host, staged, bytes);
 }
 
+MemoryReport Engine::memory() const {
+  MemoryReport r = state_->memory();
+  r.workspace_bytes += backend_->workspace_bytes();
+  return r;
+}
+
 void Engine::collective_on_host_values(void* host, size_t bytes, const std::function<comm::WorkPtr(void*)>& issue) {
   on_comm_memory(host, bytes, issue);
 }

@@ -227,7 +227,8 @@ class Engine {
   int bucket_of(size_t t) const { return plan().tensors(static_cast<int>(t)).bucket(); }
 
   // Bytes this rank holds, by kind, and the ZeRO formula's optimizer-state bytes for comparison.
-  MemoryReport memory() const { return state_->memory(); }
+  // workspace_bytes includes the step backend's own (StepBackend::workspace_bytes: device NS workspaces).
+  MemoryReport memory() const;
 
   ShardState& shard_state() { return *state_; }
   TraceRecorder& trace() { return trace_; }

@@ -74,6 +74,12 @@ class StepBackend {
   virtual void scale(float* x, float s, size_t n) = 0;              // x *= s
   virtual void decay_add(float* w, const float* delta, float decay, size_t n) = 0;  // w = w decay + delta
 
+  // Memory the backend holds for its own kernels besides ShardState's buffers, part of the engine's
+  // MemoryReport::workspace_bytes. kCuda: the NS and cuBLAS workspaces, NorMuon's row buffers, the
+  // compact-momentum scratch, the check and matrix tables, the staging scratch (not the element-wise
+  // kernels' chunk tables, a few KB). The host backend's NS workspace lives in ShardState: 0.
+  virtual int64_t workspace_bytes() const { return 0; }
+
   // Called once, after ShardState built its views over this backend's buffers: prepares the
   // kernels' tables and workspaces (step() then allocates nothing). Throws ConfigError for what
   // the backend cannot run (named).

@@ -21,7 +21,7 @@ double muon_shape_scale(ShapeScale scale, int64_t rows, int64_t cols) {
 }
 
 MuonCuda::MuonCuda(int64_t rows, int64_t cols, int64_t max_batch, NsOptions ns_options)
-    : ns_(rows, cols, max_batch, std::move(ns_options)) {
+    : ns_(rows, cols, max_batch, std::move(ns_options)), rows_(rows), max_batch_(max_batch) {
   try {
     SHARDOPT_CUDA_CHECK(cudaMalloc(&row_scale_, size_t(max_batch) * size_t(rows) * sizeof(float)));
     SHARDOPT_CUDA_CHECK(cudaMalloc(&norm_sums_, size_t(max_batch) * 2 * sizeof(double)));
@@ -29,6 +29,10 @@ MuonCuda::MuonCuda(int64_t rows, int64_t cols, int64_t max_batch, NsOptions ns_o
     if (row_scale_ != nullptr) cudaFree(row_scale_);
     throw;
   }
+}
+
+size_t MuonCuda::device_bytes() const {
+  return ns_.device_bytes() + size_t(max_batch_) * size_t(rows_) * sizeof(float) + size_t(max_batch_) * 2 * sizeof(double);
 }
 
 MuonCuda::~MuonCuda() {

@@ -58,11 +58,14 @@ class MuonCuda {
             cudaStream_t stream);
 
   NewtonSchulzCuda& newton_schulz() { return ns_; }
+  // Device memory of its workspaces (the NS workspace and NorMuon's row buffers).
+  size_t device_bytes() const;
 
  private:
   NewtonSchulzCuda ns_;
   float* row_scale_ = nullptr;     // NorMuon: r_i of every row of a batch
   double* norm_sums_ = nullptr;    // NorMuon: per matrix Σ s_i and Σ r_i² s_i
+  int64_t rows_ = 0, max_batch_ = 0;
 };
 
 }  // namespace shardopt::cuda

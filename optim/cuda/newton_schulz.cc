@@ -35,6 +35,7 @@ NewtonSchulzCuda::NewtonSchulzCuda(int64_t rows, int64_t cols, int64_t max_batch
     SHARDOPT_CUDA_CHECK(cudaMalloc(&sumsq_, size_t(max_batch) * sizeof(float)));
     SHARDOPT_CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
     SHARDOPT_CUBLAS_CHECK(cublasSetWorkspace(handle_, cublas_workspace_, kCublasWorkspaceBytes));
+    device_bytes_ = 2 * (x_elems * 2) + 2 * (pp_elems * 2) + size_t(max_batch) * sizeof(float) + kCublasWorkspaceBytes;
   } catch (...) {
     release();
     throw;

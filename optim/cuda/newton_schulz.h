@@ -68,6 +68,8 @@ class NewtonSchulzCuda {
   double plain_gemm_flops() const;
   // The k in use (1: full GEMMs).
   int symmetric_blocks() const { return blocks_; }
+  // Device memory of the workspace (X twice, A, B, the norms, cuBLAS's workspace).
+  size_t device_bytes() const { return device_bytes_; }
 
  private:
   void check_batch(int64_t batch, const char* where) const;
@@ -82,6 +84,7 @@ class NewtonSchulzCuda {
   uint16_t* b_ = nullptr;
   float* sumsq_ = nullptr;
   void* cublas_workspace_ = nullptr;
+  size_t device_bytes_ = 0;
 };
 
 }  // namespace shardopt::cuda

@@ -118,6 +118,11 @@ class CudaStepBackend final : public StepBackend {
     SHARDOPT_CUDA_CHECK_LAUNCH();
     sync();
   }
+  int64_t workspace_bytes() const override {
+    size_t bytes = table_bytes_ + staging_bytes_;
+    for (const auto& [shape, muon] : muon_by_shape_) bytes += muon->device_bytes();
+    return static_cast<int64_t>(bytes);
+  }
   void wait_stream(void* stream) override {
     SHARDOPT_CUDA_CHECK(cudaEventRecord(producer_done_, static_cast<cudaStream_t>(stream)));
     SHARDOPT_CUDA_CHECK(cudaStreamWaitEvent(stream_, producer_done_, 0));
@@ -196,10 +201,12 @@ class CudaStepBackend final : public StepBackend {
     num_tensors_ = static_cast<size_t>(state.plan().tensors_size());
     if (!pieces.empty()) {
       SHARDOPT_CUDA_CHECK(cudaMalloc(&pieces_, sizeof(cuda_detail::CheckPiece) * pieces.size()));
+      table_bytes_ += sizeof(cuda_detail::CheckPiece) * pieces.size();
       upload(pieces_, pieces.data(), sizeof(cuda_detail::CheckPiece) * pieces.size());
     }
     // Counters: one per tensor, then the fp64 Σg² (8 bytes, like the counters).
     SHARDOPT_CUDA_CHECK(cudaMalloc(&counters_, sizeof(unsigned long long) * (num_tensors_ + 1)));
+    table_bytes_ += sizeof(unsigned long long) * (num_tensors_ + 1);
     host_counters_.assign(num_tensors_ + 1, 0);
   }
 
@@ -374,6 +381,7 @@ class CudaStepBackend final : public StepBackend {
     host_refs_ = matrix_refs(state);
     if (!host_refs_.empty()) {
       SHARDOPT_CUDA_CHECK(cudaMalloc(&device_refs_, host_refs_.size() * sizeof(MatrixRefs)));
+      table_bytes_ += host_refs_.size() * sizeof(MatrixRefs);
       upload(device_refs_, host_refs_.data(), host_refs_.size() * sizeof(MatrixRefs));
     }
   }
@@ -411,6 +419,7 @@ class CudaStepBackend final : public StepBackend {
       largest = std::max(largest, offset);
     }
     if (largest > 0) SHARDOPT_CUDA_CHECK(cudaMalloc(&momentum_f32_, largest * sizeof(float)));
+    table_bytes_ += largest * sizeof(float);
     for (size_t i = 0; i < batches_.size(); ++i) {
       for (size_t j = 0; j < arrays[i].size(); ++j)
         arrays[i][j].f32 = momentum_f32_ + scratch_offset_[batches_[i].first + j];
@@ -436,6 +445,7 @@ class CudaStepBackend final : public StepBackend {
   size_t num_tensors_ = 0;
   void* staging_ = nullptr;
   size_t staging_bytes_ = 0;
+  size_t table_bytes_ = 0;  // pieces_, counters_, device_refs_ and the compact-momentum scratch
 };
 
 // Linked as an object library: this runs whenever a program links shardopt_runtime_cuda.

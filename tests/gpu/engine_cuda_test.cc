@@ -41,13 +41,13 @@
 #include "runtime/engine.h"
 #include "sharding/layout.h"
 #include "tests/common/engine_reference.h"
+#include "tests/gpu/device_engine_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace shardopt::runtime {
 namespace {
 
 using namespace shardopt::test_fixture;  // NOLINT: the shared fixture of the runtime suites
-using Params = std::vector<std::vector<float>>;
 
 struct DeviceCase {
   int world;
@@ -167,29 +167,6 @@ void train(Engine& engine, int first, int last) {
     }
     EXPECT_TRUE(engine.step().applied);
   }
-}
-
-// The engine's full parameters, read from device memory for a device engine.
-Params full_params(Engine& engine) {
-  const bool device = engine.memory_space() == MemorySpace::kCuda;
-  engine.gather_all();
-  Params out(engine.num_tensors());
-  for (size_t t = 0; t < engine.num_tensors(); ++t) {
-    out[t].resize(static_cast<size_t>(numel(engine.spec(t))));
-    if (device)
-      EXPECT_EQ(cudaMemcpy(out[t].data(), engine.param(t), out[t].size() * sizeof(float), cudaMemcpyDeviceToHost),
-                cudaSuccess);
-    else
-      std::memcpy(out[t].data(), engine.param(t), out[t].size() * sizeof(float));
-  }
-  engine.release_all();
-  return out;
-}
-
-void init_params(Engine& engine) {
-  engine.set_params([&](size_t t, float* dst) {
-    for (int64_t i = 0; i < numel(engine.spec(t)); ++i) dst[i] = initial_value(t, i);
-  });
 }
 
 comm::CommOptions device_comm_options() {

@@ -21,6 +21,7 @@
 #include "runtime/engine.h"
 #include "sharding/layout.h"
 #include "tests/common/engine_reference.h"
+#include "tests/gpu/device_engine_util.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "tests/gpu/stream_test_kernels.h"
 
@@ -28,7 +29,6 @@ namespace shardopt::runtime {
 namespace {
 
 using namespace shardopt::test_fixture;  // NOLINT: the shared fixture of the runtime suites
-using Params = std::vector<std::vector<float>>;
 using shardopt::testing::cycles_of;
 using shardopt::testing::launch_delayed_copy;
 using shardopt::testing::launch_spin;
@@ -48,17 +48,6 @@ std::vector<float> gradient(Engine& engine, int step, size_t k) {
   return g;
 }
 
-Params full_params(Engine& engine) {
-  engine.gather_all();
-  Params out(engine.num_tensors());
-  for (size_t t = 0; t < engine.num_tensors(); ++t) {
-    out[t].resize(static_cast<size_t>(numel(engine.spec(t))));
-    EXPECT_EQ(cudaMemcpy(out[t].data(), engine.param(t), 4 * out[t].size(), cudaMemcpyDeviceToHost), cudaSuccess);
-  }
-  engine.release_all();
-  return out;
-}
-
 // Two steps. late = false: every gradient is in place (cudaMemcpy) before grad_ready(t). late = true:
 // each is copied in by a kernel on this rank's own stream that first spins ~20 ms, and grad_ready(t,
 // stream) returns before it ran; an engine that read the bucket without waiting for the stream would
@@ -66,9 +55,7 @@ Params full_params(Engine& engine) {
 Params train(Engine& engine, bool late) {
   cudaStream_t stream = nullptr;
   EXPECT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
-  engine.set_params([&](size_t t, float* dst) {
-    for (int64_t i = 0; i < numel(engine.spec(t)); ++i) dst[i] = initial_value(t, i);
-  });
+  init_params(engine);
   std::vector<float*> sources(engine.num_tensors(), nullptr);
   for (int step = 1; step <= 2; ++step) {
     for (size_t k = engine.num_tensors(); k-- > 0;) {
@@ -151,9 +138,7 @@ TEST(DeviceEngineStreams, NcclReduceScatterRunsWhileBackwardContinues) {
   SHARDOPT_REQUIRE_GPU();
   auto comm = nccl_world_of_one();
   Engine engine(*comm, mixed_model(), device_options(proto::SHARD_LAYOUT_OWNED));
-  engine.set_params([&](size_t t, float* dst) {
-    for (int64_t i = 0; i < numel(engine.spec(t)); ++i) dst[i] = initial_value(t, i);
-  });
+  init_params(engine);
   cudaStream_t backward = nullptr;
   CUDA_OK(cudaStreamCreateWithFlags(&backward, cudaStreamNonBlocking));
   cudaEvent_t reduced = nullptr;

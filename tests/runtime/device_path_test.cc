@@ -289,6 +289,21 @@ std::vector<Case> cases() {
 }
 INSTANTIATE_TEST_SUITE_P(AllConfigurations, DevicePath, ::testing::ValuesIn(cases()));
 
+// An engine buffer as host code reads it (the stand-in device's pointers are poisoned).
+float* host_view(Engine& e, float* p) { return e.memory_space() == MemorySpace::kHost ? p : real(p); }
+
+// Every tensor's full parameters, read through host_view.
+Params full_params(Engine& e) {
+  e.gather_all();
+  Params p(e.num_tensors());
+  for (size_t t = 0; t < e.num_tensors(); ++t) {
+    const float* v = host_view(e, e.param(t));
+    p[t].assign(v, v + numel(e.spec(t)));
+  }
+  e.release_all();
+  return p;
+}
+
 // Records the ordering calls and reduce-scatters an engine issues (into t_stream_log).
 class StreamRecordingCommunicator final : public comm::ForwardingCommunicator {
  public:
@@ -422,7 +437,7 @@ TEST(DevicePathGossip, OuterStepsAndRejoinOverDeviceEnginesEqualTheHostRun) {
         gossip::OuterSync sync(engine, *grid.cross, go);
         for (int step = 1; step <= 6; ++step) {
           for (size_t k = specs.size(); k-- > 0;) {
-            float* g = device ? real(engine.grad(k)) : engine.grad(k);
+            float* g = host_view(engine, engine.grad(k));
             for (int64_t i = 0; i < numel(specs[k]); ++i)
               g[i] = common_grad(step + 5 * grid.replica, k, i) + rank_offset(grid.shard, grid.shards, k, i);
             engine.grad_ready(k);
@@ -431,21 +446,11 @@ TEST(DevicePathGossip, OuterStepsAndRejoinOverDeviceEnginesEqualTheHostRun) {
           sync.after_inner_step();
         }
         EXPECT_EQ(sync.outer_steps(), 2) << where;
-        auto params = [&] {
-          engine.gather_all();
-          Params p(specs.size());
-          for (size_t t = 0; t < specs.size(); ++t) {
-            const float* v = device ? real(engine.param(t)) : engine.param(t);
-            p[t].assign(v, v + numel(specs[t]));
-          }
-          engine.release_all();
-          return p;
-        };
-        Params after_outer = params();
+        Params after_outer = full_params(engine);
         // Replica 1 takes more inner steps of its own, then rejoins from replica 0.
         if (grid.replica == 1) {
           for (size_t k = specs.size(); k-- > 0;) {
-            float* g = device ? real(engine.grad(k)) : engine.grad(k);
+            float* g = host_view(engine, engine.grad(k));
             for (int64_t i = 0; i < numel(specs[k]); ++i) g[i] = common_grad(99, k, i);
             engine.grad_ready(k);
           }
@@ -454,7 +459,7 @@ TEST(DevicePathGossip, OuterStepsAndRejoinOverDeviceEnginesEqualTheHostRun) {
         } else {
           sync.send_state(*grid.cross, 1);
         }
-        Params after_rejoin = params();
+        Params after_rejoin = full_params(engine);
         std::lock_guard<std::mutex> lock(mu);
         trained[device][static_cast<size_t>(world.rank())] = std::move(after_outer);
         rejoined[device][static_cast<size_t>(world.rank())] = std::move(after_rejoin);
@@ -507,8 +512,6 @@ EngineOptions options(int stage, bool device, proto::StateDType elementwise_stat
   return o;
 }
 
-float* host_view(Engine& e, float* p) { return e.memory_space() == MemorySpace::kHost ? p : real(p); }
-
 void train(Engine& e, int first, int last) {
   const int rank = e.comm().rank(), world = e.comm().size();
   for (int step = first + 1; step <= last; ++step) {
@@ -519,17 +522,6 @@ void train(Engine& e, int first, int last) {
     }
     ASSERT_TRUE(e.step().applied);
   }
-}
-
-Params full_params(Engine& e) {
-  e.gather_all();
-  Params p(e.num_tensors());
-  for (size_t t = 0; t < e.num_tensors(); ++t) {
-    const float* v = host_view(e, e.param(t));
-    p[t].assign(v, v + numel(e.spec(t)));
-  }
-  e.release_all();
-  return p;
 }
 
 // fn on `world` ranks whose engines are on the device (the poisoned mover) or the host; rank 0's result.

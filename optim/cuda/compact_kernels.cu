@@ -104,6 +104,29 @@ __device__ __forceinline__ uint8_t encode_signed_in_block(float x, float a, floa
   return codec::encode_signed(a >= 0x1p-126f && a <= 0x1p126f ? __fmul_rn(x, r) : __fdiv_rn(x, a));
 }
 
+// A q8 block's new absmax from its lanes' largest magnitude bits (m; v too for AdamW) and the factors
+// the codes are encoded with (1 / a_m; 1 / sqrt(a_v), codec::encode_unsigned_block_from_sqrt); lane 0
+// stores the absmax. Both kernels end a block with it.
+struct BlockScales {
+  float a_m, r_m, a_v, r_v;
+};
+template <bool kAdam>
+__device__ __forceinline__ BlockScales block_scales(const CompactChunk& c, uint32_t b, int lane, uint32_t m_max,
+                                                    uint32_t v_max) {
+  BlockScales k{};
+  k.a_m = codec::float_of(warp_max(m_max));
+  k.r_m = __frcp_rn(k.a_m);
+  if constexpr (kAdam) {
+    k.a_v = codec::float_of(warp_max(v_max));
+    k.r_v = __frcp_rn(__fsqrt_rn(k.a_v));
+  }
+  if (lane == 0) {
+    c.absmax[0][b] = k.a_m;
+    if constexpr (kAdam) c.absmax[1][b] = k.a_v;
+  }
+  return k;
+}
+
 template <ElementwiseKind kKind, bool kQ8, bool kGradBf16>
 __global__ void __launch_bounds__(kWarps * 32) compact_kernel(const CompactChunk* chunks, CompactScalars s) {
   const CompactChunk c = chunks[blockIdx.x];
@@ -153,17 +176,7 @@ __global__ void __launch_bounds__(kWarps * 32) compact_kernel(const CompactChunk
       }
     }
     if constexpr (kQ8) {
-      const float a_m = codec::float_of(warp_max(m_max));
-      const float r_m = __frcp_rn(a_m);
-      float a_v = 0.0f, r_v = 0.0f;
-      if constexpr (kAdam) {
-        a_v = codec::float_of(warp_max(v_max));
-        r_v = __frcp_rn(__fsqrt_rn(a_v));  // codec::encode_unsigned_block_from_sqrt: 1 / sqrt(a)
-      }
-      if (lane == 0) {
-        c.absmax[0][b] = a_m;
-        if constexpr (kAdam) c.absmax[1][b] = a_v;
-      }
+      const auto [a_m, r_m, a_v, r_v] = block_scales<kAdam>(c, b, lane, m_max, v_max);
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k) {
         const uint32_t i = base + lane + 32 * k;
@@ -382,17 +395,7 @@ __device__ __forceinline__ void vector_block(const CompactChunk& c, const Compac
   }
   // The state.
   if constexpr (kQ8) {
-    const float a_m = codec::float_of(warp_max(m_max));
-    const float r_m = __frcp_rn(a_m);
-    float a_v = 0.0f, r_v = 0.0f;
-    if constexpr (kAdam) {
-      a_v = codec::float_of(warp_max(v_max));
-      r_v = __frcp_rn(__fsqrt_rn(a_v));  // codec::encode_unsigned_block_from_sqrt: 1 / sqrt(a)
-    }
-    if (lane == 0) {
-      c.absmax[0][b] = a_m;
-      if constexpr (kAdam) c.absmax[1][b] = a_v;
-    }
+    const auto [a_m, r_m, a_v, r_v] = block_scales<kAdam>(c, b, lane, m_max, v_max);
 #pragma unroll
     for (int r = 0; r < kRuns; ++r) {
       uint32_t m_codes = 0, v_codes = 0;

@@ -7,9 +7,14 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "comm/thread_backend.h"
 #include "proto/types.pb.h"
 
 namespace shardopt::test_fixture {
@@ -65,6 +70,26 @@ inline float rank_offset(int rank, int world, size_t t, int64_t i) {
 inline float micro_offset(int k, int accumulation, size_t t, int64_t i) {
   const auto ti = static_cast<int64_t>(t);
   return static_cast<float>(int64_t{2 * k - (accumulation - 1)} * ((i + 2 * ti) % 3 - 1)) / 256.0f;
+}
+
+// Runs fn on `world` threads-backend ranks (buffers moved by `mover`; null: host memory) and returns
+// rank 0's value.
+template <typename T>
+T rank0_result(int world, const std::function<T(comm::Communicator&)>& fn, comm::CommOptions options = {},
+               std::shared_ptr<comm::ThreadBufferMover> mover = nullptr) {
+  T result{};
+  std::mutex mu;
+  comm::run_ranks(
+      world,
+      [&](comm::Communicator& c) {
+        T mine = fn(c);
+        if (c.rank() == 0) {
+          std::lock_guard<std::mutex> lock(mu);
+          result = std::move(mine);
+        }
+      },
+      options, std::move(mover));
+  return result;
 }
 
 }  // namespace shardopt::test_fixture

@@ -527,21 +527,9 @@ void train(Engine& e, int first, int last) {
 // fn on `world` ranks whose engines are on the device (the poisoned mover) or the host; rank 0's result.
 template <typename T>
 T on_ranks(int world, bool device, const std::function<T(comm::Communicator&)>& fn) {
-  T result{};
-  std::mutex mu;
   comm::CommOptions copts;
   copts.checked = true;
-  comm::run_ranks(
-      world,
-      [&](comm::Communicator& c) {
-        T mine = fn(c);
-        if (c.rank() == 0) {
-          std::lock_guard<std::mutex> lock(mu);
-          result = std::move(mine);
-        }
-      },
-      copts, device ? std::make_shared<PoisonedMover>() : nullptr);
-  return result;
+  return rank0_result<T>(world, fn, copts, device ? std::make_shared<PoisonedMover>() : nullptr);
 }
 
 // A run of 2 kSteps: saved after kSteps (on `save_device`, synchronously or with the background saver

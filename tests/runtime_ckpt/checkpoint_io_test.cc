@@ -84,22 +84,10 @@ comm::CommOptions comm_options() {
   return o;
 }
 
-// Runs fn on `world` thread ranks; returns rank 0's value.
+// Runs fn on `world` thread ranks (checked, 60 s timeout); returns rank 0's value.
 template <typename T>
 T on_ranks(int world, const std::function<T(comm::Communicator&)>& fn) {
-  T result{};
-  std::mutex mu;
-  comm::run_ranks(
-      world,
-      [&](comm::Communicator& c) {
-        T mine = fn(c);
-        if (c.rank() == 0) {
-          std::lock_guard<std::mutex> lock(mu);
-          result = std::move(mine);
-        }
-      },
-      comm_options());
-  return result;
+  return rank0_result<T>(world, fn, comm_options());
 }
 
 void expect_params_match(const Params& got, const Params& want, bool bit_identical, const std::string& where) {

@@ -87,14 +87,19 @@ EngineOptions options_for(const DeviceCase& c, MemorySpace space) {
 // The fixture's mixed model with layer1.w_o full rank (see the tolerances above), plus a layer of
 // matrices shaped like earlier ones, so an owner runs same-shape matrices as one NS batch, and a
 // fused QKV matrix orthogonalized per row block.
-std::vector<proto::TensorSpec> device_model() {
-  auto specs = mixed_model();
+// The fixture's layer1.w_o (10x7, gradient of rank 4) made 10x5, full rank (see the tolerances above).
+std::vector<proto::TensorSpec> with_full_rank_w_o(std::vector<proto::TensorSpec> specs) {
   for (auto& s : specs)
     if (s.name() == "layer1.w_o") {
       s.clear_shape();
       s.add_shape(10);
       s.add_shape(5);
     }
+  return specs;
+}
+
+std::vector<proto::TensorSpec> device_model() {
+  auto specs = with_full_rank_w_o(mixed_model());
   const auto head = specs.back();
   specs.pop_back();
   // Shapes and positions picked so every Muon gradient of the run is full rank (smallest singular
@@ -392,7 +397,8 @@ INSTANTIATE_TEST_SUITE_P(AllConfigurations, DeviceEngine, ::testing::ValuesIn(al
 
 // Compact (q8 / bf16) element-wise state on the device against the host engine with the same state,
 // on q8_model() (element-wise tensors of several 256-element blocks, cut across ranks, short last
-// blocks), 4 steps. The host q8 engine is tested against its references in tests/runtime.
+// blocks; layer1.w_o full rank as in device_model()), 4 steps. The host q8 engine is tested against
+// its references in tests/runtime. Muon matrices are held to the main suite's bf16-NS bound.
 //
 // Tolerances. The device kernel equals the host's portable (non-FMA) build bit for bit
 // (tests/gpu/optim_cuda_compact_test.cc); the host engine runs the AVX-512 build where the CPU has
@@ -411,7 +417,7 @@ TEST_P(DeviceEngineCompact, MatchesTheHostEngineWithTheSameState) {
   const DeviceCase& c = GetParam();
   // With compact momentum, also a fused QKV matrix whose 4 x 64 row blocks are whole q8 blocks (one
   // NS batch of three pieces, each decoded and encoded on its own).
-  auto specs = q8_model();
+  auto specs = with_full_rank_w_o(q8_model());
   if (c.matrix_state != proto::STATE_F32) {
     proto::TensorSpec qkv = spec("layer2.w_qkv", {12, 64});
     for (int64_t rows : {4, 4, 4}) qkv.add_block_rows(rows);
@@ -449,11 +455,25 @@ TEST_P(DeviceEngineCompact, MatchesTheHostEngineWithTheSameState) {
   }
   size_t beyond_total = 0, elements_total = 0;
   for (size_t t = 0; t < specs.size(); ++t) {
-    if (reference_uses_muon(specs[t], o)) continue;  // Muon keeps f32 state; its device bound is tested above
     double displacement = 0;
     for (size_t i = 0; i < host[0][t].size(); ++i)
       displacement = std::max(displacement, double(std::abs(host[0][t][i] - initial_value(t, static_cast<int64_t>(i)))));
     ASSERT_GT(displacement, 0.0) << "the host engine did not move " << specs[t].name();
+    if (reference_uses_muon(specs[t], o)) {
+      // Muon matrices: the main suite's bf16-NS bound, 0.05 D. The momenta are equal up to the rare
+      // flipped code bounded above; a flip moves one element of the NS input by at most 1/8 of it,
+      // which NS (a smooth function of the normalized input) spreads over the matrix well inside that.
+      for (int r = 0; r < c.world; ++r) {
+        double worst = 0;
+        for (size_t i = 0; i < host[r][t].size(); ++i)
+          worst = std::max(worst, std::abs(double(dev[r][t][i]) - double(host[r][t][i])));
+        std::printf("[ %s rank %d ] %s: worst |device - host| = %.3g D\n", case_name({c, 0}).c_str(), r,
+                    specs[t].name().c_str(), worst / displacement);
+        EXPECT_LE(worst, 0.05 * displacement) << "device vs host engine, rank " << r << " " << specs[t].name()
+                                              << ": worst |diff| " << worst << ", displacement " << displacement;
+      }
+      continue;
+    }
     const double loose = 0.25 * displacement + (c.optimizer == "lion" ? 2 * lr * (steps - 1) : 0.0);
     for (int r = 0; r < c.world; ++r) {
       size_t beyond = 0, bad = 0;

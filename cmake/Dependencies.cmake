@@ -48,6 +48,7 @@ if(NOT SHARDOPT_CUDA STREQUAL "OFF")
       add_library(shardopt_nccl INTERFACE)
       target_include_directories(shardopt_nccl INTERFACE ${NCCL_INCLUDE_DIR})
       target_link_libraries(shardopt_nccl INTERFACE ${NCCL_LIBRARY} CUDA::cudart)
+      get_filename_component(SHARDOPT_NCCL_LIBRARY_DIR ${NCCL_LIBRARY} DIRECTORY)  # a hint for the installed config
       set(SHARDOPT_HAVE_CUDA ON)
     endif()
   endif()

@@ -5,6 +5,13 @@
 #   <p>/lib/cmake/shardopt/                  shardoptConfig.cmake, its version file and exported targets
 # A trainer writes find_package(shardopt) and target_link_libraries(app shardopt::runtime); the
 # config file finds the libraries' own dependencies (protobuf, OpenBLAS, MPI, fmt, nlohmann_json).
+# Built with CUDA, the package has the component `cuda` too (find_package(shardopt COMPONENTS cuda)):
+#   shardopt::runtime_cuda   the CUDA step backend (EngineOptions::memory_space = kCuda); an object
+#                            library, so linking it registers the backend, as in the build tree
+#   shardopt::comm_nccl      NcclCommunicator (one GPU per rank)
+#   shardopt::comm_staged    threads ranks sharing a GPU (cuda_buffer_mover), HostStagedCommunicator
+#   shardopt::optim_cuda     the kernels (element-wise, compact state, Newton-Schulz, Muon)
+# with their headers (runtime/cuda/, optim/cuda/), the CUDA toolkit and NCCL found again by the config.
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
@@ -15,6 +22,10 @@ set(SHARDOPT_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/shardopt)
 set(SHARDOPT_EXPORTED_LIBRARIES
   shardopt_options shardopt_blas shardopt_base shardopt_proto shardopt_comm shardopt_comm_mpi
   shardopt_optim shardopt_sharding shardopt_model shardopt_checkpoint shardopt_runtime shardopt_gossip)
+if(SHARDOPT_HAVE_CUDA)
+  list(APPEND SHARDOPT_EXPORTED_LIBRARIES shardopt_optim_cuda shardopt_comm_nccl shardopt_comm_staged
+    shardopt_runtime_cuda)
+endif()
 foreach(lib ${SHARDOPT_EXPORTED_LIBRARIES})
   string(REGEX REPLACE "^shardopt_" "" exported_name ${lib})
   set_target_properties(${lib} PROPERTIES EXPORT_NAME ${exported_name})
@@ -28,12 +39,18 @@ endforeach()
 
 install(TARGETS ${SHARDOPT_EXPORTED_LIBRARIES} EXPORT shardoptTargets
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
-  LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
+  LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
+  OBJECTS DESTINATION ${CMAKE_INSTALL_LIBDIR}/shardopt/objects)
 install(EXPORT shardoptTargets NAMESPACE shardopt:: DESTINATION ${SHARDOPT_INSTALL_CMAKEDIR})
 
+# The cuda/ header folders only where their libraries are installed.
+set(cuda_headers PATTERN "cuda" EXCLUDE)
+if(SHARDOPT_HAVE_CUDA)
+  set(cuda_headers "")
+endif()
 foreach(layer base comm optim sharding model checkpoint runtime)
   install(DIRECTORY ${PROJECT_SOURCE_DIR}/${layer}/ DESTINATION ${SHARDOPT_INSTALL_INCLUDEDIR}/${layer}
-    FILES_MATCHING PATTERN "*.h" PATTERN "cuda" EXCLUDE)
+    FILES_MATCHING PATTERN "*.h" ${cuda_headers})
 endforeach()
 install(FILES ${PROJECT_SOURCE_DIR}/proto/dtype_convert.h DESTINATION ${SHARDOPT_INSTALL_INCLUDEDIR}/proto)
 install(DIRECTORY ${PROJECT_BINARY_DIR}/proto/ DESTINATION ${SHARDOPT_INSTALL_INCLUDEDIR}/proto

@@ -1,4 +1,5 @@
 # cmake -P script: install BUILD_DIR into WORK_DIR/prefix, build CONSUMER_DIR against it, run it.
+# EXPECT_CUDA: the build has the CUDA component, so the consumer must find it and run consumer_cuda.
 file(REMOVE_RECURSE ${WORK_DIR})
 function(run)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
@@ -16,3 +17,9 @@ run(${CMAKE_COMMAND} -S ${CONSUMER_DIR} -B ${WORK_DIR}/build -DCMAKE_BUILD_TYPE=
     -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix -DCMAKE_CXX_COMPILER=${CXX_COMPILER} ${launcher})
 run(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
 run(${WORK_DIR}/build/consumer)
+if(EXPECT_CUDA)
+  if(NOT EXISTS ${WORK_DIR}/build/consumer_cuda)
+    message(FATAL_ERROR "the build has CUDA, but the consumer found no shardopt cuda component (no consumer_cuda)")
+  endif()
+  run(${WORK_DIR}/build/consumer_cuda)
+endif()

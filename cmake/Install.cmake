@@ -12,6 +12,8 @@
 #   shardopt::comm_staged    threads ranks sharing a GPU (cuda_buffer_mover), HostStagedCommunicator
 #   shardopt::optim_cuda     the kernels (element-wise, compact state, Newton-Schulz, Muon)
 # with their headers (runtime/cuda/, optim/cuda/), the CUDA toolkit and NCCL found again by the config.
+# All of this is the install component `development` (cmake --install B --component development: the
+# package without the CLI and its data).
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
@@ -37,11 +39,11 @@ foreach(lib ${SHARDOPT_EXPORTED_LIBRARIES})
   target_include_directories(${lib} INTERFACE $<INSTALL_INTERFACE:${SHARDOPT_INSTALL_INCLUDEDIR}>)
 endforeach()
 
-install(TARGETS ${SHARDOPT_EXPORTED_LIBRARIES} EXPORT shardoptTargets
+install(TARGETS ${SHARDOPT_EXPORTED_LIBRARIES} EXPORT shardoptTargets COMPONENT development
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
   OBJECTS DESTINATION ${CMAKE_INSTALL_LIBDIR}/shardopt/objects)
-install(EXPORT shardoptTargets NAMESPACE shardopt:: DESTINATION ${SHARDOPT_INSTALL_CMAKEDIR})
+install(EXPORT shardoptTargets NAMESPACE shardopt:: DESTINATION ${SHARDOPT_INSTALL_CMAKEDIR} COMPONENT development)
 
 # The cuda/ header folders only where their libraries are installed.
 set(cuda_headers PATTERN "cuda" EXCLUDE)
@@ -50,15 +52,16 @@ if(SHARDOPT_HAVE_CUDA)
 endif()
 foreach(layer base comm optim sharding model checkpoint runtime)
   install(DIRECTORY ${PROJECT_SOURCE_DIR}/${layer}/ DESTINATION ${SHARDOPT_INSTALL_INCLUDEDIR}/${layer}
-    FILES_MATCHING PATTERN "*.h" ${cuda_headers})
+    COMPONENT development FILES_MATCHING PATTERN "*.h" ${cuda_headers})
 endforeach()
-install(FILES ${PROJECT_SOURCE_DIR}/proto/dtype_convert.h DESTINATION ${SHARDOPT_INSTALL_INCLUDEDIR}/proto)
+install(FILES ${PROJECT_SOURCE_DIR}/proto/dtype_convert.h DESTINATION ${SHARDOPT_INSTALL_INCLUDEDIR}/proto
+  COMPONENT development)
 install(DIRECTORY ${PROJECT_BINARY_DIR}/proto/ DESTINATION ${SHARDOPT_INSTALL_INCLUDEDIR}/proto
-  FILES_MATCHING PATTERN "*.pb.h" PATTERN "CMakeFiles" EXCLUDE)
+  COMPONENT development FILES_MATCHING PATTERN "*.pb.h" PATTERN "CMakeFiles" EXCLUDE)
 
 configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/shardoptConfig.cmake.in
   ${PROJECT_BINARY_DIR}/shardoptConfig.cmake INSTALL_DESTINATION ${SHARDOPT_INSTALL_CMAKEDIR})
 write_basic_package_version_file(${PROJECT_BINARY_DIR}/shardoptConfigVersion.cmake
   VERSION ${PROJECT_VERSION} COMPATIBILITY SameMinorVersion)
 install(FILES ${PROJECT_BINARY_DIR}/shardoptConfig.cmake ${PROJECT_BINARY_DIR}/shardoptConfigVersion.cmake
-  DESTINATION ${SHARDOPT_INSTALL_CMAKEDIR})
+  DESTINATION ${SHARDOPT_INSTALL_CMAKEDIR} COMPONENT development)

@@ -41,6 +41,7 @@
 #include "runtime/engine.h"
 #include "sharding/layout.h"
 #include "tests/common/engine_reference.h"
+#include "tests/common/engine_training.h"
 #include "tests/gpu/device_engine_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
@@ -156,22 +157,10 @@ std::vector<float> decoded_compact_state(Engine& engine, bool device) {
 // Steps first+1 .. last with the fixture's gradients, written into grad(t) with cudaMemcpy on a
 // device engine.
 void train(Engine& engine, int first, int last) {
-  const bool device = engine.memory_space() == MemorySpace::kCuda;
-  const int rank = engine.comm().rank(), world = engine.comm().size();
-  std::vector<float> g;
-  for (int step = first + 1; step <= last; ++step) {
-    for (size_t k = engine.num_tensors(); k-- > 0;) {
-      g.resize(static_cast<size_t>(numel(engine.spec(k))));
-      for (int64_t i = 0; i < numel(engine.spec(k)); ++i)
-        g[i] = common_grad(step, k, i) + rank_offset(rank, world, k, i);
-      if (device)
-        ASSERT_EQ(cudaMemcpy(engine.grad(k), g.data(), g.size() * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
-      else
-        std::memcpy(engine.grad(k), g.data(), g.size() * sizeof(float));
-      engine.grad_ready(k);
-    }
-    EXPECT_TRUE(engine.step().applied);
-  }
+  if (engine.memory_space() != MemorySpace::kCuda) return train_steps(engine, first, last);
+  train_steps(engine, first, last, [](Engine& e, size_t k, const std::vector<float>& g) {
+    ASSERT_EQ(cudaMemcpy(e.grad(k), g.data(), g.size() * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  });
 }
 
 comm::CommOptions device_comm_options() {

@@ -36,6 +36,7 @@
 #include "runtime/trace.h"
 #include "sharding/layout.h"
 #include "tests/common/engine_reference.h"
+#include "tests/common/engine_training.h"
 
 namespace shardopt::runtime {
 namespace {
@@ -512,16 +513,10 @@ EngineOptions options(int stage, bool device, proto::StateDType elementwise_stat
   return o;
 }
 
+// The fixture's training, gradients written through host_view.
 void train(Engine& e, int first, int last) {
-  const int rank = e.comm().rank(), world = e.comm().size();
-  for (int step = first + 1; step <= last; ++step) {
-    for (size_t k = e.num_tensors(); k-- > 0;) {
-      float* g = host_view(e, e.grad(k));
-      for (int64_t i = 0; i < numel(e.spec(k)); ++i) g[i] = common_grad(step, k, i) + rank_offset(rank, world, k, i);
-      e.grad_ready(k);
-    }
-    ASSERT_TRUE(e.step().applied);
-  }
+  train_steps(e, first, last,
+              [](Engine& engine, size_t k, const std::vector<float>& g) { std::copy(g.begin(), g.end(), host_view(engine, engine.grad(k))); });
 }
 
 // fn on `world` ranks whose engines are on the device (the poisoned mover) or the host; rank 0's result.

@@ -26,6 +26,7 @@
 #include "comm/thread_backend.h"
 #include "optim/quant8.h"
 #include "tests/common/engine_fixture.h"
+#include "tests/common/engine_training.h"
 
 namespace shardopt::runtime {
 namespace {
@@ -57,18 +58,6 @@ void init(Engine& e, const std::vector<proto::TensorSpec>& specs) {
 }
 
 // Optimizer steps first+1 .. last with the deterministic gradients.
-void train(Engine& e, const std::vector<proto::TensorSpec>& specs, int first, int last) {
-  const int rank = e.comm().rank(), world = e.comm().size();
-  for (int step = first + 1; step <= last; ++step) {
-    for (size_t k = specs.size(); k-- > 0;) {
-      float* g = e.grad(k);
-      for (int64_t i = 0; i < numel(specs[k]); ++i) g[i] = common_grad(step, k, i) + rank_offset(rank, world, k, i);
-      e.grad_ready(k);
-    }
-    ASSERT_TRUE(e.step().applied);
-  }
-}
-
 Params full_params(Engine& e) {
   e.gather_all();
   Params p(e.num_tensors());
@@ -124,13 +113,13 @@ class ResumeTest : public testing::TestWithParam<std::tuple<int, int, proto::Sha
     uninterrupted_ = new Params(on_ranks<Params>(4, [&](comm::Communicator& c) {
       Engine e(c, specs, options(2, proto::SHARD_LAYOUT_OWNED));
       init(e, specs);
-      train(e, specs, 0, 2 * kSteps);
+      train_steps(e, 0, 2 * kSteps);
       return full_params(e);
     }));
     saved_ = new fs::path(on_ranks<fs::path>(4, [&](comm::Communicator& c) {
       Engine e(c, specs, options(2, proto::SHARD_LAYOUT_OWNED));
       init(e, specs);
-      train(e, specs, 0, kSteps);
+      train_steps(e, 0, kSteps);
       TrainerState ts;
       ts.seed = 1234;
       ts.data_step = 77;
@@ -176,7 +165,7 @@ TEST_P(ResumeTest, ContinuingFromTheCheckpointEqualsAnUninterruptedRun) {
         EXPECT_EQ(e.optimizer_step(), kSteps);
         // The load changed the parameters (a no-op load would fail the comparison below anyway).
         EXPECT_NE(full_params(e)[2][0], before[2][0]);
-        train(e, specs, kSteps, 2 * kSteps);
+        train_steps(e, kSteps, 2 * kSteps);
         Params p = full_params(e);
         std::lock_guard<std::mutex> lock(mu);
         per_rank[c.rank()] = std::move(p);
@@ -206,15 +195,15 @@ TEST(RuntimeCheckpoint, NorMuonAndLionStateRoundTrip) {
   const Params uninterrupted = on_ranks<Params>(2, [&](comm::Communicator& c) {
     Engine e(c, specs, opts);
     init(e, specs);
-    train(e, specs, 0, 2 * kSteps);
+    train_steps(e, 0, 2 * kSteps);
     return full_params(e);
   });
   on_ranks<int>(2, [&](comm::Communicator& c) {
     Engine e(c, specs, opts);
     init(e, specs);
-    train(e, specs, 0, 1);
+    train_steps(e, 0, 1);
     save_checkpoint(e, root, {}, {.keep_last = 1});
-    train(e, specs, 1, kSteps);
+    train_steps(e, 1, kSteps);
     save_checkpoint(e, root, {}, {.keep_last = 1});
     return 0;
   });
@@ -241,7 +230,7 @@ TEST(RuntimeCheckpoint, NorMuonAndLionStateRoundTrip) {
       Engine e(c, specs, options(stage, proto::SHARD_LAYOUT_OWNED, "normuon", "lion"));
       init(e, specs);
       load_checkpoint(e, list[0].second);
-      train(e, specs, kSteps, 2 * kSteps);
+      train_steps(e, kSteps, 2 * kSteps);
       return full_params(e);
     });
     expect_params_match(resumed, uninterrupted, true, "normuon+lion N=" + std::to_string(world));
@@ -290,13 +279,13 @@ TEST(RuntimeCheckpoint, Q8StateResumesBitIdenticallyAtAnyWorldSize) {
   const Params uninterrupted = on_ranks<Params>(4, [&](comm::Communicator& c) {
     Engine e(c, specs, q8(2, proto::SHARD_LAYOUT_OWNED));
     init(e, specs);
-    train(e, specs, 0, 2 * kSteps);
+    train_steps(e, 0, 2 * kSteps);
     return full_params(e);
   });
   const fs::path saved = on_ranks<fs::path>(4, [&](comm::Communicator& c) {
     Engine e(c, specs, q8(2, proto::SHARD_LAYOUT_OWNED));
     init(e, specs);
-    train(e, specs, 0, kSteps);
+    train_steps(e, 0, kSteps);
     return save_checkpoint(e, root).dir;
   });
   const auto manifest = ckpt::read_manifest(saved);
@@ -320,7 +309,7 @@ TEST(RuntimeCheckpoint, Q8StateResumesBitIdenticallyAtAnyWorldSize) {
       Engine e(c, specs, q8(stage, layout));
       init(e, specs);
       load_checkpoint(e, saved);
-      train(e, specs, kSteps, 2 * kSteps);
+      train_steps(e, kSteps, 2 * kSteps);
       return full_params(e);
     });
     // Owned-layout Muon is bit-identical by the equivalence suites; dim0 Muon applies its update as
@@ -340,7 +329,7 @@ TEST(RuntimeCheckpoint, LoadingIntoAnotherStateDtypeConverts) {
   const fs::path q8_dir = on_ranks<fs::path>(4, [&](comm::Communicator& c) {
     Engine e(c, specs, with_state(base, proto::STATE_Q8));
     init(e, specs);
-    train(e, specs, 0, kSteps);
+    train_steps(e, 0, kSteps);
     return save_checkpoint(e, root / "q8").dir;
   });
   const fs::path f32_dir = on_ranks<fs::path>(3, [&](comm::Communicator& c) {
@@ -391,7 +380,7 @@ TEST(RuntimeCheckpoint, Q8CheckpointWithoutACodeNameIsReadAsTheDynamicCodeAndCon
   const fs::path dir = on_ranks<fs::path>(2, [&](comm::Communicator& c) {
     Engine e(c, specs, opts);
     init(e, specs);
-    train(e, specs, 0, kSteps);
+    train_steps(e, 0, kSteps);
     return save_checkpoint(e, root / "float8").dir;
   });
   proto::CheckpointManifest manifest = ckpt::read_manifest(dir);
@@ -441,18 +430,18 @@ TEST(RuntimeCheckpoint, AsyncSaveHoldsTheStateAtStart) {
   const Params uninterrupted = on_ranks<Params>(2, [&](comm::Communicator& c) {
     Engine e(c, specs, opts);
     init(e, specs);
-    train(e, specs, 0, 2 * kSteps);
+    train_steps(e, 0, 2 * kSteps);
     return full_params(e);
   });
   const fs::path dir = on_ranks<fs::path>(2, [&](comm::Communicator& c) {
     Engine e(c, specs, opts);
     init(e, specs);
-    train(e, specs, 0, kSteps);
+    train_steps(e, 0, kSteps);
     AsyncCheckpointSaver saver(e);
     saver.start(root);
     EXPECT_TRUE(saver.pending());
     EXPECT_THROW(saver.start(root), ConfigError);
-    train(e, specs, kSteps, kSteps + 1);  // moves masters and moments while the write runs
+    train_steps(e, kSteps, kSteps + 1);  // moves masters and moments while the write runs
     const SaveResult r = saver.finish();
     EXPECT_FALSE(saver.pending());
     EXPECT_EQ(r.step, kSteps);
@@ -463,7 +452,7 @@ TEST(RuntimeCheckpoint, AsyncSaveHoldsTheStateAtStart) {
     Engine e(c, specs, options(3, proto::SHARD_LAYOUT_OWNED));
     init(e, specs);
     load_checkpoint(e, dir);
-    train(e, specs, kSteps, 2 * kSteps);
+    train_steps(e, kSteps, 2 * kSteps);
     return full_params(e);
   });
   expect_params_match(resumed, uninterrupted, true, "async save, resumed at N=3 stage 3");
@@ -476,7 +465,7 @@ TEST(RuntimeCheckpoint, ChangedShapeFailsWithConfigErrorNamingTensorAndShapes) {
   const fs::path dir = on_ranks<fs::path>(2, [&](comm::Communicator& c) {
     Engine e(c, specs, options(2, proto::SHARD_LAYOUT_OWNED));
     init(e, specs);
-    train(e, specs, 0, 1);
+    train_steps(e, 0, 1);
     return save_checkpoint(e, root).dir;
   });
   const auto other = mixed_model(20);
@@ -520,7 +509,7 @@ TEST(RuntimeCheckpoint, CorruptShardFailsOnEveryRankAndLeavesTheEngineUntouched)
   const fs::path dir = on_ranks<fs::path>(3, [&](comm::Communicator& c) {
     Engine e(c, specs, options(2, proto::SHARD_LAYOUT_OWNED));
     init(e, specs);
-    train(e, specs, 0, 2);
+    train_steps(e, 0, 2);
     return save_checkpoint(e, root).dir;
   });
   // Flip one byte inside a piece of rank 1's shard file.
@@ -543,7 +532,7 @@ TEST(RuntimeCheckpoint, CorruptShardFailsOnEveryRankAndLeavesTheEngineUntouched)
       [&](comm::Communicator& c) {
         Engine e(c, specs, options(2, proto::SHARD_LAYOUT_OWNED));
         init(e, specs);
-        train(e, specs, 0, 1);
+        train_steps(e, 0, 1);
         const Params params_before = full_params(e);
         const std::vector<float> state_before = optimizer_state(e);
         EXPECT_THROW(load_checkpoint(e, dir), CheckpointError);
@@ -566,7 +555,7 @@ TEST(RuntimeCheckpoint, SaveFailureOnRankZeroReachesEveryRank) {
       [&](comm::Communicator& c) {
         Engine e(c, specs, options(2, proto::SHARD_LAYOUT_OWNED));
         init(e, specs);
-        train(e, specs, 0, 1);
+        train_steps(e, 0, 1);
         try {
           save_checkpoint(e, blocker);
           ADD_FAILURE() << "saving under a regular file succeeded";

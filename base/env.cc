@@ -28,6 +28,10 @@ const std::vector<Variable>& registry() {
       {"SHARDOPT_CUDA_NS_SYMMETRIC_BLOCKS", "1",
        "Device engine: blocks k of Newton-Schulz's symmetric products (X·Xᵀ, A·A computed on the k(k+1)/2 blocks "
        "on and below the diagonal) for matrices whose smaller side k divides; 1 = full GEMMs (docs/gpu.md)."},
+      {"SHARDOPT_CUDA_NS_COMBINE", "kernel",
+       "Device engine: how a Newton-Schulz iteration adds b·A and a·X; kernel = a p×p pass between the GEMMs "
+       "(measured), epilogue = inside cuBLASLt GEMMs with a separate input (no pass; unmeasured; docs/gpu.md). "
+       "Shapes under SHARDOPT_CUDA_NS_SYMMETRIC_BLOCKS keep the kernel."},
       {"SHARDOPT_CUDA_COMPACT_KERNEL", "warp",
        "Device engine, bf16/q8 optimizer state: the kernel of the element-wise step and of Muon's momentum "
        "codec; warp = a warp per q8 block, element by element (measured), vector = runs of 4 elements per "

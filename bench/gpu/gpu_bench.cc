@@ -118,19 +118,27 @@ int main(int argc, char** argv) {
     auto* in = random_device<uint16_t>(n, 3);
     uint16_t* out = nullptr;
     SHARDOPT_CUDA_CHECK(cudaMalloc(&out, n * 2));
-    // Full GEMMs (the default), then the blocked symmetric products with 2 and 4 blocks against them.
-    for (int blocks : {1, 2, 4}) {
+    // Full GEMMs (the default), the GEMM-epilogue combine against them (same run), then the blocked
+    // symmetric products with 2 and 4 blocks.
+    double full_gemm_seconds = 0;
+    for (int variant : {1, 0, 2, 4}) {  // symmetric blocks; 0 = full GEMMs with the epilogue combine
+      const int blocks = std::max(variant, 1);
       if (blocks > 1 && (quick || std::min(sh.rows, sh.cols) % blocks != 0)) continue;
       NsOptions options;
       options.symmetric_blocks = blocks;
+      if (variant == 0) options.combine = NsCombine::kGemmEpilogue;
       NewtonSchulzCuda ns(sh.rows, sh.cols, sh.batch, options);
       const double s = bench::median_event_seconds(
           [&] { ns.orthogonalize(in, DType::kBF16, reinterpret_cast<bf16*>(out), sh.batch, nullptr); }, 2, reps);
+      if (variant == 1) full_gemm_seconds = s;
       const double flops = ns.plain_gemm_flops() * double(sh.batch);
-      emit({{"bench", "ns5"}, {"impl", blocks == 1 ? "shardopt_cublas" : "shardopt_cublas_symmetric_blocks"},
-            {"rows", sh.rows}, {"cols", sh.cols}, {"batch", sh.batch}, {"symmetric_blocks", blocks},
-            {"seconds", s}, {"tflops_plain_gemm_count", flops / s / 1e12},
-            {"ratio_vs_gemm_bf16", flops / s / 1e12 / gemm_tflops}});
+      const char* impl = variant == 1   ? "shardopt_cublas"
+                         : variant == 0 ? "shardopt_cublaslt_epilogue_combine"
+                                        : "shardopt_cublas_symmetric_blocks";
+      emit({{"bench", "ns5"}, {"impl", impl}, {"rows", sh.rows}, {"cols", sh.cols}, {"batch", sh.batch},
+            {"symmetric_blocks", blocks}, {"combine", variant == 0 ? "epilogue" : "kernel"}, {"seconds", s},
+            {"tflops_plain_gemm_count", flops / s / 1e12}, {"ratio_vs_gemm_bf16", flops / s / 1e12 / gemm_tflops},
+            {"time_ratio_vs_full_gemms", s / full_gemm_seconds}});
     }
     cudaFree(in);
     cudaFree(out);

@@ -11,6 +11,12 @@ namespace {
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;  // cuBLAS's recommendation for Hopper
 }  // namespace
 
+NsCombine parse_ns_combine(const std::string& name, const char* source) {
+  if (name == "kernel") return NsCombine::kKernel;
+  if (name == "epilogue") return NsCombine::kGemmEpilogue;
+  throw ConfigError(std::string(source) + "='" + name + "': expected kernel or epilogue");
+}
+
 NewtonSchulzCuda::NewtonSchulzCuda(int64_t rows, int64_t cols, int64_t max_batch, NsOptions options)
     : rows_(rows), cols_(cols), max_batch_(max_batch), options_(std::move(options)) {
   if (rows < 1 || cols < 1 || max_batch < 1)
@@ -24,6 +30,9 @@ NewtonSchulzCuda::NewtonSchulzCuda(int64_t rows, int64_t cols, int64_t max_batch
   if (blocks_ < 1 || p_ % blocks_ != 0)
     throw ConfigError("NewtonSchulzCuda: symmetric_blocks must be a divisor of min(rows, cols) = " +
                       std::to_string(p_) + ", got " + std::to_string(options_.symmetric_blocks));
+  if (options_.combine == NsCombine::kGemmEpilogue && blocks_ != 1)
+    throw ConfigError("NewtonSchulzCuda: the GEMM-epilogue combine needs full GEMMs (symmetric_blocks = 1), got " +
+                      std::to_string(blocks_));
   const size_t x_elems = size_t(max_batch) * size_t(p_) * size_t(q_);
   const size_t pp_elems = size_t(max_batch) * size_t(p_) * size_t(p_);
   try {
@@ -35,6 +44,7 @@ NewtonSchulzCuda::NewtonSchulzCuda(int64_t rows, int64_t cols, int64_t max_batch
     SHARDOPT_CUDA_CHECK(cudaMalloc(&sumsq_, size_t(max_batch) * sizeof(float)));
     SHARDOPT_CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
     SHARDOPT_CUBLAS_CHECK(cublasSetWorkspace(handle_, cublas_workspace_, kCublasWorkspaceBytes));
+    if (options_.combine == NsCombine::kGemmEpilogue) SHARDOPT_CUBLAS_CHECK(cublasLtCreate(&lt_));
     device_bytes_ = 2 * (x_elems * 2) + 2 * (pp_elems * 2) + size_t(max_batch) * sizeof(float) + kCublasWorkspaceBytes;
   } catch (...) {
     release();
@@ -51,8 +61,76 @@ void NewtonSchulzCuda::release() {
   x_[0] = x_[1] = a_ = b_ = nullptr;
   sumsq_ = nullptr;
   cublas_workspace_ = nullptr;
+  for (auto& [key, plan] : lt_plans_) {
+    for (cublasLtMatrixLayout_t layout : {plan.a, plan.b, plan.cd})
+      if (layout != nullptr) cublasLtMatrixLayoutDestroy(layout);
+    if (plan.op != nullptr) cublasLtMatmulDescDestroy(plan.op);
+  }
+  lt_plans_.clear();
+  if (lt_ != nullptr) cublasLtDestroy(lt_);
+  lt_ = nullptr;
   if (handle_ != nullptr) cublasDestroy(handle_);
   handle_ = nullptr;
+}
+
+const NewtonSchulzCuda::LtPlan& NewtonSchulzCuda::lt_plan(LtProduct product, int batch) {
+  auto found = lt_plans_.find({product, batch});
+  if (found != lt_plans_.end()) return found->second;
+  LtPlan& plan = lt_plans_[{product, batch}];  // destroyed by release() even if this throws
+  const uint64_t p = uint64_t(p_), q = uint64_t(q_);
+  const int64_t x_per = int64_t(p_) * q_, pp = int64_t(p_) * p_;
+  const bool wide = rows_ <= cols_;
+  auto layout = [&](cublasLtMatrixLayout_t* l, uint64_t rows, uint64_t cols, int64_t stride) {
+    SHARDOPT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(l, CUDA_R_16BF, rows, cols, int64_t(rows)));
+    SHARDOPT_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(*l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof(batch)));
+    SHARDOPT_CUBLAS_CHECK(
+        cublasLtMatrixLayoutSetAttribute(*l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+  };
+  // Column-major operands as in run_prepared: the wide X buffer is Xᵀ (q×p), the tall one X (p×q).
+  cublasOperation_t op_b = CUBLAS_OP_N;
+  if (product == LtProduct::kBFromA) {  // B = c·A·A + b·A
+    layout(&plan.a, p, p, pp);
+    layout(&plan.b, p, p, pp);
+    layout(&plan.cd, p, p, pp);
+  } else if (wide) {  // X'ᵀ = Xᵀ·Bᵀ + a·Xᵀ
+    layout(&plan.a, q, p, x_per);
+    layout(&plan.b, p, p, pp);
+    op_b = CUBLAS_OP_T;
+    layout(&plan.cd, q, p, x_per);
+  } else {  // X' = B·X + a·X
+    layout(&plan.a, p, p, pp);
+    layout(&plan.b, p, q, x_per);
+    layout(&plan.cd, p, q, x_per);
+  }
+  SHARDOPT_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t op_a = CUBLAS_OP_N;
+  SHARDOPT_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+  SHARDOPT_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+  cublasLtMatmulPreference_t preference = nullptr;
+  SHARDOPT_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+  const size_t workspace = kCublasWorkspaceBytes;
+  cublasLtMatmulHeuristicResult_t result{};
+  int found_algos = 0;
+  cublasStatus_t status = cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                               &workspace, sizeof(workspace));
+  if (status == CUBLAS_STATUS_SUCCESS)
+    status = cublasLtMatmulAlgoGetHeuristic(lt_, plan.op, plan.a, plan.b, plan.cd, plan.cd, preference, 1, &result,
+                                            &found_algos);
+  cublasLtMatmulPreferenceDestroy(preference);
+  SHARDOPT_CUBLAS_CHECK(status);
+  if (found_algos == 0)
+    throw DeviceError("NewtonSchulzCuda: cuBLASLt has no algorithm for the " +
+                      std::string(product == LtProduct::kBFromA ? "c·A·A + b·A" : "B·X + a·X") + " product of " +
+                      std::to_string(rows_) + "x" + std::to_string(cols_) + " batch " + std::to_string(batch));
+  plan.algo = result.algo;
+  return plan;
+}
+
+void NewtonSchulzCuda::lt_matmul(LtProduct product, int batch, float alpha, const uint16_t* a, const uint16_t* b,
+                                 float beta, const uint16_t* c, uint16_t* d, cudaStream_t stream) {
+  const LtPlan& plan = lt_plan(product, batch);
+  SHARDOPT_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.op, &alpha, a, plan.a, b, plan.b, &beta, c, plan.cd, d, plan.cd,
+                                       &plan.algo, cublas_workspace_, kCublasWorkspaceBytes, stream));
 }
 
 double NewtonSchulzCuda::plain_gemm_flops() const {
@@ -128,6 +206,16 @@ const uint16_t* NewtonSchulzCuda::run_prepared(int64_t batch, cudaStream_t strea
                                                          CUDA_R_16BF, p, x_per, cur, CUDA_R_16BF, p, x_per, &zero, a_,
                                                          CUDA_R_16BF, p, pp, nb, CUBLAS_COMPUTE_32F,
                                                          CUBLAS_GEMM_DEFAULT));
+      }
+      if (options_.combine == NsCombine::kGemmEpilogue) {
+        // B = c·A·A + b·A, X' = B·X + a·X: the second terms added in the GEMMs' epilogues.
+        lt_matmul(LtProduct::kBFromA, nb, k.c, a_, a_, k.b, a_, b_, stream);
+        if (wide)
+          lt_matmul(LtProduct::kNextX, nb, 1.0f, cur, b_, k.a, cur, next, stream);
+        else
+          lt_matmul(LtProduct::kNextX, nb, 1.0f, b_, cur, k.a, cur, next, stream);
+        cur = next;
+        continue;
       }
       // B = c·A·A, then B += b·A + a·I
       SHARDOPT_CUBLAS_CHECK(cublasGemmStridedBatchedEx(handle_, CUBLAS_OP_N, CUBLAS_OP_N, p, p, p, &k.c, a_,

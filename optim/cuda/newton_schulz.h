@@ -6,7 +6,12 @@
 // No transpose is ever materialized: a row-major m×n buffer is, to column-major cuBLAS, the wide
 // matrix Xᵀ (m ≤ n) or the wide matrix X itself (m > n); only the GEMM operand flags differ.
 // Each iteration is three GEMMs (X·Xᵀ, c·A·A, B·X) plus one p×p element-wise pass that forms
-// B + a·I (so a·X + B·X = (aI + B)·X needs no copy of X).
+// B + a·I (so a·X + B·X = (aI + B)·X needs no copy of X): NsCombine::kKernel, the default.
+// NsCombine::kGemmEpilogue (an option) drops that pass: the last two products are cuBLASLt GEMMs
+// whose epilogue adds a second input that is not the output (D = α·op(A)·op(B) + β·C, C ≠ D),
+// B = c·A·A + b·A and X' = B·X + a·X, so b·A and a·X are read inside the GEMMs. It saves a p×p
+// read-modify-write per iteration and a launch (3-10% of an iteration's time on the shapes of
+// docs/benchmarks.md, by their bandwidth) and rounds B once instead of twice.
 // Symmetric products (an option, off by default): A = X·Xᵀ and A·A are symmetric, so with k
 // blocks of p/k rows only the k(k+1)/2 blocks on and below the block diagonal need computing, and
 // a p×p pass fills the rest; X·Xᵀ and A·A then cost (k+1)/2k of the full products (k = 2: 75%,
@@ -16,11 +21,15 @@
 // Workspace (2 X-sized + 2 p×p bf16 buffers per matrix) is allocated once, in the constructor.
 #pragma once
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <array>
 #include <cstdint>
+#include <map>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "base/dtype.h"
@@ -31,12 +40,20 @@ struct NsCoefficients {
   float a, b, c;
 };
 
+// How an iteration adds b·A and a·X (see above).
+enum class NsCombine { kKernel, kGemmEpilogue };
+
+// "kernel" / "epilogue" (SHARDOPT_CUDA_NS_COMBINE); ConfigError naming `source` otherwise.
+NsCombine parse_ns_combine(const std::string& name, const char* source);
+
 struct NsOptions {
   // One (a, b, c) triple per iteration; the default is 5 × (3.4445, −4.7750, 2.0315).
   std::vector<NsCoefficients> coefficients = std::vector<NsCoefficients>(5, NsCoefficients{3.4445f, -4.7750f, 2.0315f});
   float eps = 1e-7f;  // the Frobenius norm is clamped at eps before dividing
   // Blocks k of the symmetric products: 1 = full GEMMs; k > 1 must divide p = min(rows, cols).
   int symmetric_blocks = 1;
+  // kGemmEpilogue needs full GEMMs (symmetric_blocks = 1).
+  NsCombine combine = NsCombine::kKernel;
 };
 
 class NewtonSchulzCuda {
@@ -74,11 +91,24 @@ class NewtonSchulzCuda {
  private:
   void check_batch(int64_t batch, const char* where) const;
   void release();
+  // kGemmEpilogue: one cuBLASLt product of the iteration, D = α·op(A)·op(B) + β·C over the batch;
+  // its descriptors and algorithm are made on first use per (product, batch) and kept.
+  enum class LtProduct { kBFromA, kNextX };
+  struct LtPlan {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, cd = nullptr;  // C and D share one layout
+    cublasLtMatmulAlgo_t algo{};
+  };
+  const LtPlan& lt_plan(LtProduct product, int batch);
+  void lt_matmul(LtProduct product, int batch, float alpha, const uint16_t* a, const uint16_t* b, float beta,
+                 const uint16_t* c, uint16_t* d, cudaStream_t stream);
 
   int64_t rows_, cols_, max_batch_, p_, q_;
   NsOptions options_;
   int blocks_ = 1;
   cublasHandle_t handle_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;  // kGemmEpilogue only
+  std::map<std::pair<LtProduct, int>, LtPlan> lt_plans_;
   uint16_t* x_[2] = {nullptr, nullptr};
   uint16_t* a_ = nullptr;
   uint16_t* b_ = nullptr;

@@ -347,6 +347,8 @@ class CudaStepBackend final : public StepBackend {
     const int64_t symmetric_blocks = env::get_int("SHARDOPT_CUDA_NS_SYMMETRIC_BLOCKS");
     if (symmetric_blocks < 1)
       throw ConfigError("SHARDOPT_CUDA_NS_SYMMETRIC_BLOCKS must be >= 1, got " + std::to_string(symmetric_blocks));
+    const cuda::NsCombine combine =
+        cuda::parse_ns_combine(env::get_string("SHARDOPT_CUDA_NS_COMBINE"), "SHARDOPT_CUDA_NS_COMBINE");
     std::map<std::tuple<int64_t, int64_t, DType>, std::vector<MatrixPiece>> groups;
     for (size_t i = 0; i < owned.size(); ++i) {
       const optim::MuonMatrix& m = owned[i].matrix;
@@ -363,6 +365,8 @@ class CudaStepBackend final : public StepBackend {
       const size_t cap = std::max<size_t>(1, kMaxBatchElements / per);
       cuda::NsOptions shape_ns = ns;
       if (std::min(rows, cols) % symmetric_blocks == 0) shape_ns.symmetric_blocks = static_cast<int>(symmetric_blocks);
+      // The epilogue combine runs on full GEMMs: shapes under symmetric blocks keep the combine kernel.
+      shape_ns.combine = shape_ns.symmetric_blocks == 1 ? combine : cuda::NsCombine::kKernel;
       auto& muon = muon_by_shape_[key];
       muon = std::make_unique<cuda::MuonCuda>(rows, cols, static_cast<int64_t>(std::min(cap, members.size())),
                                               shape_ns);

@@ -12,7 +12,7 @@
 //     shape (and gradient dtype) run as one batch through a device table of pointers into the shard
 //     (no gather), one NS workspace per shape; a matrix with row blocks (fused QKV) contributes each
 //     block as a matrix of its own shape. SHARDOPT_CUDA_NS_SYMMETRIC_BLOCKS selects blocked
-//     symmetric products (docs/gpu.md). Compact (bf16 / q8) momentum: each batch's momenta are decoded
+//     symmetric products, SHARDOPT_CUDA_NS_COMBINE the GEMM-epilogue combine (docs/gpu.md). Compact (bf16 / q8) momentum: each batch's momenta are decoded
 //     into one fp32 scratch (the largest batch's size, <= 64 Mi elements), stepped and encoded back
 //     (optim/cuda/compact_elementwise.h CompactCodecCuda); with q8, every row block of a matrix must
 //     start on a 256-element block (always true without row blocks)

@@ -258,6 +258,7 @@ MatD matrix_with_spectrum(int64_t rows, int64_t cols, uint32_t seed, double scal
 struct NsShape {
   int64_t rows, cols, batch;
   int symmetric_blocks = 1;  // NsOptions::symmetric_blocks
+  NsCombine combine = NsCombine::kKernel;
 };
 
 class NewtonSchulzTest : public ::testing::TestWithParam<NsShape> {};
@@ -271,6 +272,7 @@ TEST_P(NewtonSchulzTest, Bf16MatchesDoubleReferenceAndLandsInTheSingularValueBan
   const size_t per = size_t(sh.rows * sh.cols);
   NsOptions options;
   options.symmetric_blocks = sh.symmetric_blocks;
+  options.combine = sh.combine;
   NewtonSchulzCuda ns(sh.rows, sh.cols, sh.batch, options);
   EXPECT_EQ(ns.symmetric_blocks(), sh.symmetric_blocks);
   std::vector<float> input(per * sh.batch);
@@ -306,15 +308,22 @@ TEST_P(NewtonSchulzTest, Bf16MatchesDoubleReferenceAndLandsInTheSingularValueBan
 
 INSTANTIATE_TEST_SUITE_P(Shapes, NewtonSchulzTest,
                          // Full GEMMs, then the blocked symmetric products (k blocks) on wide and tall shapes,
-                         // single and batched, and larger shapes (blocks of 256 and 192 rows).
+                         // single and batched, and larger shapes (blocks of 256 and 192 rows), then the
+                         // GEMM-epilogue combine on square, wide and tall shapes, single and batched.
                          ::testing::Values(NsShape{64, 64, 1}, NsShape{96, 256, 1}, NsShape{300, 128, 1},
                                            NsShape{128, 192, 3}, NsShape{160, 80, 2}, NsShape{64, 64, 1, 4},
                                            NsShape{96, 256, 1, 3}, NsShape{300, 128, 1, 4}, NsShape{128, 192, 3, 2},
-                                           NsShape{160, 80, 2, 4}, NsShape{512, 768, 1, 2}, NsShape{768, 512, 2, 4}),
+                                           NsShape{160, 80, 2, 4}, NsShape{512, 768, 1, 2}, NsShape{768, 512, 2, 4},
+                                           NsShape{64, 64, 1, 1, NsCombine::kGemmEpilogue},
+                                           NsShape{96, 256, 1, 1, NsCombine::kGemmEpilogue},
+                                           NsShape{300, 128, 1, 1, NsCombine::kGemmEpilogue},
+                                           NsShape{128, 192, 3, 1, NsCombine::kGemmEpilogue},
+                                           NsShape{160, 80, 2, 1, NsCombine::kGemmEpilogue}),
                          [](const ::testing::TestParamInfo<NsShape>& info) {
                            return std::to_string(info.param.rows) + "x" + std::to_string(info.param.cols) + "_batch" +
                                   std::to_string(info.param.batch) + "_blocks" +
-                                  std::to_string(info.param.symmetric_blocks);
+                                  std::to_string(info.param.symmetric_blocks) +
+                                  (info.param.combine == NsCombine::kGemmEpilogue ? "_epilogue" : "");
                          });
 
 TEST(NewtonSchulz, CustomCoefficientsAndBf16InputInPlace) {
@@ -456,6 +465,17 @@ TEST(NewtonSchulzErrors, RejectsEmptyShapesBeforeTouchingTheDevice) {
   EXPECT_THROW(NewtonSchulzCuda(10, 20, 1, blocks), ConfigError);
   blocks.symmetric_blocks = -1;
   EXPECT_THROW(NewtonSchulzCuda(10, 20, 1, blocks), ConfigError);
+  blocks.symmetric_blocks = 2;  // the epilogue combine runs on full GEMMs only
+  blocks.combine = NsCombine::kGemmEpilogue;
+  EXPECT_THROW(NewtonSchulzCuda(10, 20, 1, blocks), ConfigError);
+  EXPECT_EQ(parse_ns_combine("epilogue", "SHARDOPT_CUDA_NS_COMBINE"), NsCombine::kGemmEpilogue);
+  EXPECT_EQ(parse_ns_combine("kernel", "SHARDOPT_CUDA_NS_COMBINE"), NsCombine::kKernel);
+  try {
+    parse_ns_combine("fused", "SHARDOPT_CUDA_NS_COMBINE");
+    ADD_FAILURE() << "an unknown combine was accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("SHARDOPT_CUDA_NS_COMBINE='fused'"), std::string::npos) << e.what();
+  }
 }
 
 

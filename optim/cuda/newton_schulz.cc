@@ -73,10 +73,10 @@ void NewtonSchulzCuda::release() {
   handle_ = nullptr;
 }
 
-const NewtonSchulzCuda::LtPlan& NewtonSchulzCuda::lt_plan(LtProduct product, int batch) {
-  auto found = lt_plans_.find({product, batch});
+const NewtonSchulzCuda::LtPlan& NewtonSchulzCuda::lt_plan(LtProduct product, int batch, uint32_t alignment) {
+  auto found = lt_plans_.find({product, batch, alignment});
   if (found != lt_plans_.end()) return found->second;
-  LtPlan& plan = lt_plans_[{product, batch}];  // destroyed by release() even if this throws
+  LtPlan& plan = lt_plans_[{product, batch, alignment}];  // destroyed by release() even if this throws
   const uint64_t p = uint64_t(p_), q = uint64_t(q_);
   const int64_t x_per = int64_t(p_) * q_, pp = int64_t(p_) * p_;
   const bool wide = rows_ <= cols_;
@@ -113,6 +113,10 @@ const NewtonSchulzCuda::LtPlan& NewtonSchulzCuda::lt_plan(LtProduct product, int
   int found_algos = 0;
   cublasStatus_t status = cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                                &workspace, sizeof(workspace));
+  for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+    if (status == CUBLAS_STATUS_SUCCESS)
+      status = cublasLtMatmulPreferenceSetAttribute(preference, attr, &alignment, sizeof(alignment));
   if (status == CUBLAS_STATUS_SUCCESS)
     status = cublasLtMatmulAlgoGetHeuristic(lt_, plan.op, plan.a, plan.b, plan.cd, plan.cd, preference, 1, &result,
                                             &found_algos);
@@ -128,7 +132,14 @@ const NewtonSchulzCuda::LtPlan& NewtonSchulzCuda::lt_plan(LtProduct product, int
 
 void NewtonSchulzCuda::lt_matmul(LtProduct product, int batch, float alpha, const uint16_t* a, const uint16_t* b,
                                  float beta, const uint16_t* c, uint16_t* d, cudaStream_t stream) {
-  const LtPlan& plan = lt_plan(product, batch);
+  // cuBLASLt's algorithms assume 256-byte aligned operands unless told less: the alignment every
+  // batch member of every operand has (pointers, leading dimensions and batch strides in bytes).
+  uint64_t bits = 256 | uint64_t(p_) * 2 | uint64_t(q_) * 2;
+  for (const void* ptr : {static_cast<const void*>(a), static_cast<const void*>(b), static_cast<const void*>(c),
+                          static_cast<const void*>(d)})
+    bits |= reinterpret_cast<uintptr_t>(ptr);
+  const auto alignment = static_cast<uint32_t>(bits & (~bits + 1));  // lowest set bit; ld, stride are multiples
+  const LtPlan& plan = lt_plan(product, batch, alignment);
   SHARDOPT_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.op, &alpha, a, plan.a, b, plan.b, &beta, c, plan.cd, d, plan.cd,
                                        &plan.algo, cublas_workspace_, kCublasWorkspaceBytes, stream));
 }

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -92,14 +93,14 @@ class NewtonSchulzCuda {
   void check_batch(int64_t batch, const char* where) const;
   void release();
   // kGemmEpilogue: one cuBLASLt product of the iteration, D = α·op(A)·op(B) + β·C over the batch;
-  // its descriptors and algorithm are made on first use per (product, batch) and kept.
+  // its descriptors and algorithm are made on first use per (product, batch, operand alignment) and kept.
   enum class LtProduct { kBFromA, kNextX };
   struct LtPlan {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, cd = nullptr;  // C and D share one layout
     cublasLtMatmulAlgo_t algo{};
   };
-  const LtPlan& lt_plan(LtProduct product, int batch);
+  const LtPlan& lt_plan(LtProduct product, int batch, uint32_t alignment);
   void lt_matmul(LtProduct product, int batch, float alpha, const uint16_t* a, const uint16_t* b, float beta,
                  const uint16_t* c, uint16_t* d, cudaStream_t stream);
 
@@ -108,7 +109,7 @@ class NewtonSchulzCuda {
   int blocks_ = 1;
   cublasHandle_t handle_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;  // kGemmEpilogue only
-  std::map<std::pair<LtProduct, int>, LtPlan> lt_plans_;
+  std::map<std::tuple<LtProduct, int, uint32_t>, LtPlan> lt_plans_;  // (product, batch, alignment)
   uint16_t* x_[2] = {nullptr, nullptr};
   uint16_t* a_ = nullptr;
   uint16_t* b_ = nullptr;

@@ -36,7 +36,10 @@ if(NOT SHARDOPT_CUDA STREQUAL "OFF")
     find_library(NCCL_LIBRARY nccl HINTS ${CUDAToolkit_LIBRARY_DIR})
     if(NCCL_INCLUDE_DIR AND NCCL_LIBRARY)
       if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-        set(CMAKE_CUDA_ARCHITECTURES 90)  # H100/H200; add 80 with -DCMAKE_CUDA_ARCHITECTURES="80;90"
+        # Machine code for sm_80 (A100; also runs on sm_86/89: A10, L4, L40, RTX 30/40) and sm_90
+        # (H100/H200), plus compute_90 PTX that newer GPUs compile at load time. The kernels need
+        # sm_80 (bf16). One architecture only: -DCMAKE_CUDA_ARCHITECTURES=90 (or native).
+        set(CMAKE_CUDA_ARCHITECTURES "80-real;90")
       endif()
       if(NOT DEFINED CMAKE_CUDA_COMPILER)
         set(CMAKE_CUDA_COMPILER ${CUDAToolkit_NVCC_EXECUTABLE})

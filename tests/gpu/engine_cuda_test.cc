@@ -85,9 +85,6 @@ EngineOptions options_for(const DeviceCase& c, MemorySpace space) {
   return o;
 }
 
-// The fixture's mixed model with layer1.w_o full rank (see the tolerances above), plus a layer of
-// matrices shaped like earlier ones, so an owner runs same-shape matrices as one NS batch, and a
-// fused QKV matrix orthogonalized per row block.
 // The fixture's layer1.w_o (10x7, gradient of rank 4) made 10x5, full rank (see the tolerances above).
 std::vector<proto::TensorSpec> with_full_rank_w_o(std::vector<proto::TensorSpec> specs) {
   for (auto& s : specs)
@@ -99,6 +96,9 @@ std::vector<proto::TensorSpec> with_full_rank_w_o(std::vector<proto::TensorSpec>
   return specs;
 }
 
+// The fixture's mixed model with layer1.w_o full rank, plus a layer of matrices shaped like earlier
+// ones, so an owner runs same-shape matrices as one NS batch, and a fused QKV matrix orthogonalized
+// per row block.
 std::vector<proto::TensorSpec> device_model() {
   auto specs = with_full_rank_w_o(mixed_model());
   const auto head = specs.back();
